@@ -1,0 +1,134 @@
+"""NATS connection, stream provisioning and the publish/dead-letter conventions."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+from libs import subjects
+
+log = logging.getLogger(__name__)
+
+MSG_ID = "Nats-Msg-Id"
+TRACEPARENT = "traceparent"
+# Dead-letter headers: why, who gave up on it, and where the original sits.
+DL_REASON = "Smarthome-Reason"
+DL_CONSUMER = "Smarthome-Consumer"
+DL_STREAM = "Smarthome-Stream"
+DL_STREAM_SEQ = "Smarthome-Stream-Seq"
+
+DAY = 86400.0
+STREAMS: tuple[StreamConfig, ...] = (
+    StreamConfig(
+        name=subjects.EVENTS_STREAM,
+        subjects=[subjects.EVENTS_ALL],
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.LIMITS,
+        max_age=30 * DAY,
+        duplicate_window=120.0,
+        discard=DiscardPolicy.OLD,
+    ),
+    StreamConfig(
+        name=subjects.COMMANDS_STREAM,
+        subjects=[subjects.COMMANDS_ALL],
+        storage=StorageType.FILE,
+        max_age=7 * DAY,
+        duplicate_window=120.0,
+    ),
+    StreamConfig(
+        name=subjects.SYSTEM_STREAM,
+        subjects=[subjects.SYSTEM_ALL],
+        storage=StorageType.FILE,
+        max_age=30 * DAY,
+        duplicate_window=120.0,
+    ),
+    StreamConfig(
+        name=subjects.DEADLETTER_STREAM,
+        subjects=[subjects.DEADLETTER_ALL],
+        storage=StorageType.FILE,
+        max_age=90 * DAY,
+    ),
+)
+
+
+async def connect(url: str, name: str) -> NATS:
+    """Connect with endless reconnects: a bus restart is an outage, not a crash."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error: %s", exc)
+
+    async def on_disconnect() -> None:
+        log.warning("nats disconnected")
+
+    async def on_reconnect() -> None:
+        log.info("nats reconnected")
+
+    return await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+    )
+
+
+async def ensure_streams(js: JetStreamContext) -> None:
+    """Create or update the platform's streams; safe to run from every process at start."""
+    for config in STREAMS:
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            await js.update_stream(config)
+
+
+def headers(
+    msg_id: str | None = None, traceparent: str | None = None, extra: Mapping[str, str] = {}
+) -> dict[str, str]:
+    h = dict(extra)
+    if msg_id:
+        h[MSG_ID] = msg_id
+    if traceparent:
+        h[TRACEPARENT] = traceparent
+    return h
+
+
+async def publish(
+    js: JetStreamContext,
+    subject: str,
+    message: msgspec.Struct | bytes,
+    *,
+    msg_id: str | None = None,
+    traceparent: str | None = None,
+) -> PubAck:
+    """Publish to JetStream and wait for the stream's ack (the event is then durable)."""
+    payload = message if isinstance(message, bytes) else msgspec.json.encode(message)
+    return await js.publish(subject, payload, headers=headers(msg_id, traceparent) or None)
+
+
+async def dead_letter(js: JetStreamContext, msg: Msg, reason: str, consumer: str) -> None:
+    """Move a message that can never be applied to `deadletter.<subject>`, with its reason."""
+    meta = msg.metadata
+    extra = {
+        DL_REASON: reason[:1000],
+        DL_CONSUMER: consumer,
+        DL_STREAM: meta.stream,
+        DL_STREAM_SEQ: str(meta.sequence.stream),
+    }
+    # The original sequence makes the dead letter itself idempotent across redeliveries.
+    msg_id = f"dl:{meta.stream}:{meta.sequence.stream}:{consumer}"
+    await js.publish(
+        subjects.deadletter(msg.subject),
+        msg.data,
+        headers=headers(msg_id, (msg.headers or {}).get(TRACEPARENT), extra),
+    )
+    log.warning("dead-lettered %s seq=%s: %s", msg.subject, meta.sequence.stream, reason)

@@ -1,0 +1,180 @@
+"""SQLAlchemy 2 models. Postgres is the truth; SQLite is the embedded default."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on every backend (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Location(Base):
+    """A home, a floor or a room; `path` is `home/floor/room` for filtering."""
+
+    __tablename__ = "locations"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16))
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("locations.id"), nullable=True)
+    path: Mapped[str] = mapped_column(String(512), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+
+
+class Device(Base):
+    """The registry entry: written by the gateway only."""
+
+    __tablename__ = "devices"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    location: Mapped[str | None] = mapped_column(String(512), index=True, nullable=True)
+    lifecycle: Mapped[str] = mapped_column(String(16), default="active")
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now, onupdate=_now)
+
+
+class DeviceState(Base):
+    """The runtime state: written by the actors only, with the stream sequence it reflects."""
+
+    __tablename__ = "device_states"
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), default="off")
+    mark: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    connection: Mapped[str] = mapped_column(String(16), default="offline")
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    # The highest EVENTS stream sequence applied: a redelivery at or below it is skipped.
+    last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+
+
+class CommandRecord(Base):
+    __tablename__ = "commands"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(128), index=True)
+    action: Mapped[str] = mapped_column(String(128))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    issued_by: Mapped[str] = mapped_column(String(200))
+    correlation_id: Mapped[str] = mapped_column(String(128), index=True)
+    issued_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+
+
+class RuleRecord(Base):
+    __tablename__ = "rules"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now, onupdate=_now)
+
+
+class RuleRun(Base):
+    """A rule's trace: one row per firing, clearing or error (from `system.rule.*.fired`)."""
+
+    __tablename__ = "rule_runs"
+    __table_args__ = (UniqueConstraint("source_seq", name="uq_rule_runs_source_seq"),)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    rule_id: Mapped[str] = mapped_column(String(128), index=True)
+    episode_id: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16))
+    time: Mapped[datetime] = mapped_column(UTCDateTime)
+    device_id: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(Text)
+    values: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    outcomes: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    correlation_id: Mapped[str] = mapped_column(String(128))
+    source_seq: Mapped[int] = mapped_column(BigInteger)
+
+
+class HistoryEntry(Base):
+    """Telemetry and state history, one row per bus message (`source_seq` makes it idempotent)."""
+
+    __tablename__ = "history"
+    __table_args__ = (
+        UniqueConstraint("stream", "source_seq", name="uq_history_stream_seq"),
+        Index("ix_history_device_time", "device_id", "time"),
+    )
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(128))
+    time: Mapped[datetime] = mapped_column(UTCDateTime)
+    type: Mapped[str] = mapped_column(String(128))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    stream: Mapped[str] = mapped_column(String(32))
+    source_seq: Mapped[int] = mapped_column(BigInteger)
+
+
+class AuditEntry(Base):
+    """Who did what, when, to which device, with what result, under which correlation id."""
+
+    __tablename__ = "audit"
+    __table_args__ = (
+        UniqueConstraint("stream", "source_seq", name="uq_audit_stream_seq"),
+        Index("ix_audit_time", "time"),
+    )
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    time: Mapped[datetime] = mapped_column(UTCDateTime)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(128))
+    device_id: Mapped[str | None] = mapped_column(String(128), index=True, nullable=True)
+    result: Mapped[str] = mapped_column(String(200))
+    correlation_id: Mapped[str | None] = mapped_column(String(128), index=True, nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    stream: Mapped[str] = mapped_column(String(32))
+    source_seq: Mapped[int] = mapped_column(BigInteger)

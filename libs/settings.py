@@ -1,0 +1,102 @@
+"""The one place where configuration is read: the environment, once, at start-up."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    """A setting has a value the platform cannot use."""
+
+
+def _port(name: str, default: int) -> tuple[int, bool]:
+    """Return (port, explicit): explicit ports must be honoured or refused."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default, False
+    try:
+        port = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise SettingsError(f"{name}={port} is outside 0-65535")
+    return port, True
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Typed settings with the embedded defaults of DESIGN.md."""
+
+    data_dir: Path = Path(".smarthome")
+    nats_url: str | None = None
+    database_url: str | None = None
+    redis_url: str | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    http_port_explicit: bool = False
+    nats_port: int = 4222
+    nats_port_explicit: bool = False
+    health_port: int = 0
+    log_level: str = "INFO"
+    admin_password: str | None = None
+    heartbeat_timeout_s: float = 30.0
+    demo_rule_for_s: float = 10.0
+
+    @property
+    def effective_database_url(self) -> str:
+        """DATABASE_URL, or SQLite in the data dir; always with an async driver."""
+        if self.database_url:
+            return async_database_url(self.database_url)
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'smarthome.db').resolve()}"
+
+    @property
+    def effective_nats_url(self) -> str:
+        return self.nats_url or f"nats://127.0.0.1:{self.nats_port}"
+
+
+def async_database_url(url: str) -> str:
+    """Accept the usual `postgresql://` spelling and pick the async driver."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    if url.startswith("sqlite://") and "+aiosqlite" not in url:
+        return url.replace("sqlite://", "sqlite+aiosqlite://", 1)
+    return url
+
+
+def load() -> Settings:
+    """Read the environment once; raise SettingsError naming the bad variable."""
+    http_port, http_explicit = _port("SMARTHOME_HTTP_PORT", 8000)
+    nats_port, nats_explicit = _port("SMARTHOME_NATS_PORT", 4222)
+    health_port, _ = _port("SMARTHOME_HEALTH_PORT", 0)
+    level = os.environ.get("SMARTHOME_LOG_LEVEL", "INFO").upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise SettingsError(f"SMARTHOME_LOG_LEVEL={level!r} is not a log level")
+    return Settings(
+        data_dir=Path(os.environ.get("SMARTHOME_DATA_DIR") or ".smarthome"),
+        nats_url=os.environ.get("NATS_URL") or None,
+        database_url=os.environ.get("DATABASE_URL") or None,
+        redis_url=os.environ.get("REDIS_URL") or None,
+        http_host=os.environ.get("SMARTHOME_HTTP_HOST") or "127.0.0.1",
+        http_port=http_port,
+        http_port_explicit=http_explicit,
+        nats_port=nats_port,
+        nats_port_explicit=nats_explicit,
+        health_port=health_port,
+        log_level=level,
+        admin_password=os.environ.get("SMARTHOME_ADMIN_PASSWORD") or None,
+        heartbeat_timeout_s=_float("SMARTHOME_HEARTBEAT_TIMEOUT", 30.0),
+        demo_rule_for_s=_float("SMARTHOME_DEMO_RULE_FOR", 10.0),
+    )

@@ -1,0 +1,152 @@
+"""Subject names: built and parsed here only (DESIGN.md, 'Wire protocol')."""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+EVENTS_STREAM = "EVENTS"
+COMMANDS_STREAM = "COMMANDS"
+SYSTEM_STREAM = "SYSTEM"
+DEADLETTER_STREAM = "DEADLETTER"
+
+EVENTS_ALL = "events.>"
+COMMANDS_ALL = "commands.>"
+SYSTEM_ALL = "system.>"
+DEADLETTER_ALL = "deadletter.>"
+
+# One subject token: what a device id, an event type or a rule id may be.
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# A subscription filter: tokens, `*` for one token, `>` for the rest.
+_FILTER_TOKEN = re.compile(r"^([A-Za-z0-9_-]{1,128}|\*)$")
+
+
+def is_token(value: str) -> bool:
+    """True when `value` can stand as one subject token (no dots, no wildcards)."""
+    return bool(_TOKEN.match(value))
+
+
+def check_token(value: str, what: str) -> str:
+    if not is_token(value):
+        raise ValueError(f"{what} {value!r} must be 1-128 characters of A-Z a-z 0-9 _ -")
+    return value
+
+
+def is_filter(value: str) -> bool:
+    """True when `value` is a valid subscription subject with `*` / `>` wildcards."""
+    tokens = value.split(".")
+    if not tokens or any(t == "" for t in tokens):
+        return False
+    *head, last = tokens
+    return all(_FILTER_TOKEN.match(t) for t in head) and (
+        last == ">" or bool(_FILTER_TOKEN.match(last))
+    )
+
+
+def device_events(device_id: str, event_type: str = "*") -> str:
+    """`events.<device_id>.<type>`; `*` matches every type."""
+    return f"events.{device_id}.{event_type}"
+
+
+def device_events_all(device_id: str) -> str:
+    return f"events.{device_id}.>"
+
+
+def commands(device_id: str) -> str:
+    return f"commands.{device_id}"
+
+
+def device_state(device_id: str) -> str:
+    return f"system.device.{device_id}.state"
+
+
+def device_registry(device_id: str) -> str:
+    return f"system.device.{device_id}.registry"
+
+
+def device_rejected(device_id: str) -> str:
+    """An event the actors did not apply (device disabled, unknown), with the reason."""
+    return f"system.device.{device_id}.rejected"
+
+
+DEVICE_STATES_ALL = "system.device.*.state"
+DEVICE_REGISTRY_ALL = "system.device.*.registry"
+
+
+def rule_fired(rule_id: str) -> str:
+    return f"system.rule.{rule_id}.fired"
+
+
+def rule_changed(rule_id: str) -> str:
+    """A rule was created, updated or deleted: the rules service reloads it."""
+    return f"system.rule.{rule_id}.changed"
+
+
+RULES_CHANGED_ALL = "system.rule.*.changed"
+RULES_FIRED_ALL = "system.rule.*.fired"
+
+
+def stream_of(filter_subject: str) -> str | None:
+    """The stream that holds the subjects of a filter (by its first token)."""
+    return {
+        "events": EVENTS_STREAM,
+        "commands": COMMANDS_STREAM,
+        "system": SYSTEM_STREAM,
+        "deadletter": DEADLETTER_STREAM,
+    }.get(filter_subject.split(".", 1)[0])
+
+
+def alert(alert_id: str) -> str:
+    return f"system.alert.{alert_id}"
+
+
+def deadletter(original_subject: str) -> str:
+    return f"deadletter.{original_subject}"
+
+
+class EventSubject(NamedTuple):
+    device_id: str
+    event_type: str
+
+
+def parse_device_event(subject: str) -> EventSubject:
+    """Split `events.<device_id>.<type>`; ValueError if it is not one."""
+    parts = subject.split(".")
+    if len(parts) != 3 or parts[0] != "events" or not all(is_token(p) for p in parts[1:]):
+        raise ValueError(f"{subject!r} is not events.<device_id>.<type>")
+    return EventSubject(parts[1], parts[2])
+
+
+def parse_command(subject: str) -> str:
+    """Return the device id of `commands.<device_id>`."""
+    parts = subject.split(".")
+    if len(parts) != 2 or parts[0] != "commands" or not is_token(parts[1]):
+        raise ValueError(f"{subject!r} is not commands.<device_id>")
+    return parts[1]
+
+
+def parse_system_device(subject: str) -> tuple[str, str]:
+    """Return (device_id, fact) of `system.device.<id>.<fact>`."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[:2] != ["system", "device"]:
+        raise ValueError(f"{subject!r} is not system.device.<id>.<fact>")
+    return parts[2], parts[3]
+
+
+def parse_rule_fired(subject: str) -> str:
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[:2] != ["system", "rule"] or parts[3] != "fired":
+        raise ValueError(f"{subject!r} is not system.rule.<id>.fired")
+    return parts[2]
+
+
+def matches(filter_subject: str, subject: str) -> bool:
+    """NATS wildcard matching, for checks made outside the server."""
+    f_tokens = filter_subject.split(".")
+    s_tokens = subject.split(".")
+    for i, ft in enumerate(f_tokens):
+        if ft == ">":
+            return len(s_tokens) > i
+        if i >= len(s_tokens) or (ft != "*" and ft != s_tokens[i]):
+            return False
+    return len(f_tokens) == len(s_tokens)

@@ -1,0 +1,43 @@
+"""`python -m services.actors`: the device actors worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from libs import bus, runtime
+from libs.cache import make_cache
+from libs.db.engine import make_engine, make_sessionmaker
+from libs.settings import Settings
+from services.actors.presence import scan_forever
+from services.actors.store import StateStore
+from services.actors.worker import ActorWorker
+
+
+async def main(settings: Settings, stop: asyncio.Event) -> None:
+    engine = make_engine(settings.effective_database_url)
+    cache = make_cache(settings.redis_url)
+    nc = await bus.connect(settings.effective_nats_url, "actors")
+    js = nc.jetstream()
+    await bus.ensure_streams(js)
+    sessions = make_sessionmaker(engine)
+
+    async def ready() -> str | None:
+        return None if nc.is_connected else "bus unreachable"
+
+    health = await runtime.serve_health(settings, ready)
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(ActorWorker(js, StateStore(sessions, cache)).run(stop))
+            tasks.create_task(scan_forever(js, sessions, settings.heartbeat_timeout_s, stop))
+    finally:
+        if health:
+            health.close()
+        with contextlib.suppress(Exception):
+            await nc.drain()
+        await cache.close()
+        await engine.dispose()
+
+
+if __name__ == "__main__":
+    runtime.run("actors", main)

@@ -1,0 +1,86 @@
+"""The decision: `apply(snapshot, event) -> Applied`. Pure: no I/O, no clock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import msgspec
+
+from libs import messages as m
+from libs.messages import CloudEvent, DeviceSnapshot
+
+
+class Unapplicable(ValueError):
+    """The event's data can never be applied (it goes to the dead-letter stream)."""
+
+
+@dataclass(frozen=True)
+class Applied:
+    snapshot: DeviceSnapshot
+    changed: list[str]  # empty: nothing a reader would see changed (no new version)
+    command_status: m.CommandStatusData | None = None
+
+
+def derive_state(mark: str | None, attributes: dict[str, m.AttributeValue]) -> m.DeviceStateName:
+    """`triggered` while a rule marks it; `off` when it reports off or draws no power."""
+    if mark == "triggered":
+        return "triggered"
+    if attributes.get("on") is False:
+        return "off"
+    if "on" not in attributes and attributes.get("power_w") in (0, 0.0):
+        return "off"
+    return "active" if attributes else "off"
+
+
+def apply(snapshot: DeviceSnapshot, event: CloudEvent, seq: int, received: datetime) -> Applied:
+    """Apply one event of this device, received by the stream at `received` (its clock)."""
+    attributes = dict(snapshot.attributes)
+    mark = snapshot.mark
+    connection = snapshot.connection
+    last_seen = snapshot.last_seen
+    status: m.CommandStatusData | None = None
+    try:
+        match event.type:
+            case "mark":
+                mark = msgspec.convert(event.data or {}, m.MarkData).state
+            case "presence_timeout":
+                timeout = msgspec.convert(event.data or {}, m.PresenceTimeoutData, strict=False)
+                # A device that spoke after the check that found it silent stays online.
+                if last_seen is None or last_seen <= timeout.last_seen:
+                    connection = "offline"
+            case _:
+                last_seen = received
+                connection = "offline" if event.type == "goodbye" else "online"
+                if event.type in m.ATTRIBUTE_EVENTS:
+                    attributes.update(m.decode_attributes(event.data))
+                elif event.type == "hello":
+                    hello = msgspec.convert(event.data or {}, m.HelloData)
+                    attributes.update(hello.attributes or {})
+                elif event.type == "command_status":
+                    status = msgspec.convert(event.data or {}, m.CommandStatusData)
+    except msgspec.ValidationError as exc:
+        raise Unapplicable(f"{event.type} data: {exc}".replace("`$", "`$.data")) from exc
+
+    state = derive_state(mark, attributes)
+    changed = [
+        name
+        for name, before, after in (
+            ("state", snapshot.state, state),
+            ("mark", snapshot.mark, mark),
+            ("connection", snapshot.connection, connection),
+            ("attributes", snapshot.attributes, attributes),
+        )
+        if before != after
+    ]
+    new = DeviceSnapshot(
+        device_id=snapshot.device_id,
+        state=state,
+        mark=mark,
+        connection=connection,
+        attributes=attributes,
+        last_seen=last_seen,
+        version=snapshot.version + (1 if changed else 0),
+        last_seq=seq,
+    )
+    return Applied(new, changed, status)

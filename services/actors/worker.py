@@ -1,0 +1,189 @@
+"""The actors' consume loop: fetch → decode → decide → write → publish facts → ack."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from prometheus_client import Counter, Histogram
+
+from libs import bus, subjects
+from libs import messages as m
+from services.actors.state import Applied, Unapplicable, apply
+from services.actors.store import StateStore
+
+log = logging.getLogger(__name__)
+
+DURABLE = "actors"
+BATCH = 256
+# Redeliveries of a dead worker's batch must come before newer events of the same
+# device: with at most one batch un-acked, the server holds new events back until
+# the old batch is acked or redelivered.
+CONSUMER = ConsumerConfig(
+    durable_name=DURABLE,
+    filter_subject=subjects.EVENTS_ALL,
+    ack_policy=AckPolicy.EXPLICIT,
+    deliver_policy=DeliverPolicy.ALL,
+    ack_wait=10.0,
+    max_ack_pending=BATCH,
+    max_deliver=-1,
+)
+
+APPLIED = Counter("smarthome_actor_events_total", "Events handled by the actors", ["outcome"])
+BATCH_SECONDS = Histogram("smarthome_actor_batch_seconds", "Time to apply one fetched batch")
+
+
+@dataclass
+class Batch:
+    """What one fetched batch produces, gathered before anything is written."""
+
+    snapshots: dict[str, m.DeviceSnapshot] = field(default_factory=dict)
+    statuses: list[tuple[str, m.CommandStatusData]] = field(default_factory=list)
+    facts: list[tuple[str, bytes, str]] = field(default_factory=list)  # subject, body, msg id
+
+
+class ActorWorker:
+    def __init__(self, js: JetStreamContext, store: StateStore) -> None:
+        self._js = js
+        self._store = store
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self._js.add_consumer(subjects.EVENTS_STREAM, CONSUMER)
+        sub = await self._js.pull_subscribe_bind(DURABLE, stream=subjects.EVENTS_STREAM)
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(BATCH, timeout=1.0)
+            except NatsTimeout:
+                continue
+            with BATCH_SECONDS.time():
+                await self.handle(msgs, stop)
+
+    async def handle(self, msgs: list[Msg], stop: asyncio.Event) -> None:
+        decoded: list[tuple[Msg, m.CloudEvent]] = []
+        for msg in msgs:
+            event = await self._decode(msg)
+            if event is not None:
+                decoded.append((msg, event))
+        batch = await self._decide(decoded)
+        if not await self._write(batch, msgs, stop):
+            return  # stopping while the database is down: leave the batch un-acked
+        await self._publish_facts(batch)
+        for msg in msgs:
+            await msg.ack()
+
+    async def _decode(self, msg: Msg) -> m.CloudEvent | None:
+        """The envelope, checked against its subject; a bad one is dead-lettered and acked."""
+        try:
+            device_id, event_type = subjects.parse_device_event(msg.subject)
+            event = m.cloud_event_decoder.decode(msg.data)
+            if (event.subject, event.type) != (device_id, event_type):
+                raise ValueError(
+                    f"envelope says subject={event.subject!r} type={event.type!r} "
+                    f"but was published on {msg.subject!r}"
+                )
+            return event
+        except (msgspec.DecodeError, ValueError) as exc:
+            await bus.dead_letter(self._js, msg, f"invalid event: {exc}", DURABLE)
+            APPLIED.labels("dead_letter").inc()
+            return None
+
+    async def _decide(self, decoded: list[tuple[Msg, m.CloudEvent]]) -> Batch:
+        device_ids = sorted({e.subject for _, e in decoded})
+        batch = Batch(snapshots=await self._store.load(device_ids))
+        enabled = await self._store.registry(device_ids) if device_ids else {}
+        for msg, event in decoded:
+            seq = msg.metadata.sequence.stream
+            current = batch.snapshots[event.subject]
+            if seq <= current.last_seq:
+                APPLIED.labels("duplicate").inc()  # applied before a crash; ack again only
+                continue
+            reason = _refusal(event, enabled.get(event.subject))
+            if reason:
+                batch.facts.append(_rejected(event, reason, seq))
+                APPLIED.labels("rejected").inc()
+                continue
+            try:
+                result = apply(current, event, seq, msg.metadata.timestamp)
+            except Unapplicable as exc:
+                await bus.dead_letter(self._js, msg, str(exc), DURABLE)
+                APPLIED.labels("dead_letter").inc()
+                continue
+            self._record(batch, event, current, result)
+            APPLIED.labels("applied").inc()
+        return batch
+
+    def _record(self, batch: Batch, event: m.CloudEvent, before: m.DeviceSnapshot, result: Applied) -> None:
+        new = result.snapshot
+        batch.snapshots[new.device_id] = new
+        if result.command_status:
+            batch.statuses.append((new.device_id, result.command_status))
+        if result.changed:
+            fact = m.DeviceStateFact(
+                device_id=new.device_id,
+                version=new.version,
+                state=new.state,
+                connection=new.connection,
+                attributes=new.attributes,
+                last_seen=new.last_seen,
+                changed=result.changed,
+                previous_state=before.state,
+                cause_event_id=event.id,
+                cause_type=event.type,
+                correlation_id=event.correlationid,
+                time=m.now(),
+            )
+            batch.facts.append(
+                (subjects.device_state(new.device_id), m.encode(fact), f"state:{new.device_id}:{new.version}")
+            )
+
+    async def _write(self, batch: Batch, msgs: list[Msg], stop: asyncio.Event) -> bool:
+        """Commit the batch; while the database is down, keep the batch and retry."""
+        delay = 0.5
+        touched = [s for s in batch.snapshots.values() if s.last_seq]
+        while True:
+            try:
+                await self._store.save(touched, batch.statuses)
+                return True
+            except Exception as exc:  # database or cache unreachable: transient
+                log.warning("state write failed, retrying in %.1fs: %s", delay, exc)
+                for msg in msgs:
+                    await msg.in_progress()
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                    return False
+                except TimeoutError:
+                    delay = min(delay * 2, 5.0)
+
+    async def _publish_facts(self, batch: Batch) -> None:
+        futures = [
+            await self._js.publish_async(subject, body, headers={bus.MSG_ID: msg_id})
+            for subject, body, msg_id in batch.facts
+        ]
+        if futures:
+            await asyncio.gather(*futures)
+
+
+def _refusal(event: m.CloudEvent, enabled: bool | None) -> str | None:
+    if enabled is None:
+        return "device is not registered"
+    if not enabled and event.type != "mark":
+        return "device is disconnected by an administrator"
+    return None
+
+
+def _rejected(event: m.CloudEvent, reason: str, seq: int) -> tuple[str, bytes, str]:
+    fact = m.RejectedFact(
+        device_id=event.subject,
+        event_id=event.id,
+        event_type=event.type,
+        reason=reason,
+        correlation_id=event.correlationid,
+        time=m.now(),
+    )
+    return subjects.device_rejected(event.subject), m.encode(fact), f"rejected:{seq}"

@@ -1,0 +1,121 @@
+"""Real servers, once per test session: nats-server from the wheel, the database, Redis.
+
+DATABASE_URL / REDIS_URL (set by .ci/run when the local servers answer) select Postgres and
+Redis; without them the embedded defaults (SQLite, in-process cache) are used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from libs import bus, embedded_nats
+from libs.db.engine import make_engine, make_sessionmaker
+from libs.db.migrate import upgrade
+from libs.settings import Settings, async_database_url
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("smarthome")
+
+
+@pytest.fixture(scope="session")
+def nats_url(data_dir: Path) -> Iterator[str]:
+    port = embedded_nats.free_port()
+    proc = embedded_nats.start(data_dir / "nats", port, data_dir / "nats.log")
+    yield f"nats://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+async def _create_postgres_database(server_url: str) -> str:
+    """A database of our own on the given server, so that runs never see each other's rows."""
+    name = f"smarthome_test_{uuid.uuid4().hex[:8]}"
+    admin = create_async_engine(async_database_url(server_url), isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    await admin.dispose()
+    base, _, _ = async_database_url(server_url).rpartition("/")
+    return f"{base}/{name}"
+
+
+async def _drop_postgres_database(server_url: str, url: str) -> None:
+    name = url.rpartition("/")[2]
+    admin = create_async_engine(async_database_url(server_url), isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    await admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def database_url(data_dir: Path) -> Iterator[str]:
+    server = os.environ.get("DATABASE_URL")
+    if server:
+        url = asyncio.run(_create_postgres_database(server))
+    else:
+        url = f"sqlite+aiosqlite:///{data_dir / 'test.db'}"
+    upgrade(url)
+    yield url
+    if server:
+        asyncio.run(_drop_postgres_database(server, url))
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str | None:
+    return os.environ.get("REDIS_URL") or None
+
+
+@pytest.fixture(scope="session")
+def settings(data_dir: Path, nats_url: str, database_url: str, redis_url: str | None) -> Settings:
+    return Settings(
+        data_dir=data_dir,
+        nats_url=nats_url,
+        database_url=database_url,
+        redis_url=redis_url,
+        heartbeat_timeout_s=2.0,
+    )
+
+
+@pytest.fixture(scope="session")
+def service_env(settings: Settings) -> dict[str, str]:
+    """Environment for services started as subprocesses against the session's servers."""
+    env = {
+        **os.environ,
+        "NATS_URL": settings.effective_nats_url,
+        "DATABASE_URL": settings.effective_database_url,
+        "SMARTHOME_DATA_DIR": str(settings.data_dir),
+        "SMARTHOME_HEARTBEAT_TIMEOUT": str(settings.heartbeat_timeout_s),
+    }
+    if settings.redis_url:
+        env["REDIS_URL"] = settings.redis_url
+    else:
+        env.pop("REDIS_URL", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+async def nc(nats_url: str) -> AsyncIterator:
+    conn = await bus.connect(nats_url, "tests")
+    await bus.ensure_streams(conn.jetstream())
+    yield conn
+    await conn.drain()
+
+
+@pytest.fixture(scope="session")
+async def js(nc):  # type: ignore[no-untyped-def]
+    return nc.jetstream()
+
+
+@pytest.fixture(scope="session")
+async def sessions(database_url: str) -> AsyncIterator:
+    engine = make_engine(database_url)
+    yield make_sessionmaker(engine)
+    await engine.dispose()
