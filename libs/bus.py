@@ -76,6 +76,7 @@ async def connect(url: str, name: str) -> NATS:
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
+        drain_timeout=5,
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,

@@ -17,7 +17,9 @@ async def serve(host: str, port: int, ready: ReadyCheck) -> asyncio.Server:
             line = await asyncio.wait_for(reader.readline(), 5)
             path = line.split(b" ")[1].decode() if line.count(b" ") >= 2 else ""
             status, ctype, body = await _route(path, ready)
-            head = f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
+            head = (
+                f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
             writer.write(head.encode() + body)
             await writer.drain()
         except (TimeoutError, ConnectionError):
@@ -35,7 +37,11 @@ async def _route(path: str, ready: ReadyCheck) -> tuple[str, str, bytes]:
         reason = await ready()
         if reason is None:
             return "200 OK", "application/json", b'{"status":"ready"}'
-        return "503 Service Unavailable", "application/json", f'{{"status":"not ready","reason":"{reason}"}}'.encode()
+        return (
+            "503 Service Unavailable",
+            "application/json",
+            f'{{"status":"not ready","reason":"{reason}"}}'.encode(),
+        )
     if path == "/metrics":
         return "200 OK", CONTENT_TYPE_LATEST, generate_latest()
     return "404 Not Found", "text/plain", b"not found"

@@ -109,8 +109,20 @@ ATTRIBUTE_EVENTS = frozenset({"telemetry", "state"})
 PRESENCE_EVENTS = frozenset({"hello", "heartbeat", "goodbye"})
 
 
+_SCALARS = (bool, int, float, str, type(None))
+
+
 def decode_attributes(data: dict[str, Any] | None) -> dict[str, AttributeValue]:
-    return msgspec.convert(data or {}, Attributes)
+    """Attributes are flat: each value a number, boolean, string or null."""
+    for key, value in (data or {}).items():
+        if len(key) > 64:
+            raise msgspec.ValidationError(f"attribute name longer than 64 - at `$.{key[:64]}`")
+        if not isinstance(value, _SCALARS):
+            raise msgspec.ValidationError(
+                f"Expected a number, boolean, string or null, got `{type(value).__name__}`"
+                f" - at `$.{key}`"
+            )
+    return dict(data or {})
 
 
 # --- commands --------------------------------------------------------------------------

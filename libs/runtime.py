@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -33,10 +34,8 @@ def run(
             loop.add_signal_handler(sig, stop.set)
         await main(settings, stop)
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(supervise())
-    except KeyboardInterrupt:
-        pass
     log.info("%s stopped", service)
 
 

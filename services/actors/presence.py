@@ -7,6 +7,7 @@ device's own subject, so the change is applied in order with the device's other 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import timedelta
 
@@ -33,10 +34,8 @@ async def scan_forever(
             await scan_once(js, sessions, timeout_s)
         except Exception as exc:  # the next scan tries again; presence is not worth a crash
             log.warning("presence scan failed: %s", exc)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
-        except TimeoutError:
-            pass
 
 
 async def scan_once(

@@ -99,7 +99,9 @@ class StateStore:
             return
         ids = [s.device_id for s in snapshots]
         existing = set(
-            await session.scalars(select(DeviceState.device_id).where(DeviceState.device_id.in_(ids)))
+            await session.scalars(
+                select(DeviceState.device_id).where(DeviceState.device_id.in_(ids))
+            )
         )
         new_rows = [to_row(s) for s in snapshots if s.device_id not in existing]
         old_rows = [to_row(s) for s in snapshots if s.device_id in existing]

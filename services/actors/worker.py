@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import msgspec
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import Counter, Histogram
@@ -56,13 +55,17 @@ class ActorWorker:
     async def run(self, stop: asyncio.Event) -> None:
         await self._js.add_consumer(subjects.EVENTS_STREAM, CONSUMER)
         sub = await self._js.pull_subscribe_bind(DURABLE, stream=subjects.EVENTS_STREAM)
-        while not stop.is_set():
-            try:
-                msgs = await sub.fetch(BATCH, timeout=1.0)
-            except NatsTimeout:
-                continue
-            with BATCH_SECONDS.time():
-                await self.handle(msgs, stop)
+        try:
+            while not stop.is_set():
+                try:
+                    msgs = await sub.fetch(BATCH, timeout=1.0)
+                except TimeoutError:  # nats-py raises asyncio.TimeoutError here
+                    continue
+                with BATCH_SECONDS.time():
+                    await self.handle(msgs, stop)
+        finally:
+            # A pull subscription left to drain() waits for the drain timeout.
+            await sub.unsubscribe()
 
     async def handle(self, msgs: list[Msg], stop: asyncio.Event) -> None:
         decoded: list[tuple[Msg, m.CloudEvent]] = []
@@ -118,7 +121,9 @@ class ActorWorker:
             APPLIED.labels("applied").inc()
         return batch
 
-    def _record(self, batch: Batch, event: m.CloudEvent, before: m.DeviceSnapshot, result: Applied) -> None:
+    def _record(
+        self, batch: Batch, event: m.CloudEvent, before: m.DeviceSnapshot, result: Applied
+    ) -> None:
         new = result.snapshot
         batch.snapshots[new.device_id] = new
         if result.command_status:
@@ -139,7 +144,11 @@ class ActorWorker:
                 time=m.now(),
             )
             batch.facts.append(
-                (subjects.device_state(new.device_id), m.encode(fact), f"state:{new.device_id}:{new.version}")
+                (
+                    subjects.device_state(new.device_id),
+                    m.encode(fact),
+                    f"state:{new.device_id}:{new.version}",
+                )
             )
 
     async def _write(self, batch: Batch, msgs: list[Msg], stop: asyncio.Event) -> bool:

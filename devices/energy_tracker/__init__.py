@@ -1,0 +1,1 @@
+"""An energy tracker (metering plug) in front of another device: reports its power."""

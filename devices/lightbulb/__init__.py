@@ -1,0 +1,1 @@
+"""A light bulb: on/off and brightness; draws power while on."""

@@ -1,0 +1,42 @@
+"""`/api/v1/audit`: HTTP only; the logic is in `service.py`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Controller, get
+from litestar.di import NamedDependency, Provide
+from litestar.params import QueryParameter
+
+from services.gateway.audit.schemas import AuditItem
+from services.gateway.audit.service import AuditFilters, AuditService
+from services.gateway.pagination import CursorParam, Page, SinceParam, limit_param, utc
+from services.gateway.resources import Resources
+
+
+def provide_audit_service(resources: NamedDependency[Resources]) -> AuditService:
+    return AuditService(resources.sessions)
+
+
+class AuditController(Controller):
+    path = "/audit"
+    tags = ["audit"]
+    dependencies = {"audit": Provide(provide_audit_service, sync_to_thread=False)}
+
+    @get(
+        "/",
+        operation_id="listAudit",
+        summary="The audit log, oldest first",
+        description="Who did what, when, to which device, with what result.",
+    )
+    async def list_audit(
+        self,
+        audit: NamedDependency[AuditService],
+        device_id: Annotated[str | None, QueryParameter(max_length=128)] = None,
+        correlation_id: Annotated[str | None, QueryParameter(max_length=128)] = None,
+        since: SinceParam = None,
+        cursor: CursorParam = None,
+        limit: Annotated[int, limit_param(100, 1000)] = 100,
+    ) -> Page[AuditItem]:
+        filters = AuditFilters(device_id=device_id, correlation_id=correlation_id, since=utc(since))
+        return await audit.list(filters, limit, cursor)

@@ -1,0 +1,1 @@
+"""The device registry, its runtime state, commands and history."""

@@ -1,0 +1,200 @@
+"""`/api/v1/devices`: HTTP only; the logic is in `service.py`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from litestar import Controller, Response, delete, get, patch, post
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
+
+from libs.messages import Connection, DeviceStateName
+from services.gateway.body import StrictBody
+from services.gateway.correlation import provide_correlation_id
+from services.gateway.devices.schemas import (
+    CommandCreate,
+    CommandView,
+    Device,
+    DeviceCreate,
+    DeviceUpdate,
+    HistoryItem,
+)
+from services.gateway.devices.service import DeviceFilters, DeviceService, HistoryQuery
+from services.gateway.pagination import CursorParam, Page, SinceParam, limit_param, utc
+from services.gateway.resources import Resources
+
+# Authentication is a later issue: until then every change is made by this actor.
+ACTOR = "user:anonymous"
+
+
+def provide_device_service(resources: NamedDependency[Resources]) -> DeviceService:
+    return DeviceService(resources.sessions, resources.nc, resources.cache)
+
+
+class DeviceController(Controller):
+    path = "/devices"
+    tags = ["devices"]
+    dependencies = {
+        "devices": Provide(provide_device_service, sync_to_thread=False),
+        "correlation_id": Provide(provide_correlation_id, sync_to_thread=False),
+    }
+
+    @post(
+        "/",
+        dto=StrictBody[DeviceCreate],
+        operation_id="createDevice",
+        summary="Register a device",
+        description="Without `id` one is generated. An id that exists answers 409.",
+    )
+    async def create(
+        self,
+        devices: NamedDependency[DeviceService],
+        data: JSONBody[DeviceCreate],
+        correlation_id: NamedDependency[str],
+    ) -> Device:
+        return await devices.create(data, actor=ACTOR, correlation_id=correlation_id)
+
+    @get(
+        "/",
+        operation_id="listDevices",
+        summary="List devices",
+        description="Filters combine; `location` matches a path prefix (`home/ground`).",
+    )
+    async def list_devices(
+        self,
+        devices: NamedDependency[DeviceService],
+        cursor: CursorParam = None,
+        kind: Annotated[str | None, QueryParameter(max_length=64)] = None,
+        location: Annotated[str | None, QueryParameter(max_length=512)] = None,
+        device_state: Annotated[DeviceStateName | None, QueryParameter(name="state")] = None,
+        connection: Annotated[
+            Connection | None, QueryParameter(description="online or offline")
+        ] = None,
+        limit: Annotated[int, limit_param(50, 500)] = 50,
+    ) -> Page[Device]:
+        filters = DeviceFilters(
+            kind=kind, location=location, state=device_state, connection=connection
+        )
+        return await devices.list(filters, limit, cursor)
+
+    @get("/{device_id:str}", operation_id="getDevice", summary="Get a device and its state")
+    async def get_device(
+        self, devices: NamedDependency[DeviceService], device_id: FromPath[str]
+    ) -> Device:
+        return await devices.get(device_id)
+
+    @patch(
+        "/{device_id:str}",
+        dto=StrictBody[DeviceUpdate],
+        operation_id="updateDevice",
+        summary="Change a device's registry fields",
+    )
+    async def update(
+        self,
+        devices: NamedDependency[DeviceService],
+        device_id: FromPath[str],
+        data: JSONBody[DeviceUpdate],
+        correlation_id: NamedDependency[str],
+    ) -> Device:
+        return await devices.update(device_id, data, actor=ACTOR, correlation_id=correlation_id)
+
+    @delete(
+        "/{device_id:str}",
+        operation_id="deleteDevice",
+        summary="Remove a device from the registry",
+        status_code=HTTP_204_NO_CONTENT,
+    )
+    async def delete_device(
+        self,
+        devices: NamedDependency[DeviceService],
+        device_id: FromPath[str],
+        correlation_id: NamedDependency[str],
+    ) -> None:
+        await devices.delete(device_id, actor=ACTOR, correlation_id=correlation_id)
+
+    @post(
+        "/{device_id:str}/connect",
+        operation_id="connectDevice",
+        summary="Attach a device to the system again",
+        status_code=200,
+    )
+    async def connect(
+        self,
+        devices: NamedDependency[DeviceService],
+        device_id: FromPath[str],
+        correlation_id: NamedDependency[str],
+    ) -> Device:
+        return await devices.set_enabled(
+            device_id, True, actor=ACTOR, correlation_id=correlation_id
+        )
+
+    @post(
+        "/{device_id:str}/disconnect",
+        operation_id="disconnectDevice",
+        summary="Detach a device: its events are refused and it takes no commands",
+        status_code=200,
+    )
+    async def disconnect(
+        self,
+        devices: NamedDependency[DeviceService],
+        device_id: FromPath[str],
+        correlation_id: NamedDependency[str],
+    ) -> Device:
+        return await devices.set_enabled(
+            device_id, False, actor=ACTOR, correlation_id=correlation_id
+        )
+
+    @post(
+        "/{device_id:str}/commands",
+        dto=StrictBody[CommandCreate],
+        operation_id="sendCommand",
+        summary="Send a command to a device",
+        description="Answers 202 with the command, `pending` until the device answers.",
+        status_code=HTTP_202_ACCEPTED,
+    )
+    async def send_command(
+        self,
+        devices: NamedDependency[DeviceService],
+        device_id: FromPath[str],
+        data: JSONBody[CommandCreate],
+        correlation_id: NamedDependency[str],
+    ) -> Response[CommandView]:
+        command = await devices.send_command(
+            device_id, data, actor=ACTOR, correlation_id=correlation_id
+        )
+        location = f"/api/v1/devices/{device_id}/commands/{command.id}"
+        return Response(command, status_code=HTTP_202_ACCEPTED, headers={"Location": location})
+
+    @get(
+        "/{device_id:str}/commands/{command_id:str}",
+        operation_id="getCommand",
+        summary="Follow a command's status",
+    )
+    async def get_command(
+        self,
+        devices: NamedDependency[DeviceService],
+        device_id: FromPath[str],
+        command_id: FromPath[str],
+    ) -> CommandView:
+        return await devices.get_command(device_id, command_id)
+
+    @get(
+        "/{device_id:str}/history",
+        operation_id="getDeviceHistory",
+        summary="Telemetry and state history, newest last",
+        description="`since` is inclusive, `until` exclusive.",
+    )
+    async def history(
+        self,
+        devices: NamedDependency[DeviceService],
+        device_id: FromPath[str],
+        cursor: CursorParam = None,
+        since: SinceParam = None,
+        until: Annotated[datetime | None, QueryParameter(description="ISO 8601 time")] = None,
+        event_type: Annotated[str | None, QueryParameter(name="type", max_length=128)] = None,
+        limit: Annotated[int, limit_param(100, 1000)] = 100,
+    ) -> Page[HistoryItem]:
+        query = HistoryQuery(since=utc(since), until=utc(until), type=event_type)
+        return await devices.history(device_id, query, limit, cursor)

@@ -1,0 +1,100 @@
+"""Device bodies: what a user sends (`DeviceCreate`, `DeviceUpdate`, `CommandCreate`) and what
+the API answers (`Device`, `CommandView`, `HistoryItem`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from libs.messages import AttributeValue, CommandStatus, Connection, DeviceStateName, Token
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Kind = Annotated[
+    str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="light, energy_meter, ...")
+]
+# home → floor → room: `home/ground/kitchen`.
+LocationPath = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[A-Za-z0-9_-]{1,128}(/[A-Za-z0-9_-]{1,128}){0,7}$",
+        max_length=512,
+        examples=["home/ground/kitchen"],
+    ),
+]
+Lifecycle = Literal["pending", "active", "rejected", "decommissioned"]
+Metadata = Annotated[
+    dict[Annotated[str, msgspec.Meta(min_length=1, max_length=64)], Any],
+    msgspec.Meta(max_length=100),
+]
+
+
+class DeviceCreate(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Register a device; without `id` one is generated."""
+
+    name: Name
+    kind: Kind
+    id: Token | None = None
+    location: LocationPath | None = None
+    metadata: Metadata = {}
+
+
+class DeviceUpdate(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
+    """Change some registry fields; absent fields stay, `location: null` clears it."""
+
+    name: Name | UnsetType = UNSET
+    kind: Kind | UnsetType = UNSET
+    location: LocationPath | UnsetType | None = UNSET
+    lifecycle: Lifecycle | UnsetType = UNSET
+    metadata: Metadata | UnsetType = UNSET
+
+
+class Device(msgspec.Struct, frozen=True):
+    """The registry entry and the runtime state the actors keep for it."""
+
+    id: str
+    name: str
+    kind: str
+    location: str | None
+    lifecycle: Lifecycle
+    enabled: bool
+    metadata: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    state: DeviceStateName
+    connection: Connection
+    attributes: dict[str, AttributeValue]
+    last_seen: datetime | None
+    version: int
+
+
+class CommandCreate(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    action: Token
+    params: dict[str, Any] = {}
+    expires_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 60.0
+
+
+class CommandView(msgspec.Struct, frozen=True):
+    id: str
+    device_id: str
+    action: str
+    params: dict[str, Any]
+    status: CommandStatus
+    detail: str | None
+    issued_by: str
+    correlation_id: str
+    issued_at: datetime
+    expires_at: datetime
+    updated_at: datetime
+
+
+class HistoryItem(msgspec.Struct, frozen=True):
+    """One telemetry or state message as the recorder stored it."""
+
+    time: datetime
+    type: str
+    data: dict[str, Any]
+    stream: str
+    seq: int

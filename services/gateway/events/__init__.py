@@ -1,0 +1,1 @@
+"""Publishing to the bus, replaying it and following it live (SSE)."""

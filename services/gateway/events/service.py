@@ -1,0 +1,274 @@
+"""Publishing CloudEvents to the bus, replaying stored messages, following them live.
+
+Replay uses an ephemeral pull consumer that exists for one request: it knows from its
+`num_pending` how many messages match, fetches at most `limit` of them and is deleted.
+Following uses an ordered push consumer per subscriber feeding a bounded queue: a subscriber
+that cannot keep up is cut off (it resumes from its last sequence) instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import anyio
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from libs import bus, subjects
+from libs import messages as m
+from libs.errors import Invalid
+from services.gateway.events.schemas import BusMessage, Published
+from services.gateway.pagination import Page, decode_cursor, encode_cursor
+from services.gateway.resources import Shutdown, require_bus
+
+log = logging.getLogger(__name__)
+
+# A replay consumer the gateway failed to delete (crash) is removed by the server after this.
+REPLAY_IDLE_S = 30.0
+REPLAY_FETCH_TIMEOUT_S = 5.0
+FEED_CAPACITY = 1000
+
+
+class FeedOverflow(Exception):
+    """The subscriber fell `capacity` messages behind and was cut off."""
+
+
+class FeedClosed(Exception):
+    """The gateway is stopping: the subscriber resumes elsewhere from its last sequence."""
+
+
+def stream_for(subject: str) -> str:
+    """The stream holding a filter's subjects; 422 naming `subject` when there is none."""
+    stream = subjects.stream_of(subject) if subjects.is_filter(subject) else None
+    # `events` alone names no subject of the EVENTS stream (`events.>`): two tokens at least.
+    if stream is None or "." not in subject:
+        raise Invalid(
+            f"{subject!r} is not a filter under events.>, commands.>, system.> or "
+            "deadletter.> (tokens of A-Z a-z 0-9 _ -, `*` for one token, `>` for the rest)",
+            field="subject",
+        )
+    return stream
+
+
+@dataclass(frozen=True)
+class Delivered:
+    seq: int
+    subject: str
+    time: datetime
+    data: bytes
+
+
+class LiveFeed:
+    """Messages of one ordered consumer, in order, through a bounded queue."""
+
+    def __init__(self, capacity: int) -> None:
+        self._queue: asyncio.Queue[Delivered | None] = asyncio.Queue(capacity)
+        self._overflowed = False
+        self._stopped = False
+        self._subscription: Subscription | None = None
+        self._undo: list[Callable[[], None]] = []
+
+    async def on_message(self, msg: Msg) -> None:
+        if self._overflowed:
+            return
+        meta = msg.metadata
+        delivered = Delivered(meta.sequence.stream, msg.subject, meta.timestamp, msg.data)
+        try:
+            self._queue.put_nowait(delivered)
+        except asyncio.QueueFull:
+            # Keep what is queued (a contiguous run) and drop the rest: the subscriber
+            # resumes after the last one it received.
+            self._overflowed = True
+
+    @property
+    def overflowed(self) -> bool:
+        return self._overflowed
+
+    def bind(self, subscription: Subscription, shutdown: Shutdown) -> None:
+        self._subscription = subscription
+        self._undo.append(shutdown.on_request(self.stop))
+        if shutdown.requested:
+            self.stop()
+
+    def stop(self) -> None:
+        """End the feed now (the gateway is stopping); wakes a waiting `next`."""
+        self._stopped = True
+        with contextlib.suppress(asyncio.QueueFull):  # a full queue wakes `next` anyway
+            self._queue.put_nowait(None)
+
+    async def next(self, timeout: float) -> Delivered | None:
+        """The next message, or None after `timeout` without one.
+
+        Raises FeedOverflow once cut off (after what was queued), FeedClosed when stopped.
+        """
+        if self._stopped:
+            raise FeedClosed
+        if self._overflowed and self._queue.empty():
+            raise FeedOverflow
+        try:
+            delivered = await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            if self._overflowed and self._queue.empty():
+                raise FeedOverflow from None
+            return None
+        if delivered is None or self._stopped:
+            raise FeedClosed
+        return delivered
+
+    async def close(self) -> None:
+        """Unsubscribe; safe to call while the request is being cancelled."""
+        for undo in self._undo:
+            undo()
+        self._undo.clear()
+        subscription, self._subscription = self._subscription, None
+        if subscription is None:
+            return
+        # The client went away: the stream task is cancelled, the unsubscribe must still run.
+        with anyio.CancelScope(shield=True):
+            try:
+                await subscription.unsubscribe()
+            except nats.errors.Error as exc:  # the server drops the idle consumer anyway
+                log.info("unsubscribe of a live feed failed: %s", exc)
+
+
+class EventService:
+    def __init__(self, nc: NATS, shutdown: Shutdown) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._shutdown = shutdown
+
+    async def publish(self, events: list[m.CloudEvent], correlation_id: str) -> list[Published]:
+        """Publish in order; the event id is the `Nats-Msg-Id`, so a repeat is stored once.
+
+        A batch that fails half-way can be sent again as a whole: what was stored already
+        answers `duplicate` (within the stream's de-duplication window).
+        """
+        require_bus(self._nc)
+        results = []
+        for event in events:
+            if event.correlationid is None:
+                event = msgspec.structs.replace(event, correlationid=correlation_id)
+            ack = await bus.publish(self._js, event.nats_subject, event, msg_id=event.id)
+            results.append(
+                Published(
+                    id=event.id, stream=ack.stream, seq=ack.seq, duplicate=bool(ack.duplicate)
+                )
+            )
+        return results
+
+    async def replay(
+        self,
+        subject: str,
+        *,
+        after_seq: int | None,
+        since: datetime | None,
+        limit: int,
+        cursor: str | None,
+    ) -> Page[BusMessage]:
+        """Stored messages matching `subject`, in stream order, after `after_seq` or from
+        `since`; a `cursor` (the previous page's) continues where that page ended."""
+        stream = stream_for(subject)
+        field = "since_seq"
+        if cursor:
+            after_seq, field = decode_cursor(cursor, int), "cursor"
+        require_bus(self._nc)
+        last_seq = (await self._js.stream_info(stream)).state.last_seq
+        if after_seq is not None and after_seq > last_seq:
+            raise Invalid(
+                f"{after_seq} is beyond the last sequence of {stream} ({last_seq})",
+                field=field,
+            )
+        if after_seq == last_seq:
+            return Page(items=[], next_cursor=None)
+        config = ConsumerConfig(
+            name=f"replay-{m.new_id()}",
+            filter_subject=subject,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=REPLAY_IDLE_S,
+            mem_storage=True,
+            num_replicas=1,
+        )
+        if after_seq is not None:
+            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = after_seq + 1
+        elif since is not None:
+            config.deliver_policy = DeliverPolicy.BY_START_TIME
+            config.opt_start_time = since
+        else:
+            config.deliver_policy = DeliverPolicy.ALL
+        items, matching = await self._fetch(stream, config, limit)
+        more = bool(items) and matching > len(items)
+        return Page(items=items, next_cursor=encode_cursor(items[-1].seq) if more else None)
+
+    async def _fetch(
+        self, stream: str, config: ConsumerConfig, limit: int
+    ) -> tuple[list[BusMessage], int]:
+        """Up to `limit` messages, and how many matched when the consumer was made."""
+        assert config.name is not None
+        info = await self._js.add_consumer(stream, config)
+        try:
+            # num_pending: how many messages match from the start position; never wait for more.
+            want = min(limit, info.num_pending)
+            if want == 0:
+                return [], 0
+            subscription = await self._js.pull_subscribe_bind(consumer=config.name, stream=stream)
+            items: list[BusMessage] = []
+            try:
+                while len(items) < want:
+                    try:
+                        msgs = await subscription.fetch(
+                            want - len(items), timeout=REPLAY_FETCH_TIMEOUT_S
+                        )
+                    except nats.errors.TimeoutError:
+                        break  # removed since counted (age or size limits): answer what we have
+                    items.extend(_bus_message(msg) for msg in msgs)
+            finally:
+                await subscription.unsubscribe()
+            return items, info.num_pending
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await self._js.delete_consumer(stream, config.name)
+
+    async def follow(self, subject: str, after_seq: int | None) -> LiveFeed:
+        """Subscribe from `after_seq + 1`, or to new messages only; the caller closes the feed."""
+        stream = stream_for(subject)
+        require_bus(self._nc)
+        config = ConsumerConfig()
+        if after_seq is not None:
+            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = after_seq + 1
+        else:
+            config.deliver_policy = DeliverPolicy.NEW
+        feed = LiveFeed(FEED_CAPACITY)
+        subscription = await self._js.subscribe(
+            subject, stream=stream, cb=feed.on_message, ordered_consumer=True, config=config
+        )
+        feed.bind(subscription, self._shutdown)
+        return feed
+
+
+def _bus_message(msg: Msg) -> BusMessage:
+    meta = msg.metadata
+    return BusMessage(
+        seq=meta.sequence.stream, subject=msg.subject, time=meta.timestamp, event=body(msg.data)
+    )
+
+
+def body(data: bytes) -> Any:
+    """A message body as JSON; empty (a bare signal) is null, non-JSON is kept as text."""
+    if not data:
+        return None
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return data.decode("utf-8", errors="replace")

@@ -1,0 +1,245 @@
+"""Every error the gateway answers is an RFC 9457 problem details document.
+
+One exception handler (`problem_response`) turns the platform's exception family, Litestar's
+HTTP and validation errors, and an unreachable bus, database or cache into a
+`ProblemDetailsException` (Litestar's problem details type), rendered as
+`application/problem+json`:
+
+    {"type": ..., "title": ..., "status": 422, "detail": ...,
+     "errors": [{"field": "$.data.power_w", "message": "Expected `float`, got `str`"}]}
+
+A dependency that cannot be reached is a 503 with the reason, never a 500.
+"""
+
+from __future__ import annotations
+
+import http
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import redis.exceptions
+import sqlalchemy.exc
+from litestar import Litestar, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation, Schema
+from litestar.openapi.spec import Parameter as ParameterSpec
+from litestar.params import ParameterKwarg
+from litestar.plugins.problem_details import ProblemDetailsException
+from litestar.routes import HTTPRoute
+from litestar.types import ExceptionHandlersMap
+
+from libs import errors
+
+log = logging.getLogger(__name__)
+
+TYPE_PREFIX = "urn:smarthome:problem:"
+RETRY_AFTER_S = "5"
+
+# msgspec messages: "<message> - at `$.path`"; missing/unknown fields name the field only
+# in the message, so it is appended to the path.
+_AT = re.compile(r"^(?P<message>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.DOTALL)
+_NAMED_FIELD = re.compile(r"^Object (?:missing required|contains unknown) field `(?P<name>[^`]*)`")
+
+
+def field_error(message: str, root: str = "$") -> tuple[str, str]:
+    """Split a msgspec error into (field path, message): `$.data.power_w`, `Expected ...`."""
+    match = _AT.match(message)
+    assert match is not None  # the pattern matches every string
+    text, path = match["message"], match["path"] or root
+    if named := _NAMED_FIELD.match(text):
+        path = f"{path}.{named['name']}"
+    return path, text
+
+
+def _slug(title: str) -> str:
+    return TYPE_PREFIX + re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+
+
+def _problem(
+    status: int,
+    title: str,
+    detail: str,
+    errors_: list[dict[str, str]] | None = None,
+    *,
+    type_: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> ProblemDetailsException:
+    return ProblemDetailsException(
+        status_code=status,
+        type_=type_ or _slug(title),
+        title=title,
+        detail=detail,
+        extra={"errors": errors_ or []},
+        headers=headers,
+    )
+
+
+def _unavailable(what: str, exc: BaseException) -> ProblemDetailsException:
+    reason = f"{what} is unreachable ({type(exc).__name__}); try again later"
+    log.warning("answering 503: %s: %s", reason, exc)
+    return _problem(
+        503,
+        errors.Unavailable.title,
+        reason,
+        headers={"Retry-After": RETRY_AFTER_S},
+    )
+
+
+def problem_response(request: Request, exc: Exception) -> Response:
+    """The gateway's one exception handler."""
+    return to_problem(exc, request).to_response(request)
+
+
+def to_problem(exc: Exception, request: Request | None = None) -> ProblemDetailsException:
+    """The one mapping from an exception to the problem details the client sees."""
+    match exc:
+        case ProblemDetailsException():
+            return exc
+        case errors.PlatformError():
+            headers = {"Retry-After": RETRY_AFTER_S} if exc.status == 503 else None
+            if not exc.field:
+                return _problem(exc.status, exc.title, exc.detail, headers=headers)
+            field = [{"field": exc.field, "message": exc.detail}]
+            detail = f"{exc.field}: {exc.detail}" if exc.status == 422 else exc.detail
+            return _problem(exc.status, exc.title, detail, field, headers=headers)
+        case ValidationException():
+            fields = _fields(exc.extra, _aliases(request))
+            detail = "; ".join(f"{f['field']}: {f['message']}" for f in fields) or str(exc.detail)
+            return _problem(422, errors.Invalid.title, detail, fields)
+        case HTTPException():
+            phrase = http.HTTPStatus(exc.status_code).phrase
+            detail = exc.detail if exc.detail != phrase else _DETAILS.get(exc.status_code, phrase)
+            return _problem(
+                exc.status_code, phrase, detail, type_="about:blank", headers=exc.headers
+            )
+        case sqlalchemy.exc.IntegrityError():
+            return _problem(409, errors.Conflict.title, "the change conflicts with stored data")
+        case sqlalchemy.exc.SQLAlchemyError():
+            return _unavailable("the database", exc)
+        case nats.errors.Error():
+            return _unavailable("the event bus", exc)
+        case redis.exceptions.RedisError():
+            return _unavailable("the state cache", exc)
+        case ConnectionError() | TimeoutError():
+            return _unavailable("a backing service", exc)
+    log.exception("unexpected error", exc_info=exc)
+    return _problem(500, errors.PlatformError.title, "an unexpected error occurred")
+
+
+_DETAILS = {
+    404: "no such resource",
+    405: "this method is not allowed on this resource",
+    413: "the request body is larger than the gateway accepts",
+}
+
+
+def _fields(extra: Any, aliases: dict[str, str]) -> list[dict[str, str]]:
+    """Litestar's validation messages (`{"key", "message", "source"}`) as field errors."""
+    out = []
+    for item in extra if isinstance(extra, list) else []:
+        if not isinstance(item, dict):
+            continue
+        key = str(item.get("key") or "$")
+        if key == "data":  # the body as a whole: absent
+            out.append({"field": "$", "message": "a JSON request body is required"})
+        else:
+            out.append({"field": aliases.get(key, key), "message": str(item.get("message"))})
+    return out
+
+
+def _aliases(request: Request | None) -> dict[str, str]:
+    """Handler argument → the parameter name the client used (`device_state` → `state`)."""
+    try:
+        parameters = request.route_handler.parsed_fn_signature.parameters if request else {}
+    except Exception:  # no route (404): no parameters either
+        return {}
+    return {
+        name: field.kwarg_definition.name
+        for name, field in parameters.items()
+        if isinstance(field.kwarg_definition, ParameterKwarg) and field.kwarg_definition.name
+    }
+
+
+HANDLED: tuple[type[Exception], ...] = (
+    errors.PlatformError,
+    HTTPException,
+    sqlalchemy.exc.SQLAlchemyError,
+    nats.errors.Error,
+    redis.exceptions.RedisError,
+    ConnectionError,
+    TimeoutError,
+    Exception,
+)
+
+
+def exception_handlers() -> ExceptionHandlersMap:
+    return dict.fromkeys(HANDLED, problem_response)
+
+
+# --- the OpenAPI side: every operation documents its errors as problem details -------------
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_SCHEMA = Schema(
+    type="object",  # type: ignore[arg-type]
+    title="Problem",
+    description="RFC 9457 problem details",
+    required=["type", "title", "status", "detail", "errors"],
+    properties={
+        "type": Schema(type="string", description="a URI naming the kind of problem"),  # type: ignore[arg-type]
+        "title": Schema(type="string"),  # type: ignore[arg-type]
+        "status": Schema(type="integer"),  # type: ignore[arg-type]
+        "detail": Schema(type="string", description="what is wrong, for a human"),  # type: ignore[arg-type]
+        "errors": Schema(
+            type="array",  # type: ignore[arg-type]
+            description="one entry per invalid field",
+            items=Schema(
+                type="object",  # type: ignore[arg-type]
+                required=["field", "message"],
+                properties={
+                    "field": Schema(
+                        type="string",  # type: ignore[arg-type]
+                        description="a JSON path into the body (`$.data.power_w`) or a "
+                        "parameter name (`subject`)",
+                    ),
+                    "message": Schema(type="string"),  # type: ignore[arg-type]
+                },
+            ),
+        ),
+    },
+)
+
+
+def _documented(description: str) -> OpenAPIResponse:
+    # Inline: Litestar regenerates `components.schemas` from the handlers' own types.
+    return OpenAPIResponse(
+        description=description,
+        content={PROBLEM_MEDIA_TYPE: OpenAPIMediaType(schema=PROBLEM_SCHEMA)},
+    )
+
+
+@dataclass
+class ProblemOperation(Operation):
+    """Replaces Litestar's generic `400 ValidationException` with the problems we answer."""
+
+    def __post_init__(self) -> None:
+        responses = dict(self.responses or {})
+        if responses.pop("400", None) is not None:
+            responses.setdefault("422", _documented("Invalid input; `errors` names each field"))
+        if any(
+            isinstance(p, ParameterSpec) and p.param_in == "path" for p in self.parameters or []
+        ):
+            responses.setdefault("404", _documented("No such resource"))
+        if self.request_body is not None:
+            responses.setdefault("413", _documented("The body is larger than 1 MiB"))
+        responses.setdefault("503", _documented("The bus or the database is unreachable"))
+        self.responses = responses
+
+
+def document_problems(app: Litestar) -> None:
+    for route in app.routes:
+        if isinstance(route, HTTPRoute):
+            for handler in route.route_handlers:
+                handler.operation_class = ProblemOperation

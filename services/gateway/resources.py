@@ -1,0 +1,87 @@
+"""What the gateway holds open while it runs: the database engine, NATS and the cache.
+
+The lifespan opens them once and puts them on `app.state`; handlers receive them (or the
+services built on them) by dependency injection. Nothing here lives in a module global.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from litestar.datastructures import State
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from libs import bus
+from libs.cache import StateCache, make_cache
+from libs.db.engine import make_engine, make_sessionmaker
+from libs.errors import Unavailable
+from libs.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Shutdown:
+    """Told when the process is asked to stop, before the server waits for open responses:
+    live streams end at once instead of holding the shutdown until its timeout."""
+
+    def __init__(self) -> None:
+        self._callbacks: set[Callable[[], None]] = set()
+        self.requested = False
+
+    def on_request(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` on a stop request; returns the callable that undoes this."""
+        self._callbacks.add(callback)
+        return lambda: self._callbacks.discard(callback)
+
+    def request(self) -> None:
+        self.requested = True
+        for callback in list(self._callbacks):
+            callback()
+
+
+@dataclass(frozen=True)
+class Resources:
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    nc: NATS
+    js: JetStreamContext
+    cache: StateCache
+    shutdown: Shutdown = field(default_factory=Shutdown)
+
+
+@contextlib.asynccontextmanager
+async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
+    """Open the engine, the bus (with its streams) and the cache; drain and close on exit."""
+    engine = make_engine(settings.effective_database_url)
+    cache = make_cache(settings.redis_url)
+    try:
+        nc = await bus.connect(settings.effective_nats_url, "gateway")
+        try:
+            js = nc.jetstream()
+            await bus.ensure_streams(js)
+            yield Resources(engine, make_sessionmaker(engine), nc, js, cache)
+        finally:
+            # Drain delivers what is in flight (acks of our publishes) before closing.
+            try:
+                await nc.drain()
+            except Exception as exc:  # a bus that is gone has nothing to drain: just close
+                log.warning("nats drain failed: %s", exc)
+                await nc.close()
+    finally:
+        await cache.close()
+        await engine.dispose()
+
+
+def provide_resources(state: State) -> Resources:
+    return state.resources
+
+
+def require_bus(nc: NATS) -> None:
+    """Refuse a change early while the bus is down, before anything is written."""
+    if not nc.is_connected:
+        raise Unavailable("the event bus is unreachable; try again later")

@@ -1,0 +1,1 @@
+"""User rules and their traces."""

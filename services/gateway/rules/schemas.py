@@ -1,0 +1,39 @@
+"""Rule bodies: a user writes a `libs.messages.RuleSpec`; the API answers `RuleView`s and the
+traces the rules service left (`RuleRunView`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from libs.messages import Action, AttributeValue, Trigger
+
+
+class RuleView(msgspec.Struct, frozen=True):
+    """A stored rule; `version` increments on every replacement."""
+
+    id: str
+    name: str
+    trigger: Trigger
+    actions: list[Action]
+    enabled: bool
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class RuleRunView(msgspec.Struct, frozen=True):
+    """One firing, clearing or error of a rule: why, with which values, what it sent."""
+
+    id: int
+    rule_id: str
+    episode_id: str
+    kind: str
+    time: datetime
+    device_id: str
+    reason: str
+    values: dict[str, AttributeValue]
+    outcomes: list[dict[str, Any]]
+    correlation_id: str

@@ -1,0 +1,141 @@
+"""User rules: stored in the `rules` table; every change is signalled on
+`system.rule.<id>.changed` (an empty message) so that the rules service reloads."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
+from nats.aio.client import Client as NATS
+from sqlalchemy import and_, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from libs import bus, subjects
+from libs import messages as m
+from libs.db.models import RuleRecord, RuleRun
+from libs.errors import Conflict, Invalid, NotFound
+from services.gateway.pagination import Page, decode_cursor, page
+from services.gateway.resources import require_bus
+from services.gateway.rules.schemas import RuleRunView, RuleView
+
+
+class RuleService:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], nc: NATS) -> None:
+        self._sessions = sessions
+        self._nc = nc
+        self._js = nc.jetstream()
+
+    async def create(self, spec: m.RuleSpec) -> RuleView:
+        require_bus(self._nc)
+        rule_id = spec.id or m.new_id()
+        now = m.now()
+        async with self._sessions.begin() as session:
+            if await session.get(RuleRecord, rule_id) is not None:
+                raise Conflict(f"rule {rule_id!r} already exists", field="$.id")
+            record = RuleRecord(
+                id=rule_id,
+                name=spec.name,
+                spec=_stored(spec, rule_id),
+                enabled=spec.enabled,
+                version=1,
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(record)
+            await session.flush()
+            await self._signal(rule_id)
+        return _view(record)
+
+    async def get(self, rule_id: str) -> RuleView:
+        async with self._sessions() as session:
+            return _view(await self._record(session, rule_id))
+
+    async def list(self, limit: int, cursor: str | None) -> Page[RuleView]:
+        query = select(RuleRecord).order_by(RuleRecord.id).limit(limit + 1)
+        if cursor:
+            query = query.where(RuleRecord.id > decode_cursor(cursor, str))
+        async with self._sessions() as session:
+            records = list(await session.scalars(query))
+        return page(records, limit, key=lambda r: r.id, view=_view)
+
+    async def replace(self, rule_id: str, spec: m.RuleSpec) -> RuleView:
+        if spec.id is not None and spec.id != rule_id:
+            raise Invalid(f"{spec.id!r} is not the id in the path ({rule_id!r})", field="$.id")
+        require_bus(self._nc)
+        async with self._sessions.begin() as session:
+            record = await self._record(session, rule_id)
+            record.name = spec.name
+            record.spec = _stored(spec, rule_id)
+            record.enabled = spec.enabled
+            record.version += 1
+            record.updated_at = m.now()
+            await session.flush()
+            await self._signal(rule_id)
+        return _view(record)
+
+    async def delete(self, rule_id: str) -> None:
+        require_bus(self._nc)
+        async with self._sessions.begin() as session:
+            await session.delete(await self._record(session, rule_id))
+            await session.flush()
+            await self._signal(rule_id)
+
+    async def runs(self, rule_id: str, limit: int, cursor: str | None) -> Page[RuleRunView]:
+        """The rule's trace, newest last."""
+        query = (
+            select(RuleRun)
+            .where(RuleRun.rule_id == rule_id)
+            .order_by(RuleRun.time, RuleRun.id)
+            .limit(limit + 1)
+        )
+        if cursor:
+            time, last_id = decode_cursor(cursor, tuple[datetime, int])
+            query = query.where(
+                or_(RuleRun.time > time, and_(RuleRun.time == time, RuleRun.id > last_id))
+            )
+        async with self._sessions() as session:
+            await self._record(session, rule_id)
+            rows = list(await session.scalars(query))
+        return page(rows, limit, key=lambda r: (r.time, r.id), view=_run_view)
+
+    async def _record(self, session: AsyncSession, rule_id: str) -> RuleRecord:
+        record = await session.get(RuleRecord, rule_id)
+        if record is None:
+            raise NotFound(f"rule {rule_id!r} does not exist")
+        return record
+
+    async def _signal(self, rule_id: str) -> None:
+        await bus.publish(self._js, subjects.rule_changed(rule_id), b"")
+
+
+def _stored(spec: m.RuleSpec, rule_id: str) -> dict:
+    return msgspec.to_builtins(msgspec.structs.replace(spec, id=rule_id))
+
+
+def _view(record: RuleRecord) -> RuleView:
+    spec = msgspec.convert(record.spec, m.RuleSpec)
+    return RuleView(
+        id=record.id,
+        name=record.name,
+        trigger=spec.trigger,
+        actions=spec.actions,
+        enabled=record.enabled,
+        version=record.version,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+    )
+
+
+def _run_view(row: RuleRun) -> RuleRunView:
+    return RuleRunView(
+        id=row.id,
+        rule_id=row.rule_id,
+        episode_id=row.episode_id,
+        kind=row.kind,
+        time=row.time,
+        device_id=row.device_id,
+        reason=row.reason,
+        values=row.values or {},
+        outcomes=row.outcomes or [],
+        correlation_id=row.correlation_id,
+    )

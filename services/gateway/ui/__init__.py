@@ -1,0 +1,1 @@
+"""The web UI: one self-contained page, no build step."""

@@ -1,0 +1,1 @@
+"""`smarthome up`: the one-machine supervisor (bus, migrations, services, demo devices)."""

@@ -1,0 +1,1 @@
+"""Recorder: telemetry history, the audit log and rule traces, written in batches."""

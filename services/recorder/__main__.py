@@ -1,0 +1,37 @@
+"""`python -m services.recorder`: history, audit and rule traces."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from libs import bus, runtime
+from libs.db.engine import make_engine
+from libs.settings import Settings
+from services.recorder.writer import SOURCES, StreamRecorder
+
+
+async def main(settings: Settings, stop: asyncio.Event) -> None:
+    engine = make_engine(settings.effective_database_url)
+    nc = await bus.connect(settings.effective_nats_url, "recorder")
+    js = nc.jetstream()
+    await bus.ensure_streams(js)
+
+    async def ready() -> str | None:
+        return None if nc.is_connected else "bus unreachable"
+
+    health = await runtime.serve_health(settings, ready)
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            for stream in SOURCES:
+                tasks.create_task(StreamRecorder(js, engine, stream).run(stop))
+    finally:
+        if health:
+            health.close()
+        with contextlib.suppress(Exception):
+            await nc.drain()
+        await engine.dispose()
+
+
+if __name__ == "__main__":
+    runtime.run("recorder", main)

@@ -1,0 +1,176 @@
+"""What each bus message becomes in the database. Pure: message in, rows out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from libs import messages as m
+from libs import subjects
+
+# Heartbeats say only "still here": they update presence, not history.
+NOT_HISTORY = frozenset({"heartbeat", "presence_timeout"})
+AUDITED_EVENTS = frozenset({"hello", "goodbye", "command_status"})
+
+
+@dataclass
+class Rows:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    audit: list[dict[str, Any]] = field(default_factory=list)
+    rule_runs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _audit(
+    rows: Rows,
+    src: tuple[str, int],
+    time: datetime,
+    actor: str,
+    action: str,
+    device_id: str | None,
+    result: str,
+    correlation_id: str | None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    rows.audit.append(
+        {
+            "time": time,
+            "actor": actor,
+            "action": action,
+            "device_id": device_id,
+            "result": result,
+            "correlation_id": correlation_id,
+            "detail": detail or {},
+            "stream": src[0],
+            "source_seq": src[1],
+        }
+    )
+
+
+def from_event(
+    rows: Rows, subject: str, data: bytes, src: tuple[str, int], received: datetime
+) -> None:
+    """A device event: history, and an audit row for presence and command answers."""
+    device_id, event_type = subjects.parse_device_event(subject)
+    event = m.cloud_event_decoder.decode(data)
+    if event_type not in NOT_HISTORY:
+        rows.history.append(
+            {
+                "device_id": device_id,
+                "time": event.time or received,
+                "type": event_type,
+                "data": event.data or {},
+                "stream": src[0],
+                "source_seq": src[1],
+            }
+        )
+    if event_type in AUDITED_EVENTS:
+        result, detail = event_type, {}
+        if event_type == "command_status":
+            status = msgspec.convert(event.data or {}, m.CommandStatusData)
+            result = status.status
+            detail = {"command_id": status.command_id, "detail": status.detail}
+        _audit(
+            rows,
+            src,
+            received,
+            f"device:{device_id}",
+            f"device.{event_type}",
+            device_id,
+            result,
+            event.correlationid,
+            detail,
+        )
+
+
+def from_command(rows: Rows, data: bytes, src: tuple[str, int]) -> None:
+    cmd = m.command_decoder.decode(data)
+    _audit(
+        rows,
+        src,
+        cmd.issued_at,
+        cmd.issued_by,
+        "command.sent",
+        cmd.device_id,
+        "pending",
+        cmd.correlation_id,
+        {"command_id": cmd.id, "action": cmd.action, "params": cmd.params},
+    )
+
+
+def from_system(rows: Rows, subject: str, data: bytes, src: tuple[str, int]) -> None:
+    """Platform facts: state changes, registry changes, rejections, rule firings."""
+    parts = subject.split(".")
+    if parts[:2] == ["system", "device"] and len(parts) == 4:
+        _from_device_fact(rows, parts[3], data, src)
+    elif parts[:2] == ["system", "rule"] and len(parts) == 4 and parts[3] == "fired":
+        fired = m.rule_fired_decoder.decode(data)
+        rows.rule_runs.append(
+            {
+                "rule_id": fired.rule_id,
+                "episode_id": fired.episode_id,
+                "kind": fired.kind,
+                "time": fired.time,
+                "device_id": fired.device_id,
+                "reason": fired.reason,
+                "values": fired.values,
+                "outcomes": msgspec.to_builtins(fired.outcomes),
+                "correlation_id": fired.correlation_id,
+                "source_seq": src[1],
+            }
+        )
+        ok = all(o.ok for o in fired.outcomes)
+        _audit(
+            rows,
+            src,
+            fired.time,
+            f"rule:{fired.rule_id}",
+            f"rule.{fired.kind}",
+            fired.device_id,
+            "ok" if ok else "action failed",
+            fired.correlation_id,
+            {"reason": fired.reason, "outcomes": msgspec.to_builtins(fired.outcomes)},
+        )
+
+
+def _from_device_fact(rows: Rows, fact: str, data: bytes, src: tuple[str, int]) -> None:
+    if fact == "state":
+        s = m.state_fact_decoder.decode(data)
+        # Attribute-only changes are history (telemetry), not audit.
+        if {"state", "connection", "mark"} & set(s.changed):
+            actor = (
+                "platform:actors"
+                if s.cause_type in ("mark", "presence_timeout")
+                else f"device:{s.device_id}"
+            )
+            _audit(
+                rows,
+                src,
+                s.time,
+                actor,
+                "state.changed",
+                s.device_id,
+                f"{s.previous_state}->{s.state} ({s.connection})",
+                s.correlation_id,
+                {"version": s.version, "changed": s.changed, "cause": s.cause_type},
+            )
+    elif fact == "registry":
+        r = m.registry_fact_decoder.decode(data)
+        _audit(
+            rows, src, r.time, r.actor, f"device.{r.change}", r.device_id, "ok", r.correlation_id
+        )
+    elif fact == "rejected":
+        r = m.rejected_fact_decoder.decode(data)
+        _audit(
+            rows,
+            src,
+            r.time,
+            f"device:{r.device_id}",
+            "event.rejected",
+            r.device_id,
+            r.reason,
+            r.correlation_id,
+            {"event_id": r.event_id, "event_type": r.event_type},
+        )

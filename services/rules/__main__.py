@@ -1,0 +1,48 @@
+"""`python -m services.rules`: the rules engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from libs import bus, runtime
+from libs.db.engine import make_engine, make_sessionmaker
+from libs.settings import Settings
+from services.rules.engine import RulesEngine
+
+RELOAD_EVERY_S = 30.0
+
+
+async def main(settings: Settings, stop: asyncio.Event) -> None:
+    engine = make_engine(settings.effective_database_url)
+    nc = await bus.connect(settings.effective_nats_url, "rules")
+    js = nc.jetstream()
+    await bus.ensure_streams(js)
+    rules = RulesEngine(nc, js, make_sessionmaker(engine))
+
+    async def ready() -> str | None:
+        return None if nc.is_connected else "bus unreachable"
+
+    async def reload_periodically() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RELOAD_EVERY_S)
+            if not stop.is_set():
+                with contextlib.suppress(Exception):
+                    await rules.reload_rules()
+
+    health = await runtime.serve_health(settings, ready)
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(rules.run(stop))
+            tasks.create_task(reload_periodically())
+    finally:
+        if health:
+            health.close()
+        with contextlib.suppress(Exception):
+            await nc.drain()
+        await engine.dispose()
+
+
+if __name__ == "__main__":
+    runtime.run("rules", main)

@@ -1,0 +1,1 @@
+"""The deployment gate: Dockerfile, Helm chart, Tiltfile."""

@@ -1,0 +1,188 @@
+"""`smarthome up` as a user runs it: the demo completes, the audit tells the story,
+Ctrl-C stops everything, and a second `up` resumes from the same data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from libs import embedded_nats
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.e2e
+
+
+class Up:
+    def __init__(self, data_dir: Path, http_port: int, nats_port: int, *args: str) -> None:
+        self.api = f"http://127.0.0.1:{http_port}"
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("DATABASE_URL", "REDIS_URL", "NATS_URL")
+        }
+        env.update(
+            SMARTHOME_DATA_DIR=str(data_dir),
+            SMARTHOME_HTTP_PORT=str(http_port),
+            SMARTHOME_NATS_PORT=str(nats_port),
+            SMARTHOME_DEMO_RULE_FOR="3",
+        )
+        self.stderr = data_dir / "launcher.err"
+        with open(self.stderr, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "services.launcher", "up", *args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=err,
+            )
+
+    def get(self, path: str, **params: object) -> httpx.Response:
+        return httpx.get(self.api + path, params=params, timeout=5)
+
+    async def ready(self) -> None:
+        async def answers() -> bool:
+            assert self.proc.poll() is None, self.stderr.read_text()[-2000:]
+            try:
+                return self.get("/health/ready").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        await eventually(answers, timeout=60, interval=0.2)
+
+    def stop(self) -> tuple[int, list[psutil.Process]]:
+        children = psutil.Process(self.proc.pid).children(recursive=True)
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(60)
+        _, alive = psutil.wait_procs(children, timeout=5)
+        return code, alive
+
+
+@pytest.fixture
+def ports() -> tuple[int, int]:
+    return embedded_nats.free_port(), embedded_nats.free_port()
+
+
+async def test_demo_turns_the_light_off_and_audit_tells_one_story(tmp_path, ports) -> None:  # type: ignore[no-untyped-def]
+    up = Up(tmp_path, *ports)
+    try:
+        await up.ready()
+
+        def light_off() -> dict | None:
+            r = up.get("/api/v1/devices/demo-light")
+            light = r.json() if r.status_code == 200 else {}
+            # Off because it was turned off, not because it has not reported yet.
+            return light if light.get("attributes", {}).get("on") is False else None
+
+        light = await eventually(light_off, timeout=60, interval=0.3)
+        assert light["state"] == "off"
+        assert light["connection"] == "online"
+        runs = await eventually(
+            lambda: up.get("/api/v1/rules/demo-light-timeout/runs").json()["items"], timeout=20
+        )
+        fired = [r for r in runs if r["kind"] == "fired"]
+        assert len(fired) == 1, runs
+        correlation = fired[0]["correlation_id"]
+
+        def story() -> list[dict] | None:
+            rows = up.get("/api/v1/audit", correlation_id=correlation, limit=100).json()["items"]
+            actions = {(r["action"], r["device_id"], r["result"]) for r in rows}
+            wanted = {
+                ("rule.fired", "demo-meter", "ok"),
+                ("command.sent", "demo-light", "pending"),
+                ("device.command_status", "demo-light", "done"),
+                ("state.changed", "demo-light", "active->off (online)"),
+                ("state.changed", "demo-meter", "active->triggered (online)"),
+            }
+            return rows if wanted <= actions else None
+
+        rows = await eventually(story, timeout=20, interval=0.3)
+        assert {r["correlation_id"] for r in rows} == {correlation}
+        # Once the light is off the meter reads 0 W: the episode ends and the mark clears.
+        meter = await eventually(
+            lambda: (d := up.get("/api/v1/devices/demo-meter").json())["state"] == "off" and d,
+            timeout=20,
+        )
+        assert meter["attributes"]["power_w"] == 0
+    finally:
+        code, orphans = up.stop()
+    assert code == 0, up.stderr.read_text()[-3000:]
+    assert orphans == []
+    assert "Traceback" not in up.stderr.read_text()
+
+
+async def test_second_up_resumes_from_the_same_data(tmp_path, ports) -> None:  # type: ignore[no-untyped-def]
+    first = Up(tmp_path, *ports, "--no-demo")
+    try:
+        await first.ready()
+        r = httpx.post(
+            first.api + "/api/v1/devices", json={"id": "kept", "name": "K", "kind": "sensor"}
+        )
+        assert r.status_code == 201, r.text
+        event = {
+            "id": "e-kept-1",
+            "source": "test",
+            "type": "telemetry",
+            "subject": "kept",
+            "specversion": "1.0",
+            "data": {"t": 21.5},
+        }
+        assert httpx.post(first.api + "/api/v1/events", json=event).status_code == 202
+        await eventually(lambda: first.get("/api/v1/devices/kept").json()["version"] == 1)
+    finally:
+        assert first.stop()[0] == 0
+    second = Up(tmp_path, *ports, "--no-demo")
+    try:
+        await second.ready()
+        kept = second.get("/api/v1/devices/kept").json()
+        assert (kept["version"], kept["attributes"]) == (1, {"t": 21.5})
+        replay = second.get("/api/v1/events", subject="events.kept.>").json()["items"]
+        assert [i["event"]["id"] for i in replay] == ["e-kept-1"]
+    finally:
+        assert second.stop()[0] == 0
+
+
+def test_explicit_port_in_use_is_a_one_line_error(tmp_path, ports) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        up = Up(tmp_path, port, ports[1])
+        code = up.proc.wait(60)
+    err = up.stderr.read_text().strip().splitlines()
+    assert code == 2
+    assert err == [f"smarthome: SMARTHOME_HTTP_PORT={port} is already in use; choose another port"]
+
+
+def test_killed_child_is_restarted(tmp_path, ports) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    up = Up(tmp_path, *ports, "--no-demo")
+    try:
+        asyncio.run(up.ready())
+        actors = next(
+            p
+            for p in psutil.Process(up.proc.pid).children()
+            if "services.actors" in " ".join(p.cmdline())
+        )
+        actors.kill()
+        deadline = time.monotonic() + 30
+        log = tmp_path / "launcher.err"
+        while "actors exited with code -9; restarting" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        while not any(
+            "services.actors" in " ".join(p.cmdline()) and p.pid != actors.pid
+            for p in psutil.Process(up.proc.pid).children()
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        assert up.stop()[0] == 0

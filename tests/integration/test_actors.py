@@ -1,0 +1,154 @@
+"""The actors applied to a real nats-server and database, as separate processes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from sqlalchemy import select
+
+from libs import bus, subjects
+from libs import messages as m
+from libs.db.models import Device, DeviceState
+from tests.helpers import eventually, unique_id
+from tests.processes import Service
+
+
+@pytest.fixture(scope="module")
+def actors(service_env, data_dir):  # type: ignore[no-untyped-def]
+    service = Service("services.actors", service_env, data_dir).start()
+    yield service
+    assert service.stop() == 0, service.tail()
+
+
+async def register(sessions, *device_ids: str, enabled: bool = True) -> None:  # type: ignore[no-untyped-def]
+    async with sessions.begin() as session:
+        for device_id in device_ids:
+            session.add(Device(id=device_id, name=device_id, kind="sensor", enabled=enabled))
+
+
+async def states(sessions, device_ids: list[str]) -> dict[str, DeviceState]:  # type: ignore[no-untyped-def]
+    async with sessions() as session:
+        rows = await session.scalars(
+            select(DeviceState).where(DeviceState.device_id.in_(device_ids))
+        )
+        return {r.device_id: r for r in rows}
+
+
+async def send(js, device_id: str, event_type: str, data: dict | None = None) -> m.CloudEvent:  # type: ignore[no-untyped-def]
+    event = m.make_event(device_id, event_type, data)
+    await bus.publish(js, event.nats_subject, event, msg_id=event.id)
+    return event
+
+
+async def test_telemetry_updates_state_and_version(actors, js, sessions) -> None:  # type: ignore[no-untyped-def]
+    device = unique_id()
+    await register(sessions, device)
+    await send(js, device, "telemetry", {"power_w": 60.0, "on": True})
+    await send(js, device, "telemetry", {"power_w": 0.0, "on": False})
+
+    async def applied():  # type: ignore[no-untyped-def]
+        s = (await states(sessions, [device])).get(device)
+        return s if s and s.version == 2 else None
+
+    state = await eventually(applied)
+    assert state.state == "off"
+    assert state.connection == "online"
+    assert state.attributes == {"power_w": 0.0, "on": False}
+
+
+async def test_state_fact_published_only_on_change(actors, js, sessions, nc) -> None:  # type: ignore[no-untyped-def]
+    device = unique_id()
+    await register(sessions, device)
+    facts: list[m.DeviceStateFact] = []
+
+    async def collect(msg) -> None:  # type: ignore[no-untyped-def]
+        facts.append(m.state_fact_decoder.decode(msg.data))
+
+    sub = await nc.subscribe(subjects.device_state(device), cb=collect)
+    for _ in range(3):
+        await send(js, device, "telemetry", {"power_w": 5.0})
+    await send(js, device, "telemetry", {"power_w": 6.0})
+    await eventually(lambda: len(facts) >= 2)
+    s = (await states(sessions, [device]))[device]
+    await sub.unsubscribe()
+    # Three identical readings are one change; the fourth reading is the second.
+    assert s.version == 2
+    assert [f.version for f in facts] == [1, 2]
+    assert facts[-1].attributes == {"power_w": 6.0}
+
+
+async def test_malformed_event_goes_to_dead_letter_and_worker_goes_on(actors, js, sessions) -> None:  # type: ignore[no-untyped-def]
+    device = unique_id()
+    await register(sessions, device)
+    subject = subjects.device_events(device, "telemetry")
+    await js.publish(subject, b'{"id": "x", "broken json')
+    await js.publish(
+        subject,
+        json.dumps(
+            {
+                "id": "y",
+                "source": "s",
+                "type": "telemetry",
+                "subject": device,
+                "specversion": "1.0",
+                "data": {"power_w": [1, 2]},
+            }
+        ).encode(),
+    )
+    await send(js, device, "telemetry", {"power_w": 7.0})
+
+    async def applied():  # type: ignore[no-untyped-def]
+        s = (await states(sessions, [device])).get(device)
+        return s if s and s.attributes.get("power_w") == 7.0 else None
+
+    await eventually(applied)
+    sub = await js.subscribe(
+        subjects.deadletter(subject),
+        ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+    )
+    letters = [await sub.next_msg(timeout=5), await sub.next_msg(timeout=5)]
+    await sub.unsubscribe()
+    reasons = [msg.headers[bus.DL_REASON] for msg in letters]
+    assert "invalid event" in reasons[0]
+    assert "$.data.power_w" in reasons[1]
+    assert all(msg.headers[bus.DL_CONSUMER] == "actors" for msg in letters)
+    assert letters[0].data == b'{"id": "x", "broken json'
+
+
+async def test_disconnected_device_events_are_rejected_with_reason(
+    actors, js, sessions, nc
+) -> None:  # type: ignore[no-untyped-def]
+    device = unique_id()
+    await register(sessions, device, enabled=False)
+    got: list[m.RejectedFact] = []
+
+    async def collect(msg) -> None:  # type: ignore[no-untyped-def]
+        got.append(m.rejected_fact_decoder.decode(msg.data))
+
+    sub = await nc.subscribe(subjects.device_rejected(device), cb=collect)
+    await send(js, device, "telemetry", {"power_w": 1.0})
+    await eventually(lambda: got)
+    await sub.unsubscribe()
+    assert "disconnected" in got[0].reason
+    assert device not in await states(sessions, [device])
+
+
+async def test_silent_device_goes_offline_after_heartbeat_timeout(actors, js, sessions) -> None:  # type: ignore[no-untyped-def]
+    device = unique_id()
+    await register(sessions, device)
+    await send(js, device, "hello")
+
+    async def connection():  # type: ignore[no-untyped-def]
+        s = (await states(sessions, [device])).get(device)
+        return s.connection if s else None
+
+    await eventually(lambda: _eq(connection(), "online"))
+    # The test settings use a 2 s heartbeat timeout.
+    await eventually(lambda: _eq(connection(), "offline"), timeout=15)
+
+
+async def _eq(value, expected) -> bool:  # type: ignore[no-untyped-def]
+    return (await value) == expected

@@ -1,0 +1,293 @@
+"""The device registry over HTTP: what a user of `/api/v1/devices` sees."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from litestar.testing import AsyncTestClient
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from libs import messages as m
+from libs.db.models import DeviceState, HistoryEntry
+from libs.settings import Settings
+from services.gateway.app import create_app
+from tests.helpers import unique_id
+
+DEVICES = "/api/v1/devices"
+
+
+@pytest.fixture(scope="module")
+async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:
+    async with AsyncTestClient(create_app(settings)) as client:
+        yield client
+
+
+async def register(client: AsyncTestClient, **fields: Any) -> dict[str, Any]:
+    body = {"id": unique_id(), "name": "Lamp", "kind": "light", **fields}
+    response = await client.post(DEVICES, json=body)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+async def test_registry_round_trip(client: AsyncTestClient) -> None:
+    device_id = unique_id()
+    created = await client.post(
+        DEVICES,
+        json={
+            "id": device_id,
+            "name": "Kitchen lamp",
+            "kind": "light",
+            "location": "home/ground/kitchen",
+            "metadata": {"vendor": "acme"},
+        },
+    )
+    assert created.status_code == 201
+    assert created.json() | {"created_at": None, "updated_at": None} == {
+        "id": device_id,
+        "name": "Kitchen lamp",
+        "kind": "light",
+        "location": "home/ground/kitchen",
+        "lifecycle": "active",
+        "enabled": True,
+        "metadata": {"vendor": "acme"},
+        "created_at": None,
+        "updated_at": None,
+        # Never heard from: the runtime state is a fresh one.
+        "state": "off",
+        "connection": "offline",
+        "attributes": {},
+        "last_seen": None,
+        "version": 0,
+    }
+
+    patched = await client.patch(
+        f"{DEVICES}/{device_id}", json={"name": "Hall lamp", "location": None}
+    )
+    assert patched.status_code == 200
+    assert (patched.json()["name"], patched.json()["location"]) == ("Hall lamp", None)
+    assert patched.json()["metadata"] == {"vendor": "acme"}  # absent fields stay
+
+    fetched = await client.get(f"{DEVICES}/{device_id}")
+    assert fetched.json() == patched.json()
+
+    assert (await client.delete(f"{DEVICES}/{device_id}")).status_code == 204
+    gone = await client.get(f"{DEVICES}/{device_id}")
+    assert gone.status_code == 404
+    assert gone.headers["content-type"] == "application/problem+json"
+
+
+async def test_registering_an_existing_id_is_a_conflict(client: AsyncTestClient) -> None:
+    device = await register(client)
+
+    again = await client.post(DEVICES, json={"id": device["id"], "name": "Other", "kind": "light"})
+
+    assert again.status_code == 409
+    problem = again.json()
+    assert problem["status"] == 409
+    assert problem["errors"][0]["field"] == "$.id"
+
+
+async def test_an_id_is_generated_when_absent(client: AsyncTestClient) -> None:
+    response = await client.post(DEVICES, json={"name": "Meter", "kind": "energy_meter"})
+
+    assert response.status_code == 201
+    device_id = response.json()["id"]
+    assert (await client.get(f"{DEVICES}/{device_id}")).json()["kind"] == "energy_meter"
+
+
+async def test_filters_by_kind_and_location_prefix(client: AsyncTestClient) -> None:
+    kind = unique_id("kind")
+    home = unique_id("home")
+    kitchen = await register(client, kind=kind, location=f"{home}/ground/kitchen")
+    hall = await register(client, kind=kind, location=f"{home}/ground/hall")
+    attic = await register(client, kind=kind, location=f"{home}/attic")
+    await register(client, kind=kind, location=f"{home}x/ground")  # same prefix, not a path
+
+    async def ids(**params: str) -> set[str]:
+        response = await client.get(DEVICES, params={"kind": kind, **params})
+        assert response.status_code == 200
+        return {d["id"] for d in response.json()["items"]}
+
+    assert await ids(location=f"{home}/ground") == {kitchen["id"], hall["id"]}
+    assert await ids(location=home) == {kitchen["id"], hall["id"], attic["id"]}
+    assert await ids(location=f"{home}/ground/kitchen") == {kitchen["id"]}
+
+
+async def test_filters_by_runtime_state_and_connection(
+    client: AsyncTestClient, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    kind = unique_id("kind")
+    online = await register(client, kind=kind)
+    silent = await register(client, kind=kind)
+    async with sessions.begin() as session:  # what the actors write
+        session.add(
+            DeviceState(
+                device_id=online["id"],
+                state="active",
+                connection="online",
+                attributes={"power_w": 60.0},
+                last_seen=m.now(),
+                version=3,
+                last_seq=3,
+            )
+        )
+
+    active = await client.get(DEVICES, params={"kind": kind, "state": "active"})
+    offline = await client.get(DEVICES, params={"kind": kind, "connection": "offline"})
+
+    [item] = active.json()["items"]
+    assert item["id"] == online["id"]
+    assert (item["connection"], item["attributes"], item["version"]) == (
+        "online",
+        {"power_w": 60.0},
+        3,
+    )
+    assert [d["id"] for d in offline.json()["items"]] == [silent["id"]]
+
+
+async def test_pages_through_every_device_once(client: AsyncTestClient) -> None:
+    kind = unique_id("kind")
+    registered = {(await register(client, kind=kind))["id"] for _ in range(5)}
+
+    seen: list[str] = []
+    pages = 0
+    cursor = None
+    while True:
+        params = {"kind": kind, "limit": "2"} | ({"cursor": cursor} if cursor else {})
+        page = (await client.get(DEVICES, params=params)).json()
+        seen += [d["id"] for d in page["items"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+
+    assert pages == 3
+    assert seen == sorted(registered)
+
+
+async def test_registry_changes_are_published_with_the_correlation_id(
+    client: AsyncTestClient,
+) -> None:
+    device_id = unique_id()
+    headers = {"X-Correlation-Id": unique_id("corr")}
+
+    created = await client.post(
+        DEVICES, json={"id": device_id, "name": "Lamp", "kind": "light"}, headers=headers
+    )
+    await client.post(f"{DEVICES}/{device_id}/disconnect", headers=headers)
+    await client.post(f"{DEVICES}/{device_id}/disconnect", headers=headers)  # no change
+    await client.post(f"{DEVICES}/{device_id}/connect", headers=headers)
+    await client.delete(f"{DEVICES}/{device_id}", headers=headers)
+
+    assert created.headers["X-Correlation-Id"] == headers["X-Correlation-Id"]
+    replay = await client.get(
+        "/api/v1/events", params={"subject": f"system.device.{device_id}.registry"}
+    )
+    facts = [item["event"] for item in replay.json()["items"]]
+    assert [f["change"] for f in facts] == ["created", "disconnected", "connected", "deleted"]
+    assert {f["correlation_id"] for f in facts} == {headers["X-Correlation-Id"]}
+    assert {f["actor"] for f in facts} == {"user:anonymous"}
+    assert facts[1]["device"]["enabled"] is False
+
+
+async def test_a_command_is_accepted_pending_and_can_be_followed(
+    client: AsyncTestClient,
+) -> None:
+    device = await register(client)
+
+    sent = await client.post(
+        f"{DEVICES}/{device['id']}/commands",
+        json={"action": "turn_off", "params": {"fade_s": 2}, "expires_s": 30},
+    )
+
+    assert sent.status_code == 202
+    command = sent.json()
+    assert (command["status"], command["action"], command["params"]) == (
+        "pending",
+        "turn_off",
+        {"fade_s": 2},
+    )
+    assert command["correlation_id"] == sent.headers["X-Correlation-Id"]
+    followed = await client.get(sent.headers["Location"])
+    assert followed.status_code == 200
+    assert followed.json()["id"] == command["id"]
+    assert followed.json()["status"] == "pending"
+
+
+async def test_a_command_to_an_unknown_device_is_not_found(client: AsyncTestClient) -> None:
+    response = await client.post(f"{DEVICES}/{unique_id()}/commands", json={"action": "turn_off"})
+
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_a_command_to_a_disconnected_device_is_a_conflict(
+    client: AsyncTestClient,
+) -> None:
+    device = await register(client)
+    await client.post(f"{DEVICES}/{device['id']}/disconnect")
+
+    refused = await client.post(f"{DEVICES}/{device['id']}/commands", json={"action": "turn_on"})
+    await client.post(f"{DEVICES}/{device['id']}/connect")
+    accepted = await client.post(f"{DEVICES}/{device['id']}/commands", json={"action": "turn_on"})
+
+    assert refused.status_code == 409
+    assert refused.json()["detail"] == "device is disconnected"
+    assert accepted.status_code == 202
+
+
+async def test_a_command_of_another_device_is_not_found(client: AsyncTestClient) -> None:
+    first, second = await register(client), await register(client)
+    sent = await client.post(f"{DEVICES}/{first['id']}/commands", json={"action": "turn_on"})
+
+    response = await client.get(f"{DEVICES}/{second['id']}/commands/{sent.json()['id']}")
+
+    assert response.status_code == 404
+
+
+async def test_history_is_newest_last_filtered_and_paged(
+    client: AsyncTestClient, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    device = await register(client)
+    start = m.now() - timedelta(minutes=10)
+    first_seq = uuid.uuid4().int % 10**12  # unique per (stream, seq), as the recorder's are
+    async with sessions.begin() as session:  # what the recorder writes
+        for i in range(5):
+            session.add(
+                HistoryEntry(
+                    device_id=device["id"],
+                    time=start + timedelta(minutes=i),
+                    type="telemetry" if i % 2 == 0 else "state",
+                    data={"power_w": float(i)},
+                    stream="TEST",
+                    source_seq=first_seq + i,
+                )
+            )
+    url = f"{DEVICES}/{device['id']}/history"
+
+    everything = (await client.get(url)).json()
+    telemetry = (await client.get(url, params={"type": "telemetry"})).json()
+    window = await client.get(
+        url,
+        params={
+            "since": (start + timedelta(minutes=1)).isoformat(),
+            "until": (start + timedelta(minutes=3)).isoformat(),
+        },
+    )
+    first = (await client.get(url, params={"limit": "3"})).json()
+    rest = (await client.get(url, params={"limit": "3", "cursor": first["next_cursor"]})).json()
+
+    powers = [item["data"]["power_w"] for item in everything["items"]]
+    assert powers == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert [item["data"]["power_w"] for item in telemetry["items"]] == [0.0, 2.0, 4.0]
+    assert [item["data"]["power_w"] for item in window.json()["items"]] == [1.0, 2.0]
+    assert [i["data"]["power_w"] for i in first["items"] + rest["items"]] == powers
+    assert rest["next_cursor"] is None
+
+
+async def test_history_of_an_unknown_device_is_not_found(client: AsyncTestClient) -> None:
+    assert (await client.get(f"{DEVICES}/{unique_id()}/history")).status_code == 404

@@ -1,0 +1,195 @@
+"""Following the bus live over Server-Sent Events (`/api/v1/events/stream`).
+
+Litestar's test client collects a whole response before returning it, which an endless stream
+never finishes: here the app runs under a real uvicorn server and httpx reads the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+import uvicorn
+from nats.aio.client import Client as NATS
+
+from libs import bus, embedded_nats
+from libs import messages as m
+from libs.settings import Settings
+from services.gateway.app import create_app
+from services.gateway.events import service as events_service
+from services.gateway.events.service import EventService, FeedClosed, FeedOverflow
+from services.gateway.resources import Shutdown
+from tests.helpers import eventually, unique_id
+
+STREAM = "/api/v1/events/stream"
+READ_TIMEOUT_S = 10.0
+
+
+@pytest.fixture(scope="module")
+async def http(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    port = embedded_nats.free_port()
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=port, log_config=None, access_log=False
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    await eventually(lambda: server.started)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        yield client
+    server.should_exit = True
+    await serving
+
+
+@dataclass
+class ServerSentEvent:
+    id: str | None = None
+    event: str | None = None
+    data: list[str] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)
+
+    @property
+    def json(self) -> Any:
+        return json.loads("\n".join(self.data))
+
+
+class EventStream:
+    """Reads one SSE response frame by frame."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self._lines = response.aiter_lines()
+
+    async def next(self) -> ServerSentEvent:
+        frame = ServerSentEvent()
+        async with asyncio.timeout(READ_TIMEOUT_S):
+            async for line in self._lines:
+                if line == "":
+                    return frame
+                name, _, value = line.partition(":")
+                value = value.removeprefix(" ")
+                if name == "":
+                    frame.comments.append(value)
+                elif name == "data":
+                    frame.data.append(value)
+                else:
+                    setattr(frame, name, value)
+        raise AssertionError("the stream ended")
+
+    async def next_event(self) -> ServerSentEvent:
+        """The next frame that is an event (heartbeats and other comments skipped)."""
+        while True:
+            frame = await self.next()
+            if frame.event is not None or frame.data:
+                return frame
+
+
+@asynccontextmanager
+async def following(
+    client: httpx.AsyncClient, params: dict[str, str], headers: dict[str, str] | None = None
+) -> AsyncIterator[EventStream]:
+    """A stream, once the server says that its subscription is in place."""
+    async with client.stream("GET", STREAM, params=params, headers=headers) as response:
+        assert response.status_code == 200, await response.aread()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        stream = EventStream(response)
+        assert (await stream.next()).comments == ["subscribed"]
+        yield stream
+
+
+async def publish(client: httpx.AsyncClient, device_id: str, n: int) -> list[dict[str, Any]]:
+    events = [
+        msgspec.to_builtins(m.make_event(device_id, "telemetry", {"power_w": float(i)}))
+        for i in range(n)
+    ]
+    response = await client.post("/api/v1/events", json=events)
+    assert response.status_code == 202, response.text
+    return [e | {"seq": r["seq"]} for e, r in zip(events, response.json()["results"], strict=True)]
+
+
+async def test_new_events_arrive_with_sequence_subject_and_body(
+    http: httpx.AsyncClient,
+) -> None:
+    device_id = unique_id()
+    async with following(http, {"subject": f"events.{device_id}.>"}) as stream:
+        published = await publish(http, device_id, 2)
+
+        received = [await stream.next_event() for _ in published]
+
+    assert [(int(e.id), e.event) for e in received] == [  # type: ignore[arg-type]
+        (p["seq"], f"events.{device_id}.telemetry") for p in published
+    ]
+    assert [e.json["id"] for e in received] == [p["id"] for p in published]
+    assert received[0].json["data"] == {"power_w": 0.0}
+
+
+async def test_resuming_with_last_event_id_gets_exactly_the_missed_events(
+    http: httpx.AsyncClient,
+) -> None:
+    device_id = unique_id()
+    seen, *missed = await publish(http, device_id, 4)
+
+    async with following(
+        http,
+        # A reconnecting EventSource repeats its URL: Last-Event-ID is the newer position.
+        {"subject": f"events.{device_id}.>", "since_seq": "0"},
+        headers={"Last-Event-ID": str(seen["seq"])},
+    ) as stream:
+        replayed = [await stream.next_event() for _ in missed]
+        [live] = await publish(http, device_id, 1)
+        after = await stream.next_event()
+
+    assert [int(e.id) for e in replayed] == [p["seq"] for p in missed]  # type: ignore[arg-type]
+    assert int(after.id) == live["seq"]  # type: ignore[arg-type]
+
+
+async def test_a_stream_with_an_invalid_subject_is_refused(http: httpx.AsyncClient) -> None:
+    response = await http.get(STREAM, params={"subject": "nowhere.>"})
+    bad_resume = await http.get(STREAM, headers={"Last-Event-ID": "yesterday"})
+
+    assert response.status_code == bad_resume.status_code == 422
+    assert response.json()["errors"][0]["field"] == "subject"
+    assert bad_resume.json()["errors"][0]["field"] == "Last-Event-ID"
+
+
+async def test_a_follower_that_falls_behind_is_cut_off_after_what_was_queued(
+    nc: NATS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(events_service, "FEED_CAPACITY", 3)
+    device_id = unique_id()
+    feed = await EventService(nc, Shutdown()).follow(f"events.{device_id}.>", after_seq=None)
+    try:
+        acks = []
+        for i in range(6):
+            event = m.make_event(device_id, "telemetry", {"i": i})
+            acks.append(await bus.publish(nc.jetstream(), event.nats_subject, event))
+        await eventually(lambda: feed.overflowed)
+
+        queued = [await feed.next(timeout=1) for _ in range(3)]
+        with pytest.raises(FeedOverflow):
+            await feed.next(timeout=1)
+    finally:
+        await feed.close()
+
+    assert [d.seq for d in queued if d] == [a.seq for a in acks[:3]]
+
+
+async def test_a_stopping_gateway_ends_its_streams(nc: NATS) -> None:
+    shutdown = Shutdown()
+    feed = await EventService(nc, shutdown).follow(f"events.{unique_id()}.>", after_seq=None)
+    try:
+        waiting = asyncio.create_task(feed.next(timeout=30))
+        await asyncio.sleep(0)  # let it wait
+
+        shutdown.request()
+
+        with pytest.raises(FeedClosed):
+            await asyncio.wait_for(waiting, 5)
+    finally:
+        await feed.close()
