@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -21,7 +21,7 @@ class Service:
         self.module = module
         self.health_port = embedded_nats.free_port()
         self.env = {**env, "SMARTHOME_HEALTH_PORT": str(self.health_port)}
-        self.log_path = log_dir / f"{module}.{os.getpid()}.log"
+        self.log_path = log_dir / f"{module}.{uuid.uuid4().hex[:8]}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> Service:

@@ -14,6 +14,7 @@ from prometheus_client import Counter, Histogram
 
 from libs import bus, subjects
 from libs import messages as m
+from services.actors.lease import Lease
 from services.actors.state import Applied, Unapplicable, apply
 from services.actors.store import StateStore
 
@@ -48,15 +49,26 @@ class Batch:
 
 
 class ActorWorker:
-    def __init__(self, js: JetStreamContext, store: StateStore) -> None:
+    def __init__(self, js: JetStreamContext, store: StateStore, lease: Lease) -> None:
         self._js = js
         self._store = store
+        self._lease = lease
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Consume while this worker holds the lease; stand by while another one does."""
+        try:
+            while await self._lease.acquire(stop):
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self._lease.keep(stop))
+                    tasks.create_task(self._consume(stop))
+        finally:
+            await self._lease.release()
+
+    async def _consume(self, stop: asyncio.Event) -> None:
         await self._js.add_consumer(subjects.EVENTS_STREAM, CONSUMER)
         sub = await self._js.pull_subscribe_bind(DURABLE, stream=subjects.EVENTS_STREAM)
         try:
-            while not stop.is_set():
+            while not stop.is_set() and self._lease.held.is_set():
                 try:
                     msgs = await sub.fetch(BATCH, timeout=1.0)
                 except TimeoutError:  # nats-py raises asyncio.TimeoutError here

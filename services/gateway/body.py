@@ -7,7 +7,7 @@ float). `StrictBody[T]` is a minimal DTO that decodes the raw bytes with a
 the body's schema in the OpenAPI document.
 
     @post("/", dto=StrictBody[DeviceCreate])
-    async def create(self, data: DeviceCreate) -> Device: ...
+    async def create(self, data: JSONBody[DeviceCreate]) -> Device: ...
 """
 
 from __future__ import annotations

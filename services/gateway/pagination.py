@@ -1,5 +1,9 @@
 """Cursor pagination: a page of items and an opaque cursor to the next page (keyset, stable
-under concurrent inserts). The cursor is the sort key of the last item, base64url JSON."""
+under concurrent inserts). The cursor is the sort key of the last item, base64url JSON.
+
+Each list has its own page type (`DevicePage`: `{"items": [...], "next_cursor": ...}`), so
+that the API reference names what the items are.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import base64
 import binascii
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from litestar.params import QueryParameter
@@ -17,6 +21,7 @@ from libs.errors import Invalid
 T = TypeVar("T")
 K = TypeVar("K")
 R = TypeVar("R")
+P = TypeVar("P")
 
 CursorParam = Annotated[
     str | None,
@@ -26,11 +31,6 @@ SinceParam = Annotated[
     datetime | None,
     QueryParameter(description="ISO 8601 time; without a zone, UTC"),
 ]
-
-
-class Page(msgspec.Struct, Generic[T]):
-    items: list[T]
-    next_cursor: str | None
 
 
 def limit_param(default: int, maximum: int) -> Any:
@@ -52,12 +52,19 @@ def decode_cursor(cursor: str, key_type: type[K]) -> K:
         raise Invalid("not a cursor this API returned", field="cursor") from None
 
 
-def page(rows: list[R], limit: int, key: Callable[[R], Any], view: Callable[[R], T]) -> Page[T]:
-    """`rows` were fetched with `limit + 1`: the extra one says that a next page exists."""
+def page(
+    rows: list[R],
+    limit: int,
+    *,
+    key: Callable[[R], Any],
+    view: Callable[[R], T],
+    into: Callable[[list[T], str | None], P],
+) -> P:
+    """A page of `view(row)`s; `rows` were fetched with `limit + 1`, and the extra one says
+    that a next page exists, which starts after `key` of the page's last row."""
     more = len(rows) > limit
     rows = rows[:limit]
-    cursor = encode_cursor(key(rows[-1])) if more else None
-    return Page(items=[view(r) for r in rows], next_cursor=cursor)
+    return into([view(r) for r in rows], encode_cursor(key(rows[-1])) if more else None)
 
 
 def utc(value: datetime | None) -> datetime | None:

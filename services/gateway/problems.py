@@ -26,6 +26,7 @@ from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation, Schema
 from litestar.openapi.spec import Parameter as ParameterSpec
+from litestar.openapi.spec.enums import OpenAPIType
 from litestar.params import ParameterKwarg
 from litestar.plugins.problem_details import ProblemDetailsException
 from litestar.routes import HTTPRoute
@@ -182,29 +183,30 @@ def exception_handlers() -> ExceptionHandlersMap:
 # --- the OpenAPI side: every operation documents its errors as problem details -------------
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+_STRING = Schema(type=OpenAPIType.STRING)
 PROBLEM_SCHEMA = Schema(
-    type="object",  # type: ignore[arg-type]
+    type=OpenAPIType.OBJECT,
     title="Problem",
     description="RFC 9457 problem details",
     required=["type", "title", "status", "detail", "errors"],
     properties={
-        "type": Schema(type="string", description="a URI naming the kind of problem"),  # type: ignore[arg-type]
-        "title": Schema(type="string"),  # type: ignore[arg-type]
-        "status": Schema(type="integer"),  # type: ignore[arg-type]
-        "detail": Schema(type="string", description="what is wrong, for a human"),  # type: ignore[arg-type]
+        "type": Schema(type=OpenAPIType.STRING, description="a URI naming the kind of problem"),
+        "title": _STRING,
+        "status": Schema(type=OpenAPIType.INTEGER),
+        "detail": Schema(type=OpenAPIType.STRING, description="what is wrong, for a human"),
         "errors": Schema(
-            type="array",  # type: ignore[arg-type]
+            type=OpenAPIType.ARRAY,
             description="one entry per invalid field",
             items=Schema(
-                type="object",  # type: ignore[arg-type]
+                type=OpenAPIType.OBJECT,
                 required=["field", "message"],
                 properties={
                     "field": Schema(
-                        type="string",  # type: ignore[arg-type]
+                        type=OpenAPIType.STRING,
                         description="a JSON path into the body (`$.data.power_w`) or a "
                         "parameter name (`subject`)",
                     ),
-                    "message": Schema(type="string"),  # type: ignore[arg-type]
+                    "message": _STRING,
                 },
             ),
         ),
@@ -239,6 +241,7 @@ class ProblemOperation(Operation):
 
 
 def document_problems(app: Litestar) -> None:
+    """Document every operation's errors as problem details (read when the schema is built)."""
     for route in app.routes:
         if isinstance(route, HTTPRoute):
             for handler in route.route_handlers:

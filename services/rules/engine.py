@@ -184,8 +184,9 @@ class RulesEngine:
     async def _fire(self, key: str, rule: m.Rule, episode: Episode) -> None:
         outcomes = [await self._act(rule, episode, i, a) for i, a in enumerate(rule.actions)]
         trigger = rule.trigger
+        value = episode.values.get(trigger.attribute)
         reason = (
-            f"{trigger.attribute} of {trigger.device_id} = {episode.values.get(trigger.attribute)!r}"
+            f"{trigger.attribute} of {trigger.device_id} = {value!r}"
             f" held {_describe(trigger)} for {trigger.for_s:g}s"
         )
         await self._trace(rule, episode, "fired", reason, outcomes)

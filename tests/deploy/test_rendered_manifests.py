@@ -35,10 +35,7 @@ REQUIRED_ENV = {
         "NATS_URL", "DATABASE_URL", "REDIS_URL", "SMARTHOME_DATA_DIR", "SMARTHOME_HTTP_HOST",
         "SMARTHOME_HEALTH_PORT",
     },
-    "device": {
-        "NATS_URL", "SMARTHOME_API_URL", "SMARTHOME_DEVICE_ID", "SMARTHOME_DATA_DIR",
-        "SMARTHOME_HTTP_HOST", "SMARTHOME_HEALTH_PORT",
-    },
+    "device": {"NATS_URL", "SMARTHOME_API_URL", "SMARTHOME_DEVICE_ID"},
     "migrate": {"DATABASE_URL", "SMARTHOME_DATA_DIR"},
 }  # fmt: skip
 
@@ -52,11 +49,28 @@ def kind_of(module: str) -> str:
 
 
 def entry_module(container: Doc) -> str:
-    command = [*container.get("command", []), *container.get("args", [])]
+    command = container.get("command", [])
     assert command[:2] == ["python", "-m"] and len(command) == 3, (
         f"container {container['name']} runs {command}, not `python -m <module>`"
     )
     return command[2]
+
+
+def device_sources() -> list[Path]:
+    """Devices are separate programs (devices/*) sharing devices/platform_link.py."""
+    return k8s.python_sources(ROOT / "devices")
+
+
+def env_read_by(module: str) -> set[str]:
+    """What a process reads: libs/settings.py for the services; for a device, what the devices'
+    own code reads (and the settings too, should it ever load them)."""
+    settings = k8s.env_names_read([SETTINGS])
+    if kind_of(module) != "device":
+        return settings
+    sources = device_sources()
+    text = "\n".join(p.read_text() for p in sources)
+    uses_settings = any(m in text for m in ("libs.settings", "import settings", "libs.runtime"))
+    return k8s.env_names_read(sources) | (settings if uses_settings else set())
 
 
 def app_containers(docs: list[Doc]) -> list[tuple[Doc, Doc, str]]:
@@ -92,13 +106,9 @@ def test_each_deployment_runs_a_real_entry_point(rendered: Rendered) -> None:
 
 def test_every_env_var_the_chart_sets_is_read_by_the_code(rendered: Rendered) -> None:
     values_name, docs = rendered
-    settings = k8s.env_names_read([SETTINGS])
     unread = []
     for workload, container, module in app_containers(docs):
-        readable = set(settings)
-        if kind_of(module) == "device":
-            # Devices stand for third-party hardware: they may read their own variables.
-            readable |= k8s.env_names_read(k8s.python_sources(k8s.module_dir(module)))
+        readable = env_read_by(module)
         for var in env_map(docs, container):
             if var not in readable:
                 unread.append(f"{k8s.ident(workload)}: {var}")
@@ -116,7 +126,7 @@ def test_every_process_gets_the_settings_it_needs(rendered: Rendered) -> None:
         kind = kind_of(module)
         for var in sorted(REQUIRED_ENV[kind] - env.keys()):
             problems.append(f"{k8s.ident(workload)}: {var} is not set")
-        if kind != "migrate" and env.get("SMARTHOME_HTTP_HOST") not in (None, "0.0.0.0"):
+        if kind in {"api", "worker"} and env.get("SMARTHOME_HTTP_HOST") != "0.0.0.0":
             problems.append(f"{k8s.ident(workload)}: SMARTHOME_HTTP_HOST is not 0.0.0.0")
         data_dir = env.get("SMARTHOME_DATA_DIR")
         template = k8s.pod_template(workload)
@@ -150,7 +160,7 @@ def test_the_settings_values_are_ones_the_code_accepts(rendered: Rendered) -> No
 
 
 def served_paths(module: str) -> tuple[str, set[str]]:
-    """Which settings variable names a process's probe port, and the paths it serves there."""
+    """Which variable names a process's probe port, and the probe paths it serves there."""
     if kind_of(module) == "api":
         literals = k8s.string_literals(k8s.python_sources(k8s.module_dir(module)))
         # A full path, or a controller path ("/health") plus its route ("/live").
@@ -158,11 +168,15 @@ def served_paths(module: str) -> tuple[str, set[str]]:
             p for p in PROBE_PATHS if p in literals or {"/health", p[len("/health") :]} <= literals
         }
         return "SMARTHOME_HTTP_PORT", paths
-    # Workers and devices serve libs/health.py's responder, started by runtime.serve_health.
-    sources = k8s.python_sources(k8s.module_dir(module))
+    # Workers serve libs/health.py's responder, started by libs.runtime.serve_health.
+    if kind_of(module) == "device":
+        sources = device_sources()
+    else:
+        sources = k8s.python_sources(k8s.module_dir(module))
     text = "\n".join(p.read_text() for p in sources)
-    serves = "serve_health" in text or "health.serve" in text
-    return "SMARTHOME_HEALTH_PORT", k8s.string_literals([HEALTH]) if serves else set()
+    if "serve_health" in text or "health.serve" in text:
+        return "SMARTHOME_HEALTH_PORT", k8s.string_literals([HEALTH]) & PROBE_PATHS
+    return "SMARTHOME_HEALTH_PORT", set()
 
 
 def test_probes_hit_paths_and_ports_the_processes_serve(rendered: Rendered) -> None:
@@ -173,6 +187,11 @@ def test_probes_hit_paths_and_ports_the_processes_serve(rendered: Rendered) -> N
             continue
         who = k8s.ident(workload)
         port_var, paths = served_paths(module)
+        if kind_of(module) == "device" and not paths:
+            # A device serves no HTTP (devices/platform_link.py): a probe would be made up.
+            if container.get("ports") or any(k.endswith("Probe") for k in container):
+                problems.append(f"{who}: probes or ports, but {module} serves nothing")
+            continue
         env = env_map(docs, container)
         listen = env.get(port_var)
         for probe_kind in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -183,9 +202,7 @@ def test_probes_hit_paths_and_ports_the_processes_serve(rendered: Rendered) -> N
             get = probe["httpGet"]
             port = k8s.container_port(container, get["port"])
             if listen is None or port != int(listen):
-                problems.append(
-                    f"{who}: {probe_kind} on port {port}, the process listens on {port_var}={listen}"
-                )
+                problems.append(f"{who}: {probe_kind} on port {port}, not {port_var}={listen}")
             if get["path"] not in paths:
                 problems.append(f"{who}: {probe_kind} {get['path']} is not served by {module}")
         ready = container.get("readinessProbe", {}).get("httpGet", {}).get("path")
@@ -196,10 +213,14 @@ def test_probes_hit_paths_and_ports_the_processes_serve(rendered: Rendered) -> N
     assert not problems, f"[{values_name}]\n" + "\n".join(problems)
 
 
-def test_in_chart_stores_have_probes(rendered: Rendered) -> None:
+def test_stateful_sets_have_probes(rendered: Rendered) -> None:
+    """In-chart Postgres and Redis, and the NATS servers (not the NATS chart's sidecars: its
+    config reloader and metrics exporter)."""
     _, docs = rendered
     for workload in k8s.by_kind(docs, "StatefulSet"):
         for container in k8s.containers(workload["spec"]["template"]):
+            if not k8s.is_ours(workload) and container["name"] != "nats":
+                continue
             for probe_kind in ("readinessProbe", "livenessProbe"):
                 assert container.get(probe_kind), (
                     f"{k8s.ident(workload)}/{container['name']}: no {probe_kind}"
@@ -476,3 +497,11 @@ def test_release_renders_under_another_name(helm: Path, chart: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "name: home-b-smarthome-gateway" in proc.stdout
     assert "nats://home-b-nats:4222" in proc.stdout
+
+
+def test_device_arguments_are_ones_the_devices_take(render: Render) -> None:
+    literals = k8s.string_literals(device_sources())
+    for _, container, module in app_containers(render("dev")):
+        for arg in container.get("args", []):
+            if arg.startswith("--"):
+                assert arg in literals, f"python -m {module} has no option {arg}"

@@ -1,6 +1,6 @@
 """Resilience: kill -9 the actors mid-stream; nothing lost, nothing applied twice.
 
-Its own module: one actors process at a time shares the durable consumer.
+Its own module: the other actors tests keep a worker running for their whole module.
 """
 
 from __future__ import annotations
@@ -13,43 +13,76 @@ from tests.helpers import eventually, unique_id
 from tests.integration.test_actors import register, states
 from tests.processes import Service
 
+PER_DEVICE = 100
+
+
+async def publish_all(js, devices: list[str]) -> None:  # type: ignore[no-untyped-def]
+    futures = []
+    for n in range(PER_DEVICE):
+        for device in devices:
+            event = m.make_event(device, "telemetry", {"n": n})
+            body = msgspec.json.encode(event)
+            futures.append(
+                await js.publish_async(event.nats_subject, body, headers={bus.MSG_ID: event.id})
+            )
+    for f in futures:
+        await f
+
+
+async def wait_until_some_applied(sessions, devices: list[str]) -> None:  # type: ignore[no-untyped-def]
+    async def applied_some() -> int:
+        total = sum(s.version for s in (await states(sessions, devices)).values())
+        return total if total >= 200 else 0
+
+    await eventually(applied_some, timeout=30)
+
+
+async def wait_until_all_applied(sessions, devices: list[str]) -> dict:  # type: ignore[no-untyped-def]
+    async def all_applied():  # type: ignore[no-untyped-def]
+        found = await states(sessions, devices)
+        done = len(found) == len(devices) and all(s.version >= PER_DEVICE for s in found.values())
+        return found if done else None
+
+    return await eventually(all_applied, timeout=60)
+
+
+def assert_each_applied_once(final: dict, devices: list[str]) -> None:
+    assert {d: s.version for d, s in final.items()} == dict.fromkeys(devices, PER_DEVICE)
+    assert all(s.attributes == {"n": PER_DEVICE - 1} for s in final.values())
+
 
 async def test_killed_actor_applies_every_event_once(service_env, data_dir, js, sessions) -> None:  # type: ignore[no-untyped-def]
     devices = [unique_id("kill") for _ in range(20)]
-    per_device = 100
     await register(sessions, *devices)
     worker = Service("services.actors", service_env, data_dir).start()
     try:
-        futures = []
-        for n in range(per_device):
-            for device in devices:
-                event = m.make_event(device, "telemetry", {"n": n})
-                futures.append(
-                    await js.publish_async(
-                        event.nats_subject,
-                        msgspec.json.encode(event),
-                        headers={bus.MSG_ID: event.id},
-                    )
-                )
-        for f in futures:
-            await f
-
-        async def applied_some() -> int:
-            total = sum(s.version for s in (await states(sessions, devices)).values())
-            return total if total >= 200 else 0
-
-        await eventually(applied_some, timeout=30)
+        await publish_all(js, devices)
+        await wait_until_some_applied(sessions, devices)
         worker.kill9()
         worker.start()
-
-        async def all_applied():  # type: ignore[no-untyped-def]
-            found = await states(sessions, devices)
-            done = len(found) == 20 and all(s.version >= per_device for s in found.values())
-            return found if done else None
-
-        final = await eventually(all_applied, timeout=60)
+        final = await wait_until_all_applied(sessions, devices)
     finally:
         code = worker.stop()
     assert code == 0, worker.tail()
-    assert {d: s.version for d, s in final.items()} == dict.fromkeys(devices, per_device)
-    assert all(s.attributes == {"n": per_device - 1} for s in final.values())
+    assert_each_applied_once(final, devices)
+
+
+async def test_standby_worker_takes_over_when_owner_is_killed(
+    service_env, data_dir, js, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    devices = [unique_id("fail") for _ in range(20)]
+    await register(sessions, *devices)
+    owner = Service("services.actors", service_env, data_dir).start()
+    await eventually(lambda: "acquired" in owner.tail(), timeout=10)
+    standby = Service("services.actors", service_env, data_dir).start()
+    try:
+        await eventually(lambda: "standing by" in standby.tail(), timeout=10)
+        await publish_all(js, devices)
+        await wait_until_some_applied(sessions, devices)
+        owner.kill9()
+        final = await wait_until_all_applied(sessions, devices)
+        assert "acquired" in standby.tail()
+    finally:
+        code = standby.stop()
+    assert code == 0, standby.tail()
+    assert_each_applied_once(final, devices)

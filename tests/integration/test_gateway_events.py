@@ -179,9 +179,7 @@ async def test_replay_of_platform_facts(client: AsyncTestClient) -> None:
     device_id = unique_id()
     await client.post("/api/v1/devices", json={"id": device_id, "name": "x", "kind": "light"})
 
-    page = (
-        await client.get(EVENTS, params={"subject": f"system.device.{device_id}.*"})
-    ).json()
+    page = (await client.get(EVENTS, params={"subject": f"system.device.{device_id}.*"})).json()
 
     [item] = page["items"]
     fact = m.registry_fact_decoder.decode(m.encoder.encode(item["event"]))

@@ -212,4 +212,3 @@ async def test_a_rules_runs_are_listed_newest_last(
     assert [r["kind"] for r in first["items"] + rest["items"]] == ["fired", "cleared", "fired"]
     assert rest["next_cursor"] is None
     assert (await client.get(f"{RULES}/{unique_id()}/runs")).status_code == 404
-

@@ -44,8 +44,9 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 
 {{/*
 The processes of the platform. The module is the fixed entry point (`python -m <module>`);
-kind decides the port and settings: "api" serves HTTP on SMARTHOME_HTTP_PORT, "worker" and
-"device" serve /health/* and /metrics on SMARTHOME_HEALTH_PORT. Strings only: it goes through JSON.
+kind decides the port and settings: "api" serves HTTP (API, /health/*, /metrics) on
+SMARTHOME_HTTP_PORT, "worker" serves /health/* and /metrics on SMARTHOME_HEALTH_PORT, "device"
+serves nothing (a device only calls the platform). Strings only: it goes through JSON.
 */}}
 {{- define "smarthome.components" -}}
 {{- list
@@ -186,18 +187,23 @@ Pod-level pieces shared by the Deployments, the migration Job and the in-chart s
 {{- end }}
 
 {{/*
-The environment of one process: exactly the settings libs/settings.py reads that this kind of
-process needs (tests/deploy checks both directions). (dict "root" $ "c" component "v" values)
+The environment of one process: exactly the variables its code reads that it needs
+(tests/deploy checks both directions). Services read libs/settings.py; the demo devices stand
+for third-party hardware and read only their own few (devices/platform_link.py).
+(dict "root" $ "c" component "v" values)
 */}}
 {{- define "smarthome.env" -}}
 {{- $root := .root }}
 {{- $keys := $root.Values.secrets.keys }}
 {{- $kind := .c.kind }}
 {{- include "smarthome.envFromConfig" (dict "root" $root "name" "NATS_URL") }}
-{{- if ne $kind "device" }}
+{{- if eq $kind "device" }}
+{{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_API_URL") }}
+- name: SMARTHOME_DEVICE_ID
+  value: {{ .v.deviceId | quote }}
+{{- else }}
 {{ include "smarthome.envFromSecret" (dict "root" $root "name" "DATABASE_URL" "key" $keys.databaseUrl) }}
 {{ include "smarthome.envFromSecret" (dict "root" $root "name" "REDIS_URL" "key" $keys.redisUrl) }}
-{{- end }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_DATA_DIR") }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_HTTP_HOST") }}
 {{- if eq $kind "api" }}
@@ -206,14 +212,9 @@ process needs (tests/deploy checks both directions). (dict "root" $ "c" componen
 {{- else }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_HEALTH_PORT") }}
 {{- end }}
-{{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_LOG_LEVEL") }}
-{{- if ne $kind "device" }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_HEARTBEAT_TIMEOUT") }}
-{{- else }}
-{{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_API_URL") }}
-- name: SMARTHOME_DEVICE_ID
-  value: {{ .v.deviceId | quote }}
 {{- end }}
+{{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_LOG_LEVEL") }}
 {{- end }}
 
 {{/* Checksums that roll the pods when their settings change. */}}

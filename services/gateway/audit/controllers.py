@@ -8,9 +8,9 @@ from litestar import Controller, get
 from litestar.di import NamedDependency, Provide
 from litestar.params import QueryParameter
 
-from services.gateway.audit.schemas import AuditItem
+from services.gateway.audit.schemas import AuditPage
 from services.gateway.audit.service import AuditFilters, AuditService
-from services.gateway.pagination import CursorParam, Page, SinceParam, limit_param, utc
+from services.gateway.pagination import CursorParam, SinceParam, limit_param, utc
 from services.gateway.resources import Resources
 
 
@@ -37,6 +37,6 @@ class AuditController(Controller):
         since: SinceParam = None,
         cursor: CursorParam = None,
         limit: Annotated[int, limit_param(100, 1000)] = 100,
-    ) -> Page[AuditItem]:
+    ) -> AuditPage:
         filters = AuditFilters(device_id=device_id, correlation_id=correlation_id, since=utc(since))
         return await audit.list(filters, limit, cursor)

@@ -19,3 +19,10 @@ class AuditItem(msgspec.Struct, frozen=True):
     result: str
     correlation_id: str | None
     detail: dict[str, Any]
+
+
+class AuditPage(msgspec.Struct, frozen=True):
+    """A page of audit entries, oldest first; `next_cursor` continues it."""
+
+    items: list[AuditItem]
+    next_cursor: str | None

@@ -9,8 +9,8 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs.db.models import AuditEntry
-from services.gateway.audit.schemas import AuditItem
-from services.gateway.pagination import Page, decode_cursor, page
+from services.gateway.audit.schemas import AuditItem, AuditPage
+from services.gateway.pagination import decode_cursor, page
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class AuditService:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
 
-    async def list(self, filters: AuditFilters, limit: int, cursor: str | None) -> Page[AuditItem]:
+    async def list(self, filters: AuditFilters, limit: int, cursor: str | None) -> AuditPage:
         """Oldest first from `since` (inclusive); the cursor pages forward in time."""
         query = select(AuditEntry).order_by(AuditEntry.time, AuditEntry.id).limit(limit + 1)
         if filters.device_id:
@@ -40,7 +40,7 @@ class AuditService:
             )
         async with self._sessions() as session:
             rows = list(await session.scalars(query))
-        return page(rows, limit, key=lambda r: (r.time, r.id), view=_item)
+        return page(rows, limit, key=lambda r: (r.time, r.id), view=_item, into=AuditPage)
 
 
 def _item(row: AuditEntry) -> AuditItem:

@@ -18,11 +18,12 @@ from services.gateway.devices.schemas import (
     CommandView,
     Device,
     DeviceCreate,
+    DevicePage,
     DeviceUpdate,
-    HistoryItem,
+    HistoryPage,
 )
 from services.gateway.devices.service import DeviceFilters, DeviceService, HistoryQuery
-from services.gateway.pagination import CursorParam, Page, SinceParam, limit_param, utc
+from services.gateway.pagination import CursorParam, SinceParam, limit_param, utc
 from services.gateway.resources import Resources
 
 # Authentication is a later issue: until then every change is made by this actor.
@@ -73,7 +74,7 @@ class DeviceController(Controller):
             Connection | None, QueryParameter(description="online or offline")
         ] = None,
         limit: Annotated[int, limit_param(50, 500)] = 50,
-    ) -> Page[Device]:
+    ) -> DevicePage:
         filters = DeviceFilters(
             kind=kind, location=location, state=device_state, connection=connection
         )
@@ -195,6 +196,6 @@ class DeviceController(Controller):
         until: Annotated[datetime | None, QueryParameter(description="ISO 8601 time")] = None,
         event_type: Annotated[str | None, QueryParameter(name="type", max_length=128)] = None,
         limit: Annotated[int, limit_param(100, 1000)] = 100,
-    ) -> Page[HistoryItem]:
+    ) -> HistoryPage:
         query = HistoryQuery(since=utc(since), until=utc(until), type=event_type)
         return await devices.history(device_id, query, limit, cursor)

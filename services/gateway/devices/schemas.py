@@ -98,3 +98,17 @@ class HistoryItem(msgspec.Struct, frozen=True):
     data: dict[str, Any]
     stream: str
     seq: int
+
+
+class DevicePage(msgspec.Struct, frozen=True):
+    """A page of devices; `next_cursor` continues it."""
+
+    items: list[Device]
+    next_cursor: str | None
+
+
+class HistoryPage(msgspec.Struct, frozen=True):
+    """A page of history entries, newest last; `next_cursor` continues it."""
+
+    items: list[HistoryItem]
+    next_cursor: str | None

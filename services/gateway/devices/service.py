@@ -29,10 +29,12 @@ from services.gateway.devices.schemas import (
     CommandView,
     Device,
     DeviceCreate,
+    DevicePage,
     DeviceUpdate,
     HistoryItem,
+    HistoryPage,
 )
-from services.gateway.pagination import Page, decode_cursor, page
+from services.gateway.pagination import decode_cursor, page
 from services.gateway.resources import require_bus
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ class DeviceService:
         snapshots = await self._snapshots({device_id: state})
         return _device(row, snapshots[device_id])
 
-    async def list(self, filters: DeviceFilters, limit: int, cursor: str | None) -> Page[Device]:
+    async def list(self, filters: DeviceFilters, limit: int, cursor: str | None) -> DevicePage:
         query = _with_state().order_by(DeviceRow.id).limit(limit + 1)
         if cursor:
             query = query.where(DeviceRow.id > decode_cursor(cursor, str))
@@ -124,7 +126,11 @@ class DeviceService:
             rows = [(row, state) for row, state in (await session.execute(query)).all()]
         snapshots = await self._snapshots({row.id: state for row, state in rows[:limit]})
         return page(
-            rows, limit, key=lambda r: r[0].id, view=lambda r: _device(r[0], snapshots[r[0].id])
+            rows,
+            limit,
+            key=lambda r: r[0].id,
+            view=lambda r: _device(r[0], snapshots[r[0].id]),
+            into=DevicePage,
         )
 
     async def update(
@@ -233,7 +239,7 @@ class DeviceService:
 
     async def history(
         self, device_id: str, query: HistoryQuery, limit: int, cursor: str | None
-    ) -> Page[HistoryItem]:
+    ) -> HistoryPage:
         """Newest last; `since` inclusive, `until` exclusive."""
         entry = HistoryEntry
         statement = (
@@ -263,6 +269,7 @@ class DeviceService:
             view=lambda r: HistoryItem(
                 time=r.time, type=r.type, data=r.data or {}, stream=r.stream, seq=r.source_seq
             ),
+            into=HistoryPage,
         )
 
     # --- internals -----------------------------------------------------------------------

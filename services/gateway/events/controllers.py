@@ -17,7 +17,7 @@ from services.gateway.body import StrictBody
 from services.gateway.correlation import provide_correlation_id
 from services.gateway.events.schemas import (
     MAX_BATCH,
-    BusMessage,
+    EventPage,
     PublishBody,
     Published,
     PublishedBatch,
@@ -29,7 +29,7 @@ from services.gateway.events.service import (
     FeedOverflow,
     LiveFeed,
 )
-from services.gateway.pagination import CursorParam, Page, SinceParam, limit_param, utc
+from services.gateway.pagination import CursorParam, SinceParam, limit_param, utc
 from services.gateway.resources import Resources
 
 HEARTBEAT_S = 15.0
@@ -97,7 +97,7 @@ class EventController(Controller):
         since: SinceParam = None,
         cursor: CursorParam = None,
         limit: Annotated[int, limit_param(100, 1000)] = 100,
-    ) -> Page[BusMessage]:
+    ) -> EventPage:
         if since_seq is not None and since is not None:
             raise Invalid("give `since_seq` or `since`, not both", field="since")
         return await events.replay(

@@ -37,3 +37,10 @@ class BusMessage(msgspec.Struct, frozen=True):
     subject: str
     time: datetime
     event: Any
+
+
+class EventPage(msgspec.Struct, frozen=True):
+    """A page of stored messages, in stream order; `next_cursor` continues it."""
+
+    items: list[BusMessage]
+    next_cursor: str | None

@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
@@ -27,8 +27,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from libs import bus, subjects
 from libs import messages as m
 from libs.errors import Invalid
-from services.gateway.events.schemas import BusMessage, Published
-from services.gateway.pagination import Page, decode_cursor, encode_cursor
+from services.gateway.events.schemas import BusMessage, EventPage, Published
+from services.gateway.pagination import decode_cursor, encode_cursor
 from services.gateway.resources import Shutdown, require_bus
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 REPLAY_IDLE_S = 30.0
 REPLAY_FETCH_TIMEOUT_S = 5.0
 FEED_CAPACITY = 1000
+ROUNDING = timedelta(microseconds=1)
 
 
 class FeedOverflow(Exception):
@@ -174,7 +175,7 @@ class EventService:
         since: datetime | None,
         limit: int,
         cursor: str | None,
-    ) -> Page[BusMessage]:
+    ) -> EventPage:
         """Stored messages matching `subject`, in stream order, after `after_seq` or from
         `since`; a `cursor` (the previous page's) continues where that page ended."""
         stream = stream_for(subject)
@@ -189,7 +190,7 @@ class EventService:
                 field=field,
             )
         if after_seq == last_seq:
-            return Page(items=[], next_cursor=None)
+            return EventPage(items=[], next_cursor=None)
         config = ConsumerConfig(
             name=f"replay-{m.new_id()}",
             filter_subject=subject,
@@ -203,12 +204,14 @@ class EventService:
             config.opt_start_seq = after_seq + 1
         elif since is not None:
             config.deliver_policy = DeliverPolicy.BY_START_TIME
-            config.opt_start_time = since
+            # Stream times are nanoseconds; the `time` we show is rounded to microseconds,
+            # possibly up: a client that passes an item's time back must get that item.
+            config.opt_start_time = since - ROUNDING
         else:
             config.deliver_policy = DeliverPolicy.ALL
         items, matching = await self._fetch(stream, config, limit)
         more = bool(items) and matching > len(items)
-        return Page(items=items, next_cursor=encode_cursor(items[-1].seq) if more else None)
+        return EventPage(items=items, next_cursor=encode_cursor(items[-1].seq) if more else None)
 
     async def _fetch(
         self, stream: str, config: ConsumerConfig, limit: int

@@ -11,9 +11,9 @@ from litestar.status_codes import HTTP_204_NO_CONTENT
 
 from libs.messages import RuleSpec
 from services.gateway.body import StrictBody
-from services.gateway.pagination import CursorParam, Page, limit_param
+from services.gateway.pagination import CursorParam, limit_param
 from services.gateway.resources import Resources
-from services.gateway.rules.schemas import RuleRunView, RuleView
+from services.gateway.rules.schemas import RulePage, RuleRunPage, RuleView
 from services.gateway.rules.service import RuleService
 
 
@@ -44,7 +44,7 @@ class RuleController(Controller):
         rules: NamedDependency[RuleService],
         cursor: CursorParam = None,
         limit: Annotated[int, limit_param(50, 500)] = 50,
-    ) -> Page[RuleView]:
+    ) -> RulePage:
         return await rules.list(limit, cursor)
 
     @get("/{rule_id:str}", operation_id="getRule", summary="Get a rule")
@@ -86,5 +86,5 @@ class RuleController(Controller):
         rule_id: FromPath[str],
         cursor: CursorParam = None,
         limit: Annotated[int, limit_param(50, 500)] = 50,
-    ) -> Page[RuleRunView]:
+    ) -> RuleRunPage:
         return await rules.runs(rule_id, limit, cursor)

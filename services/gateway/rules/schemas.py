@@ -37,3 +37,17 @@ class RuleRunView(msgspec.Struct, frozen=True):
     values: dict[str, AttributeValue]
     outcomes: list[dict[str, Any]]
     correlation_id: str
+
+
+class RulePage(msgspec.Struct, frozen=True):
+    """A page of rules; `next_cursor` continues it."""
+
+    items: list[RuleView]
+    next_cursor: str | None
+
+
+class RuleRunPage(msgspec.Struct, frozen=True):
+    """A page of a rule's runs, newest last; `next_cursor` continues it."""
+
+    items: list[RuleRunView]
+    next_cursor: str | None

@@ -14,9 +14,9 @@ from libs import bus, subjects
 from libs import messages as m
 from libs.db.models import RuleRecord, RuleRun
 from libs.errors import Conflict, Invalid, NotFound
-from services.gateway.pagination import Page, decode_cursor, page
+from services.gateway.pagination import decode_cursor, page
 from services.gateway.resources import require_bus
-from services.gateway.rules.schemas import RuleRunView, RuleView
+from services.gateway.rules.schemas import RulePage, RuleRunPage, RuleRunView, RuleView
 
 
 class RuleService:
@@ -50,13 +50,13 @@ class RuleService:
         async with self._sessions() as session:
             return _view(await self._record(session, rule_id))
 
-    async def list(self, limit: int, cursor: str | None) -> Page[RuleView]:
+    async def list(self, limit: int, cursor: str | None) -> RulePage:
         query = select(RuleRecord).order_by(RuleRecord.id).limit(limit + 1)
         if cursor:
             query = query.where(RuleRecord.id > decode_cursor(cursor, str))
         async with self._sessions() as session:
             records = list(await session.scalars(query))
-        return page(records, limit, key=lambda r: r.id, view=_view)
+        return page(records, limit, key=lambda r: r.id, view=_view, into=RulePage)
 
     async def replace(self, rule_id: str, spec: m.RuleSpec) -> RuleView:
         if spec.id is not None and spec.id != rule_id:
@@ -80,7 +80,7 @@ class RuleService:
             await session.flush()
             await self._signal(rule_id)
 
-    async def runs(self, rule_id: str, limit: int, cursor: str | None) -> Page[RuleRunView]:
+    async def runs(self, rule_id: str, limit: int, cursor: str | None) -> RuleRunPage:
         """The rule's trace, newest last."""
         query = (
             select(RuleRun)
@@ -96,7 +96,7 @@ class RuleService:
         async with self._sessions() as session:
             await self._record(session, rule_id)
             rows = list(await session.scalars(query))
-        return page(rows, limit, key=lambda r: (r.time, r.id), view=_run_view)
+        return page(rows, limit, key=lambda r: (r.time, r.id), view=_run_view, into=RuleRunPage)
 
     async def _record(self, session: AsyncSession, rule_id: str) -> RuleRecord:
         record = await session.get(RuleRecord, rule_id)

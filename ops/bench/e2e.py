@@ -1,0 +1,675 @@
+"""End-to-end benchmark of the platform on one machine: prints a table; not a test.
+
+    python ops/bench/e2e.py [--events N] [--devices D] [--database-url URL] [--redis-url URL]
+
+Everything runs in one go against processes of its own: a nats-server from the wheel on a
+free port, a fresh database (SQLite in a temporary directory, or a database
+`bench_<random>` created on the given Postgres server and dropped at the end), D registered
+devices, and the real services started as `python -m services.actors` and
+`python -m services.gateway`. The figures:
+
+(a) raw JetStream `publish_async` of N CloudEvents to stream EVENTS (acks awaited): the
+    ceiling a Python client reaches on this machine, and the pre-filled stream for (b).
+(b) events applied per second by one actors process draining those N events, from the
+    moment it is ready until its consumer has nothing pending or un-acked; and (b)/(a).
+(d) publish → `system.device.<id>.state` latency (p50/p99/max) while events are published
+    at a steady rate (1,000/s by default) on an absolute schedule; every event bumps a
+    counter attribute, so every event produces a state fact, matched by `cause_event_id`.
+(c) `POST /api/v1/events` per second (single events, 16 concurrent clients), then events
+    per second in batches of 100. The actors are stopped first, so that the gateway shares
+    the two cores only with nats-server and the load generator.
+(e) peak RSS of each process (children included), sampled every 100 ms throughout.
+
+Targets (the issue): (b) ≥ 30 % of (a); p99 at 1,000 events/s ≤ 50 ms; every service
+≤ 150 MB RSS. A miss is reported in the table; the exit status is 0 whenever the run
+completed, and not 0 when it could not (a service failed, a deadline passed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import msgspec
+import psutil
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from libs import bus, embedded_nats, subjects
+from libs import messages as m
+from libs.cache import KEY_PREFIX
+from libs.db.engine import make_engine, make_sessionmaker
+from libs.db.migrate import upgrade
+from libs.db.models import Device
+from libs.settings import async_database_url
+
+ROOT = Path(__file__).resolve().parents[2]
+MB = 1_000_000
+ACTORS_DURABLE = "actors"  # the actors' durable consumer on EVENTS (services/actors/worker.py)
+LATENCY_RATE = 1000.0
+LATENCY_SECONDS = 10.0
+HTTP_SINGLE = 3000
+HTTP_BATCHES = 100
+HTTP_BATCH_SIZE = 100
+HTTP_CONCURRENCY = 16
+HTTP_WARMUP = 100
+RSS_INTERVAL_S = 0.1
+SERVICE_RSS_TARGET_MB = 150.0
+P99_TARGET_MS = 50.0
+RATIO_TARGET = 0.30
+# Settings a caller's shell may hold: the services get only what this run sets.
+INHERITED_SETTINGS = (
+    "NATS_URL",
+    "DATABASE_URL",
+    "REDIS_URL",
+    "SMARTHOME_DATA_DIR",
+    "SMARTHOME_HTTP_HOST",
+    "SMARTHOME_HTTP_PORT",
+    "SMARTHOME_NATS_PORT",
+    "SMARTHOME_HEALTH_PORT",
+    "SMARTHOME_HEARTBEAT_TIMEOUT",
+)
+
+
+class BenchError(RuntimeError):
+    """The run cannot go on: a service died or a deadline passed."""
+
+
+# --- processes -------------------------------------------------------------------------
+
+
+class Child:
+    """A process of the run: started here, stopped by SIGTERM (SIGKILL after a grace)."""
+
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], log: Path, port: int = 0
+    ) -> None:
+        self.name = name
+        self.port = port
+        self.argv = argv
+        self.env = env
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready_url: str, timeout: float = 30.0) -> Child:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(ready_url, timeout=1).status_code == 200:
+                    return self
+            time.sleep(0.05)
+        raise BenchError(f"{self.name} not ready within {timeout:g}s:\n{self.tail()}")
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise BenchError(f"{self.name} exited {self.proc.returncode}:\n{self.tail()}")
+
+    def stop(self, grace: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def tail(self, chars: int = 2000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+class RssSampler:
+    """Peak resident memory of each watched process and its children, every 100 ms.
+
+    A thread, not a task: it keeps sampling while the event loop is busy publishing.
+    """
+
+    def __init__(self, interval: float = RSS_INTERVAL_S) -> None:
+        self.interval = interval
+        self.peaks: dict[str, int] = {}
+        self._watched: dict[str, psutil.Process] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def watch(self, name: str, pid: int) -> None:
+        with self._lock:
+            self._watched[name] = psutil.Process(pid)
+            self.peaks.setdefault(name, 0)
+        self._sample()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        with self._lock:
+            watched = list(self._watched.items())
+        for name, proc in watched:
+            with contextlib.suppress(psutil.Error):
+                family = [proc, *proc.children(recursive=True)]
+                rss = 0
+                for p in family:
+                    with contextlib.suppress(psutil.Error):
+                        rss += p.memory_info().rss
+                self.peaks[name] = max(self.peaks[name], rss)
+
+
+# --- the database ----------------------------------------------------------------------
+
+
+@dataclass
+class Database:
+    """A fresh database for this run; `server_url` is set when it must be dropped."""
+
+    url: str
+    server_url: str | None = None
+
+    @classmethod
+    async def create(cls, given: str | None, data_dir: Path) -> Database:
+        if not given:
+            return cls(f"sqlite+aiosqlite:///{(data_dir / 'smarthome.db').resolve()}")
+        if not given.startswith(("postgres://", "postgresql")):
+            raise BenchError("--database-url: only a Postgres server URL is supported")
+        server = async_database_url(given)
+        name = f"bench_{secrets.token_hex(4)}"
+        admin = create_async_engine(server, isolation_level="AUTOCOMMIT")
+        try:
+            async with admin.connect() as conn:
+                await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        finally:
+            await admin.dispose()
+        url = make_url(server).set(database=name).render_as_string(hide_password=False)
+        return cls(url, server_url=server)
+
+    @property
+    def kind(self) -> str:
+        return "Postgres" if self.server_url else "SQLite"
+
+    async def drop(self) -> None:
+        if not self.server_url:
+            return
+        name = make_url(self.url).database
+        admin = create_async_engine(self.server_url, isolation_level="AUTOCOMMIT")
+        try:
+            async with admin.connect() as conn:
+                await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        finally:
+            await admin.dispose()
+
+
+async def register_devices(database_url: str, device_ids: list[str]) -> None:
+    engine = make_engine(database_url)
+    try:
+        async with make_sessionmaker(engine).begin() as session:
+            session.add_all(
+                Device(id=d, name=f"bench {d}", kind="sensor", location="bench/floor/room")
+                for d in device_ids
+            )
+    finally:
+        await engine.dispose()
+
+
+async def forget_cached_state(redis_url: str, device_ids: list[str]) -> None:
+    """The actors cached these devices' state in the given Redis: remove only those keys."""
+    import redis.asyncio as redis
+
+    client = redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        for start in range(0, len(device_ids), 500):
+            await client.delete(*(KEY_PREFIX + d for d in device_ids[start : start + 500]))
+    finally:
+        await client.aclose()
+
+
+# --- events ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    subject: str
+    body: bytes
+    event_id: str
+
+
+def telemetry(device_ids: list[str], first: int, count: int) -> list[Outgoing]:
+    """`count` telemetry events round-robin over the devices; a counter that always moves
+    makes every event a change, so every event produces a `system.device.<id>.state`."""
+    out = []
+    for n in range(first, first + count):
+        event = m.make_event(
+            device_ids[n % len(device_ids)], "telemetry", {"counter": n, "power_w": 60.0}
+        )
+        out.append(Outgoing(event.nats_subject, m.encode(event), event.id))
+    return out
+
+
+def http_bodies(device_ids: list[str], first: int, requests: int, size: int) -> list[bytes]:
+    bodies = []
+    for r in range(requests):
+        events = telemetry(device_ids, first + r * size, size)
+        if size == 1:
+            bodies.append(events[0].body)
+        else:
+            bodies.append(b"[" + b",".join(e.body for e in events) + b"]")
+    return bodies
+
+
+class CauseOnly(msgspec.Struct):
+    """The one field of a state fact that the latency match needs."""
+
+    cause_event_id: str
+
+
+cause_decoder = msgspec.json.Decoder(CauseOnly)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+# --- the run ---------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    figure: str
+    value: str
+    target: str = "-"
+    verdict: str = "-"
+
+
+@dataclass
+class Results:
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, figure: str, value: str, target: str = "-", ok: bool | None = None) -> None:
+        verdict = "-" if ok is None else ("ok" if ok else "miss")
+        self.rows.append(Row(figure, value, target, verdict))
+
+
+async def publish_all(
+    js: JetStreamContext, events: Iterable[Outgoing], timeout: float
+) -> tuple[int, int]:
+    """Publish with `publish_async` and wait for every ack: (acked, failed)."""
+    futures = [
+        await js.publish_async(e.subject, e.body, headers={bus.MSG_ID: e.event_id}) for e in events
+    ]
+    acks = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
+    failed = sum(1 for a in acks if isinstance(a, BaseException))
+    return len(acks) - failed, failed
+
+
+async def wait_drained(js: JetStreamContext, last_seq: int, actors: Child, timeout: float) -> None:
+    """Until the actors' consumer acked everything up to `last_seq` (bounded by `timeout`)."""
+    deadline = time.monotonic() + timeout
+    seen = "no consumer yet"
+    while time.monotonic() < deadline:
+        actors.check_alive()
+        try:
+            info = await js.consumer_info(subjects.EVENTS_STREAM, ACTORS_DURABLE, timeout=2)
+        except NotFoundError:
+            info = None
+        if info is not None:
+            floor = info.ack_floor.stream_seq if info.ack_floor else 0
+            seen = f"ack floor {floor}, pending {info.num_pending}, un-acked {info.num_ack_pending}"
+            if floor >= last_seq and info.num_pending == 0 and info.num_ack_pending == 0:
+                return
+        await asyncio.sleep(0.02)
+    raise BenchError(f"the actors did not drain EVENTS within {timeout:g}s ({seen})")
+
+
+async def stream_messages(js: JetStreamContext, stream: str) -> int:
+    return (await js.stream_info(stream)).state.messages
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.run_id = secrets.token_hex(3)
+        self.device_ids = [f"bench-{self.run_id}-{i:04d}" for i in range(args.devices)]
+        self.results = Results()
+        self.sampler = RssSampler()
+        self.children: list[Child] = []
+        self.database: Database | None = None
+        self.registered = False
+        self.nc: NATS | None = None
+        self.env: dict[str, str] = {}
+        self.next_counter = 0
+
+    def counters(self, count: int) -> int:
+        first = self.next_counter
+        self.next_counter += count
+        return first
+
+    # -- set-up and tear-down -------------------------------------------------------------
+
+    async def setup(self) -> JetStreamContext:
+        port = embedded_nats.free_port()
+        nats_log = self.tmp / "nats-server.log"
+        proc = await asyncio.to_thread(embedded_nats.start, self.tmp / "nats", port, nats_log)
+        nats_server = Child("nats-server", proc.args, {}, nats_log)
+        nats_server.proc = proc
+        self.children.append(nats_server)
+        self.sampler.watch("nats-server", proc.pid)
+        self.sampler.start()
+        nats_url = f"nats://127.0.0.1:{port}"
+
+        self.database = await Database.create(self.args.database_url, self.tmp)
+        await asyncio.to_thread(upgrade, self.database.url)
+        await register_devices(self.database.url, self.device_ids)
+        self.registered = True
+
+        env = {k: v for k, v in os.environ.items() if k not in INHERITED_SETTINGS}
+        env.update(
+            NATS_URL=nats_url,
+            DATABASE_URL=self.database.url,
+            SMARTHOME_DATA_DIR=str(self.tmp / "data"),
+            # No presence_timeout events in the middle of the latency run.
+            SMARTHOME_HEARTBEAT_TIMEOUT="3600",
+        )
+        if self.args.redis_url:
+            env["REDIS_URL"] = self.args.redis_url
+        self.env = env
+
+        self.nc = await bus.connect(nats_url, "bench")
+        js = self.nc.jetstream()
+        await bus.ensure_streams(js)
+        return js
+
+    async def teardown(self) -> None:
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.close(), 10)
+        for child in reversed(self.children):
+            await asyncio.to_thread(child.stop)
+        self.sampler.stop()
+        if self.args.redis_url and self.registered:
+            try:
+                await forget_cached_state(self.args.redis_url, self.device_ids)
+            except Exception as exc:
+                print(f"bench: could not remove the cached states from Redis: {exc}")
+        if self.database is not None:
+            try:
+                await self.database.drop()
+            except Exception as exc:
+                print(f"bench: could not drop {self.database.url}: {exc}")
+
+    def start_service(self, name: str, module: str, extra_env: dict[str, str]) -> Child:
+        """`python -m module`, waited on until `/health/ready` answers 200."""
+        port = embedded_nats.free_port()
+        env = {**self.env, **extra_env}
+        if name == "gateway":
+            env["SMARTHOME_HTTP_PORT"] = str(port)
+        else:
+            env["SMARTHOME_HEALTH_PORT"] = str(port)
+        child = Child(name, [sys.executable, "-m", module], env, self.tmp / f"{name}.log", port)
+        self.children.append(child)
+        child.start(f"http://127.0.0.1:{port}/health/ready")
+        assert child.proc is not None
+        self.sampler.watch(name, child.proc.pid)
+        return child
+
+    # -- the figures ------------------------------------------------------------------------
+
+    async def run(self) -> Results:
+        js = await self.setup()
+        r = self.results
+        db = self.database
+        assert db is not None
+        r.notes.append(
+            f"{self.args.events:,} events over {len(self.device_ids)} devices; database "
+            f"{db.kind}; cache {'Redis' if self.args.redis_url else 'in-process'}; "
+            f"{os.cpu_count()} CPUs; nats-server with JetStream file storage, fsync always"
+        )
+
+        raw_rate, last_seq = await self.raw_publish(js)
+        actors = await asyncio.to_thread(self.start_service, "actors", "services.actors", {})
+        applied_rate = await self.actors_drain(js, actors, last_seq)
+        ratio = applied_rate / raw_rate
+        r.add("(b)/(a)", f"{ratio:.0%}", f"≥ {RATIO_TARGET:.0%}", ratio >= RATIO_TARGET)
+        await self.latency(js)
+        await asyncio.to_thread(actors.stop)  # (c) measures the gateway without them
+        await self.gateway()
+        for name, peak in self.sampler.peaks.items():
+            service = name in ("actors", "gateway")
+            target = f"≤ {SERVICE_RSS_TARGET_MB:g} MB" if service else "-"
+            ok = peak / MB <= SERVICE_RSS_TARGET_MB if service else None
+            r.add(f"(e) peak RSS {name}", f"{peak / MB:,.0f} MB", target, ok)
+        return r
+
+    async def raw_publish(self, js: JetStreamContext) -> tuple[float, int]:
+        events = telemetry(self.device_ids, self.counters(self.args.events), self.args.events)
+        started = time.perf_counter()
+        acked, failed = await publish_all(js, events, timeout=120)
+        elapsed = time.perf_counter() - started
+        if failed:
+            raise BenchError(f"(a): {failed} of {len(events)} publishes failed")
+        rate = acked / elapsed
+        self.results.add("(a) raw JetStream publish_async", f"{rate:,.0f} msgs/s")
+        last_seq = (await js.stream_info(subjects.EVENTS_STREAM)).state.last_seq
+        return rate, last_seq
+
+    async def actors_drain(self, js: JetStreamContext, actors: Child, last_seq: int) -> float:
+        started = time.perf_counter()
+        await wait_drained(js, last_seq, actors, timeout=max(60.0, self.args.events / 200))
+        elapsed = time.perf_counter() - started
+        rate = self.args.events / elapsed
+        self.results.add(
+            "(b) events applied by one actors process",
+            f"{rate:,.0f} events/s",
+            f"≥ {RATIO_TARGET:.0%} of (a)",
+        )
+        facts = await stream_messages(js, subjects.SYSTEM_STREAM)
+        dead = await stream_messages(js, subjects.DEADLETTER_STREAM)
+        if facts != self.args.events or dead:
+            self.results.notes.append(
+                f"(b): {facts:,} state facts for {self.args.events:,} events, "
+                f"{dead} dead letters (expected one fact per event, none dead)"
+            )
+        return rate
+
+    async def latency(self, js: JetStreamContext) -> None:
+        assert self.nc is not None
+        count = int(LATENCY_RATE * LATENCY_SECONDS)
+        events = telemetry(self.device_ids, self.counters(count), count)
+        sent: dict[str, float] = {}
+        received: dict[str, float] = {}
+        expected = {e.event_id for e in events}
+        all_in = asyncio.Event()
+
+        async def on_fact(msg: Msg) -> None:
+            at = time.perf_counter()
+            cause = cause_decoder.decode(msg.data).cause_event_id
+            if cause in expected and cause not in received:
+                received[cause] = at
+                if len(received) == len(expected):
+                    all_in.set()
+
+        sub = await self.nc.subscribe(subjects.DEVICE_STATES_ALL, cb=on_fact)
+        await self.nc.flush()
+        futures = []
+        try:
+            begin = time.perf_counter() + 0.05
+            for i, e in enumerate(events):
+                # An absolute schedule: a late tick is followed by a burst, not by drift.
+                delay = begin + i / LATENCY_RATE - time.perf_counter()
+                await asyncio.sleep(max(delay, 0))
+                sent[e.event_id] = time.perf_counter()
+                futures.append(
+                    await js.publish_async(e.subject, e.body, headers={bus.MSG_ID: e.event_id})
+                )
+            span = time.perf_counter() - begin
+            acks = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 30)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_in.wait(), 15)
+        finally:
+            await sub.unsubscribe()
+        failed = sum(1 for a in acks if isinstance(a, BaseException))
+        latencies = sorted((received[i] - t) * 1000 for i, t in sent.items() if i in received)
+        missing = len(sent) - len(latencies)
+        if not latencies:
+            raise BenchError("(d): no state fact arrived")
+        rate = f"{len(sent) / span:,.0f}/s"
+        p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+        r = self.results
+        r.add(f"(d) latency p50 at {rate}", f"{p50:.1f} ms")
+        r.add(f"(d) latency p99 at {rate}", f"{p99:.1f} ms", f"≤ {P99_TARGET_MS:g} ms", p99 <= 50)
+        r.add(f"(d) latency max at {rate}", f"{latencies[-1]:.1f} ms")
+        if missing or failed:
+            r.notes.append(
+                f"(d): {missing} of {len(sent):,} events had no state fact within 15 s; "
+                f"{failed} publishes failed"
+            )
+
+    async def gateway(self) -> None:
+        gateway = await asyncio.to_thread(self.start_service, "gateway", "services.gateway", {})
+        url = f"http://127.0.0.1:{gateway.port}/api/v1/events"
+        limits = httpx.Limits(max_connections=HTTP_CONCURRENCY)
+        async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+
+            async def drive(bodies: list[bytes]) -> tuple[float, int]:
+                """Post every body, `HTTP_CONCURRENCY` at a time: (seconds, not 202)."""
+                shared = iter(bodies)  # the workers take the next body in turn
+                errors = 0
+
+                async def worker() -> None:
+                    nonlocal errors
+                    for body in shared:
+                        resp = await client.post(
+                            url, content=body, headers={"content-type": "application/json"}
+                        )
+                        if resp.status_code != 202:
+                            errors += 1
+
+                started = time.perf_counter()
+                async with asyncio.timeout(120):
+                    await asyncio.gather(*(worker() for _ in range(HTTP_CONCURRENCY)))
+                return time.perf_counter() - started, errors
+
+            devices = self.device_ids
+            await drive(http_bodies(devices, self.counters(HTTP_WARMUP), HTTP_WARMUP, 1))
+            singles = http_bodies(devices, self.counters(HTTP_SINGLE), HTTP_SINGLE, 1)
+            elapsed, errors = await drive(singles)
+            self.results.add(
+                f"(c) POST /api/v1/events, 1 event, {HTTP_CONCURRENCY} clients",
+                f"{HTTP_SINGLE / elapsed:,.0f} req/s",
+            )
+            batched_count = HTTP_BATCHES * HTTP_BATCH_SIZE
+            batches = http_bodies(
+                devices, self.counters(batched_count), HTTP_BATCHES, HTTP_BATCH_SIZE
+            )
+            elapsed_b, errors_b = await drive(batches)
+            self.results.add(
+                f"(c) POST /api/v1/events, {HTTP_BATCH_SIZE} per request",
+                f"{batched_count / elapsed_b:,.0f} events/s",
+            )
+            if errors or errors_b:
+                self.results.notes.append(
+                    f"(c): {errors} single and {errors_b} batched requests not answered 202"
+                )
+
+
+def print_table(results: Results) -> None:
+    order = {"(a)": 0, "(b)": 1, "(c)": 3, "(d)": 2, "(e)": 4}
+    rows = sorted(results.rows, key=lambda row: order.get(row.figure[:3], 9))
+    rows.sort(key=lambda row: (order.get(row.figure[:3], 9), row.figure.startswith("(b)/")))
+    header = Row("figure", "value", "target", "verdict")
+    widths = [
+        max(len(getattr(row, col)) for row in [header, *rows])
+        for col in ("figure", "value", "target", "verdict")
+    ]
+
+    def line(row: Row) -> str:
+        return (
+            f"{row.figure:<{widths[0]}}  {row.value:>{widths[1]}}  "
+            f"{row.target:<{widths[2]}}  {row.verdict}"
+        )
+
+    print()
+    for note in results.notes[:1]:
+        print(note)
+    print(line(header))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print(line(row))
+    for note in results.notes[1:]:
+        print(f"note {note}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=20_000, help="events for (a) and (b)")
+    parser.add_argument("--devices", type=int, default=100, help="registered devices")
+    parser.add_argument(
+        "--database-url",
+        help="a Postgres server: the run creates a database bench_<random> there and drops it",
+    )
+    parser.add_argument("--redis-url", help="Redis for the hot state (default in-process)")
+    args = parser.parse_args(argv)
+    if args.events < 1 or args.devices < 1:
+        parser.error("--events and --devices must be at least 1")
+    return args
+
+
+async def amain(args: argparse.Namespace, tmp: Path) -> Results:
+    bench = Bench(args, tmp)
+    try:
+        return await bench.run()
+    finally:
+        await bench.teardown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="smarthome-bench-"))
+    try:
+        results = asyncio.run(amain(args, tmp))
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""One active actors worker at a time: a lease in JetStream KV, renewed by compare-and-set.
+
+The actors' ordering guarantee needs a single consumer of the durable (two would
+interleave a device's events). Extra workers wait as hot standbys and take over when
+the owner's lease expires (it died, or lost the bus), within `ttl` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+log = logging.getLogger(__name__)
+
+BUCKET = "actors_leases"
+
+
+class Lease:
+    def __init__(self, js: JetStreamContext, key: str, ttl: float = 6.0) -> None:
+        self._js = js
+        self._key = key
+        self._ttl = ttl
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self._kv: KeyValue | None = None
+        self._revision = 0
+        self.held = asyncio.Event()
+
+    async def acquire(self, stop: asyncio.Event) -> bool:
+        """Wait until this worker owns the lease (True) or `stop` is set (False)."""
+        if self._kv is None:
+            self._kv = await self._js.create_key_value(
+                KeyValueConfig(bucket=BUCKET, ttl=self._ttl, storage=StorageType.FILE)
+            )
+        waiting_logged = False
+        while not stop.is_set():
+            try:
+                self._revision = await self._kv.create(self._key, self.owner.encode())
+                self.held.set()
+                log.info("lease %s acquired by %s", self._key, self.owner)
+                return True
+            except KeyWrongLastSequenceError:
+                if not waiting_logged:
+                    log.info("lease %s is held by another worker; standing by", self._key)
+                    waiting_logged = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._ttl / 3)
+        return False
+
+    async def keep(self, stop: asyncio.Event) -> None:
+        """Renew while held; clear `held` when a renewal fails (someone else may own it now)."""
+        while not stop.is_set() and self.held.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._ttl / 3)
+            if stop.is_set():
+                break
+            try:
+                assert self._kv is not None
+                self._revision = await self._kv.update(
+                    self._key, self.owner.encode(), last=self._revision
+                )
+            except Exception as exc:
+                log.warning("lease %s lost: %s", self._key, exc)
+                self.held.clear()
+
+    async def release(self) -> None:
+        """Hand over at once on a clean stop instead of making the standby wait for the ttl."""
+        if self._kv is not None and self.held.is_set():
+            with contextlib.suppress(Exception):
+                await self._kv.delete(self._key, last=self._revision)
+            self.held.clear()
