@@ -8,8 +8,8 @@ import contextlib
 from libs import bus, runtime
 from libs.cache import make_cache
 from libs.db.engine import make_engine, make_sessionmaker
+from libs.lease import Lease
 from libs.settings import Settings
-from services.actors.lease import Lease
 from services.actors.presence import scan_forever
 from services.actors.store import StateStore
 from services.actors.worker import ActorWorker
@@ -29,7 +29,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     health = await runtime.serve_health(settings, ready)
     try:
         async with asyncio.TaskGroup() as tasks:
-            worker = ActorWorker(js, StateStore(sessions, cache), Lease(js, "events"))
+            worker = ActorWorker(js, StateStore(sessions, cache), Lease(js, "actors"))
             tasks.create_task(worker.run(stop))
             tasks.create_task(scan_forever(js, sessions, settings.heartbeat_timeout_s, stop))
     finally:

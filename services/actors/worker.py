@@ -14,7 +14,7 @@ from prometheus_client import Counter, Histogram
 
 from libs import bus, subjects
 from libs import messages as m
-from services.actors.lease import Lease
+from libs.lease import Lease
 from services.actors.state import Applied, Unapplicable, apply
 from services.actors.store import StateStore
 

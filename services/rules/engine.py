@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from libs import bus, commands, subjects
 from libs import messages as m
 from libs.db.models import Device, RuleRecord
+from libs.lease import Lease
 from services.rules.evaluate import Episode, due, episode_decoder, step
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class RulesEngine:
     def __init__(
         self, nc: NATS, js: JetStreamContext, sessions: async_sessionmaker[AsyncSession]
     ) -> None:
+        self._lease = Lease(js, "rules")
         self._nc = nc
         self._js = js
         self._sessions = sessions
@@ -76,12 +78,35 @@ class RulesEngine:
     # --- run -----------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Evaluate while this process holds the rules lease; stand by while another does."""
         self._kv = await self._js.create_key_value(
             KeyValueConfig(bucket=EPISODES_BUCKET, storage=StorageType.FILE, history=1)
         )
-        await self._load_episodes()
-        await self.reload_rules()
         reloads = await self._nc.subscribe(subjects.RULES_CHANGED_ALL, cb=self._on_rule_changed)
+        try:
+            while await self._lease.acquire(stop):
+                # Episodes are read after taking over: the last owner may have changed them.
+                await self._load_episodes()
+                await self.reload_rules()
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self._lease.keep(stop))
+                    tasks.create_task(self._timers(stop))
+                    tasks.create_task(self._consume(stop))
+        finally:
+            await self._lease.release()
+            with contextlib.suppress(Exception):
+                await reloads.unsubscribe()
+
+    def _active(self, stop: asyncio.Event) -> bool:
+        return not stop.is_set() and self._lease.held.is_set()
+
+    async def _on_rule_changed(self, _msg: Msg) -> None:
+        try:
+            await self.reload_rules()
+        except Exception as exc:  # the periodic reload catches up
+            log.warning("rule reload failed: %s", exc)
+
+    async def _consume(self, stop: asyncio.Event) -> None:
         await self._js.add_consumer(
             subjects.SYSTEM_STREAM,
             ConsumerConfig(
@@ -94,41 +119,30 @@ class RulesEngine:
         )
         sub = await self._js.pull_subscribe_bind(DURABLE, stream=subjects.SYSTEM_STREAM)
         try:
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._timers(stop))
-                tasks.create_task(self._consume(sub, stop))
+            while self._active(stop):
+                try:
+                    msgs = await sub.fetch(256, timeout=1.0)
+                except TimeoutError:  # nats-py raises asyncio.TimeoutError here
+                    continue
+                for msg in msgs:
+                    await self._handle(msg)
         finally:
-            with contextlib.suppress(Exception):
-                await reloads.unsubscribe()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()  # a pull subscription left to drain() blocks it
 
-    async def _on_rule_changed(self, _msg: Msg) -> None:
+    async def _handle(self, msg: Msg) -> None:
         try:
-            await self.reload_rules()
-        except Exception as exc:  # the periodic reload catches up
-            log.warning("rule reload failed: %s", exc)
-
-    async def _consume(self, sub: JetStreamContext.PullSubscription, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                msgs = await sub.fetch(256, timeout=1.0)
-            except TimeoutError:  # nats-py raises asyncio.TimeoutError here
-                continue
-            for msg in msgs:
-                try:
-                    fact = m.state_fact_decoder.decode(msg.data)
-                except msgspec.DecodeError as exc:
-                    await bus.dead_letter(self._js, msg, f"invalid state fact: {exc}", DURABLE)
-                    await msg.ack()
-                    continue
-                async with self._lock:
-                    await self.observe(fact)
-                await msg.ack()
+            fact = m.state_fact_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            await bus.dead_letter(self._js, msg, f"invalid state fact: {exc}", DURABLE)
+        else:
+            async with self._lock:
+                await self.observe(fact)
+        await msg.ack()
 
     async def _timers(self, stop: asyncio.Event) -> None:
         """Fire episodes whose `for` has run out (also those that ran out while we were down)."""
-        while not stop.is_set():
+        while self._active(stop):
             now = m.now()
             async with self._lock:
                 for key, episode in list(self._episodes.items()):
@@ -142,6 +156,7 @@ class RulesEngine:
 
     async def _load_episodes(self) -> None:
         assert self._kv is not None
+        self._episodes = {}
         try:
             keys = await self._kv.keys()
         except Exception:  # an empty bucket has no keys (nats-py raises NoKeysError)

@@ -1,8 +1,9 @@
-"""One active actors worker at a time: a lease in JetStream KV, renewed by compare-and-set.
+"""One active worker at a time: a lease in JetStream KV, renewed by compare-and-set.
 
-The actors' ordering guarantee needs a single consumer of the durable (two would
-interleave a device's events). Extra workers wait as hot standbys and take over when
-the owner's lease expires (it died, or lost the bus), within `ttl` seconds.
+The actors' ordering and the rules' once-per-episode firing need a single consumer of
+their durable (two would interleave a device's events). Extra workers wait as hot
+standbys and take over when the owner's lease expires (it died, or lost the bus),
+within `ttl` seconds.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
 
-BUCKET = "actors_leases"
+BUCKET = "leases"
 
 
 class Lease:

@@ -1,0 +1,182 @@
+"""The rules service as a process on a real bus and database: durable `for` timers,
+once-per-episode firing, fail-over, and refusals recorded in the trace."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import msgspec
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from libs import bus, subjects
+from libs import messages as m
+from libs.db.models import Device, RuleRecord
+from tests.helpers import eventually, unique_id
+from tests.processes import Service
+
+
+async def add_rule(sessions, nc, spec: m.RuleSpec) -> str:  # type: ignore[no-untyped-def]
+    rule_id = unique_id("rule")
+    async with sessions.begin() as session:
+        session.add(
+            RuleRecord(id=rule_id, name=spec.name, spec=msgspec.to_builtins(spec), enabled=True)
+        )
+    await nc.publish(subjects.rule_changed(rule_id), b"")
+    return rule_id
+
+
+async def add_devices(sessions, *ids: str, enabled: bool = True) -> None:  # type: ignore[no-untyped-def]
+    async with sessions.begin() as session:
+        for device_id in ids:
+            session.add(Device(id=device_id, name=device_id, kind="light", enabled=enabled))
+
+
+async def report(js, device_id: str, power: float, version: int) -> None:  # type: ignore[no-untyped-def]
+    """What the actors publish when a device's power changes."""
+    fact = m.DeviceStateFact(
+        device_id=device_id,
+        version=version,
+        state="active" if power else "off",
+        connection="online",
+        attributes={"power_w": power},
+        last_seen=m.now(),
+        changed=["attributes"],
+        previous_state=None,
+        cause_event_id=m.new_id(),
+        cause_type="telemetry",
+        correlation_id=None,
+        time=m.now(),
+    )
+    await bus.publish(js, subjects.device_state(device_id), fact)
+
+
+async def collected(js, subject: str, decoder, settle: float = 0.0) -> list:  # type: ignore[no-untyped-def]
+    """Every message stored on `subject` so far (the stream is the witness)."""
+    stream = subjects.stream_of(subject)
+    info = await js.stream_info(stream, subjects_filter=subject)
+    count = (info.state.subjects or {}).get(subject, 0)
+    if count == 0:
+        return []
+    sub = await js.subscribe(
+        subject, ordered_consumer=True, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    )
+    out = [decoder.decode((await sub.next_msg(timeout=5)).data) for _ in range(count)]
+    await sub.unsubscribe()
+    return out
+
+
+def rule_spec(meter: str, light: str, for_s: float) -> m.RuleSpec:
+    return m.RuleSpec(
+        name="light on too long",
+        trigger=m.ThresholdTrigger(device_id=meter, attribute="power_w", above=1.0, for_s=for_s),
+        actions=[
+            m.CommandAction(device_id=light, action="turn_off"),
+            m.SetStateAction(device_id=meter),
+        ],
+    )
+
+
+async def test_for_timer_survives_kill9_and_fires_once_at_its_deadline(
+    service_env, data_dir, nc, js, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    meter, light = unique_id("meter"), unique_id("light")
+    await add_devices(sessions, meter, light)
+    rule_id = await add_rule(sessions, nc, rule_spec(meter, light, for_s=4.0))
+    rules = Service("services.rules", service_env, data_dir).start()
+    try:
+        await eventually(lambda: "acquired" in rules.tail(), timeout=10)
+        started = m.now()
+        await report(js, meter, 60.0, 1)
+        await eventually(lambda: _has_episode(js, rule_id, meter), timeout=10)
+        rules.kill9()
+        assert await collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder) == []
+        rules.start()
+        fired = await eventually(
+            lambda: collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder), timeout=30
+        )
+        commands = await collected(js, subjects.commands(light), m.command_decoder)
+    finally:
+        code = rules.stop()
+    assert code == 0, rules.tail()
+    assert [f.kind for f in fired] == ["fired"]
+    assert fired[0].time >= started + timedelta(seconds=4)
+    assert [c.action for c in commands] == ["turn_off"]
+    assert commands[0].correlation_id == fired[0].correlation_id == fired[0].episode_id
+    assert all(o.ok for o in fired[0].outcomes)
+
+
+async def test_episode_ends_and_clears_the_mark(service_env, data_dir, nc, js, sessions) -> None:  # type: ignore[no-untyped-def]
+    meter, light = unique_id("meter"), unique_id("light")
+    await add_devices(sessions, meter, light)
+    rule_id = await add_rule(sessions, nc, rule_spec(meter, light, for_s=0))
+    rules = Service("services.rules", service_env, data_dir).start()
+    try:
+        await eventually(lambda: "acquired" in rules.tail(), timeout=10)
+        for version, power in enumerate([60.0, 61.0, 62.0], start=1):
+            await report(js, meter, power, version)
+        await report(js, meter, 0.0, 4)
+        runs = await eventually(lambda: _kinds(js, rule_id, want=["fired", "cleared"]), timeout=15)
+        marks = await collected(js, subjects.device_events(meter, "mark"), m.cloud_event_decoder)
+    finally:
+        rules.stop()
+    assert [r.kind for r in runs] == ["fired", "cleared"]
+    assert [e.data["state"] for e in marks] == ["triggered", None]
+
+
+async def _kinds(js, rule_id: str, want: list[str]):  # type: ignore[no-untyped-def]
+    runs = await collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder)
+    return runs if [r.kind for r in runs] == want else None
+
+
+async def test_disconnected_target_is_reported_and_not_commanded(
+    service_env, data_dir, nc, js, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    meter, light = unique_id("meter"), unique_id("light")
+    await add_devices(sessions, meter)
+    await add_devices(sessions, light, enabled=False)
+    rule_id = await add_rule(sessions, nc, rule_spec(meter, light, for_s=0))
+    rules = Service("services.rules", service_env, data_dir).start()
+    try:
+        await eventually(lambda: "acquired" in rules.tail(), timeout=10)
+        await report(js, meter, 60.0, 1)
+        fired = await eventually(
+            lambda: collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder), timeout=15
+        )
+    finally:
+        rules.stop()
+    command_outcome = fired[0].outcomes[0]
+    assert not command_outcome.ok
+    assert command_outcome.detail == f"device {light} is disconnected"
+    assert await collected(js, subjects.commands(light), m.command_decoder) == []
+
+
+async def test_standby_rules_process_takes_over_pending_timer(
+    service_env, data_dir, nc, js, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    meter, light = unique_id("meter"), unique_id("light")
+    await add_devices(sessions, meter, light)
+    rule_id = await add_rule(sessions, nc, rule_spec(meter, light, for_s=3.0))
+    owner = Service("services.rules", service_env, data_dir).start()
+    await eventually(lambda: "acquired" in owner.tail(), timeout=10)
+    standby = Service("services.rules", service_env, data_dir).start()
+    try:
+        await eventually(lambda: "standing by" in standby.tail(), timeout=10)
+        await report(js, meter, 60.0, 1)
+        await eventually(lambda: _has_episode(js, rule_id, meter), timeout=10)
+        owner.kill9()
+        fired = await eventually(
+            lambda: collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder), timeout=30
+        )
+        assert "acquired" in standby.tail()
+    finally:
+        standby.stop()
+    assert [f.kind for f in fired] == ["fired"]
+    assert len(await collected(js, subjects.commands(light), m.command_decoder)) == 1
+
+
+async def _has_episode(js, rule_id: str, device_id: str) -> bool:  # type: ignore[no-untyped-def]
+    kv = await js.key_value("rule_episodes")
+    try:
+        return bool((await kv.get(f"{rule_id}.{device_id}")).value)
+    except Exception:
+        return False
