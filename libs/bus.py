@@ -10,7 +10,16 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    PubAck,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import BadRequestError
 
 from libs import subjects
@@ -83,13 +92,87 @@ async def connect(url: str, name: str) -> NATS:
     )
 
 
+# The platform's durable consumers, created with the streams so that none misses what
+# is published before its service first starts.
+ACTORS_DURABLE = "actors"
+ACTORS_BATCH = 256
+RULES_FACTS_DURABLE = "rules"
+RULES_EVENTS_DURABLE = "rules-events"
+RECORDER_SOURCES = {
+    subjects.EVENTS_STREAM: subjects.EVENTS_ALL,
+    subjects.COMMANDS_STREAM: subjects.COMMANDS_ALL,
+    subjects.SYSTEM_STREAM: subjects.SYSTEM_ALL,
+}
+RECORDER_BATCH = 500
+
+
+def recorder_durable(stream: str) -> str:
+    return f"recorder-{stream.lower()}"
+
+
+CONSUMERS: tuple[tuple[str, ConsumerConfig], ...] = (
+    (
+        subjects.EVENTS_STREAM,
+        # At most one batch un-acked: a dead worker's batch is redelivered before any newer
+        # event of the same device, which keeps each device's events in order.
+        ConsumerConfig(
+            durable_name=ACTORS_DURABLE,
+            filter_subject=subjects.EVENTS_ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=10.0,
+            max_ack_pending=ACTORS_BATCH,
+            max_deliver=-1,
+        ),
+    ),
+    (
+        subjects.SYSTEM_STREAM,
+        ConsumerConfig(
+            durable_name=RULES_FACTS_DURABLE,
+            filter_subject=subjects.DEVICE_STATES_ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.NEW,
+            ack_wait=30.0,
+            max_ack_pending=1000,
+        ),
+    ),
+    (
+        subjects.EVENTS_STREAM,
+        ConsumerConfig(
+            durable_name=RULES_EVENTS_DURABLE,
+            filter_subject=subjects.EVENTS_ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.NEW,
+            ack_wait=30.0,
+            max_ack_pending=1000,
+        ),
+    ),
+    *(
+        (
+            stream,
+            ConsumerConfig(
+                durable_name=recorder_durable(stream),
+                filter_subject=filter_subject,
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=30.0,
+                max_ack_pending=RECORDER_BATCH * 2,
+            ),
+        )
+        for stream, filter_subject in RECORDER_SOURCES.items()
+    ),
+)
+
+
 async def ensure_streams(js: JetStreamContext) -> None:
-    """Create or update the platform's streams; safe to run from every process at start."""
+    """Create or update the streams and durable consumers; every process runs it at start."""
     for config in STREAMS:
         try:
             await js.add_stream(config)
         except BadRequestError:
             await js.update_stream(config)
+    for stream, consumer in CONSUMERS:
+        await js.add_consumer(stream, consumer)
 
 
 def headers(

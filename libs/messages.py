@@ -7,10 +7,13 @@ letter carries.
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import cronsim
 import msgspec
 
 from libs import subjects
@@ -195,7 +198,7 @@ class RuleFired(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     rule_id: str
     episode_id: str
-    kind: Literal["fired", "cleared", "error"]
+    kind: Literal["fired", "continued", "cleared", "skipped", "error"]
     device_id: str
     reason: str
     values: dict[str, AttributeValue]
@@ -205,23 +208,200 @@ class RuleFired(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     time: datetime
 
 
-# --- rules (skeleton; issue 4 grows the model) -----------------------------------------
+# --- rules -----------------------------------------------------------------------------
+# A rule: a trigger, optional conditions, actions in order. Validation that crosses fields
+# is in __post_init__ so the decoder's error names the struct (`$.trigger`).
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_CLOCK = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+MAX_DURATION_S = 7 * 86400.0
+
+
+def parse_duration(value: str | float | int, what: str = "for") -> float:
+    """`30s`, `10m`, `1.5h`, `2d`, or a number of seconds -> seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value).strip())
+        if not match:
+            raise ValueError(f"`{what}`: {value!r} is not a duration like 30s, 10m, 1h or 2d")
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if not 0 <= seconds <= MAX_DURATION_S:
+        raise ValueError(f"`{what}`: {value!r} must be between 0 and 7 days")
+    return seconds
+
+
+DurationValue = str | float
+
+
+class Selector(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Devices by kind, location prefix (`home/ground`) and/or tag (in their metadata.tags)."""
+
+    kind: Token | None = None
+    location: Annotated[str, msgspec.Meta(max_length=512)] | None = None
+    tag: Token | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind is None and self.location is None and self.tag is None:
+            raise ValueError("a selector needs `kind`, `location` or `tag`")
 
 
 class ThresholdTrigger(msgspec.Struct, tag="threshold", forbid_unknown_fields=True, frozen=True):
+    """An attribute crossing a line, optionally for a while; hysteresis stops flapping."""
+
+    attribute: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    device_id: Token | None = None
+    selector: Selector | None = None
+    above: float | None = None
+    below: float | None = None
+    between: tuple[float, float] | None = None
+    equals: AttributeValue = None
+    hysteresis: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    for_: DurationValue = msgspec.field(default=0.0, name="for")
+
+    def __post_init__(self) -> None:
+        _one_target(self.device_id, self.selector)
+        if self.between is not None:
+            if self.above is not None or self.below is not None:
+                raise ValueError("use `between` or `above`/`below`, not both")
+            low, high = self.between
+            if not low < high:
+                raise ValueError("`between` must be [low, high] with low < high")
+        if self.above is None and self.below is None and self.equals is None and not self.between:
+            raise ValueError("a threshold needs `above`, `below`, `between` or `equals`")
+        if self.above is not None and self.below is not None and self.below <= self.above:
+            # `above 10 below 20` is a band; `above 20 below 10` can never hold.
+            raise ValueError("`below` must be greater than `above` (the band would be empty)")
+        if self.hysteresis and self.equals is not None:
+            raise ValueError("`hysteresis` applies to `above`/`below`/`between`, not `equals`")
+        parse_duration(self.for_)
+
+    @property
+    def low(self) -> float | None:
+        return self.between[0] if self.between else self.above
+
+    @property
+    def high(self) -> float | None:
+        return self.between[1] if self.between else self.below
+
+    @property
+    def for_s(self) -> float:
+        return parse_duration(self.for_)
+
+
+class EventTrigger(msgspec.Struct, tag="event", forbid_unknown_fields=True, frozen=True):
+    """Every event on a subject pattern (`events.*.button`) whose data matches `match`."""
+
+    subject: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+    match: dict[str, AttributeValue] = {}
+
+    def __post_init__(self) -> None:
+        if not subjects.is_filter(self.subject) or not self.subject.startswith("events."):
+            raise ValueError(f"`subject` {self.subject!r} must be a pattern under `events.`")
+
+
+class StateTrigger(msgspec.Struct, tag="state", forbid_unknown_fields=True, frozen=True):
+    """A device's `state` or `connection` changing to a value (from a value), for a while."""
+
+    device_id: Token
+    to: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+    attribute: Literal["state", "connection"] = "state"
+    from_: Annotated[str, msgspec.Meta(max_length=32)] | None = msgspec.field(
+        default=None, name="from"
+    )
+    for_: DurationValue = msgspec.field(default=0.0, name="for")
+
+    def __post_init__(self) -> None:
+        allowed = (
+            ("off", "active", "triggered") if self.attribute == "state" else ("online", "offline")
+        )
+        for name, value in (("to", self.to), ("from", self.from_)):
+            if value is not None and value not in allowed:
+                raise ValueError(
+                    f"`{name}` must be one of {', '.join(allowed)} for {self.attribute}"
+                )
+        parse_duration(self.for_)
+
+    @property
+    def for_s(self) -> float:
+        return parse_duration(self.for_)
+
+
+class ScheduleTrigger(msgspec.Struct, tag="schedule", forbid_unknown_fields=True, frozen=True):
+    """Cron times (5 fields: minute hour day month weekday) in the home's time zone."""
+
+    cron: Annotated[str, msgspec.Meta(min_length=9, max_length=128)]
+    timezone: Annotated[str, msgspec.Meta(max_length=64)] = "UTC"
+
+    def __post_init__(self) -> None:
+        fields = self.cron.split()
+        if len(fields) != 5:
+            raise ValueError(
+                f"`cron` needs 5 fields (minute hour day month weekday), got {len(fields)}"
+            )
+        try:
+            cronsim.CronSim(self.cron, datetime.now(UTC))
+        except cronsim.CronSimError as exc:
+            raise ValueError(f"`cron` {self.cron!r}: {exc}") from None
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"`timezone` {self.timezone!r} is not an IANA time zone") from None
+
+
+Trigger = ThresholdTrigger | EventTrigger | StateTrigger | ScheduleTrigger
+
+
+class AttributeCondition(msgspec.Struct, tag="attribute", forbid_unknown_fields=True, frozen=True):
     device_id: Token
     attribute: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
     above: float | None = None
     below: float | None = None
     equals: AttributeValue = None
-    for_s: Annotated[float, msgspec.Meta(ge=0, le=86400 * 7)] = 0.0
 
     def __post_init__(self) -> None:
         if self.above is None and self.below is None and self.equals is None:
-            raise ValueError("a threshold needs `above`, `below` or `equals`")
-        if self.above is not None and self.below is not None and self.below <= self.above:
-            # `above 10 below 20` is a band; `above 20 below 10` can never hold.
-            raise ValueError("`below` must be greater than `above` (the band would be empty)")
+            raise ValueError("an attribute condition needs `above`, `below` or `equals`")
+
+
+class StateCondition(msgspec.Struct, tag="state", forbid_unknown_fields=True, frozen=True):
+    device_id: Token
+    state: DeviceStateName | None = None
+    connection: Connection | None = None
+
+
+class TimeCondition(msgspec.Struct, tag="time", forbid_unknown_fields=True, frozen=True):
+    """Between two clock times (`22:00`-`06:00` wraps midnight), on some weekdays (0=Monday)."""
+
+    after: str | None = None
+    before: str | None = None
+    weekdays: list[Annotated[int, msgspec.Meta(ge=0, le=6)]] | None = None
+    timezone: str = "UTC"
+
+    def __post_init__(self) -> None:
+        for name, value in (("after", self.after), ("before", self.before)):
+            if value is not None and not _CLOCK.match(value):
+                raise ValueError(f"`{name}` {value!r} is not a time like 07:30")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"`timezone` {self.timezone!r} is not an IANA time zone") from None
+
+
+class AllOf(msgspec.Struct, tag="all", forbid_unknown_fields=True, frozen=True):
+    conditions: list[Condition]
+
+
+class AnyOf(msgspec.Struct, tag="any", forbid_unknown_fields=True, frozen=True):
+    conditions: list[Condition]
+
+
+class Not(msgspec.Struct, tag="not", forbid_unknown_fields=True, frozen=True):
+    condition: Condition
+
+
+Condition = AttributeCondition | StateCondition | TimeCondition | AllOf | AnyOf | Not
 
 
 class CommandAction(msgspec.Struct, tag="command", forbid_unknown_fields=True, frozen=True):
@@ -238,8 +418,35 @@ class SetStateAction(msgspec.Struct, tag="set_state", forbid_unknown_fields=True
     state: Literal["triggered"] = "triggered"
 
 
-Trigger = ThresholdTrigger
-Action = CommandAction | SetStateAction
+class NotifyAction(msgspec.Struct, tag="notify", forbid_unknown_fields=True, frozen=True):
+    """An alert on `system.alert.<rule_id>`; webhook subscriptions on it deliver it, signed."""
+
+    message: Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
+    severity: Literal["info", "warning", "critical"] = "info"
+
+
+class PublishAction(msgspec.Struct, tag="publish", forbid_unknown_fields=True, frozen=True):
+    """A custom event on `events.<device_id>.<event_type>`."""
+
+    device_id: Token
+    event_type: Token
+    data: dict[str, Any] = {}
+
+
+class DelayAction(msgspec.Struct, tag="delay", forbid_unknown_fields=True, frozen=True):
+    """Wait before the next action; the wait survives restarts."""
+
+    for_: DurationValue = msgspec.field(name="for")
+
+    def __post_init__(self) -> None:
+        parse_duration(self.for_)
+
+    @property
+    def seconds(self) -> float:
+        return parse_duration(self.for_)
+
+
+Action = CommandAction | SetStateAction | NotifyAction | PublishAction | DelayAction
 
 
 class RuleSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -248,6 +455,8 @@ class RuleSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     trigger: Trigger
     actions: Annotated[list[Action], msgspec.Meta(min_length=1, max_length=20)]
+    conditions: list[Condition] = []
+    mode: Literal["single", "restart", "queued"] = "single"
     enabled: bool = True
     id: Token | None = None
 
@@ -261,6 +470,13 @@ class Rule(msgspec.Struct, frozen=True):
     actions: list[Action]
     enabled: bool
     version: int
+    conditions: list[Condition] = []
+    mode: Literal["single", "restart", "queued"] = "single"
+
+
+def _one_target(device_id: str | None, selector: Selector | None) -> None:
+    if (device_id is None) == (selector is None):
+        raise ValueError("give exactly one of `device_id` and `selector`")
 
 
 # --- decoders, built once --------------------------------------------------------------

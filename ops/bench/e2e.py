@@ -46,6 +46,7 @@ from pathlib import Path
 
 import httpx
 import msgspec
+import nats
 import psutil
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -65,7 +66,10 @@ from libs.settings import async_database_url
 
 ROOT = Path(__file__).resolve().parents[2]
 MB = 1_000_000
-ACTORS_DURABLE = "actors"  # the actors' durable consumer on EVENTS (services/actors/worker.py)
+# What the actors expose (services/actors/worker.py): their durable consumer on EVENTS and
+# the histogram of the time spent on each fetched batch.
+ACTORS_DURABLE = "actors"
+ACTORS_BATCH_METRIC = "smarthome_actor_batch_seconds"
 LATENCY_RATE = 1000.0
 LATENCY_SECONDS = 10.0
 HTTP_SINGLE = 3000
@@ -143,8 +147,9 @@ class Child:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
 
-class RssSampler:
-    """Peak resident memory of each watched process and its children, every 100 ms.
+class ProcessSampler:
+    """Peak resident memory of each watched process and its children, every 100 ms; and
+    their CPU time, read at the edges of a phase.
 
     A thread, not a task: it keeps sampling while the event loop is busy publishing.
     """
@@ -153,14 +158,18 @@ class RssSampler:
         self.interval = interval
         self.peaks: dict[str, int] = {}
         self._watched: dict[str, psutil.Process] = {}
+        self._alone: set[str] = set()  # counted without their children
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
-    def watch(self, name: str, pid: int) -> None:
+    def watch(self, name: str, pid: int, rss: bool = True, children: bool = True) -> None:
         with self._lock:
             self._watched[name] = psutil.Process(pid)
-            self.peaks.setdefault(name, 0)
+            if rss:
+                self.peaks.setdefault(name, 0)
+            if not children:
+                self._alone.add(name)
         self._sample()
 
     def start(self) -> None:
@@ -171,21 +180,56 @@ class RssSampler:
         if self._thread.is_alive():
             self._thread.join(5)
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """User + system CPU seconds of each watched process and its children so far."""
+        with self._lock:
+            watched = list(self._watched.items())
+        used = {}
+        for name, proc in watched:
+            with contextlib.suppress(psutil.Error):
+                total = 0.0
+                for p in [proc] if name in self._alone else _family(proc):
+                    with contextlib.suppress(psutil.Error):
+                        t = p.cpu_times()
+                        total += t.user + t.system
+                used[name] = total
+        return used
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._sample()
 
     def _sample(self) -> None:
         with self._lock:
-            watched = list(self._watched.items())
+            watched = [(n, p) for n, p in self._watched.items() if n in self.peaks]
         for name, proc in watched:
             with contextlib.suppress(psutil.Error):
-                family = [proc, *proc.children(recursive=True)]
                 rss = 0
-                for p in family:
+                for p in _family(proc):
                     with contextlib.suppress(psutil.Error):
                         rss += p.memory_info().rss
                 self.peaks[name] = max(self.peaks[name], rss)
+
+
+def _family(proc: psutil.Process) -> list[psutil.Process]:
+    return [proc, *proc.children(recursive=True)]
+
+
+class CpuShare:
+    """CPU used by each process over a phase, in % of one core."""
+
+    def __init__(self, sampler: ProcessSampler) -> None:
+        self._sampler = sampler
+        self._before = sampler.cpu_seconds()
+        self._started = time.perf_counter()
+
+    def summary(self) -> str:
+        after = self._sampler.cpu_seconds()
+        wall = time.perf_counter() - self._started
+        shares = (
+            f"{name} {(after[name] - self._before.get(name, 0.0)) / wall:.0%}" for name in after
+        )
+        return "CPU (% of one core): " + ", ".join(shares)
 
 
 # --- the database ----------------------------------------------------------------------
@@ -316,6 +360,7 @@ class Row:
 
 @dataclass
 class Results:
+    header: list[str] = field(default_factory=list)
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -359,6 +404,42 @@ async def stream_messages(js: JetStreamContext, stream: str) -> int:
     return (await js.stream_info(stream)).state.messages
 
 
+@dataclass(frozen=True)
+class BatchStats:
+    """The actors' own count of fetched batches and the seconds spent handling them."""
+
+    batches: float
+    seconds: float
+
+    @classmethod
+    async def read(cls, port: int) -> BatchStats | None:
+        """From the actors' `/metrics`; None when they do not say (the figure is optional)."""
+        try:
+            async with httpx.AsyncClient(timeout=2) as client:
+                exposition = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+        except httpx.HTTPError:
+            return None
+        values = {}
+        for line in exposition.splitlines():
+            name, _, value = line.partition(" ")
+            if name in (f"{ACTORS_BATCH_METRIC}_count", f"{ACTORS_BATCH_METRIC}_sum"):
+                values[name] = float(value)
+        if len(values) != 2:
+            return None
+        return cls(values[f"{ACTORS_BATCH_METRIC}_count"], values[f"{ACTORS_BATCH_METRIC}_sum"])
+
+    def since(self, before: BatchStats | None, events: int, wall: float) -> str:
+        batches = self.batches - (before.batches if before else 0)
+        seconds = self.seconds - (before.seconds if before else 0)
+        if not batches:
+            return "actors: no batch"
+        return (
+            f"actors: {batches:,.0f} batches, {events / batches:,.0f} events and "
+            f"{seconds / batches * 1000:,.0f} ms per batch, handling batches "
+            f"{seconds / wall:.0%} of the time"
+        )
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         self.args = args
@@ -366,7 +447,7 @@ class Bench:
         self.run_id = secrets.token_hex(3)
         self.device_ids = [f"bench-{self.run_id}-{i:04d}" for i in range(args.devices)]
         self.results = Results()
-        self.sampler = RssSampler()
+        self.sampler = ProcessSampler()
         self.children: list[Child] = []
         self.database: Database | None = None
         self.registered = False
@@ -389,6 +470,8 @@ class Bench:
         nats_server.proc = proc
         self.children.append(nats_server)
         self.sampler.watch("nats-server", proc.pid)
+        # The load generator itself, without the services it started.
+        self.sampler.watch("bench", os.getpid(), rss=False, children=False)
         self.sampler.start()
         nats_url = f"nats://127.0.0.1:{port}"
 
@@ -409,7 +492,7 @@ class Bench:
             env["REDIS_URL"] = self.args.redis_url
         self.env = env
 
-        self.nc = await bus.connect(nats_url, "bench")
+        self.nc = await nats.connect(nats_url, name="bench")
         js = self.nc.jetstream()
         await bus.ensure_streams(js)
         return js
@@ -454,18 +537,19 @@ class Bench:
         r = self.results
         db = self.database
         assert db is not None
-        r.notes.append(
+        r.header.append(
             f"{self.args.events:,} events over {len(self.device_ids)} devices; database "
             f"{db.kind}; cache {'Redis' if self.args.redis_url else 'in-process'}; "
             f"{os.cpu_count()} CPUs; nats-server with JetStream file storage, fsync always"
         )
+        load_before = os.getloadavg()[0]
 
         raw_rate, last_seq = await self.raw_publish(js)
         actors = await asyncio.to_thread(self.start_service, "actors", "services.actors", {})
         applied_rate = await self.actors_drain(js, actors, last_seq)
         ratio = applied_rate / raw_rate
         r.add("(b)/(a)", f"{ratio:.0%}", f"≥ {RATIO_TARGET:.0%}", ratio >= RATIO_TARGET)
-        await self.latency(js)
+        await self.latency(js, actors)
         await asyncio.to_thread(actors.stop)  # (c) measures the gateway without them
         await self.gateway()
         for name, peak in self.sampler.peaks.items():
@@ -473,10 +557,15 @@ class Bench:
             target = f"≤ {SERVICE_RSS_TARGET_MB:g} MB" if service else "-"
             ok = peak / MB <= SERVICE_RSS_TARGET_MB if service else None
             r.add(f"(e) peak RSS {name}", f"{peak / MB:,.0f} MB", target, ok)
+        r.header.append(
+            f"load average (1 min) {load_before:.2f} before the run, "
+            f"{os.getloadavg()[0]:.2f} after: above ~0.5 before, other work shared the CPUs"
+        )
         return r
 
     async def raw_publish(self, js: JetStreamContext) -> tuple[float, int]:
         events = telemetry(self.device_ids, self.counters(self.args.events), self.args.events)
+        cpu = CpuShare(self.sampler)
         started = time.perf_counter()
         acked, failed = await publish_all(js, events, timeout=120)
         elapsed = time.perf_counter() - started
@@ -484,13 +573,20 @@ class Bench:
             raise BenchError(f"(a): {failed} of {len(events)} publishes failed")
         rate = acked / elapsed
         self.results.add("(a) raw JetStream publish_async", f"{rate:,.0f} msgs/s")
+        self.results.notes.append(f"(a) {cpu.summary()}")
         last_seq = (await js.stream_info(subjects.EVENTS_STREAM)).state.last_seq
         return rate, last_seq
 
     async def actors_drain(self, js: JetStreamContext, actors: Child, last_seq: int) -> float:
+        cpu = CpuShare(self.sampler)
         started = time.perf_counter()
         await wait_drained(js, last_seq, actors, timeout=max(60.0, self.args.events / 200))
         elapsed = time.perf_counter() - started
+        self.results.notes.append(f"(b) {cpu.summary()}")
+        after = await BatchStats.read(actors.port)
+        if after:
+            # All their batches so far: these were the only events they had.
+            self.results.notes.append(f"(b) {after.since(None, self.args.events, elapsed)}")
         rate = self.args.events / elapsed
         self.results.add(
             "(b) events applied by one actors process",
@@ -506,7 +602,7 @@ class Bench:
             )
         return rate
 
-    async def latency(self, js: JetStreamContext) -> None:
+    async def latency(self, js: JetStreamContext, actors: Child) -> None:
         assert self.nc is not None
         count = int(LATENCY_RATE * LATENCY_SECONDS)
         events = telemetry(self.device_ids, self.counters(count), count)
@@ -526,6 +622,8 @@ class Bench:
         sub = await self.nc.subscribe(subjects.DEVICE_STATES_ALL, cb=on_fact)
         await self.nc.flush()
         futures = []
+        cpu = CpuShare(self.sampler)
+        stats = await BatchStats.read(actors.port)
         try:
             begin = time.perf_counter() + 0.05
             for i, e in enumerate(events):
@@ -540,8 +638,13 @@ class Bench:
             acks = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 30)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(all_in.wait(), 15)
+            wall = time.perf_counter() - begin
         finally:
             await sub.unsubscribe()
+        self.results.notes.append(f"(d) {cpu.summary()}")
+        after = await BatchStats.read(actors.port)
+        if after:
+            self.results.notes.append(f"(d) {after.since(stats, len(sent), wall)}")
         failed = sum(1 for a in acks if isinstance(a, BaseException))
         latencies = sorted((received[i] - t) * 1000 for i, t in sent.items() if i in received)
         missing = len(sent) - len(latencies)
@@ -587,7 +690,9 @@ class Bench:
             devices = self.device_ids
             await drive(http_bodies(devices, self.counters(HTTP_WARMUP), HTTP_WARMUP, 1))
             singles = http_bodies(devices, self.counters(HTTP_SINGLE), HTTP_SINGLE, 1)
+            cpu = CpuShare(self.sampler)
             elapsed, errors = await drive(singles)
+            self.results.notes.append(f"(c) single events: {cpu.summary()}")
             self.results.add(
                 f"(c) POST /api/v1/events, 1 event, {HTTP_CONCURRENCY} clients",
                 f"{HTTP_SINGLE / elapsed:,.0f} req/s",
@@ -596,7 +701,9 @@ class Bench:
             batches = http_bodies(
                 devices, self.counters(batched_count), HTTP_BATCHES, HTTP_BATCH_SIZE
             )
+            cpu = CpuShare(self.sampler)
             elapsed_b, errors_b = await drive(batches)
+            self.results.notes.append(f"(c) batches: {cpu.summary()}")
             self.results.add(
                 f"(c) POST /api/v1/events, {HTTP_BATCH_SIZE} per request",
                 f"{batched_count / elapsed_b:,.0f} events/s",
@@ -608,9 +715,8 @@ class Bench:
 
 
 def print_table(results: Results) -> None:
-    order = {"(a)": 0, "(b)": 1, "(c)": 3, "(d)": 2, "(e)": 4}
-    rows = sorted(results.rows, key=lambda row: order.get(row.figure[:3], 9))
-    rows.sort(key=lambda row: (order.get(row.figure[:3], 9), row.figure.startswith("(b)/")))
+    # By figure letter; a stable sort keeps each figure's rows in the order they were added.
+    rows = sorted(results.rows, key=lambda row: row.figure[:3])
     header = Row("figure", "value", "target", "verdict")
     widths = [
         max(len(getattr(row, col)) for row in [header, *rows])
@@ -624,14 +730,16 @@ def print_table(results: Results) -> None:
         )
 
     print()
-    for note in results.notes[:1]:
+    for note in results.header:
         print(note)
+    print()
     print(line(header))
     print("  ".join("-" * w for w in widths))
     for row in rows:
         print(line(row))
-    for note in results.notes[1:]:
-        print(f"note {note}")
+    print()
+    for note in sorted(results.notes, key=lambda note: note[:3]):
+        print(note)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -10,6 +10,9 @@ import msgspec
 from libs import messages as m
 from libs.messages import CloudEvent, DeviceSnapshot
 
+# Events the platform publishes about a device (rule actions) say nothing of its presence.
+PLATFORM_SOURCES = ("rule/", "service/")
+
 
 class Unapplicable(ValueError):
     """The event's data can never be applied (it goes to the dead-letter stream)."""
@@ -50,8 +53,9 @@ def apply(snapshot: DeviceSnapshot, event: CloudEvent, seq: int, received: datet
                 if last_seen is None or last_seen <= timeout.last_seen:
                     connection = "offline"
             case _:
-                last_seen = received
-                connection = "offline" if event.type == "goodbye" else "online"
+                if not event.source.startswith(PLATFORM_SOURCES):  # the device spoke
+                    last_seen = received
+                    connection = "offline" if event.type == "goodbye" else "online"
                 if event.type in m.ATTRIBUTE_EVENTS:
                     attributes.update(m.decode_attributes(event.data))
                 elif event.type == "hello":

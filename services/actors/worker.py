@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import Counter, Histogram
 
 from libs import bus, subjects
@@ -20,20 +19,8 @@ from services.actors.store import StateStore
 
 log = logging.getLogger(__name__)
 
-DURABLE = "actors"
-BATCH = 256
-# Redeliveries of a dead worker's batch must come before newer events of the same
-# device: with at most one batch un-acked, the server holds new events back until
-# the old batch is acked or redelivered.
-CONSUMER = ConsumerConfig(
-    durable_name=DURABLE,
-    filter_subject=subjects.EVENTS_ALL,
-    ack_policy=AckPolicy.EXPLICIT,
-    deliver_policy=DeliverPolicy.ALL,
-    ack_wait=10.0,
-    max_ack_pending=BATCH,
-    max_deliver=-1,
-)
+DURABLE = bus.ACTORS_DURABLE
+BATCH = bus.ACTORS_BATCH
 
 APPLIED = Counter("smarthome_actor_events_total", "Events handled by the actors", ["outcome"])
 BATCH_SECONDS = Histogram("smarthome_actor_batch_seconds", "Time to apply one fetched batch")
@@ -65,7 +52,6 @@ class ActorWorker:
             await self._lease.release()
 
     async def _consume(self, stop: asyncio.Event) -> None:
-        await self._js.add_consumer(subjects.EVENTS_STREAM, CONSUMER)
         sub = await self._js.pull_subscribe_bind(DURABLE, stream=subjects.EVENTS_STREAM)
         try:
             while not stop.is_set() and self._lease.held.is_set():

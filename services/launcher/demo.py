@@ -21,7 +21,7 @@ def rule(for_s: float) -> dict:
             "device_id": METER_ID,
             "attribute": "power_w",
             "above": 1.0,
-            "for_s": for_s,
+            "for": for_s,
         },
         "actions": [
             {"type": "command", "device_id": LIGHT_ID, "action": "turn_off", "expires_s": 30},

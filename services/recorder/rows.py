@@ -105,6 +105,20 @@ def from_system(rows: Rows, subject: str, data: bytes, src: tuple[str, int]) -> 
     parts = subject.split(".")
     if parts[:2] == ["system", "device"] and len(parts) == 4:
         _from_device_fact(rows, parts[3], data, src)
+    elif parts[:2] == ["system", "alert"]:
+        alert = m.cloud_event_decoder.decode(data)
+        body = alert.data or {}
+        _audit(
+            rows,
+            src,
+            alert.time or m.now(),
+            alert.source.replace("/", ":", 1),
+            "alert.raised",
+            alert.subject,
+            str(body.get("severity", "info")),
+            alert.correlationid,
+            body,
+        )
     elif parts[:2] == ["system", "rule"] and len(parts) == 4 and parts[3] == "fired":
         fired = m.rule_fired_decoder.decode(data)
         rows.rule_runs.append(

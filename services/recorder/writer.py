@@ -8,25 +8,20 @@ import logging
 import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from libs import subjects
+from libs import bus, subjects
 from libs.db.engine import insert_ignoring_duplicates
 from libs.db.models import AuditEntry, HistoryEntry, RuleRun
 from services.recorder import rows as to_rows
 
 log = logging.getLogger(__name__)
 
-BATCH = 500
+BATCH = bus.RECORDER_BATCH
 RECORDED = Counter("smarthome_recorder_messages_total", "Messages recorded", ["stream", "outcome"])
 
-SOURCES = {
-    subjects.EVENTS_STREAM: subjects.EVENTS_ALL,
-    subjects.COMMANDS_STREAM: subjects.COMMANDS_ALL,
-    subjects.SYSTEM_STREAM: subjects.SYSTEM_ALL,
-}
+SOURCES = bus.RECORDER_SOURCES
 
 
 def convert(stream: str, msg: Msg, rows: to_rows.Rows) -> None:
@@ -45,17 +40,9 @@ class StreamRecorder:
         self._engine = engine
         self._sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(engine)
         self._stream = stream
-        self._durable = f"recorder-{stream.lower()}"
+        self._durable = bus.recorder_durable(stream)
 
     async def run(self, stop: asyncio.Event) -> None:
-        config = ConsumerConfig(
-            durable_name=self._durable,
-            filter_subject=SOURCES[self._stream],
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=30.0,
-            max_ack_pending=BATCH * 2,
-        )
-        await self._js.add_consumer(self._stream, config)
         sub = await self._js.pull_subscribe_bind(self._durable, stream=self._stream)
         try:
             while not stop.is_set():

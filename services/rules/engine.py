@@ -1,4 +1,10 @@
-"""The rules engine: state facts in, episodes in JetStream KV, actions out."""
+"""The rules engine: state facts and events in, episodes in JetStream KV, actions out.
+
+One process evaluates at a time (a lease); episodes live in the KV bucket
+`rule_episodes`, so `for` timers and `delay`s survive restarts and fail-over.
+Every id an action sends is derived from the episode: a re-fire after a crash is
+de-duplicated by JetStream (Nats-Msg-Id) and by the command table.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +16,34 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from prometheus_client import Counter
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from libs import bus, commands, subjects
+from libs import bus, subjects
 from libs import messages as m
-from libs.db.models import Device, RuleRecord
+from libs.db.models import Device, DeviceState, RuleRecord
 from libs.lease import Lease
-from services.rules.evaluate import Episode, due, episode_decoder, step
+from libs.rule_logic import (
+    DeviceInfo,
+    DeviceView,
+    Episode,
+    Observation,
+    conditions_hold,
+    due,
+    episode_decoder,
+    event_matches,
+    next_occurrence,
+    selects,
+    step,
+)
+from services.rules.actions import ActionRunner
 
 log = logging.getLogger(__name__)
 
-DURABLE = "rules"
 EPISODES_BUCKET = "rule_episodes"
 TICK_S = 0.2
 EVALUATIONS = Counter("smarthome_rule_evaluations_total", "Rule evaluations", ["outcome"])
@@ -38,121 +56,83 @@ def rule_from_record(record: RuleRecord) -> m.Rule:
         name=record.name,
         trigger=spec.trigger,
         actions=spec.actions,
-        enabled=record.enabled,
+        enabled=record.enabled and spec.enabled,
         version=record.version,
+        conditions=spec.conditions,
+        mode=spec.mode,
     )
+
+
+class RuleBook:
+    """The enabled rules, indexed by what wakes them."""
+
+    def __init__(self, rules: dict[str, m.Rule]) -> None:
+        self.rules = rules
+        self.by_device: dict[str, list[m.Rule]] = {}
+        self.by_selector: list[m.Rule] = []
+        self.on_events: list[m.Rule] = []
+        self.scheduled: list[m.Rule] = []
+        for rule in rules.values():
+            if not rule.enabled:
+                continue
+            t = rule.trigger
+            if isinstance(t, m.EventTrigger):
+                self.on_events.append(rule)
+            elif isinstance(t, m.ScheduleTrigger):
+                self.scheduled.append(rule)
+            elif isinstance(t, m.ThresholdTrigger) and t.selector is not None:
+                self.by_selector.append(rule)
+            else:
+                self.by_device.setdefault(t.device_id or "", []).append(rule)
 
 
 class RulesEngine:
     def __init__(
         self, nc: NATS, js: JetStreamContext, sessions: async_sessionmaker[AsyncSession]
     ) -> None:
-        self._lease = Lease(js, "rules")
         self._nc = nc
         self._js = js
         self._sessions = sessions
-        self._rules: dict[str, m.Rule] = {}
-        self._by_device: dict[str, list[m.Rule]] = {}
+        self._lease = Lease(js, "rules")
+        self._actions = ActionRunner(js, sessions)
+        self._book = RuleBook({})
+        self._registry: dict[str, DeviceInfo] = {}
+        self._views: dict[str, DeviceView] = {}
         self._episodes: dict[str, Episode] = {}
         self._kv: KeyValue | None = None
-        self._lock = asyncio.Lock()  # facts and timers change episodes one at a time
+        self._lock = asyncio.Lock()  # facts, events and timers change episodes one at a time
 
-    # --- rules ---------------------------------------------------------------------
+    # --- loading -------------------------------------------------------------------------
 
     async def reload_rules(self) -> None:
         async with self._sessions() as session:
             records = (await session.scalars(select(RuleRecord))).all()
+            devices = (
+                await session.execute(
+                    select(Device.id, Device.kind, Device.location, Device.metadata_)
+                )
+            ).all()
         rules = {}
         for record in records:
             try:
                 rules[record.id] = rule_from_record(record)
             except (msgspec.ValidationError, ValueError) as exc:
                 log.error("rule %s cannot be loaded: %s", record.id, exc)
-        by_device: dict[str, list[m.Rule]] = {}
-        for rule in rules.values():
-            if rule.enabled:
-                by_device.setdefault(rule.trigger.device_id, []).append(rule)
-        self._rules, self._by_device = rules, by_device
+        self._book = RuleBook(rules)
+        self._registry = {
+            d: DeviceInfo(kind, location, tuple((meta or {}).get("tags", []) or ()))
+            for d, kind, location, meta in devices
+        }
+        async with self._lock:
+            await self._schedule_all()
         log.info("loaded %d rules", len(rules))
 
-    # --- run -----------------------------------------------------------------------
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Evaluate while this process holds the rules lease; stand by while another does."""
-        self._kv = await self._js.create_key_value(
-            KeyValueConfig(bucket=EPISODES_BUCKET, storage=StorageType.FILE, history=1)
-        )
-        reloads = await self._nc.subscribe(subjects.RULES_CHANGED_ALL, cb=self._on_rule_changed)
-        try:
-            while await self._lease.acquire(stop):
-                # Episodes are read after taking over: the last owner may have changed them.
-                await self._load_episodes()
-                await self.reload_rules()
-                async with asyncio.TaskGroup() as tasks:
-                    tasks.create_task(self._lease.keep(stop))
-                    tasks.create_task(self._timers(stop))
-                    tasks.create_task(self._consume(stop))
-        finally:
-            await self._lease.release()
-            with contextlib.suppress(Exception):
-                await reloads.unsubscribe()
-
-    def _active(self, stop: asyncio.Event) -> bool:
-        return not stop.is_set() and self._lease.held.is_set()
-
-    async def _on_rule_changed(self, _msg: Msg) -> None:
-        try:
-            await self.reload_rules()
-        except Exception as exc:  # the periodic reload catches up
-            log.warning("rule reload failed: %s", exc)
-
-    async def _consume(self, stop: asyncio.Event) -> None:
-        await self._js.add_consumer(
-            subjects.SYSTEM_STREAM,
-            ConsumerConfig(
-                durable_name=DURABLE,
-                filter_subject=subjects.DEVICE_STATES_ALL,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=30.0,
-                max_ack_pending=1000,
-            ),
-        )
-        sub = await self._js.pull_subscribe_bind(DURABLE, stream=subjects.SYSTEM_STREAM)
-        try:
-            while self._active(stop):
-                try:
-                    msgs = await sub.fetch(256, timeout=1.0)
-                except TimeoutError:  # nats-py raises asyncio.TimeoutError here
-                    continue
-                for msg in msgs:
-                    await self._handle(msg)
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()  # a pull subscription left to drain() blocks it
-
-    async def _handle(self, msg: Msg) -> None:
-        try:
-            fact = m.state_fact_decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            await bus.dead_letter(self._js, msg, f"invalid state fact: {exc}", DURABLE)
-        else:
-            async with self._lock:
-                await self.observe(fact)
-        await msg.ack()
-
-    async def _timers(self, stop: asyncio.Event) -> None:
-        """Fire episodes whose `for` has run out (also those that ran out while we were down)."""
-        while self._active(stop):
-            now = m.now()
-            async with self._lock:
-                for key, episode in list(self._episodes.items()):
-                    rule = self._rules.get(episode.rule_id)
-                    if rule is not None and rule.enabled and due(episode, now):
-                        await self._fire(key, rule, episode)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), TICK_S)
-
-    # --- episodes ------------------------------------------------------------------
+    async def _load_views(self) -> None:
+        async with self._sessions() as session:
+            rows = (await session.scalars(select(DeviceState))).all()
+        self._views = {
+            r.device_id: DeviceView(r.state, r.connection, r.attributes or {}) for r in rows
+        }
 
     async def _load_episodes(self) -> None:
         assert self._kv is not None
@@ -168,142 +148,239 @@ class RulesEngine:
                     self._episodes[key] = episode_decoder.decode(entry.value)
         log.info("resumed %d rule episodes", len(self._episodes))
 
+    # --- run -----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Evaluate while this process holds the rules lease; stand by while another does."""
+        self._kv = await self._js.create_key_value(
+            KeyValueConfig(bucket=EPISODES_BUCKET, storage=StorageType.FILE, history=1)
+        )
+        watch = [
+            await self._nc.subscribe(subjects.RULES_CHANGED_ALL, cb=self._on_change),
+            await self._nc.subscribe(subjects.DEVICE_REGISTRY_ALL, cb=self._on_change),
+        ]
+        try:
+            while await self._lease.acquire(stop):
+                # Read after taking over: the last owner may have changed them.
+                await self._load_episodes()
+                await self._load_views()
+                await self.reload_rules()
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self._lease.keep(stop))
+                    tasks.create_task(self._timers(stop))
+                    facts, events = bus.RULES_FACTS_DURABLE, bus.RULES_EVENTS_DURABLE
+                    tasks.create_task(
+                        self._consume(stop, facts, subjects.SYSTEM_STREAM, self._on_fact)
+                    )
+                    tasks.create_task(
+                        self._consume(stop, events, subjects.EVENTS_STREAM, self._on_event)
+                    )
+        finally:
+            await self._lease.release()
+            for sub in watch:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    def _active(self, stop: asyncio.Event) -> bool:
+        return not stop.is_set() and self._lease.held.is_set()
+
+    async def _on_change(self, _msg: Msg) -> None:
+        if not self._lease.held.is_set():
+            return  # a standby loads everything when it takes over
+        try:
+            await self.reload_rules()
+        except Exception as exc:  # the periodic reload catches up
+            log.warning("rule reload failed: %s", exc)
+
+    async def _consume(self, stop: asyncio.Event, durable: str, stream: str, handle) -> None:  # type: ignore[no-untyped-def]
+        sub = await self._js.pull_subscribe_bind(durable, stream=stream)
+        try:
+            while self._active(stop):
+                try:
+                    msgs = await sub.fetch(256, timeout=1.0)
+                except TimeoutError:  # nats-py raises asyncio.TimeoutError here
+                    continue
+                for msg in msgs:
+                    async with self._lock:
+                        await handle(msg)
+                    await msg.ack()
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()  # a pull subscription left to drain() blocks it
+
+    async def _timers(self, stop: asyncio.Event) -> None:
+        """Fire episodes whose time has come (also those that came while we were down)."""
+        while self._active(stop):
+            now = m.now()
+            async with self._lock:
+                for key, episode in list(self._episodes.items()):
+                    rule = self._book.rules.get(episode.rule_id)
+                    if rule is None or not rule.enabled:
+                        if rule is None:
+                            await self._forget(key)
+                        continue
+                    if due(episode, now):
+                        await self._advance(key, rule, episode)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), TICK_S)
+
+    # --- observations ----------------------------------------------------------------------
+
+    async def _on_fact(self, msg: Msg) -> None:
+        try:
+            fact = m.state_fact_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            await bus.dead_letter(self._js, msg, f"invalid state fact: {exc}", "rules")
+            return
+        await self.observe(fact)
+
     async def observe(self, fact: m.DeviceStateFact) -> None:
-        """Evaluate every rule on this device against its new attributes."""
-        for rule in self._by_device.get(fact.device_id, ()):
+        """Evaluate every rule watching this device against its new state."""
+        self._views[fact.device_id] = DeviceView(fact.state, fact.connection, fact.attributes)
+        obs = Observation.of(fact)
+        info = self._registry.get(fact.device_id)
+        rules = self._book.by_device.get(fact.device_id, [])
+        rules = rules + [
+            r for r in self._book.by_selector if selects(r.trigger, fact.device_id, info)
+        ]  # type: ignore[arg-type]
+        for rule in rules:
             key = f"{rule.id}.{fact.device_id}"
             current = self._episodes.get(key)
-            episode, what = step(current, rule, fact.attributes, fact.time, fact.cause_event_id)
+            episode, what = step(current, rule, obs, fact.time)
             EVALUATIONS.labels(what).inc()
             if what == "start" and episode is not None:
                 await self._save(key, episode)
                 if due(episode, m.now()):
-                    await self._fire(key, rule, episode)
+                    await self._advance(key, rule, episode)
             elif what == "end" and current is not None:
                 await self._end(key, rule, current)
+
+    async def _on_event(self, msg: Msg) -> None:
+        if not self._book.on_events:
+            return
+        try:
+            event = m.cloud_event_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return  # the actors dead-letter malformed events
+        for rule in self._book.on_events:
+            if event_matches(rule.trigger, msg.subject, event.data):  # type: ignore[arg-type]
+                EVALUATIONS.labels("event").inc()
+                at = msg.metadata.timestamp
+                episode = Episode(
+                    rule.id,
+                    event.subject,
+                    at,
+                    at,
+                    trigger_event_id=event.id,
+                    values=dict(event.data or {}),
+                )
+                await self._trigger(f"{rule.id}.event", rule, episode)
+
+    async def _schedule_all(self) -> None:
+        """Every schedule rule has exactly one pending episode: its next cron time."""
+        for rule in self._book.scheduled:
+            key = f"{rule.id}.schedule"
+            if key not in self._episodes:
+                at = next_occurrence(rule.trigger, m.now())  # type: ignore[arg-type]
+                await self._save(
+                    key, Episode(rule.id, "", at, at, values={"cron": rule.trigger.cron})
+                )  # type: ignore[union-attr]
+
+    async def _trigger(self, key: str, rule: m.Rule, episode: Episode) -> None:
+        """A new instantaneous trigger (event): start it, or apply the rule's mode."""
+        running = self._episodes.get(key)
+        if running is not None and running.running:
+            if rule.mode == "single":
+                await self._actions.trace(
+                    rule, episode, "skipped", "already running (mode single)", []
+                )
+                return
+            if rule.mode == "queued":
+                await self._save(
+                    key,
+                    msgspec.structs.replace(
+                        running,
+                        queued=[*running.queued, f"{episode.device_id}|{episode.trigger_event_id}"],
+                    ),
+                )
+                return
+        await self._save(key, episode)  # restart: the running one is replaced
+        await self._advance(key, rule, episode)
+
+    # --- episodes ----------------------------------------------------------------------------
 
     async def _save(self, key: str, episode: Episode) -> None:
         assert self._kv is not None
         await self._kv.put(key, m.encode(episode))
         self._episodes[key] = episode
 
-    async def _end(self, key: str, rule: m.Rule, episode: Episode) -> None:
+    async def _forget(self, key: str) -> None:
         assert self._kv is not None
-        if episode.fired:
-            outcomes = await self._clear_marks(rule, episode)
-            await self._trace(rule, episode, "cleared", "trigger no longer holds", outcomes)
         with contextlib.suppress(KeyNotFoundError, KeyWrongLastSequenceError):
             await self._kv.delete(key)
         self._episodes.pop(key, None)
 
-    async def _fire(self, key: str, rule: m.Rule, episode: Episode) -> None:
-        outcomes = [await self._act(rule, episode, i, a) for i, a in enumerate(rule.actions)]
-        trigger = rule.trigger
-        value = episode.values.get(trigger.attribute)
-        reason = (
-            f"{trigger.attribute} of {trigger.device_id} = {value!r}"
-            f" held {_describe(trigger)} for {trigger.for_s:g}s"
+    async def _advance(self, key: str, rule: m.Rule, episode: Episode) -> None:
+        """Run the actions from where the episode stands, up to the end or the next delay."""
+        first = not episode.fired
+        if first:
+            ok, why = conditions_hold(rule, self._views, m.now())
+            if not ok:
+                await self._actions.trace(rule, episode, "skipped", f"conditions: {why}", [])
+                await self._finish(key, rule, msgspec.structs.replace(episode, fired=True))
+                return
+        index, outcomes, resume_at = await self._actions.run_from(
+            rule, episode, episode.next_action
         )
-        await self._trace(rule, episode, "fired", reason, outcomes)
-        await self._save(key, msgspec.structs.replace(episode, fired=True))
-        EVALUATIONS.labels("fired").inc()
-
-    # --- actions -------------------------------------------------------------------
-
-    async def _act(
-        self, rule: m.Rule, episode: Episode, index: int, action: m.Action
-    ) -> m.ActionOutcome:
-        refusal = await self._refusal(action.device_id)
-        if refusal:
-            return m.ActionOutcome(action=_name(action), ok=False, detail=refusal)
-        if isinstance(action, m.CommandAction):
-            command = await commands.send(
-                self._sessions,
-                self._js,
-                device_id=action.device_id,
-                action=action.action,
-                params=action.params,
-                expires_s=action.expires_s,
-                issued_by=f"rule:{rule.id}",
-                correlation_id=episode.id,
-                command_id=f"{episode.id}-{index}",  # a re-fire after a crash sends it once
-            )
-            return m.ActionOutcome(action=_name(action), ok=True, command_id=command.id)
-        await self._mark(
-            rule, episode, action.device_id, action.state, f"mark-{episode.id}-{index}"
+        reason = self._actions.reason(rule, episode) if first else "after delay"
+        await self._actions.trace(
+            rule,
+            episode,
+            "fired" if first else "continued",
+            reason,
+            outcomes,
+            part=episode.next_action,
         )
-        return m.ActionOutcome(
-            action=_name(action), ok=True, detail=f"{action.device_id} marked {action.state}"
+        EVALUATIONS.labels("fired" if first else "continued").inc()
+        progressed = msgspec.structs.replace(
+            episode, fired=True, next_action=index, resume_at=resume_at
         )
+        if resume_at is not None:
+            await self._save(key, progressed)
+        else:
+            await self._finish(key, rule, progressed)
 
-    async def _clear_marks(self, rule: m.Rule, episode: Episode) -> list[m.ActionOutcome]:
-        outcomes = []
-        for index, action in enumerate(rule.actions):
-            if isinstance(action, m.SetStateAction):
-                await self._mark(
-                    rule, episode, action.device_id, None, f"unmark-{episode.id}-{index}"
+    async def _finish(self, key: str, rule: m.Rule, episode: Episode) -> None:
+        """Actions done: a lasting episode waits for its end; an instant one makes room."""
+        t = rule.trigger
+        if isinstance(t, m.ScheduleTrigger):
+            at = next_occurrence(t, max(m.now(), episode.deadline))
+            await self._save(key, Episode(rule.id, "", at, at, values={"cron": t.cron}))
+        elif isinstance(t, m.EventTrigger):
+            if episode.queued:
+                device_id, event_id = episode.queued[0].split("|", 1)
+                now = m.now()
+                nxt = Episode(
+                    rule.id,
+                    device_id,
+                    now,
+                    now,
+                    trigger_event_id=event_id,
+                    queued=episode.queued[1:],
                 )
-                outcomes.append(
-                    m.ActionOutcome(action="clear_state", ok=True, detail=action.device_id)
-                )
-        return outcomes
+                await self._save(key, nxt)
+                await self._advance(key, rule, nxt)
+            else:
+                await self._forget(key)
+        else:
+            await self._save(key, msgspec.structs.replace(episode, resume_at=None))
 
-    async def _mark(
-        self, rule: m.Rule, episode: Episode, device_id: str, state: str | None, event_id: str
-    ) -> None:
-        event = m.make_event(
-            device_id,
-            "mark",
-            {"rule_id": rule.id, "state": state},
-            source=f"rule/{rule.id}",
-            correlation_id=episode.id,
-            event_id=event_id,
-        )
-        await bus.publish(self._js, event.nats_subject, event, msg_id=event.id)
-
-    async def _refusal(self, device_id: str) -> str | None:
-        async with self._sessions() as session:
-            device = await session.get(Device, device_id)
-        if device is None or device.lifecycle == "decommissioned":
-            return f"device {device_id} is not registered"
-        if not device.enabled:
-            return f"device {device_id} is disconnected"
-        return None
-
-    async def _trace(
-        self,
-        rule: m.Rule,
-        episode: Episode,
-        kind: str,
-        reason: str,
-        outcomes: list[m.ActionOutcome],
-    ) -> None:
-        fired = m.RuleFired(
-            rule_id=rule.id,
-            episode_id=episode.id,
-            kind=kind,  # type: ignore[arg-type]
-            device_id=episode.device_id,
-            reason=reason,
-            values=episode.values,
-            outcomes=outcomes,
-            trigger_event_id=episode.trigger_event_id,
-            correlation_id=episode.id,
-            time=m.now(),
-        )
-        await bus.publish(
-            self._js, subjects.rule_fired(rule.id), fired, msg_id=f"{kind}:{episode.id}"
-        )
-
-
-def _name(action: m.Action) -> str:
-    if isinstance(action, m.CommandAction):
-        return f"command {action.action} -> {action.device_id}"
-    return f"set_state {action.state} -> {action.device_id}"
-
-
-def _describe(t: m.ThresholdTrigger) -> str:
-    if t.equals is not None:
-        return f"= {t.equals!r}"
-    parts = [f"> {t.above:g}"] if t.above is not None else []
-    parts += [f"< {t.below:g}"] if t.below is not None else []
-    return " and ".join(parts)
+    async def _end(self, key: str, rule: m.Rule, episode: Episode) -> None:
+        """The trigger no longer holds: clear marks; delayed actions still pending are dropped."""
+        if episode.fired:
+            outcomes = await self._actions.clear_marks(rule, episode)
+            note = "trigger no longer holds"
+            if episode.running:
+                note += f"; {len(rule.actions) - episode.next_action} delayed action(s) cancelled"
+            await self._actions.trace(rule, episode, "cleared", note, outcomes)
+        await self._forget(key)

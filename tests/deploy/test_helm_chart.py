@@ -173,7 +173,7 @@ def test_keda_and_the_hpa_never_both_scale_the_actors(helm: Path, chart: Path) -
             "--values",
             CHART / "values-prod.yaml",
             "--set",
-            "actors.keda.enabled=true",
+            "actors.keda.enabled=true,actors.autoscaling.enabled=true",
         ]
     )
     assert proc.returncode != 0

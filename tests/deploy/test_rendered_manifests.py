@@ -426,10 +426,7 @@ def test_dev_runs_one_of_everything_and_prod_is_highly_available(render: Render)
     assert nats["spec"]["volumeClaimTemplates"], "JetStream file storage needs a PVC"
     (nats_cm,) = [c for c in k8s.by_kind(prod, "ConfigMap") if k8s.name(c).endswith("-nats-config")]
     assert "jetstream" in nats_cm["data"]["nats.conf"] and "cluster" in nats_cm["data"]["nats.conf"]
-    assert {k8s.component(h) for h in k8s.by_kind(prod, "HorizontalPodAutoscaler")} == {
-        "gateway",
-        "actors",
-    }
+    assert {k8s.component(h) for h in k8s.by_kind(prod, "HorizontalPodAutoscaler")} == {"gateway"}
     assert {k8s.component(p) for p in k8s.by_kind(prod, "PodDisruptionBudget")} >= {
         "gateway", "actors", "rules", "recorder",
     }  # fmt: skip
@@ -505,3 +502,13 @@ def test_device_arguments_are_ones_the_devices_take(render: Render) -> None:
         for arg in container.get("args", []):
             if arg.startswith("--"):
                 assert arg in literals, f"python -m {module} has no option {arg}"
+
+
+def test_the_actors_hpa_owns_their_replicas_when_on(render: Render) -> None:
+    docs = render("prod", "--set", "actors.autoscaling.enabled=true")
+    assert {k8s.component(h) for h in k8s.by_kind(docs, "HorizontalPodAutoscaler")} == {
+        "gateway",
+        "actors",
+    }
+    actors = next(d for d in k8s.by_kind(docs, "Deployment") if k8s.component(d) == "actors")
+    assert "replicas" not in actors["spec"]

@@ -68,7 +68,7 @@ async def collected(js, subject: str, decoder, settle: float = 0.0) -> list:  # 
 def rule_spec(meter: str, light: str, for_s: float) -> m.RuleSpec:
     return m.RuleSpec(
         name="light on too long",
-        trigger=m.ThresholdTrigger(device_id=meter, attribute="power_w", above=1.0, for_s=for_s),
+        trigger=m.ThresholdTrigger(device_id=meter, attribute="power_w", above=1.0, for_=for_s),
         actions=[
             m.CommandAction(device_id=light, action="turn_off"),
             m.SetStateAction(device_id=meter),
@@ -180,3 +180,77 @@ async def _has_episode(js, rule_id: str, device_id: str) -> bool:  # type: ignor
         return bool((await kv.get(f"{rule_id}.{device_id}")).value)
     except Exception:
         return False
+
+
+async def press(js, device_id: str, kind: str = "long") -> m.CloudEvent:  # type: ignore[no-untyped-def]
+    event = m.make_event(device_id, "button", {"press": kind})
+    await bus.publish(js, event.nats_subject, event, msg_id=event.id)
+    return event
+
+
+async def test_delay_between_actions_survives_kill9(
+    service_env, data_dir, nc, js, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    button, light = unique_id("button"), unique_id("light")
+    await add_devices(sessions, button, light)
+    spec = m.RuleSpec(
+        name="long press: light on for a while",
+        trigger=m.EventTrigger(subject=f"events.{button}.button", match={"press": "long"}),
+        actions=[
+            m.CommandAction(device_id=light, action="turn_on"),
+            m.DelayAction(for_="4s"),
+            m.CommandAction(device_id=light, action="turn_off"),
+        ],
+    )
+    rule_id = await add_rule(sessions, nc, spec)
+    rules = Service("services.rules", service_env, data_dir).start()
+    try:
+        await eventually(lambda: "acquired" in rules.tail(), timeout=10)
+        await press(js, button, "short")  # does not match
+        await press(js, button)
+        first = await eventually(
+            lambda: collected(js, subjects.commands(light), m.command_decoder), timeout=15
+        )
+        assert [c.action for c in first] == ["turn_on"]
+        rules.kill9()
+        rules.start()
+        both = await eventually(
+            lambda: _n(collected(js, subjects.commands(light), m.command_decoder), 2), timeout=30
+        )
+        runs = await collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder)
+    finally:
+        rules.stop()
+    assert [c.action for c in both] == ["turn_on", "turn_off"]
+    assert both[1].issued_at - both[0].issued_at >= timedelta(seconds=4)
+    assert [r.kind for r in runs] == ["fired", "continued"]
+
+
+async def test_conditions_that_fail_skip_the_actions_and_say_why(
+    service_env, data_dir, nc, js, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    button, light = unique_id("button"), unique_id("light")
+    await add_devices(sessions, button, light)
+    spec = m.RuleSpec(
+        name="only when the light is online",
+        trigger=m.EventTrigger(subject=f"events.{button}.button"),
+        conditions=[m.StateCondition(device_id=light, connection="online")],
+        actions=[m.CommandAction(device_id=light, action="turn_on")],
+    )
+    rule_id = await add_rule(sessions, nc, spec)
+    rules = Service("services.rules", service_env, data_dir).start()
+    try:
+        await eventually(lambda: "acquired" in rules.tail(), timeout=10)
+        await press(js, button)
+        runs = await eventually(
+            lambda: collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder), timeout=15
+        )
+    finally:
+        rules.stop()
+    assert [r.kind for r in runs] == ["skipped"]
+    assert f"{light} is unknown" in runs[0].reason
+    assert await collected(js, subjects.commands(light), m.command_decoder) == []
+
+
+async def _n(found, n: int):  # type: ignore[no-untyped-def]
+    items = await found
+    return items if len(items) >= n else None

@@ -1,0 +1,199 @@
+"""What a firing rule does, action by action, and the trace it leaves."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from nats.js import JetStreamContext
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from libs import bus, commands, subjects
+from libs import messages as m
+from libs.db.models import Device
+from libs.rule_logic import Episode
+
+
+class ActionRunner:
+    def __init__(self, js: JetStreamContext, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._js = js
+        self._sessions = sessions
+
+    async def run_from(
+        self, rule: m.Rule, episode: Episode, start: int
+    ) -> tuple[int, list[m.ActionOutcome], datetime | None]:
+        """Run actions from `start`; stop after a delay (returning when to resume)."""
+        outcomes = []
+        for index in range(start, len(rule.actions)):
+            action = rule.actions[index]
+            if isinstance(action, m.DelayAction):
+                resume = m.now() + timedelta(seconds=action.seconds)
+                outcomes.append(
+                    m.ActionOutcome(_name(action), True, f"resumes at {resume.isoformat()}")
+                )
+                return index + 1, outcomes, resume
+            try:
+                outcomes.append(await self._run(rule, episode, index, action))
+            except Exception as exc:  # one failing action is traced; the engine goes on
+                outcomes.append(
+                    m.ActionOutcome(_name(action), False, f"{type(exc).__name__}: {exc}")
+                )
+        return len(rule.actions), outcomes, None
+
+    async def _run(
+        self, rule: m.Rule, episode: Episode, index: int, action: m.Action
+    ) -> m.ActionOutcome:
+        # Ids derive from the episode and the action's place: a re-run sends nothing twice.
+        action_id = f"{episode.id}-{index}"
+        if isinstance(action, m.NotifyAction):
+            await self._notify(rule, episode, action, action_id)
+            return m.ActionOutcome(_name(action), True, f"alert on {subjects.alert(rule.id)}")
+        refusal = await self._refusal(action.device_id)  # type: ignore[union-attr]
+        if refusal:
+            return m.ActionOutcome(_name(action), False, refusal)
+        match action:
+            case m.CommandAction():
+                command = await commands.send(
+                    self._sessions,
+                    self._js,
+                    device_id=action.device_id,
+                    action=action.action,
+                    params=action.params,
+                    expires_s=action.expires_s,
+                    issued_by=f"rule:{rule.id}",
+                    correlation_id=episode.id,
+                    command_id=action_id,
+                )
+                return m.ActionOutcome(_name(action), True, command_id=command.id)
+            case m.SetStateAction():
+                await self.mark(rule, episode, action.device_id, action.state, f"mark-{action_id}")
+                return m.ActionOutcome(
+                    _name(action), True, f"{action.device_id} marked {action.state}"
+                )
+            case m.PublishAction():
+                event = m.make_event(
+                    action.device_id,
+                    action.event_type,
+                    action.data,
+                    source=f"rule/{rule.id}",
+                    correlation_id=episode.id,
+                    event_id=f"publish-{action_id}",
+                )
+                await bus.publish(self._js, event.nats_subject, event, msg_id=event.id)
+                return m.ActionOutcome(_name(action), True, f"published {event.nats_subject}")
+        raise TypeError(f"unknown action {action!r}")
+
+    async def _notify(
+        self, rule: m.Rule, episode: Episode, action: m.NotifyAction, action_id: str
+    ) -> None:
+        alert = m.make_event(
+            episode.device_id or rule.id,
+            "alert",
+            {
+                "rule_id": rule.id,
+                "message": action.message,
+                "severity": action.severity,
+                "values": episode.values,
+            },
+            source=f"rule/{rule.id}",
+            correlation_id=episode.id,
+            event_id=f"alert-{action_id}",
+        )
+        await bus.publish(self._js, subjects.alert(rule.id), alert, msg_id=alert.id)
+
+    async def clear_marks(self, rule: m.Rule, episode: Episode) -> list[m.ActionOutcome]:
+        outcomes = []
+        for index, action in enumerate(rule.actions[: episode.next_action]):
+            if isinstance(action, m.SetStateAction):
+                await self.mark(
+                    rule, episode, action.device_id, None, f"unmark-{episode.id}-{index}"
+                )
+                outcomes.append(m.ActionOutcome("clear_state", True, action.device_id))
+        return outcomes
+
+    async def mark(
+        self, rule: m.Rule, episode: Episode, device_id: str, state: str | None, event_id: str
+    ) -> None:
+        event = m.make_event(
+            device_id,
+            "mark",
+            {"rule_id": rule.id, "state": state},
+            source=f"rule/{rule.id}",
+            correlation_id=episode.id,
+            event_id=event_id,
+        )
+        await bus.publish(self._js, event.nats_subject, event, msg_id=event.id)
+
+    async def _refusal(self, device_id: str) -> str | None:
+        async with self._sessions() as session:
+            device = await session.get(Device, device_id)
+        if device is None or device.lifecycle == "decommissioned":
+            return f"device {device_id} is not registered"
+        if not device.enabled:
+            return f"device {device_id} is disconnected"
+        return None
+
+    async def trace(
+        self,
+        rule: m.Rule,
+        episode: Episode,
+        kind: str,
+        reason: str,
+        outcomes: list[m.ActionOutcome],
+        part: int = 0,
+    ) -> None:
+        fired = m.RuleFired(
+            rule_id=rule.id,
+            episode_id=episode.id,
+            kind=kind,  # type: ignore[arg-type]
+            device_id=episode.device_id,
+            reason=reason,
+            values=episode.values,
+            outcomes=outcomes,
+            trigger_event_id=episode.trigger_event_id,
+            correlation_id=episode.id,
+            time=m.now(),
+        )
+        msg_id = f"{kind}:{episode.id}:{part}"
+        if kind == "skipped":  # each skipped trigger is its own trace
+            msg_id += f":{episode.trigger_event_id}"
+        await bus.publish(self._js, subjects.rule_fired(rule.id), fired, msg_id=msg_id)
+
+    @staticmethod
+    def reason(rule: m.Rule, episode: Episode) -> str:
+        t = rule.trigger
+        values = ", ".join(f"{k} = {v!r}" for k, v in episode.values.items())
+        match t:
+            case m.ThresholdTrigger():
+                return f"{values} on {episode.device_id} held {_describe(t)} for {t.for_s:g}s"
+            case m.StateTrigger():
+                return f"{episode.device_id} {t.attribute} is {t.to} for {t.for_s:g}s"
+            case m.EventTrigger():
+                return (
+                    f"event {episode.trigger_event_id} of {episode.device_id} matched {t.subject}"
+                )
+            case m.ScheduleTrigger():
+                return f"cron {t.cron} ({t.timezone}) at {episode.deadline.isoformat()}"
+        return "fired"
+
+
+def _name(action: m.Action) -> str:
+    match action:
+        case m.CommandAction():
+            return f"command {action.action} -> {action.device_id}"
+        case m.SetStateAction():
+            return f"set_state {action.state} -> {action.device_id}"
+        case m.NotifyAction():
+            return f"notify {action.severity}"
+        case m.PublishAction():
+            return f"publish {action.event_type} -> {action.device_id}"
+        case m.DelayAction():
+            return f"delay {action.for_}"
+    return type(action).__name__
+
+
+def _describe(t: m.ThresholdTrigger) -> str:
+    if t.equals is not None:
+        return f"= {t.equals!r}"
+    parts = [f"> {t.low:g}"] if t.low is not None else []
+    parts += [f"< {t.high:g}"] if t.high is not None else []
+    return " and ".join(parts)
