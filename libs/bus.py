@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 
@@ -164,9 +165,10 @@ CONSUMERS: tuple[tuple[str, ConsumerConfig], ...] = (
 )
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
+async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
     """Create or update the streams and durable consumers; every process runs it at start."""
-    for config in STREAMS:
+    for base in STREAMS:
+        config = dataclasses.replace(base, num_replicas=replicas)
         try:
             await js.add_stream(config)
         except BadRequestError:

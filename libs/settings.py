@@ -53,6 +53,7 @@ class Settings:
     admin_password: str | None = None
     heartbeat_timeout_s: float = 30.0
     demo_rule_for_s: float = 10.0
+    stream_replicas: int = 1
 
     @property
     def effective_database_url(self) -> str:
@@ -99,4 +100,13 @@ def load() -> Settings:
         admin_password=os.environ.get("SMARTHOME_ADMIN_PASSWORD") or None,
         heartbeat_timeout_s=_float("SMARTHOME_HEARTBEAT_TIMEOUT", 30.0),
         demo_rule_for_s=_float("SMARTHOME_DEMO_RULE_FOR", 10.0),
+        stream_replicas=_replicas(),
     )
+
+
+def _replicas() -> int:
+    """JetStream replicas of each stream: 1 on one machine, 3 on a 3-node cluster."""
+    raw = os.environ.get("SMARTHOME_STREAM_REPLICAS") or "1"
+    if raw not in ("1", "3", "5"):
+        raise SettingsError(f"SMARTHOME_STREAM_REPLICAS={raw!r} must be 1, 3 or 5")
+    return int(raw)

@@ -152,13 +152,18 @@ class ProcessSampler:
     their CPU time, read at the edges of a phase.
 
     A thread, not a task: it keeps sampling while the event loop is busy publishing.
+    Looking for children scans all of /proc, so the families are refreshed every second
+    only; the memory of their members is read at every sample.
     """
 
-    def __init__(self, interval: float = RSS_INTERVAL_S) -> None:
+    def __init__(self, interval: float = RSS_INTERVAL_S, refresh: float = 1.0) -> None:
         self.interval = interval
+        self.refresh = refresh
         self.peaks: dict[str, int] = {}
         self._watched: dict[str, psutil.Process] = {}
+        self._families: dict[str, list[psutil.Process]] = {}
         self._alone: set[str] = set()  # counted without their children
+        self._refreshed = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
@@ -170,6 +175,7 @@ class ProcessSampler:
                 self.peaks.setdefault(name, 0)
             if not children:
                 self._alone.add(name)
+            self._refreshed = 0.0
         self._sample()
 
     def start(self) -> None:
@@ -182,17 +188,18 @@ class ProcessSampler:
 
     def cpu_seconds(self) -> dict[str, float]:
         """User + system CPU seconds of each watched process and its children so far."""
-        with self._lock:
-            watched = list(self._watched.items())
         used = {}
-        for name, proc in watched:
-            with contextlib.suppress(psutil.Error):
-                total = 0.0
-                for p in [proc] if name in self._alone else _family(proc):
-                    with contextlib.suppress(psutil.Error):
-                        t = p.cpu_times()
-                        total += t.user + t.system
-                used[name] = total
+        for name, (root, *children) in self._current_families(force=True).items():
+            try:
+                t = root.cpu_times()
+            except psutil.Error:
+                continue  # stopped: it has no share in what follows
+            total = t.user + t.system
+            for p in children:
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    total += t.user + t.system
+            used[name] = total
         return used
 
     def _run(self) -> None:
@@ -200,19 +207,26 @@ class ProcessSampler:
             self._sample()
 
     def _sample(self) -> None:
+        for name, family in self._current_families().items():
+            if name not in self.peaks:
+                continue
+            rss = 0
+            for p in family:
+                with contextlib.suppress(psutil.Error):
+                    rss += p.memory_info().rss
+            self.peaks[name] = max(self.peaks[name], rss)
+
+    def _current_families(self, force: bool = False) -> dict[str, list[psutil.Process]]:
         with self._lock:
-            watched = [(n, p) for n, p in self._watched.items() if n in self.peaks]
-        for name, proc in watched:
-            with contextlib.suppress(psutil.Error):
-                rss = 0
-                for p in _family(proc):
-                    with contextlib.suppress(psutil.Error):
-                        rss += p.memory_info().rss
-                self.peaks[name] = max(self.peaks[name], rss)
-
-
-def _family(proc: psutil.Process) -> list[psutil.Process]:
-    return [proc, *proc.children(recursive=True)]
+            if force or time.monotonic() - self._refreshed >= self.refresh:
+                for name, proc in self._watched.items():
+                    family = [proc]
+                    if name not in self._alone:
+                        with contextlib.suppress(psutil.Error):
+                            family += proc.children(recursive=True)
+                    self._families[name] = family
+                self._refreshed = time.monotonic()
+            return dict(self._families)
 
 
 class CpuShare:

@@ -20,7 +20,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     cache = make_cache(settings.redis_url)
     nc = await bus.connect(settings.effective_nats_url, "actors")
     js = nc.jetstream()
-    await bus.ensure_streams(js)
+    await bus.ensure_streams(js, settings.stream_replicas)
     sessions = make_sessionmaker(engine)
 
     async def ready() -> str | None:

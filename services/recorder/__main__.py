@@ -15,7 +15,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     engine = make_engine(settings.effective_database_url)
     nc = await bus.connect(settings.effective_nats_url, "recorder")
     js = nc.jetstream()
-    await bus.ensure_streams(js)
+    await bus.ensure_streams(js, settings.stream_replicas)
 
     async def ready() -> str | None:
         return None if nc.is_connected else "bus unreachable"

@@ -17,7 +17,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     engine = make_engine(settings.effective_database_url)
     nc = await bus.connect(settings.effective_nats_url, "rules")
     js = nc.jetstream()
-    await bus.ensure_streams(js)
+    await bus.ensure_streams(js, settings.stream_replicas)
     rules = RulesEngine(nc, js, make_sessionmaker(engine))
 
     async def ready() -> str | None:
