@@ -54,6 +54,8 @@ class Settings:
     heartbeat_timeout_s: float = 30.0
     demo_rule_for_s: float = 10.0
     stream_replicas: int = 1
+    rule_traces_keep: int = 100
+    rule_traces_days: float = 30.0
 
     @property
     def effective_database_url(self) -> str:
@@ -101,6 +103,8 @@ def load() -> Settings:
         heartbeat_timeout_s=_float("SMARTHOME_HEARTBEAT_TIMEOUT", 30.0),
         demo_rule_for_s=_float("SMARTHOME_DEMO_RULE_FOR", 10.0),
         stream_replicas=_replicas(),
+        rule_traces_keep=int(_float("SMARTHOME_RULE_TRACES_KEEP", 100)),
+        rule_traces_days=_float("SMARTHOME_RULE_TRACES_DAYS", 30.0),
     )
 
 

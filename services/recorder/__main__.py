@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 
 from libs import bus, runtime
-from libs.db.engine import make_engine
+from libs.db.engine import make_engine, make_sessionmaker
 from libs.settings import Settings
+from services.recorder.retention import prune_forever
 from services.recorder.writer import SOURCES, StreamRecorder
 
 
@@ -25,6 +26,9 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tasks:
             for stream in SOURCES:
                 tasks.create_task(StreamRecorder(js, engine, stream).run(stop))
+            sessions = make_sessionmaker(engine)
+            keep, days = settings.rule_traces_keep, settings.rule_traces_days
+            tasks.create_task(prune_forever(sessions, keep, days, stop))
     finally:
         if health:
             health.close()

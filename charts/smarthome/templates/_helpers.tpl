@@ -213,6 +213,7 @@ for third-party hardware and read only their own few (devices/platform_link.py).
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_HEALTH_PORT") }}
 {{- end }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_HEARTBEAT_TIMEOUT") }}
+{{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_STREAM_REPLICAS") }}
 {{- end }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_LOG_LEVEL") }}
 {{- end }}
