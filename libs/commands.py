@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import bus, subjects
 from libs import messages as m
+from libs.db.engine import insert_ignoring_duplicates
 from libs.db.models import CommandRecord
 
 
@@ -40,22 +41,21 @@ async def send(
         issued_by=issued_by,
         correlation_id=correlation_id,
     )
+    row = {
+        "id": command.id,
+        "device_id": device_id,
+        "action": action,
+        "params": params,
+        "status": "pending",
+        "issued_by": issued_by,
+        "correlation_id": correlation_id,
+        "issued_at": command.issued_at,
+        "expires_at": command.expires_at,
+        "updated_at": issued,
+    }
     async with sessions.begin() as session:
-        if await session.get(CommandRecord, command.id) is None:
-            session.add(
-                CommandRecord(
-                    id=command.id,
-                    device_id=device_id,
-                    action=action,
-                    params=params,
-                    status="pending",
-                    issued_by=issued_by,
-                    correlation_id=correlation_id,
-                    issued_at=command.issued_at,
-                    expires_at=command.expires_at,
-                    updated_at=issued,
-                )
-            )
+        insert = insert_ignoring_duplicates(session.bind, CommandRecord.__table__)  # type: ignore[arg-type]
+        await session.execute(insert, [row])
     await bus.publish(js, subjects.commands(device_id), command, msg_id=command.id)
     return command
 

@@ -79,11 +79,12 @@ class Observation:
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """Registry facts a selector matches on."""
+    """Registry facts a selector matches on, and whether the device takes commands."""
 
     kind: str
     location: str | None
     tags: tuple[str, ...] = ()
+    enabled: bool = True
 
 
 def selects(trigger: m.ThresholdTrigger, device_id: str, info: DeviceInfo | None) -> bool:

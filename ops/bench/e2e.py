@@ -6,7 +6,7 @@ Everything runs in one go against processes of its own: a nats-server from the w
 free port, a fresh database (SQLite in a temporary directory, or a database
 `bench_<random>` created on the given Postgres server and dropped at the end), D registered
 devices, and the real services started as `python -m services.actors` and
-`python -m services.gateway`. The figures:
+`python -m services.gateway`. The figures, in the order they are measured:
 
 (a) raw JetStream `publish_async` of N CloudEvents to stream EVENTS (acks awaited): the
     ceiling a Python client reaches on this machine, and the pre-filled stream for (b).
@@ -48,6 +48,7 @@ import httpx
 import msgspec
 import nats
 import psutil
+import redis.asyncio as redis
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -303,8 +304,6 @@ async def register_devices(database_url: str, device_ids: list[str]) -> None:
 
 async def forget_cached_state(redis_url: str, device_ids: list[str]) -> None:
     """The actors cached these devices' state in the given Redis: remove only those keys."""
-    import redis.asyncio as redis
-
     client = redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
     try:
         for start in range(0, len(device_ids), 500):
@@ -454,13 +453,32 @@ class BatchStats:
         )
 
 
+async def post_all(
+    clients: list[httpx.AsyncClient], bodies: list[bytes], timeout: float = 120
+) -> tuple[float, int]:
+    """POST every body, each client sending its next one when answered: (seconds, not 202)."""
+    shared = iter(bodies)  # the clients take the next body in turn
+    errors = 0
+
+    async def send(client: httpx.AsyncClient) -> None:
+        nonlocal errors
+        for body in shared:
+            if (await client.post("", content=body)).status_code != 202:
+                errors += 1
+
+    started = time.perf_counter()
+    async with asyncio.timeout(timeout):
+        await asyncio.gather(*(send(c) for c in clients))
+    return time.perf_counter() - started, errors
+
+
 class Bench:
-    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+    def __init__(self, args: argparse.Namespace, tmp: Path, results: Results) -> None:
         self.args = args
         self.tmp = tmp
         self.run_id = secrets.token_hex(3)
         self.device_ids = [f"bench-{self.run_id}-{i:04d}" for i in range(args.devices)]
-        self.results = Results()
+        self.results = results
         self.sampler = ProcessSampler()
         self.children: list[Child] = []
         self.database: Database | None = None
@@ -546,7 +564,7 @@ class Bench:
 
     # -- the figures ------------------------------------------------------------------------
 
-    async def run(self) -> Results:
+    async def run(self) -> None:
         js = await self.setup()
         r = self.results
         db = self.database
@@ -575,7 +593,6 @@ class Bench:
             f"load average (1 min) {load_before:.2f} before the run, "
             f"{os.getloadavg()[0]:.2f} after: above ~0.5 before, other work shared the CPUs"
         )
-        return r
 
     async def raw_publish(self, js: JetStreamContext) -> tuple[float, int]:
         events = telemetry(self.device_ids, self.counters(self.args.events), self.args.events)
@@ -679,47 +696,45 @@ class Bench:
     async def gateway(self) -> None:
         gateway = await asyncio.to_thread(self.start_service, "gateway", "services.gateway", {})
         url = f"http://127.0.0.1:{gateway.port}/api/v1/events"
-        limits = httpx.Limits(max_connections=HTTP_CONCURRENCY)
-        async with httpx.AsyncClient(limits=limits, timeout=30) as client:
-
-            async def drive(bodies: list[bytes]) -> tuple[float, int]:
-                """Post every body, `HTTP_CONCURRENCY` at a time: (seconds, not 202)."""
-                shared = iter(bodies)  # the workers take the next body in turn
-                errors = 0
-
-                async def worker() -> None:
-                    nonlocal errors
-                    for body in shared:
-                        resp = await client.post(
-                            url, content=body, headers={"content-type": "application/json"}
-                        )
-                        if resp.status_code != 202:
-                            errors += 1
-
-                started = time.perf_counter()
-                async with asyncio.timeout(120):
-                    await asyncio.gather(*(worker() for _ in range(HTTP_CONCURRENCY)))
-                return time.perf_counter() - started, errors
-
+        # One client of one connection per simulated user: a shared pool of 16 connections
+        # makes httpx poll every pooled socket on each request, and the load generator
+        # would spend on that the CPU it shares with the gateway.
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(
+                    httpx.AsyncClient(
+                        base_url=url,
+                        headers={"content-type": "application/json"},
+                        limits=httpx.Limits(max_connections=1),
+                        timeout=30,
+                    )
+                )
+                for _ in range(HTTP_CONCURRENCY)
+            ]
             devices = self.device_ids
-            await drive(http_bodies(devices, self.counters(HTTP_WARMUP), HTTP_WARMUP, 1))
+            await post_all(
+                clients, http_bodies(devices, self.counters(HTTP_WARMUP), HTTP_WARMUP, 1)
+            )
+
             singles = http_bodies(devices, self.counters(HTTP_SINGLE), HTTP_SINGLE, 1)
             cpu = CpuShare(self.sampler)
-            elapsed, errors = await drive(singles)
+            elapsed, errors = await post_all(clients, singles)
             self.results.notes.append(f"(c) single events: {cpu.summary()}")
             self.results.add(
                 f"(c) POST /api/v1/events, 1 event, {HTTP_CONCURRENCY} clients",
                 f"{HTTP_SINGLE / elapsed:,.0f} req/s",
             )
+
             batched_count = HTTP_BATCHES * HTTP_BATCH_SIZE
             batches = http_bodies(
                 devices, self.counters(batched_count), HTTP_BATCHES, HTTP_BATCH_SIZE
             )
             cpu = CpuShare(self.sampler)
-            elapsed_b, errors_b = await drive(batches)
+            elapsed_b, errors_b = await post_all(clients, batches)
             self.results.notes.append(f"(c) batches: {cpu.summary()}")
             self.results.add(
-                f"(c) POST /api/v1/events, {HTTP_BATCH_SIZE} per request",
+                f"(c) POST /api/v1/events, {HTTP_BATCH_SIZE} per request, "
+                f"{HTTP_CONCURRENCY} clients",
                 f"{batched_count / elapsed_b:,.0f} events/s",
             )
             if errors or errors_b:
@@ -771,10 +786,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def amain(args: argparse.Namespace, tmp: Path) -> Results:
-    bench = Bench(args, tmp)
+async def amain(args: argparse.Namespace, tmp: Path, results: Results) -> None:
+    bench = Bench(args, tmp, results)
+    # SIGTERM stops the run like Ctrl-C does: through the tear-down below.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     try:
-        return await bench.run()
+        await bench.run()
     finally:
         await bench.teardown()
 
@@ -782,11 +801,16 @@ async def amain(args: argparse.Namespace, tmp: Path) -> Results:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="smarthome-bench-"))
+    results = Results()
     try:
-        results = asyncio.run(amain(args, tmp))
+        asyncio.run(amain(args, tmp, results))
     except BenchError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
+        print_table(results)  # what was measured before it stopped
+        print(f"\nbench: {exc}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("bench: stopped", file=sys.stderr)
+        return 130
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print_table(results)

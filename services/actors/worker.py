@@ -71,8 +71,8 @@ class ActorWorker:
             event = await self._decode(msg)
             if event is not None:
                 decoded.append((msg, event))
-        batch = await self._decide(decoded)
-        if not await self._write(batch, msgs, stop):
+        batch = await self._decide_and_write(decoded, msgs, stop)
+        if batch is None:
             return  # stopping while the database is down: leave the batch un-acked
         await self._publish_facts(batch)
         for msg in msgs:
@@ -149,21 +149,27 @@ class ActorWorker:
                 )
             )
 
-    async def _write(self, batch: Batch, msgs: list[Msg], stop: asyncio.Event) -> bool:
-        """Commit the batch; while the database is down, keep the batch and retry."""
+    async def _decide_and_write(
+        self, decoded: list[tuple[Msg, m.CloudEvent]], msgs: list[Msg], stop: asyncio.Event
+    ) -> Batch | None:
+        """Load, decide and commit the batch; while the database is down, keep it and retry.
+
+        Reads and the write are retried together: the decision rests on what was read.
+        """
         delay = 0.5
-        touched = [s for s in batch.snapshots.values() if s.last_seq]
         while True:
             try:
+                batch = await self._decide(decoded)
+                touched = [s for s in batch.snapshots.values() if s.last_seq]
                 await self._store.save(touched, batch.statuses)
-                return True
+                return batch
             except Exception as exc:  # database or cache unreachable: transient
-                log.warning("state write failed, retrying in %.1fs: %s", delay, exc)
+                log.warning("state write failed, retrying in %.1fs: %r", delay, exc)
                 for msg in msgs:
                     await msg.in_progress()
                 try:
                     await asyncio.wait_for(stop.wait(), delay)
-                    return False
+                    return None
                 except TimeoutError:
                     delay = min(delay * 2, 5.0)
 

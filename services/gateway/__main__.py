@@ -14,6 +14,7 @@ from litestar import Litestar
 from libs import logs
 from libs import settings as settings_mod
 from services.gateway.app import create_app
+from services.gateway.resources import Shutdown
 
 log = logging.getLogger("services.gateway")
 
@@ -30,10 +31,9 @@ class GatewayServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
-        resources = getattr(self._app.state, "resources", None)
-        if resources is not None:
-            # A signal handler runs between two steps of the loop: hand the work to the loop.
-            asyncio.get_running_loop().call_soon_threadsafe(resources.shutdown.request)
+        shutdown: Shutdown = self._app.state.shutdown
+        # A signal handler runs between two steps of the loop: hand the work to the loop.
+        asyncio.get_running_loop().call_soon_threadsafe(shutdown.request)
 
 
 def main() -> None:
@@ -58,9 +58,12 @@ def main() -> None:
     # signal again against the handlers it found: these make that a clean exit 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    server.run()
-    if not server.started:
-        sys.exit(1)  # the lifespan failed (bus unreachable, ...): uvicorn logged why
+    try:
+        server.run()
+    except SystemExit:
+        # uvicorn exits 3 when the start fails; a stop asked for during the start is no failure.
+        if not app.state.shutdown.requested:
+            raise
     log.info("gateway stopped")
 
 

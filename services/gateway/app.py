@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from litestar import Litestar, Router
+from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Tag
@@ -19,7 +20,7 @@ from services.gateway.correlation import CorrelationMiddleware
 from services.gateway.devices.controllers import DeviceController
 from services.gateway.events.controllers import EventController
 from services.gateway.health.controllers import HealthController
-from services.gateway.resources import open_resources, provide_resources
+from services.gateway.resources import Shutdown, open_resources, provide_resources
 from services.gateway.rules.controllers import RuleController
 from services.gateway.ui.controllers import UIController
 
@@ -35,9 +36,12 @@ class MetricsController(PrometheusController):
 def create_app(settings: Settings) -> Litestar:
     """Build the app; the lifespan opens the database engine, NATS and the cache."""
 
+    # Made before the lifespan: a stop may be asked for while the start waits for the bus.
+    shutdown = Shutdown()
+
     @asynccontextmanager
     async def resources(app: Litestar) -> AsyncIterator[None]:
-        async with open_resources(settings) as opened:
+        async with open_resources(settings, shutdown) as opened:
             app.state.resources = opened
             yield
 
@@ -54,6 +58,7 @@ def create_app(settings: Settings) -> Litestar:
     app = Litestar(
         route_handlers=[api, HealthController, MetricsController, UIController],
         lifespan=[resources],
+        state=State({"shutdown": shutdown}),
         dependencies={"resources": Provide(provide_resources, sync_to_thread=False)},
         middleware=[CorrelationMiddleware(), metrics.middleware],
         exception_handlers=problems.exception_handlers(),

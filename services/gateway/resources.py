@@ -6,10 +6,11 @@ services built on them) by dependency injection. Nothing here lives in a module 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from litestar.datastructures import State
 from nats.aio.client import Client as NATS
@@ -25,13 +26,25 @@ from libs.settings import Settings
 log = logging.getLogger(__name__)
 
 
+class StartupAborted(RuntimeError):
+    """Asked to stop before the gateway could start."""
+
+
 class Shutdown:
     """Told when the process is asked to stop, before the server waits for open responses:
-    live streams end at once instead of holding the shutdown until its timeout."""
+    live streams end at once instead of holding the shutdown until its timeout, and a start
+    still waiting for the bus gives up."""
 
     def __init__(self) -> None:
         self._callbacks: set[Callable[[], None]] = set()
-        self.requested = False
+        self._requested = asyncio.Event()
+
+    @property
+    def requested(self) -> bool:
+        return self._requested.is_set()
+
+    async def wait(self) -> None:
+        await self._requested.wait()
 
     def on_request(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call `callback` on a stop request; returns the callable that undoes this."""
@@ -39,7 +52,7 @@ class Shutdown:
         return lambda: self._callbacks.discard(callback)
 
     def request(self) -> None:
-        self.requested = True
+        self._requested.set()
         for callback in list(self._callbacks):
             callback()
 
@@ -51,20 +64,20 @@ class Resources:
     nc: NATS
     js: JetStreamContext
     cache: StateCache
-    shutdown: Shutdown = field(default_factory=Shutdown)
+    shutdown: Shutdown
 
 
 @contextlib.asynccontextmanager
-async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
+async def open_resources(settings: Settings, shutdown: Shutdown) -> AsyncIterator[Resources]:
     """Open the engine, the bus (with its streams) and the cache; drain and close on exit."""
     engine = make_engine(settings.effective_database_url)
     cache = make_cache(settings.redis_url)
     try:
-        nc = await bus.connect(settings.effective_nats_url, "gateway")
+        nc = await _connect(settings.effective_nats_url, shutdown)
         try:
             js = nc.jetstream()
             await bus.ensure_streams(js)
-            yield Resources(engine, make_sessionmaker(engine), nc, js, cache)
+            yield Resources(engine, make_sessionmaker(engine), nc, js, cache, shutdown)
         finally:
             # Drain delivers what is in flight (acks of our publishes) before closing.
             try:
@@ -75,6 +88,20 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
     finally:
         await cache.close()
         await engine.dispose()
+
+
+async def _connect(url: str, shutdown: Shutdown) -> NATS:
+    """Wait for the bus as long as it takes (an outage is not a crash), unless told to stop."""
+    connecting = asyncio.ensure_future(bus.connect(url, "gateway"))
+    stopping = asyncio.ensure_future(shutdown.wait())
+    try:
+        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not connecting.done():
+        connecting.cancel()
+        raise StartupAborted(f"stopped while waiting for the event bus at {url}")
+    return connecting.result()
 
 
 def provide_resources(state: State) -> Resources:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 
 from nats.js import JetStreamContext
@@ -9,14 +11,16 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import bus, commands, subjects
 from libs import messages as m
-from libs.db.models import Device
-from libs.rule_logic import Episode
+from libs.rule_logic import DeviceInfo, Episode
 
 
 class ActionRunner:
     def __init__(self, js: JetStreamContext, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._js = js
         self._sessions = sessions
+        # The registry as the engine last loaded it (reloaded on every registry change).
+        self.registry: Mapping[str, DeviceInfo] = {}
+        self._pending_traces: list[asyncio.Future] = []
 
     async def run_from(
         self, rule: m.Rule, episode: Episode, start: int
@@ -47,7 +51,7 @@ class ActionRunner:
         if isinstance(action, m.NotifyAction):
             await self._notify(rule, episode, action, action_id)
             return m.ActionOutcome(_name(action), True, f"alert on {subjects.alert(rule.id)}")
-        refusal = await self._refusal(action.device_id)  # type: ignore[union-attr]
+        refusal = self._refusal(action.device_id)  # type: ignore[union-attr]
         if refusal:
             return m.ActionOutcome(_name(action), False, refusal)
         match action:
@@ -123,10 +127,9 @@ class ActionRunner:
         )
         await bus.publish(self._js, event.nats_subject, event, msg_id=event.id)
 
-    async def _refusal(self, device_id: str) -> str | None:
-        async with self._sessions() as session:
-            device = await session.get(Device, device_id)
-        if device is None or device.lifecycle == "decommissioned":
+    def _refusal(self, device_id: str) -> str | None:
+        device = self.registry.get(device_id)
+        if device is None:
             return f"device {device_id} is not registered"
         if not device.enabled:
             return f"device {device_id} is disconnected"
@@ -156,7 +159,18 @@ class ActionRunner:
         msg_id = f"{kind}:{episode.id}:{part}"
         if kind == "skipped":  # each skipped trigger is its own trace
             msg_id += f":{episode.trigger_event_id}"
-        await bus.publish(self._js, subjects.rule_fired(rule.id), fired, msg_id=msg_id)
+        # Traces are published without waiting for each ack; `flush()` collects them.
+        self._pending_traces.append(
+            await self._js.publish_async(
+                subjects.rule_fired(rule.id), m.encode(fired), headers={bus.MSG_ID: msg_id}
+            )
+        )
+
+    async def flush(self) -> None:
+        """Wait for the traces published so far to be stored (before acking their cause)."""
+        pending, self._pending_traces = self._pending_traces, []
+        if pending:
+            await asyncio.gather(*pending)
 
     @staticmethod
     def reason(rule: m.Rule, episode: Episode) -> str:

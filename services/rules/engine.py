@@ -109,7 +109,9 @@ class RulesEngine:
             records = (await session.scalars(select(RuleRecord))).all()
             devices = (
                 await session.execute(
-                    select(Device.id, Device.kind, Device.location, Device.metadata_)
+                    select(
+                        Device.id, Device.kind, Device.location, Device.metadata_, Device.enabled
+                    ).where(Device.lifecycle != "decommissioned")
                 )
             ).all()
         rules = {}
@@ -120,9 +122,10 @@ class RulesEngine:
                 log.error("rule %s cannot be loaded: %s", record.id, exc)
         self._book = RuleBook(rules)
         self._registry = {
-            d: DeviceInfo(kind, location, tuple((meta or {}).get("tags", []) or ()))
-            for d, kind, location, meta in devices
+            d: DeviceInfo(kind, location, tuple((meta or {}).get("tags", []) or ()), enabled)
+            for d, kind, location, meta, enabled in devices
         }
+        self._actions.registry = self._registry
         async with self._lock:
             await self._schedule_all()
         log.info("loaded %d rules", len(rules))
@@ -200,9 +203,11 @@ class RulesEngine:
                     msgs = await sub.fetch(256, timeout=1.0)
                 except TimeoutError:  # nats-py raises asyncio.TimeoutError here
                     continue
-                for msg in msgs:
-                    async with self._lock:
+                async with self._lock:
+                    for msg in msgs:
                         await handle(msg)
+                await self._actions.flush()  # traces stored before their causes are acked
+                for msg in msgs:
                     await msg.ack()
         finally:
             with contextlib.suppress(Exception):
@@ -221,6 +226,7 @@ class RulesEngine:
                         continue
                     if due(episode, now):
                         await self._advance(key, rule, episode)
+            await self._actions.flush()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), TICK_S)
 
@@ -249,9 +255,13 @@ class RulesEngine:
             episode, what = step(current, rule, obs, fact.time)
             EVALUATIONS.labels(what).inc()
             if what == "start" and episode is not None:
-                await self._save(key, episode)
                 if due(episode, m.now()):
+                    # Acted on at once: saved once, after the actions. A crash before that
+                    # redelivers the fact, and the re-run's ids are de-duplicated.
+                    self._episodes[key] = episode
                     await self._advance(key, rule, episode)
+                else:
+                    await self._save(key, episode)
             elif what == "end" and current is not None:
                 await self._end(key, rule, current)
 

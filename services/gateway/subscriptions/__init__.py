@@ -1,0 +1,1 @@
+"""Webhook subscriptions: create, list, delete; their deliveries and dead letters."""

@@ -1,0 +1,101 @@
+"""Webhook subscription bodies: a user writes a `SubscriptionCreate`; the secret is answered
+once, in `SubscriptionCreated`, and never again."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+Mode = Literal["structured", "binary"]
+DeliveryStatus = Literal["pending", "delivered", "failed"]
+
+
+class SubscriptionCreate(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Events on subjects matching `filter` are POSTed to `url`, signed with `secret`."""
+
+    filter: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1,
+            max_length=512,
+            description="a subject filter under events., commands., system. or deadletter.; "
+            "`*` matches one token, `>` the rest (`events.*.telemetry`)",
+        ),
+    ]
+    url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048, description="http(s) URL")]
+    mode: Annotated[
+        Mode,
+        msgspec.Meta(
+            description="CloudEvents HTTP binding: `structured` (the event as the JSON body) "
+            "or `binary` (`data` as the body, attributes in `ce-*` headers)"
+        ),
+    ] = "structured"
+    secret: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                max_length=128,
+                description="`whsec_<base64 of 24-64 bytes>`; generated when absent",
+            ),
+        ]
+        | None
+    ) = None
+
+
+class Subscription(msgspec.Struct, frozen=True):
+    """A webhook subscription (its secret is shown once, when it is created)."""
+
+    id: str
+    filter: str
+    url: str
+    mode: Mode
+    enabled: bool
+    created_by: str
+    created_at: datetime
+
+
+class SubscriptionCreated(Subscription, frozen=True):
+    """The new subscription with its signing secret: keep it, it is not shown again."""
+
+    secret: str
+
+
+class SubscriptionPage(msgspec.Struct, frozen=True):
+    """A page of subscriptions; `next_cursor` continues it."""
+
+    items: list[Subscription]
+    next_cursor: str | None
+
+
+class DeliveryView(msgspec.Struct, frozen=True):
+    """One event's delivery to a subscription: `pending` while retried, then `delivered` or
+    `failed` (the dead-letter list, re-drivable)."""
+
+    id: int
+    subscription_id: str
+    event_seq: int
+    event_id: str
+    subject: str
+    status: DeliveryStatus
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    last_attempt_at: datetime | None
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
+
+
+class DeliveryPage(msgspec.Struct, frozen=True):
+    """A page of deliveries, oldest first; `next_cursor` continues it."""
+
+    items: list[DeliveryView]
+    next_cursor: str | None
+
+
+class Redelivery(msgspec.Struct, frozen=True):
+    """How many failed deliveries were queued to be sent again."""
+
+    redelivered: int

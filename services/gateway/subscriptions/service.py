@@ -1,0 +1,199 @@
+"""Webhook subscriptions: a row in `subscriptions` and a durable JetStream consumer
+(`webhook-<id>`), created and deleted together. The webhooks service delivers; every change is
+announced on `system.subscription.<id>.changed` (an empty core NATS message) so that it reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from nats.aio.client import Client as NATS
+from nats.js.errors import NotFoundError
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from libs import messages as m
+from libs import webhooks
+from libs.db.models import Delivery
+from libs.db.models import Subscription as SubscriptionRow
+from libs.errors import Invalid, NotFound
+from services.gateway.pagination import decode_cursor, page
+from services.gateway.resources import require_bus
+from services.gateway.subscriptions.schemas import (
+    DeliveryPage,
+    DeliveryStatus,
+    DeliveryView,
+    Redelivery,
+    Subscription,
+    SubscriptionCreate,
+    SubscriptionCreated,
+    SubscriptionPage,
+)
+
+T = TypeVar("T")
+
+
+class SubscriptionService:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        nc: NATS,
+        settings: webhooks.WebhookSettings,
+    ) -> None:
+        self._sessions = sessions
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._settings = settings
+
+    async def create(self, data: SubscriptionCreate, *, actor: str) -> SubscriptionCreated:
+        """Store the subscription and create its consumer: events from now on are kept for it."""
+        stream = _checked(webhooks.check_filter, data.filter, "$.filter")
+        await _checked_url(data.url, self._settings.allow_private)
+        secret = data.secret or webhooks.new_secret()
+        _checked(webhooks.secret_key, secret, "$.secret")
+        require_bus(self._nc)
+        row = SubscriptionRow(
+            id=m.new_id(),
+            filter=data.filter,
+            url=data.url,
+            mode=data.mode,
+            secret=secret,
+            enabled=True,
+            created_by=actor,
+            created_at=m.now(),
+        )
+        config = webhooks.consumer_config(row.id, row.filter, self._settings.ack_wait_s)
+        try:
+            async with self._sessions.begin() as session:
+                session.add(row)
+                await session.flush()
+                await self._js.add_consumer(stream, config)
+        except BaseException:
+            # The row did not commit: a consumer without one would keep nothing useful.
+            with contextlib.suppress(Exception):
+                await self._js.delete_consumer(stream, webhooks.consumer_name(row.id))
+            raise
+        await self._signal(row.id)
+        return SubscriptionCreated(**_fields(row), secret=secret)
+
+    async def get(self, subscription_id: str) -> Subscription:
+        async with self._sessions() as session:
+            return _view(await self._row(session, subscription_id))
+
+    async def list(self, limit: int, cursor: str | None) -> SubscriptionPage:
+        query = select(SubscriptionRow).order_by(SubscriptionRow.id).limit(limit + 1)
+        if cursor:
+            query = query.where(SubscriptionRow.id > decode_cursor(cursor, str))
+        async with self._sessions() as session:
+            rows = list(await session.scalars(query))
+        return page(rows, limit, key=lambda r: r.id, view=_view, into=SubscriptionPage)
+
+    async def delete(self, subscription_id: str) -> None:
+        """Remove the subscription, its consumer and its delivery records."""
+        require_bus(self._nc)
+        async with self._sessions.begin() as session:
+            row = await self._row(session, subscription_id)
+            stream = webhooks.check_filter(row.filter)
+            await session.execute(delete(Delivery).where(Delivery.subscription_id == row.id))
+            await session.delete(row)
+            await session.flush()
+            with contextlib.suppress(NotFoundError):
+                await self._js.delete_consumer(stream, webhooks.consumer_name(row.id))
+        await self._signal(subscription_id)
+
+    async def deliveries(
+        self, subscription_id: str, status: DeliveryStatus | None, limit: int, cursor: str | None
+    ) -> DeliveryPage:
+        """The subscription's deliveries, oldest first; `failed` ones are the dead letters."""
+        query = (
+            select(Delivery)
+            .where(Delivery.subscription_id == subscription_id)
+            .order_by(Delivery.id)
+            .limit(limit + 1)
+        )
+        if status:
+            query = query.where(Delivery.status == status)
+        if cursor:
+            query = query.where(Delivery.id > decode_cursor(cursor, int))
+        async with self._sessions() as session:
+            await self._row(session, subscription_id)
+            rows = list(await session.scalars(query))
+        return page(rows, limit, key=lambda r: r.id, view=_delivery_view, into=DeliveryPage)
+
+    async def redeliver(self, subscription_id: str) -> Redelivery:
+        """Queue every failed delivery to be sent again (`pending` without a next attempt)."""
+        require_bus(self._nc)
+        async with self._sessions.begin() as session:
+            await self._row(session, subscription_id)
+            result = await session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.subscription_id == subscription_id,
+                    Delivery.status == webhooks.FAILED,
+                )
+                .values(status=webhooks.PENDING, next_attempt_at=None)
+            )
+        await self._signal(subscription_id)
+        return Redelivery(redelivered=result.rowcount or 0)
+
+    async def _row(self, session: AsyncSession, subscription_id: str) -> SubscriptionRow:
+        row = await session.get(SubscriptionRow, subscription_id)
+        if row is None:
+            raise NotFound(f"subscription {subscription_id!r} does not exist")
+        return row
+
+    async def _signal(self, subscription_id: str) -> None:
+        await self._nc.publish(webhooks.subscription_changed(subscription_id), b"")
+        await self._nc.flush()
+
+
+def _checked(check: Callable[[str], T], value: str, field: str) -> T:
+    try:
+        return check(value)
+    except ValueError as exc:
+        raise Invalid(str(exc), field=field) from None
+
+
+async def _checked_url(url: str, allow_private: bool) -> None:
+    # getaddrinfo blocks: resolve in a thread.
+    try:
+        await asyncio.to_thread(webhooks.check_url, url, allow_private)
+    except ValueError as exc:
+        raise Invalid(f"{url!r}: {exc}", field="$.url") from None
+
+
+def _fields(row: SubscriptionRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "filter": row.filter,
+        "url": row.url,
+        "mode": row.mode,
+        "enabled": row.enabled,
+        "created_by": row.created_by,
+        "created_at": row.created_at,
+    }
+
+
+def _view(row: SubscriptionRow) -> Subscription:
+    return Subscription(**_fields(row))
+
+
+def _delivery_view(row: Delivery) -> DeliveryView:
+    return DeliveryView(
+        id=row.id,
+        subscription_id=row.subscription_id,
+        event_seq=row.event_seq,
+        event_id=row.event_id,
+        subject=row.subject,
+        status=row.status,  # type: ignore[arg-type]
+        attempts=row.attempts,
+        last_status_code=row.last_status_code,
+        last_error=row.last_error,
+        created_at=row.created_at,
+        last_attempt_at=row.last_attempt_at,
+        next_attempt_at=row.next_attempt_at,
+        delivered_at=row.delivered_at,
+    )

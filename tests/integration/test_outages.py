@@ -1,0 +1,114 @@
+"""DESIGN.md's guarantees under outages: with the database down, ingest buffers on the bus and
+catches up; a bus killed with -9 and restarted keeps every acknowledged event."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from libs import bus
+from libs import messages as m
+from libs.db.engine import make_engine, make_sessionmaker
+from libs.db.migrate import upgrade
+from libs.db.models import Device
+from libs.settings import async_database_url
+from tests.helpers import eventually, unique_id
+from tests.integration.test_actors import states
+from tests.outage import PrivateNats, PrivatePostgres, postgres_bin
+from tests.processes import Service
+
+PER_DEVICE = 50
+
+
+async def publish(js, devices: list[str], first: int, count: int) -> None:  # type: ignore[no-untyped-def]
+    futures = []
+    for n in range(first, first + count):
+        for device in devices:
+            event = m.make_event(device, "telemetry", {"n": n})
+            body = msgspec.json.encode(event)
+            futures.append(
+                await js.publish_async(event.nats_subject, body, headers={bus.MSG_ID: event.id})
+            )
+    for f in futures:
+        await f
+
+
+async def all_at(sessions, devices: list[str], n: int) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        found = await states(sessions, devices)
+    except Exception:
+        return False  # the database may still be coming back
+    return len(found) == len(devices) and all(s.version == n for s in found.values())
+
+
+@pytest.fixture
+def private_postgres():  # type: ignore[no-untyped-def]
+    pg = PrivatePostgres()
+    yield pg
+    pg.remove()
+
+
+@pytest.mark.skipif(postgres_bin() is None, reason="needs PostgreSQL server binaries to stop one")
+async def test_database_outage_buffers_on_the_bus_and_catches_up(
+    tmp_path: Path, private_postgres, service_env, js
+) -> None:  # type: ignore[no-untyped-def]
+    pg = private_postgres
+    pg.start()
+    await asyncio.to_thread(upgrade, async_database_url(pg.url))
+    engine = make_engine(async_database_url(pg.url))
+    sessions = make_sessionmaker(engine)
+    devices = [unique_id("pgdown") for _ in range(5)]
+    async with sessions.begin() as session:
+        session.add_all([Device(id=d, name=d, kind="sensor") for d in devices])
+    env = {**service_env, "DATABASE_URL": pg.url}
+    env.pop("REDIS_URL", None)  # the database is the only store: nothing may hide the outage
+    actors = Service("services.actors", env, tmp_path).start()
+    try:
+        await publish(js, devices, 0, PER_DEVICE)
+        await eventually(lambda: all_at(sessions, devices, PER_DEVICE), timeout=30)
+        pg.stop()
+        await publish(js, devices, PER_DEVICE, PER_DEVICE)  # acknowledged by the bus
+        await eventually(lambda: "state write failed, retrying" in actors.tail(), timeout=20)
+        pg.start()
+        await eventually(lambda: all_at(sessions, devices, 2 * PER_DEVICE), timeout=60)
+        final = await states(sessions, devices)
+    finally:
+        code = actors.stop()
+        await engine.dispose()
+    assert code == 0, actors.tail()
+    assert all(s.attributes == {"n": 2 * PER_DEVICE - 1} for s in final.values())
+
+
+async def test_bus_killed_and_restarted_keeps_acknowledged_events(
+    tmp_path: Path, service_env, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    nats_server = PrivateNats(tmp_path / "nats")
+    nats_server.start()
+    nc = await bus.connect(nats_server.url, "outage-test")
+    js = nc.jetstream()
+    await bus.ensure_streams(js)
+    devices = [unique_id("busdown") for _ in range(5)]
+    async with sessions.begin() as session:
+        session.add_all([Device(id=d, name=d, kind="sensor") for d in devices])
+    actors = Service(
+        "services.actors", {**service_env, "NATS_URL": nats_server.url}, tmp_path
+    ).start()
+    try:
+        await publish(js, devices, 0, PER_DEVICE)
+        nats_server.kill9()  # acknowledged publishes are on disk (sync_interval: always)
+        nats_server.start()
+        await eventually(lambda: nc.is_connected, timeout=20)
+        await publish(js, devices, PER_DEVICE, PER_DEVICE)
+        await eventually(lambda: all_at(sessions, devices, 2 * PER_DEVICE), timeout=60)
+        final = await states(sessions, devices)
+    finally:
+        code = actors.stop()
+        await nc.close()
+        if nats_server.proc:
+            nats_server.proc.terminate()
+            nats_server.proc.wait(10)
+    assert code == 0, actors.tail()
+    assert all(s.attributes == {"n": 2 * PER_DEVICE - 1} for s in final.values())

@@ -1,0 +1,435 @@
+"""Webhook subscriptions end to end: the gateway in-process, the webhooks service as a real
+process, and a real HTTP receiver in the test that fails, hangs or answers on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from litestar import Litestar, Router
+from litestar.testing import AsyncTestClient
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from libs import bus, subjects, webhooks
+from libs import messages as m
+from libs.settings import Settings
+from services.gateway.app import API_PREFIX, create_app
+from services.gateway.subscriptions.controllers import SubscriptionController
+from tests.helpers import eventually, unique_id
+from tests.processes import Service
+
+SUBS = f"{API_PREFIX}/subscriptions"
+# The service and the in-process gateway read the same settings.
+WEBHOOK_ENV = {
+    "SMARTHOME_WEBHOOK_ALLOW_PRIVATE": "1",  # the receivers listen on 127.0.0.1
+    "SMARTHOME_WEBHOOK_RETRY_BASE": "0.2",
+    "SMARTHOME_WEBHOOK_TIMEOUT": "5",
+}
+
+
+def gateway_app(settings: Settings) -> Litestar:
+    """The gateway, with the subscriptions controller until app.py registers it."""
+    app = create_app(settings)
+    if not any(route.path.startswith(SUBS) for route in app.routes):
+        app.register(Router(path=API_PREFIX, route_handlers=[SubscriptionController]))
+    return app
+
+
+@pytest.fixture(scope="module")
+async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:
+    async with AsyncTestClient(gateway_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture(autouse=True)
+def webhook_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    for name, value in WEBHOOK_ENV.items():
+        monkeypatch.setenv(name, value)
+    return WEBHOOK_ENV
+
+
+# --- a webhook receiver ------------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    headers: dict[str, str]
+    body: bytes
+    status: int | None  # None: never answered
+
+
+@dataclass
+class Receiver:
+    """An HTTP endpoint on 127.0.0.1 that answers 500 to its first `fail_first` requests and
+    200 after, or never answers (`hang`)."""
+
+    fail_first: int = 0
+    hang: bool = False
+    requests: list[Received] = field(default_factory=list)
+    hanging: int = 0  # requests waiting for an answer that will not come
+    _release: asyncio.Event = field(default_factory=asyncio.Event)
+    _server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/hook"
+
+    @property
+    def delivered(self) -> list[Received]:
+        return [r for r in self.requests if r.status == 200]
+
+    async def __aenter__(self) -> Receiver:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self._release.set()
+        assert self._server is not None
+        self._server.close()
+
+    def _answer(self) -> int | None:
+        if self.hang:
+            return None
+        return 500 if len(self.requests) < self.fail_first else 200
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:  # keep-alive: one request after another on this connection
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (line.partition(":") for line in head[1:] if line)
+                }
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                status = self._answer()
+                self.requests.append(Received(headers, body, status))
+                if status is None:
+                    await self._hang(reader)
+                    return
+                writer.write(f"HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n".encode())
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _hang(self, reader: asyncio.StreamReader) -> None:
+        """Until the client gives up (closes) or the test ends."""
+        self.hanging += 1
+        gave_up = asyncio.ensure_future(reader.read())
+        released = asyncio.ensure_future(self._release.wait())
+        await asyncio.wait([gave_up, released], return_when=asyncio.FIRST_COMPLETED)
+        for waiting in (gave_up, released):
+            waiting.cancel()
+        self.hanging -= 1
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+class Subscriptions:
+    """Creates subscriptions through the API and deletes them when the test ends."""
+
+    def __init__(self, client: AsyncTestClient) -> None:
+        self.client = client
+        self.ids: list[str] = []
+
+    async def create(self, receiver: Receiver, device_id: str, **body: Any) -> dict[str, Any]:
+        filter_subject = subjects.device_events_all(device_id)
+        response = await self.client.post(
+            SUBS, json={"filter": filter_subject, "url": receiver.url, **body}
+        )
+        assert response.status_code == 201, response.text
+        self.ids.append(response.json()["id"])
+        return response.json()
+
+    async def deliveries(self, subscription_id: str, **params: str) -> list[dict[str, Any]]:
+        response = await self.client.get(f"{SUBS}/{subscription_id}/deliveries", params=params)
+        assert response.status_code == 200, response.text
+        return response.json()["items"]
+
+
+@pytest.fixture
+async def subs(client: AsyncTestClient) -> AsyncIterator[Subscriptions]:
+    subscriptions = Subscriptions(client)
+    yield subscriptions
+    for subscription_id in subscriptions.ids:
+        await client.delete(f"{SUBS}/{subscription_id}")
+
+
+@contextlib.asynccontextmanager
+async def webhooks_service(
+    service_env: dict[str, str], data_dir: Path, **env: str
+) -> AsyncIterator[Service]:
+    """The webhooks service, holding its lease; stopped with SIGTERM, which must be clean.
+    Started and stopped in a thread: the receivers answer from this event loop meanwhile."""
+    service = Service("services.webhooks", {**service_env, **WEBHOOK_ENV, **env}, data_dir)
+    await asyncio.to_thread(service.start)
+    try:
+        await eventually(lambda: "acquired" in service.tail(100_000), timeout=15)
+        yield service
+    finally:
+        code = await asyncio.to_thread(service.stop)
+    assert code == 0, service.tail()
+
+
+async def publish(js: JetStreamContext, device_id: str, **data: Any) -> m.CloudEvent:
+    event = m.make_event(device_id, "telemetry", data)
+    await bus.publish(js, event.nats_subject, event, msg_id=event.id)
+    return event
+
+
+def ids_of(received: list[Received]) -> list[str]:
+    return [r.headers[webhooks.HEADER_ID] for r in received]
+
+
+def verifies(secret: str, received: Received) -> bool:
+    h = received.headers
+    return webhooks.verify(
+        secret,
+        h[webhooks.HEADER_ID],
+        h[webhooks.HEADER_TIMESTAMP],
+        received.body,
+        h[webhooks.HEADER_SIGNATURE],
+    )
+
+
+# --- delivery ----------------------------------------------------------------------------------
+
+
+async def test_failing_endpoint_gets_the_event_once_after_backoff_with_a_valid_signature(
+    subs: Subscriptions, js: JetStreamContext, service_env: dict[str, str], data_dir: Path
+) -> None:
+    device = unique_id()
+    async with Receiver(fail_first=3) as receiver, webhooks_service(service_env, data_dir):
+        sub = await subs.create(receiver, device)
+        event = await publish(js, device, power_w=60.0)
+        # In order: the next event waits behind the retries, and no copy of the first follows it.
+        marker = await publish(js, device, power_w=0.0)
+        await eventually(lambda: len(receiver.delivered) == 2, timeout=15)
+        deliveries = await subs.deliveries(sub["id"])
+
+    assert [r.status for r in receiver.requests] == [500, 500, 500, 200, 200]
+    assert ids_of(receiver.requests) == [event.id] * 4 + [marker.id]
+    first = receiver.delivered[0]
+    assert verifies(sub["secret"], first)
+    assert not verifies(webhooks.new_secret(), first)
+    assert first.headers["content-type"] == "application/cloudevents+json"
+    assert m.cloud_event_decoder.decode(first.body) == event
+    assert [(d["event_id"], d["status"], d["attempts"]) for d in deliveries] == [
+        (event.id, "delivered", 4),
+        (marker.id, "delivered", 1),
+    ]
+    assert deliveries[0]["last_status_code"] == 200
+
+
+async def test_events_arrive_in_order_in_binary_mode(
+    subs: Subscriptions, js: JetStreamContext, service_env: dict[str, str], data_dir: Path
+) -> None:
+    device = unique_id()
+    async with Receiver() as receiver, webhooks_service(service_env, data_dir):
+        sub = await subs.create(receiver, device, mode="binary")
+        events = [await publish(js, device, n=n) for n in range(5)]
+        await eventually(lambda: len(receiver.delivered) == 5, timeout=15)
+
+    assert [r.headers["ce-id"] for r in receiver.requests] == [e.id for e in events]
+    assert [msgspec.json.decode(r.body) for r in receiver.requests] == [{"n": n} for n in range(5)]
+    first = receiver.requests[0]
+    assert first.headers["content-type"] == "application/json"
+    assert first.headers["ce-type"] == "telemetry"
+    assert first.headers["ce-subject"] == device
+    assert first.headers["ce-specversion"] == "1.0"
+    assert all(verifies(sub["secret"], r) for r in receiver.requests)
+
+
+async def test_a_hanging_endpoint_does_not_delay_other_subscriptions(
+    subs: Subscriptions, js: JetStreamContext, service_env: dict[str, str], data_dir: Path
+) -> None:
+    stuck_device, device = unique_id(), unique_id()
+    async with (
+        Receiver(hang=True) as stuck,
+        Receiver() as receiver,
+        webhooks_service(service_env, data_dir),
+    ):
+        await subs.create(stuck, stuck_device)
+        await subs.create(receiver, device)
+        await publish(js, stuck_device, n=0)
+        await publish(js, stuck_device, n=1)
+        await eventually(lambda: stuck.hanging == 1, timeout=10)
+        events = [await publish(js, device, n=n) for n in range(3)]
+        await eventually(lambda: len(receiver.delivered) == 3, timeout=10)
+        still_hanging = stuck.hanging
+
+    assert still_hanging == 1, "the other deliveries waited for the hanging endpoint"
+    assert [r.headers[webhooks.HEADER_ID] for r in receiver.delivered] == [e.id for e in events]
+    assert len(stuck.requests) == 1  # its second event waits behind its first
+
+
+async def test_killed_service_resumes_retries_and_delivers_exactly_once(
+    subs: Subscriptions, js: JetStreamContext, service_env: dict[str, str], data_dir: Path
+) -> None:
+    device = unique_id()
+    async with Receiver(fail_first=4) as receiver, webhooks_service(service_env, data_dir) as svc:
+        sub = await subs.create(receiver, device)
+        event = await publish(js, device, power_w=60.0)
+
+        async def retrying() -> bool:
+            pending = await subs.deliveries(sub["id"], status="pending")
+            return bool(pending) and pending[0]["attempts"] >= 2
+
+        await eventually(retrying, timeout=10)
+        svc.kill9()
+        await asyncio.to_thread(svc.start)
+        # The dead owner's lease expires first: then the restarted service takes over.
+        await eventually(lambda: svc.tail(100_000).count("acquired") >= 2, timeout=20)
+        await eventually(lambda: receiver.delivered, timeout=15)
+        marker = await publish(js, device, power_w=0.0)
+        await eventually(lambda: len(receiver.delivered) == 2, timeout=10)
+        deliveries = await subs.deliveries(sub["id"])
+
+    assert ids_of(receiver.delivered) == [event.id, marker.id]
+    assert [r.status for r in receiver.requests] == [500] * 4 + [200, 200]
+    assert [d["status"] for d in deliveries] == ["delivered", "delivered"]
+    # An attempt the kill interrupted after the request may be missing from the record.
+    assert deliveries[0]["attempts"] in (4, 5)
+
+
+async def test_exhausted_retries_are_dead_lettered_and_redelivered_on_request(
+    subs: Subscriptions,
+    client: AsyncTestClient,
+    js: JetStreamContext,
+    service_env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    device = unique_id()
+    service = webhooks_service(service_env, data_dir, SMARTHOME_WEBHOOK_RETRY_FOR="2")
+    async with Receiver(fail_first=1_000) as receiver, service:
+        sub = await subs.create(receiver, device)
+        lost = await publish(js, device, power_w=60.0)
+        failed = await eventually(lambda: subs.deliveries(sub["id"], status="failed"), timeout=15)
+        receiver.fail_first = 0  # the endpoint is fixed
+        # The dead letter no longer holds back the events after it.
+        after = await publish(js, device, power_w=0.0)
+        await eventually(lambda: receiver.delivered, timeout=10)
+        redelivered = await client.post(f"{SUBS}/{sub['id']}/redeliver")
+        await eventually(lambda: len(receiver.delivered) == 2, timeout=10)
+        delivered = await eventually(
+            lambda: subs.deliveries(sub["id"], status="delivered"), timeout=5
+        )
+        still_failed = await subs.deliveries(sub["id"], status="failed")
+
+    assert [d["event_id"] for d in failed] == [lost.id]
+    assert failed[0]["attempts"] >= 2 and failed[0]["last_status_code"] == 500
+    assert "HTTP 500" in failed[0]["last_error"]
+    assert (redelivered.status_code, redelivered.json()) == (202, {"redelivered": 1})
+    assert ids_of(receiver.delivered) == [after.id, lost.id]
+    assert sorted(d["event_id"] for d in delivered) == sorted([lost.id, after.id])
+    assert still_failed == []
+
+
+async def test_a_lost_consumer_is_made_again(
+    subs: Subscriptions, js: JetStreamContext, service_env: dict[str, str], data_dir: Path
+) -> None:
+    device = unique_id()
+    async with Receiver() as receiver:
+        sub = await subs.create(receiver, device)
+        await js.delete_consumer(subjects.EVENTS_STREAM, webhooks.consumer_name(sub["id"]))
+        async with webhooks_service(service_env, data_dir) as service:
+            await eventually(lambda: "was missing" in service.tail(100_000), timeout=10)
+            event = await publish(js, device, power_w=1.0)
+            await eventually(lambda: receiver.delivered, timeout=10)
+
+    assert ids_of(receiver.delivered) == [event.id]
+
+
+# --- the API -----------------------------------------------------------------------------------
+
+
+async def test_subscription_round_trip_never_shows_the_secret_again(
+    client: AsyncTestClient, js: JetStreamContext
+) -> None:
+    body = {"filter": "system.alert.>", "url": "http://127.0.0.1:9/hook"}
+
+    created = await client.post(SUBS, json=body)
+    sub = created.json()
+    consumer = await js.consumer_info(subjects.SYSTEM_STREAM, webhooks.consumer_name(sub["id"]))
+    fetched = await client.get(f"{SUBS}/{sub['id']}")
+    listed = await client.get(SUBS, params={"limit": "500"})
+    deleted = await client.delete(f"{SUBS}/{sub['id']}")
+    gone = await client.get(f"{SUBS}/{sub['id']}")
+
+    assert created.status_code == 201
+    assert sub["secret"].startswith("whsec_") and sub["mode"] == "structured"
+    assert consumer.config.filter_subject == "system.alert.>"
+    assert consumer.config.max_ack_pending == 1
+    assert fetched.json() == {k: v for k, v in sub.items() if k != "secret"}
+    assert sub["id"] in [s["id"] for s in listed.json()["items"]]
+    assert all("secret" not in s for s in listed.json()["items"])
+    assert deleted.status_code == 204 and gone.status_code == 404
+    with pytest.raises(NotFoundError):
+        await js.consumer_info(subjects.SYSTEM_STREAM, webhooks.consumer_name(sub["id"]))
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "says"),
+    [
+        ({"filter": "events..x"}, "$.filter", "not a subject filter"),
+        ({"filter": "weather.>"}, "$.filter", "must start with events."),
+        ({"url": "ftp://x/hook"}, "$.url", "http:// or https://"),
+        ({"url": "not a url"}, "$.url", "http:// or https://"),
+        ({"secret": "hunter2"}, "$.secret", "whsec_"),
+        ({"mode": "smoke-signals"}, "$.mode", "Invalid enum value"),
+    ],
+)
+async def test_bad_input_is_refused_naming_the_field(
+    client: AsyncTestClient, body: dict[str, str], field: str, says: str
+) -> None:
+    valid = {"filter": "events.x.>", "url": "http://127.0.0.1:9/hook"}
+
+    response = await client.post(SUBS, json=valid | body)
+
+    assert response.status_code == 422, response.text
+    problem = response.json()
+    assert [e["field"] for e in problem["errors"]] == [field]
+    assert field in problem["detail"] and says in problem["detail"]
+
+
+async def test_a_loopback_url_is_refused_unless_the_admin_allows_it(
+    client: AsyncTestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SMARTHOME_WEBHOOK_ALLOW_PRIVATE")
+    body = {"filter": "events.x.>", "url": "http://127.0.0.1:1/"}
+
+    response = await client.post(SUBS, json=body)
+    metadata = await client.post(SUBS, json=body | {"url": "http://169.254.169.254/latest"})
+
+    assert response.status_code == 422
+    problem = response.json()
+    assert problem["errors"][0]["field"] == "$.url"
+    assert "loopback" in problem["detail"]
+    assert "SMARTHOME_WEBHOOK_ALLOW_PRIVATE=1" in problem["detail"]
+    assert metadata.status_code == 422 and "metadata" in metadata.json()["detail"]
+
+
+async def test_unknown_subscription_and_bad_status_answer_problems(
+    client: AsyncTestClient,
+) -> None:
+    missing = await client.get(f"{SUBS}/nope/deliveries")
+    redeliver = await client.post(f"{SUBS}/nope/redeliver")
+    sub = (
+        await client.post(SUBS, json={"filter": "events.x.>", "url": "http://127.0.0.1:9/"})
+    ).json()
+    bad_status = await client.get(f"{SUBS}/{sub['id']}/deliveries", params={"status": "lost"})
+    await client.delete(f"{SUBS}/{sub['id']}")
+
+    assert missing.status_code == 404 and redeliver.status_code == 404
+    assert bad_status.status_code == 422
+    assert bad_status.json()["errors"][0]["field"] == "status"

@@ -1,0 +1,268 @@
+"""The pure parts of webhook delivery: signatures, the SSRF check, the retry schedule, what an
+attempt leaves behind, and the request a bus message becomes. (No servers: these belong in
+tests/unit; they sit here only because this change may add test files under this name.)"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+import pytest
+
+from libs import bus, webhooks
+from libs import messages as m
+from libs.settings import SettingsError
+from services.webhooks.attempts import Previous, after_attempt
+from services.webhooks.payload import render
+from services.webhooks.sender import Outcome
+
+# The Standard Webhooks reference test vector.
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+MSG_ID = "msg_p5jXN8AQM9LWM0D4loKWxJek"
+TIMESTAMP = 1614265330
+BODY = b'{"test": 2432232314}'
+SIGNATURE = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+# --- signatures --------------------------------------------------------------------------------
+
+
+def test_signature_matches_the_standard_webhooks_reference() -> None:
+    assert webhooks.sign(SECRET, MSG_ID, TIMESTAMP, BODY) == SIGNATURE
+
+
+def test_verify_accepts_a_fresh_signature_among_several_and_refuses_tampering() -> None:
+    now = TIMESTAMP + 10
+    rotated = f"v1,bm90IHRoaXMgb25l {SIGNATURE}"
+
+    assert webhooks.verify(SECRET, MSG_ID, str(TIMESTAMP), BODY, SIGNATURE, now=now)
+    assert webhooks.verify(SECRET, MSG_ID, TIMESTAMP, BODY, rotated, now=now)
+    assert not webhooks.verify(SECRET, MSG_ID, TIMESTAMP, BODY + b" ", SIGNATURE, now=now)
+    assert not webhooks.verify(SECRET, "msg_other", TIMESTAMP, BODY, SIGNATURE, now=now)
+    assert not webhooks.verify(SECRET, MSG_ID, TIMESTAMP, BODY, "v2" + SIGNATURE[2:], now=now)
+    assert not webhooks.verify(SECRET, MSG_ID, TIMESTAMP, BODY, SIGNATURE, now=now + 3600)
+    assert not webhooks.verify(SECRET, MSG_ID, "soon", BODY, SIGNATURE, now=now)
+
+
+def test_new_secrets_are_valid_and_different() -> None:
+    a, b = webhooks.new_secret(), webhooks.new_secret()
+
+    assert a != b
+    assert len(webhooks.secret_key(a)) == webhooks.SECRET_BYTES
+
+
+@pytest.mark.parametrize(
+    ("secret", "says"),
+    [
+        ("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_"),
+        ("whsec_not*base64", "not valid base64"),
+        ("whsec_c2hvcnQ=", "got 5 bytes"),
+    ],
+)
+def test_a_malformed_secret_says_what_a_secret_is(secret: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        webhooks.secret_key(secret)
+
+
+# --- where webhooks may go ---------------------------------------------------------------------
+
+
+def resolver(*addresses: str):  # type: ignore[no-untyped-def]
+    return lambda host, port: list(addresses)
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("127.8.9.10", "loopback"),
+        ("::1", "loopback"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("169.254.169.254", "cloud metadata"),
+        ("fd00:ec2::254", "cloud metadata"),
+        ("100.100.100.200", "cloud metadata"),
+        ("169.254.10.1", "link-local"),
+        ("fe80::1%eth0", "link-local"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("224.0.0.1", "multicast"),
+    ],
+)
+def test_urls_into_the_platforms_own_network_are_refused(address: str, reason: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        webhooks.check_url("https://hooks.example/in", False, resolver("93.184.215.14", address))
+
+    assert reason in str(refused.value)
+    assert "SMARTHOME_WEBHOOK_ALLOW_PRIVATE=1" in str(refused.value)
+
+
+@pytest.mark.parametrize("address", ["93.184.215.14", "192.168.1.20", "10.0.0.7", "2001:db8::1"])
+def test_public_and_home_lan_addresses_are_allowed(address: str) -> None:
+    webhooks.check_url("http://receiver.lan:1880/hook", False, resolver(address))
+
+
+def test_allow_private_skips_the_address_check_but_not_the_scheme() -> None:
+    def no_dns(host: str, port: int) -> list[str]:
+        raise AssertionError("resolved although private addresses are allowed")
+
+    webhooks.check_url("http://127.0.0.1:1/", True, no_dns)
+    with pytest.raises(ValueError, match="http:// or https://"):
+        webhooks.check_url("file:///etc/passwd", True, no_dns)
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("ftp://x/", "not `ftp`"),
+        ("//host/path", "no scheme"),
+        ("http:///path", "must name a host"),
+        ("http://host:99999/", "port"),
+    ],
+)
+def test_malformed_urls_say_why(url: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        webhooks.check_url(url, False, resolver("93.184.215.14"))
+
+
+def test_a_host_that_does_not_resolve_is_refused() -> None:
+    def nxdomain(host: str, port: int) -> list[str]:
+        raise OSError("Name or service not known")
+
+    with pytest.raises(ValueError, match="does not resolve"):
+        webhooks.check_url("https://nowhere.invalid/", False, nxdomain)
+
+
+@pytest.mark.parametrize(
+    ("filter_subject", "stream"),
+    [("events.*.telemetry", "EVENTS"), ("system.alert.>", "SYSTEM"), ("commands.x", "COMMANDS")],
+)
+def test_filters_read_from_their_stream(filter_subject: str, stream: str) -> None:
+    assert webhooks.check_filter(filter_subject) == stream
+
+
+@pytest.mark.parametrize("filter_subject", ["events..x", "events.a b", ">", "events", "x.>", ""])
+def test_bad_filters_are_refused(filter_subject: str) -> None:
+    with pytest.raises(ValueError):
+        webhooks.check_filter(filter_subject)
+
+
+# --- the retry schedule ------------------------------------------------------------------------
+
+
+def test_backoff_is_full_jitter_under_an_exponential_ceiling() -> None:
+    rng = random.Random(7)
+    for attempt in range(1, 30):
+        ceiling = min(3600.0, 1.0 * 2 ** (attempt - 1))
+        delays = [webhooks.backoff(attempt, 1.0, 3600.0, rng) for _ in range(50)]
+        assert all(0 <= d <= ceiling for d in delays)
+        assert max(delays) > ceiling / 2  # spread over the whole range, not bunched at 0
+    assert webhooks.backoff(10_000, 1.0, 3600.0, rng) <= 3600.0
+
+
+def test_retries_last_for_the_window_and_end_on_its_last_moment() -> None:
+    policy = webhooks.RetryPolicy(base_s=1.0, cap_s=3600.0, retry_for_s=86400.0)
+    rng = random.Random(1)
+
+    early = webhooks.retry_delay(policy, 1, T0, T0 + timedelta(seconds=1), rng)
+    near_end = webhooks.retry_delay(policy, 40, T0, T0 + timedelta(seconds=86399), rng)
+    over = webhooks.retry_delay(policy, 41, T0, T0 + timedelta(seconds=86400), rng)
+
+    assert early is not None and 0 <= early <= 1.0
+    assert near_end is not None and near_end <= 1.0
+    assert over is None
+
+
+def test_an_attempt_is_delivered_retried_or_dead_lettered() -> None:
+    policy = webhooks.RetryPolicy(base_s=1.0, retry_for_s=60.0)
+    rng = random.Random(3)
+    refused = Outcome(False, 500, "HTTP 500: oops")
+    later = T0 + timedelta(seconds=61)
+
+    first = after_attempt(None, refused, T0, policy, rng)
+    second = after_attempt(
+        Previous(1, T0), Outcome(True, 204), T0 + timedelta(seconds=1), policy, rng
+    )
+    last = after_attempt(Previous(7, T0), refused, later, policy, rng)
+    redriven = after_attempt(Previous(8, T0), refused, later, None, rng)
+
+    assert (first.status, first.attempts, first.first_attempt_at) == ("pending", 1, T0)
+    assert first.retry_in_s is not None and first.next_attempt_at is not None
+    assert first.next_attempt_at == T0 + timedelta(seconds=first.retry_in_s)
+    assert (second.status, second.attempts, second.status_code) == ("delivered", 2, 204)
+    assert second.next_attempt_at is None
+    assert (last.status, last.attempts, last.error) == ("failed", 8, "HTTP 500: oops")
+    assert last.next_attempt_at is None
+    assert (redriven.status, redriven.attempts) == ("failed", 9)
+
+
+def test_settings_come_from_the_environment_with_defaults() -> None:
+    default = webhooks.WebhookSettings.from_env({})
+    custom = webhooks.WebhookSettings.from_env(
+        {
+            "SMARTHOME_WEBHOOK_ALLOW_PRIVATE": "true",
+            "SMARTHOME_WEBHOOK_RETRY_BASE": "0.5",
+            "SMARTHOME_WEBHOOK_RETRY_FOR": "600",
+            "SMARTHOME_WEBHOOK_TIMEOUT": "3",
+        }
+    )
+
+    assert default == webhooks.WebhookSettings(
+        False, 10.0, webhooks.RetryPolicy(1.0, 3600.0, 86400.0)
+    )
+    assert (custom.allow_private, custom.timeout_s) == (True, 3.0)
+    assert (custom.retry.base_s, custom.retry.retry_for_s) == (0.5, 600.0)
+    with pytest.raises(SettingsError, match="SMARTHOME_WEBHOOK_TIMEOUT"):
+        webhooks.WebhookSettings.from_env({"SMARTHOME_WEBHOOK_TIMEOUT": "soon"})
+    with pytest.raises(SettingsError, match="SMARTHOME_WEBHOOK_ALLOW_PRIVATE"):
+        webhooks.WebhookSettings.from_env({"SMARTHOME_WEBHOOK_ALLOW_PRIVATE": "maybe"})
+
+
+# --- the request a bus message becomes ---------------------------------------------------------
+
+
+def event(**changes: object) -> m.CloudEvent:
+    base = m.make_event("lamp-1", "telemetry", {"power_w": 60.0}, correlation_id="c-1")
+    return msgspec.structs.replace(base, **changes)
+
+
+def test_structured_mode_sends_the_event_as_it_is_on_the_bus() -> None:
+    e = event()
+    data = m.encode(e)
+
+    payload = render("structured", e.nats_subject, data, None, "EVENTS-1")
+
+    assert (payload.msg_id, payload.body) == (e.id, data)
+    assert payload.headers["content-type"] == "application/cloudevents+json"
+    assert payload.headers["smarthome-subject"] == "events.lamp-1.telemetry"
+
+
+def test_binary_mode_sends_data_with_the_attributes_in_headers() -> None:
+    e = event(source="device/lampe-küche", time=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))
+
+    payload = render("binary", e.nats_subject, m.encode(e), None, "EVENTS-1")
+    empty = render("binary", e.nats_subject, m.encode(event(data=None)), None, "EVENTS-2")
+
+    assert msgspec.json.decode(payload.body) == {"power_w": 60.0}
+    assert payload.headers["content-type"] == "application/json"
+    assert payload.headers["ce-id"] == e.id == payload.msg_id
+    assert payload.headers["ce-type"] == "telemetry"
+    assert payload.headers["ce-subject"] == "lamp-1"
+    assert payload.headers["ce-specversion"] == "1.0"
+    assert payload.headers["ce-time"] == "2026-01-02T03:04:05Z"
+    assert payload.headers["ce-correlationid"] == "c-1"
+    assert payload.headers["ce-source"] == "device/lampe-k%C3%BCche"  # headers are ASCII
+    assert empty.body == b"" and "content-type" not in empty.headers
+
+
+def test_other_bus_messages_go_as_json_named_by_their_message_id() -> None:
+    fact = b'{"device_id": "lamp-1", "change": "created"}'
+
+    as_json = render("binary", "system.device.lamp-1.registry", fact, {bus.MSG_ID: "r-1"}, "S-9")
+    as_bytes = render("structured", "system.subscription.x.changed", b"", None, "SYSTEM-10")
+
+    assert (as_json.msg_id, as_json.body) == ("r-1", fact)
+    assert as_json.headers["content-type"] == "application/json"
+    assert as_bytes.msg_id == "SYSTEM-10"
+    assert as_bytes.headers["content-type"] == "application/octet-stream"
