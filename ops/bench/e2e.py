@@ -67,9 +67,7 @@ from libs.settings import async_database_url
 
 ROOT = Path(__file__).resolve().parents[2]
 MB = 1_000_000
-# What the actors expose (services/actors/worker.py): their durable consumer on EVENTS and
-# the histogram of the time spent on each fetched batch.
-ACTORS_DURABLE = "actors"
+# The histogram of the time the actors spend on each fetched batch (their /metrics).
 ACTORS_BATCH_METRIC = "smarthome_actor_batch_seconds"
 LATENCY_RATE = 1000.0
 LATENCY_SECONDS = 10.0
@@ -401,7 +399,7 @@ async def wait_drained(js: JetStreamContext, last_seq: int, actors: Child, timeo
     while time.monotonic() < deadline:
         actors.check_alive()
         try:
-            info = await js.consumer_info(subjects.EVENTS_STREAM, ACTORS_DURABLE, timeout=2)
+            info = await js.consumer_info(subjects.EVENTS_STREAM, bus.ACTORS_DURABLE, timeout=2)
         except NotFoundError:
             info = None
         if info is not None:
@@ -677,7 +675,9 @@ class Bench:
         if after:
             self.results.notes.append(f"(d) {after.since(stats, len(sent), wall)}")
         failed = sum(1 for a in acks if isinstance(a, BaseException))
-        latencies = sorted((received[i] - t) * 1000 for i, t in sent.items() if i in received)
+        # In publishing order: (when published, latency in ms).
+        timeline = [(t, (received[i] - t) * 1000) for i, t in sent.items() if i in received]
+        latencies = sorted(latency for _, latency in timeline)
         missing = len(sent) - len(latencies)
         if not latencies:
             raise BenchError("(d): no state fact arrived")
@@ -685,8 +685,22 @@ class Bench:
         p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
         r = self.results
         r.add(f"(d) latency p50 at {rate}", f"{p50:.1f} ms")
-        r.add(f"(d) latency p99 at {rate}", f"{p99:.1f} ms", f"≤ {P99_TARGET_MS:g} ms", p99 <= 50)
+        target = f"≤ {P99_TARGET_MS:g} ms"
+        r.add(f"(d) latency p99 at {rate}", f"{p99:.1f} ms", target, p99 <= P99_TARGET_MS)
         r.add(f"(d) latency max at {rate}", f"{latencies[-1]:.1f} ms")
+        first = sorted(lat for t, lat in timeline if t < begin + 1)
+        last = sorted(lat for t, lat in timeline if t >= begin + span - 1)
+        if first and last:
+            p50_first, p50_last = percentile(first, 50), percentile(last, 50)
+            trend = (
+                ": a backlog grew, the actors applied fewer events per second than were published"
+                if p50_last > 2 * p50_first + 20
+                else ""
+            )
+            r.notes.append(
+                f"(d) p50 of the events published in the first second {p50_first:,.0f} ms, "
+                f"in the last second {p50_last:,.0f} ms{trend}"
+            )
         if missing or failed:
             r.notes.append(
                 f"(d): {missing} of {len(sent):,} events had no state fact within 15 s; "

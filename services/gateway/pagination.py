@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 import msgspec
-from litestar.params import QueryParameter
+from litestar.params import ParameterKwarg, QueryParameter
 
 from libs.errors import Invalid
 
@@ -33,7 +33,7 @@ SinceParam = Annotated[
 ]
 
 
-def limit_param(default: int, maximum: int) -> Any:
+def limit_param(default: int, maximum: int) -> ParameterKwarg:
     return QueryParameter(
         ge=1, le=maximum, description=f"page size (default {default}, max {maximum})"
     )

@@ -76,7 +76,7 @@ async def open_resources(settings: Settings, shutdown: Shutdown) -> AsyncIterato
         nc = await _connect(settings.effective_nats_url, shutdown)
         try:
             js = nc.jetstream()
-            await bus.ensure_streams(js)
+            await bus.ensure_streams(js, settings.stream_replicas)
             yield Resources(engine, make_sessionmaker(engine), nc, js, cache, shutdown)
         finally:
             # Drain delivers what is in flight (acks of our publishes) before closing.

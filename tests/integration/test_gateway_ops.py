@@ -75,8 +75,10 @@ async def test_the_openapi_document_lists_every_route(client: AsyncTestClient) -
         for method, operation in item.items()
         if isinstance(operation, dict) and "operationId" in operation
     }
-    assert found == OPERATIONS
-    assert all(paths[p][method].get("summary") for method, p in OPERATIONS)
+    assert OPERATIONS.items() <= found.items()
+    every = [op for item in paths.values() for op in item.values() if isinstance(op, dict)]
+    assert all(op.get("operationId") and op.get("summary") for op in every)
+    assert len({op["operationId"] for op in every}) == len(every)
     create = paths["/api/v1/devices"]["post"]
     assert create["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/DeviceCreate"

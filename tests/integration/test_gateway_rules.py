@@ -39,7 +39,7 @@ def rule(**changes: Any) -> dict[str, Any]:
             "device_id": device_id,
             "attribute": "power_w",
             "above": 1.0,
-            "for_s": 600,
+            "for": 600,
         },
         "actions": [
             {"type": "command", "device_id": device_id, "action": "turn_off"},
@@ -65,7 +65,7 @@ async def test_rule_round_trip(client: AsyncTestClient) -> None:
         1,
         True,
     )
-    assert body["trigger"]["above"] == 1.0 and body["trigger"]["for_s"] == 600
+    assert body["trigger"]["above"] == 1.0 and body["trigger"]["for"] == 600
     assert [a["type"] for a in body["actions"]] == ["command", "set_state"]
     assert body["actions"][0]["expires_s"] == 60.0  # the default, filled in
     assert replaced.status_code == 200

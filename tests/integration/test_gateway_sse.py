@@ -18,8 +18,9 @@ import msgspec
 import pytest
 import uvicorn
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 
-from libs import bus, embedded_nats
+from libs import bus, embedded_nats, subjects
 from libs import messages as m
 from libs.settings import Settings
 from services.gateway.app import create_app
@@ -149,6 +150,25 @@ async def test_resuming_with_last_event_id_gets_exactly_the_missed_events(
     assert int(after.id) == live["seq"]  # type: ignore[arg-type]
 
 
+async def test_a_client_that_goes_away_leaves_no_consumer_behind(
+    http: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    subject = f"events.{unique_id()}.>"
+
+    async def consumers() -> list[str]:
+        infos = await js.consumers_info(subjects.EVENTS_STREAM)
+        return [i.name for i in infos if i.config.filter_subject == subject]
+
+    async with following(http, {"subject": subject}):
+        assert len(await consumers()) == 1
+
+    async def gone() -> bool:
+        return not await consumers()
+
+    # Unsubscribed at once; the server removes the idle ephemeral consumer a few seconds later.
+    await eventually(gone, timeout=20)
+
+
 async def test_a_stream_with_an_invalid_subject_is_refused(http: httpx.AsyncClient) -> None:
     response = await http.get(STREAM, params={"subject": "nowhere.>"})
     bad_resume = await http.get(STREAM, headers={"Last-Event-ID": "yesterday"})
@@ -159,16 +179,16 @@ async def test_a_stream_with_an_invalid_subject_is_refused(http: httpx.AsyncClie
 
 
 async def test_a_follower_that_falls_behind_is_cut_off_after_what_was_queued(
-    nc: NATS, monkeypatch: pytest.MonkeyPatch
+    nc: NATS, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(events_service, "FEED_CAPACITY", 3)
     device_id = unique_id()
-    feed = await EventService(nc, Shutdown()).follow(f"events.{device_id}.>", after_seq=None)
+    feed = await EventService(nc, js, Shutdown()).follow(f"events.{device_id}.>", after_seq=None)
     try:
         acks = []
         for i in range(6):
             event = m.make_event(device_id, "telemetry", {"i": i})
-            acks.append(await bus.publish(nc.jetstream(), event.nats_subject, event))
+            acks.append(await bus.publish(js, event.nats_subject, event))
         await eventually(lambda: feed.overflowed)
 
         queued = [await feed.next(timeout=1) for _ in range(3)]
@@ -180,9 +200,9 @@ async def test_a_follower_that_falls_behind_is_cut_off_after_what_was_queued(
     assert [d.seq for d in queued if d] == [a.seq for a in acks[:3]]
 
 
-async def test_a_stopping_gateway_ends_its_streams(nc: NATS) -> None:
+async def test_a_stopping_gateway_ends_its_streams(nc: NATS, js: JetStreamContext) -> None:
     shutdown = Shutdown()
-    feed = await EventService(nc, shutdown).follow(f"events.{unique_id()}.>", after_seq=None)
+    feed = await EventService(nc, js, shutdown).follow(f"events.{unique_id()}.>", after_seq=None)
     try:
         waiting = asyncio.create_task(feed.next(timeout=30))
         await asyncio.sleep(0)  # let it wait

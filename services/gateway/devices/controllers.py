@@ -31,7 +31,7 @@ ACTOR = "user:anonymous"
 
 
 def provide_device_service(resources: NamedDependency[Resources]) -> DeviceService:
-    return DeviceService(resources.sessions, resources.nc, resources.cache)
+    return DeviceService(resources.sessions, resources.nc, resources.js, resources.cache)
 
 
 class DeviceController(Controller):

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import msgspec
 from msgspec import UNSET
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -59,11 +60,15 @@ class HistoryQuery:
 
 class DeviceService:
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], nc: NATS, cache: StateCache
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        nc: NATS,
+        js: JetStreamContext,
+        cache: StateCache,
     ) -> None:
         self._sessions = sessions
         self._nc = nc
-        self._js = nc.jetstream()
+        self._js = js
         self._cache = cache
 
     # --- registry ------------------------------------------------------------------------

@@ -47,7 +47,7 @@ SinceSeqParam = Annotated[
 
 
 def provide_event_service(resources: NamedDependency[Resources]) -> EventService:
-    return EventService(resources.nc, resources.shutdown)
+    return EventService(resources.nc, resources.js, resources.shutdown)
 
 
 class EventController(Controller):

@@ -22,11 +22,12 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
 from libs import bus, subjects
 from libs import messages as m
-from libs.errors import Invalid
+from libs.errors import Invalid, Unavailable
 from services.gateway.events.schemas import BusMessage, EventPage, Published
 from services.gateway.pagination import decode_cursor, encode_cursor
 from services.gateway.resources import Shutdown, require_bus
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 REPLAY_IDLE_S = 30.0
 REPLAY_FETCH_TIMEOUT_S = 5.0
 FEED_CAPACITY = 1000
+PUBLISH_TIMEOUT_S = 10.0
 ROUNDING = timedelta(microseconds=1)
 
 
@@ -143,29 +145,48 @@ class LiveFeed:
 
 
 class EventService:
-    def __init__(self, nc: NATS, shutdown: Shutdown) -> None:
+    def __init__(self, nc: NATS, js: JetStreamContext, shutdown: Shutdown) -> None:
         self._nc = nc
-        self._js = nc.jetstream()
+        self._js = js
         self._shutdown = shutdown
 
     async def publish(self, events: list[m.CloudEvent], correlation_id: str) -> list[Published]:
         """Publish in order; the event id is the `Nats-Msg-Id`, so a repeat is stored once.
 
-        A batch that fails half-way can be sent again as a whole: what was stored already
-        answers `duplicate` (within the stream's de-duplication window).
+        A batch is pipelined (sent in order, acks awaited together). One that fails half-way
+        can be sent again as a whole: what was stored already answers `duplicate` (within
+        the stream's de-duplication window).
         """
         require_bus(self._nc)
-        results = []
-        for event in events:
-            if event.correlationid is None:
-                event = msgspec.structs.replace(event, correlationid=correlation_id)
-            ack = await bus.publish(self._js, event.nats_subject, event, msg_id=event.id)
-            results.append(
-                Published(
-                    id=event.id, stream=ack.stream, seq=ack.seq, duplicate=bool(ack.duplicate)
-                )
+        events = [
+            e if e.correlationid else msgspec.structs.replace(e, correlationid=correlation_id)
+            for e in events
+        ]
+        if len(events) == 1:
+            [event] = events
+            acks = [await bus.publish(self._js, event.nats_subject, event, msg_id=event.id)]
+        else:
+            acks = await self._publish_pipelined(events)
+        return [
+            Published(id=e.id, stream=ack.stream, seq=ack.seq, duplicate=bool(ack.duplicate))
+            for e, ack in zip(events, acks, strict=True)
+        ]
+
+    async def _publish_pipelined(self, events: list[m.CloudEvent]) -> list[PubAck]:
+        pending = [
+            await self._js.publish_async(
+                e.nats_subject, m.encode(e), headers=bus.headers(msg_id=e.id)
             )
-        return results
+            for e in events
+        ]
+        try:
+            # publish_async has no deadline of its own: an ack that never comes must not
+            # hold the request forever.
+            return await asyncio.wait_for(asyncio.gather(*pending), PUBLISH_TIMEOUT_S)
+        except TimeoutError:
+            raise Unavailable(
+                f"the event bus did not acknowledge the batch within {PUBLISH_TIMEOUT_S:g}s"
+            ) from None
 
     async def replay(
         self,

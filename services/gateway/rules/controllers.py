@@ -18,7 +18,7 @@ from services.gateway.rules.service import RuleService
 
 
 def provide_rule_service(resources: NamedDependency[Resources]) -> RuleService:
-    return RuleService(resources.sessions, resources.nc)
+    return RuleService(resources.sessions, resources.nc, resources.js)
 
 
 class RuleController(Controller):

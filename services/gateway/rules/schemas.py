@@ -8,17 +8,13 @@ from typing import Any
 
 import msgspec
 
-from libs.messages import Action, AttributeValue, Trigger
+from libs.messages import AttributeValue, RuleSpec
 
 
-class RuleView(msgspec.Struct, frozen=True):
-    """A stored rule; `version` increments on every replacement."""
+class RuleView(RuleSpec, frozen=True, kw_only=True):
+    """A stored rule: what the user wrote (with its `id`), `version` (increments on every
+    replacement) and when it was created and last changed."""
 
-    id: str
-    name: str
-    trigger: Trigger
-    actions: list[Action]
-    enabled: bool
     version: int
     created_at: datetime
     updated_at: datetime

@@ -7,6 +7,7 @@ from datetime import datetime
 
 import msgspec
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -20,10 +21,12 @@ from services.gateway.rules.schemas import RulePage, RuleRunPage, RuleRunView, R
 
 
 class RuleService:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], nc: NATS) -> None:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], nc: NATS, js: JetStreamContext
+    ) -> None:
         self._sessions = sessions
         self._nc = nc
-        self._js = nc.jetstream()
+        self._js = js
 
     async def create(self, spec: m.RuleSpec) -> RuleView:
         require_bus(self._nc)
@@ -115,11 +118,8 @@ def _stored(spec: m.RuleSpec, rule_id: str) -> dict:
 def _view(record: RuleRecord) -> RuleView:
     spec = msgspec.convert(record.spec, m.RuleSpec)
     return RuleView(
-        id=record.id,
-        name=record.name,
-        trigger=spec.trigger,
-        actions=spec.actions,
-        enabled=record.enabled,
+        **msgspec.structs.asdict(spec)
+        | {"id": record.id, "name": record.name, "enabled": record.enabled},
         version=record.version,
         created_at=record.created_at,
         updated_at=record.updated_at,
