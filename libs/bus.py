@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import msgspec
 import nats
@@ -199,6 +200,26 @@ async def publish(
     """Publish to JetStream and wait for the stream's ack (the event is then durable)."""
     payload = message if isinstance(message, bytes) else msgspec.json.encode(message)
     return await js.publish(subject, payload, headers=headers(msg_id, traceparent) or None)
+
+
+async def publish_many(
+    js: JetStreamContext,
+    messages: Sequence[tuple[str, msgspec.Struct | bytes, str | None]],
+    *,
+    timeout: float = 10.0,
+) -> list[PubAck]:
+    """Publish (subject, message, msg_id)s in order without waiting for each ack, then wait
+    for all acks at most `timeout` (nats-py's publish_async has no deadline of its own).
+    `js` must be long-lived: each context subscribes an ack inbox."""
+    futures = []
+    for subject, message, msg_id in messages:
+        payload = message if isinstance(message, bytes) else msgspec.json.encode(message)
+        futures.append(await js.publish_async(subject, payload, headers=headers(msg_id) or None))
+    try:
+        return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
+    finally:
+        for f in futures:
+            f.cancel()  # a future left behind would hold a slot of the pending-ack window
 
 
 async def dead_letter(js: JetStreamContext, msg: Msg, reason: str, consumer: str) -> None:

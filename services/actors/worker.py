@@ -74,7 +74,8 @@ class ActorWorker:
         batch = await self._decide_and_write(decoded, msgs, stop)
         if batch is None:
             return  # stopping while the database is down: leave the batch un-acked
-        await self._publish_facts(batch)
+        if not await self._publish_facts(batch, stop):
+            return  # stopping: the redelivered batch re-sends the latest facts (see _decide)
         for msg in msgs:
             await msg.ack()
 
@@ -103,6 +104,10 @@ class ActorWorker:
             current = batch.snapshots[event.subject]
             if seq <= current.last_seq:
                 APPLIED.labels("duplicate").inc()  # applied before a crash; ack again only
+                if seq == current.last_seq and current.version:
+                    # Its fact may not have reached the bus before the crash; the id makes
+                    # a second copy harmless.
+                    batch.facts.append(_state_fact(current, current.state, ["attributes"], event))
                 continue
             reason = _refusal(event, enabled.get(event.subject))
             if reason:
@@ -127,27 +132,7 @@ class ActorWorker:
         if result.command_status:
             batch.statuses.append((new.device_id, result.command_status))
         if result.changed:
-            fact = m.DeviceStateFact(
-                device_id=new.device_id,
-                version=new.version,
-                state=new.state,
-                connection=new.connection,
-                attributes=new.attributes,
-                last_seen=new.last_seen,
-                changed=result.changed,
-                previous_state=before.state,
-                cause_event_id=event.id,
-                cause_type=event.type,
-                correlation_id=event.correlationid,
-                time=m.now(),
-            )
-            batch.facts.append(
-                (
-                    subjects.device_state(new.device_id),
-                    m.encode(fact),
-                    f"state:{new.device_id}:{new.version}",
-                )
-            )
+            batch.facts.append(_state_fact(new, before.state, result.changed, event))
 
     async def _decide_and_write(
         self, decoded: list[tuple[Msg, m.CloudEvent]], msgs: list[Msg], stop: asyncio.Event
@@ -173,13 +158,46 @@ class ActorWorker:
                 except TimeoutError:
                     delay = min(delay * 2, 5.0)
 
-    async def _publish_facts(self, batch: Batch) -> None:
-        futures = [
-            await self._js.publish_async(subject, body, headers={bus.MSG_ID: msg_id})
-            for subject, body, msg_id in batch.facts
-        ]
-        if futures:
-            await asyncio.gather(*futures)
+    async def _publish_facts(self, batch: Batch, stop: asyncio.Event) -> bool:
+        """Publish what changed; retried until stored (their ids make a retry harmless),
+        because the state they describe is already committed."""
+        delay = 0.5
+        while batch.facts:
+            try:
+                await bus.publish_many(self._js, batch.facts, timeout=10.0)
+                return True
+            except Exception as exc:  # the bus is restarting or overloaded
+                log.warning("fact publish failed, retrying in %.1fs: %r", delay, exc)
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                    return False
+                except TimeoutError:
+                    delay = min(delay * 2, 5.0)
+        return True
+
+
+def _state_fact(
+    new: m.DeviceSnapshot, previous_state: str, changed: list[str], event: m.CloudEvent
+) -> tuple[str, bytes, str]:
+    fact = m.DeviceStateFact(
+        device_id=new.device_id,
+        version=new.version,
+        state=new.state,
+        connection=new.connection,
+        attributes=new.attributes,
+        last_seen=new.last_seen,
+        changed=changed,
+        previous_state=previous_state,  # type: ignore[arg-type]
+        cause_event_id=event.id,
+        cause_type=event.type,
+        correlation_id=event.correlationid,
+        time=m.now(),
+    )
+    return (
+        subjects.device_state(new.device_id),
+        m.encode(fact),
+        f"state:{new.device_id}:{new.version}",
+    )
 
 
 def _refusal(event: m.CloudEvent, enabled: bool | None) -> str | None:

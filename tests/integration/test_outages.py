@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import msgspec
 import pytest
 
 from libs import bus
@@ -24,16 +23,20 @@ PER_DEVICE = 50
 
 
 async def publish(js, devices: list[str], first: int, count: int) -> None:  # type: ignore[no-untyped-def]
-    futures = []
-    for n in range(first, first + count):
-        for device in devices:
-            event = m.make_event(device, "telemetry", {"n": n})
-            body = msgspec.json.encode(event)
-            futures.append(
-                await js.publish_async(event.nats_subject, body, headers={bus.MSG_ID: event.id})
-            )
-    for f in futures:
-        await f
+    """Publish until every event is acknowledged (a bus just restarted may refuse at first)."""
+    events = [
+        m.make_event(d, "telemetry", {"n": n}) for n in range(first, first + count) for d in devices
+    ]
+    batch = [(e.nats_subject, e, e.id) for e in events]
+
+    async def acknowledged() -> bool:
+        try:
+            await bus.publish_many(js, batch, timeout=5)
+            return True
+        except Exception:
+            return False
+
+    await eventually(acknowledged, timeout=30, interval=0.5)
 
 
 async def all_at(sessions, devices: list[str], n: int) -> bool:  # type: ignore[no-untyped-def]
