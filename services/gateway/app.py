@@ -22,6 +22,7 @@ from services.gateway.events.controllers import EventController
 from services.gateway.health.controllers import HealthController
 from services.gateway.resources import Shutdown, open_resources, provide_resources
 from services.gateway.rules.controllers import RuleController
+from services.gateway.subscriptions.controllers import SubscriptionController
 from services.gateway.ui.controllers import UIController
 
 API_PREFIX = "/api/v1"
@@ -47,7 +48,13 @@ def create_app(settings: Settings) -> Litestar:
 
     api = Router(
         path=API_PREFIX,
-        route_handlers=[DeviceController, EventController, RuleController, AuditController],
+        route_handlers=[
+            DeviceController,
+            EventController,
+            RuleController,
+            AuditController,
+            SubscriptionController,
+        ],
     )
     metrics = PrometheusConfig(
         app_name="gateway",
@@ -72,6 +79,10 @@ def create_app(settings: Settings) -> Litestar:
                 Tag(name="events", description="Publish, replay and follow the event bus"),
                 Tag(name="rules", description="User rules and their traces"),
                 Tag(name="audit", description="Who did what, when, with what result"),
+                Tag(
+                    name="subscriptions",
+                    description="Webhooks: signed, retried with back-off, dead letters re-drivable",
+                ),
                 Tag(name="health", description="Probes"),
             ],
         ),

@@ -19,7 +19,7 @@ from services.launcher.supervisor import Child, python_module
 
 log = logging.getLogger("smarthome")
 
-SERVICES = ("gateway", "actors", "rules", "recorder")
+SERVICES = ("gateway", "actors", "rules", "recorder", "webhooks")
 DEVICES = ("lightbulb", "energy_tracker")
 
 

@@ -16,6 +16,11 @@ from tests.processes import Service
 PER_DEVICE = 100
 
 
+def quiet_env(service_env: dict[str, str]) -> dict[str, str]:
+    """No presence timeouts while the test holds events back: every version is an event."""
+    return {**service_env, "SMARTHOME_HEARTBEAT_TIMEOUT": "3600"}
+
+
 async def publish_all(js, devices: list[str]) -> None:  # type: ignore[no-untyped-def]
     futures = []
     for n in range(PER_DEVICE):
@@ -54,7 +59,7 @@ def assert_each_applied_once(final: dict, devices: list[str]) -> None:
 async def test_killed_actor_applies_every_event_once(service_env, data_dir, js, sessions) -> None:  # type: ignore[no-untyped-def]
     devices = [unique_id("kill") for _ in range(20)]
     await register(sessions, *devices)
-    worker = Service("services.actors", service_env, data_dir).start()
+    worker = Service("services.actors", quiet_env(service_env), data_dir).start()
     try:
         await publish_all(js, devices)
         await wait_until_some_applied(sessions, devices)
@@ -72,9 +77,9 @@ async def test_standby_worker_takes_over_when_owner_is_killed(
 ) -> None:  # type: ignore[no-untyped-def]
     devices = [unique_id("fail") for _ in range(20)]
     await register(sessions, *devices)
-    owner = Service("services.actors", service_env, data_dir).start()
+    owner = Service("services.actors", quiet_env(service_env), data_dir).start()
     await eventually(lambda: "acquired" in owner.tail(), timeout=10)
-    standby = Service("services.actors", service_env, data_dir).start()
+    standby = Service("services.actors", quiet_env(service_env), data_dir).start()
     try:
         await eventually(lambda: "standing by" in standby.tail(), timeout=10)
         await publish_all(js, devices)

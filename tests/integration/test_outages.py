@@ -16,6 +16,7 @@ from libs.db.models import Device
 from libs.settings import async_database_url
 from tests.helpers import eventually, unique_id
 from tests.integration.test_actors import states
+from tests.integration.test_actors_resilience import quiet_env
 from tests.outage import PrivateNats, PrivatePostgres, postgres_bin
 from tests.processes import Service
 
@@ -66,7 +67,7 @@ async def test_database_outage_buffers_on_the_bus_and_catches_up(
     devices = [unique_id("pgdown") for _ in range(5)]
     async with sessions.begin() as session:
         session.add_all([Device(id=d, name=d, kind="sensor") for d in devices])
-    env = {**service_env, "DATABASE_URL": pg.url}
+    env = {**quiet_env(service_env), "DATABASE_URL": pg.url}
     env.pop("REDIS_URL", None)  # the database is the only store: nothing may hide the outage
     actors = Service("services.actors", env, tmp_path).start()
     try:
