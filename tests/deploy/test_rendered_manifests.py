@@ -386,7 +386,8 @@ def test_only_the_gateway_is_reachable_from_outside(rendered: Rendered) -> None:
             (rule,) = policy["spec"]["ingress"]
             (peer,) = rule["from"]
             allowed = set(peer["podSelector"]["matchExpressions"][0]["values"])
-            assert allowed <= {"gateway", "actors", "rules", "recorder", "migrate"}, allowed
+            services = {"gateway", "actors", "rules", "recorder", "webhooks"}
+            assert allowed <= services | {"migrate"}, allowed
 
 
 def test_the_migration_is_a_hook_that_runs_before_the_new_code(render: Render) -> None:
@@ -428,7 +429,7 @@ def test_dev_runs_one_of_everything_and_prod_is_highly_available(render: Render)
     assert "jetstream" in nats_cm["data"]["nats.conf"] and "cluster" in nats_cm["data"]["nats.conf"]
     assert {k8s.component(h) for h in k8s.by_kind(prod, "HorizontalPodAutoscaler")} == {"gateway"}
     assert {k8s.component(p) for p in k8s.by_kind(prod, "PodDisruptionBudget")} >= {
-        "gateway", "actors", "rules", "recorder",
+        "gateway", "actors", "rules", "recorder", "webhooks",
     }  # fmt: skip
     for d in k8s.by_kind(prod, "Deployment"):
         assert d["spec"].get("replicas", 2) >= 2, k8s.ident(d)

@@ -161,7 +161,7 @@ def test_resources_start_in_order(tilt: Tilt) -> None:
         return direct.union(*(deps(d) for d in direct)) if direct else set()
 
     assert {"postgres"} <= deps("migrate")
-    for service in ("gateway", "actors", "rules", "recorder"):
+    for service in ("gateway", "actors", "rules", "recorder", "webhooks"):
         assert {"migrate", "nats", "postgres", "redis"} <= deps(service), service
     for device in ("lightbulb", "energy-tracker", "demo-rule"):
         assert "gateway" in deps(device), device

@@ -43,9 +43,11 @@ async def publish(js, devices: list[str], first: int, count: int) -> None:  # ty
 async def all_at(sessions, devices: list[str], n: int) -> bool:  # type: ignore[no-untyped-def]
     try:
         found = await states(sessions, devices)
-    except Exception:
-        return False  # the database may still be coming back
-    return len(found) == len(devices) and all(s.version == n for s in found.values())
+    except Exception as exc:
+        raise AssertionError(f"database not answering: {exc!r}") from None
+    versions = {d: found[d].version if d in found else None for d in devices}
+    assert all(v == n for v in versions.values()), versions
+    return True
 
 
 @pytest.fixture
@@ -98,7 +100,7 @@ async def test_bus_killed_and_restarted_keeps_acknowledged_events(
     async with sessions.begin() as session:
         session.add_all([Device(id=d, name=d, kind="sensor") for d in devices])
     actors = Service(
-        "services.actors", {**service_env, "NATS_URL": nats_server.url}, tmp_path
+        "services.actors", {**quiet_env(service_env), "NATS_URL": nats_server.url}, tmp_path
     ).start()
     try:
         await publish(js, devices, 0, PER_DEVICE)

@@ -54,6 +54,7 @@ serves nothing (a device only calls the platform). Strings only: it goes through
   (dict "name" "actors" "key" "actors" "module" "services.actors" "kind" "worker")
   (dict "name" "rules" "key" "rules" "module" "services.rules" "kind" "worker")
   (dict "name" "recorder" "key" "recorder" "module" "services.recorder" "kind" "worker")
+  (dict "name" "webhooks" "key" "webhooks" "module" "services.webhooks" "kind" "worker")
   (dict "name" "lightbulb" "key" "lightbulb" "module" "devices.lightbulb" "kind" "device")
   (dict "name" "energy-tracker" "key" "energyTracker" "module" "devices.energy_tracker" "kind" "device")
   | toJson }}
