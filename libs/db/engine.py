@@ -34,3 +34,11 @@ def insert_ignoring_duplicates(engine: AsyncEngine, table: Any) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING for the engine's dialect (idempotent batch writes)."""
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     return dialect.insert(table).on_conflict_do_nothing()
+
+
+def upsert(engine: AsyncEngine, table: Any, key: str) -> Any:
+    """INSERT ... ON CONFLICT (key) DO UPDATE every other column from the new row."""
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(table)
+    columns = {c.name: stmt.excluded[c.name] for c in table.columns if c.name != key}
+    return stmt.on_conflict_do_update(index_elements=[key], set_=columns)

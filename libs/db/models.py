@@ -21,6 +21,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from libs.messages import DeviceSnapshot
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -97,6 +99,18 @@ class DeviceState(Base):
     # The highest EVENTS stream sequence applied: a redelivery at or below it is skipped.
     last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+
+    def snapshot(self) -> DeviceSnapshot:
+        return DeviceSnapshot(
+            device_id=self.device_id,
+            state=self.state,  # type: ignore[arg-type]
+            mark=self.mark,  # type: ignore[arg-type]
+            connection=self.connection,  # type: ignore[arg-type]
+            attributes=self.attributes or {},
+            last_seen=self.last_seen,
+            version=self.version,
+            last_seq=self.last_seq,
+        )
 
 
 class CommandRecord(Base):

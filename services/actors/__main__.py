@@ -29,7 +29,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     health = await runtime.serve_health(settings, ready)
     try:
         async with asyncio.TaskGroup() as tasks:
-            worker = ActorWorker(js, StateStore(sessions, cache), Lease(js, "actors"))
+            worker = ActorWorker(nc, StateStore(sessions, cache), Lease(js, "actors"))
             tasks.create_task(worker.run(stop))
             tasks.create_task(scan_forever(js, sessions, settings.heartbeat_timeout_s, stop))
     finally:

@@ -7,6 +7,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import messages as m
 from libs.cache import StateCache
+from libs.db.engine import upsert
 from libs.db.models import CommandRecord, Device, DeviceState
 from libs.messages import DeviceSnapshot
 
@@ -33,23 +34,11 @@ def to_row(s: DeviceSnapshot) -> dict:
     }
 
 
-def from_row(row: DeviceState) -> DeviceSnapshot:
-    return DeviceSnapshot(
-        device_id=row.device_id,
-        state=row.state,  # type: ignore[arg-type]
-        mark=row.mark,  # type: ignore[arg-type]
-        connection=row.connection,  # type: ignore[arg-type]
-        attributes=row.attributes or {},
-        last_seen=row.last_seen,
-        version=row.version,
-        last_seq=row.last_seq,
-    )
-
-
 class StateStore:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], cache: StateCache) -> None:
         self._sessions = sessions
         self._cache = cache
+        self._enabled: dict[str, bool] = {}
 
     async def load(self, device_ids: list[str]) -> dict[str, DeviceSnapshot]:
         """Snapshots for these devices; a device never seen starts empty."""
@@ -61,18 +50,28 @@ class StateStore:
                 rows = await session.scalars(
                     select(DeviceState).where(DeviceState.device_id.in_(missing))
                 )
-                found.update({r.device_id: from_row(r) for r in rows})
+                found.update({r.device_id: r.snapshot() for r in rows})
         return {d: found.get(d) or DeviceSnapshot(device_id=d) for d in device_ids}
 
     async def registry(self, device_ids: list[str]) -> dict[str, bool]:
-        """`enabled` of each registered device (absent: not registered)."""
-        async with self._sessions() as session:
-            rows = await session.execute(
-                select(Device.id, Device.enabled).where(
-                    Device.id.in_(device_ids), Device.lifecycle != "decommissioned"
+        """`enabled` of each registered device (absent: not registered).
+
+        Known devices are answered from memory; `forget()` drops one when its registry
+        entry changes. Unknown ones are asked for every time (they may register any moment).
+        """
+        missing = [d for d in device_ids if d not in self._enabled]
+        if missing:
+            async with self._sessions() as session:
+                rows = await session.execute(
+                    select(Device.id, Device.enabled).where(
+                        Device.id.in_(missing), Device.lifecycle != "decommissioned"
+                    )
                 )
-            )
-            return {device_id: enabled for device_id, enabled in rows}
+                self._enabled.update({device_id: enabled for device_id, enabled in rows})
+        return {d: self._enabled[d] for d in device_ids if d in self._enabled}
+
+    def forget(self, device_id: str) -> None:
+        self._enabled.pop(device_id, None)
 
     async def save(
         self,
@@ -95,17 +94,6 @@ class StateStore:
         await self._cache.put_many({s.device_id: m.encode(s) for s in snapshots})
 
     async def _upsert(self, session: AsyncSession, snapshots: list[DeviceSnapshot]) -> None:
-        if not snapshots:
-            return
-        ids = [s.device_id for s in snapshots]
-        existing = set(
-            await session.scalars(
-                select(DeviceState.device_id).where(DeviceState.device_id.in_(ids))
-            )
-        )
-        new_rows = [to_row(s) for s in snapshots if s.device_id not in existing]
-        old_rows = [to_row(s) for s in snapshots if s.device_id in existing]
-        if new_rows:
-            await session.execute(DeviceState.__table__.insert(), new_rows)
-        if old_rows:
-            await session.execute(update(DeviceState), old_rows)
+        if snapshots:
+            stmt = upsert(session.bind, DeviceState.__table__, "device_id")  # type: ignore[arg-type]
+            await session.execute(stmt, [to_row(s) for s in snapshots])

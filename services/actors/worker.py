@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
 import msgspec
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from prometheus_client import Counter, Histogram
 
 from libs import bus, subjects
@@ -36,8 +37,9 @@ class Batch:
 
 
 class ActorWorker:
-    def __init__(self, js: JetStreamContext, store: StateStore, lease: Lease) -> None:
-        self._js = js
+    def __init__(self, nc: NATS, store: StateStore, lease: Lease) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
         self._store = store
         self._lease = lease
 
@@ -53,6 +55,7 @@ class ActorWorker:
 
     async def _consume(self, stop: asyncio.Event) -> None:
         sub = await self._js.pull_subscribe_bind(DURABLE, stream=subjects.EVENTS_STREAM)
+        registry = await self._nc.subscribe(subjects.DEVICE_REGISTRY_ALL, cb=self._on_registry)
         try:
             while not stop.is_set() and self._lease.held.is_set():
                 try:
@@ -64,6 +67,12 @@ class ActorWorker:
         finally:
             # A pull subscription left to drain() waits for the drain timeout.
             await sub.unsubscribe()
+            await registry.unsubscribe()
+
+    async def _on_registry(self, msg: Msg) -> None:
+        """A registry change (connect, disconnect, delete): read the device afresh next time."""
+        with contextlib.suppress(ValueError):
+            self._store.forget(subjects.parse_system_device(msg.subject)[0])
 
     async def handle(self, msgs: list[Msg], stop: asyncio.Event) -> None:
         decoded: list[tuple[Msg, m.CloudEvent]] = []

@@ -316,7 +316,7 @@ class DeviceService:
                 except msgspec.DecodeError as exc:
                     log.warning("ignoring unreadable cache entry of %s: %s", device_id, exc)
             if snapshot is None and state is not None:
-                snapshot = _snapshot(state)
+                snapshot = state.snapshot()
             out[device_id] = snapshot or m.DeviceSnapshot(device_id=device_id)
         return out
 
@@ -343,19 +343,6 @@ def _with_state() -> Select[tuple[DeviceRow, DeviceState]]:
 
 def _escape_like(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def _snapshot(row: DeviceState) -> m.DeviceSnapshot:
-    return m.DeviceSnapshot(
-        device_id=row.device_id,
-        state=row.state,  # type: ignore[arg-type]
-        mark=row.mark,  # type: ignore[arg-type]
-        connection=row.connection,  # type: ignore[arg-type]
-        attributes=row.attributes or {},
-        last_seen=row.last_seen,
-        version=row.version,
-        last_seq=row.last_seq,
-    )
 
 
 def _device(row: DeviceRow, snapshot: m.DeviceSnapshot) -> Device:

@@ -1,19 +1,34 @@
-"""`/api/v1/events`: publish, replay and follow (Server-Sent Events)."""
+"""`/api/v1/events`: publish, replay and follow (Server-Sent Events, WebSocket)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Annotated
 
 import msgspec
-from litestar import Controller, get, post
+from litestar import Controller, Request, WebSocket, get, post, websocket
+from litestar.background_tasks import BackgroundTask
 from litestar.di import NamedDependency, Provide
+from litestar.exceptions import WebSocketDisconnect
 from litestar.params import HeaderParameter, JSONBody, QueryParameter
-from litestar.response import ServerSentEvent, ServerSentEventMessage
-from litestar.status_codes import HTTP_202_ACCEPTED
+from litestar.response import Stream
+from litestar.status_codes import (
+    HTTP_202_ACCEPTED,
+    WS_1011_INTERNAL_ERROR,
+    WS_1013_TRY_AGAIN_LATER,
+)
 
 from libs.errors import Invalid
 from services.gateway.body import StrictBody
+from services.gateway.connections import (
+    StreamLimits,
+    TooManyStreams,
+    client_address,
+    provide_stream_limits,
+)
 from services.gateway.correlation import provide_correlation_id
 from services.gateway.events.schemas import (
     MAX_BATCH,
@@ -24,15 +39,23 @@ from services.gateway.events.schemas import (
 )
 from services.gateway.events.service import (
     FEED_CAPACITY,
+    Delivered,
     EventService,
     FeedClosed,
     FeedOverflow,
     LiveFeed,
 )
+from services.gateway.events.websocket import ClientGone, Close, EventSocket
 from services.gateway.pagination import CursorParam, SinceParam, limit_param, utc
 from services.gateway.resources import Resources
 
+log = logging.getLogger(__name__)
+
 HEARTBEAT_S = 15.0
+# Queued messages written to an SSE client at once: one write instead of one per message.
+SSE_BATCH = 256
+# A close frame that a client does not take within this long is given up on.
+CLOSE_TIMEOUT_S = 5.0
 
 SubjectParam = Annotated[
     str,
@@ -56,6 +79,7 @@ class EventController(Controller):
     dependencies = {
         "events": Provide(provide_event_service, sync_to_thread=False),
         "correlation_id": Provide(provide_correlation_id, sync_to_thread=False),
+        "stream_limits": Provide(provide_stream_limits, sync_to_thread=False),
     }
 
     @post(
@@ -114,21 +138,92 @@ class EventController(Controller):
             "Each event has `id:` = stream sequence, `event:` = subject, `data:` = the message. "
             "Resumes after `Last-Event-ID` (or `since_seq`); otherwise only new messages. "
             f"A comment every {HEARTBEAT_S:g}s keeps the connection open. A client that falls "
-            f"{FEED_CAPACITY} messages behind gets a final `event: error` and can resume."
+            f"{FEED_CAPACITY} messages behind gets a final `event: error` and can resume. A client "
+            "address holds at most `SMARTHOME_MAX_STREAMS_PER_CLIENT` streams (SSE and "
+            "WebSocket together): one more is answered 429."
         ),
     )
     async def stream(
         self,
+        request: Request,
         events: NamedDependency[EventService],
+        stream_limits: NamedDependency[StreamLimits],
         subject: SubjectParam = "events.>",
         since_seq: SinceSeqParam = None,
         last_event_id: Annotated[str | None, HeaderParameter(name="Last-Event-ID")] = None,
-    ) -> ServerSentEvent:
+    ) -> Stream:
         # A reconnecting EventSource repeats the URL (`since_seq`) and adds Last-Event-ID,
         # which is the more recent of the two.
         after = _last_event_id(last_event_id) if last_event_id else since_seq
-        feed = await events.follow(subject, after)
-        return ServerSentEvent(_server_sent_events(feed))
+        release = stream_limits.open(client_address(request))
+        try:
+            feed = await events.follow(subject, after)
+        except BaseException:
+            release()
+            raise
+        return Stream(
+            _server_sent_events(feed, release),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+            # Also when the body never started (the client left at once): ends it then.
+            background=BackgroundTask(_end_stream, feed, release),
+        )
+
+    @websocket("/ws", name="events-ws")
+    async def socket(
+        self,
+        socket: WebSocket,
+        events: NamedDependency[EventService],
+        stream_limits: NamedDependency[StreamLimits],
+    ) -> None:
+        """Follow messages live over a WebSocket: see `services.gateway.events.websocket`."""
+        try:
+            release = stream_limits.open(client_address(socket))
+        except TooManyStreams:
+            await socket.accept()
+            await socket.close(
+                WS_1013_TRY_AGAIN_LATER,
+                f"too many live streams from this client (at most {stream_limits.per_client}); "
+                "close one and try again",
+            )
+            return
+        try:
+            await socket.accept()
+            session = EventSocket(events, _sender(socket))
+            try:
+                close = await session.run(_receiver(socket))
+            except Exception:
+                log.exception("event socket failed")
+                close = Close(WS_1011_INTERNAL_ERROR, "internal error; reconnect and resubscribe")
+            if close is not None:
+                with contextlib.suppress(WebSocketDisconnect, OSError, TimeoutError):
+                    async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                        await socket.close(close.code, close.reason)
+        finally:
+            release()
+
+
+def _sender(socket: WebSocket) -> Callable[[bytes], Awaitable[None]]:
+    async def send(frame: bytes) -> None:
+        try:
+            await socket.send_data(frame, mode="text")
+        except (WebSocketDisconnect, OSError) as exc:  # uvicorn: ClientDisconnected
+            raise ClientGone from exc
+
+    return send
+
+
+def _receiver(socket: WebSocket) -> Callable[[], Awaitable[str | bytes | None]]:
+    async def receive() -> str | bytes | None:
+        try:
+            event = await socket.receive()
+        except WebSocketDisconnect:
+            return None
+        if event["type"] != "websocket.receive":
+            return None
+        return event.get("text") or event.get("bytes") or ""
+
+    return receive
 
 
 def _last_event_id(value: str) -> int:
@@ -141,31 +236,52 @@ def _last_event_id(value: str) -> int:
     return seq
 
 
-async def _server_sent_events(feed: LiveFeed) -> AsyncGenerator[ServerSentEventMessage, None]:
+SUBSCRIBED = b": subscribed\r\n\r\n"
+HEARTBEAT = b": heartbeat\r\n\r\n"
+
+
+def _sse_event(delivered: Delivered) -> bytes:
+    """`id:` stream sequence, `event:` subject, `data:` the message (one line per line)."""
+    data = delivered.data
+    if not data.isascii():
+        data = data.decode("utf-8", errors="replace").encode()
+    if b"\n" in data or b"\r" in data:
+        lines = b"".join(b"data: %s\r\n" % line for line in data.splitlines())
+    else:
+        lines = b"data: %s\r\n" % data
+    return b"id: %d\r\nevent: %s\r\n%s\r\n" % (delivered.seq, delivered.subject.encode(), lines)
+
+
+def _sse_error(detail: str) -> bytes:
+    return b"event: error\r\ndata: %s\r\n\r\n" % msgspec.json.encode({"detail": detail})
+
+
+async def _server_sent_events(
+    feed: LiveFeed, release: Callable[[], None]
+) -> AsyncGenerator[bytes, None]:
     try:
         # Tells the client that the subscription is in place (what follows is live).
-        yield ServerSentEventMessage(comment="subscribed", data=None)
+        yield SUBSCRIBED
         while True:
             try:
-                message = await feed.next(timeout=HEARTBEAT_S)
+                batch = await feed.take(timeout=HEARTBEAT_S, limit=SSE_BATCH)
             except FeedOverflow:
-                detail = (
+                yield _sse_error(
                     f"the client fell {FEED_CAPACITY} messages behind and was disconnected; "
                     "reconnect with Last-Event-ID to resume"
-                )
-                yield ServerSentEventMessage(
-                    event="error", data=msgspec.json.encode({"detail": detail}).decode()
                 )
                 return
             except FeedClosed:
                 return  # the gateway is stopping; the client reconnects with Last-Event-ID
-            if message is None:
-                yield ServerSentEventMessage(comment="heartbeat", data=None)
+            if not batch:
+                yield HEARTBEAT
                 continue
-            yield ServerSentEventMessage(
-                id=message.seq,
-                event=message.subject,
-                data=message.data.decode("utf-8", errors="replace"),
-            )
+            yield b"".join(_sse_event(delivered) for delivered in batch)
     finally:
-        await feed.close()
+        await _end_stream(feed, release)
+
+
+async def _end_stream(feed: LiveFeed, release: Callable[[], None]) -> None:
+    """Unsubscribe and give the client's slot back (either may already be done)."""
+    release()
+    await feed.close()

@@ -44,3 +44,64 @@ class EventPage(msgspec.Struct, frozen=True):
 
     items: list[BusMessage]
     next_cursor: str | None
+
+
+# --- `/events/ws`: the WebSocket protocol (JSON text frames, tagged by `type`) ------------------
+
+SubscriptionId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+SeqNumber = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Subscribe(msgspec.Struct, tag="subscribe", tag_field="type", forbid_unknown_fields=True):
+    """Follow `subject` on this socket as subscription `id`: after `since_seq`, else new only."""
+
+    id: SubscriptionId
+    subject: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+    since_seq: SeqNumber | None = None
+
+
+class Unsubscribe(msgspec.Struct, tag="unsubscribe", tag_field="type", forbid_unknown_fields=True):
+    id: SubscriptionId
+
+
+class Ack(msgspec.Struct, tag="ack", tag_field="type", forbid_unknown_fields=True):
+    """The client has handled subscription `id` up to stream sequence `seq`."""
+
+    id: SubscriptionId
+    seq: SeqNumber
+
+
+ClientMessage = Subscribe | Unsubscribe | Ack
+
+
+class Subscribed(msgspec.Struct, tag="subscribed", tag_field="type", frozen=True):
+    id: str
+    subject: str
+
+
+class EventFrame(msgspec.Struct, tag="event", tag_field="type", frozen=True):
+    """One bus message on subscription `id`; `data` is the message as stored (JSON)."""
+
+    id: str
+    seq: int
+    subject: str
+    data: msgspec.Raw
+
+
+class Unsubscribed(msgspec.Struct, tag="unsubscribed", tag_field="type", frozen=True):
+    id: str
+
+
+class ErrorFrame(msgspec.Struct, tag="error", tag_field="type", frozen=True):
+    """A client message was refused; `field` is a JSON path into it, `id` its subscription."""
+
+    field: str | None
+    message: str
+    id: str | None = None
+
+
+class Ping(msgspec.Struct, tag="ping", tag_field="type", frozen=True):
+    pass
+
+
+ServerFrame = Subscribed | EventFrame | Unsubscribed | ErrorFrame | Ping

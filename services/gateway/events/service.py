@@ -74,9 +74,11 @@ class Delivered:
 class LiveFeed:
     """Messages of one ordered consumer, in order, through a bounded queue."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, on_overflow: Callable[[], None] | None = None) -> None:
         self._queue: asyncio.Queue[Delivered | None] = asyncio.Queue(capacity)
         self._overflowed = False
+        # Told at once, while a subscriber may still be stuck sending what it took before.
+        self._on_overflow = on_overflow
         self._stopped = False
         self._subscription: Subscription | None = None
         self._undo: list[Callable[[], None]] = []
@@ -92,6 +94,8 @@ class LiveFeed:
             # Keep what is queued (a contiguous run) and drop the rest: the subscriber
             # resumes after the last one it received.
             self._overflowed = True
+            if self._on_overflow is not None:
+                self._on_overflow()
 
     @property
     def overflowed(self) -> bool:
@@ -127,6 +131,27 @@ class LiveFeed:
         if delivered is None or self._stopped:
             raise FeedClosed
         return delivered
+
+    async def take(self, timeout: float, limit: int) -> list[Delivered]:
+        """The next message and those queued behind it (at most `limit`), in order; empty
+        after `timeout` without one. Raises like `next`.
+
+        A subscriber that fell behind catches up in a few large writes instead of many small
+        ones, and queued messages never wait for a write of their own.
+        """
+        first = await self.next(timeout)
+        if first is None:
+            return []
+        batch = [first]
+        while len(batch) < limit:
+            try:
+                delivered = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if delivered is None:  # stopped: `next` says so on the following call
+                break
+            batch.append(delivered)
+        return batch
 
     async def close(self) -> None:
         """Unsubscribe; safe to call while the request is being cancelled."""
@@ -263,8 +288,16 @@ class EventService:
             with contextlib.suppress(nats.errors.Error):
                 await self._js.delete_consumer(stream, config.name)
 
-    async def follow(self, subject: str, after_seq: int | None) -> LiveFeed:
-        """Subscribe from `after_seq + 1`, or to new messages only; the caller closes the feed."""
+    async def follow(
+        self,
+        subject: str,
+        after_seq: int | None,
+        on_overflow: Callable[[], None] | None = None,
+    ) -> LiveFeed:
+        """Subscribe from `after_seq + 1`, or to new messages only; the caller closes the feed.
+
+        `on_overflow` is called (once, from the bus's callback) when the subscriber falls
+        `FEED_CAPACITY` messages behind."""
         stream = stream_for(subject)
         require_bus(self._nc)
         config = ConsumerConfig()
@@ -273,7 +306,7 @@ class EventService:
             config.opt_start_seq = after_seq + 1
         else:
             config.deliver_policy = DeliverPolicy.NEW
-        feed = LiveFeed(FEED_CAPACITY)
+        feed = LiveFeed(FEED_CAPACITY, on_overflow)
         subscription = await self._js.subscribe(
             subject, stream=stream, cb=feed.on_message, ordered_consumer=True, config=config
         )

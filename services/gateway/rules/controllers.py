@@ -13,8 +13,41 @@ from libs.messages import RuleSpec
 from services.gateway.body import StrictBody
 from services.gateway.pagination import CursorParam, limit_param
 from services.gateway.resources import Resources
-from services.gateway.rules.schemas import RulePage, RuleRunPage, RuleView
+from services.gateway.rules.schemas import (
+    DryRunRequest,
+    DryRunResult,
+    DryRunWindow,
+    RulePage,
+    RuleRunPage,
+    RuleView,
+)
 from services.gateway.rules.service import RuleService
+
+ACTIONS_CHECKED = (
+    "A `command` action whose target device is registered is checked against what the "
+    "device's kind accepts (light: turn_on, turn_off, toggle, set_brightness with "
+    "`params.level` 0-100; energy_meter: reset_energy; switch: turn_on, turn_off, toggle; "
+    "thermostat: set_target with `params.celsius`; sensor: none; any other kind: anything); "
+    "a mismatch answers 422 naming the field (`$.actions[0].action`). A target that is not "
+    "registered yet is accepted: it may register later, and until it does the rules service "
+    "refuses the command at run time and says so in the rule's runs."
+)
+DRY_RUN = (
+    "Replays the recorded history between `since` (inclusive) and `until` (exclusive, "
+    "after `since`, at most 31 days later) through the rule and answers when it would "
+    "have fired and what each firing would have sent, in order, with the time each action "
+    "would go out (after any `delay`). Nothing is sent and nothing is stored. Read are "
+    "the `telemetry` and `state` rows of the devices a threshold trigger watches (its "
+    "device, or the registered devices its selector matches) and of the devices its "
+    "conditions name; the rows an event trigger's subject matches; none for a schedule. "
+    "The replay starts knowing nothing at `since` and stops at the present. An action the "
+    "rules service would refuse to send (its device not registered or disconnected "
+    "today) is listed with `skipped` saying why. Limits: at most 100,000 history rows "
+    "(else 422: narrow the window) and 1,000 firings listed (`truncated`). A disabled "
+    "rule is tried all the same. State triggers cannot be tried yet (422): the history "
+    "holds what devices reported, not the state derived from it. Conditions are evaluated "
+    "for threshold triggers only."
+)
 
 
 def provide_rule_service(resources: NamedDependency[Resources]) -> RuleService:
@@ -31,7 +64,8 @@ class RuleController(Controller):
         dto=StrictBody[RuleSpec],
         operation_id="createRule",
         summary="Create a rule",
-        description="Without `id` one is generated. An id that exists answers 409.",
+        description="Without `id` one is generated. An id that exists answers 409; the id "
+        "`test` is reserved. " + ACTIONS_CHECKED,
     )
     async def create(
         self, rules: NamedDependency[RuleService], data: JSONBody[RuleSpec]
@@ -47,6 +81,35 @@ class RuleController(Controller):
     ) -> RulePage:
         return await rules.list(limit, cursor)
 
+    @post(
+        "/test",
+        dto=StrictBody[DryRunRequest],
+        operation_id="testRuleBody",
+        summary="Try a rule before saving it: when it would have fired over recorded history",
+        description=DRY_RUN + " The rule is checked as on creation (errors name `$.rule...`).",
+        status_code=200,
+    )
+    async def test_rule_body(
+        self, rules: NamedDependency[RuleService], data: JSONBody[DryRunRequest]
+    ) -> DryRunResult:
+        return await rules.test_spec(data)
+
+    @post(
+        "/{rule_id:str}/test",
+        dto=StrictBody[DryRunWindow],
+        operation_id="testRule",
+        summary="Dry-run a rule: when it would have fired over recorded history",
+        description=DRY_RUN + " A rule that does not exist answers 404.",
+        status_code=200,
+    )
+    async def test_rule(
+        self,
+        rules: NamedDependency[RuleService],
+        rule_id: FromPath[str],
+        data: JSONBody[DryRunWindow],
+    ) -> DryRunResult:
+        return await rules.test(rule_id, data)
+
     @get("/{rule_id:str}", operation_id="getRule", summary="Get a rule")
     async def get_rule(
         self, rules: NamedDependency[RuleService], rule_id: FromPath[str]
@@ -58,6 +121,7 @@ class RuleController(Controller):
         dto=StrictBody[RuleSpec],
         operation_id="replaceRule",
         summary="Replace a rule (its version increments)",
+        description=ACTIONS_CHECKED,
     )
     async def replace(
         self, rules: NamedDependency[RuleService], rule_id: FromPath[str], data: JSONBody[RuleSpec]

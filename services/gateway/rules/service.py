@@ -1,5 +1,10 @@
 """User rules: stored in the `rules` table; every change is signalled on
-`system.rule.<id>.changed` (an empty message) so that the rules service reloads."""
+`system.rule.<id>.changed` (an empty message) so that the rules service reloads.
+
+A command action is checked against its target's kind (`libs.capabilities`) when the target
+is registered. A target that is not registered yet is accepted: devices may register later,
+and until they do the rules service refuses the command at run time and traces why.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,28 @@ from nats.js import JetStreamContext
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from libs import bus, subjects
+from libs import bus, capabilities, subjects
 from libs import messages as m
+from libs.db.models import Device as DeviceRow
 from libs.db.models import RuleRecord, RuleRun
 from libs.errors import Conflict, Invalid, NotFound
 from services.gateway.pagination import decode_cursor, page
 from services.gateway.resources import require_bus
-from services.gateway.rules.schemas import RulePage, RuleRunPage, RuleRunView, RuleView
+from services.gateway.rules.dry_run import dry_run
+from services.gateway.rules.schemas import (
+    DryRunRequest,
+    DryRunResult,
+    DryRunWindow,
+    RulePage,
+    RuleRunPage,
+    RuleRunView,
+    RuleView,
+)
+
+# `POST /rules/test` dry-runs a rule body: a rule with this id could not be read or changed.
+RESERVED_IDS = frozenset({"test"})
+# The id of a rule body tried without one, in its episode ids.
+UNSAVED_ID = "unsaved"
 
 
 class RuleService:
@@ -30,11 +50,16 @@ class RuleService:
 
     async def create(self, spec: m.RuleSpec) -> RuleView:
         require_bus(self._nc)
+        if spec.id in RESERVED_IDS:
+            raise Invalid(
+                f"{spec.id!r} is reserved (`POST /rules/test` tries a rule)", field="$.id"
+            )
         rule_id = spec.id or m.new_id()
         now = m.now()
         async with self._sessions.begin() as session:
             if await session.get(RuleRecord, rule_id) is not None:
                 raise Conflict(f"rule {rule_id!r} already exists", field="$.id")
+            await check_actions(session, spec)
             record = RuleRecord(
                 id=rule_id,
                 name=spec.name,
@@ -67,6 +92,7 @@ class RuleService:
         require_bus(self._nc)
         async with self._sessions.begin() as session:
             record = await self._record(session, rule_id)
+            await check_actions(session, spec)
             record.name = spec.name
             record.spec = _stored(spec, rule_id)
             record.enabled = spec.enabled
@@ -101,6 +127,30 @@ class RuleService:
             rows = list(await session.scalars(query))
         return page(rows, limit, key=lambda r: (r.time, r.id), view=_run_view, into=RuleRunPage)
 
+    async def test(self, rule_id: str, window: DryRunWindow) -> DryRunResult:
+        """When the stored rule would have fired over the window; sends nothing."""
+        async with self._sessions() as session:
+            record = await self._record(session, rule_id)
+            return await dry_run(session, _rule(record), window, rule_root=None)
+
+    async def test_spec(self, request: DryRunRequest) -> DryRunResult:
+        """When a rule body would have fired over the window; sends nothing, stores nothing."""
+        spec = request.rule
+        async with self._sessions() as session:
+            await check_actions(session, spec, root="$.rule")
+            rule = m.Rule(
+                id=spec.id or UNSAVED_ID,
+                name=spec.name,
+                trigger=spec.trigger,
+                actions=spec.actions,
+                enabled=spec.enabled,
+                version=0,
+                conditions=spec.conditions,
+                mode=spec.mode,
+            )
+            result = await dry_run(session, rule, request.window, rule_root="$.rule")
+        return msgspec.structs.replace(result, rule_id=spec.id)
+
     async def _record(self, session: AsyncSession, rule_id: str) -> RuleRecord:
         record = await session.get(RuleRecord, rule_id)
         if record is None:
@@ -109,6 +159,37 @@ class RuleService:
 
     async def _signal(self, rule_id: str) -> None:
         await bus.publish(self._js, subjects.rule_changed(rule_id), b"")
+
+
+async def check_actions(session: AsyncSession, spec: m.RuleSpec, root: str = "$") -> None:
+    """Refuse a command its registered target's kind lacks, naming the field
+    (`$.actions[0].action`); an unregistered target is accepted (it may register later)."""
+    targets = {a.device_id for a in spec.actions if isinstance(a, m.CommandAction)}
+    if not targets:
+        return
+    registered = select(DeviceRow.id, DeviceRow.kind).where(DeviceRow.id.in_(sorted(targets)))
+    kinds = {device_id: kind for device_id, kind in (await session.execute(registered)).all()}
+    for index, action in enumerate(spec.actions):
+        if isinstance(action, m.CommandAction) and action.device_id in kinds:
+            problem = capabilities.action_problem(
+                kinds[action.device_id], action.action, action.params
+            )
+            if problem is not None:
+                raise Invalid(problem.reason, field=f"{root}.actions[{index}].{problem.field}")
+
+
+def _rule(record: RuleRecord) -> m.Rule:
+    spec = msgspec.convert(record.spec, m.RuleSpec)
+    return m.Rule(
+        id=record.id,
+        name=record.name,
+        trigger=spec.trigger,
+        actions=spec.actions,
+        enabled=record.enabled,
+        version=record.version,
+        conditions=spec.conditions,
+        mode=spec.mode,
+    )
 
 
 def _stored(spec: m.RuleSpec, rule_id: str) -> dict:

@@ -1,0 +1,96 @@
+"""How many live streams (SSE and WebSocket alike) each client address holds open, capped.
+
+One count for both endpoints, kept on the app's state: a client that opens its
+`SMARTHOME_MAX_STREAMS_PER_CLIENT`-th stream (20 by default) gets no more until it closes one.
+SSE answers that with 429 problem details, a WebSocket is closed with 1013 (try again later).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable, Mapping
+
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.exceptions import TooManyRequestsException
+
+from libs.settings import SettingsError
+
+MAX_STREAMS_ENV = "SMARTHOME_MAX_STREAMS_PER_CLIENT"
+DEFAULT_MAX_STREAMS_PER_CLIENT = 20
+STATE_KEY = "stream_limits"
+RETRY_AFTER_S = "5"
+
+
+def max_streams_per_client(env: Mapping[str, str] = os.environ) -> int:
+    """The setting, read once when the app starts; SettingsError names a bad value."""
+    raw = env.get(MAX_STREAMS_ENV) or str(DEFAULT_MAX_STREAMS_PER_CLIENT)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SettingsError(f"{MAX_STREAMS_ENV}={raw!r} must be a whole number of at least 1")
+    return value
+
+
+class TooManyStreams(TooManyRequestsException):
+    """The client holds as many live streams as it may."""
+
+
+class StreamLimits:
+    """Open live streams per client address, at most `per_client` each."""
+
+    def __init__(self, per_client: int) -> None:
+        self.per_client = per_client
+        self._open: Counter[str] = Counter()
+
+    def open(self, client: str) -> Callable[[], None]:
+        """Count one more stream of `client`; returns the callable that ends it (once).
+
+        Raises TooManyStreams when the client is at its cap.
+        """
+        if self._open[client] >= self.per_client:
+            raise TooManyStreams(
+                detail=f"this client has {self.per_client} live streams open, the most it may "
+                "(SSE and WebSocket together); close one and try again",
+                headers={"Retry-After": RETRY_AFTER_S},
+            )
+        self._open[client] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self._open[client] -= 1
+            if self._open[client] <= 0:
+                del self._open[client]  # the table holds only clients with open streams
+
+        return release
+
+    def count(self, client: str) -> int:
+        return self._open[client]
+
+
+def client_address(connection: ASGIConnection) -> str:
+    """The peer's address (uvicorn puts a trusted proxy's X-Forwarded-For there)."""
+    client = connection.client
+    return client.host if client else "unknown"
+
+
+def install(state: State, per_client: int) -> StreamLimits:
+    """Give the app its one count (at start, from the settings)."""
+    limits = StreamLimits(per_client)
+    state[STATE_KEY] = limits
+    return limits
+
+
+def provide_stream_limits(state: State) -> StreamLimits:
+    """The app's count; an app that did not install one at start gets it on first use."""
+    limits = state.get(STATE_KEY)
+    if limits is None:
+        limits = install(state, max_streams_per_client())
+    return limits
