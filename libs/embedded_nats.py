@@ -21,11 +21,12 @@ def binary() -> str:
     return found
 
 
-def write_config(data_dir: Path, port: int, host: str = "127.0.0.1") -> Path:
+def write_config(data_dir: Path, port: int, host: str = "127.0.0.1", sync: str = "always") -> Path:
     store = (data_dir / "jetstream").resolve()
     store.mkdir(parents=True, exist_ok=True)
     conf = data_dir / "nats-server.conf"
-    # sync_interval: always -> an acknowledged publish is on disk, so it survives kill -9.
+    # sync_interval: always -> an acknowledged publish is on disk before it is acknowledged,
+    # so it survives even a power cut (a kill -9 alone loses nothing at any interval).
     conf.write_text(
         f"""host: "{host}"
 port: {port}
@@ -33,17 +34,19 @@ server_name: smarthome
 max_payload: 1MB
 jetstream {{
   store_dir: "{store}"
-  sync_interval: always
+  sync_interval: {sync}
 }}
 """
     )
     return conf
 
 
-def start(data_dir: Path, port: int, log_file: Path | None = None) -> subprocess.Popen[bytes]:
+def start(
+    data_dir: Path, port: int, log_file: Path | None = None, sync: str = "always"
+) -> subprocess.Popen[bytes]:
     """Start nats-server with JetStream on `port`, storing under `data_dir`."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    conf = write_config(data_dir, port)
+    conf = write_config(data_dir, port, sync=sync)
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen([binary(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
     wait_for_port("127.0.0.1", port, proc)

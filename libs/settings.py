@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class Settings:
     heartbeat_timeout_s: float = 30.0
     demo_rule_for_s: float = 10.0
     stream_replicas: int = 1
+    nats_sync: str = "always"
     rule_traces_keep: int = 100
     rule_traces_days: float = 30.0
 
@@ -103,9 +105,19 @@ def load() -> Settings:
         heartbeat_timeout_s=_float("SMARTHOME_HEARTBEAT_TIMEOUT", 30.0),
         demo_rule_for_s=_float("SMARTHOME_DEMO_RULE_FOR", 10.0),
         stream_replicas=_replicas(),
+        nats_sync=_sync(),
         rule_traces_keep=int(_float("SMARTHOME_RULE_TRACES_KEEP", 100)),
         rule_traces_days=_float("SMARTHOME_RULE_TRACES_DAYS", 30.0),
     )
+
+
+def _sync() -> str:
+    """How often the embedded nats-server flushes JetStream to disk: `always` (each message
+    before its ack: survives power loss) or an interval such as `2m` (the NATS default)."""
+    raw = (os.environ.get("SMARTHOME_NATS_SYNC") or "always").strip()
+    if raw != "always" and not re.fullmatch(r"\d+(ms|s|m|h)", raw):
+        raise SettingsError(f"SMARTHOME_NATS_SYNC={raw!r} must be 'always' or like 30s, 2m")
+    return raw
 
 
 def _replicas() -> int:

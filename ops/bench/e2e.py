@@ -495,7 +495,9 @@ class Bench:
     async def setup(self) -> JetStreamContext:
         port = embedded_nats.free_port()
         nats_log = self.tmp / "nats-server.log"
-        proc = await asyncio.to_thread(embedded_nats.start, self.tmp / "nats", port, nats_log)
+        proc = await asyncio.to_thread(
+            embedded_nats.start, self.tmp / "nats", port, nats_log, self.args.nats_sync
+        )
         nats_server = Child("nats-server", proc.args, {}, nats_log)
         nats_server.proc = proc
         self.children.append(nats_server)
@@ -796,6 +798,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a Postgres server: the run creates a database bench_<random> there and drops it",
     )
     parser.add_argument("--redis-url", help="Redis for the hot state (default in-process)")
+    parser.add_argument(
+        "--nats-sync",
+        default="always",
+        help="JetStream sync_interval: 'always' (the platform default) or e.g. '2m'",
+    )
     args = parser.parse_args(argv)
     if args.events < 1 or args.devices < 1:
         parser.error("--events and --devices must be at least 1")

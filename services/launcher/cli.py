@@ -95,7 +95,7 @@ async def up(s: Settings, with_demo: bool, demo_for: float) -> int:
 
 
 async def _start_bus(s: Settings, port: int) -> Child:
-    conf = embedded_nats.write_config(s.data_dir, port)
+    conf = embedded_nats.write_config(s.data_dir, port, sync=s.nats_sync)
     argv = [embedded_nats.binary(), "-c", str(conf)]
     bus = Child("nats-server", argv, dict(os.environ), s.data_dir / "logs" / "nats-server.log")
     await bus.start()
