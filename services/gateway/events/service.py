@@ -63,12 +63,23 @@ def stream_for(subject: str) -> str:
     return stream
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Delivered:
     seq: int
     subject: str
-    time: datetime
     data: bytes
+
+
+def stream_seq(msg: Msg) -> int:
+    """A delivered message's stream sequence, read straight from its reply subject
+    (`$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>...`, or the form with domain and
+    account hash): a live feed does this for every message and every subscriber."""
+    tokens = msg.reply.split(".")
+    if len(tokens) == 9:
+        return int(tokens[5])
+    if len(tokens) in (11, 12):
+        return int(tokens[7])
+    return msg.metadata.sequence.stream
 
 
 class LiveFeed:
@@ -86,10 +97,8 @@ class LiveFeed:
     async def on_message(self, msg: Msg) -> None:
         if self._overflowed:
             return
-        meta = msg.metadata
-        delivered = Delivered(meta.sequence.stream, msg.subject, meta.timestamp, msg.data)
         try:
-            self._queue.put_nowait(delivered)
+            self._queue.put_nowait(Delivered(stream_seq(msg), msg.subject, msg.data))
         except asyncio.QueueFull:
             # Keep what is queued (a contiguous run) and drop the rest: the subscriber
             # resumes after the last one it received.
