@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import messages as m
@@ -72,6 +72,13 @@ class StateStore:
 
     def forget(self, device_id: str) -> None:
         self._enabled.pop(device_id, None)
+
+    async def drop(self, device_id: str) -> None:
+        """A deleted device leaves no state behind for a later device of the same id."""
+        self.forget(device_id)
+        async with self._sessions.begin() as session:
+            await session.execute(delete(DeviceState).where(DeviceState.device_id == device_id))
+        await self._cache.delete(device_id)
 
     async def save(
         self,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -71,8 +70,17 @@ class ActorWorker:
 
     async def _on_registry(self, msg: Msg) -> None:
         """A registry change (connect, disconnect, delete): read the device afresh next time."""
-        with contextlib.suppress(ValueError):
-            self._store.forget(subjects.parse_system_device(msg.subject)[0])
+        try:
+            fact = m.registry_fact_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        if fact.change == "deleted":
+            try:
+                await self._store.drop(fact.device_id)
+            except Exception as exc:  # the state stays until the next delete; not worth a crash
+                log.warning("could not drop the state of %s: %r", fact.device_id, exc)
+        else:
+            self._store.forget(fact.device_id)
 
     async def handle(self, msgs: list[Msg], stop: asyncio.Event) -> None:
         decoded: list[tuple[Msg, m.CloudEvent]] = []

@@ -152,3 +152,25 @@ async def test_silent_device_goes_offline_after_heartbeat_timeout(actors, js, se
 
 async def _eq(value, expected) -> bool:  # type: ignore[no-untyped-def]
     return (await value) == expected
+
+
+async def test_deleted_device_leaves_no_state_for_a_new_one(actors, js, sessions, nc) -> None:  # type: ignore[no-untyped-def]
+    device = unique_id()
+    await register(sessions, device)
+    await send(js, device, "telemetry", {"power_w": 60.0})
+    await eventually(lambda: _has_state(sessions, device))
+    async with sessions.begin() as session:
+        await session.delete(await session.get(Device, device))
+    fact = m.RegistryFact(
+        device_id=device, change="deleted", actor="user:test", correlation_id="c", time=m.now()
+    )
+    await bus.publish(js, subjects.device_registry(device), fact)
+    await eventually(lambda: _no_state(sessions, device))
+
+
+async def _has_state(sessions, device: str) -> bool:  # type: ignore[no-untyped-def]
+    return device in await states(sessions, [device])
+
+
+async def _no_state(sessions, device: str) -> bool:  # type: ignore[no-untyped-def]
+    return device not in await states(sessions, [device])
