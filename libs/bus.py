@@ -99,6 +99,8 @@ async def connect(url: str, name: str) -> NATS:
 ACTORS_DURABLE = "actors"
 ACTORS_BATCH = 256
 RULES_FACTS_DURABLE = "rules"
+# Managed by the rules service itself: it exists only while event-triggered rules do, and
+# filters on their subjects, so that the bus does not deliver every event twice for nothing.
 RULES_EVENTS_DURABLE = "rules-events"
 RECORDER_SOURCES = {
     subjects.EVENTS_STREAM: subjects.EVENTS_ALL,
@@ -132,17 +134,6 @@ CONSUMERS: tuple[tuple[str, ConsumerConfig], ...] = (
         ConsumerConfig(
             durable_name=RULES_FACTS_DURABLE,
             filter_subject=subjects.DEVICE_STATES_ALL,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.NEW,
-            ack_wait=30.0,
-            max_ack_pending=1000,
-        ),
-    ),
-    (
-        subjects.EVENTS_STREAM,
-        ConsumerConfig(
-            durable_name=RULES_EVENTS_DURABLE,
-            filter_subject=subjects.EVENTS_ALL,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.NEW,
             ack_wait=30.0,

@@ -16,8 +16,13 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
+from nats.js.errors import (
+    BadRequestError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+)
 from nats.js.kv import KeyValue
 from prometheus_client import Counter
 from sqlalchemy import select
@@ -46,6 +51,7 @@ log = logging.getLogger(__name__)
 
 EPISODES_BUCKET = "rule_episodes"
 TICK_S = 0.2
+UNKNOWN_FILTERS = ("?",)
 EVALUATIONS = Counter("smarthome_rule_evaluations_total", "Rule evaluations", ["outcome"])
 
 
@@ -100,6 +106,7 @@ class RulesEngine:
         self._views: dict[str, DeviceView] = {}
         self._episodes: dict[str, Episode] = {}
         self._kv: KeyValue | None = None
+        self._event_filters: tuple[str, ...] = ()
         self._lock = asyncio.Lock()  # facts, events and timers change episodes one at a time
 
     # --- loading -------------------------------------------------------------------------
@@ -121,6 +128,8 @@ class RulesEngine:
             except (msgspec.ValidationError, ValueError) as exc:
                 log.error("rule %s cannot be loaded: %s", record.id, exc)
         self._book = RuleBook(rules)
+        if self._lease.held.is_set():
+            await self._sync_event_consumer()
         self._registry = {
             d: DeviceInfo(kind, location, tuple((meta or {}).get("tags", []) or ()), enabled)
             for d, kind, location, meta, enabled in devices
@@ -167,6 +176,7 @@ class RulesEngine:
                 # Read after taking over: the last owner may have changed them.
                 await self._load_episodes()
                 await self._load_views()
+                self._event_filters = UNKNOWN_FILTERS  # whatever the last owner left: re-sync
                 await self.reload_rules()
                 async with asyncio.TaskGroup() as tasks:
                     tasks.create_task(self._lease.keep(stop))
@@ -175,9 +185,7 @@ class RulesEngine:
                     tasks.create_task(
                         self._consume(stop, facts, subjects.SYSTEM_STREAM, self._on_fact)
                     )
-                    tasks.create_task(
-                        self._consume(stop, events, subjects.EVENTS_STREAM, self._on_event)
-                    )
+                    tasks.create_task(self._consume_events(stop, events))
         finally:
             await self._lease.release()
             for sub in watch:
@@ -195,14 +203,63 @@ class RulesEngine:
         except Exception as exc:  # the periodic reload catches up
             log.warning("rule reload failed: %s", exc)
 
-    async def _consume(self, stop: asyncio.Event, durable: str, stream: str, handle) -> None:  # type: ignore[no-untyped-def]
+    async def _consume_events(self, stop: asyncio.Event, durable: str) -> None:
+        """Events are read only while event-triggered rules exist (see _sync_event_consumer)."""
+        while self._active(stop):
+            if self._event_filters:
+                filters = self._event_filters
+                await self._consume(
+                    stop,
+                    durable,
+                    subjects.EVENTS_STREAM,
+                    self._on_event,
+                    keep_going=lambda filters=filters: self._event_filters == filters,
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)
+
+    async def _sync_event_consumer(self) -> None:
+        """Create, re-filter or delete the events consumer to fit the event rules."""
+        wanted = _disjoint(sorted({r.trigger.subject for r in self._book.on_events}))  # type: ignore[union-attr]
+        if wanted == self._event_filters:
+            return
+        durable = bus.RULES_EVENTS_DURABLE
+        if not wanted:
+            with contextlib.suppress(NotFoundError):
+                await self._js.delete_consumer(subjects.EVENTS_STREAM, durable)
+        else:
+            config = ConsumerConfig(
+                durable_name=durable,
+                filter_subjects=list(wanted),
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.NEW,  # an updated consumer keeps its position
+                ack_wait=30.0,
+                max_ack_pending=1000,
+            )
+            try:
+                await self._js.add_consumer(subjects.EVENTS_STREAM, config)
+            except BadRequestError:  # overlapping patterns the server refuses: read them all
+                config.filter_subjects = [subjects.EVENTS_ALL]
+                await self._js.add_consumer(subjects.EVENTS_STREAM, config)
+        self._event_filters = wanted
+
+    async def _consume(
+        self,
+        stop: asyncio.Event,
+        durable: str,
+        stream: str,
+        handle,  # type: ignore[no-untyped-def]
+        keep_going=lambda: True,  # type: ignore[no-untyped-def]
+    ) -> None:
         sub = await self._js.pull_subscribe_bind(durable, stream=stream)
         try:
-            while self._active(stop):
+            while self._active(stop) and keep_going():
                 try:
                     msgs = await sub.fetch(256, timeout=1.0)
                 except TimeoutError:  # nats-py raises asyncio.TimeoutError here
                     continue
+                except NotFoundError:
+                    return  # the consumer was deleted (no event rules any more)
                 async with self._lock:
                     for msg in msgs:
                         await handle(msg)
@@ -394,3 +451,10 @@ class RulesEngine:
                 note += f"; {len(rule.actions) - episode.next_action} delayed action(s) cancelled"
             await self._actions.trace(rule, episode, "cleared", note, outcomes)
         await self._forget(key)
+
+
+def _disjoint(patterns: list[str]) -> tuple[str, ...]:
+    """Drop patterns another one already covers (the server refuses overlapping filters)."""
+    return tuple(
+        p for p in patterns if not any(o != p and subjects.matches(o, p) for o in patterns)
+    )

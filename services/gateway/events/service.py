@@ -90,6 +90,7 @@ class LiveFeed:
         self._overflowed = False
         # Told at once, while a subscriber may still be stuck sending what it took before.
         self._on_overflow = on_overflow
+        self._last_seq = 0
         self._stopped = False
         self._subscription: Subscription | None = None
         self._undo: list[Callable[[], None]] = []
@@ -97,8 +98,14 @@ class LiveFeed:
     async def on_message(self, msg: Msg) -> None:
         if self._overflowed:
             return
+        seq = stream_seq(msg)
+        if seq <= self._last_seq:
+            # Sequences only grow on a feed: whatever comes again after the ordered consumer
+            # was re-created (a reconnect, a missed heartbeat) is not passed on twice.
+            return
         try:
-            self._queue.put_nowait(Delivered(stream_seq(msg), msg.subject, msg.data))
+            self._queue.put_nowait(Delivered(seq, msg.subject, msg.data))
+            self._last_seq = seq
         except asyncio.QueueFull:
             # Keep what is queued (a contiguous run) and drop the rest: the subscriber
             # resumes after the last one it received.
