@@ -95,7 +95,9 @@ async def connect(url: str, name: str) -> NATS:
 
 
 # The platform's durable consumers, created with the streams so that none misses what
-# is published before its service first starts.
+# is published before its service first starts. Each worker handles a fetched batch as a
+# whole and acks it with one ack of its last message (AckPolicy.ALL): one ack per batch
+# instead of one per message, which the bus would otherwise store one by one.
 ACTORS_DURABLE = "actors"
 ACTORS_BATCH = 256
 RULES_FACTS_DURABLE = "rules"
@@ -122,7 +124,7 @@ CONSUMERS: tuple[tuple[str, ConsumerConfig], ...] = (
         ConsumerConfig(
             durable_name=ACTORS_DURABLE,
             filter_subject=subjects.EVENTS_ALL,
-            ack_policy=AckPolicy.EXPLICIT,
+            ack_policy=AckPolicy.ALL,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=10.0,
             max_ack_pending=ACTORS_BATCH,
@@ -134,7 +136,7 @@ CONSUMERS: tuple[tuple[str, ConsumerConfig], ...] = (
         ConsumerConfig(
             durable_name=RULES_FACTS_DURABLE,
             filter_subject=subjects.DEVICE_STATES_ALL,
-            ack_policy=AckPolicy.EXPLICIT,
+            ack_policy=AckPolicy.ALL,
             deliver_policy=DeliverPolicy.NEW,
             ack_wait=30.0,
             max_ack_pending=1000,
@@ -146,7 +148,7 @@ CONSUMERS: tuple[tuple[str, ConsumerConfig], ...] = (
             ConsumerConfig(
                 durable_name=recorder_durable(stream),
                 filter_subject=filter_subject,
-                ack_policy=AckPolicy.EXPLICIT,
+                ack_policy=AckPolicy.ALL,
                 deliver_policy=DeliverPolicy.ALL,
                 ack_wait=30.0,
                 max_ack_pending=RECORDER_BATCH * 2,

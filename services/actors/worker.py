@@ -93,8 +93,7 @@ class ActorWorker:
             return  # stopping while the database is down: leave the batch un-acked
         if not await self._publish_facts(batch, stop):
             return  # stopping: the redelivered batch re-sends the latest facts (see _decide)
-        for msg in msgs:
-            await msg.ack()
+        await msgs[-1].ack()  # AckPolicy.ALL: the whole batch
 
     async def _decode(self, msg: Msg) -> m.CloudEvent | None:
         """The envelope, checked against its subject; a bad one is dead-lettered and acked."""

@@ -51,8 +51,7 @@ class StreamRecorder:
                 except TimeoutError:  # nats-py raises asyncio.TimeoutError here
                     continue
                 if await self._write(self._convert(msgs), msgs, stop):
-                    for msg in msgs:
-                        await msg.ack()
+                    await msgs[-1].ack()  # AckPolicy.ALL: the whole batch
         finally:
             await sub.unsubscribe()  # a pull subscription left to drain() blocks it
 

@@ -231,7 +231,7 @@ class RulesEngine:
             config = ConsumerConfig(
                 durable_name=durable,
                 filter_subjects=list(wanted),
-                ack_policy=AckPolicy.EXPLICIT,
+                ack_policy=AckPolicy.ALL,
                 deliver_policy=DeliverPolicy.NEW,  # an updated consumer keeps its position
                 ack_wait=30.0,
                 max_ack_pending=1000,
@@ -264,8 +264,7 @@ class RulesEngine:
                     for msg in msgs:
                         await handle(msg)
                 await self._actions.flush()  # traces stored before their causes are acked
-                for msg in msgs:
-                    await msg.ack()
+                await msgs[-1].ack()  # AckPolicy.ALL: the whole batch
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()  # a pull subscription left to drain() blocks it

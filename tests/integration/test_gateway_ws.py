@@ -1,5 +1,5 @@
-"""Following the bus live over a WebSocket (`/api/v1/events/ws`), and the per-client cap on
-live streams that SSE and WebSocket share.
+"""Following the bus live over a WebSocket (`/api/v1/events/ws`), the per-client cap on live
+streams, and the live feed that SSE and WebSocket share.
 
 The app runs under a real uvicorn server; a real WebSocket client (`websockets`) connects.
 """
@@ -330,6 +330,27 @@ async def test_a_socket_that_stops_reading_is_closed_once_its_feed_overflows(
     # Stuck on the first event: the client has what came before it.
     assert close == Close(4008, f"client too slow; resubscribe with since_seq={start.seq}")
     assert len(sent) == 2
+
+
+async def test_a_feed_whose_consumer_is_recreated_before_its_first_message_does_not_start_over(
+    nc: NATS, js: JetStreamContext
+) -> None:
+    device = unique_id()
+    for _ in range(3):  # history that a feed of new messages must never show
+        await bus.publish(js, *_telemetry(device))
+    feed = await EventService(nc, js, Shutdown()).follow(f"events.{device}.>", after_seq=None)
+    try:
+        # What nats-py does after a missed heartbeat or a gap: start again after the last
+        # sequence it has seen.
+        jsi = feed._subscription._sub._jsi  # type: ignore[union-attr]
+        await jsi.reset_ordered_consumer(jsi._sseq + 1)
+        new = await bus.publish(js, *_telemetry(device))
+
+        first = await feed.next(timeout=5)
+    finally:
+        await feed.close()
+
+    assert first is not None and first.seq == new.seq
 
 
 def _telemetry(device: str) -> tuple[str, bytes]:

@@ -85,12 +85,18 @@ def stream_seq(msg: Msg) -> int:
 class LiveFeed:
     """Messages of one ordered consumer, in order, through a bounded queue."""
 
-    def __init__(self, capacity: int, on_overflow: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        on_overflow: Callable[[], None] | None = None,
+        *,
+        after_seq: int = 0,
+    ) -> None:
         self._queue: asyncio.Queue[Delivered | None] = asyncio.Queue(capacity)
         self._overflowed = False
         # Told at once, while a subscriber may still be stuck sending what it took before.
         self._on_overflow = on_overflow
-        self._last_seq = 0
+        self._last_seq = after_seq
         self._stopped = False
         self._subscription: Subscription | None = None
         self._undo: list[Callable[[], None]] = []
@@ -100,8 +106,8 @@ class LiveFeed:
             return
         seq = stream_seq(msg)
         if seq <= self._last_seq:
-            # Sequences only grow on a feed: whatever comes again after the ordered consumer
-            # was re-created (a reconnect, a missed heartbeat) is not passed on twice.
+            # Sequences only grow on a feed, from where it starts: an ordered consumer that
+            # was re-created (after a gap or a missed heartbeat) may start too early.
             return
         try:
             self._queue.put_nowait(Delivered(seq, msg.subject, msg.data))
@@ -316,18 +322,29 @@ class EventService:
         `FEED_CAPACITY` messages behind."""
         stream = stream_for(subject)
         require_bus(self._nc)
-        config = ConsumerConfig()
-        if after_seq is not None:
-            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
-            config.opt_start_seq = after_seq + 1
-        else:
-            config.deliver_policy = DeliverPolicy.NEW
-        feed = LiveFeed(FEED_CAPACITY, on_overflow)
+        if after_seq is None:
+            # New messages only, i.e. after the stream's last one: a position the feed knows.
+            after_seq = (await self._js.stream_info(stream)).state.last_seq
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1
+        )
+        feed = LiveFeed(FEED_CAPACITY, on_overflow, after_seq=after_seq)
         subscription = await self._js.subscribe(
             subject, stream=stream, cb=feed.on_message, ordered_consumer=True, config=config
         )
+        _resume_after(subscription, after_seq)
         feed.bind(subscription, self._shutdown)
         return feed
+
+
+def _resume_after(subscription: JetStreamContext.PushSubscription, seq: int) -> None:
+    """nats-py (2.16) re-creates an ordered consumer after the last stream sequence it has
+    seen, counted from 0 rather than from the start it was given: one re-created before its
+    first message (a missed heartbeat on a busy gateway, a reconnect) would start over at the
+    beginning of the stream. Give it the feed's start (the feed drops repeats either way)."""
+    jsi = getattr(getattr(subscription, "_sub", None), "_jsi", None)
+    if jsi is not None and isinstance(getattr(jsi, "_sseq", None), int):
+        jsi._sseq = max(jsi._sseq, seq)
 
 
 def _bus_message(msg: Msg) -> BusMessage:
