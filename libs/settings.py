@@ -58,6 +58,10 @@ class Settings:
     nats_sync: str = "always"
     rule_traces_keep: int = 100
     rule_traces_days: float = 30.0
+    webhook_allow_private: bool = False
+    webhook_timeout_s: float = 10.0
+    webhook_retry_base_s: float = 1.0
+    webhook_retry_for_s: float = 86400.0
 
     @property
     def effective_database_url(self) -> str:
@@ -108,7 +112,27 @@ def load() -> Settings:
         nats_sync=_sync(),
         rule_traces_keep=int(_float("SMARTHOME_RULE_TRACES_KEEP", 100)),
         rule_traces_days=_float("SMARTHOME_RULE_TRACES_DAYS", 30.0),
+        webhook_allow_private=_flag("SMARTHOME_WEBHOOK_ALLOW_PRIVATE"),
+        webhook_timeout_s=_positive("SMARTHOME_WEBHOOK_TIMEOUT", 10.0),
+        webhook_retry_base_s=_positive("SMARTHOME_WEBHOOK_RETRY_BASE", 1.0),
+        webhook_retry_for_s=_positive("SMARTHOME_WEBHOOK_RETRY_FOR", 86400.0),
     )
+
+
+def _flag(name: str) -> bool:
+    raw = (os.environ.get(name) or "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SettingsError(f"{name}={raw!r} must be 1 or 0")
+
+
+def _positive(name: str, default: float) -> float:
+    value = _float(name, default)
+    if value <= 0:
+        raise SettingsError(f"{name}={value!r} must be greater than 0")
+    return value
 
 
 def _sync() -> str:

@@ -11,12 +11,11 @@ import binascii
 import hashlib
 import hmac
 import ipaddress
-import os
 import random
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from urllib.parse import urlsplit
@@ -24,7 +23,7 @@ from urllib.parse import urlsplit
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from libs import subjects
-from libs.settings import SettingsError
+from libs.settings import Settings
 
 # --- Standard Webhooks: headers, secrets, signatures -----------------------------------------
 
@@ -264,7 +263,7 @@ def parse_subscription_changed(subject: str) -> str:
     return parts[2]
 
 
-# --- settings (to move into libs.settings) ---------------------------------------------------
+# --- settings (read in libs.settings) ---------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -279,35 +278,12 @@ class WebhookSettings:
         return self.timeout_s + 10.0
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> WebhookSettings:
-        """SMARTHOME_WEBHOOK_ALLOW_PRIVATE, _TIMEOUT, _RETRY_BASE, _RETRY_FOR (seconds)."""
+    def of(cls, settings: Settings) -> WebhookSettings:
+        """From the platform settings (SMARTHOME_WEBHOOK_ALLOW_PRIVATE, _TIMEOUT, _RETRY_*)."""
         return cls(
-            allow_private=_flag(env, ALLOW_PRIVATE_ENV),
-            timeout_s=_seconds(env, "SMARTHOME_WEBHOOK_TIMEOUT", 10.0),
+            allow_private=settings.webhook_allow_private,
+            timeout_s=settings.webhook_timeout_s,
             retry=RetryPolicy(
-                base_s=_seconds(env, "SMARTHOME_WEBHOOK_RETRY_BASE", 1.0),
-                retry_for_s=_seconds(env, "SMARTHOME_WEBHOOK_RETRY_FOR", 86400.0),
+                base_s=settings.webhook_retry_base_s, retry_for_s=settings.webhook_retry_for_s
             ),
         )
-
-
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise SettingsError(f"{name}={raw!r} must be 1 or 0")
-
-
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name) or ""
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise SettingsError(f"{name}={raw!r} must be greater than 0")
-    return value

@@ -65,6 +65,7 @@ class Resources:
     js: JetStreamContext
     cache: StateCache
     shutdown: Shutdown
+    settings: Settings
 
 
 @contextlib.asynccontextmanager
@@ -77,7 +78,7 @@ async def open_resources(settings: Settings, shutdown: Shutdown) -> AsyncIterato
         try:
             js = nc.jetstream()
             await bus.ensure_streams(js, settings.stream_replicas)
-            yield Resources(engine, make_sessionmaker(engine), nc, js, cache, shutdown)
+            yield Resources(engine, make_sessionmaker(engine), nc, js, cache, shutdown, settings)
         finally:
             # Drain delivers what is in flight (acks of our publishes) before closing.
             try:

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 
 from libs import bus, runtime, webhooks
 from libs.db.engine import make_engine, make_sessionmaker
 from libs.lease import Lease
-from libs.settings import Settings, SettingsError
+from libs.settings import Settings
 from services.webhooks.dispatcher import LEASE_KEY, Dispatcher
 from services.webhooks.sender import Sender, make_client
 from services.webhooks.store import DeliveryStore
 
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:
-    try:
-        hooks = webhooks.WebhookSettings.from_env()
-    except SettingsError as exc:
-        sys.exit(f"smarthome webhooks: {exc}")
+    hooks = webhooks.WebhookSettings.of(settings)
     engine = make_engine(settings.effective_database_url)
     nc = await bus.connect(settings.effective_nats_url, "webhooks")
     js = nc.jetstream()

@@ -30,7 +30,7 @@ from services.gateway import connections
 from services.gateway.app import create_app
 from services.gateway.events import service as events_service
 from services.gateway.events.service import EventService
-from services.gateway.events.websocket import ACK_WINDOW, Close, EventSocket
+from services.gateway.events.websocket import ACK_WINDOW, MAX_SUBSCRIPTIONS, Close, EventSocket
 from services.gateway.resources import Shutdown
 from tests.helpers import eventually, unique_id
 
@@ -244,6 +244,22 @@ async def test_an_invalid_message_gets_an_error_frame_and_the_socket_stays_usabl
     assert frame["data"]["id"] == event["id"]
 
 
+async def test_a_socket_holds_at_most_20_subscriptions(gateway: Gateway) -> None:
+    subject = f"events.{unique_id()}.>"
+    async with socket(gateway) as ws:
+        for n in range(MAX_SUBSCRIPTIONS):
+            await ws.subscribe(f"s{n}", subject)
+
+        await ws.send(type="subscribe", id="one-more", subject=subject)
+        refused = await ws.next()
+        await ws.send(type="unsubscribe", id="s0")
+        assert await ws.next() == {"type": "unsubscribed", "id": "s0"}
+        await ws.subscribe("one-more", subject)
+
+    assert refused["type"] == "error" and refused["id"] == "one-more"
+    assert f"at most {MAX_SUBSCRIPTIONS} subscriptions" in refused["message"]
+
+
 async def test_a_client_that_stops_acking_is_closed_with_4008_naming_where_to_resume(
     gateway: Gateway,
 ) -> None:
@@ -330,6 +346,29 @@ async def test_a_socket_that_stops_reading_is_closed_once_its_feed_overflows(
     # Stuck on the first event: the client has what came before it.
     assert close == Close(4008, f"client too slow; resubscribe with since_seq={start.seq}")
     assert len(sent) == 2
+
+
+async def test_an_idle_socket_gets_a_ping_every_heartbeat(nc: NATS, js: JetStreamContext) -> None:
+    sent: list[bytes] = []
+
+    async def send(frame: bytes) -> None:
+        sent.append(frame)
+
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def receive() -> str | None:
+        await never  # a client that says nothing and stays
+        return None
+
+    session = EventSocket(EventService(nc, js, Shutdown()), send, heartbeat_s=0.05)
+    running = asyncio.create_task(session.run(receive))
+    try:
+        await eventually(lambda: len(sent) >= 2)
+    finally:
+        never.set_result(None)
+        assert await asyncio.wait_for(running, 5) is None  # the client left: nothing to close
+
+    assert set(sent) == {b'{"type":"ping"}'}
 
 
 async def test_a_feed_whose_consumer_is_recreated_before_its_first_message_does_not_start_over(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,17 +43,20 @@ def gateway_app(settings: Settings) -> Litestar:
     return app
 
 
+def with_webhooks(settings: Settings, allow_private: bool = True) -> Settings:
+    """What WEBHOOK_ENV says, for the in-process gateway."""
+    return dataclasses.replace(
+        settings,
+        webhook_allow_private=allow_private,
+        webhook_retry_base_s=0.2,
+        webhook_timeout_s=5.0,
+    )
+
+
 @pytest.fixture(scope="module")
 async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:
-    async with AsyncTestClient(gateway_app(settings)) as client:
+    async with AsyncTestClient(gateway_app(with_webhooks(settings))) as client:
         yield client
-
-
-@pytest.fixture(autouse=True)
-def webhook_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    for name, value in WEBHOOK_ENV.items():
-        monkeypatch.setenv(name, value)
-    return WEBHOOK_ENV
 
 
 # --- a webhook receiver ------------------------------------------------------------------------
@@ -402,14 +406,13 @@ async def test_bad_input_is_refused_naming_the_field(
     assert field in problem["detail"] and says in problem["detail"]
 
 
-async def test_a_loopback_url_is_refused_unless_the_admin_allows_it(
-    client: AsyncTestClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv("SMARTHOME_WEBHOOK_ALLOW_PRIVATE")
+async def test_a_loopback_url_is_refused_unless_the_admin_allows_it(settings: Settings) -> None:
     body = {"filter": "events.x.>", "url": "http://127.0.0.1:1/"}
 
-    response = await client.post(SUBS, json=body)
-    metadata = await client.post(SUBS, json=body | {"url": "http://169.254.169.254/latest"})
+    strict = gateway_app(with_webhooks(settings, allow_private=False))
+    async with AsyncTestClient(strict) as client:
+        response = await client.post(SUBS, json=body)
+        metadata = await client.post(SUBS, json=body | {"url": "http://169.254.169.254/latest"})
 
     assert response.status_code == 422
     problem = response.json()

@@ -12,6 +12,7 @@ import pytest
 
 from libs import bus, webhooks
 from libs import messages as m
+from libs import settings as settings_mod
 from libs.settings import SettingsError
 from services.webhooks.attempts import Previous, after_attempt
 from services.webhooks.payload import render
@@ -197,26 +198,29 @@ def test_an_attempt_is_delivered_retried_or_dead_lettered() -> None:
     assert (redriven.status, redriven.attempts) == ("failed", 9)
 
 
-def test_settings_come_from_the_environment_with_defaults() -> None:
-    default = webhooks.WebhookSettings.from_env({})
-    custom = webhooks.WebhookSettings.from_env(
-        {
-            "SMARTHOME_WEBHOOK_ALLOW_PRIVATE": "true",
-            "SMARTHOME_WEBHOOK_RETRY_BASE": "0.5",
-            "SMARTHOME_WEBHOOK_RETRY_FOR": "600",
-            "SMARTHOME_WEBHOOK_TIMEOUT": "3",
-        }
-    )
+def test_settings_come_from_the_environment_with_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    default = webhooks.WebhookSettings.of(settings_mod.load())
+    for name, value in {
+        "SMARTHOME_WEBHOOK_ALLOW_PRIVATE": "true",
+        "SMARTHOME_WEBHOOK_RETRY_BASE": "0.5",
+        "SMARTHOME_WEBHOOK_RETRY_FOR": "600",
+        "SMARTHOME_WEBHOOK_TIMEOUT": "3",
+    }.items():
+        monkeypatch.setenv(name, value)
+    custom = webhooks.WebhookSettings.of(settings_mod.load())
 
     assert default == webhooks.WebhookSettings(
         False, 10.0, webhooks.RetryPolicy(1.0, 3600.0, 86400.0)
     )
     assert (custom.allow_private, custom.timeout_s) == (True, 3.0)
     assert (custom.retry.base_s, custom.retry.retry_for_s) == (0.5, 600.0)
+    monkeypatch.setenv("SMARTHOME_WEBHOOK_TIMEOUT", "soon")
     with pytest.raises(SettingsError, match="SMARTHOME_WEBHOOK_TIMEOUT"):
-        webhooks.WebhookSettings.from_env({"SMARTHOME_WEBHOOK_TIMEOUT": "soon"})
+        settings_mod.load()
+    monkeypatch.setenv("SMARTHOME_WEBHOOK_TIMEOUT", "3")
+    monkeypatch.setenv("SMARTHOME_WEBHOOK_ALLOW_PRIVATE", "maybe")
     with pytest.raises(SettingsError, match="SMARTHOME_WEBHOOK_ALLOW_PRIVATE"):
-        webhooks.WebhookSettings.from_env({"SMARTHOME_WEBHOOK_ALLOW_PRIVATE": "maybe"})
+        settings_mod.load()
 
 
 # --- the request a bus message becomes ---------------------------------------------------------

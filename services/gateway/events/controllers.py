@@ -140,7 +140,9 @@ class EventController(Controller):
             f"A comment every {HEARTBEAT_S:g}s keeps the connection open. A client that falls "
             f"{FEED_CAPACITY} messages behind gets a final `event: error` and can resume. A client "
             "address holds at most `SMARTHOME_MAX_STREAMS_PER_CLIENT` streams (SSE and "
-            "WebSocket together): one more is answered 429."
+            "WebSocket together): one more is answered 429. The same over a WebSocket, several "
+            "filters on one socket: `GET /api/v1/events/ws` (JSON messages `subscribe`, "
+            "`unsubscribe`, `ack`; answers `subscribed`, `event`, `unsubscribed`, `error`, `ping`)."
         ),
     )
     async def stream(
@@ -170,7 +172,7 @@ class EventController(Controller):
         )
 
     @websocket("/ws", name="events-ws")
-    async def socket(
+    async def follow_socket(
         self,
         socket: WebSocket,
         events: NamedDependency[EventService],

@@ -29,8 +29,8 @@ ACTOR = "user:anonymous"
 
 
 def provide_subscription_service(resources: NamedDependency[Resources]) -> SubscriptionService:
-    # Read per request until the webhook settings join libs.settings (and the app's state).
-    return SubscriptionService(resources.sessions, resources.nc, WebhookSettings.from_env())
+    hooks = WebhookSettings.of(resources.settings)
+    return SubscriptionService(resources.sessions, resources.nc, hooks)
 
 
 class SubscriptionController(Controller):
