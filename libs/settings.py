@@ -62,6 +62,7 @@ class Settings:
     webhook_timeout_s: float = 10.0
     webhook_retry_base_s: float = 1.0
     webhook_retry_for_s: float = 86400.0
+    max_streams_per_client: int = 20
 
     @property
     def effective_database_url(self) -> str:
@@ -116,7 +117,19 @@ def load() -> Settings:
         webhook_timeout_s=_positive("SMARTHOME_WEBHOOK_TIMEOUT", 10.0),
         webhook_retry_base_s=_positive("SMARTHOME_WEBHOOK_RETRY_BASE", 1.0),
         webhook_retry_for_s=_positive("SMARTHOME_WEBHOOK_RETRY_FOR", 86400.0),
+        max_streams_per_client=_at_least_one("SMARTHOME_MAX_STREAMS_PER_CLIENT", 20),
     )
+
+
+def _at_least_one(name: str, default: int) -> int:
+    raw = os.environ.get(name) or str(default)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SettingsError(f"{name}={raw!r} must be a whole number of at least 1")
+    return value
 
 
 def _flag(name: str) -> bool:

@@ -13,7 +13,7 @@ from litestar.openapi.spec import Tag
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 
 from libs.settings import Settings
-from services.gateway import problems
+from services.gateway import connections, problems
 from services.gateway.audit.controllers import AuditController
 from services.gateway.body import MAX_BODY_BYTES
 from services.gateway.correlation import CorrelationMiddleware
@@ -91,4 +91,6 @@ def create_app(settings: Settings) -> Litestar:
         logging_config=None,
     )
     problems.document_problems(app)
+    # One count of live streams (SSE and WebSocket) per client address, for the app's life.
+    connections.install(app.state, settings.max_streams_per_client)
     return app

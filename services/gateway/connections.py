@@ -1,38 +1,22 @@
 """How many live streams (SSE and WebSocket alike) each client address holds open, capped.
 
 One count for both endpoints, kept on the app's state: a client that opens its
-`SMARTHOME_MAX_STREAMS_PER_CLIENT`-th stream (20 by default) gets no more until it closes one.
-SSE answers that with 429 problem details, a WebSocket is closed with 1013 (try again later).
+`SMARTHOME_MAX_STREAMS_PER_CLIENT`-th stream (`Settings.max_streams_per_client`, 20 by default)
+gets no more until it closes one. SSE answers that with 429 problem details, a WebSocket is
+closed with 1013 (try again later).
 """
 
 from __future__ import annotations
 
-import os
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.exceptions import TooManyRequestsException
 
-from libs.settings import SettingsError
-
-MAX_STREAMS_ENV = "SMARTHOME_MAX_STREAMS_PER_CLIENT"
-DEFAULT_MAX_STREAMS_PER_CLIENT = 20
 STATE_KEY = "stream_limits"
 RETRY_AFTER_S = "5"
-
-
-def max_streams_per_client(env: Mapping[str, str] = os.environ) -> int:
-    """The setting, read once when the app starts; SettingsError names a bad value."""
-    raw = env.get(MAX_STREAMS_ENV) or str(DEFAULT_MAX_STREAMS_PER_CLIENT)
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise SettingsError(f"{MAX_STREAMS_ENV}={raw!r} must be a whole number of at least 1")
-    return value
 
 
 class TooManyStreams(TooManyRequestsException):
@@ -89,8 +73,5 @@ def install(state: State, per_client: int) -> StreamLimits:
 
 
 def provide_stream_limits(state: State) -> StreamLimits:
-    """The app's count; an app that did not install one at start gets it on first use."""
-    limits = state.get(STATE_KEY)
-    if limits is None:
-        limits = install(state, max_streams_per_client())
-    return limits
+    """The app's one count, installed by `create_app`."""
+    return state[STATE_KEY]
