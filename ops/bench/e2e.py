@@ -30,43 +30,44 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
 import os
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import msgspec
 import nats
-import psutil
 import redis.asyncio as redis
+from harness import (
+    MB,
+    BenchError,
+    Child,
+    CpuShare,
+    Database,
+    ProcessSampler,
+    Results,
+    cause_decoder,
+    percentile,
+    print_table,
+    service_env,
+)
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
-from sqlalchemy import text
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from libs import bus, embedded_nats, subjects
 from libs import messages as m
 from libs.cache import KEY_PREFIX
 from libs.db.engine import make_engine, make_sessionmaker
-from libs.db.migrate import upgrade
 from libs.db.models import Device
-from libs.settings import async_database_url
 
-ROOT = Path(__file__).resolve().parents[2]
-MB = 1_000_000
 # The histogram of the time the actors spend on each fetched batch (their /metrics).
 ACTORS_BATCH_METRIC = "smarthome_actor_batch_seconds"
 LATENCY_RATE = 1000.0
@@ -76,216 +77,12 @@ HTTP_BATCHES = 100
 HTTP_BATCH_SIZE = 100
 HTTP_CONCURRENCY = 16
 HTTP_WARMUP = 100
-RSS_INTERVAL_S = 0.1
 SERVICE_RSS_TARGET_MB = 150.0
 P99_TARGET_MS = 50.0
 RATIO_TARGET = 0.30
-# Settings a caller's shell may hold: the services get only what this run sets.
-INHERITED_SETTINGS = (
-    "NATS_URL",
-    "DATABASE_URL",
-    "REDIS_URL",
-    "SMARTHOME_DATA_DIR",
-    "SMARTHOME_HTTP_HOST",
-    "SMARTHOME_HTTP_PORT",
-    "SMARTHOME_NATS_PORT",
-    "SMARTHOME_HEALTH_PORT",
-    "SMARTHOME_HEARTBEAT_TIMEOUT",
-)
-
-
-class BenchError(RuntimeError):
-    """The run cannot go on: a service died or a deadline passed."""
-
-
-# --- processes -------------------------------------------------------------------------
-
-
-class Child:
-    """A process of the run: started here, stopped by SIGTERM (SIGKILL after a grace)."""
-
-    def __init__(
-        self, name: str, argv: list[str], env: dict[str, str], log: Path, port: int = 0
-    ) -> None:
-        self.name = name
-        self.port = port
-        self.argv = argv
-        self.env = env
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, ready_url: str, timeout: float = 30.0) -> Child:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                self.argv, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check_alive()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(ready_url, timeout=1).status_code == 200:
-                    return self
-            time.sleep(0.05)
-        raise BenchError(f"{self.name} not ready within {timeout:g}s:\n{self.tail()}")
-
-    def check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise BenchError(f"{self.name} exited {self.proc.returncode}:\n{self.tail()}")
-
-    def stop(self, grace: float = 20.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def tail(self, chars: int = 2000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
-
-
-class ProcessSampler:
-    """Peak resident memory of each watched process and its children, every 100 ms; and
-    their CPU time, read at the edges of a phase.
-
-    A thread, not a task: it keeps sampling while the event loop is busy publishing.
-    Looking for children scans all of /proc, so the families are refreshed every second
-    only; the memory of their members is read at every sample.
-    """
-
-    def __init__(self, interval: float = RSS_INTERVAL_S, refresh: float = 1.0) -> None:
-        self.interval = interval
-        self.refresh = refresh
-        self.peaks: dict[str, int] = {}
-        self._watched: dict[str, psutil.Process] = {}
-        self._families: dict[str, list[psutil.Process]] = {}
-        self._alone: set[str] = set()  # counted without their children
-        self._refreshed = 0.0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-
-    def watch(self, name: str, pid: int, rss: bool = True, children: bool = True) -> None:
-        with self._lock:
-            self._watched[name] = psutil.Process(pid)
-            if rss:
-                self.peaks.setdefault(name, 0)
-            if not children:
-                self._alone.add(name)
-            self._refreshed = 0.0
-        self._sample()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(5)
-
-    def cpu_seconds(self) -> dict[str, float]:
-        """User + system CPU seconds of each watched process and its children so far."""
-        used = {}
-        for name, (root, *children) in self._current_families(force=True).items():
-            try:
-                t = root.cpu_times()
-            except psutil.Error:
-                continue  # stopped: it has no share in what follows
-            total = t.user + t.system
-            for p in children:
-                with contextlib.suppress(psutil.Error):
-                    t = p.cpu_times()
-                    total += t.user + t.system
-            used[name] = total
-        return used
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def _sample(self) -> None:
-        for name, family in self._current_families().items():
-            if name not in self.peaks:
-                continue
-            rss = 0
-            for p in family:
-                with contextlib.suppress(psutil.Error):
-                    rss += p.memory_info().rss
-            self.peaks[name] = max(self.peaks[name], rss)
-
-    def _current_families(self, force: bool = False) -> dict[str, list[psutil.Process]]:
-        with self._lock:
-            if force or time.monotonic() - self._refreshed >= self.refresh:
-                for name, proc in self._watched.items():
-                    family = [proc]
-                    if name not in self._alone:
-                        with contextlib.suppress(psutil.Error):
-                            family += proc.children(recursive=True)
-                    self._families[name] = family
-                self._refreshed = time.monotonic()
-            return dict(self._families)
-
-
-class CpuShare:
-    """CPU used by each process over a phase, in % of one core."""
-
-    def __init__(self, sampler: ProcessSampler) -> None:
-        self._sampler = sampler
-        self._before = sampler.cpu_seconds()
-        self._started = time.perf_counter()
-
-    def summary(self) -> str:
-        after = self._sampler.cpu_seconds()
-        wall = time.perf_counter() - self._started
-        shares = (
-            f"{name} {(after[name] - self._before.get(name, 0.0)) / wall:.0%}" for name in after
-        )
-        return "CPU (% of one core): " + ", ".join(shares)
 
 
 # --- the database ----------------------------------------------------------------------
-
-
-@dataclass
-class Database:
-    """A fresh database for this run; `server_url` is set when it must be dropped."""
-
-    url: str
-    server_url: str | None = None
-
-    @classmethod
-    async def create(cls, given: str | None, data_dir: Path) -> Database:
-        if not given:
-            return cls(f"sqlite+aiosqlite:///{(data_dir / 'smarthome.db').resolve()}")
-        if not given.startswith(("postgres://", "postgresql")):
-            raise BenchError("--database-url: only a Postgres server URL is supported")
-        server = async_database_url(given)
-        name = f"bench_{secrets.token_hex(4)}"
-        admin = create_async_engine(server, isolation_level="AUTOCOMMIT")
-        try:
-            async with admin.connect() as conn:
-                await conn.execute(text(f'CREATE DATABASE "{name}"'))
-        finally:
-            await admin.dispose()
-        url = make_url(server).set(database=name).render_as_string(hide_password=False)
-        return cls(url, server_url=server)
-
-    @property
-    def kind(self) -> str:
-        return "Postgres" if self.server_url else "SQLite"
-
-    async def drop(self) -> None:
-        if not self.server_url:
-            return
-        name = make_url(self.url).database
-        admin = create_async_engine(self.server_url, isolation_level="AUTOCOMMIT")
-        try:
-            async with admin.connect() as conn:
-                await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        finally:
-            await admin.dispose()
 
 
 async def register_devices(database_url: str, device_ids: list[str]) -> None:
@@ -343,41 +140,7 @@ def http_bodies(device_ids: list[str], first: int, requests: int, size: int) -> 
     return bodies
 
 
-class CauseOnly(msgspec.Struct):
-    """The one field of a state fact that the latency match needs."""
-
-    cause_event_id: str
-
-
-cause_decoder = msgspec.json.Decoder(CauseOnly)
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
 # --- the run ---------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    figure: str
-    value: str
-    target: str = "-"
-    verdict: str = "-"
-
-
-@dataclass
-class Results:
-    header: list[str] = field(default_factory=list)
-    rows: list[Row] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def add(self, figure: str, value: str, target: str = "-", ok: bool | None = None) -> None:
-        verdict = "-" if ok is None else ("ok" if ok else "miss")
-        self.rows.append(Row(figure, value, target, verdict))
 
 
 async def publish_all(
@@ -508,21 +271,11 @@ class Bench:
         nats_url = f"nats://127.0.0.1:{port}"
 
         self.database = await Database.create(self.args.database_url, self.tmp)
-        await asyncio.to_thread(upgrade, self.database.url)
+        await self.database.migrate()
         await register_devices(self.database.url, self.device_ids)
         self.registered = True
 
-        env = {k: v for k, v in os.environ.items() if k not in INHERITED_SETTINGS}
-        env.update(
-            NATS_URL=nats_url,
-            DATABASE_URL=self.database.url,
-            SMARTHOME_DATA_DIR=str(self.tmp / "data"),
-            # No presence_timeout events in the middle of the latency run.
-            SMARTHOME_HEARTBEAT_TIMEOUT="3600",
-        )
-        if self.args.redis_url:
-            env["REDIS_URL"] = self.args.redis_url
-        self.env = env
+        self.env = service_env(nats_url, self.database.url, self.tmp / "data", self.args.redis_url)
 
         self.nc = await nats.connect(nats_url, name="bench")
         js = self.nc.jetstream()
@@ -558,8 +311,7 @@ class Bench:
         child = Child(name, [sys.executable, "-m", module], env, self.tmp / f"{name}.log", port)
         self.children.append(child)
         child.start(f"http://127.0.0.1:{port}/health/ready")
-        assert child.proc is not None
-        self.sampler.watch(name, child.proc.pid)
+        self.sampler.watch(name, child.pid)
         return child
 
     # -- the figures ------------------------------------------------------------------------
@@ -759,34 +511,6 @@ class Bench:
                 self.results.notes.append(
                     f"(c): {errors} single and {errors_b} batched requests not answered 202"
                 )
-
-
-def print_table(results: Results) -> None:
-    # By figure letter; a stable sort keeps each figure's rows in the order they were added.
-    rows = sorted(results.rows, key=lambda row: row.figure[:3])
-    header = Row("figure", "value", "target", "verdict")
-    widths = [
-        max(len(getattr(row, col)) for row in [header, *rows])
-        for col in ("figure", "value", "target", "verdict")
-    ]
-
-    def line(row: Row) -> str:
-        return (
-            f"{row.figure:<{widths[0]}}  {row.value:>{widths[1]}}  "
-            f"{row.target:<{widths[2]}}  {row.verdict}"
-        )
-
-    print()
-    for note in results.header:
-        print(note)
-    print()
-    print(line(header))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line(row))
-    print()
-    for note in sorted(results.notes, key=lambda note: note[:3]):
-        print(note)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -42,40 +42,42 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
 import os
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import msgspec
 import nats
-import psutil
+from harness import (
+    MB,
+    BenchError,
+    Child,
+    CpuShare,
+    Database,
+    ProcessSampler,
+    Results,
+    cause_decoder,
+    percentile,
+    print_table,
+    service_env,
+)
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from sqlalchemy import func, select, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy import func, select
 
 from libs import bus, embedded_nats, subjects
 from libs import messages as m
 from libs.db.engine import make_engine, make_sessionmaker
-from libs.db.migrate import upgrade
 from libs.db.models import CommandRecord, Device, RuleRecord
-from libs.settings import async_database_url
 
-ROOT = Path(__file__).resolve().parents[2]
-MB = 1_000_000
 FETCH_BATCH = 256  # what the rules service fetches (services/rules/engine.py)
 RAW_DURABLE = "bench-raw"
 # What the rules service exposes (services/rules/engine.py) and logs when it starts working.
@@ -83,143 +85,7 @@ EVALUATIONS_METRIC = "smarthome_rule_evaluations_total"
 THRESHOLD_W = 50.0
 EVALUATIONS_TARGET = 5000.0
 P99_TARGET_MS = 25.0
-RSS_INTERVAL_S = 0.1
 POLL_S = 0.02
-# Settings a caller's shell may hold: the services get only what this run sets.
-INHERITED_SETTINGS = (
-    "NATS_URL",
-    "DATABASE_URL",
-    "REDIS_URL",
-    "SMARTHOME_DATA_DIR",
-    "SMARTHOME_HTTP_HOST",
-    "SMARTHOME_HTTP_PORT",
-    "SMARTHOME_NATS_PORT",
-    "SMARTHOME_HEALTH_PORT",
-    "SMARTHOME_HEARTBEAT_TIMEOUT",
-)
-
-
-class BenchError(RuntimeError):
-    """The run cannot go on: a service died or a deadline passed."""
-
-
-# --- processes -------------------------------------------------------------------------
-
-
-class Child:
-    """A process of the run: started here, stopped by SIGTERM (SIGKILL after a grace)."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.name = name
-        self.argv = argv
-        self.env = env
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def spawn(self) -> Child:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                self.argv, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
-            )
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise BenchError(f"{self.name} exited {self.proc.returncode}:\n{self.tail()}")
-
-    async def wait_for_log(self, needle: str, timeout: float = 30.0) -> None:
-        """Until `needle` appears in the process's log (its JSON lines carry the message)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check_alive()
-            if needle in self.tail(chars=1_000_000):
-                return
-            await asyncio.sleep(0.05)
-        raise BenchError(
-            f"{self.name}: no {needle!r} in its log within {timeout:g}s:\n{self.tail()}"
-        )
-
-    def stop(self, grace: float = 20.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def tail(self, chars: int = 2000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
-
-
-class ProcessWatch:
-    """Peak RSS of each watched process every 100 ms (a thread: it keeps sampling while the
-    event loop is busy publishing), and CPU seconds read at the edges of a phase."""
-
-    def __init__(self) -> None:
-        self.peaks: dict[str, int] = {}
-        self._procs: dict[str, psutil.Process] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-
-    def watch(self, name: str, pid: int) -> None:
-        with self._lock:
-            self._procs[name] = psutil.Process(pid)
-            self.peaks.setdefault(name, 0)
-        self._sample()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(5)
-
-    def cpu_seconds(self) -> dict[str, float]:
-        used = {}
-        with self._lock:
-            procs = dict(self._procs)
-        for name, proc in procs.items():
-            with contextlib.suppress(psutil.Error):
-                t = proc.cpu_times()
-                used[name] = t.user + t.system
-        return used
-
-    def _run(self) -> None:
-        while not self._stop.wait(RSS_INTERVAL_S):
-            self._sample()
-
-    def _sample(self) -> None:
-        with self._lock:
-            procs = dict(self._procs)
-        for name, proc in procs.items():
-            with contextlib.suppress(psutil.Error):
-                self.peaks[name] = max(self.peaks[name], proc.memory_info().rss)
-
-
-class CpuShare:
-    """CPU used by each watched process over a phase, in % of one core."""
-
-    def __init__(self, watch: ProcessWatch) -> None:
-        self._watch = watch
-        self._before = watch.cpu_seconds()
-        self._started = time.perf_counter()
-
-    def summary(self) -> str:
-        after = self._watch.cpu_seconds()
-        wall = time.perf_counter() - self._started
-        shares = (
-            f"{name} {(after[name] - self._before.get(name, 0.0)) / wall:.0%}" for name in after
-        )
-        return "CPU (% of one core): " + ", ".join(shares)
 
 
 async def scrape_evaluations(port: int) -> float | None:
@@ -238,46 +104,6 @@ async def scrape_evaluations(port: int) -> float | None:
 
 
 # --- the database ----------------------------------------------------------------------
-
-
-@dataclass
-class Database:
-    """A fresh database for this run; `server_url` is set when it must be dropped."""
-
-    url: str
-    server_url: str | None = None
-
-    @classmethod
-    async def create(cls, given: str | None, data_dir: Path) -> Database:
-        if not given:
-            return cls(f"sqlite+aiosqlite:///{(data_dir / 'smarthome.db').resolve()}")
-        if not given.startswith(("postgres://", "postgresql")):
-            raise BenchError("--database-url: only a Postgres server URL is supported")
-        server = async_database_url(given)
-        name = f"bench_{secrets.token_hex(4)}"
-        admin = create_async_engine(server, isolation_level="AUTOCOMMIT")
-        try:
-            async with admin.connect() as conn:
-                await conn.execute(text(f'CREATE DATABASE "{name}"'))
-        finally:
-            await admin.dispose()
-        url = make_url(server).set(database=name).render_as_string(hide_password=False)
-        return cls(url, server_url=server)
-
-    @property
-    def kind(self) -> str:
-        return "Postgres" if self.server_url else "SQLite"
-
-    async def drop(self) -> None:
-        if not self.server_url:
-            return
-        name = make_url(self.url).database
-        admin = create_async_engine(self.server_url, isolation_level="AUTOCOMMIT")
-        try:
-            async with admin.connect() as conn:
-                await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        finally:
-            await admin.dispose()
 
 
 @dataclass(frozen=True)
@@ -411,21 +237,6 @@ def telemetry_plan(home: Home, count: int, cross_every: int) -> list[Telemetry]:
     return plan
 
 
-class CauseOnly(msgspec.Struct):
-    """The one field of a state fact that the latency split needs."""
-
-    cause_event_id: str
-
-
-cause_decoder = msgspec.json.Decoder(CauseOnly)
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
 async def publish_all(js: JetStreamContext, messages: list[tuple[str, bytes, str]]) -> int:
     """Publish with `publish_async` and wait for every ack; the number that failed."""
     futures = [
@@ -439,25 +250,6 @@ async def publish_all(js: JetStreamContext, messages: list[tuple[str, bytes, str
 # --- the run ---------------------------------------------------------------------------
 
 
-@dataclass
-class Row:
-    figure: str
-    value: str
-    target: str = "-"
-    verdict: str = "-"
-
-
-@dataclass
-class Results:
-    header: list[str] = field(default_factory=list)
-    rows: list[Row] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def add(self, figure: str, value: str, target: str = "-", ok: bool | None = None) -> None:
-        verdict = "-" if ok is None else ("ok" if ok else "miss")
-        self.rows.append(Row(figure, value, target, verdict))
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         self.args = args
@@ -465,7 +257,7 @@ class Bench:
         self.run_id = secrets.token_hex(3)
         self.home = Home.make(self.run_id, args.rules)
         self.results = Results()
-        self.watch = ProcessWatch()
+        self.sampler = ProcessSampler()
         self.children: list[Child] = []
         self.database: Database | None = None
         self.nc: NATS | None = None
@@ -480,26 +272,16 @@ class Bench:
         nats_server = Child("nats-server", list(proc.args), {}, nats_log)  # type: ignore[arg-type]
         nats_server.proc = proc
         self.children.append(nats_server)
-        self.watch.watch("nats-server", proc.pid)
-        self.watch.watch("bench", os.getpid())
-        self.watch.start()
+        self.sampler.watch("nats-server", proc.pid, children=False)
+        self.sampler.watch("bench", os.getpid(), children=False)
+        self.sampler.start()
         nats_url = f"nats://127.0.0.1:{port}"
 
         self.database = await Database.create(self.args.database_url, self.tmp)
-        await asyncio.to_thread(upgrade, self.database.url)
+        await self.database.migrate()
         await self.home.store(self.database.url)
 
-        env = {k: v for k, v in os.environ.items() if k not in INHERITED_SETTINGS}
-        env.update(
-            NATS_URL=nats_url,
-            DATABASE_URL=self.database.url,
-            SMARTHOME_DATA_DIR=str(self.tmp / "data"),
-            # No presence_timeout events in the middle of the latency run.
-            SMARTHOME_HEARTBEAT_TIMEOUT="3600",
-        )
-        if self.args.redis_url:
-            env["REDIS_URL"] = self.args.redis_url
-        self.env = env
+        self.env = service_env(nats_url, self.database.url, self.tmp / "data", self.args.redis_url)
 
         self.nc = await nats.connect(nats_url, name="bench")
         js = self.nc.jetstream()
@@ -513,7 +295,7 @@ class Bench:
                 await asyncio.wait_for(self.nc.close(), 10)
         for child in reversed(self.children):
             await asyncio.to_thread(child.stop)
-        self.watch.stop()
+        self.sampler.stop()
         if self.database is not None:
             try:
                 await self.database.drop()
@@ -526,7 +308,7 @@ class Bench:
         env = {**self.env, "SMARTHOME_HEALTH_PORT": str(port)}
         child = Child(name, [sys.executable, "-m", module], env, self.tmp / f"{name}.log")
         self.children.append(child.spawn())
-        self.watch.watch(name, child.pid)
+        self.sampler.watch(name, child.pid, children=False)
         return child, port
 
     async def wait_ready(self, child: Child, port: int, timeout: float = 30.0) -> None:
@@ -565,7 +347,7 @@ class Bench:
         await actors.wait_for_log("lease actors acquired")
         await self.latency(js, self.nc, rules, actors)
 
-        for name, peak in self.watch.peaks.items():
+        for name, peak in self.sampler.peaks.items():
             if name != "bench":
                 r.add(f"(4) peak RSS {name}", f"{peak / MB:,.0f} MB")
         r.header.append(
@@ -599,7 +381,7 @@ class Bench:
             ),
         )
         sub = await js.pull_subscribe_bind(RAW_DURABLE, stream=subjects.SYSTEM_STREAM)
-        cpu = CpuShare(self.watch)
+        cpu = CpuShare(self.sampler)
         got = 0
         deadline = time.monotonic() + 60
         try:
@@ -648,7 +430,7 @@ class Bench:
             delivered = info.delivered.consumer_seq if info.delivered else 0
             seen = f"{left:,} pending or un-acked, {delivered:,} delivered"
             if first is None and delivered > 0:
-                cpu = CpuShare(self.watch)
+                cpu = CpuShare(self.sampler)
                 # The counter is read when the service answers, between two of its batches.
                 evaluations_then = await scrape_evaluations(port)
                 first = (at, left, evaluations_then, time.perf_counter())
@@ -727,7 +509,7 @@ class Bench:
         ]
         await nc.flush()
         futures = []
-        cpu = CpuShare(self.watch)
+        cpu = CpuShare(self.sampler)
         try:
             begin = time.perf_counter() + 0.05
             for i, t in enumerate(plan):
@@ -790,33 +572,6 @@ class Bench:
             f"{len(command_at):,} commands received, {recorded:,} command rows recorded; "
             f"{failed} publishes failed"
         )
-
-
-def print_table(results: Results) -> None:
-    header = Row("figure", "value", "target", "verdict")
-    rows = results.rows
-    widths = [
-        max(len(getattr(row, col)) for row in [header, *rows])
-        for col in ("figure", "value", "target", "verdict")
-    ]
-
-    def line(row: Row) -> str:
-        return (
-            f"{row.figure:<{widths[0]}}  {row.value:>{widths[1]}}  "
-            f"{row.target:<{widths[2]}}  {row.verdict}"
-        )
-
-    print()
-    for note in results.header:
-        print(note)
-    print()
-    print(line(header))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line(row))
-    print()
-    for note in sorted(results.notes, key=lambda note: note[:3]):
-        print(note)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

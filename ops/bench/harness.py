@@ -1,0 +1,353 @@
+"""What the benchmarks in ops/bench share: their child processes, the sampling of their
+memory and CPU, a throwaway database, percentiles and the printed table.
+
+A sibling module, not a package: the benchmarks are run as scripts
+(`python ops/bench/e2e.py`), whose directory is first on `sys.path`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import secrets
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import msgspec
+import psutil
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from libs.db.migrate import upgrade
+from libs.settings import async_database_url
+
+ROOT = Path(__file__).resolve().parents[2]
+MB = 1_000_000
+RSS_INTERVAL_S = 0.1
+# Settings a caller's shell may hold: the services get only what this run sets.
+INHERITED_SETTINGS = (
+    "NATS_URL",
+    "DATABASE_URL",
+    "REDIS_URL",
+    "SMARTHOME_DATA_DIR",
+    "SMARTHOME_HTTP_HOST",
+    "SMARTHOME_HTTP_PORT",
+    "SMARTHOME_NATS_PORT",
+    "SMARTHOME_HEALTH_PORT",
+    "SMARTHOME_HEARTBEAT_TIMEOUT",
+)
+
+
+def service_env(
+    nats_url: str, database_url: str, data_dir: Path, redis_url: str | None
+) -> dict[str, str]:
+    """The environment of the services: this one's, less what a caller's shell may have
+    set for the platform, plus this run's settings."""
+    env = {k: v for k, v in os.environ.items() if k not in INHERITED_SETTINGS}
+    env.update(
+        NATS_URL=nats_url,
+        DATABASE_URL=database_url,
+        SMARTHOME_DATA_DIR=str(data_dir),
+        # No presence_timeout events in the middle of the latency run.
+        SMARTHOME_HEARTBEAT_TIMEOUT="3600",
+    )
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    return env
+
+
+class BenchError(RuntimeError):
+    """The run cannot go on: a service died or a deadline passed."""
+
+
+# --- processes -------------------------------------------------------------------------
+
+
+class Child:
+    """A process of the run: started here, stopped by SIGTERM (SIGKILL after a grace)."""
+
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], log: Path, port: int = 0
+    ) -> None:
+        self.name = name
+        self.port = port
+        self.argv = argv
+        self.env = env
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def spawn(self) -> Child:
+        """Start the process and return at once (the caller waits for it)."""
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+            )
+        return self
+
+    def start(self, ready_url: str, timeout: float = 30.0) -> Child:
+        """Start the process and block until `ready_url` answers 200."""
+        self.spawn()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(ready_url, timeout=1).status_code == 200:
+                    return self
+            time.sleep(0.05)
+        raise BenchError(f"{self.name} not ready within {timeout:g}s:\n{self.tail()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise BenchError(f"{self.name} exited {self.proc.returncode}:\n{self.tail()}")
+
+    async def wait_for_log(self, needle: str, timeout: float = 30.0) -> None:
+        """Until `needle` appears in the process's log (its JSON lines carry the message)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            if needle in self.tail(chars=1_000_000):
+                return
+            await asyncio.sleep(0.05)
+        raise BenchError(
+            f"{self.name}: no {needle!r} in its log within {timeout:g}s:\n{self.tail()}"
+        )
+
+    def stop(self, grace: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def tail(self, chars: int = 2000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+class ProcessSampler:
+    """Peak resident memory of each watched process (and, unless told otherwise, its
+    children), every 100 ms; and their CPU time, read at the edges of a phase.
+
+    A thread, not a task: it keeps sampling while the event loop is busy publishing.
+    Looking for children scans all of /proc, so the families are refreshed every second
+    only; the memory of their members is read at every sample.
+    """
+
+    def __init__(self, interval: float = RSS_INTERVAL_S, refresh: float = 1.0) -> None:
+        self.interval = interval
+        self.refresh = refresh
+        self.peaks: dict[str, int] = {}
+        self._watched: dict[str, psutil.Process] = {}
+        self._families: dict[str, list[psutil.Process]] = {}
+        self._alone: set[str] = set()  # counted without their children
+        self._refreshed = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def watch(self, name: str, pid: int, rss: bool = True, children: bool = True) -> None:
+        with self._lock:
+            self._watched[name] = psutil.Process(pid)
+            if rss:
+                self.peaks.setdefault(name, 0)
+            if not children:
+                self._alone.add(name)
+            self._refreshed = 0.0
+        self._sample()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """User + system CPU seconds of each watched process and its children so far."""
+        used = {}
+        for name, (root, *children) in self._current_families(force=True).items():
+            try:
+                t = root.cpu_times()
+            except psutil.Error:
+                continue  # stopped: it has no share in what follows
+            total = t.user + t.system
+            for p in children:
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    total += t.user + t.system
+            used[name] = total
+        return used
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        for name, family in self._current_families().items():
+            if name not in self.peaks:
+                continue
+            rss = 0
+            for p in family:
+                with contextlib.suppress(psutil.Error):
+                    rss += p.memory_info().rss
+            self.peaks[name] = max(self.peaks[name], rss)
+
+    def _current_families(self, force: bool = False) -> dict[str, list[psutil.Process]]:
+        with self._lock:
+            if force or time.monotonic() - self._refreshed >= self.refresh:
+                for name, proc in self._watched.items():
+                    family = [proc]
+                    if name not in self._alone:
+                        with contextlib.suppress(psutil.Error):
+                            family += proc.children(recursive=True)
+                    self._families[name] = family
+                self._refreshed = time.monotonic()
+            return dict(self._families)
+
+
+class CpuShare:
+    """CPU used by each watched process over a phase, in % of one core."""
+
+    def __init__(self, sampler: ProcessSampler) -> None:
+        self._sampler = sampler
+        self._before = sampler.cpu_seconds()
+        self._started = time.perf_counter()
+
+    def summary(self) -> str:
+        after = self._sampler.cpu_seconds()
+        wall = time.perf_counter() - self._started
+        shares = (
+            f"{name} {(after[name] - self._before.get(name, 0.0)) / wall:.0%}" for name in after
+        )
+        return "CPU (% of one core): " + ", ".join(shares)
+
+
+# --- the database ----------------------------------------------------------------------
+
+
+@dataclass
+class Database:
+    """A fresh database for this run; `server_url` is set when it must be dropped."""
+
+    url: str
+    server_url: str | None = None
+
+    @classmethod
+    async def create(cls, given: str | None, data_dir: Path) -> Database:
+        if not given:
+            return cls(f"sqlite+aiosqlite:///{(data_dir / 'smarthome.db').resolve()}")
+        if not given.startswith(("postgres://", "postgresql")):
+            raise BenchError("--database-url: only a Postgres server URL is supported")
+        server = async_database_url(given)
+        name = f"bench_{secrets.token_hex(4)}"
+        admin = create_async_engine(server, isolation_level="AUTOCOMMIT")
+        try:
+            async with admin.connect() as conn:
+                await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        finally:
+            await admin.dispose()
+        url = make_url(server).set(database=name).render_as_string(hide_password=False)
+        return cls(url, server_url=server)
+
+    @property
+    def kind(self) -> str:
+        return "Postgres" if self.server_url else "SQLite"
+
+    async def migrate(self) -> None:
+        """The schema, by the migrations (blocking: run in a thread)."""
+        await asyncio.to_thread(upgrade, self.url)
+
+    async def drop(self) -> None:
+        if not self.server_url:
+            return
+        name = make_url(self.url).database
+        admin = create_async_engine(self.server_url, isolation_level="AUTOCOMMIT")
+        try:
+            async with admin.connect() as conn:
+                await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        finally:
+            await admin.dispose()
+
+
+# --- measures --------------------------------------------------------------------------
+
+
+class CauseOnly(msgspec.Struct):
+    """The one field of a state fact that the latency match needs."""
+
+    cause_event_id: str
+
+
+cause_decoder = msgspec.json.Decoder(CauseOnly)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+# --- the table -------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    figure: str
+    value: str
+    target: str = "-"
+    verdict: str = "-"
+
+
+@dataclass
+class Results:
+    header: list[str] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, figure: str, value: str, target: str = "-", ok: bool | None = None) -> None:
+        verdict = "-" if ok is None else ("ok" if ok else "miss")
+        self.rows.append(Row(figure, value, target, verdict))
+
+
+def print_table(results: Results) -> None:
+    # By figure number; a stable sort keeps each figure's rows in the order they were added.
+    rows = sorted(results.rows, key=lambda row: row.figure[:3])
+    header = Row("figure", "value", "target", "verdict")
+    widths = [
+        max(len(getattr(row, col)) for row in [header, *rows])
+        for col in ("figure", "value", "target", "verdict")
+    ]
+
+    def line(row: Row) -> str:
+        return (
+            f"{row.figure:<{widths[0]}}  {row.value:>{widths[1]}}  "
+            f"{row.target:<{widths[2]}}  {row.verdict}"
+        )
+
+    print()
+    for note in results.header:
+        print(note)
+    print()
+    print(line(header))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print(line(row))
+    print()
+    for note in sorted(results.notes, key=lambda note: note[:3]):
+        print(note)
