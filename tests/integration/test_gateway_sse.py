@@ -17,6 +17,7 @@ import httpx
 import msgspec
 import pytest
 import uvicorn
+from litestar import Litestar
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
@@ -25,7 +26,8 @@ from libs import messages as m
 from libs.settings import Settings
 from services.gateway.app import create_app
 from services.gateway.events import service as events_service
-from services.gateway.events.service import EventService, FeedClosed, FeedOverflow
+from services.gateway.events.controllers import SHARED_FEEDS_KEY
+from services.gateway.events.service import EventService, FeedClosed, FeedOverflow, SharedFeeds
 from services.gateway.resources import Shutdown
 from tests.helpers import eventually, unique_id
 
@@ -34,11 +36,14 @@ READ_TIMEOUT_S = 10.0
 
 
 @pytest.fixture(scope="module")
-async def http(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+def app(settings: Settings) -> Litestar:
+    return create_app(settings)
+
+
+@pytest.fixture(scope="module")
+async def http(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
     port = embedded_nats.free_port()
-    config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, log_config=None, access_log=False
-    )
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
     await eventually(lambda: server.started)
@@ -213,3 +218,118 @@ async def test_a_stopping_gateway_ends_its_streams(nc: NATS, js: JetStreamContex
             await asyncio.wait_for(waiting, 5)
     finally:
         await feed.close()
+
+
+async def _consumers(js: JetStreamContext, subject: str) -> list[str]:
+    infos = await js.consumers_info(subjects.EVENTS_STREAM)
+    return [i.name for i in infos if i.config.filter_subject == subject]
+
+
+def _shared_feeds(app: Litestar) -> SharedFeeds:
+    return app.state[SHARED_FEEDS_KEY]
+
+
+async def test_clients_of_one_filter_share_one_consumer_and_each_gets_every_event_once(
+    app: Litestar, http: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    device_id = unique_id()
+    subject = f"events.{device_id}.>"
+    async with (
+        following(http, {"subject": subject}) as first,
+        following(http, {"subject": subject}) as second,
+    ):
+        feeds = _shared_feeds(app)
+        started = feeds.consumers_started
+        shared = feeds.tail(subject)
+        assert shared is not None and len(shared.followers) == 2
+        assert len(await _consumers(js, subject)) == 1
+
+        published = await publish(http, device_id, 5)
+        got_first = [await first.next_event() for _ in published]
+        got_second = [await second.next_event() for _ in published]
+        # Nothing more: each event once.
+        [extra] = await publish(http, device_id, 1)
+        assert int((await first.next_event()).id) == extra["seq"]  # type: ignore[arg-type]
+        assert int((await second.next_event()).id) == extra["seq"]  # type: ignore[arg-type]
+
+    want = [p["seq"] for p in published]
+    assert [int(e.id) for e in got_first] == want  # type: ignore[arg-type]
+    assert [int(e.id) for e in got_second] == want  # type: ignore[arg-type]
+    assert [e.json["id"] for e in got_second] == [p["id"] for p in published]
+    assert started == feeds.consumers_started  # the second client started none
+
+    # The last one to leave ends the shared consumer.
+    await eventually(lambda: feeds.tail(subject) is None)
+
+    async def gone() -> bool:
+        return not await _consumers(js, subject)
+
+    await eventually(gone, timeout=20)
+
+
+async def test_a_resuming_client_gets_the_missed_events_then_live_ones_beside_a_live_one(
+    app: Litestar, http: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    device_id = unique_id()
+    subject = f"events.{device_id}.>"
+    async with following(http, {"subject": subject}) as live:
+        seen, *missed = await publish(http, device_id, 4)
+        live_got = [await live.next_event() for _ in range(4)]
+
+        async with following(
+            http, {"subject": subject}, headers={"Last-Event-ID": str(seen["seq"])}
+        ) as resuming:
+            replayed = [await resuming.next_event() for _ in missed]
+            after = await publish(http, device_id, 3)
+            resumed_live = [await resuming.next_event() for _ in after]
+            live_got += [await live.next_event() for _ in after]
+            [last] = await publish(http, device_id, 1)
+            assert int((await resuming.next_event()).id) == last["seq"]  # type: ignore[arg-type]
+            assert int((await live.next_event()).id) == last["seq"]  # type: ignore[arg-type]
+
+            # The resuming client reads the shared feed now: its own consumer has ended.
+            shared = _shared_feeds(app).tail(subject)
+            assert shared is not None and len(shared.followers) == 2
+            assert not any(f.catching_up for f in shared.followers)
+
+    assert [int(e.id) for e in replayed] == [p["seq"] for p in missed]  # type: ignore[arg-type]
+    assert [int(e.id) for e in resumed_live] == [p["seq"] for p in after]  # type: ignore[arg-type]
+    assert [int(e.id) for e in live_got] == [  # type: ignore[arg-type]
+        p["seq"] for p in [seen, *missed, *after]
+    ]
+    await eventually(lambda: _shared_feeds(app).tail(subject) is None)
+
+    async def gone() -> bool:
+        return not await _consumers(js, subject)
+
+    await eventually(gone, timeout=20)
+
+
+async def test_a_follower_catching_up_switches_to_the_shared_feed_without_gap_or_repeat(
+    nc: NATS, js: JetStreamContext
+) -> None:
+    device_id = unique_id()
+    subject = f"events.{device_id}.>"
+    events = EventService(nc, js, Shutdown())
+    live = await events.follow(subject, after_seq=None)
+    feeds: list[events_service.LiveFeed] = []
+    try:
+        acks = []
+        for i in range(20):
+            event = m.make_event(device_id, "telemetry", {"i": i})
+            acks.append(await bus.publish(js, event.nats_subject, event))
+            if i % 4 == 3:  # resume from several points while the stream moves on
+                feeds.append(await events.follow(subject, after_seq=acks[i - 2].seq))
+        got = []
+        for feed in feeds:
+            seqs = []
+            while (d := await feed.next(timeout=0.5)) is not None:
+                seqs.append(d.seq)
+            got.append(seqs)
+    finally:
+        for feed in [live, *feeds]:
+            await feed.close()
+
+    for start, seqs in zip(range(1, 20, 4), got, strict=True):
+        assert seqs == [a.seq for a in acks[start + 1 :]]
+    assert all(not f.catching_up for f in feeds)

@@ -381,7 +381,8 @@ async def test_a_feed_whose_consumer_is_recreated_before_its_first_message_does_
     try:
         # What nats-py does after a missed heartbeat or a gap: start again after the last
         # sequence it has seen.
-        jsi = feed._subscription._sub._jsi  # type: ignore[union-attr]
+        # New messages only: the filter's shared consumer brings them.
+        jsi = feed._tail.subscription._sub._jsi  # type: ignore[union-attr]
         await jsi.reset_ordered_consumer(jsi._sseq + 1)
         new = await bus.publish(js, *_telemetry(device))
 

@@ -11,6 +11,7 @@ from typing import Annotated
 import msgspec
 from litestar import Controller, Request, WebSocket, get, post, websocket
 from litestar.background_tasks import BackgroundTask
+from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import WebSocketDisconnect
 from litestar.params import HeaderParameter, JSONBody, QueryParameter
@@ -44,6 +45,7 @@ from services.gateway.events.service import (
     FeedClosed,
     FeedOverflow,
     LiveFeed,
+    SharedFeeds,
 )
 from services.gateway.events.websocket import ClientGone, Close, EventSocket
 from services.gateway.pagination import CursorParam, SinceParam, limit_param, utc
@@ -57,6 +59,8 @@ SSE_BATCH = 256
 # A close frame that a client does not take within this long is given up on.
 CLOSE_TIMEOUT_S = 5.0
 
+SHARED_FEEDS_KEY = "shared_feeds"
+
 SubjectParam = Annotated[
     str,
     QueryParameter(
@@ -69,8 +73,20 @@ SinceSeqParam = Annotated[
 ]
 
 
-def provide_event_service(resources: NamedDependency[Resources]) -> EventService:
-    return EventService(resources.nc, resources.js, resources.shutdown)
+def provide_event_service(resources: NamedDependency[Resources], state: State) -> EventService:
+    return EventService(
+        resources.nc, resources.js, resources.shutdown, provide_shared_feeds(state, resources)
+    )
+
+
+def provide_shared_feeds(state: State, resources: Resources) -> SharedFeeds:
+    """The app's live feeds (one consumer per followed filter), made with its bus connection
+    and closed when the gateway is asked to stop (the lifespan's drain ends the rest)."""
+    feeds: SharedFeeds | None = state.get(SHARED_FEEDS_KEY)
+    if feeds is None or feeds.js is not resources.js:
+        feeds = state[SHARED_FEEDS_KEY] = SharedFeeds(resources.js)
+        resources.shutdown.on_request(feeds.close_soon)
+    return feeds
 
 
 class EventController(Controller):

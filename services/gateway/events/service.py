@@ -2,8 +2,12 @@
 
 Replay uses an ephemeral pull consumer that exists for one request: it knows from its
 `num_pending` how many messages match, fetches at most `limit` of them and is deleted.
-Following uses an ordered push consumer per subscriber feeding a bounded queue: a subscriber
-that cannot keep up is cut off (it resumes from its last sequence) instead of growing memory.
+Following shares one ordered push consumer per filter among every live subscriber of that
+filter (`SharedFeeds`): each message is copied into each subscriber's bounded queue. A
+subscriber that resumes from a sequence reads an ordered consumer of its own until it reaches
+the shared one, then switches to it (sequences decide: nothing twice, nothing missed). A
+subscriber that cannot keep up is cut off (it resumes from its last sequence) instead of
+growing memory.
 """
 
 from __future__ import annotations
@@ -83,7 +87,8 @@ def stream_seq(msg: Msg) -> int:
 
 
 class LiveFeed:
-    """Messages of one ordered consumer, in order, through a bounded queue."""
+    """One subscriber's messages, in order, through a bounded queue: from the filter's shared
+    consumer, or (catching up) from an ordered consumer of its own until it reaches that."""
 
     def __init__(
         self,
@@ -98,20 +103,51 @@ class LiveFeed:
         self._on_overflow = on_overflow
         self._last_seq = after_seq
         self._stopped = False
+        # The subscriber's own (catch-up) consumer, until it switches to the shared one.
         self._subscription: Subscription | None = None
+        self._unsubscribing: asyncio.Task[None] | None = None
         self._undo: list[Callable[[], None]] = []
+        # The shared feed this one is a follower of; `catching_up` while it reads its own.
+        self._tail: _SharedTail | None = None
+        self._feeds: SharedFeeds | None = None
+        # `pending`: attached, takes nothing yet; `catching_up`: its own consumer is behind.
+        self.pending = False
+        self.catching_up = False
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
 
     async def on_message(self, msg: Msg) -> None:
+        """The catch-up consumer's callback (or a private consumer's)."""
         if self._overflowed:
             return
         seq = stream_seq(msg)
         if seq <= self._last_seq:
+            return
+        self.push(Delivered(seq, msg.subject, msg.data))
+        tail = self._tail
+        if self.catching_up and tail is not None and seq >= tail.position:
+            # Caught up with the shared feed: it brings the next ones.
+            self.switch_to_shared()
+
+    def switch_to_shared(self) -> None:
+        """Take the shared feed's messages from now on; the own consumer ends."""
+        self.catching_up = False
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            self._unsubscribing = asyncio.ensure_future(_unsubscribe(subscription))
+
+    def push(self, delivered: Delivered) -> None:
+        """Queue `delivered` unless it is at or below the last one queued."""
+        if self._overflowed or delivered.seq <= self._last_seq:
             # Sequences only grow on a feed, from where it starts: an ordered consumer that
-            # was re-created (after a gap or a missed heartbeat) may start too early.
+            # was re-created (after a gap or a missed heartbeat) may start too early, and a
+            # feed switching to the shared one may see a message from both.
             return
         try:
-            self._queue.put_nowait(Delivered(seq, msg.subject, msg.data))
-            self._last_seq = seq
+            self._queue.put_nowait(delivered)
+            self._last_seq = delivered.seq
         except asyncio.QueueFull:
             # Keep what is queued (a contiguous run) and drop the rest: the subscriber
             # resumes after the last one it received.
@@ -123,7 +159,7 @@ class LiveFeed:
     def overflowed(self) -> bool:
         return self._overflowed
 
-    def bind(self, subscription: Subscription, shutdown: Shutdown) -> None:
+    def bind(self, subscription: Subscription | None, shutdown: Shutdown) -> None:
         self._subscription = subscription
         self._undo.append(shutdown.on_request(self.stop))
         if shutdown.requested:
@@ -176,26 +212,179 @@ class LiveFeed:
         return batch
 
     async def close(self) -> None:
-        """Unsubscribe; safe to call while the request is being cancelled."""
+        """Leave the shared feed, unsubscribe; safe to call while the request is being
+        cancelled, and more than once."""
         for undo in self._undo:
             undo()
         self._undo.clear()
         subscription, self._subscription = self._subscription, None
-        if subscription is None:
-            return
+        unsubscribing, self._unsubscribing = self._unsubscribing, None
         # The client went away: the stream task is cancelled, the unsubscribe must still run.
         with anyio.CancelScope(shield=True):
-            try:
-                await subscription.unsubscribe()
-            except nats.errors.Error as exc:  # the server drops the idle consumer anyway
-                log.info("unsubscribe of a live feed failed: %s", exc)
+            if subscription is not None:
+                await _unsubscribe(subscription)
+            if unsubscribing is not None:
+                await asyncio.wait([unsubscribing])
+            feeds, self._feeds = self._feeds, None
+            if feeds is not None:
+                await feeds.detach(self)
+
+
+async def _unsubscribe(subscription: Subscription) -> None:
+    try:
+        await subscription.unsubscribe()
+    except nats.errors.Error as exc:  # the server drops the idle consumer anyway
+        log.info("unsubscribe of a live feed failed: %s", exc)
+
+
+class _SharedTail:
+    """One ordered consumer of a filter, from the stream's last sequence on, whose messages
+    go to every follower of that filter."""
+
+    def __init__(self, subject: str) -> None:
+        self.subject = subject
+        self.followers: set[LiveFeed] = set()
+        self.subscription: JetStreamContext.PushSubscription | None = None
+        # The last sequence the consumer has passed on (at first: the stream's last).
+        self.position = 0
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def on_message(self, msg: Msg) -> None:
+        seq = stream_seq(msg)
+        previous = self.position
+        if seq <= previous:
+            return  # a re-created ordered consumer that starts too early: seen already
+        self.position = seq
+        delivered = Delivered(seq, msg.subject, msg.data)
+        for feed in list(self.followers):
+            if feed.pending:
+                continue
+            if feed.catching_up:
+                # Its own consumer is behind: that one brings this message later, unless the
+                # feed has everything up to here (no message of the filter in between).
+                if feed.last_seq < previous:
+                    continue
+                feed.switch_to_shared()
+            feed.push(delivered)
+
+
+class SharedFeeds:
+    """The live feeds of one gateway: one ordered consumer per filter subject while it has
+    followers, started by the first and ended when the last one leaves.
+
+    Owned by the app (`app.state`, made with the bus connection); `close` (on the stop
+    request, or at the end) ends every consumer."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self.js = js
+        self._tails: dict[str, _SharedTail] = {}
+        self._closed = False
+        self._closing: asyncio.Task[None] | None = None
+        self.consumers_started = 0  # for tests and the benchmark: one per filter and life
+
+    def tail(self, subject: str) -> _SharedTail | None:
+        return self._tails.get(subject)
+
+    def __len__(self) -> int:
+        return len(self._tails)
+
+    async def attach(self, feed: LiveFeed, subject: str, stream: str) -> _SharedTail:
+        """Make `feed` a follower of `subject` (starting its consumer if it is the first);
+        the feed takes nothing from it until it leaves the `pending` state set here."""
+        if self._closed:
+            raise FeedClosed
+        tail = self._tails.get(subject)
+        starting = tail is None
+        if tail is None:
+            tail = self._tails[subject] = _SharedTail(subject)
+        feed._tail = tail
+        feed._feeds = self
+        feed.pending = True  # takes nothing from the tail until `follow` says where it is
+        tail.followers.add(feed)
+        try:
+            if starting:
+                # Shielded: another follower may be waiting for this one's start.
+                await asyncio.shield(self._start(tail, stream))
+            else:
+                await asyncio.shield(tail.ready)
+        except BaseException:
+            feed._feeds = None
+            await self.detach(feed)
+            raise
+        return tail
+
+    async def _start(self, tail: _SharedTail, stream: str) -> None:
+        try:
+            last = (await self.js.stream_info(stream)).state.last_seq
+            tail.position = last
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=last + 1
+            )
+            subscription = await self.js.subscribe(
+                tail.subject,
+                stream=stream,
+                cb=tail.on_message,
+                ordered_consumer=True,
+                config=config,
+            )
+            _resume_after(subscription, last)
+        except BaseException as exc:
+            if self._tails.get(tail.subject) is tail:
+                del self._tails[tail.subject]
+            tail.ready.set_exception(exc)
+            tail.ready.exception()  # retrieved: the waiters raise it themselves
+            raise
+        self.consumers_started += 1
+        tail.subscription = subscription
+        tail.ready.set_result(None)
+        if not tail.followers:  # all left while it started
+            await self._stop(tail)
+
+    async def detach(self, feed: LiveFeed) -> None:
+        """`feed` leaves its filter; the last follower's leaving ends the consumer."""
+        tail, feed._tail = feed._tail, None
+        if tail is None:
+            return
+        tail.followers.discard(feed)
+        if not tail.followers and tail.ready.done():
+            await self._stop(tail)
+
+    async def _stop(self, tail: _SharedTail) -> None:
+        if self._tails.get(tail.subject) is tail:
+            del self._tails[tail.subject]
+        subscription, tail.subscription = tail.subscription, None
+        if subscription is not None:
+            with anyio.CancelScope(shield=True):
+                await _unsubscribe(subscription)
+
+    def close_soon(self) -> None:
+        """`close` from a callback (the stop request)."""
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self.close())
+
+    async def close(self) -> None:
+        """End every shared consumer (the gateway is stopping); new followers are refused."""
+        self._closed = True
+        for tail in list(self._tails.values()):
+            for feed in list(tail.followers):
+                feed.stop()
+            if tail.ready.done():
+                await self._stop(tail)
 
 
 class EventService:
-    def __init__(self, nc: NATS, js: JetStreamContext, shutdown: Shutdown) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        js: JetStreamContext,
+        shutdown: Shutdown,
+        feeds: SharedFeeds | None = None,
+    ) -> None:
         self._nc = nc
         self._js = js
         self._shutdown = shutdown
+        # The app's shared feeds; a service made on its own (tests, tools) has its own.
+        self._feeds = feeds if feeds is not None else SharedFeeds(js)
 
     async def publish(self, events: list[m.CloudEvent], correlation_id: str) -> list[Published]:
         """Publish in order; the event id is the `Nats-Msg-Id`, so a repeat is stored once.
@@ -316,24 +505,44 @@ class EventService:
         after_seq: int | None,
         on_overflow: Callable[[], None] | None = None,
     ) -> LiveFeed:
-        """Subscribe from `after_seq + 1`, or to new messages only; the caller closes the feed.
+        """Follow from `after_seq + 1`, or new messages only; the caller closes the feed.
 
-        `on_overflow` is called (once, from the bus's callback) when the subscriber falls
-        `FEED_CAPACITY` messages behind."""
+        New messages come from the filter's shared consumer. A feed from `after_seq` reads
+        an ordered consumer of its own until it reaches the shared one's position, then
+        switches to it. `on_overflow` is called (once, from the bus's callback) when the
+        subscriber falls `FEED_CAPACITY` messages behind."""
         stream = stream_for(subject)
         require_bus(self._nc)
-        if after_seq is None:
-            # New messages only, i.e. after the stream's last one: a position the feed knows.
-            after_seq = (await self._js.stream_info(stream)).state.last_seq
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1
-        )
-        feed = LiveFeed(FEED_CAPACITY, on_overflow, after_seq=after_seq)
-        subscription = await self._js.subscribe(
-            subject, stream=stream, cb=feed.on_message, ordered_consumer=True, config=config
-        )
-        _resume_after(subscription, after_seq)
-        feed.bind(subscription, self._shutdown)
+        feed = LiveFeed(FEED_CAPACITY, on_overflow, after_seq=after_seq or 0)
+        tail = await self._feeds.attach(feed, subject, stream)
+        try:
+            feed.pending = False
+            if after_seq is None or after_seq >= tail.position:
+                # New messages only (after the shared feed's position), or a resume from
+                # beyond it: the shared feed is all it needs.
+                feed._last_seq = tail.position if after_seq is None else after_seq
+                feed.bind(None, self._shutdown)
+            else:
+                feed.catching_up = True
+                config = ConsumerConfig(
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1
+                )
+                subscription = await self._js.subscribe(
+                    subject,
+                    stream=stream,
+                    cb=feed.on_message,
+                    ordered_consumer=True,
+                    config=config,
+                )
+                _resume_after(subscription, after_seq)
+                if feed.catching_up:
+                    feed.bind(subscription, self._shutdown)
+                else:  # switched already (the shared feed reached it first)
+                    feed.bind(None, self._shutdown)
+                    await _unsubscribe(subscription)
+        except BaseException:
+            await feed.close()
+            raise
         return feed
 
 

@@ -10,12 +10,14 @@ Server → client: `subscribed`, `event` (`id`, `seq`, `subject`, `data`), `unsu
 `error` (`field` is a JSON path into the refused message, `id` its subscription) and a `ping`
 every `HEARTBEAT_S`. A refused message leaves the socket open.
 
-Each subscription is an ordered consumer of its own (`EventService.follow`, like SSE), from
-`since_seq + 1` or from new messages on. The gateway keeps nothing durable: an ack tells it
-how far the client got, and it sends at most `ACK_WINDOW` messages of a subscription beyond
-the last ack. A client that goes past that window, or whose feed falls `FEED_CAPACITY`
-messages behind because it does not read, is closed with 4008 and a reason that names the
-sequence to resubscribe with. Its memory in the gateway is bounded by those two numbers.
+Each subscription is a live feed (`EventService.follow`, like SSE), from `since_seq + 1` or
+from new messages on: the filter's shared consumer copies each message into it (a subscription
+from `since_seq` reads a consumer of its own until it has caught up). The gateway keeps nothing
+durable: an ack tells it how far the client got, and it sends at most `ACK_WINDOW` messages of
+a subscription beyond the last ack. A client that goes past that window, or whose feed falls
+`FEED_CAPACITY` messages behind because it does not read, is closed with 4008 and a reason that
+names the sequence to resubscribe with. Its memory in the gateway is bounded by those two
+numbers.
 """
 
 from __future__ import annotations
