@@ -259,6 +259,11 @@ HEARTBEAT = b": heartbeat\r\n\r\n"
 
 
 def _sse_event(delivered: Delivered) -> bytes:
+    """The message's SSE frame: encoded once per message, whatever the number of clients."""
+    return delivered.sse(_encode_sse_event)
+
+
+def _encode_sse_event(delivered: Delivered) -> bytes:
     """`id:` stream sequence, `event:` subject, `data:` the message (one line per line)."""
     data = delivered.data
     if not data.isascii():
@@ -294,7 +299,10 @@ async def _server_sent_events(
             if not batch:
                 yield HEARTBEAT
                 continue
-            yield b"".join(_sse_event(delivered) for delivered in batch)
+            if len(batch) == 1:
+                yield batch[0].sse(_encode_sse_event)
+            else:
+                yield b"".join([delivered.sse(_encode_sse_event) for delivered in batch])
     finally:
         await _end_stream(feed, release)
 

@@ -13,10 +13,10 @@ growing memory.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -67,11 +67,43 @@ def stream_for(subject: str) -> str:
     return stream
 
 
-@dataclass(frozen=True, slots=True)
 class Delivered:
-    seq: int
-    subject: str
-    data: bytes
+    """One message for the followers of a filter. The shared feed hands the same object to
+    each of them, so its SSE frame and the tail of its WebSocket frame are encoded once (by
+    the first follower that needs them) and every other one writes the ready bytes."""
+
+    __slots__ = ("_sse", "_ws_tail", "data", "seq", "subject")
+
+    def __init__(self, seq: int, subject: str, data: bytes) -> None:
+        self.seq = seq
+        self.subject = subject
+        self.data = data
+        self._sse: bytes | None = None
+        self._ws_tail: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"Delivered(seq={self.seq!r}, subject={self.subject!r}, data={self.data!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Delivered):
+            return NotImplemented
+        return (self.seq, self.subject, self.data) == (other.seq, other.subject, other.data)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def sse(self, encode: Callable[[Delivered], bytes]) -> bytes:
+        """The message's SSE frame, made by `encode` the first time only."""
+        frame = self._sse
+        if frame is None:
+            frame = self._sse = encode(self)
+        return frame
+
+    def ws_tail(self, encode: Callable[[Delivered], bytes]) -> bytes:
+        """What follows the subscription id in its WebSocket frame, made once."""
+        tail = self._ws_tail
+        if tail is None:
+            tail = self._ws_tail = encode(self)
+        return tail
 
 
 def stream_seq(msg: Msg) -> int:
@@ -97,7 +129,11 @@ class LiveFeed:
         *,
         after_seq: int = 0,
     ) -> None:
-        self._queue: asyncio.Queue[Delivered | None] = asyncio.Queue(capacity)
+        # A deque and one waiter instead of an asyncio.Queue: a push is an append (and a wake
+        # only when the subscriber waits), a take drains the lot without a task per wait.
+        self._queue: collections.deque[Delivered] = collections.deque()
+        self._capacity = capacity
+        self._waiter: asyncio.Future[None] | None = None
         self._overflowed = False
         # Told at once, while a subscriber may still be stuck sending what it took before.
         self._on_overflow = on_overflow
@@ -145,15 +181,24 @@ class LiveFeed:
             # was re-created (after a gap or a missed heartbeat) may start too early, and a
             # feed switching to the shared one may see a message from both.
             return
-        try:
-            self._queue.put_nowait(delivered)
-            self._last_seq = delivered.seq
-        except asyncio.QueueFull:
+        if len(self._queue) >= self._capacity:
             # Keep what is queued (a contiguous run) and drop the rest: the subscriber
             # resumes after the last one it received.
             self._overflowed = True
+            self._wake()
             if self._on_overflow is not None:
                 self._on_overflow()
+            return
+        self._queue.append(delivered)
+        self._last_seq = delivered.seq
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     @property
     def overflowed(self) -> bool:
@@ -168,27 +213,30 @@ class LiveFeed:
     def stop(self) -> None:
         """End the feed now (the gateway is stopping); wakes a waiting `next`."""
         self._stopped = True
-        with contextlib.suppress(asyncio.QueueFull):  # a full queue wakes `next` anyway
-            self._queue.put_nowait(None)
+        self._wake()
 
     async def next(self, timeout: float) -> Delivered | None:
         """The next message, or None after `timeout` without one.
 
         Raises FeedOverflow once cut off (after what was queued), FeedClosed when stopped.
         """
+        if not self._queue and not self._stopped and not self._overflowed:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await waiter
+            except TimeoutError:
+                pass
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
         if self._stopped:
             raise FeedClosed
-        if self._overflowed and self._queue.empty():
-            raise FeedOverflow
-        try:
-            delivered = await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
-            if self._overflowed and self._queue.empty():
-                raise FeedOverflow from None
+        if not self._queue:
+            if self._overflowed:
+                raise FeedOverflow
             return None
-        if delivered is None or self._stopped:
-            raise FeedClosed
-        return delivered
+        return self._queue.popleft()
 
     async def take(self, timeout: float, limit: int) -> list[Delivered]:
         """The next message and those queued behind it (at most `limit`), in order; empty
@@ -200,15 +248,12 @@ class LiveFeed:
         first = await self.next(timeout)
         if first is None:
             return []
+        queue = self._queue
+        if not queue:
+            return [first]
+        count = min(len(queue), limit - 1)
         batch = [first]
-        while len(batch) < limit:
-            try:
-                delivered = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                break
-            if delivered is None:  # stopped: `next` says so on the following call
-                break
-            batch.append(delivered)
+        batch.extend(queue.popleft() for _ in range(count))
         return batch
 
     async def close(self) -> None:

@@ -79,6 +79,12 @@ class _IdOnly(msgspec.Struct):
 
 id_decoder = msgspec.json.Decoder(_IdOnly)
 PING = frame_encoder.encode(Ping())
+# An event frame is `{"type":"event","id":` + the JSON subscription id + the shared tail.
+_EMPTY_ID_HEAD = frame_encoder.encode(
+    EventFrame(id="", seq=0, subject="", data=msgspec.Raw(b"null"))
+).partition(b',"seq":')[0]
+assert _EMPTY_ID_HEAD == b'{"type":"event","id":""'
+EVENT_HEAD = _EMPTY_ID_HEAD[:-2]
 
 
 class ClientGone(Exception):
@@ -106,6 +112,11 @@ class _Subscription:
     position: int | None
     unacked: collections.deque[int] = field(default_factory=collections.deque)
     task: asyncio.Task[None] | None = None
+    # `{"type":"event","id":<id>`: an event frame is this and the message's shared tail.
+    frame_head: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.frame_head = EVENT_HEAD + frame_encoder.encode(self.id)
 
 
 class _Ended(Exception):
@@ -284,7 +295,7 @@ class EventSocket:
                 if subscription.position is None:
                     subscription.position = delivered.seq - 1
                 subscription.unacked.append(delivered.seq)
-                await self._send(_event_frame(subscription.id, delivered))
+                await self._send(subscription.frame_head + delivered.ws_tail(_event_tail))
 
     def _too_slow(self, subscription: _Subscription) -> Close:
         resume = (
@@ -301,14 +312,22 @@ class EventSocket:
 
 
 def _event_frame(sub_id: str, delivered: Delivered) -> bytes:
+    return EVENT_HEAD + frame_encoder.encode(sub_id) + delivered.ws_tail(_event_tail)
+
+
+def _event_tail(delivered: Delivered) -> bytes:
+    """An event frame from after its subscription id on: the same for every subscription,
+    so encoded once per message (`EVENT_HEAD` and the id go before it)."""
     try:
         data = raw_decoder.decode(delivered.data)
     except msgspec.DecodeError:
         # Not JSON (a bare signal, text): the same value a replay shows for it.
         data = msgspec.Raw(frame_encoder.encode(body(delivered.data)))
-    return frame_encoder.encode(
-        EventFrame(id=sub_id, seq=delivered.seq, subject=delivered.subject, data=data)
+    frame = frame_encoder.encode(
+        EventFrame(id="", seq=delivered.seq, subject=delivered.subject, data=data)
     )
+    assert frame.startswith(_EMPTY_ID_HEAD)
+    return frame[len(_EMPTY_ID_HEAD) :]
 
 
 def _id_of(raw: str | bytes) -> str | None:
