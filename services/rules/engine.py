@@ -242,6 +242,7 @@ class RulesEngine:
                 config.filter_subjects = [subjects.EVENTS_ALL]
                 await self._js.add_consumer(subjects.EVENTS_STREAM, config)
         self._event_filters = wanted
+        log.info("reading events on %s", ", ".join(wanted) or "nothing (no event rules)")
 
     async def _consume(
         self,

@@ -205,7 +205,7 @@ async def test_delay_between_actions_survives_kill9(
     rule_id = await add_rule(sessions, nc, spec)
     rules = Service("services.rules", service_env, data_dir).start()
     try:
-        await eventually(lambda: "acquired" in rules.tail(), timeout=10)
+        await eventually(lambda: _reads_events_of(rules, button), timeout=10)
         await press(js, button, "short")  # does not match
         await press(js, button)
         first = await eventually(
@@ -239,7 +239,7 @@ async def test_conditions_that_fail_skip_the_actions_and_say_why(
     rule_id = await add_rule(sessions, nc, spec)
     rules = Service("services.rules", service_env, data_dir).start()
     try:
-        await eventually(lambda: "acquired" in rules.tail(), timeout=10)
+        await eventually(lambda: _reads_events_of(rules, button), timeout=10)
         await press(js, button)
         runs = await eventually(
             lambda: collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder), timeout=15
@@ -254,3 +254,12 @@ async def test_conditions_that_fail_skip_the_actions_and_say_why(
 async def _n(found, n: int):  # type: ignore[no-untyped-def]
     items = await found
     return items if len(items) >= n else None
+
+
+def _reads_events_of(rules: Service, device_id: str) -> bool:
+    """The rules service has its events consumer on this device's subjects (made with the
+    rule, deliver-new: events before it are not the rule's business)."""
+    return any(
+        "reading events on" in line and f"events.{device_id}." in line
+        for line in rules.tail(20000).splitlines()
+    )
