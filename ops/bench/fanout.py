@@ -33,20 +33,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
 import os
 import re
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -54,43 +50,31 @@ from typing import Any, cast
 import httpx
 import msgspec
 import nats
-import psutil
+from harness import (
+    MB,
+    ROOT,
+    BenchError,
+    Child,
+    Database,
+    ProcessSampler,
+    Results,
+    Row,
+    percentile,
+    service_env,
+)
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from libs import bus, embedded_nats
 from libs import messages as m
-from libs.db.migrate import upgrade
 
-ROOT = Path(__file__).resolve().parents[2]
-MB = 1_000_000
 FILTER = "events.*.telemetry"
 DEVICES = 10
 P99_TARGET_MS = 50.0
 RSS_TARGET_MB = 250.0
-RSS_INTERVAL_S = 0.1
 PROGRESS_S = 0.25
 DRAIN_S = 15.0  # after the last publish, how long the SSE clients may take to catch up
 WEBHOOK_DRAIN_S = 5.0  # and then the webhooks (which may be far behind)
-# Settings a caller's shell may hold: the services get only what this run sets.
-INHERITED_SETTINGS = (
-    "NATS_URL",
-    "DATABASE_URL",
-    "REDIS_URL",
-    "SMARTHOME_DATA_DIR",
-    "SMARTHOME_HTTP_HOST",
-    "SMARTHOME_HTTP_PORT",
-    "SMARTHOME_NATS_PORT",
-    "SMARTHOME_HEALTH_PORT",
-    "SMARTHOME_HEARTBEAT_TIMEOUT",
-    "SMARTHOME_MAX_STREAMS_PER_CLIENT",
-    "SMARTHOME_WEBHOOK_ALLOW_PRIVATE",
-    "SMARTHOME_LOG_LEVEL",
-)
-
-
-class BenchError(RuntimeError):
-    """The run cannot go on: a process died or a deadline passed."""
 
 
 def run_loop(main: Any) -> Any:
@@ -295,50 +279,6 @@ async def receivers(count: int) -> bytes:
 # --- the bench's own processes -------------------------------------------------------------
 
 
-class Child:
-    """A process of the run: started here, stopped by SIGTERM (SIGKILL after a grace)."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.name = name
-        self.argv = argv
-        self.env = env
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, ready_url: str | None = None, timeout: float = 30.0) -> Child:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                self.argv, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
-            )
-        if ready_url is None:
-            return self
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check_alive()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(ready_url, timeout=1).status_code == 200:
-                    return self
-            time.sleep(0.05)
-        raise BenchError(f"{self.name} not ready within {timeout:g}s:\n{self.tail()}")
-
-    def check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise BenchError(f"{self.name} exited {self.proc.returncode}:\n{self.tail()}")
-
-    def stop(self, grace: float = 20.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def tail(self, chars: int = 2000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
-
-
 class Helper:
     """A helper process of this script (`--role ...`): says `ready ...`, then `progress ...`
     lines; SIGTERM makes it write its results to `out` and exit."""
@@ -414,75 +354,11 @@ class Helper:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
 
-class Sampler:
-    """Peak RSS of each watched process, every 100 ms; CPU seconds at the edges of a phase.
-    A thread: it keeps sampling while the bench's loop is busy publishing."""
-
-    def __init__(self) -> None:
-        self.peaks: dict[str, int] = {}
-        self._watched: dict[str, psutil.Process] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-
-    def watch(self, name: str, pid: int) -> None:
-        with self._lock:
-            self._watched[name] = psutil.Process(pid)
-            self.peaks.setdefault(name, 0)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(5)
-
-    def cpu_seconds(self) -> dict[str, float]:
-        used = {}
-        with self._lock:
-            watched = dict(self._watched)
-        for name, proc in watched.items():
-            with contextlib.suppress(psutil.Error):
-                t = proc.cpu_times()
-                used[name] = t.user + t.system
-        return used
-
-    def _run(self) -> None:
-        while not self._stop.wait(RSS_INTERVAL_S):
-            with self._lock:
-                watched = dict(self._watched)
-            for name, proc in watched.items():
-                with contextlib.suppress(psutil.Error):
-                    self.peaks[name] = max(self.peaks[name], proc.memory_info().rss)
-
-
 # --- figures -------------------------------------------------------------------------------
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
-@dataclass
-class Row:
-    figure: str
-    value: str
-    target: str = "-"
-    verdict: str = "-"
-
-
-@dataclass
-class Results:
-    header: list[str] = field(default_factory=list)
-    rows: list[Row] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def add(self, figure: str, value: str, target: str = "-", ok: bool | None = None) -> None:
-        verdict = "-" if ok is None else ("ok" if ok else "miss")
-        self.rows.append(Row(figure, value, target, verdict))
+class FanoutResults(Results):
+    """The table's rows, plus a latency figure (p50 / p99 / max) in one row."""
 
     def latency(self, name: str, latencies_ms: list[float], target: bool = False) -> None:
         if not latencies_ms:
@@ -498,6 +374,7 @@ class Results:
 
 
 def print_table(results: Results) -> None:
+    """A Markdown table, rows in the order they were added (not harness's plain one)."""
     header = Row("figure", "value", "target", "verdict")
     rows = [header, *results.rows]
     widths = [max(len(getattr(r, c)) for r in rows) for c in ("figure", "value", "target")]
@@ -525,13 +402,13 @@ def print_table(results: Results) -> None:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, tmp: Path, results: Results) -> None:
+    def __init__(self, args: argparse.Namespace, tmp: Path, results: FanoutResults) -> None:
         self.args = args
         self.tmp = tmp
         self.results = results
         self.run_id = secrets.token_hex(3)
         self.devices = [f"fanout-{self.run_id}-{i}" for i in range(DEVICES)]
-        self.sampler = Sampler()
+        self.sampler = ProcessSampler()
         self.children: list[Child] = []
         self.helpers: list[Helper] = []
         self.nc: NATS | None = None
@@ -547,19 +424,16 @@ class Bench:
         nats_server = Child("nats-server", list(map(str, proc.args)), {}, nats_log)
         nats_server.proc = proc
         self.children.append(nats_server)
-        self.sampler.watch("nats-server", proc.pid)
-        self.sampler.watch("bench", os.getpid())
+        # Each process alone, without its children.
+        self.sampler.watch("nats-server", proc.pid, children=False)
+        self.sampler.watch("bench", os.getpid(), children=False)
         self.sampler.start()
         nats_url = f"nats://127.0.0.1:{port}"
-        database_url = f"sqlite+aiosqlite:///{(self.tmp / 'smarthome.db').resolve()}"
-        await asyncio.to_thread(upgrade, database_url)
+        database = await Database.create(None, self.tmp)
+        await database.migrate()
 
-        env = {k: v for k, v in os.environ.items() if k not in INHERITED_SETTINGS}
+        env = service_env(nats_url, database.url, self.tmp / "data", None)
         env.update(
-            NATS_URL=nats_url,
-            DATABASE_URL=database_url,
-            SMARTHOME_DATA_DIR=str(self.tmp / "data"),
-            SMARTHOME_HEARTBEAT_TIMEOUT="3600",
             # Every client of the run connects from 127.0.0.1.
             SMARTHOME_MAX_STREAMS_PER_CLIENT=str(self.args.clients + 10),
             SMARTHOME_WEBHOOK_ALLOW_PRIVATE="1",
@@ -581,8 +455,7 @@ class Bench:
         child = Child(name, [sys.executable, "-m", module], env, self.tmp / f"{name}.log")
         self.children.append(child)
         child.start(f"http://127.0.0.1:{port}/health/ready")
-        assert child.proc is not None
-        self.sampler.watch(name, child.proc.pid)
+        self.sampler.watch(name, child.pid, children=False)
         return child
 
     async def start_helper(self, name: str, args: list[str]) -> Helper:
@@ -590,7 +463,7 @@ class Bench:
         self.helpers.append(helper)
         await helper.start()
         assert helper.proc is not None
-        self.sampler.watch(name, helper.proc.pid)
+        self.sampler.watch(name, helper.proc.pid, children=False)
         return helper
 
     async def teardown(self) -> None:
@@ -832,7 +705,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def amain(args: argparse.Namespace, tmp: Path, results: Results) -> None:
+async def amain(args: argparse.Namespace, tmp: Path, results: FanoutResults) -> None:
     bench = Bench(args, tmp, results)
     task = asyncio.current_task()
     assert task is not None
@@ -859,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_bytes(run_loop(receivers(args.count)))
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="smarthome-fanout-"))
-    results = Results()
+    results = FanoutResults()
     try:
         run_loop(amain(args, tmp, results))
     except BenchError as exc:
