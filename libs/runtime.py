@@ -46,3 +46,30 @@ async def serve_health(settings: Settings, ready: health.ReadyCheck) -> asyncio.
     server = await health.serve(settings.http_host, settings.health_port, ready)
     log.info("health on %s:%s", settings.http_host, settings.health_port)
     return server
+
+
+async def retry_until_stopped(
+    attempt: Callable[[], Awaitable[None]],
+    stop: asyncio.Event,
+    what: str,
+    on_failure: Callable[[], Awaitable[None]] | None = None,
+) -> bool:
+    """Run `attempt` until it succeeds (True) or `stop` is set (False), backing off 0.5-5 s.
+
+    For work that must not be dropped while a dependency (bus, database) is down: the
+    caller keeps its batch, `on_failure` can tell the bus it is still being worked on.
+    """
+    delay = 0.5
+    while True:
+        try:
+            await attempt()
+            return True
+        except Exception as exc:  # the dependency is down or restarting: transient
+            log.warning("%s failed, retrying in %.1fs: %r", what, delay, exc)
+            if on_failure is not None:
+                await on_failure()
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+                return False
+            except TimeoutError:
+                delay = min(delay * 2, 5.0)

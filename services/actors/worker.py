@@ -11,7 +11,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Histogram
 
-from libs import bus, subjects
+from libs import bus, runtime, subjects
 from libs import messages as m
 from libs.lease import Lease
 from services.actors.state import Applied, Unapplicable, apply
@@ -157,39 +157,30 @@ class ActorWorker:
 
         Reads and the write are retried together: the decision rests on what was read.
         """
-        delay = 0.5
-        while True:
-            try:
-                batch = await self._decide(decoded)
-                touched = [s for s in batch.snapshots.values() if s.last_seq]
-                await self._store.save(touched, batch.statuses)
-                return batch
-            except Exception as exc:  # database or cache unreachable: transient
-                log.warning("state write failed, retrying in %.1fs: %r", delay, exc)
-                for msg in msgs:
-                    await msg.in_progress()
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                    return None
-                except TimeoutError:
-                    delay = min(delay * 2, 5.0)
+        done: list[Batch] = []
+
+        async def attempt() -> None:
+            batch = await self._decide(decoded)
+            touched = [s for s in batch.snapshots.values() if s.last_seq]
+            await self._store.save(touched, batch.statuses)
+            done.append(batch)
+
+        async def still_working() -> None:
+            for msg in msgs:
+                await msg.in_progress()
+
+        if await runtime.retry_until_stopped(attempt, stop, "state write", still_working):
+            return done[-1]
+        return None
 
     async def _publish_facts(self, batch: Batch, stop: asyncio.Event) -> bool:
         """Publish what changed; retried until stored (their ids make a retry harmless),
         because the state they describe is already committed."""
-        delay = 0.5
-        while batch.facts:
-            try:
-                await bus.publish_many(self._js, batch.facts, timeout=10.0)
-                return True
-            except Exception as exc:  # the bus is restarting or overloaded
-                log.warning("fact publish failed, retrying in %.1fs: %r", delay, exc)
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                    return False
-                except TimeoutError:
-                    delay = min(delay * 2, 5.0)
-        return True
+        if not batch.facts:
+            return True
+        return await runtime.retry_until_stopped(
+            lambda: bus.publish_many(self._js, batch.facts, timeout=10.0), stop, "fact publish"
+        )
 
 
 def _state_fact(

@@ -11,7 +11,7 @@ from nats.js import JetStreamContext
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from libs import bus, subjects
+from libs import bus, runtime, subjects
 from libs.db.engine import insert_ignoring_duplicates
 from libs.db.models import AuditEntry, HistoryEntry, RuleRun
 from services.recorder import rows as to_rows
@@ -69,26 +69,20 @@ class StreamRecorder:
 
     async def _write(self, rows: to_rows.Rows, msgs: list[Msg], stop: asyncio.Event) -> bool:
         """Insert the batch (a redelivered message inserts nothing twice); retry while down."""
-        delay = 0.5
-        while True:
-            try:
-                async with self._sessions.begin() as session:
-                    for table, values in (
-                        (HistoryEntry.__table__, rows.history),
-                        (AuditEntry.__table__, rows.audit),
-                        (RuleRun.__table__, rows.rule_runs),
-                    ):
-                        if values:
-                            await session.execute(
-                                insert_ignoring_duplicates(self._engine, table), values
-                            )
-                return True
-            except Exception as exc:  # database unreachable: keep the batch, keep the order
-                log.warning("recorder write failed, retrying in %.1fs: %s", delay, exc)
-                for msg in msgs:
-                    await msg.in_progress()
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                    return False
-                except TimeoutError:
-                    delay = min(delay * 2, 5.0)
+
+        async def attempt() -> None:
+            async with self._sessions.begin() as session:
+                for table, values in (
+                    (HistoryEntry.__table__, rows.history),
+                    (AuditEntry.__table__, rows.audit),
+                    (RuleRun.__table__, rows.rule_runs),
+                ):
+                    if values:
+                        insert = insert_ignoring_duplicates(self._engine, table)
+                        await session.execute(insert, values)
+
+        async def still_working() -> None:
+            for msg in msgs:
+                await msg.in_progress()
+
+        return await runtime.retry_until_stopped(attempt, stop, "recorder write", still_working)
