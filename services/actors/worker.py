@@ -61,6 +61,8 @@ class ActorWorker:
                     msgs = await sub.fetch(BATCH, timeout=1.0)
                 except TimeoutError:  # nats-py raises asyncio.TimeoutError here
                     continue
+                if not msgs:
+                    continue  # nats-py can answer a fetch with nothing (e.g. after a reconnect)
                 with BATCH_SECONDS.time():
                     await self.handle(msgs, stop)
         finally:

@@ -50,6 +50,8 @@ class StreamRecorder:
                     msgs = await sub.fetch(BATCH, timeout=1.0)
                 except TimeoutError:  # nats-py raises asyncio.TimeoutError here
                     continue
+                if not msgs:
+                    continue  # nats-py can answer a fetch with nothing (e.g. after a reconnect)
                 if await self._write(self._convert(msgs), msgs, stop):
                     await msgs[-1].ack()  # AckPolicy.ALL: the whole batch
         finally:

@@ -261,6 +261,8 @@ class RulesEngine:
                     continue
                 except NotFoundError:
                     return  # the consumer was deleted (no event rules any more)
+                if not msgs:
+                    continue  # nats-py can answer a fetch with nothing (e.g. after a reconnect)
                 async with self._lock:
                     for msg in msgs:
                         await handle(msg)
