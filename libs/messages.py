@@ -419,10 +419,13 @@ class SetStateAction(msgspec.Struct, tag="set_state", forbid_unknown_fields=True
 
 
 class NotifyAction(msgspec.Struct, tag="notify", forbid_unknown_fields=True, frozen=True):
-    """An alert on `system.alert.<rule_id>`; webhook subscriptions on it deliver it, signed."""
+    """An alert: to one webhook subscription (`system.notify.<subscription_id>`, delivered
+    signed by the webhooks service) when named, else on `system.alert.<rule_id>` for whoever
+    subscribed to alerts."""
 
     message: Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
     severity: Literal["info", "warning", "critical"] = "info"
+    subscription_id: Token | None = None
 
 
 class PublishAction(msgspec.Struct, tag="publish", forbid_unknown_fields=True, frozen=True):

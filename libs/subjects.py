@@ -100,6 +100,14 @@ def alert(alert_id: str) -> str:
     return f"system.alert.{alert_id}"
 
 
+def notification(subscription_id: str) -> str:
+    """A rule's `notify` action addressed to one webhook subscription (the webhooks service)."""
+    return f"system.notify.{subscription_id}"
+
+
+NOTIFICATIONS_ALL = "system.notify.*"
+
+
 def deadletter(original_subject: str) -> str:
     return f"deadletter.{original_subject}"
 

@@ -102,7 +102,12 @@ class ActionRunner:
             correlation_id=episode.id,
             event_id=f"alert-{action_id}",
         )
-        await bus.publish(self._js, subjects.alert(rule.id), alert, msg_id=alert.id)
+        subject = (
+            subjects.notification(action.subscription_id)
+            if action.subscription_id
+            else subjects.alert(rule.id)
+        )
+        await bus.publish(self._js, subject, alert, msg_id=alert.id)
 
     async def clear_marks(self, rule: m.Rule, episode: Episode) -> list[m.ActionOutcome]:
         outcomes = []
