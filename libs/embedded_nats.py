@@ -21,12 +21,12 @@ def binary() -> str:
     return found
 
 
-def write_config(data_dir: Path, port: int, host: str = "127.0.0.1", sync: str = "always") -> Path:
+def write_config(data_dir: Path, port: int, host: str = "127.0.0.1", sync: str = "1s") -> Path:
     store = (data_dir / "jetstream").resolve()
     store.mkdir(parents=True, exist_ok=True)
     conf = data_dir / "nats-server.conf"
-    # sync_interval: always -> an acknowledged publish is on disk before it is acknowledged,
-    # so it survives even a power cut (a kill -9 alone loses nothing at any interval).
+    # sync_interval: how often JetStream flushes to disk (see libs.settings._sync): a kill -9
+    # loses nothing at any interval; `always` also survives a power cut, at a flush per message.
     conf.write_text(
         f"""host: "{host}"
 port: {port}
@@ -42,7 +42,7 @@ jetstream {{
 
 
 def start(
-    data_dir: Path, port: int, log_file: Path | None = None, sync: str = "always"
+    data_dir: Path, port: int, log_file: Path | None = None, sync: str = "1s"
 ) -> subprocess.Popen[bytes]:
     """Start nats-server with JetStream on `port`, storing under `data_dir`."""
     data_dir.mkdir(parents=True, exist_ok=True)

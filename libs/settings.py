@@ -55,7 +55,7 @@ class Settings:
     heartbeat_timeout_s: float = 30.0
     demo_rule_for_s: float = 10.0
     stream_replicas: int = 1
-    nats_sync: str = "always"
+    nats_sync: str = "1s"
     rule_traces_keep: int = 100
     rule_traces_days: float = 30.0
     webhook_allow_private: bool = False
@@ -149,9 +149,14 @@ def _positive(name: str, default: float) -> float:
 
 
 def _sync() -> str:
-    """How often the embedded nats-server flushes JetStream to disk: `always` (each message
-    before its ack: survives power loss) or an interval such as `2m` (the NATS default)."""
-    raw = (os.environ.get("SMARTHOME_NATS_SYNC") or "always").strip()
+    """How often the embedded nats-server flushes JetStream to disk.
+
+    Default `1s`, like Redis's `appendfsync everysec`: a kill -9 of any process (the bus
+    included) loses nothing, since written messages sit in the OS page cache; a power cut
+    loses at most the last second. `always` fsyncs each message before its ack (survives a
+    power cut, but costs a disk flush per message: latency under load, SD-card wear);
+    `2m` is the NATS default. On a cluster, replication (R3) is what makes writes durable."""
+    raw = (os.environ.get("SMARTHOME_NATS_SYNC") or Settings.nats_sync).strip()
     if raw != "always" and not re.fullmatch(r"\d+(ms|s|m|h)", raw):
         raise SettingsError(f"SMARTHOME_NATS_SYNC={raw!r} must be 'always' or like 30s, 2m")
     return raw

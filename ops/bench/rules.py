@@ -2,6 +2,7 @@
 
     python ops/bench/rules.py [--rules 1000] [--facts 20000] [--rate 1000] [--seconds 10]
                               [--cross-every 50] [--database-url URL] [--redis-url URL]
+                              [--nats-sync 1s|always|2m]
 
 Everything runs against processes of its own: a nats-server from the wheel on a free
 port, a fresh database (SQLite in a temporary directory, or a database `bench_<random>`
@@ -77,6 +78,7 @@ from libs import bus, embedded_nats, subjects
 from libs import messages as m
 from libs.db.engine import make_engine, make_sessionmaker
 from libs.db.models import CommandRecord, Device, RuleRecord
+from libs.settings import Settings
 
 FETCH_BATCH = 256  # what the rules service fetches (services/rules/engine.py)
 RAW_DURABLE = "bench-raw"
@@ -268,7 +270,9 @@ class Bench:
     async def setup(self) -> JetStreamContext:
         port = embedded_nats.free_port()
         nats_log = self.tmp / "nats-server.log"
-        proc = await asyncio.to_thread(embedded_nats.start, self.tmp / "nats", port, nats_log)
+        proc = await asyncio.to_thread(
+            embedded_nats.start, self.tmp / "nats", port, nats_log, self.args.nats_sync
+        )
         nats_server = Child("nats-server", list(proc.args), {}, nats_log)  # type: ignore[arg-type]
         nats_server.proc = proc
         self.children.append(nats_server)
@@ -335,7 +339,7 @@ class Bench:
             f"{a.rules:,} threshold rules over {a.rules:,} meters (+{a.rules:,} lights); "
             f"{a.facts:,} facts for (1)/(2); database {db.kind}; "
             f"cache {'Redis' if a.redis_url else 'in-process'}; {os.cpu_count()} CPUs; "
-            "nats-server with JetStream file storage, fsync always"
+            f"nats-server with JetStream file storage, sync_interval {self.args.nats_sync}"
         )
         load_before = os.getloadavg()[0]
 
@@ -591,6 +595,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a Postgres server: the run creates a database bench_<random> there and drops it",
     )
     parser.add_argument("--redis-url", help="Redis for the actors' hot state (default in-process)")
+    parser.add_argument(
+        "--nats-sync",
+        default=Settings.nats_sync,
+        help=f"JetStream sync_interval: the platform's default ({Settings.nats_sync}), "
+        "'always' (fsync each message) or an interval like '2m'",
+    )
     args = parser.parse_args(argv)
     if args.rules < 1 or args.facts < 1 or args.cross_every < 1:
         parser.error("--rules, --facts and --cross-every must be at least 1")
