@@ -104,7 +104,7 @@ async def test_bus_killed_and_restarted_keeps_acknowledged_events(
     ).start()
     try:
         await publish(js, devices, 0, PER_DEVICE)
-        nats_server.kill9()  # written to the files (page cache) before the ack: kept at any sync_interval
+        nats_server.kill9()  # acked = in the files (page cache): kept at any sync_interval
         nats_server.start()
         await eventually(lambda: nc.is_connected, timeout=20)
         await publish(js, devices, PER_DEVICE, PER_DEVICE)
