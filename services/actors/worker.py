@@ -14,7 +14,7 @@ from prometheus_client import Counter, Histogram
 from libs import bus, runtime, subjects
 from libs import messages as m
 from libs.lease import Lease
-from services.actors.state import Applied, Unapplicable, apply
+from libs.device_state import Applied, Unapplicable, apply
 from services.actors.store import StateStore
 
 log = logging.getLogger(__name__)

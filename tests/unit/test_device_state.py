@@ -1,4 +1,4 @@
-"""The actors' decision, without I/O: apply(snapshot, event) -> new snapshot."""
+"""A device's state from its events, without I/O: apply(snapshot, event) -> new snapshot."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from libs import messages as m
 from libs.messages import DeviceSnapshot
-from services.actors.state import Unapplicable, apply, derive_state
+from libs.device_state import Unapplicable, apply, derive_state
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

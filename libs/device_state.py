@@ -1,4 +1,8 @@
-"""The decision: `apply(snapshot, event) -> Applied`. Pure: no I/O, no clock."""
+"""A device's state derived from its events: `apply(snapshot, event) -> Applied`.
+
+Pure: no I/O, no clock. The actors apply it to the live stream; the gateway's rule dry-run
+replays recorded history through it, so that both derive `state` and `connection` alike.
+"""
 
 from __future__ import annotations
 
