@@ -100,10 +100,6 @@ async def connect(url: str, name: str) -> NATS:
 # instead of one per message, which the bus would otherwise store one by one.
 ACTORS_DURABLE = "actors"
 ACTORS_BATCH = 256
-RULES_FACTS_DURABLE = "rules"
-# Managed by the rules service itself: it exists only while event-triggered rules do, and
-# filters on their subjects, so that the bus does not deliver every event twice for nothing.
-RULES_EVENTS_DURABLE = "rules-events"
 RECORDER_SOURCES = {
     subjects.EVENTS_STREAM: subjects.EVENTS_ALL,
     subjects.COMMANDS_STREAM: subjects.COMMANDS_ALL,
@@ -114,6 +110,12 @@ RECORDER_BATCH = 500
 
 def recorder_durable(stream: str) -> str:
     return f"recorder-{stream.lower()}"
+
+
+# The webhooks service reads every rule notification (`system.notify.<subscription_id>`) to
+# dead-letter those addressed to no subscription (each subscription's own consumer delivers
+# the others). Rare messages, each acked on its own: a crash can never ack one unchecked.
+WEBHOOKS_NOTIFY_DURABLE = "webhooks-notify"
 
 
 CONSUMERS: tuple[tuple[str, ConsumerConfig], ...] = (
@@ -131,17 +133,6 @@ CONSUMERS: tuple[tuple[str, ConsumerConfig], ...] = (
             max_deliver=-1,
         ),
     ),
-    (
-        subjects.SYSTEM_STREAM,
-        ConsumerConfig(
-            durable_name=RULES_FACTS_DURABLE,
-            filter_subject=subjects.DEVICE_STATES_ALL,
-            ack_policy=AckPolicy.ALL,
-            deliver_policy=DeliverPolicy.NEW,
-            ack_wait=30.0,
-            max_ack_pending=1000,
-        ),
-    ),
     *(
         (
             stream,
@@ -156,7 +147,41 @@ CONSUMERS: tuple[tuple[str, ConsumerConfig], ...] = (
         )
         for stream, filter_subject in RECORDER_SOURCES.items()
     ),
+    (
+        subjects.SYSTEM_STREAM,
+        ConsumerConfig(
+            durable_name=WEBHOOKS_NOTIFY_DURABLE,
+            filter_subject=subjects.NOTIFICATIONS_ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.NEW,
+            ack_wait=30.0,
+            max_ack_pending=1000,
+        ),
+    ),
 )
+
+
+# The rules service's consumers, one set per partition of the rules (by rule id). Each
+# partition reads every state fact and evaluates only its own rules. The events consumer is
+# managed by the rules service itself: it exists only while event-triggered rules do, and
+# filters on their subjects, so that the bus does not deliver every event twice for nothing.
+def rules_facts_durable(partition: int) -> str:
+    return f"rules-{partition}"
+
+
+def rules_events_durable(partition: int) -> str:
+    return f"rules-events-{partition}"
+
+
+def rules_facts_consumer(partition: int) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=rules_facts_durable(partition),
+        filter_subject=subjects.DEVICE_STATES_ALL,
+        ack_policy=AckPolicy.ALL,
+        deliver_policy=DeliverPolicy.NEW,
+        ack_wait=30.0,
+        max_ack_pending=1000,
+    )
 
 
 async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import socket
 
 from nats.js import JetStreamContext
@@ -36,24 +37,32 @@ class Lease:
 
     async def acquire(self, stop: asyncio.Event) -> bool:
         """Wait until this worker owns the lease (True) or `stop` is set (False)."""
-        if self._kv is None:
-            self._kv = await self._js.create_key_value(
-                KeyValueConfig(bucket=BUCKET, ttl=self._ttl, storage=StorageType.FILE)
-            )
         waiting_logged = False
         while not stop.is_set():
-            try:
-                self._revision = await self._kv.create(self._key, self.owner.encode())
-                self.held.set()
-                log.info("lease %s acquired by %s", self._key, self.owner)
+            if await self.try_acquire():
                 return True
-            except KeyWrongLastSequenceError:
-                if not waiting_logged:
-                    log.info("lease %s is held by another worker; standing by", self._key)
-                    waiting_logged = True
+            if not waiting_logged:
+                log.info("lease %s is held by another worker; standing by", self._key)
+                waiting_logged = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._ttl / 3)
         return False
+
+    async def try_acquire(self) -> bool:
+        """Take the lease if nobody holds it (one attempt)."""
+        kv = await self._bucket()
+        try:
+            self._revision = await kv.create(self._key, self.owner.encode())
+        except KeyWrongLastSequenceError:
+            return False
+        self.held.set()
+        log.info("lease %s acquired by %s", self._key, self.owner)
+        return True
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await bucket(self._js, self._ttl)
+        return self._kv
 
     async def keep(self, stop: asyncio.Event) -> None:
         """Renew while held; clear `held` when a renewal fails (someone else may own it now)."""
@@ -77,3 +86,44 @@ class Lease:
             with contextlib.suppress(Exception):
                 await self._kv.delete(self._key, last=self._revision)
             self.held.clear()
+            log.info("lease %s released by %s", self._key, self.owner)
+
+
+async def bucket(js: JetStreamContext, ttl: float) -> KeyValue:
+    return await js.create_key_value(
+        KeyValueConfig(bucket=BUCKET, ttl=ttl, storage=StorageType.FILE)
+    )
+
+
+class Members:
+    """The workers of one kind alive now, for sharing partitions fairly: each puts a key
+    `<kind>-member.<id>` in the leases bucket every ttl/3; the bucket's ttl expires the dead."""
+
+    def __init__(self, js: JetStreamContext, kind: str, owner: str, ttl: float = 6.0) -> None:
+        self._js = js
+        self._prefix = f"{kind}-member."
+        # KV keys allow letters, digits and -_=/. only.
+        self._key = self._prefix + re.sub(r"[^A-Za-z0-9_=-]", "_", owner)
+        self._ttl = ttl
+        self._kv: KeyValue | None = None
+
+    async def beat(self, stop: asyncio.Event) -> None:
+        """Say this worker is alive until `stop` is set; then leave at once."""
+        self._kv = await bucket(self._js, self._ttl)
+        while not stop.is_set():
+            with contextlib.suppress(Exception):  # the bus is away: the ttl decides
+                await self._kv.put(self._key, b"")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._ttl / 3)
+        with contextlib.suppress(Exception):
+            await self._kv.delete(self._key)
+
+    async def count(self) -> int:
+        """How many workers of this kind are alive (at least this one)."""
+        if self._kv is None:
+            return 1
+        try:
+            keys = await self._kv.keys()
+        except Exception:  # nats-py raises NoKeysError for an empty bucket
+            return 1
+        return max(1, sum(k.startswith(self._prefix) for k in keys))

@@ -56,6 +56,7 @@ class Settings:
     demo_rule_for_s: float = 10.0
     stream_replicas: int = 1
     nats_sync: str = "1s"
+    rules_partitions: int = 1
     rule_traces_keep: int = 100
     rule_traces_days: float = 30.0
     webhook_allow_private: bool = False
@@ -111,6 +112,7 @@ def load() -> Settings:
         demo_rule_for_s=_float("SMARTHOME_DEMO_RULE_FOR", 10.0),
         stream_replicas=_replicas(),
         nats_sync=_sync(),
+        rules_partitions=_rules_partitions(),
         rule_traces_keep=int(_float("SMARTHOME_RULE_TRACES_KEEP", 100)),
         rule_traces_days=_float("SMARTHOME_RULE_TRACES_DAYS", 30.0),
         webhook_allow_private=_flag("SMARTHOME_WEBHOOK_ALLOW_PRIVATE"),
@@ -129,6 +131,15 @@ def _at_least_one(name: str, default: int) -> int:
         value = 0
     if value < 1:
         raise SettingsError(f"{name}={raw!r} must be a whole number of at least 1")
+    return value
+
+
+def _rules_partitions() -> int:
+    """Rules are split by id into this many partitions, each evaluated by one rules process
+    at a time: set it to the number of rules processes that should work side by side."""
+    value = _at_least_one("SMARTHOME_RULES_PARTITIONS", 1)
+    if value > 64:
+        raise SettingsError(f"SMARTHOME_RULES_PARTITIONS={value} must be at most 64")
     return value
 
 

@@ -427,7 +427,7 @@ class Bench:
                 raise BenchError(f"(2): the rules did not drain SYSTEM in time ({seen})")
             rules.check_alive()
             info = await js.consumer_info(
-                subjects.SYSTEM_STREAM, bus.RULES_FACTS_DURABLE, timeout=2
+                subjects.SYSTEM_STREAM, bus.rules_facts_durable(0), timeout=2
             )
             at = time.perf_counter()
             left = info.num_pending + info.num_ack_pending

@@ -8,7 +8,7 @@ import contextlib
 from libs import bus, runtime
 from libs.db.engine import make_engine, make_sessionmaker
 from libs.settings import Settings
-from services.rules.engine import RulesEngine
+from services.rules.partitions import Partitions
 
 RELOAD_EVERY_S = 30.0
 
@@ -18,7 +18,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     nc = await bus.connect(settings.effective_nats_url, "rules")
     js = nc.jetstream()
     await bus.ensure_streams(js, settings.stream_replicas)
-    rules = RulesEngine(nc, js, make_sessionmaker(engine))
+    rules = Partitions(nc, js, make_sessionmaker(engine), settings.rules_partitions)
 
     async def ready() -> str | None:
         return None if nc.is_connected else "bus unreachable"

@@ -1,9 +1,10 @@
-"""The rules engine: state facts and events in, episodes in JetStream KV, actions out.
+"""The rules engine of one partition: state facts and events in, episodes in KV, actions out.
 
-One process evaluates at a time (a lease); episodes live in the KV bucket
-`rule_episodes`, so `for` timers and `delay`s survive restarts and fail-over.
-Every id an action sends is derived from the episode: a re-fire after a crash is
-de-duplicated by JetStream (Nats-Msg-Id) and by the command table.
+Rules are split by id into partitions (`Partition`); one process at a time evaluates a
+partition (it holds the partition's lease, see `services.rules.partitions`). Episodes live
+in the KV bucket `rule_episodes`, so `for` timers and `delay`s survive restarts and
+fail-over. Every id an action sends is derived from the episode: a re-fire after a crash
+is de-duplicated by JetStream (Nats-Msg-Id) and by the command table.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import zlib
+from collections.abc import Callable
+from typing import NamedTuple
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -55,6 +59,28 @@ UNKNOWN_FILTERS = ("?",)
 EVALUATIONS = Counter("smarthome_rule_evaluations_total", "Rule evaluations", ["outcome"])
 
 
+class Partition(NamedTuple):
+    """Partition `index` of `count`: the rules whose id hashes to it, and its bus names."""
+
+    index: int
+    count: int
+
+    def owns(self, rule_id: str) -> bool:
+        return zlib.crc32(rule_id.encode()) % self.count == self.index
+
+    @property
+    def lease(self) -> str:
+        return f"rules-{self.index}"
+
+    @property
+    def facts_durable(self) -> str:
+        return bus.rules_facts_durable(self.index)
+
+    @property
+    def events_durable(self) -> str:
+        return bus.rules_events_durable(self.index)
+
+
 def rule_from_record(record: RuleRecord) -> m.Rule:
     spec = msgspec.convert(record.spec, m.RuleSpec)
     return m.Rule(
@@ -94,12 +120,18 @@ class RuleBook:
 
 class RulesEngine:
     def __init__(
-        self, nc: NATS, js: JetStreamContext, sessions: async_sessionmaker[AsyncSession]
+        self,
+        nc: NATS,
+        js: JetStreamContext,
+        sessions: async_sessionmaker[AsyncSession],
+        partition: Partition,
     ) -> None:
         self._nc = nc
         self._js = js
         self._sessions = sessions
-        self._lease = Lease(js, "rules")
+        self.partition = partition
+        self.lease = Lease(js, partition.lease)
+        self._quit = asyncio.Event()  # set when this process stops evaluating the partition
         self._actions = ActionRunner(js, sessions)
         self._book = RuleBook({})
         self._registry: dict[str, DeviceInfo] = {}
@@ -123,12 +155,14 @@ class RulesEngine:
             ).all()
         rules = {}
         for record in records:
+            if not self.partition.owns(record.id):
+                continue
             try:
                 rules[record.id] = rule_from_record(record)
             except (msgspec.ValidationError, ValueError) as exc:
                 log.error("rule %s cannot be loaded: %s", record.id, exc)
         self._book = RuleBook(rules)
-        if self._lease.held.is_set():
+        if self.lease.held.is_set():
             await self._sync_event_consumer()
         self._registry = {
             d: DeviceInfo(kind, location, tuple((meta or {}).get("tags", []) or ()), enabled)
@@ -137,7 +171,7 @@ class RulesEngine:
         self._actions.registry = self._registry
         async with self._lock:
             await self._schedule_all()
-        log.info("loaded %d rules", len(rules))
+        log.info("partition %d/%d: loaded %d rules", *self.partition, len(rules))
 
     async def _load_views(self) -> None:
         async with self._sessions() as session:
@@ -154,6 +188,8 @@ class RulesEngine:
         except Exception:  # an empty bucket has no keys (nats-py raises NoKeysError)
             keys = []
         for key in keys:
+            if not self.partition.owns(key.split(".", 1)[0]):  # keys are <rule id>.<what>
+                continue
             with contextlib.suppress(KeyNotFoundError):
                 entry = await self._kv.get(key)
                 if entry.value:
@@ -162,8 +198,10 @@ class RulesEngine:
 
     # --- run -----------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Evaluate while this process holds the rules lease; stand by while another does."""
+    async def serve(self, stop: asyncio.Event, hand_over: Callable[[], bool]) -> None:
+        """Evaluate the partition while its lease is held (the caller took it), until `stop`
+        is set, the lease is lost, or `hand_over()` says another process should take it."""
+        self._quit.clear()
         self._kv = await self._js.create_key_value(
             KeyValueConfig(bucket=EPISODES_BUCKET, storage=StorageType.FILE, history=1)
         )
@@ -172,58 +210,66 @@ class RulesEngine:
             await self._nc.subscribe(subjects.DEVICE_REGISTRY_ALL, cb=self._on_change),
         ]
         try:
-            while await self._lease.acquire(stop):
-                # Read after taking over: the last owner may have changed them.
-                await self._load_episodes()
-                await self._load_views()
-                self._event_filters = UNKNOWN_FILTERS  # whatever the last owner left: re-sync
-                await self.reload_rules()
-                async with asyncio.TaskGroup() as tasks:
-                    tasks.create_task(self._lease.keep(stop))
-                    tasks.create_task(self._timers(stop))
-                    facts, events = bus.RULES_FACTS_DURABLE, bus.RULES_EVENTS_DURABLE
-                    tasks.create_task(
-                        self._consume(stop, facts, subjects.SYSTEM_STREAM, self._on_fact)
+            # Read after taking over: the last owner may have changed them.
+            await self._load_episodes()
+            await self._load_views()
+            self._event_filters = UNKNOWN_FILTERS  # whatever the last owner left: re-sync
+            await self.reload_rules()
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self.lease.keep(self._quit))
+                tasks.create_task(self._watch(stop, hand_over))
+                tasks.create_task(self._timers())
+                tasks.create_task(
+                    self._consume(
+                        self.partition.facts_durable, subjects.SYSTEM_STREAM, self._on_fact
                     )
-                    tasks.create_task(self._consume_events(stop, events))
+                )
+                tasks.create_task(self._consume_events())
         finally:
-            await self._lease.release()
+            self._quit.set()
+            await self.lease.release()
             for sub in watch:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
 
-    def _active(self, stop: asyncio.Event) -> bool:
-        return not stop.is_set() and self._lease.held.is_set()
+    async def _watch(self, stop: asyncio.Event, hand_over: Callable[[], bool]) -> None:
+        """Quit (after the batch in hand is acked) on stop, a lost lease or a hand-over."""
+        while not (stop.is_set() or not self.lease.held.is_set() or hand_over()):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), TICK_S)
+        self._quit.set()
+
+    def _active(self) -> bool:
+        return not self._quit.is_set()
 
     async def _on_change(self, _msg: Msg) -> None:
-        if not self._lease.held.is_set():
-            return  # a standby loads everything when it takes over
+        if not self._active():
+            return
         try:
             await self.reload_rules()
         except Exception as exc:  # the periodic reload catches up
             log.warning("rule reload failed: %s", exc)
 
-    async def _consume_events(self, stop: asyncio.Event, durable: str) -> None:
+    async def _consume_events(self) -> None:
         """Events are read only while event-triggered rules exist (see _sync_event_consumer)."""
-        while self._active(stop):
+        while self._active():
             if self._event_filters:
                 filters = self._event_filters
                 await self._consume(
-                    stop,
-                    durable,
+                    self.partition.events_durable,
                     subjects.EVENTS_STREAM,
                     self._on_event,
                     keep_going=lambda filters=filters: self._event_filters == filters,
                 )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.2)
+                await asyncio.wait_for(self._quit.wait(), TICK_S)
 
     async def _sync_event_consumer(self) -> None:
         """Create, re-filter or delete the events consumer to fit the event rules."""
         wanted = _disjoint(sorted({r.trigger.subject for r in self._book.on_events}))  # type: ignore[union-attr]
         if wanted == self._event_filters:
             return
-        durable = bus.RULES_EVENTS_DURABLE
+        durable = self.partition.events_durable
         if not wanted:
             with contextlib.suppress(NotFoundError):
                 await self._js.delete_consumer(subjects.EVENTS_STREAM, durable)
@@ -242,11 +288,14 @@ class RulesEngine:
                 config.filter_subjects = [subjects.EVENTS_ALL]
                 await self._js.add_consumer(subjects.EVENTS_STREAM, config)
         self._event_filters = wanted
-        log.info("reading events on %s", ", ".join(wanted) or "nothing (no event rules)")
+        log.info(
+            "partition %d/%d: reading events on %s",
+            *self.partition,
+            ", ".join(wanted) or "nothing (no event rules)",
+        )
 
     async def _consume(
         self,
-        stop: asyncio.Event,
         durable: str,
         stream: str,
         handle,  # type: ignore[no-untyped-def]
@@ -254,7 +303,7 @@ class RulesEngine:
     ) -> None:
         sub = await self._js.pull_subscribe_bind(durable, stream=stream)
         try:
-            while self._active(stop) and keep_going():
+            while self._active() and keep_going():
                 try:
                     msgs = await sub.fetch(256, timeout=1.0)
                 except TimeoutError:  # nats-py raises asyncio.TimeoutError here
@@ -272,9 +321,9 @@ class RulesEngine:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()  # a pull subscription left to drain() blocks it
 
-    async def _timers(self, stop: asyncio.Event) -> None:
+    async def _timers(self) -> None:
         """Fire episodes whose time has come (also those that came while we were down)."""
-        while self._active(stop):
+        while self._active():
             now = m.now()
             async with self._lock:
                 for key, episode in list(self._episodes.items()):
@@ -287,7 +336,7 @@ class RulesEngine:
                         await self._advance(key, rule, episode)
             await self._actions.flush()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), TICK_S)
+                await asyncio.wait_for(self._quit.wait(), TICK_S)
 
     # --- observations ----------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ once-per-episode firing, fail-over, and refusals recorded in the trace."""
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import msgspec
@@ -11,12 +12,13 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from libs import bus, subjects
 from libs import messages as m
 from libs.db.models import Device, RuleRecord
+from services.rules.engine import Partition
 from tests.helpers import eventually, unique_id
 from tests.processes import Service
 
 
-async def add_rule(sessions, nc, spec: m.RuleSpec) -> str:  # type: ignore[no-untyped-def]
-    rule_id = unique_id("rule")
+async def add_rule(sessions, nc, spec: m.RuleSpec, rule_id: str | None = None) -> str:  # type: ignore[no-untyped-def]
+    rule_id = rule_id or unique_id("rule")
     async with sessions.begin() as session:
         session.add(
             RuleRecord(id=rule_id, name=spec.name, spec=msgspec.to_builtins(spec), enabled=True)
@@ -263,3 +265,60 @@ def _reads_events_of(rules: Service, device_id: str) -> bool:
         "reading events on" in line and f"events.{device_id}." in line
         for line in rules.tail(20000).splitlines()
     )
+
+
+def held_partitions(service: Service) -> set[int]:
+    """The partitions a rules process holds now, from its log of acquired/released leases."""
+    held: set[int] = set()
+    log_text = service.log_path.read_text(errors="replace")
+    for index, what in re.findall(r"lease rules-(\d+) (acquired|released|lost)", log_text):
+        (held.add if what == "acquired" else held.discard)(int(index))
+    return held
+
+
+async def test_two_processes_share_the_partitions_and_one_takes_over_at_kill9(
+    service_env, data_dir, nc, js, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    count = 4
+    env = {**service_env, "SMARTHOME_RULES_PARTITIONS": str(count)}
+    # Two rules in each partition, each with a pending `for` timer when a process dies.
+    pairs: dict[str, tuple[str, str]] = {}
+    while len(pairs) < 2 * count:
+        rule_id = unique_id("rule")
+        if sum(_partition(r, count) == _partition(rule_id, count) for r in pairs) < 2:
+            pairs[rule_id] = (unique_id("meter"), unique_id("light"))
+    for rule_id, (meter, light) in pairs.items():
+        await add_devices(sessions, meter, light)
+        await add_rule(sessions, nc, rule_spec(meter, light, for_s=4.0), rule_id=rule_id)
+    first = Service("services.rules", env, data_dir).start()
+    second = Service("services.rules", env, data_dir).start()
+    try:
+        # Both evaluate: the first hands partitions over until each holds its share.
+        await eventually(
+            lambda: len(held_partitions(first)) == len(held_partitions(second)) == count // 2,
+            timeout=30,
+        )
+        assert held_partitions(first).isdisjoint(held_partitions(second))
+        for version, (meter, _light) in enumerate(pairs.values(), start=1):
+            await report(js, meter, 60.0, version)
+        for rule_id, (meter, _light) in pairs.items():
+            await eventually(lambda r=rule_id, d=meter: _has_episode(js, r, d), timeout=10)
+        first.kill9()
+        await eventually(lambda: held_partitions(second) == set(range(count)), timeout=30)
+        for rule_id in pairs:
+            await eventually(
+                lambda r=rule_id: collected(js, subjects.rule_fired(r), m.rule_fired_decoder),
+                timeout=30,
+            )
+    finally:
+        code = second.stop()
+    assert code == 0, second.tail()
+    for rule_id, (_meter, light) in pairs.items():
+        fired = await collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder)
+        assert [f.kind for f in fired] == ["fired"], rule_id
+        commands = await collected(js, subjects.commands(light), m.command_decoder)
+        assert [c.action for c in commands] == ["turn_off"], rule_id
+
+
+def _partition(rule_id: str, count: int) -> int:
+    return next(i for i in range(count) if Partition(i, count).owns(rule_id))
