@@ -215,6 +215,7 @@ for third-party hardware and read only their own few (devices/platform_link.py).
 {{- end }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_HEARTBEAT_TIMEOUT") }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_STREAM_REPLICAS") }}
+{{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_RULES_PARTITIONS") }}
 {{- end }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_LOG_LEVEL") }}
 {{- end }}
