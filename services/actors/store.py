@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -39,6 +41,7 @@ class StateStore:
         self._sessions = sessions
         self._cache = cache
         self._enabled: dict[str, bool] = {}
+        self._upsert_statement: Any = None  # built on first use: it needs the dialect
 
     async def load(self, device_ids: list[str]) -> dict[str, DeviceSnapshot]:
         """Snapshots for these devices; a device never seen starts empty."""
@@ -102,5 +105,7 @@ class StateStore:
 
     async def _upsert(self, session: AsyncSession, snapshots: list[DeviceSnapshot]) -> None:
         if snapshots:
-            stmt = upsert(session.bind, DeviceState.__table__, "device_id")  # type: ignore[arg-type]
-            await session.execute(stmt, [to_row(s) for s in snapshots])
+            if self._upsert_statement is None:
+                # Built once: constructing it costs more than executing it for a few rows.
+                self._upsert_statement = upsert(session.bind, DeviceState.__table__, "device_id")  # type: ignore[arg-type]
+            await session.execute(self._upsert_statement, [to_row(s) for s in snapshots])

@@ -1,9 +1,34 @@
-"""The actors' consume loop: fetch → decode → decide → write → publish facts → ack."""
+"""The actors' consume loop: fetch → decode → decide → (write ∥ publish facts) → ack.
+
+A batch is decided once, in memory, from the state read for it; then its state is written
+(one transaction, then the cache) while its facts are published, and the batch is acked
+(AckPolicy.ALL: one ack of its last message) only when both are done. So:
+
+- no event is lost: an un-acked batch is redelivered whole, and nothing is acked before
+  its state is committed;
+- none is applied twice: each device's state carries the stream sequence of the last event
+  applied to it (`last_seq`), written in the same transaction; a redelivered event at or
+  below it is only acked again (and its device's latest fact re-sent: a crash may have
+  come before that fact reached the bus);
+- each fact is published once per version: its message id is `state:<device>:<version>`,
+  so a retry or a re-sent fact is dropped by the stream's de-duplication;
+- a device's events are applied in order: one worker holds the lease, batches are handled
+  one after another, and a batch's facts are stored before the next batch is decided.
+
+Publishing during the write takes the commit out of the event → fact latency. The price:
+a fact may reach the bus a few milliseconds before the state it describes is readable from
+the cache or the database (it carries that state and its version, so a reader can tell). A
+decided batch is kept while the write is retried, so the state committed is the state its
+facts announced. Only a worker stopped during a database outage leaves facts of a batch it
+did not commit; the redelivered batch is decided again on the same committed state and
+produces the same versions, so their facts are duplicates the stream drops.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -13,8 +38,8 @@ from prometheus_client import Counter, Histogram
 
 from libs import bus, runtime, subjects
 from libs import messages as m
-from libs.lease import Lease
 from libs.device_state import Applied, Unapplicable, apply
+from libs.lease import Lease
 from services.actors.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -90,11 +115,17 @@ class ActorWorker:
             event = await self._decode(msg)
             if event is not None:
                 decoded.append((msg, event))
-        batch = await self._decide_and_write(decoded, msgs, stop)
+        batch = await self._decide_until_read(decoded, msgs, stop)
         if batch is None:
             return  # stopping while the database is down: leave the batch un-acked
-        if not await self._publish_facts(batch, stop):
-            return  # stopping: the redelivered batch re-sends the latest facts (see _decide)
+        publishing = asyncio.ensure_future(self._publish_facts(batch, stop))
+        try:
+            written = await self._write(batch, msgs, stop)
+            published = await publishing
+        finally:
+            publishing.cancel()  # only when the write was cancelled (the worker stops)
+        if not (written and published):
+            return  # stopping: the redelivered batch is decided again (see the docstring)
         await msgs[-1].ack()  # AckPolicy.ALL: the whole batch
 
     async def _decode(self, msg: Msg) -> m.CloudEvent | None:
@@ -152,28 +183,32 @@ class ActorWorker:
         if result.changed:
             batch.facts.append(_state_fact(new, before.state, result.changed, event))
 
-    async def _decide_and_write(
+    async def _decide_until_read(
         self, decoded: list[tuple[Msg, m.CloudEvent]], msgs: list[Msg], stop: asyncio.Event
     ) -> Batch | None:
-        """Load, decide and commit the batch; while the database is down, keep it and retry.
-
-        Reads and the write are retried together: the decision rests on what was read.
-        """
+        """Read the batch's devices and decide; while the database is down, keep trying."""
         done: list[Batch] = []
 
         async def attempt() -> None:
-            batch = await self._decide(decoded)
-            touched = [s for s in batch.snapshots.values() if s.last_seq]
-            await self._store.save(touched, batch.statuses)
-            done.append(batch)
+            done.append(await self._decide(decoded))
 
-        async def still_working() -> None:
-            for msg in msgs:
-                await msg.in_progress()
-
-        if await runtime.retry_until_stopped(attempt, stop, "state write", still_working):
+        if await runtime.retry_until_stopped(attempt, stop, "state read", _in_progress(msgs)):
             return done[-1]
         return None
+
+    async def _write(self, batch: Batch, msgs: list[Msg], stop: asyncio.Event) -> bool:
+        """Commit the decided batch; while the database is down, keep it and retry.
+
+        The decision is not taken again: its facts may already be on the bus."""
+        touched = [s for s in batch.snapshots.values() if s.last_seq]
+        if not touched and not batch.statuses:
+            return True
+        return await runtime.retry_until_stopped(
+            lambda: self._store.save(touched, batch.statuses),
+            stop,
+            "state write",
+            _in_progress(msgs),
+        )
 
     async def _publish_facts(self, batch: Batch, stop: asyncio.Event) -> bool:
         """Publish what changed; retried until stored (their ids make a retry harmless),
@@ -183,6 +218,16 @@ class ActorWorker:
         return await runtime.retry_until_stopped(
             lambda: bus.publish_many(self._js, batch.facts, timeout=10.0), stop, "fact publish"
         )
+
+
+def _in_progress(msgs: list[Msg]) -> Callable[[], Awaitable[None]]:
+    """Tells the bus that a batch held back by an outage is still being worked on."""
+
+    async def still_working() -> None:
+        for msg in msgs:
+            await msg.in_progress()
+
+    return still_working
 
 
 def _state_fact(
