@@ -19,6 +19,7 @@ from services.gateway.body import MAX_BODY_BYTES
 from services.gateway.correlation import CorrelationMiddleware
 from services.gateway.devices.controllers import DeviceController
 from services.gateway.events.controllers import EventController
+from services.gateway.events.sse import ServerSendMiddleware
 from services.gateway.health.controllers import HealthController
 from services.gateway.resources import Shutdown, open_resources, provide_resources
 from services.gateway.rules.controllers import RuleController
@@ -67,7 +68,8 @@ def create_app(settings: Settings) -> Litestar:
         lifespan=[resources],
         state=State({"shutdown": shutdown}),
         dependencies={"resources": Provide(provide_resources, sync_to_thread=False)},
-        middleware=[CorrelationMiddleware(), metrics.middleware],
+        # ServerSendMiddleware first: a live stream's frames skip the other two (see its doc).
+        middleware=[ServerSendMiddleware(), CorrelationMiddleware(), metrics.middleware],
         exception_handlers=problems.exception_handlers(),
         openapi_config=OpenAPIConfig(
             title="smarthome",

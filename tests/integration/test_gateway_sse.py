@@ -26,6 +26,7 @@ from libs import messages as m
 from libs.settings import Settings
 from services.gateway.app import create_app
 from services.gateway.events import service as events_service
+from services.gateway.events import sse
 from services.gateway.events.controllers import SHARED_FEEDS_KEY
 from services.gateway.events.service import EventService, FeedClosed, FeedOverflow, SharedFeeds
 from services.gateway.resources import Shutdown
@@ -333,3 +334,85 @@ async def test_a_follower_catching_up_switches_to_the_shared_feed_without_gap_or
     for start, seqs in zip(range(1, 20, 4), got, strict=True):
         assert seqs == [a.seq for a in acks[start + 1 :]]
     assert all(not f.catching_up for f in feeds)
+
+
+async def test_events_that_arrive_together_go_out_in_one_write_and_resume_exactly(
+    http: httpx.AsyncClient,
+) -> None:
+    device_id = unique_id()
+    subject = f"events.{device_id}.>"
+    async with following(http, {"subject": subject}) as stream:
+        # One batch POST: the events reach the gateway together, and go out coalesced.
+        published = await publish(http, device_id, 30)
+        first = [await stream.next_event() for _ in range(12)]
+
+    async with following(
+        http, {"subject": subject}, headers={"Last-Event-ID": first[-1].id or ""}
+    ) as resumed:
+        rest = [await resumed.next_event() for _ in range(18)]
+        [live] = await publish(http, device_id, 1)
+        after = await resumed.next_event()
+
+    got = [int(e.id) for e in [*first, *rest, after]]  # type: ignore[arg-type]
+    assert got == [p["seq"] for p in [*published, live]]
+
+
+async def test_a_batch_taken_from_a_shared_feed_is_every_queued_message_in_order(
+    nc: NATS, js: JetStreamContext
+) -> None:
+    device_id = unique_id()
+    feed = await EventService(nc, js, Shutdown()).follow(f"events.{device_id}.>", after_seq=None)
+    try:
+        pending = []
+        for i in range(20):
+            event = m.make_event(device_id, "telemetry", {"i": i})
+            pending.append(await js.publish_async(event.nats_subject, m.encode(event)))
+        acks = await asyncio.gather(*pending)
+        taken: list[int] = []
+        batches = 0
+        while len(taken) < len(acks):
+            batch = await feed.take(timeout=5, limit=256)
+            assert batch, "no message within the timeout"
+            chunk = sse.frames(batch)
+            taken += [int(line[4:]) for line in chunk.split(b"\r\n") if line.startswith(b"id: ")]
+            batches += 1
+    finally:
+        await feed.close()
+
+    assert taken == [a.seq for a in acks]
+    assert batches < len(acks)  # coalesced: fewer writes than messages
+
+
+async def test_a_stream_gets_a_heartbeat_after_its_events_once_it_is_quiet(
+    http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sse, "HEARTBEAT_S", 0.3)
+    device_id = unique_id()
+    async with following(http, {"subject": f"events.{device_id}.>"}) as stream:
+        assert (await stream.next()).comments == ["heartbeat"]
+        [published] = await publish(http, device_id, 1)
+        event = await stream.next()
+        heartbeats = [await stream.next() for _ in range(2)]
+
+    assert int(event.id) == published["seq"]  # type: ignore[arg-type]
+    assert [h.comments for h in heartbeats] == [["heartbeat"], ["heartbeat"]]
+
+
+async def test_a_stream_answers_with_the_correlation_id_and_is_counted_in_the_metrics(
+    http: httpx.AsyncClient,
+) -> None:
+    params = {"subject": f"events.{unique_id()}.>"}
+    headers = {"X-Correlation-Id": "sse-" + unique_id()}
+    async with http.stream("GET", STREAM, params=params, headers=headers) as response:
+        assert response.headers["x-correlation-id"] == headers["X-Correlation-Id"]
+        assert response.headers["cache-control"] == "no-cache"
+        assert "content-length" not in response.headers
+
+    async def counted() -> bool:
+        metrics = (await http.get("/metrics")).text
+        return any(
+            "requests_total" in line and 'path="/api/v1/events/stream"' in line
+            for line in metrics.splitlines()
+        )
+
+    await eventually(counted)

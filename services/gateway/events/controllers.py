@@ -5,17 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-import msgspec
 from litestar import Controller, Request, WebSocket, get, post, websocket
-from litestar.background_tasks import BackgroundTask
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import WebSocketDisconnect
 from litestar.params import HeaderParameter, JSONBody, QueryParameter
-from litestar.response import Stream
 from litestar.status_codes import (
     HTTP_202_ACCEPTED,
     WS_1011_INTERNAL_ERROR,
@@ -38,24 +35,14 @@ from services.gateway.events.schemas import (
     Published,
     PublishedBatch,
 )
-from services.gateway.events.service import (
-    FEED_CAPACITY,
-    Delivered,
-    EventService,
-    FeedClosed,
-    FeedOverflow,
-    LiveFeed,
-    SharedFeeds,
-)
+from services.gateway.events.service import FEED_CAPACITY, EventService, SharedFeeds
+from services.gateway.events.sse import HEARTBEAT_S, ServerSentEvents
 from services.gateway.events.websocket import ClientGone, Close, EventSocket
 from services.gateway.pagination import CursorParam, SinceParam, limit_param, utc
 from services.gateway.resources import Resources
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 15.0
-# Queued messages written to an SSE client at once: one write instead of one per message.
-SSE_BATCH = 256
 # A close frame that a client does not take within this long is given up on.
 CLOSE_TIMEOUT_S = 5.0
 
@@ -169,7 +156,7 @@ class EventController(Controller):
         subject: SubjectParam = "events.>",
         since_seq: SinceSeqParam = None,
         last_event_id: Annotated[str | None, HeaderParameter(name="Last-Event-ID")] = None,
-    ) -> Stream:
+    ) -> ServerSentEvents:
         # A reconnecting EventSource repeats the URL (`since_seq`) and adds Last-Event-ID,
         # which is the more recent of the two.
         after = _last_event_id(last_event_id) if last_event_id else since_seq
@@ -179,13 +166,7 @@ class EventController(Controller):
         except BaseException:
             release()
             raise
-        return Stream(
-            _server_sent_events(feed, release),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
-            # Also when the body never started (the client left at once): ends it then.
-            background=BackgroundTask(_end_stream, feed, release),
-        )
+        return ServerSentEvents(feed, release)
 
     @websocket("/ws", name="events-ws")
     async def follow_socket(
@@ -252,62 +233,3 @@ def _last_event_id(value: str) -> int:
     if seq < 0:
         raise Invalid("must be a stream sequence number", field="Last-Event-ID")
     return seq
-
-
-SUBSCRIBED = b": subscribed\r\n\r\n"
-HEARTBEAT = b": heartbeat\r\n\r\n"
-
-
-def _sse_event(delivered: Delivered) -> bytes:
-    """The message's SSE frame: encoded once per message, whatever the number of clients."""
-    return delivered.sse(_encode_sse_event)
-
-
-def _encode_sse_event(delivered: Delivered) -> bytes:
-    """`id:` stream sequence, `event:` subject, `data:` the message (one line per line)."""
-    data = delivered.data
-    if not data.isascii():
-        data = data.decode("utf-8", errors="replace").encode()
-    if b"\n" in data or b"\r" in data:
-        lines = b"".join(b"data: %s\r\n" % line for line in data.splitlines())
-    else:
-        lines = b"data: %s\r\n" % data
-    return b"id: %d\r\nevent: %s\r\n%s\r\n" % (delivered.seq, delivered.subject.encode(), lines)
-
-
-def _sse_error(detail: str) -> bytes:
-    return b"event: error\r\ndata: %s\r\n\r\n" % msgspec.json.encode({"detail": detail})
-
-
-async def _server_sent_events(
-    feed: LiveFeed, release: Callable[[], None]
-) -> AsyncGenerator[bytes, None]:
-    try:
-        # Tells the client that the subscription is in place (what follows is live).
-        yield SUBSCRIBED
-        while True:
-            try:
-                batch = await feed.take(timeout=HEARTBEAT_S, limit=SSE_BATCH)
-            except FeedOverflow:
-                yield _sse_error(
-                    f"the client fell {FEED_CAPACITY} messages behind and was disconnected; "
-                    "reconnect with Last-Event-ID to resume"
-                )
-                return
-            except FeedClosed:
-                return  # the gateway is stopping; the client reconnects with Last-Event-ID
-            if not batch:
-                yield HEARTBEAT
-                continue
-            if len(batch) == 1:
-                yield batch[0].sse(_encode_sse_event)
-            else:
-                yield b"".join([delivered.sse(_encode_sse_event) for delivered in batch])
-    finally:
-        await _end_stream(feed, release)
-
-
-async def _end_stream(feed: LiveFeed, release: Callable[[], None]) -> None:
-    """Unsubscribe and give the client's slot back (either may already be done)."""
-    release()
-    await feed.close()

@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 REPLAY_IDLE_S = 30.0
 REPLAY_FETCH_TIMEOUT_S = 5.0
 FEED_CAPACITY = 1000
+# A shared feed wakes its followers at most this often: what arrives meanwhile goes out in the
+# same write. A message that finds the feed idle is handed on at once (after the others of
+# the same read from the bus), so this bounds the delay it adds, under load only.
+WAKE_INTERVAL_S = 0.005
 PUBLISH_TIMEOUT_S = 10.0
 ROUNDING = timedelta(microseconds=1)
 
@@ -134,6 +138,10 @@ class LiveFeed:
         self._queue: collections.deque[Delivered] = collections.deque()
         self._capacity = capacity
         self._waiter: asyncio.Future[None] | None = None
+        # `next` answers None once `timeout` passes without a message taken (a heartbeat is
+        # due): one timer per such period, not one per wait (a writer waits after each write).
+        self._quiet_since = asyncio.get_running_loop().time()
+        self._alarm: asyncio.TimerHandle | None = None
         self._overflowed = False
         # Told at once, while a subscriber may still be stuck sending what it took before.
         self._on_overflow = on_overflow
@@ -174,8 +182,9 @@ class LiveFeed:
         if subscription is not None:
             self._unsubscribing = asyncio.ensure_future(_unsubscribe(subscription))
 
-    def push(self, delivered: Delivered) -> None:
-        """Queue `delivered` unless it is at or below the last one queued."""
+    def push(self, delivered: Delivered, *, wake: bool = True) -> None:
+        """Queue `delivered` unless it is at or below the last one queued; `wake=False`:
+        the caller wakes the subscriber later (`wake`)."""
         if self._overflowed or delivered.seq <= self._last_seq:
             # Sequences only grow on a feed, from where it starts: an ordered consumer that
             # was re-created (after a gap or a missed heartbeat) may start too early, and a
@@ -191,7 +200,13 @@ class LiveFeed:
             return
         self._queue.append(delivered)
         self._last_seq = delivered.seq
-        self._wake()
+        if wake:
+            self._wake()
+
+    def wake(self) -> None:
+        """Wake the subscriber if it waits and something is queued."""
+        if self._queue and self._waiter is not None:
+            self._wake()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -211,32 +226,49 @@ class LiveFeed:
             self.stop()
 
     def stop(self) -> None:
-        """End the feed now (the gateway is stopping); wakes a waiting `next`."""
+        """End the feed now (the gateway is stopping, or the client went away); wakes a
+        waiting `next`."""
         self._stopped = True
         self._wake()
 
+    def _ring(self) -> None:
+        self._alarm = None
+        self._wake()
+
     async def next(self, timeout: float) -> Delivered | None:
-        """The next message, or None after `timeout` without one.
+        """The next message, or None once `timeout` has passed since the last one taken (or
+        since the last None) without another.
 
         Raises FeedOverflow once cut off (after what was queued), FeedClosed when stopped.
         """
-        if not self._queue and not self._stopped and not self._overflowed:
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                async with asyncio.timeout(timeout):
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        if not queue and not self._stopped and not self._overflowed:
+            while not queue and not self._stopped and not self._overflowed:
+                deadline = self._quiet_since + timeout
+                now = loop.time()
+                if now >= deadline:
+                    self._quiet_since = now
+                    return None
+                # The alarm only wakes the wait, which looks at the time again: one armed
+                # earlier (a shorter timeout before) is fine, one later is replaced.
+                alarm = self._alarm
+                if alarm is None or alarm.when() > deadline:
+                    if alarm is not None:
+                        alarm.cancel()
+                    self._alarm = loop.call_at(deadline, self._ring)
+                waiter = self._waiter = loop.create_future()
+                try:
                     await waiter
-            except TimeoutError:
-                pass
-            finally:
-                if self._waiter is waiter:
-                    self._waiter = None
+                finally:
+                    if self._waiter is waiter:
+                        self._waiter = None
         if self._stopped:
             raise FeedClosed
-        if not self._queue:
-            if self._overflowed:
-                raise FeedOverflow
-            return None
-        return self._queue.popleft()
+        if not queue:
+            raise FeedOverflow
+        self._quiet_since = loop.time()
+        return queue.popleft()
 
     async def take(self, timeout: float, limit: int) -> list[Delivered]:
         """The next message and those queued behind it (at most `limit`), in order; empty
@@ -262,6 +294,9 @@ class LiveFeed:
         for undo in self._undo:
             undo()
         self._undo.clear()
+        alarm, self._alarm = self._alarm, None
+        if alarm is not None:
+            alarm.cancel()
         subscription, self._subscription = self._subscription, None
         unsubscribing, self._unsubscribing = self._unsubscribing, None
         # The client went away: the stream task is cancelled, the unsubscribe must still run.
@@ -293,6 +328,8 @@ class _SharedTail:
         # The last sequence the consumer has passed on (at first: the stream's last).
         self.position = 0
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._woken_at = -WAKE_INTERVAL_S
+        self._waking: asyncio.Handle | None = None
 
     async def on_message(self, msg: Msg) -> None:
         seq = stream_seq(msg)
@@ -310,7 +347,26 @@ class _SharedTail:
                 if feed.last_seq < previous:
                     continue
                 feed.switch_to_shared()
-            feed.push(delivered)
+            feed.push(delivered, wake=False)
+        if self._waking is None:
+            loop = asyncio.get_running_loop()
+            due = self._woken_at + WAKE_INTERVAL_S
+            if loop.time() >= due:
+                self._waking = loop.call_soon(self._wake_followers)
+            else:
+                self._waking = loop.call_at(due, self._wake_followers)
+
+    def _wake_followers(self) -> None:
+        """One wake per follower for whatever arrived since the last one."""
+        self._waking = None
+        self._woken_at = asyncio.get_running_loop().time()
+        for feed in self.followers:
+            feed.wake()
+
+    def stop_waking(self) -> None:
+        waking, self._waking = self._waking, None
+        if waking is not None:
+            waking.cancel()
 
 
 class SharedFeeds:
@@ -397,6 +453,7 @@ class SharedFeeds:
     async def _stop(self, tail: _SharedTail) -> None:
         if self._tails.get(tail.subject) is tail:
             del self._tails[tail.subject]
+        tail.stop_waking()
         subscription, tail.subscription = tail.subscription, None
         if subscription is not None:
             with anyio.CancelScope(shield=True):
