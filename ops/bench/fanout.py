@@ -3,9 +3,9 @@
     python ops/bench/fanout.py [--clients 100] [--webhooks 10] [--rate 1000] [--seconds 10]
 
 Everything runs against processes of its own: a nats-server from the wheel on a free port (the
-platform's config: file storage, fsync always unless `--nats-sync` says otherwise), a fresh
-SQLite database in a temporary directory, `python -m services.gateway` and
-`python -m services.webhooks`. Then:
+platform's config: file storage, flushed to disk as `libs.settings` does by default unless
+`--nats-sync` says otherwise), a fresh SQLite database in a temporary directory,
+`python -m services.gateway` and `python -m services.webhooks`. Then:
 
 - C SSE clients follow one filter (`events.*.telemetry`) on `GET /api/v1/events/stream`, in a
   process of their own (raw asyncio protocols on uvloop: the client side costs little). A
@@ -67,6 +67,7 @@ from nats.aio.msg import Msg
 
 from libs import bus, embedded_nats
 from libs import messages as m
+from libs.settings import Settings
 
 FILTER = "events.*.telemetry"
 DEVICES = 10
@@ -687,8 +688,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=10.0, help="how long to publish")
     parser.add_argument(
         "--nats-sync",
-        default="always",
-        help="the bus's flush policy: always (the platform's default) or an interval like 30s",
+        default=Settings.nats_sync,
+        help="the bus's flush policy (JetStream sync_interval): always, or an interval like 1s "
+        f"(default: the platform's, {Settings.nats_sync})",
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (logs) and say where"
