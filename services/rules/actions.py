@@ -13,6 +13,8 @@ from libs import bus, commands, subjects
 from libs import messages as m
 from libs.rule_logic import DeviceInfo, Episode
 
+TRACE_TIMEOUT_S = 10.0
+
 
 class ActionRunner:
     def __init__(self, js: JetStreamContext, sessions: async_sessionmaker[AsyncSession]) -> None:
@@ -174,8 +176,8 @@ class ActionRunner:
     async def flush(self) -> None:
         """Wait for the traces published so far to be stored (before acking their cause)."""
         pending, self._pending_traces = self._pending_traces, []
-        if pending:
-            await asyncio.gather(*pending)
+        if pending:  # publish_async has no deadline of its own
+            await asyncio.wait_for(asyncio.gather(*pending), TRACE_TIMEOUT_S)
 
     @staticmethod
     def reason(rule: m.Rule, episode: Episode) -> str:

@@ -24,7 +24,6 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig
 from nats.js.errors import (
     BadRequestError,
     KeyNotFoundError,
-    KeyWrongLastSequenceError,
     NotFoundError,
 )
 from nats.js.kv import KeyValue
@@ -55,6 +54,7 @@ log = logging.getLogger(__name__)
 
 EPISODES_BUCKET = "rule_episodes"
 TICK_S = 0.2
+WRITE_TIMEOUT_S = 10.0
 UNKNOWN_FILTERS = ("?",)
 EVALUATIONS = Counter("smarthome_rule_evaluations_total", "Rule evaluations", ["outcome"])
 
@@ -138,6 +138,7 @@ class RulesEngine:
         self._views: dict[str, DeviceView] = {}
         self._episodes: dict[str, Episode] = {}
         self._kv: KeyValue | None = None
+        self._writes: list[asyncio.Future] = []
         self._event_filters: tuple[str, ...] = ()
         self._lock = asyncio.Lock()  # facts, events and timers change episodes one at a time
 
@@ -171,6 +172,7 @@ class RulesEngine:
         self._actions.registry = self._registry
         async with self._lock:
             await self._schedule_all()
+            await self._flush()
         log.info("partition %d/%d: loaded %d rules", *self.partition, len(rules))
 
     async def _load_views(self) -> None:
@@ -315,7 +317,7 @@ class RulesEngine:
                 async with self._lock:
                     for msg in msgs:
                         await handle(msg)
-                await self._actions.flush()  # traces stored before their causes are acked
+                await self._flush()  # episodes and traces stored before their causes are acked
                 await msgs[-1].ack()  # AckPolicy.ALL: the whole batch
         finally:
             with contextlib.suppress(Exception):
@@ -334,7 +336,7 @@ class RulesEngine:
                         continue
                     if due(episode, now):
                         await self._advance(key, rule, episode)
-            await self._actions.flush()
+            await self._flush()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._quit.wait(), TICK_S)
 
@@ -427,16 +429,23 @@ class RulesEngine:
 
     # --- episodes ----------------------------------------------------------------------------
 
+    # Episode writes go out without waiting for each ack (a KV put is a publish on
+    # `$KV.<bucket>.<key>`, in order per connection); `_flush` waits for them before the
+    # facts that caused them are acked, so a crash in between replays those facts.
     async def _save(self, key: str, episode: Episode) -> None:
-        assert self._kv is not None
-        await self._kv.put(key, m.encode(episode))
         self._episodes[key] = episode
+        self._writes.append(await self._js.publish_async(_kv_subject(key), m.encode(episode)))
 
     async def _forget(self, key: str) -> None:
-        assert self._kv is not None
-        with contextlib.suppress(KeyNotFoundError, KeyWrongLastSequenceError):
-            await self._kv.delete(key)
         self._episodes.pop(key, None)
+        self._writes.append(await self._js.publish_async(_kv_subject(key), b"", headers=_KV_DELETE))
+
+    async def _flush(self) -> None:
+        """Wait until the episodes and traces written so far are stored."""
+        writes, self._writes = self._writes, []
+        if writes:  # no ack in time (the bus went away): fail, and let the facts be replayed
+            await asyncio.wait_for(asyncio.gather(*writes), WRITE_TIMEOUT_S)
+        await self._actions.flush()
 
     async def _advance(self, key: str, rule: m.Rule, episode: Episode) -> None:
         """Run the actions from where the episode stands, up to the end or the next delay."""
@@ -502,6 +511,13 @@ class RulesEngine:
                 note += f"; {len(rule.actions) - episode.next_action} delayed action(s) cancelled"
             await self._actions.trace(rule, episode, "cleared", note, outcomes)
         await self._forget(key)
+
+
+_KV_DELETE = {"KV-Operation": "DEL"}  # what KeyValue.delete() sends (the KV protocol)
+
+
+def _kv_subject(key: str) -> str:
+    return f"$KV.{EPISODES_BUCKET}.{key}"
 
 
 def _disjoint(patterns: list[str]) -> tuple[str, ...]:
