@@ -289,8 +289,10 @@ class Bench:
 
         self.nc = await nats.connect(nats_url, name="bench")
         js = self.nc.jetstream()
-        # The streams and the durable `rules` (deliver NEW) exist before any fact is published.
+        # The streams and the rules' durable (one partition, deliver NEW) exist before any
+        # fact is published; the rules service would create it only when it starts.
         await bus.ensure_streams(js)
+        await js.add_consumer(subjects.SYSTEM_STREAM, bus.rules_facts_consumer(0))
         return js
 
     async def teardown(self) -> None:
