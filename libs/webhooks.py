@@ -35,12 +35,17 @@ SECRET_BYTES = 32
 # A receiver refuses a timestamp further than this from its clock (replays).
 TOLERANCE_S = 300
 
-# Delivery statuses (`deliveries.status`). A `pending` row with a `next_attempt_at` is being
-# retried through the subscription's consumer; a `pending` row without one was re-driven by a
-# user from the dead-letter list (`failed`) and is sent again from the stream by its sequence.
+# Delivery statuses (`deliveries.status`). An event delivered on its first attempt leaves no
+# row (it is counted on the subscription). A `pending` row with a `next_attempt_at` is being
+# retried by the subscription's worker; a `pending` row without one was re-driven by a user
+# from the dead-letter list (`failed`) and is sent again from the stream by its sequence.
 PENDING = "pending"
 DELIVERED = "delivered"
 FAILED = "failed"
+# Where a delivery's event came from (`deliveries.source`): the subscription's filter, or a
+# rule's notification addressed to it.
+FROM_FILTER = "filter"
+FROM_NOTIFY = "notify"
 
 
 def new_secret() -> str:
@@ -231,18 +236,70 @@ def consumer_name(subscription_id: str) -> str:
     return f"webhook-{subscription_id}"
 
 
-def consumer_config(subscription_id: str, filter_subject: str, ack_wait_s: float) -> ConsumerConfig:
+def notify_consumer_name(subscription_id: str) -> str:
+    """The consumer of the notifications rules address to the subscription (SYSTEM stream)."""
+    return f"webhook-{subscription_id}-notify"
+
+
+# How many events a subscription's worker fetches at once in the one-event-per-request modes
+# (then POSTs one after the other, in order).
+FETCH_BATCH = 100
+# Batched mode: at most this many events in one request (the subscription's `batch_size`).
+DEFAULT_BATCH_SIZE = 100
+MAX_BATCH_SIZE = 1000
+
+
+def fetch_size(batch_size: int | None) -> int:
+    """Events fetched at once: enough for one full request in batched mode."""
+    return max(FETCH_BATCH, batch_size or 0)
+
+
+def consumer_config(
+    subscription_id: str,
+    filter_subject: str,
+    ack_wait_s: float,
+    batch_size: int | None = None,
+    *,
+    durable: str | None = None,
+    start_seq: int | None = None,
+) -> ConsumerConfig:
     """Created with the subscription, so events published after it are kept for it even while
-    the webhooks service is down. One message in flight keeps deliveries in order: a message
-    being retried (nak with a delay) holds back the ones behind it, and no others."""
+    the webhooks service is down (`start_seq`: made again by the service, from where it was).
+
+    The worker acks a prefix (AckPolicy.ALL) of what it delivered in order: one ack per batch.
+    `max_ack_pending` bounds what is in flight per subscription: two fetches' worth, so that
+    the next fetch is never refused while the previous batch's ack is still on its way. A
+    failing event holds back the ones behind it (the worker retries it and fetches nothing
+    else), and no other subscription's."""
+    window = fetch_size(batch_size)
     return ConsumerConfig(
-        durable_name=consumer_name(subscription_id),
+        durable_name=durable or consumer_name(subscription_id),
         filter_subject=filter_subject,
-        deliver_policy=DeliverPolicy.NEW,
-        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.NEW if start_seq is None else DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=start_seq,
+        ack_policy=AckPolicy.ALL,
         ack_wait=ack_wait_s,
-        max_ack_pending=1,
+        max_ack_pending=2 * window,
         max_deliver=-1,
+    )
+
+
+def notify_consumer_config(
+    subscription_id: str,
+    ack_wait_s: float,
+    batch_size: int | None = None,
+    *,
+    start_seq: int | None = None,
+) -> ConsumerConfig:
+    """The notifications addressed to the subscription (`system.notify.<id>`), whatever its
+    filter: delivered the same way, by a worker of their own."""
+    return consumer_config(
+        subscription_id,
+        subjects.notification(subscription_id),
+        ack_wait_s,
+        batch_size,
+        durable=notify_consumer_name(subscription_id),
+        start_seq=start_seq,
     )
 
 
@@ -263,6 +320,14 @@ def parse_subscription_changed(subject: str) -> str:
     return parts[2]
 
 
+def parse_notification(subject: str) -> str:
+    """The subscription id of `system.notify.<id>`; ValueError if it is not one."""
+    parts = subject.split(".")
+    if len(parts) != 3 or parts[:2] != ["system", "notify"] or not subjects.is_token(parts[2]):
+        raise ValueError(f"{subject!r} is not system.notify.<subscription_id>")
+    return parts[2]
+
+
 # --- settings (read in libs.settings) ---------------------------------------------------
 
 
@@ -274,7 +339,8 @@ class WebhookSettings:
 
     @property
     def ack_wait_s(self) -> float:
-        """Long enough for one POST (the worker resets it before each) and its bookkeeping."""
+        """Long enough for one POST and its bookkeeping (the worker marks what it holds as in
+        progress before each POST and while it waits to retry)."""
         return self.timeout_s + 10.0
 
     @classmethod

@@ -202,24 +202,37 @@ class Subscription(Base):
     filter: Mapped[str] = mapped_column(String(512))
     url: Mapped[str] = mapped_column(String(2048))
     mode: Mapped[str] = mapped_column(String(16), default="structured")
+    # Batched mode: at most this many events per request (None in the other modes).
+    batch_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
     secret: Mapped[str] = mapped_column(String(128))
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     created_by: Mapped[str] = mapped_column(String(200), default="user:anonymous")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    # Events delivered, counted by the webhooks service about once a second (a first-attempt
+    # success leaves no `deliveries` row).
+    delivered_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    last_delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class Delivery(Base):
-    """One event's delivery to one subscription: its attempts, and how it ended."""
+    """One event's delivery to one subscription that needed more than one attempt (or has not
+    succeeded yet): its attempts, and how it ended."""
 
     __tablename__ = "deliveries"
     __table_args__ = (
-        UniqueConstraint("subscription_id", "event_seq", name="uq_deliveries_sub_seq"),
+        UniqueConstraint(
+            "subscription_id", "source", "event_seq", name="uq_deliveries_sub_source_seq"
+        ),
         Index("ix_deliveries_sub_status", "subscription_id", "status"),
     )
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     subscription_id: Mapped[str] = mapped_column(String(64))
+    # `filter` (the subscription's filter, its stream) or `notify` (system.notify.<id>, SYSTEM).
+    source: Mapped[str] = mapped_column(String(16), default="filter", server_default="filter")
     event_seq: Mapped[int] = mapped_column(BigInteger)
     event_id: Mapped[str] = mapped_column(String(128))
+    # The `webhook-id` of the request that carried it: a batch's id in batched mode.
+    webhook_id: Mapped[str | None] = mapped_column(String(160), nullable=True)
     subject: Mapped[str] = mapped_column(String(512))
     status: Mapped[str] = mapped_column(String(16), default="pending")  # delivered | failed
     attempts: Mapped[int] = mapped_column(Integer, default=0)

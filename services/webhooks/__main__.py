@@ -10,7 +10,6 @@ from libs.db.engine import make_engine, make_sessionmaker
 from libs.lease import Lease
 from libs.settings import Settings
 from services.webhooks.dispatcher import LEASE_KEY, Dispatcher
-from services.webhooks.sender import Sender, make_client
 from services.webhooks.store import DeliveryStore
 
 
@@ -20,7 +19,6 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     nc = await bus.connect(settings.effective_nats_url, "webhooks")
     js = nc.jetstream()
     await bus.ensure_streams(js, settings.stream_replicas)
-    client = make_client()
 
     async def ready() -> str | None:
         return None if nc.is_connected else "bus unreachable"
@@ -31,7 +29,6 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
             nc,
             js,
             DeliveryStore(make_sessionmaker(engine)),
-            Sender(client, hooks),
             hooks,
             Lease(js, LEASE_KEY),
         )
@@ -39,7 +36,6 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     finally:
         if health:
             health.close()
-        await client.aclose()
         with contextlib.suppress(Exception):
             await nc.drain()
         await engine.dispose()

@@ -1,4 +1,6 @@
-"""One worker task per subscription, while this process holds the `webhooks` lease.
+"""One task per subscription (a worker for its filter, one for the notifications addressed
+to it, and its delivered counter), while this process holds the `webhooks` lease; and the check
+that dead-letters notifications addressed to no subscription.
 
 Two webhooks processes never deliver the same subscription: the lease makes one active and
 the others hot standbys. The set of workers follows the `subscriptions` table: reloaded on
@@ -19,9 +21,10 @@ from nats.js import JetStreamContext
 
 from libs import webhooks
 from libs.lease import Lease
-from services.webhooks.sender import Sender
-from services.webhooks.store import DeliveryStore
-from services.webhooks.worker import SubscriptionWorker
+from services.webhooks.notifications import NotificationCheck
+from services.webhooks.sender import Sender, make_client
+from services.webhooks.store import DeliveryStore, Target
+from services.webhooks.worker import DeliveredCounter, SourceWorker, sources
 
 log = logging.getLogger(__name__)
 
@@ -31,25 +34,61 @@ RELOAD_EVERY_S = 30.0
 STOP_GRACE_S = 2.0
 
 
+class SubscriptionDelivery:
+    """A subscription's workers, sharing its HTTP client (keep-alive connections to its
+    endpoint) and its delivered counter."""
+
+    def __init__(
+        self,
+        target: Target,
+        js: JetStreamContext,
+        store: DeliveryStore,
+        settings: webhooks.WebhookSettings,
+        rng: random.Random,
+    ) -> None:
+        self.target = target
+        self._client = make_client()
+        self._counter = DeliveredCounter(store, target.id)
+        sender = Sender(self._client, settings, target.url, target.secret)
+        self.workers = [
+            SourceWorker(target, source, js, store, sender, self._counter, settings, rng)
+            for source in sources(target)
+        ]
+
+    def redrive(self) -> None:
+        for worker in self.workers:
+            worker.redrive.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for worker in self.workers:
+                    tasks.create_task(worker.run(stop))
+                tasks.create_task(self._counter.run(stop))
+        finally:
+            await self._counter.flush()
+            await self._client.aclose()
+
+
 class Dispatcher:
     def __init__(
         self,
         nc: NATS,
         js: JetStreamContext,
         store: DeliveryStore,
-        sender: Sender,
         settings: webhooks.WebhookSettings,
         lease: Lease,
     ) -> None:
         self._nc = nc
         self._js = js
         self._store = store
-        self._sender = sender
         self._settings = settings
         self._lease = lease
         self._rng = random.Random()
-        # Each worker with its task and the event that asks it to stop.
-        self._workers: dict[str, tuple[SubscriptionWorker, asyncio.Task[None], asyncio.Event]] = {}
+        # Each subscription's delivery with its task and the event that asks it to stop.
+        self._workers: dict[
+            str, tuple[SubscriptionDelivery, asyncio.Task[None], asyncio.Event]
+        ] = {}
         self._changed = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -60,6 +99,7 @@ class Dispatcher:
                 async with asyncio.TaskGroup() as tasks:
                     tasks.create_task(self._lease.keep(stop))
                     tasks.create_task(self._dispatch(stop))
+                    tasks.create_task(self._check_notifications(stop))
         finally:
             await self._lease.release()
             with contextlib.suppress(Exception):
@@ -69,7 +109,7 @@ class Dispatcher:
         with contextlib.suppress(ValueError):
             entry = self._workers.get(webhooks.parse_subscription_changed(msg.subject))
             if entry:
-                entry[0].redrive.set()
+                entry[0].redrive()
         self._changed.set()
 
     async def _dispatch(self, stop: asyncio.Event) -> None:
@@ -105,11 +145,9 @@ class Dispatcher:
         for sid, target in targets.items():
             if sid in self._workers:
                 if redrive:  # a re-drive notice may have been sent while nobody listened
-                    self._workers[sid][0].redrive.set()
+                    self._workers[sid][0].redrive()
                 continue
-            worker = SubscriptionWorker(
-                target, self._js, self._store, self._sender, self._settings, self._rng
-            )
+            worker = SubscriptionDelivery(target, self._js, self._store, self._settings, self._rng)
             quit_ = asyncio.Event()
             task = asyncio.create_task(worker.run(quit_), name=f"webhook-{sid}")
             task.add_done_callback(_log_crash)
@@ -117,6 +155,21 @@ class Dispatcher:
             started += 1
         if gone or started:
             log.info("delivering %d subscription(s)", len(self._workers))
+
+    async def _check_notifications(self, stop: asyncio.Event) -> None:
+        """While the lease is held: notifications addressed to no subscription."""
+        quit_ = asyncio.Event()
+        check = NotificationCheck(self._js, self._store, lambda: self._workers.keys())
+
+        async def watch() -> None:
+            while not stop.is_set() and self._lease.held.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+            quit_.set()
+
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(watch())
+            tasks.create_task(check.run(quit_))
 
     async def _stop_workers(self, ids: list[str]) -> None:
         """Ask the workers to stop; cancel those still in a delivery after a grace period."""

@@ -1,4 +1,4 @@
-"""One signed POST to a webhook endpoint, bounded in time; its outcome, never an exception."""
+"""Signed POSTs to one webhook endpoint, bounded in time; their outcome, never an exception."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ from services.webhooks.payload import Payload
 USER_AGENT = "smarthome-webhooks/1"
 # What is kept of a refusing endpoint's answer, for the delivery record.
 ANSWER_CHARS = 300
+# An answer up to this long is read to its end (its connection is then kept alive).
+DRAIN_BYTES = 64 * 1024
+# A URL found allowed is looked up again after this long (its name may resolve elsewhere by
+# then), not before every request: at hundreds of requests a second the lookup would cost more
+# than the request. The check never covered the lookup httpx makes itself when it connects.
+URL_CHECK_TTL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -24,33 +30,42 @@ class Outcome:
 
 
 def make_client() -> httpx.AsyncClient:
-    """One client for every subscription. No connection limit: each subscription has at most
-    one request in flight, so a pool shared with hanging endpoints must never run dry."""
+    """One client per subscription: its own keep-alive connections to its endpoint, which a
+    hanging endpoint of another subscription can never take. A subscription's workers (its
+    filter's and its notifications') have at most one request in flight each."""
     return httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
+        limits=httpx.Limits(max_connections=4, max_keepalive_connections=2, keepalive_expiry=30),
         follow_redirects=False,  # a redirect could lead where check_url would refuse to go
         headers={"user-agent": USER_AGENT},
     )
 
 
 class Sender:
-    def __init__(self, client: httpx.AsyncClient, settings: webhooks.WebhookSettings) -> None:
+    """POSTs to one subscription's URL with its secret, over the subscription's own client."""
+
+    def __init__(
+        self, client: httpx.AsyncClient, settings: webhooks.WebhookSettings, url: str, secret: str
+    ) -> None:
         self._client = client
         self._timeout = settings.timeout_s
         self._allow_private = settings.allow_private
+        self._url = url
+        self._secret = secret
+        self._checked_until = 0.0
 
-    async def send(self, url: str, secret: str, payload: Payload) -> Outcome:
-        """POST `payload` signed with `secret`; 2xx is a success, anything else a failure."""
+    async def send(self, payload: Payload) -> Outcome:
+        """POST `payload` signed with the secret; 2xx is a success, anything else a failure."""
         try:
-            # Checked again on each attempt: the name may resolve elsewhere by now.
-            await asyncio.to_thread(webhooks.check_url, url, self._allow_private)
+            await self._check_url()
         except ValueError as exc:
             return Outcome(False, error=f"refused: {exc}")
-        signed = webhooks.signature_headers(secret, payload.msg_id, int(time.time()), payload.body)
+        signed = webhooks.signature_headers(
+            self._secret, payload.msg_id, int(time.time()), payload.body
+        )
         try:
             async with asyncio.timeout(self._timeout):
                 async with self._client.stream(
-                    "POST", url, content=payload.body, headers={**payload.headers, **signed}
+                    "POST", self._url, content=payload.body, headers={**payload.headers, **signed}
                 ) as response:
                     answer = await _head(response)
         except TimeoutError:
@@ -61,12 +76,26 @@ class Sender:
             return Outcome(True, response.status_code)
         return Outcome(False, response.status_code, f"HTTP {response.status_code}: {answer}")
 
+    async def _check_url(self) -> None:
+        now = time.monotonic()
+        if now < self._checked_until:
+            return
+        if self._allow_private:  # no lookup: the scheme and host only
+            webhooks.check_url(self._url, True)
+        else:  # getaddrinfo blocks
+            await asyncio.to_thread(webhooks.check_url, self._url, False)
+        self._checked_until = now + URL_CHECK_TTL_S
+
 
 async def _head(response: httpx.Response) -> str:
-    """The start of the answer's body: enough to say why, never a whole large body."""
+    """The start of the answer's body: enough to say why, never a whole large body. A short
+    answer is read to its end, so that its connection is kept for the next request."""
     chunk = b""
+    read = 0
     async for part in response.aiter_bytes():
-        chunk += part
-        if len(chunk) >= ANSWER_CHARS:
-            break
+        if len(chunk) < ANSWER_CHARS:
+            chunk += part
+        read += len(part)
+        if read > DRAIN_BYTES:
+            break  # the connection is closed rather than read any further
     return chunk[:ANSWER_CHARS].decode(errors="replace")

@@ -1,11 +1,15 @@
-"""The webhooks service's reads and writes: subscriptions, and one `deliveries` row per
-(subscription, stream sequence), updated on every attempt."""
+"""The webhooks service's reads and writes: subscriptions, their delivered counters, and a
+`deliveries` row per (subscription, source, stream sequence) for each event that needed more
+than one attempt, updated on every attempt. A first-attempt success writes nothing but the
+counter, and that in batches."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import webhooks
@@ -15,7 +19,7 @@ from services.webhooks.attempts import Attempted, Previous
 
 @dataclass(frozen=True)
 class Target:
-    """A subscription as it is delivered; a change to any field restarts its worker."""
+    """A subscription as it is delivered; a change to any field restarts its workers."""
 
     id: str
     filter: str
@@ -23,6 +27,7 @@ class Target:
     url: str
     mode: str
     secret: str
+    batch_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -31,14 +36,23 @@ class Known:
 
     status: str
     previous: Previous
-    redriven: bool  # pending again by a user's re-drive, not by the consumer's retries
+    redriven: bool  # pending again by a user's re-drive, not by the worker's retries
+    next_attempt_at: datetime | None
+    webhook_id: str | None
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a record says of the event it is about."""
+
+    seq: int
+    event_id: str
+    subject: str
 
 
 @dataclass(frozen=True)
 class Redriven:
-    event_seq: int
-    event_id: str
-    subject: str
+    event: Event
     known: Known
 
 
@@ -51,7 +65,15 @@ class DeliveryStore:
         async with self._sessions() as session:
             rows = list(await session.scalars(select(Subscription).where(Subscription.enabled)))
         return {
-            r.id: Target(r.id, r.filter, webhooks.check_filter(r.filter), r.url, r.mode, r.secret)
+            r.id: Target(
+                r.id,
+                r.filter,
+                webhooks.check_filter(r.filter),
+                r.url,
+                r.mode,
+                r.secret,
+                r.batch_size,
+            )
             for r in rows
         }
 
@@ -59,17 +81,26 @@ class DeliveryStore:
         async with self._sessions() as session:
             return await session.get(Subscription, subscription_id) is not None
 
-    async def known(self, subscription_id: str, event_seq: int) -> Known | None:
+    async def open_records(
+        self, subscription_id: str, source: str, after_seq: int
+    ) -> dict[int, Known]:
+        """The records of events after `after_seq` (the consumer's ack floor): those a worker
+        may meet again, being retried or settled just before a restart."""
+        query = select(Delivery).where(
+            Delivery.subscription_id == subscription_id,
+            Delivery.source == source,
+            Delivery.event_seq > after_seq,
+        )
         async with self._sessions() as session:
-            row = await _row(session, subscription_id, event_seq)
-            return _known(row) if row else None
+            return {r.event_seq: _known(r) for r in await session.scalars(query)}
 
-    async def redriven(self, subscription_id: str) -> list[Redriven]:
+    async def redriven(self, subscription_id: str, source: str) -> list[Redriven]:
         """Deliveries a user re-drove from the dead-letter list, oldest first."""
         query = (
             select(Delivery)
             .where(
                 Delivery.subscription_id == subscription_id,
+                Delivery.source == source,
                 Delivery.status == webhooks.PENDING,
                 Delivery.next_attempt_at.is_(None),
             )
@@ -77,46 +108,70 @@ class DeliveryStore:
         )
         async with self._sessions() as session:
             rows = await session.scalars(query)
-            return [Redriven(r.event_seq, r.event_id, r.subject, _known(r)) for r in rows]
+            return [Redriven(Event(r.event_seq, r.event_id, r.subject), _known(r)) for r in rows]
 
     async def record(
         self,
         subscription_id: str,
-        event_seq: int,
-        event_id: str,
-        subject: str,
+        source: str,
+        events: Sequence[Event],
+        webhook_id: str | None,
         attempted: Attempted,
-    ) -> None:
-        """Create or update the delivery's row (one worker per subscription writes it)."""
+    ) -> dict[int, Known]:
+        """Create or update the rows of the events one request carried (one worker per
+        subscription and source writes them); what they say now."""
+        seqs = [e.seq for e in events]
         async with self._sessions.begin() as session:
-            row = await _row(session, subscription_id, event_seq)
-            if row is None:
-                row = Delivery(
-                    subscription_id=subscription_id,
-                    event_seq=event_seq,
-                    event_id=event_id,
-                    subject=subject,
-                    created_at=attempted.first_attempt_at,
+            rows = {
+                r.event_seq: r
+                for r in await session.scalars(
+                    select(Delivery).where(
+                        Delivery.subscription_id == subscription_id,
+                        Delivery.source == source,
+                        Delivery.event_seq.in_(seqs),
+                    )
                 )
-                session.add(row)
-            row.status = attempted.status
-            row.attempts = attempted.attempts
-            row.last_status_code = attempted.status_code
-            row.last_error = attempted.error
-            row.last_attempt_at = attempted.at
-            row.next_attempt_at = attempted.next_attempt_at
-            if attempted.status == webhooks.DELIVERED:
-                row.delivered_at = attempted.at
+            }
+            for event in events:
+                row = rows.get(event.seq)
+                if row is None:
+                    row = rows[event.seq] = Delivery(
+                        subscription_id=subscription_id,
+                        source=source,
+                        event_seq=event.seq,
+                        event_id=event.event_id,
+                        subject=event.subject,
+                        created_at=attempted.first_attempt_at,
+                    )
+                    session.add(row)
+                row.webhook_id = webhook_id
+                row.status = attempted.status
+                row.attempts = attempted.attempts
+                row.last_status_code = attempted.status_code
+                row.last_error = attempted.error
+                row.last_attempt_at = attempted.at
+                row.next_attempt_at = attempted.next_attempt_at
+                if attempted.status == webhooks.DELIVERED:
+                    row.delivered_at = attempted.at
+            await session.flush()
+            return {seq: _known(row) for seq, row in rows.items()}
 
-
-async def _row(session: AsyncSession, subscription_id: str, event_seq: int) -> Delivery | None:
-    return await session.scalar(
-        select(Delivery).where(
-            Delivery.subscription_id == subscription_id, Delivery.event_seq == event_seq
-        )
-    )
+    async def count_delivered(self, subscription_id: str, events: int, at: datetime) -> None:
+        """Add `events` delivered to the subscription's counter."""
+        async with self._sessions.begin() as session:
+            await session.execute(
+                update(Subscription)
+                .where(Subscription.id == subscription_id)
+                .values(delivered_count=Subscription.delivered_count + events, last_delivered_at=at)
+            )
 
 
 def _known(row: Delivery) -> Known:
     redriven = row.status == webhooks.PENDING and row.next_attempt_at is None
-    return Known(row.status, Previous(row.attempts, row.created_at), redriven)
+    return Known(
+        row.status,
+        Previous(row.attempts, row.created_at),
+        redriven,
+        row.next_attempt_at,
+        row.webhook_id,
+    )

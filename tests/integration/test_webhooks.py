@@ -16,6 +16,7 @@ import pytest
 from litestar import Litestar, Router
 from litestar.testing import AsyncTestClient
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy
 from nats.js.errors import NotFoundError
 
 from libs import bus, subjects, webhooks
@@ -76,6 +77,7 @@ class Receiver:
 
     fail_first: int = 0
     hang: bool = False
+    hang_at: int | None = None  # never answers this request (counted from 0)
     requests: list[Received] = field(default_factory=list)
     hanging: int = 0  # requests waiting for an answer that will not come
     _release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -100,7 +102,7 @@ class Receiver:
         self._server.close()
 
     def _answer(self) -> int | None:
-        if self.hang:
+        if self.hang or len(self.requests) == self.hang_at:
             return None
         return 500 if len(self.requests) < self.fail_first else 200
 
@@ -155,6 +157,15 @@ class Subscriptions:
         self.ids.append(response.json()["id"])
         return response.json()
 
+    async def get(self, subscription_id: str) -> dict[str, Any]:
+        response = await self.client.get(f"{SUBS}/{subscription_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    async def delivered(self, subscription_id: str, count: int) -> bool:
+        """The subscription's counter says `count` (it is written about once a second)."""
+        return (await self.get(subscription_id))["delivered"] == count
+
     async def deliveries(self, subscription_id: str, **params: str) -> list[dict[str, Any]]:
         response = await self.client.get(f"{SUBS}/{subscription_id}/deliveries", params=params)
         assert response.status_code == 200, response.text
@@ -195,6 +206,11 @@ def ids_of(received: list[Received]) -> list[str]:
     return [r.headers[webhooks.HEADER_ID] for r in received]
 
 
+def batched_ids(received: list[Received]) -> list[str]:
+    """The ids of the events in batched requests, request after request."""
+    return [e["id"] for r in received for e in msgspec.json.decode(r.body)]
+
+
 def verifies(secret: str, received: Received) -> bool:
     h = received.headers
     return webhooks.verify(
@@ -219,6 +235,7 @@ async def test_failing_endpoint_gets_the_event_once_after_backoff_with_a_valid_s
         # In order: the next event waits behind the retries, and no copy of the first follows it.
         marker = await publish(js, device, power_w=0.0)
         await eventually(lambda: len(receiver.delivered) == 2, timeout=15)
+        await eventually(lambda: subs.delivered(sub["id"], 2), timeout=10)
         deliveries = await subs.deliveries(sub["id"])
 
     assert [r.status for r in receiver.requests] == [500, 500, 500, 200, 200]
@@ -228,11 +245,12 @@ async def test_failing_endpoint_gets_the_event_once_after_backoff_with_a_valid_s
     assert not verifies(webhooks.new_secret(), first)
     assert first.headers["content-type"] == "application/cloudevents+json"
     assert m.cloud_event_decoder.decode(first.body) == event
+    # Only the event that needed retries has a record; the marker is only counted.
     assert [(d["event_id"], d["status"], d["attempts"]) for d in deliveries] == [
         (event.id, "delivered", 4),
-        (marker.id, "delivered", 1),
     ]
     assert deliveries[0]["last_status_code"] == 200
+    assert deliveries[0]["source"] == "filter"
 
 
 async def test_events_arrive_in_order_in_binary_mode(
@@ -301,7 +319,7 @@ async def test_killed_service_resumes_retries_and_delivers_exactly_once(
 
     assert ids_of(receiver.delivered) == [event.id, marker.id]
     assert [r.status for r in receiver.requests] == [500] * 4 + [200, 200]
-    assert [d["status"] for d in deliveries] == ["delivered", "delivered"]
+    assert [(d["event_id"], d["status"]) for d in deliveries] == [(event.id, "delivered")]
     # An attempt the kill interrupted after the request may be missing from the record.
     assert deliveries[0]["attempts"] in (4, 5)
 
@@ -328,6 +346,7 @@ async def test_exhausted_retries_are_dead_lettered_and_redelivered_on_request(
         delivered = await eventually(
             lambda: subs.deliveries(sub["id"], status="delivered"), timeout=5
         )
+        await eventually(lambda: subs.delivered(sub["id"], 2), timeout=10)
         still_failed = await subs.deliveries(sub["id"], status="failed")
 
     assert [d["event_id"] for d in failed] == [lost.id]
@@ -335,7 +354,7 @@ async def test_exhausted_retries_are_dead_lettered_and_redelivered_on_request(
     assert "HTTP 500" in failed[0]["last_error"]
     assert (redelivered.status_code, redelivered.json()) == (202, {"redelivered": 1})
     assert ids_of(receiver.delivered) == [after.id, lost.id]
-    assert sorted(d["event_id"] for d in delivered) == sorted([lost.id, after.id])
+    assert [d["event_id"] for d in delivered] == [lost.id]  # `after` went first time: no record
     assert still_failed == []
 
 
@@ -354,6 +373,127 @@ async def test_a_lost_consumer_is_made_again(
     assert ids_of(receiver.delivered) == [event.id]
 
 
+async def test_a_killed_service_resumes_mid_batch_in_order_without_losing_any(
+    subs: Subscriptions, js: JetStreamContext, service_env: dict[str, str], data_dir: Path
+) -> None:
+    device = unique_id()
+    async with Receiver(hang_at=3) as receiver, webhooks_service(service_env, data_dir) as svc:
+        await subs.create(receiver, device)
+        before = [await publish(js, device, n=n) for n in range(8)]
+        await eventually(lambda: receiver.hanging == 1, timeout=10)
+        svc.kill9()
+        # Published while the service is down: the consumer must not hand these out before
+        # the un-acked ones of the batch the killed service held.
+        after = [await publish(js, device, n=n) for n in range(8, 12)]
+        receiver.hang_at = None
+        restarted_at = len(receiver.requests)
+        await asyncio.to_thread(svc.start)
+        await eventually(lambda: svc.tail(100_000).count("acquired") >= 2, timeout=20)
+        await eventually(lambda: ids_of(receiver.delivered)[-1:] == [after[-1].id], timeout=15)
+
+    ids = [e.id for e in before + after]
+    resent = [r.headers[webhooks.HEADER_ID] for r in receiver.requests[restarted_at:]]
+    # After the restart: from the first event not known to be delivered on, in order, once.
+    assert resent == ids[len(ids) - len(resent) :]
+    assert ids_of(receiver.delivered)[:3] == ids[:3]
+    assert len(resent) >= len(ids) - 3
+
+
+async def test_batched_mode_delivers_every_event_once_in_order_signed(
+    subs: Subscriptions, js: JetStreamContext, service_env: dict[str, str], data_dir: Path
+) -> None:
+    device = unique_id()
+    async with Receiver() as receiver, webhooks_service(service_env, data_dir):
+        sub = await subs.create(receiver, device, mode="batched", batch_size=50)
+        events = [m.make_event(device, "telemetry", {"n": n}) for n in range(300)]
+        await bus.publish_many(js, [(e.nats_subject, e, e.id) for e in events])
+        await eventually(lambda: len(batched_ids(receiver.delivered)) >= 300, timeout=20)
+        await eventually(lambda: subs.delivered(sub["id"], 300), timeout=10)
+
+    assert batched_ids(receiver.requests) == [e.id for e in events]
+    assert sub["mode"] == "batched" and sub["batch_size"] == 50
+    for request in receiver.requests:
+        batch = msgspec.json.decode(request.body, type=list[m.CloudEvent])
+        assert 1 <= len(batch) <= 50
+        assert request.headers["content-type"] == "application/cloudevents-batch+json"
+        assert request.headers["smarthome-count"] == str(len(batch))
+        assert verifies(sub["secret"], request)
+    assert len({r.headers[webhooks.HEADER_ID] for r in receiver.requests}) == len(receiver.requests)
+    first = msgspec.json.decode(receiver.requests[0].body, type=list[m.CloudEvent])[0]
+    assert first == events[0]
+
+
+async def test_a_failed_batch_is_retried_as_it_was_then_the_rest_follows(
+    subs: Subscriptions, js: JetStreamContext, service_env: dict[str, str], data_dir: Path
+) -> None:
+    device = unique_id()
+    async with Receiver(fail_first=2) as receiver, webhooks_service(service_env, data_dir):
+        sub = await subs.create(receiver, device, mode="batched", batch_size=3)
+        events = [m.make_event(device, "telemetry", {"n": n}) for n in range(7)]
+        await bus.publish_many(js, [(e.nats_subject, e, e.id) for e in events])
+        await eventually(lambda: len(batched_ids(receiver.delivered)) == 7, timeout=15)
+        deliveries = await subs.deliveries(sub["id"])
+
+    failed, retried = receiver.requests[:2], receiver.requests[2]
+    assert [r.status for r in failed] == [500, 500] and retried.status == 200
+    assert {r.body for r in failed} == {retried.body}
+    assert {ids_of([r])[0] for r in failed} == {ids_of([retried])[0]}
+    assert batched_ids(receiver.delivered) == [e.id for e in events]
+    # One record per event of the batch that needed retries, naming the request.
+    first_batch = batched_ids([retried])
+    assert [d["event_id"] for d in deliveries] == first_batch
+    assert {(d["status"], d["attempts"], d["webhook_id"]) for d in deliveries} == {
+        ("delivered", 3, ids_of([retried])[0])
+    }
+
+
+async def test_a_rules_notification_reaches_the_named_subscription_signed(
+    subs: Subscriptions, js: JetStreamContext, service_env: dict[str, str], data_dir: Path
+) -> None:
+    async with Receiver(fail_first=1) as receiver, webhooks_service(service_env, data_dir):
+        # Its filter matches nothing the alert is published on.
+        sub = await subs.create(receiver, unique_id())
+        alert = m.make_event(
+            unique_id(), "alert", {"message": "too hot"}, source="rule/r1", event_id=unique_id()
+        )
+        # What the rules service publishes for a `notify` action naming the subscription.
+        await bus.publish(js, subjects.notification(sub["id"]), alert, msg_id=alert.id)
+        await eventually(lambda: receiver.delivered, timeout=15)
+        deliveries = await subs.deliveries(sub["id"])
+
+    delivered = receiver.delivered[0]
+    assert [r.status for r in receiver.requests] == [500, 200]
+    assert verifies(sub["secret"], delivered)
+    assert delivered.headers[webhooks.HEADER_ID] == alert.id
+    assert delivered.headers["smarthome-subject"] == subjects.notification(sub["id"])
+    assert m.cloud_event_decoder.decode(delivered.body) == alert
+    assert [(d["source"], d["event_id"], d["status"]) for d in deliveries] == [
+        ("notify", alert.id, "delivered")
+    ]
+
+
+async def test_a_notification_for_no_subscription_is_dead_lettered_with_the_reason(
+    js: JetStreamContext, service_env: dict[str, str], data_dir: Path
+) -> None:
+    nobody = unique_id("sub")
+    alert = m.make_event(unique_id(), "alert", {"message": "x"}, event_id=unique_id())
+    dead_subject = subjects.deadletter(subjects.notification(nobody))
+
+    async def dead_letter() -> Any:
+        with contextlib.suppress(NotFoundError):
+            return await js.get_last_msg(subjects.DEADLETTER_STREAM, dead_subject)
+        return None
+
+    async with webhooks_service(service_env, data_dir):
+        await bus.publish(js, subjects.notification(nobody), alert, msg_id=alert.id)
+        dead = await eventually(dead_letter, timeout=15)
+
+    assert dead.headers is not None
+    assert f"{nobody!r} does not exist" in dead.headers[bus.DL_REASON]
+    assert dead.headers[bus.DL_CONSUMER] == bus.WEBHOOKS_NOTIFY_DURABLE
+    assert m.cloud_event_decoder.decode(dead.data) == alert
+
+
 # --- the API -----------------------------------------------------------------------------------
 
 
@@ -365,6 +505,9 @@ async def test_subscription_round_trip_never_shows_the_secret_again(
     created = await client.post(SUBS, json=body)
     sub = created.json()
     consumer = await js.consumer_info(subjects.SYSTEM_STREAM, webhooks.consumer_name(sub["id"]))
+    notify = await js.consumer_info(
+        subjects.SYSTEM_STREAM, webhooks.notify_consumer_name(sub["id"])
+    )
     fetched = await client.get(f"{SUBS}/{sub['id']}")
     listed = await client.get(SUBS, params={"limit": "500"})
     deleted = await client.delete(f"{SUBS}/{sub['id']}")
@@ -372,14 +515,19 @@ async def test_subscription_round_trip_never_shows_the_secret_again(
 
     assert created.status_code == 201
     assert sub["secret"].startswith("whsec_") and sub["mode"] == "structured"
+    assert sub["batch_size"] is None and sub["delivered"] == 0
     assert consumer.config.filter_subject == "system.alert.>"
-    assert consumer.config.max_ack_pending == 1
+    assert consumer.config.ack_policy == AckPolicy.ALL
+    assert consumer.config.max_ack_pending == 2 * webhooks.FETCH_BATCH  # bounded in flight
+    assert notify.config.filter_subject == subjects.notification(sub["id"])
     assert fetched.json() == {k: v for k, v in sub.items() if k != "secret"}
     assert sub["id"] in [s["id"] for s in listed.json()["items"]]
     assert all("secret" not in s for s in listed.json()["items"])
     assert deleted.status_code == 204 and gone.status_code == 404
     with pytest.raises(NotFoundError):
         await js.consumer_info(subjects.SYSTEM_STREAM, webhooks.consumer_name(sub["id"]))
+    with pytest.raises(NotFoundError):
+        await js.consumer_info(subjects.SYSTEM_STREAM, webhooks.notify_consumer_name(sub["id"]))
 
 
 @pytest.mark.parametrize(
@@ -391,6 +539,9 @@ async def test_subscription_round_trip_never_shows_the_secret_again(
         ({"url": "not a url"}, "$.url", "http:// or https://"),
         ({"secret": "hunter2"}, "$.secret", "whsec_"),
         ({"mode": "smoke-signals"}, "$.mode", "Invalid enum value"),
+        ({"mode": "batched", "batch_size": 0}, "$.batch_size", ">= 1"),
+        ({"mode": "batched", "batch_size": 5000}, "$.batch_size", "<= 1000"),
+        ({"mode": "binary", "batch_size": 10}, "$.batch_size", "mode `batched` only"),
     ],
 )
 async def test_bad_input_is_refused_naming_the_field(

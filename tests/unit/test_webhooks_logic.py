@@ -9,13 +9,14 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
+from nats.js.api import AckPolicy, DeliverPolicy
 
-from libs import bus, webhooks
+from libs import bus, subjects, webhooks
 from libs import messages as m
 from libs import settings as settings_mod
 from libs.settings import SettingsError
 from services.webhooks.attempts import Previous, after_attempt
-from services.webhooks.payload import render
+from services.webhooks.payload import Item, event_id, render, render_batch
 from services.webhooks.sender import Outcome
 
 # The Standard Webhooks reference test vector.
@@ -270,3 +271,71 @@ def test_other_bus_messages_go_as_json_named_by_their_message_id() -> None:
     assert as_json.headers["content-type"] == "application/json"
     assert as_bytes.msg_id == "SYSTEM-10"
     assert as_bytes.headers["content-type"] == "application/octet-stream"
+
+
+def item(seq: int, data: bytes, headers: dict[str, str] | None = None) -> Item:
+    return Item("EVENTS", seq, "events.lamp-1.telemetry", data, headers)
+
+
+def test_batched_mode_sends_a_json_array_of_the_events_in_order() -> None:
+    events = [event(data={"n": n}) for n in range(3)]
+    items = [item(10 + n, m.encode(e)) for n, e in enumerate(events)]
+
+    payload = render_batch(items)
+
+    assert msgspec.json.decode(payload.body, type=list[m.CloudEvent]) == events
+    assert payload.headers["content-type"] == "application/cloudevents-batch+json"
+    assert payload.headers["smarthome-count"] == "3"
+    assert [event_id(i) for i in items] == [e.id for e in events]
+
+
+def test_a_batch_is_named_by_its_events_the_same_on_every_retry() -> None:
+    a, b, c = (item(seq, m.encode(event())) for seq in (10, 11, 13))
+
+    assert render_batch([a, b]).msg_id == render_batch([a, b]).msg_id
+    assert render_batch([a, b]).msg_id != render_batch([a, c]).msg_id
+    assert render_batch([a, c]).msg_id.startswith("batch-EVENTS-10-13-")
+
+
+def test_other_bus_messages_are_wrapped_as_cloud_events_in_a_batch() -> None:
+    fact = b'{"device_id": "lamp-1"}'
+
+    wrapped = msgspec.json.decode(
+        render_batch([item(5, fact, {bus.MSG_ID: "r-1"}), item(6, b"\x00raw")]).body
+    )
+
+    assert wrapped[0] == {
+        "specversion": "1.0",
+        "id": "r-1",
+        "source": "smarthome",
+        "type": "events.lamp-1.telemetry",
+        "subject": "events.lamp-1.telemetry",
+        "datacontenttype": "application/json",
+        "data": {"device_id": "lamp-1"},
+    }
+    assert wrapped[1]["id"] == "EVENTS-6" and wrapped[1]["data_base64"] == "AHJhdw=="
+
+
+# --- consumers ---------------------------------------------------------------------------------
+
+
+def test_a_subscription_consumer_acks_batches_and_bounds_what_is_in_flight() -> None:
+    plain = webhooks.consumer_config("s1", "events.*.telemetry", 20.0)
+    batched = webhooks.consumer_config("s1", "events.>", 20.0, batch_size=500)
+    resumed = webhooks.consumer_config("s1", "events.>", 20.0, start_seq=42)
+    notify = webhooks.notify_consumer_config("s1", 20.0)
+
+    assert plain.ack_policy == AckPolicy.ALL and plain.deliver_policy == DeliverPolicy.NEW
+    assert plain.max_ack_pending == 2 * webhooks.FETCH_BATCH
+    assert batched.max_ack_pending == 1000
+    assert resumed.deliver_policy == DeliverPolicy.BY_START_SEQUENCE
+    assert resumed.opt_start_seq == 42
+    assert notify.durable_name == "webhook-s1-notify"
+    assert notify.filter_subject == subjects.notification("s1") == "system.notify.s1"
+
+
+def test_notification_subjects_name_their_subscription() -> None:
+    assert webhooks.parse_notification(subjects.notification("abc")) == "abc"
+    for subject in ("system.notify", "system.notify.a.b", "system.alert.abc"):
+        with pytest.raises(ValueError, match=r"is not system\.notify\."):
+            webhooks.parse_notification(subject)

@@ -45,7 +45,8 @@ class SubscriptionController(Controller):
         summary="Subscribe a webhook to a subject filter",
         description="Events published from now on whose subject matches `filter` are POSTed "
         "to `url`, in order, signed after the Standard Webhooks spec (`webhook-id`, "
-        "`webhook-timestamp`, `webhook-signature`), and retried with back-off for 24 h. The "
+        "`webhook-timestamp`, `webhook-signature`), and retried with back-off for 24 h. So are "
+        "the alerts of rules whose `notify` action names this subscription. The "
         "answer holds the signing secret; it is not shown again. URLs that resolve to loopback, "
         "link-local or cloud metadata addresses are refused unless the administrator sets "
         "SMARTHOME_WEBHOOK_ALLOW_PRIVATE=1.",
@@ -90,9 +91,13 @@ class SubscriptionController(Controller):
     @get(
         "/{subscription_id:str}/deliveries",
         operation_id="listDeliveries",
-        summary="A subscription's deliveries, oldest first",
-        description="`status=failed` is the dead-letter list: deliveries that were retried for "
-        "the whole retry window without success.",
+        summary="A subscription's deliveries that needed a retry, oldest first",
+        description="Each event whose first attempt failed: `pending` while it is retried, "
+        "`delivered` once a retry succeeded, `failed` when the retry window ended without "
+        "success (the dead-letter list, see `redeliver`). `source` says whether it matched "
+        "the filter or was a rule's notification addressed to the subscription; in batched "
+        "mode `webhook_id` names the request that carried it. An event delivered on its first "
+        "attempt has no record here: the subscription's `delivered` counts it.",
     )
     async def deliveries(
         self,

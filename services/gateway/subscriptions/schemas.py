@@ -8,8 +8,9 @@ from typing import Annotated, Literal
 
 import msgspec
 
-Mode = Literal["structured", "binary"]
+Mode = Literal["structured", "binary", "batched"]
 DeliveryStatus = Literal["pending", "delivered", "failed"]
+DeliverySource = Literal["filter", "notify"]
 
 
 class SubscriptionCreate(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -28,10 +29,25 @@ class SubscriptionCreate(msgspec.Struct, forbid_unknown_fields=True, frozen=True
     mode: Annotated[
         Mode,
         msgspec.Meta(
-            description="CloudEvents HTTP binding: `structured` (the event as the JSON body) "
-            "or `binary` (`data` as the body, attributes in `ce-*` headers)"
+            description="CloudEvents HTTP binding: `structured` (the event as the JSON body), "
+            "`binary` (`data` as the body, attributes in `ce-*` headers), one event per "
+            "request; or `batched` (`application/cloudevents-batch+json`: a JSON array of "
+            "structured events, in order, up to `batch_size` per request: whatever "
+            "accumulated since the previous request goes in the next one)"
         ),
     ] = "structured"
+    batch_size: (
+        Annotated[
+            int,
+            msgspec.Meta(
+                ge=1,
+                le=1000,
+                description="`batched` mode only: at most this many events per request "
+                "(100 when absent)",
+            ),
+        ]
+        | None
+    ) = None
     secret: (
         Annotated[
             str,
@@ -45,15 +61,20 @@ class SubscriptionCreate(msgspec.Struct, forbid_unknown_fields=True, frozen=True
 
 
 class Subscription(msgspec.Struct, frozen=True):
-    """A webhook subscription (its secret is shown once, when it is created)."""
+    """A webhook subscription (its secret is shown once, when it is created). `delivered`
+    counts the events delivered so far (written by the webhooks service about once a second;
+    an event sent again after a crash of that service may count twice)."""
 
     id: str
     filter: str
     url: str
     mode: Mode
+    batch_size: int | None
     enabled: bool
     created_by: str
     created_at: datetime
+    delivered: int
+    last_delivered_at: datetime | None
 
 
 class SubscriptionCreated(Subscription, frozen=True):
@@ -70,13 +91,17 @@ class SubscriptionPage(msgspec.Struct, frozen=True):
 
 
 class DeliveryView(msgspec.Struct, frozen=True):
-    """One event's delivery to a subscription: `pending` while retried, then `delivered` or
-    `failed` (the dead-letter list, re-drivable)."""
+    """One event's delivery to a subscription that did not succeed on its first attempt:
+    `pending` while retried, then `delivered` or `failed` (the dead-letter list,
+    re-drivable). An event delivered on its first attempt has no record: it is counted in
+    the subscription's `delivered`."""
 
     id: int
     subscription_id: str
+    source: DeliverySource
     event_seq: int
     event_id: str
+    webhook_id: str | None
     subject: str
     status: DeliveryStatus
     attempts: int

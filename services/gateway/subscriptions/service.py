@@ -1,6 +1,8 @@
-"""Webhook subscriptions: a row in `subscriptions` and a durable JetStream consumer
-(`webhook-<id>`), created and deleted together. The webhooks service delivers; every change is
-announced on `system.subscription.<id>.changed` (an empty core NATS message) so that it reloads.
+"""Webhook subscriptions: a row in `subscriptions` and two durable JetStream consumers, one on
+its filter (`webhook-<id>`) and one on the notifications rules address to it
+(`webhook-<id>-notify`, `system.notify.<id>`), created and deleted together. The webhooks
+service delivers; every change is announced on `system.subscription.<id>.changed` (an empty core
+NATS message) so that it reloads.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import messages as m
-from libs import webhooks
+from libs import subjects, webhooks
 from libs.db.models import Delivery
 from libs.db.models import Subscription as SubscriptionRow
 from libs.errors import Invalid, NotFound
@@ -51,30 +53,46 @@ class SubscriptionService:
     async def create(self, data: SubscriptionCreate, *, actor: str) -> SubscriptionCreated:
         """Store the subscription and create its consumer: events from now on are kept for it."""
         stream = _checked(webhooks.check_filter, data.filter, "$.filter")
+        if data.batch_size is not None and data.mode != "batched":
+            raise Invalid(
+                f"batch_size is for mode `batched` only (mode is `{data.mode}`)",
+                field="$.batch_size",
+            )
         await _checked_url(data.url, self._settings.allow_private)
         secret = data.secret or webhooks.new_secret()
         _checked(webhooks.secret_key, secret, "$.secret")
         require_bus(self._nc)
+        batch_size = (
+            data.batch_size or webhooks.DEFAULT_BATCH_SIZE if data.mode == "batched" else None
+        )
         row = SubscriptionRow(
             id=m.new_id(),
             filter=data.filter,
             url=data.url,
             mode=data.mode,
+            batch_size=batch_size,
             secret=secret,
             enabled=True,
             created_by=actor,
             created_at=m.now(),
+            delivered_count=0,
         )
-        config = webhooks.consumer_config(row.id, row.filter, self._settings.ack_wait_s)
+        ack_wait = self._settings.ack_wait_s
+        consumers = (
+            (stream, webhooks.consumer_config(row.id, row.filter, ack_wait, batch_size)),
+            (subjects.SYSTEM_STREAM, webhooks.notify_consumer_config(row.id, ack_wait, batch_size)),
+        )
         try:
             async with self._sessions.begin() as session:
                 session.add(row)
                 await session.flush()
-                await self._js.add_consumer(stream, config)
+                for consumer_stream, config in consumers:
+                    await self._js.add_consumer(consumer_stream, config)
         except BaseException:
             # The row did not commit: a consumer without one would keep nothing useful.
-            with contextlib.suppress(Exception):
-                await self._js.delete_consumer(stream, webhooks.consumer_name(row.id))
+            for consumer_stream, config in consumers:
+                with contextlib.suppress(Exception):
+                    await self._js.delete_consumer(consumer_stream, config.durable_name)
             raise
         await self._signal(row.id)
         return SubscriptionCreated(**_fields(row), secret=secret)
@@ -92,7 +110,7 @@ class SubscriptionService:
         return page(rows, limit, key=lambda r: r.id, view=_view, into=SubscriptionPage)
 
     async def delete(self, subscription_id: str) -> None:
-        """Remove the subscription, its consumer and its delivery records."""
+        """Remove the subscription, its consumers and its delivery records."""
         require_bus(self._nc)
         async with self._sessions.begin() as session:
             row = await self._row(session, subscription_id)
@@ -102,12 +120,17 @@ class SubscriptionService:
             await session.flush()
             with contextlib.suppress(NotFoundError):
                 await self._js.delete_consumer(stream, webhooks.consumer_name(row.id))
+            with contextlib.suppress(NotFoundError):
+                await self._js.delete_consumer(
+                    subjects.SYSTEM_STREAM, webhooks.notify_consumer_name(row.id)
+                )
         await self._signal(subscription_id)
 
     async def deliveries(
         self, subscription_id: str, status: DeliveryStatus | None, limit: int, cursor: str | None
     ) -> DeliveryPage:
-        """The subscription's deliveries, oldest first; `failed` ones are the dead letters."""
+        """The subscription's deliveries that needed more than one attempt, oldest first;
+        `failed` ones are the dead letters."""
         query = (
             select(Delivery)
             .where(Delivery.subscription_id == subscription_id)
@@ -171,9 +194,12 @@ def _fields(row: SubscriptionRow) -> dict[str, Any]:
         "filter": row.filter,
         "url": row.url,
         "mode": row.mode,
+        "batch_size": row.batch_size,
         "enabled": row.enabled,
         "created_by": row.created_by,
         "created_at": row.created_at,
+        "delivered": row.delivered_count or 0,
+        "last_delivered_at": row.last_delivered_at,
     }
 
 
@@ -185,8 +211,10 @@ def _delivery_view(row: Delivery) -> DeliveryView:
     return DeliveryView(
         id=row.id,
         subscription_id=row.subscription_id,
+        source=row.source,  # type: ignore[arg-type]
         event_seq=row.event_seq,
         event_id=row.event_id,
+        webhook_id=row.webhook_id,
         subject=row.subject,
         status=row.status,  # type: ignore[arg-type]
         attempts=row.attempts,
