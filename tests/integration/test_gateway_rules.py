@@ -212,3 +212,27 @@ async def test_a_rules_runs_are_listed_newest_last(
     assert [r["kind"] for r in first["items"] + rest["items"]] == ["fired", "cleared", "fired"]
     assert rest["next_cursor"] is None
     assert (await client.get(f"{RULES}/{unique_id()}/runs")).status_code == 404
+
+
+async def test_a_notification_must_name_a_subscription_that_exists(
+    client: AsyncTestClient,
+) -> None:
+    hook = await client.post(
+        "/api/v1/subscriptions",
+        json={"filter": "system.alert.>", "url": "https://93.184.216.34/hooks/smarthome"},
+    )
+    assert hook.status_code == 201, hook.text
+    missing = rule(actions=[{"type": "notify", "message": "hot", "subscription_id": "nope"}])
+    named = rule(
+        actions=[{"type": "notify", "message": "hot", "subscription_id": hook.json()["id"]}]
+    )
+
+    refused = await client.post(RULES, json=missing)
+    accepted = await client.post(RULES, json=named)
+
+    assert refused.status_code == 422
+    [error] = refused.json()["errors"]
+    assert error["field"] == "$.actions[0].subscription_id"
+    assert "'nope' does not exist" in error["message"]
+    assert accepted.status_code == 201, accepted.text
+    assert accepted.json()["actions"][0]["subscription_id"] == hook.json()["id"]

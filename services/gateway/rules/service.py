@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from libs import bus, capabilities, subjects
 from libs import messages as m
 from libs.db.models import Device as DeviceRow
-from libs.db.models import RuleRecord, RuleRun
+from libs.db.models import RuleRecord, RuleRun, Subscription
 from libs.errors import Conflict, Invalid, NotFound
 from services.gateway.pagination import decode_cursor, page
 from services.gateway.resources import require_bus
@@ -163,7 +163,9 @@ class RuleService:
 
 async def check_actions(session: AsyncSession, spec: m.RuleSpec, root: str = "$") -> None:
     """Refuse a command its registered target's kind lacks, naming the field
-    (`$.actions[0].action`); an unregistered target is accepted (it may register later)."""
+    (`$.actions[0].action`); an unregistered target is accepted (it may register later).
+    A notification must name a webhook subscription that exists."""
+    await _check_subscriptions(session, spec, root)
     targets = {a.device_id for a in spec.actions if isinstance(a, m.CommandAction)}
     if not targets:
         return
@@ -176,6 +178,16 @@ async def check_actions(session: AsyncSession, spec: m.RuleSpec, root: str = "$"
             )
             if problem is not None:
                 raise Invalid(problem.reason, field=f"{root}.actions[{index}].{problem.field}")
+
+
+async def _check_subscriptions(session: AsyncSession, spec: m.RuleSpec, root: str) -> None:
+    for index, action in enumerate(spec.actions):
+        named = isinstance(action, m.NotifyAction) and action.subscription_id
+        if named and await session.get(Subscription, action.subscription_id) is None:
+            raise Invalid(
+                f"webhook subscription {action.subscription_id!r} does not exist",
+                field=f"{root}.actions[{index}].subscription_id",
+            )
 
 
 def _rule(record: RuleRecord) -> m.Rule:
