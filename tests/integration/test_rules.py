@@ -7,6 +7,7 @@ import re
 from datetime import timedelta
 
 import msgspec
+import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from libs import bus, subjects
@@ -322,3 +323,45 @@ async def test_two_processes_share_the_partitions_and_one_takes_over_at_kill9(
 
 def _partition(rule_id: str, count: int) -> int:
     return next(i for i in range(count) if Partition(i, count).owns(rule_id))
+
+
+@pytest.mark.parametrize(
+    ("mode", "actions", "kinds"),
+    [
+        # The second press comes while the first run waits in its delay.
+        ("single", ["turn_on", "turn_off"], ["fired", "skipped", "continued"]),
+        ("queued", ["turn_on", "turn_off", "turn_on", "turn_off"], ["fired", "continued"] * 2),
+        ("restart", ["turn_on", "turn_on", "turn_off"], ["fired", "fired", "continued"]),
+    ],
+)
+async def test_a_trigger_during_a_run_follows_the_rules_mode(
+    mode, actions, kinds, service_env, data_dir, nc, js, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    button, light = unique_id("button"), unique_id("light")
+    await add_devices(sessions, button, light)
+    spec = m.RuleSpec(
+        name=f"press: light on for a while ({mode})",
+        trigger=m.EventTrigger(subject=f"events.{button}.button"),
+        actions=[
+            m.CommandAction(device_id=light, action="turn_on"),
+            m.DelayAction(for_="2s"),
+            m.CommandAction(device_id=light, action="turn_off"),
+        ],
+        mode=mode,
+    )
+    rule_id = await add_rule(sessions, nc, spec)
+    rules = Service("services.rules", service_env, data_dir).start()
+    try:
+        await eventually(lambda: _reads_events_of(rules, button), timeout=10)
+        await press(js, button)
+        await press(js, button)
+        # The last trace is the last run's turn_off: every command before it has been sent.
+        runs = await eventually(lambda: _kinds(js, rule_id, want=kinds), timeout=20)
+        commands = await collected(js, subjects.commands(light), m.command_decoder)
+    finally:
+        rules.stop()
+    assert [c.action for c in commands] == actions
+    if mode == "single":
+        assert "already running (mode single)" in runs[1].reason
+    if mode != "single":  # two runs, each sending its own commands
+        assert len({c.correlation_id for c in commands}) == 2
