@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import subjects
-from libs.db.models import CommandRecord, HistoryEntry
+from libs.db.models import AuditEntry, CommandRecord, HistoryEntry
 from libs.settings import Settings
 from services.gateway.app import create_app
 from services.gateway.rules import dry_run
@@ -311,18 +311,145 @@ async def test_dry_running_an_unknown_rule_is_not_found(
     assert response.status_code == 404
 
 
-async def test_a_state_trigger_cannot_be_tried_yet(
-    client: AsyncTestClient, start: datetime
+def offline_rule(device: str, light: str, **trigger: Any) -> dict[str, Any]:
+    return {
+        "id": unique_id("rule"),
+        "name": "Device offline too long",
+        "trigger": {
+            "type": "state",
+            "device_id": device,
+            "attribute": "connection",
+            "to": "offline",
+            "for": "2m",
+        }
+        | trigger,
+        "actions": [
+            {"type": "command", "device_id": light, "action": "turn_on"},
+            {"type": "notify", "message": "the meter is offline"},
+        ],
+    }
+
+
+async def test_a_state_trigger_fires_when_a_device_stays_offline_longer_than_for(
+    client: AsyncTestClient,
+    sessions: async_sessionmaker[AsyncSession],
+    nc: NATS,
+    start: datetime,
 ) -> None:
-    spec = threshold_rule(unique_id("meter"), unique_id("light"))
-    spec["trigger"] = {"type": "state", "device_id": unique_id(), "to": "active"}
+    meter, light = await register(client, "energy_meter"), await register(client, "light")
+    s = timedelta(seconds=1)
+    # Offline for 30 s (shorter than `for 2m`), then for 280 s.
+    await record(sessions, meter, [(start, {}), (start + 90 * s, {})], event_type="hello")
+    await record(sessions, meter, [(start + 10 * s, {"power_w": 12.0})])
+    await record(
+        sessions, meter, [(start + 60 * s, {}), (start + 120 * s, {})], event_type="goodbye"
+    )
+    await record(sessions, meter, [(start + 400 * s, {})], event_type="hello")
+    spec = offline_rule(meter, light)
+    assert (await client.post(RULES, json=spec)).status_code == 201
+    sent: list[str] = []
+
+    async def on_command(msg: Msg) -> None:
+        sent.append(msg.subject)
+
+    subscription = await nc.subscribe(subjects.COMMANDS_ALL, cb=on_command)
+    try:
+        response = await client.post(
+            f"{RULES}/{spec['id']}/test", json=window(start, start + timedelta(minutes=10))
+        )
+        await nc.flush()
+    finally:
+        await subscription.unsubscribe()
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["evaluated_rows"] == 6
+    [firing] = body["firings"]
+    assert at(firing["at"]) == start + 120 * s + timedelta(minutes=2)
+    assert firing["device_id"] == meter
+    assert firing["reason"] == f"connection offline on {meter} held for 120s"
+    command, notify = firing["would_send"]
+    assert command == {
+        "type": "command",
+        "at": firing["at"],
+        "subject": subjects.commands(light),
+        "skipped": None,
+        "device_id": light,
+        "action": "turn_on",
+        "params": {},
+        "expires_s": 60.0,
+    }
+    assert (notify["type"], notify["message"]) == ("notify", "the meter is offline")
+    assert subjects.commands(light) not in sent
+    async with sessions() as session:
+        stored = await session.scalar(
+            select(func.count()).select_from(CommandRecord).where(CommandRecord.device_id == light)
+        )
+    assert stored == 0
+
+
+async def test_a_heartbeat_timeout_in_the_audit_log_takes_the_device_offline(
+    client: AsyncTestClient, sessions: async_sessionmaker[AsyncSession], start: datetime
+) -> None:
+    meter, light = unique_id("meter"), unique_id("light")
+    s = timedelta(seconds=1)
+    # Heartbeats are not history: the actors' timeout is in the audit log.
+    await record(sessions, meter, [(start, {"power_w": 3.0}), (start + 300 * s, {"power_w": 4.0})])
+    async with sessions.begin() as session:
+        session.add(
+            AuditEntry(
+                time=start + 40 * s,
+                actor="platform:actors",
+                action="state.changed",
+                device_id=meter,
+                result="active->active (offline)",
+                detail={"version": 2, "changed": ["connection"], "cause": "presence_timeout"},
+                stream="SYSTEM",
+                source_seq=uuid.uuid4().int % 10**12,
+            )
+        )
+    spec = offline_rule(meter, light, **{"from": "online", "for": "1m"})
+    del spec["id"]
 
     response = await client.post(
-        f"{RULES}/test", json={"rule": spec} | window(start, start + timedelta(minutes=1))
+        f"{RULES}/test", json={"rule": spec} | window(start, start + timedelta(minutes=10))
     )
 
-    assert response.status_code == 422
-    assert response.json()["errors"][0]["field"] == "$.rule.trigger"
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["evaluated_rows"] == 3
+    assert [(f["device_id"], at(f["at"])) for f in body["firings"]] == [
+        (meter, start + 40 * s + timedelta(minutes=1))
+    ]
+    assert body["firings"][0]["reason"] == (f"connection online → offline on {meter} held for 60s")
+
+
+async def test_a_state_trigger_follows_the_state_the_actors_derive(
+    client: AsyncTestClient, sessions: async_sessionmaker[AsyncSession], start: datetime
+) -> None:
+    light = unique_id("light")
+    s = timedelta(seconds=1)
+    # On for 20 s, off for 60 s, on for 100 s: only the second stretch of `active` lasts 30 s.
+    await record(
+        sessions,
+        light,
+        [
+            (start, {"on": True}),
+            (start + 20 * s, {"on": False}),
+            (start + 80 * s, {"on": True}),
+            (start + 180 * s, {"on": False}),
+        ],
+        event_type="state",
+    )
+    spec = offline_rule(light, unique_id("light"))
+    spec["trigger"] = {"type": "state", "device_id": light, "to": "active", "for": "30s"}
+
+    response = await client.post(
+        f"{RULES}/test", json={"rule": spec} | window(start, start + timedelta(minutes=5))
+    )
+
+    assert response.status_code == 200, response.text
+    assert [at(f["at"]) for f in response.json()["firings"]] == [start + 110 * s]
 
 
 # --- what a rule's commands may ask of their devices -------------------------------------

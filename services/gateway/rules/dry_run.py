@@ -6,11 +6,19 @@ What is replayed is the `history` table, read between `since` (inclusive) and `u
 
 - threshold: its device, or every registered device its selector matches, and the devices the
   conditions name (so that conditions see their values); `telemetry` and `state` rows only;
+- state: every recorded event of its device and of the devices the conditions name, applied
+  in order by the actors' own derivation (`libs.device_state.apply`), so that `state` and
+  `connection` change as they did live; heartbeats are not history, so a heartbeat timeout
+  is taken from the audit log (the actors' `state.changed` caused by `presence_timeout`);
 - event: the rows whose subject `events.<device_id>.<type>` the pattern matches;
 - schedule: none, the cron alone says when it fires.
 
-The replay starts knowing nothing at `since` (values reported before it are not carried in)
-and stops at the present: an episode whose deadline has not come yet has not fired.
+The replay starts knowing nothing at `since` (values reported before it are not carried in;
+for a state trigger, a device's first row says what it is, and `from` needs a change seen
+after it) and stops at the present: an episode whose deadline has not come yet has not fired.
+History does not say who published an event: a rule's `publish` action on a device's
+subject counts as the device speaking (online), and whether the device was disconnected by
+an administrator at the time is not known (its events are applied).
 """
 
 from __future__ import annotations
@@ -19,14 +27,15 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
+import msgspec
 from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from libs import device_state, subjects
 from libs import messages as m
 from libs import rule_logic as rl
-from libs import subjects
+from libs.db.models import AuditEntry, HistoryEntry
 from libs.db.models import Device as DeviceRow
-from libs.db.models import HistoryEntry
 from libs.errors import Invalid
 from services.gateway.rules.schemas import (
     DryRunFiring,
@@ -45,6 +54,9 @@ MAX_ROWS = 100_000
 MAX_FIRINGS = 1_000
 # A selector matching more devices than this is refused rather than read row by row.
 MAX_DEVICES = 10_000
+PRESENCE_TIMEOUT = "presence_timeout"
+# Who the recorder names as the author of a state change the platform made (mark, timeout).
+PRESENCE_ACTOR = "platform:actors"
 
 
 def check_window(window: DryRunWindow) -> None:
@@ -65,14 +77,6 @@ async def dry_run(
     `rule_root` is where the rule is in the request body (`$.rule`), None for a stored rule:
     a refusal of the rule names its field only when the client sent it."""
     check_window(window)
-    if isinstance(rule.trigger, m.StateTrigger):
-        # The history holds what devices reported, not the state the actors derived from it
-        # (`off`/`active`/`triggered`, online/offline): a replay would have to invent it.
-        raise Invalid(
-            "a dry run replays reported attributes and events; it cannot replay device "
-            "state yet, so a state trigger cannot be tried",
-            field=_field(rule_root, "trigger"),
-        )
     horizon = min(window.until, m.now())
     registry = await _registry(session, rule, rule_root)
     history: list[rl.Recorded] = []
@@ -88,7 +92,17 @@ async def dry_run(
         history = [
             rl.Recorded(time, device_id, type_, data or {}) for device_id, time, type_, data in rows
         ]
-    firings = rl.simulate(rule, history, window.since, horizon, registry)
+    if isinstance(rule.trigger, m.StateTrigger):
+        history += await _presence_timeouts(session, rule.trigger, rule.conditions, window)
+        if len(history) > MAX_ROWS:
+            raise Invalid(
+                f"the window holds more than {MAX_ROWS:,} history rows of the devices this rule "
+                "watches; narrow it (a later `since` or an earlier `until`)",
+                field="$.until",
+            )
+        firings = simulate_states(rule, rule.trigger, history, horizon)
+    else:
+        firings = rl.simulate(rule, history, window.since, horizon, registry)
     return DryRunResult(
         rule_id=rule.id,
         since=window.since,
@@ -163,6 +177,72 @@ def would_send(
                     )
                 )
     return out
+
+
+# --- state triggers ---------------------------------------------------------------------
+
+
+def simulate_states(
+    rule: m.Rule, trigger: m.StateTrigger, history: Iterable[rl.Recorded], until: datetime
+) -> list[rl.Firing]:
+    """When a state trigger would have fired: each device's state derived from its recorded
+    events as the actors derive it, and each change observed as the rules service observes
+    a state fact."""
+    snapshots: dict[str, m.DeviceSnapshot] = {}
+    views: dict[str, rl.DeviceView] = {}
+    episode: rl.Episode | None = None
+    firings: list[rl.Firing] = []
+
+    def fire_due(now: datetime) -> None:
+        nonlocal episode
+        if episode is not None and not episode.fired and episode.deadline <= now:
+            ok, _why = rl.conditions_hold(rule, views, episode.deadline)
+            if ok:
+                reason = _state_reason(trigger, episode)
+                firings.append(rl.Firing(episode.deadline, episode.id, episode.device_id, reason))
+            episode = msgspec.structs.replace(episode, fired=True)
+
+    rows = sorted(history, key=lambda r: r.time)
+    for seq, row in enumerate(rows, start=1):
+        fire_due(row.time)
+        known = snapshots.get(row.device_id)
+        before = known or m.DeviceSnapshot(device_id=row.device_id)
+        event = _as_event(row, before)
+        try:
+            result = device_state.apply(before, event, seq, row.time)
+        except device_state.Unapplicable:
+            continue  # the actors dead-lettered it
+        after = snapshots[row.device_id] = result.snapshot
+        views[row.device_id] = rl.DeviceView(after.state, after.connection, after.attributes)
+        # A state fact goes out on a change; the first row of a device is what it is.
+        if row.device_id != trigger.device_id or (known is not None and not result.changed):
+            continue
+        obs = rl.Observation(
+            row.device_id,
+            after.attributes,
+            after.state,
+            after.connection,
+            known.state if known else None,
+            known.connection if known else None,
+            event.id,
+        )
+        episode, _what = rl.step(episode, rule, obs, row.time)
+    fire_due(until)
+    return firings
+
+
+def _as_event(row: rl.Recorded, before: m.DeviceSnapshot) -> m.CloudEvent:
+    data = dict(row.data)
+    if row.type == PRESENCE_TIMEOUT:
+        # The audit log says the timeout took the device offline: silent since it last spoke.
+        data = {"last_seen": (before.last_seen or row.time).isoformat()}
+    source = "service/actors" if row.type == PRESENCE_TIMEOUT else None
+    return m.make_event(row.device_id, row.type, data, source=source, event_id="dry-run")
+
+
+def _state_reason(trigger: m.StateTrigger, episode: rl.Episode) -> str:
+    change = f"{trigger.from_} → {trigger.to}" if trigger.from_ else trigger.to
+    return f"{trigger.attribute} {change} on {episode.device_id} held for {trigger.for_s:g}s"
 
 
 # --- what is read ------------------------------------------------------------------------
@@ -246,6 +326,9 @@ def _history(
         return statement.where(
             h.device_id.in_(sorted(devices)), h.type.in_(sorted(m.ATTRIBUTE_EVENTS))
         )
+    if isinstance(trigger, m.StateTrigger):
+        devices = {trigger.device_id} | _condition_devices(rule.conditions)
+        return statement.where(h.device_id.in_(sorted(devices)))
     if isinstance(trigger, m.EventTrigger):
         # Narrow by the literal tokens of `events.<device_id>.<type>`; simulate matches exactly.
         tokens = trigger.subject.split(".")
@@ -255,6 +338,34 @@ def _history(
             statement = statement.where(h.type == tokens[2])
         return statement
     return None
+
+
+async def _presence_timeouts(
+    session: AsyncSession,
+    trigger: m.StateTrigger,
+    conditions: Iterable[m.Condition],
+    window: DryRunWindow,
+) -> list[rl.Recorded]:
+    """The heartbeat timeouts that took these devices offline, as the audit log has them."""
+    a = AuditEntry
+    devices = {trigger.device_id} | _condition_devices(conditions)
+    rows = await session.execute(
+        select(a.device_id, a.time, a.detail)
+        .where(
+            a.device_id.in_(sorted(devices)),
+            a.action == "state.changed",
+            a.actor == PRESENCE_ACTOR,
+            a.time >= window.since,
+            a.time < window.until,
+        )
+        .order_by(a.time, a.id)
+        .limit(MAX_ROWS + 1)
+    )
+    return [
+        rl.Recorded(time, device_id, PRESENCE_TIMEOUT, {})
+        for device_id, time, detail in rows
+        if device_id is not None and (detail or {}).get("cause") == PRESENCE_TIMEOUT
+    ]
 
 
 def _condition_devices(conditions: Iterable[m.Condition]) -> set[str]:
