@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from libs import messages as m
-from libs.messages import DeviceSnapshot
 from libs.device_state import Unapplicable, apply, derive_state
+from libs.messages import DeviceSnapshot
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
