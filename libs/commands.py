@@ -1,6 +1,8 @@
-"""Sending a command to a device: the record first (status `pending`), then the bus.
+"""Sending a command to a device: the record (status `pending`) and the bus.
 
-Used by the gateway (a user's command) and the rules service (a rule's action).
+The gateway records a user's command first, then publishes it: an error answer means
+nothing was sent. The rules service publishes first and records after, so that a rule's
+command does not wait for the database (and still goes out while it is down).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import bus, subjects
 from libs import messages as m
-from libs.db.engine import insert_ignoring_duplicates
+from libs.db.engine import upsert
 from libs.db.models import CommandRecord
 
 
@@ -29,9 +31,34 @@ async def send(
     correlation_id: str,
     command_id: str | None = None,
 ) -> m.Command:
-    """Record and publish a command. A repeated `command_id` is stored and published once."""
+    """Record, then publish a command (a user's: no answer, nothing sent). A repeated
+    `command_id` is stored and published once."""
+    command = new(
+        device_id=device_id,
+        action=action,
+        params=params,
+        expires_s=expires_s,
+        issued_by=issued_by,
+        correlation_id=correlation_id,
+        command_id=command_id,
+    )
+    await record(sessions, command)
+    await publish(js, command)
+    return command
+
+
+def new(
+    *,
+    device_id: str,
+    action: str,
+    params: dict[str, Any],
+    expires_s: float,
+    issued_by: str,
+    correlation_id: str,
+    command_id: str | None = None,
+) -> m.Command:
     issued = m.now()
-    command = m.Command(
+    return m.Command(
         id=command_id or m.new_id(),
         device_id=device_id,
         action=action,
@@ -41,23 +68,62 @@ async def send(
         issued_by=issued_by,
         correlation_id=correlation_id,
     )
+
+
+async def publish(js: JetStreamContext, command: m.Command) -> None:
+    await bus.publish(js, subjects.commands(command.device_id), command, msg_id=command.id)
+
+
+# What the sender knows of a command. A device's status may reach the database before the
+# sender's record (a rule publishes first): the actors then store the status in a stand-in
+# row (`stand_in`), which the record fills in, leaving the status as the device reported it.
+SENDER_COLUMNS = ("action", "params", "issued_by", "correlation_id", "issued_at", "expires_at")
+STAND_IN_ACTION = ""
+
+
+def stand_in(device_id: str, status: m.CommandStatusData) -> dict[str, Any]:
+    """A row for a status whose command is not recorded yet (the sender's record follows)."""
+    now = m.now()
+    return {
+        "id": status.command_id,
+        "device_id": device_id,
+        "action": STAND_IN_ACTION,
+        "params": {},
+        "status": status.status,
+        "detail": status.detail,
+        "issued_by": "",
+        "correlation_id": "",
+        "issued_at": now,
+        "expires_at": now,
+        "updated_at": now,
+    }
+
+
+async def record(sessions: async_sessionmaker[AsyncSession], command: m.Command) -> None:
+    """Store the command (status `pending`); a repeated id changes nothing, except that it
+    fills in a stand-in row."""
     row = {
         "id": command.id,
-        "device_id": device_id,
-        "action": action,
-        "params": params,
+        "device_id": command.device_id,
+        "action": command.action,
+        "params": command.params,
         "status": "pending",
-        "issued_by": issued_by,
-        "correlation_id": correlation_id,
+        "issued_by": command.issued_by,
+        "correlation_id": command.correlation_id,
         "issued_at": command.issued_at,
         "expires_at": command.expires_at,
-        "updated_at": issued,
+        "updated_at": command.issued_at,
     }
+    fills_stand_in = CommandRecord.__table__.c.action == STAND_IN_ACTION
     async with sessions.begin() as session:
-        insert = insert_ignoring_duplicates(session.bind, CommandRecord.__table__)  # type: ignore[arg-type]
-        await session.execute(insert, [row])
-    await bus.publish(js, subjects.commands(device_id), command, msg_id=command.id)
-    return command
+        statement = upsert(
+            session.bind,  # type: ignore[arg-type]
+            CommandRecord.__table__,
+            "id",
+            SENDER_COLUMNS,
+            where=fills_stand_in,
+        )
+        await session.execute(statement, [row])
 
 
 def effective_status(record: CommandRecord) -> str:

@@ -36,9 +36,18 @@ def insert_ignoring_duplicates(engine: AsyncEngine, table: Any) -> Any:
     return dialect.insert(table).on_conflict_do_nothing()
 
 
-def upsert(engine: AsyncEngine, table: Any, key: str) -> Any:
-    """INSERT ... ON CONFLICT (key) DO UPDATE every other column from the new row."""
+def upsert(
+    engine: AsyncEngine,
+    table: Any,
+    key: str,
+    columns: tuple[str, ...] | None = None,
+    where: Any = None,
+) -> Any:
+    """INSERT ... ON CONFLICT (key) DO UPDATE `columns` (default: every other column) from
+    the new row, where the existing row matches `where` (default: always)."""
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     stmt = dialect.insert(table)
-    columns = {c.name: stmt.excluded[c.name] for c in table.columns if c.name != key}
-    return stmt.on_conflict_do_update(index_elements=[key], set_=columns)
+    names = columns or tuple(c.name for c in table.columns if c.name != key)
+    return stmt.on_conflict_do_update(
+        index_elements=[key], set_={name: stmt.excluded[name] for name in names}, where=where
+    )

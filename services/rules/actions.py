@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 
@@ -13,7 +12,15 @@ from libs import bus, commands, subjects
 from libs import messages as m
 from libs.rule_logic import DeviceInfo, Episode
 
-TRACE_TIMEOUT_S = 10.0
+
+def plan_run(rule: m.Rule, start: int, now: datetime) -> tuple[int, datetime | None]:
+    """Where a run from action `start` stops: just after the first delay (resuming when it
+    has passed), or at the end."""
+    for index in range(start, len(rule.actions)):
+        action = rule.actions[index]
+        if isinstance(action, m.DelayAction):
+            return index + 1, now + timedelta(seconds=action.seconds)
+    return len(rule.actions), None
 
 
 class ActionRunner:
@@ -22,28 +29,33 @@ class ActionRunner:
         self._sessions = sessions
         # The registry as the engine last loaded it (reloaded on every registry change).
         self.registry: Mapping[str, DeviceInfo] = {}
-        self._pending_traces: list[asyncio.Future] = []
 
-    async def run_from(
-        self, rule: m.Rule, episode: Episode, start: int
-    ) -> tuple[int, list[m.ActionOutcome], datetime | None]:
-        """Run actions from `start`; stop after a delay (returning when to resume)."""
+    async def run(
+        self,
+        rule: m.Rule,
+        episode: Episode,
+        actions: range,
+        resume_at: datetime | None,
+        kind: str,
+        reason: str,
+    ) -> None:
+        """Run `actions` (a `plan_run`), each with its own outcome, then leave the trace."""
         outcomes = []
-        for index in range(start, len(rule.actions)):
+        for index in actions:
             action = rule.actions[index]
             if isinstance(action, m.DelayAction):
-                resume = m.now() + timedelta(seconds=action.seconds)
+                assert resume_at is not None
                 outcomes.append(
-                    m.ActionOutcome(_name(action), True, f"resumes at {resume.isoformat()}")
+                    m.ActionOutcome(_name(action), True, f"resumes at {resume_at.isoformat()}")
                 )
-                return index + 1, outcomes, resume
+                continue
             try:
                 outcomes.append(await self._run(rule, episode, index, action))
             except Exception as exc:  # one failing action is traced; the engine goes on
                 outcomes.append(
                     m.ActionOutcome(_name(action), False, f"{type(exc).__name__}: {exc}")
                 )
-        return len(rule.actions), outcomes, None
+        await self.trace(rule, episode, kind, reason, outcomes, part=actions.start)
 
     async def _run(
         self, rule: m.Rule, episode: Episode, index: int, action: m.Action
@@ -51,25 +63,14 @@ class ActionRunner:
         # Ids derive from the episode and the action's place: a re-run sends nothing twice.
         action_id = f"{episode.id}-{index}"
         if isinstance(action, m.NotifyAction):
-            await self._notify(rule, episode, action, action_id)
-            return m.ActionOutcome(_name(action), True, f"alert on {subjects.alert(rule.id)}")
+            subject = await self._notify(rule, episode, action, action_id)
+            return m.ActionOutcome(_name(action), True, f"alert on {subject}")
         refusal = self._refusal(action.device_id)  # type: ignore[union-attr]
         if refusal:
             return m.ActionOutcome(_name(action), False, refusal)
         match action:
             case m.CommandAction():
-                command = await commands.send(
-                    self._sessions,
-                    self._js,
-                    device_id=action.device_id,
-                    action=action.action,
-                    params=action.params,
-                    expires_s=action.expires_s,
-                    issued_by=f"rule:{rule.id}",
-                    correlation_id=episode.id,
-                    command_id=action_id,
-                )
-                return m.ActionOutcome(_name(action), True, command_id=command.id)
+                return await self._command(rule, episode, action, action_id)
             case m.SetStateAction():
                 await self.mark(rule, episode, action.device_id, action.state, f"mark-{action_id}")
                 return m.ActionOutcome(
@@ -88,9 +89,31 @@ class ActionRunner:
                 return m.ActionOutcome(_name(action), True, f"published {event.nats_subject}")
         raise TypeError(f"unknown action {action!r}")
 
+    async def _command(
+        self, rule: m.Rule, episode: Episode, action: m.CommandAction, action_id: str
+    ) -> m.ActionOutcome:
+        """Published first, recorded after: the device does not wait for the database, and
+        still gets the command while the database is down."""
+        command = commands.new(
+            device_id=action.device_id,
+            action=action.action,
+            params=action.params,
+            expires_s=action.expires_s,
+            issued_by=f"rule:{rule.id}",
+            correlation_id=episode.id,
+            command_id=action_id,
+        )
+        await commands.publish(self._js, command)
+        try:
+            await commands.record(self._sessions, command)
+        except Exception as exc:  # sent all the same: say so, and what was not recorded
+            detail = f"sent; not recorded ({type(exc).__name__}: {exc})"
+            return m.ActionOutcome(_name(action), True, detail, command_id=command.id)
+        return m.ActionOutcome(_name(action), True, command_id=command.id)
+
     async def _notify(
         self, rule: m.Rule, episode: Episode, action: m.NotifyAction, action_id: str
-    ) -> None:
+    ) -> str:
         alert = m.make_event(
             episode.device_id or rule.id,
             "alert",
@@ -110,8 +133,10 @@ class ActionRunner:
             else subjects.alert(rule.id)
         )
         await bus.publish(self._js, subject, alert, msg_id=alert.id)
+        return subject
 
-    async def clear_marks(self, rule: m.Rule, episode: Episode) -> list[m.ActionOutcome]:
+    async def clear(self, rule: m.Rule, episode: Episode, note: str) -> None:
+        """The episode ended: clear the marks its run set, then leave the trace."""
         outcomes = []
         for index, action in enumerate(rule.actions[: episode.next_action]):
             if isinstance(action, m.SetStateAction):
@@ -119,7 +144,7 @@ class ActionRunner:
                     rule, episode, action.device_id, None, f"unmark-{episode.id}-{index}"
                 )
                 outcomes.append(m.ActionOutcome("clear_state", True, action.device_id))
-        return outcomes
+        await self.trace(rule, episode, "cleared", note, outcomes)
 
     async def mark(
         self, rule: m.Rule, episode: Episode, device_id: str, state: str | None, event_id: str
@@ -166,18 +191,7 @@ class ActionRunner:
         msg_id = f"{kind}:{episode.id}:{part}"
         if kind == "skipped":  # each skipped trigger is its own trace
             msg_id += f":{episode.trigger_event_id}"
-        # Traces are published without waiting for each ack; `flush()` collects them.
-        self._pending_traces.append(
-            await self._js.publish_async(
-                subjects.rule_fired(rule.id), m.encode(fired), headers={bus.MSG_ID: msg_id}
-            )
-        )
-
-    async def flush(self) -> None:
-        """Wait for the traces published so far to be stored (before acking their cause)."""
-        pending, self._pending_traces = self._pending_traces, []
-        if pending:  # publish_async has no deadline of its own
-            await asyncio.wait_for(asyncio.gather(*pending), TRACE_TIMEOUT_S)
+        await bus.publish(self._js, subjects.rule_fired(rule.id), fired, msg_id=msg_id)
 
     @staticmethod
     def reason(rule: m.Rule, episode: Episode) -> str:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import zlib
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import msgspec
@@ -48,13 +49,14 @@ from libs.rule_logic import (
     selects,
     step,
 )
-from services.rules.actions import ActionRunner
+from services.rules.actions import ActionRunner, plan_run
+from services.rules.effects import Effects
 
 log = logging.getLogger(__name__)
 
 EPISODES_BUCKET = "rule_episodes"
 TICK_S = 0.2
-WRITE_TIMEOUT_S = 10.0
+EFFECT_TIMEOUT_S = 30.0
 UNKNOWN_FILTERS = ("?",)
 EVALUATIONS = Counter("smarthome_rule_evaluations_total", "Rule evaluations", ["outcome"])
 
@@ -138,7 +140,7 @@ class RulesEngine:
         self._views: dict[str, DeviceView] = {}
         self._episodes: dict[str, Episode] = {}
         self._kv: KeyValue | None = None
-        self._writes: list[asyncio.Future] = []
+        self._effects = Effects()
         self._event_filters: tuple[str, ...] = ()
         self._lock = asyncio.Lock()  # facts, events and timers change episodes one at a time
 
@@ -171,8 +173,9 @@ class RulesEngine:
         }
         self._actions.registry = self._registry
         async with self._lock:
-            await self._schedule_all()
-            await self._flush()
+            self._schedule_all()
+            effects = self._effects.take()
+        await _settle(effects)
         log.info("partition %d/%d: loaded %d rules", *self.partition, len(rules))
 
     async def _load_views(self) -> None:
@@ -229,6 +232,7 @@ class RulesEngine:
                 tasks.create_task(self._consume_events())
         finally:
             self._quit.set()
+            self._effects.cancel()
             await self.lease.release()
             for sub in watch:
                 with contextlib.suppress(Exception):
@@ -303,9 +307,14 @@ class RulesEngine:
         handle,  # type: ignore[no-untyped-def]
         keep_going=lambda: True,  # type: ignore[no-untyped-def]
     ) -> None:
+        """Decide on each batch at once; ack it when its effects are done, in batch order
+        (AckPolicy.ALL: an ack also acks every batch before it), while the next is read."""
         sub = await self._js.pull_subscribe_bind(durable, stream=stream)
+        acked: asyncio.Task[None] | None = None  # the ack of the last batch
         try:
             while self._active() and keep_going():
+                if acked is not None and acked.done():
+                    acked.result()  # an effect failed: stop; its facts will be replayed
                 try:
                     msgs = await sub.fetch(256, timeout=1.0)
                 except TimeoutError:  # nats-py raises asyncio.TimeoutError here
@@ -317,8 +326,10 @@ class RulesEngine:
                 async with self._lock:
                     for msg in msgs:
                         await handle(msg)
-                await self._flush()  # episodes and traces stored before their causes are acked
-                await msgs[-1].ack()  # AckPolicy.ALL: the whole batch
+                    effects = self._effects.take()
+                acked = asyncio.create_task(_ack_after(acked, effects, msgs[-1]))
+            if acked is not None:
+                await acked  # a hand-over leaves nothing half done
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()  # a pull subscription left to drain() blocks it
@@ -332,15 +343,16 @@ class RulesEngine:
                     rule = self._book.rules.get(episode.rule_id)
                     if rule is None or not rule.enabled:
                         if rule is None:
-                            await self._forget(key)
+                            self._forget(key)
                         continue
                     if due(episode, now):
-                        await self._advance(key, rule, episode)
-            await self._flush()
+                        self._advance(key, rule, episode)
+                effects = self._effects.take()
+            await _settle(effects)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._quit.wait(), TICK_S)
 
-    # --- observations ----------------------------------------------------------------------
+    # --- observations: decided at once, their effects submitted ------------------------------
 
     async def _on_fact(self, msg: Msg) -> None:
         try:
@@ -348,9 +360,9 @@ class RulesEngine:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await bus.dead_letter(self._js, msg, f"invalid state fact: {exc}", "rules")
             return
-        await self.observe(fact)
+        self.observe(fact)
 
-    async def observe(self, fact: m.DeviceStateFact) -> None:
+    def observe(self, fact: m.DeviceStateFact) -> None:
         """Evaluate every rule watching this device against its new state."""
         self._views[fact.device_id] = DeviceView(fact.state, fact.connection, fact.attributes)
         obs = Observation.of(fact)
@@ -366,14 +378,13 @@ class RulesEngine:
             EVALUATIONS.labels(what).inc()
             if what == "start" and episode is not None:
                 if due(episode, m.now()):
-                    # Acted on at once: saved once, after the actions. A crash before that
-                    # redelivers the fact, and the re-run's ids are de-duplicated.
-                    self._episodes[key] = episode
-                    await self._advance(key, rule, episode)
+                    # Acted on at once: stored once, after the actions. A crash before that
+                    # replays the fact, and the re-run's ids are de-duplicated.
+                    self._advance(key, rule, episode)
                 else:
-                    await self._save(key, episode)
+                    self._save(key, episode)
             elif what == "end" and current is not None:
-                await self._end(key, rule, current)
+                self._end(key, rule, current)
 
     async def _on_event(self, msg: Msg) -> None:
         if not self._book.on_events:
@@ -394,95 +405,85 @@ class RulesEngine:
                     trigger_event_id=event.id,
                     values=dict(event.data or {}),
                 )
-                await self._trigger(f"{rule.id}.event", rule, episode)
+                self._trigger(f"{rule.id}.event", rule, episode)
 
-    async def _schedule_all(self) -> None:
+    def _schedule_all(self) -> None:
         """Every schedule rule has exactly one pending episode: its next cron time."""
         for rule in self._book.scheduled:
             key = f"{rule.id}.schedule"
             if key not in self._episodes:
                 at = next_occurrence(rule.trigger, m.now())  # type: ignore[arg-type]
-                await self._save(
-                    key, Episode(rule.id, "", at, at, values={"cron": rule.trigger.cron})
-                )  # type: ignore[union-attr]
+                self._save(key, Episode(rule.id, "", at, at, values={"cron": rule.trigger.cron}))  # type: ignore[union-attr]
 
-    async def _trigger(self, key: str, rule: m.Rule, episode: Episode) -> None:
+    def _trigger(self, key: str, rule: m.Rule, episode: Episode) -> None:
         """A new instantaneous trigger (event): start it, or apply the rule's mode."""
         running = self._episodes.get(key)
         if running is not None and running.running:
             if rule.mode == "single":
-                await self._actions.trace(
-                    rule, episode, "skipped", "already running (mode single)", []
+                note = "already running (mode single)"
+                self._effects.submit(
+                    key, partial(self._actions.trace, rule, episode, "skipped", note, [])
                 )
                 return
             if rule.mode == "queued":
-                await self._save(
-                    key,
-                    msgspec.structs.replace(
-                        running,
-                        queued=[*running.queued, f"{episode.device_id}|{episode.trigger_event_id}"],
-                    ),
-                )
+                queued = [*running.queued, f"{episode.device_id}|{episode.trigger_event_id}"]
+                self._save(key, msgspec.structs.replace(running, queued=queued))
                 return
-        await self._save(key, episode)  # restart: the running one is replaced
-        await self._advance(key, rule, episode)
+        self._save(key, episode)  # restart: the running one is replaced
+        self._advance(key, rule, episode)
 
     # --- episodes ----------------------------------------------------------------------------
 
-    # Episode writes go out without waiting for each ack (a KV put is a publish on
-    # `$KV.<bucket>.<key>`, in order per connection); `_flush` waits for them before the
-    # facts that caused them are acked, so a crash in between replays those facts.
-    async def _save(self, key: str, episode: Episode) -> None:
+    def _save(self, key: str, episode: Episode) -> None:
         self._episodes[key] = episode
-        self._writes.append(await self._js.publish_async(_kv_subject(key), m.encode(episode)))
+        self._effects.submit(key, partial(self._put, key, episode))
 
-    async def _forget(self, key: str) -> None:
+    def _forget(self, key: str) -> None:
         self._episodes.pop(key, None)
-        self._writes.append(await self._js.publish_async(_kv_subject(key), b"", headers=_KV_DELETE))
+        self._effects.submit(key, partial(self._delete, key))
 
-    async def _flush(self) -> None:
-        """Wait until the episodes and traces written so far are stored."""
-        writes, self._writes = self._writes, []
-        if writes:  # no ack in time (the bus went away): fail, and let the facts be replayed
-            await asyncio.wait_for(asyncio.gather(*writes), WRITE_TIMEOUT_S)
-        await self._actions.flush()
+    async def _put(self, key: str, episode: Episode) -> None:
+        assert self._kv is not None
+        await self._kv.put(key, m.encode(episode))
 
-    async def _advance(self, key: str, rule: m.Rule, episode: Episode) -> None:
+    async def _delete(self, key: str) -> None:
+        assert self._kv is not None
+        with contextlib.suppress(KeyNotFoundError):
+            await self._kv.delete(key)
+
+    def _advance(self, key: str, rule: m.Rule, episode: Episode) -> None:
         """Run the actions from where the episode stands, up to the end or the next delay."""
         first = not episode.fired
         if first:
             ok, why = conditions_hold(rule, self._views, m.now())
             if not ok:
-                await self._actions.trace(rule, episode, "skipped", f"conditions: {why}", [])
-                await self._finish(key, rule, msgspec.structs.replace(episode, fired=True))
+                note = f"conditions: {why}"
+                self._effects.submit(
+                    key, partial(self._actions.trace, rule, episode, "skipped", note, [])
+                )
+                self._finish(key, rule, msgspec.structs.replace(episode, fired=True))
                 return
-        index, outcomes, resume_at = await self._actions.run_from(
-            rule, episode, episode.next_action
-        )
+        start = episode.next_action
+        end, resume_at = plan_run(rule, start, m.now())
+        kind = "fired" if first else "continued"
         reason = self._actions.reason(rule, episode) if first else "after delay"
-        await self._actions.trace(
-            rule,
-            episode,
-            "fired" if first else "continued",
-            reason,
-            outcomes,
-            part=episode.next_action,
-        )
-        EVALUATIONS.labels("fired" if first else "continued").inc()
+        run = partial(self._actions.run, rule, episode, range(start, end), resume_at, kind, reason)
+        self._effects.submit(key, run)
+        EVALUATIONS.labels(kind).inc()
         progressed = msgspec.structs.replace(
-            episode, fired=True, next_action=index, resume_at=resume_at
+            episode, fired=True, next_action=end, resume_at=resume_at
         )
         if resume_at is not None:
-            await self._save(key, progressed)
+            self._save(key, progressed)
         else:
-            await self._finish(key, rule, progressed)
+            self._finish(key, rule, progressed)
 
-    async def _finish(self, key: str, rule: m.Rule, episode: Episode) -> None:
+    def _finish(self, key: str, rule: m.Rule, episode: Episode) -> None:
         """Actions done: a lasting episode waits for its end; an instant one makes room."""
         t = rule.trigger
         if isinstance(t, m.ScheduleTrigger):
             at = next_occurrence(t, max(m.now(), episode.deadline))
-            await self._save(key, Episode(rule.id, "", at, at, values={"cron": t.cron}))
+            self._save(key, Episode(rule.id, "", at, at, values={"cron": t.cron}))
         elif isinstance(t, m.EventTrigger):
             if episode.queued:
                 device_id, event_id = episode.queued[0].split("|", 1)
@@ -495,29 +496,36 @@ class RulesEngine:
                     trigger_event_id=event_id,
                     queued=episode.queued[1:],
                 )
-                await self._save(key, nxt)
-                await self._advance(key, rule, nxt)
+                self._save(key, nxt)
+                self._advance(key, rule, nxt)
             else:
-                await self._forget(key)
+                self._forget(key)
         else:
-            await self._save(key, msgspec.structs.replace(episode, resume_at=None))
+            self._save(key, msgspec.structs.replace(episode, resume_at=None))
 
-    async def _end(self, key: str, rule: m.Rule, episode: Episode) -> None:
+    def _end(self, key: str, rule: m.Rule, episode: Episode) -> None:
         """The trigger no longer holds: clear marks; delayed actions still pending are dropped."""
         if episode.fired:
-            outcomes = await self._actions.clear_marks(rule, episode)
             note = "trigger no longer holds"
             if episode.running:
                 note += f"; {len(rule.actions) - episode.next_action} delayed action(s) cancelled"
-            await self._actions.trace(rule, episode, "cleared", note, outcomes)
-        await self._forget(key)
+            self._effects.submit(key, partial(self._actions.clear, rule, episode, note))
+        self._forget(key)
 
 
-_KV_DELETE = {"KV-Operation": "DEL"}  # what KeyValue.delete() sends (the KV protocol)
+async def _ack_after(
+    previous: asyncio.Task[None] | None, effects: list[asyncio.Task[None]], last: Msg
+) -> None:
+    if previous is not None:
+        await previous  # acks go in batch order; a failed batch is never acked by a later one
+    await _settle(effects)
+    await last.ack()  # AckPolicy.ALL: the whole batch
 
 
-def _kv_subject(key: str) -> str:
-    return f"$KV.{EPISODES_BUCKET}.{key}"
+async def _settle(effects: list[asyncio.Task[None]]) -> None:
+    """Wait for effects; no answer in time (the bus or the database went away) is a failure."""
+    if effects:
+        await asyncio.wait_for(asyncio.gather(*effects), EFFECT_TIMEOUT_S)
 
 
 def _disjoint(patterns: list[str]) -> tuple[str, ...]:
