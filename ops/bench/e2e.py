@@ -1,6 +1,7 @@
 """End-to-end benchmark of the platform on one machine: prints a table; not a test.
 
     python ops/bench/e2e.py [--events N] [--devices D] [--database-url URL] [--redis-url URL]
+                            [--nats-sync 1s|always|2m]
 
 Everything runs in one go against processes of its own: a nats-server from the wheel on a
 free port, a fresh database (SQLite in a temporary directory, or a database
@@ -67,6 +68,7 @@ from libs import messages as m
 from libs.cache import KEY_PREFIX
 from libs.db.engine import make_engine, make_sessionmaker
 from libs.db.models import Device
+from libs.settings import Settings
 
 # The histogram of the time the actors spend on each fetched batch (their /metrics).
 ACTORS_BATCH_METRIC = "smarthome_actor_batch_seconds"
@@ -321,12 +323,11 @@ class Bench:
         r = self.results
         db = self.database
         assert db is not None
-        config = (self.tmp / "nats" / "nats-server.conf").read_text()
-        fsync = "fsync always" if "sync_interval: always" in config else "default fsync interval"
         r.header.append(
             f"{self.args.events:,} events over {len(self.device_ids)} devices; database "
             f"{db.kind}; cache {'Redis' if self.args.redis_url else 'in-process'}; "
-            f"{os.cpu_count()} CPUs; nats-server with JetStream file storage, {fsync}"
+            f"{os.cpu_count()} CPUs; nats-server with JetStream file storage, "
+            f"sync_interval {self.args.nats_sync}"
         )
         load_before = os.getloadavg()[0]
 
@@ -524,8 +525,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis-url", help="Redis for the hot state (default in-process)")
     parser.add_argument(
         "--nats-sync",
-        default="always",
-        help="JetStream sync_interval: 'always' (the platform default) or e.g. '2m'",
+        default=Settings.nats_sync,
+        help=f"JetStream sync_interval: the platform's default ({Settings.nats_sync}), "
+        "'always' or e.g. '2m'",
     )
     args = parser.parse_args(argv)
     if args.events < 1 or args.devices < 1:
