@@ -1,39 +1,45 @@
-"""The actors' consume loop: fetch → decode → decide → (write ∥ publish facts) → ack.
+"""The actors' consume loop: fetch → decode → decide → publish facts → (write behind) → ack.
 
-A batch is decided once, in memory, from the state read for it; then its state is written
-(one transaction, then the cache) while its facts are published, and the batch is acked
-(AckPolicy.ALL: one ack of its last message) only when both are done. So:
+A fetched batch is decided in memory, on top of the state of batches decided before it that
+are still being written; its facts are published and stored; then it joins the queue of the
+writer task, which commits what is queued in one transaction (then the cache) and acks the
+last message of it (AckPolicy.ALL: everything up to it). The database is thus out of the
+path from an event to its fact, and a slow commit does not hold up the next batch. So:
 
-- no event is lost: an un-acked batch is redelivered whole, and nothing is acked before
-  its state is committed;
+- no event is lost: nothing is acked before its state is committed and its facts are
+  stored; what is not acked is redelivered. A worker that takes over first applies what
+  its predecessor had fetched and not acked (read from the stream by sequence), before
+  anything newer: the bus delivers newer events before it redelivers those, and the ack
+  of a newer one would ack them too;
 - none is applied twice: each device's state carries the stream sequence of the last event
-  applied to it (`last_seq`), written in the same transaction; a redelivered event at or
-  below it is only acked again (and its device's latest fact re-sent: a crash may have
-  come before that fact reached the bus);
+  applied to it (`last_seq`), committed with it; a redelivered event at or below it is only
+  acked again (and its device's latest fact re-sent: a crash may have come before that
+  fact reached the bus);
 - each fact is published once per version: its message id is `state:<device>:<version>`,
-  so a retry or a re-sent fact is dropped by the stream's de-duplication;
-- a device's events are applied in order: one worker holds the lease, batches are handled
-  one after another, and a batch's facts are stored before the next batch is decided.
+  and a decision taken again on the same committed state gives the same versions, so a
+  retry or a re-sent fact is dropped by the stream's de-duplication;
+- a device's events are applied in order: one worker holds the lease, batches are decided
+  one after another, and each batch's facts are stored before the next batch's are sent.
 
-Publishing during the write takes the commit out of the event → fact latency. The price:
-a fact may reach the bus a few milliseconds before the state it describes is readable from
-the cache or the database (it carries that state and its version, so a reader can tell). A
-decided batch is kept while the write is retried, so the state committed is the state its
-facts announced. Only a worker stopped during a database outage leaves facts of a batch it
-did not commit; the redelivered batch is decided again on the same committed state and
-produces the same versions, so their facts are duplicates the stream drops.
+The price: a fact may reach the bus a few milliseconds before the state it describes is
+readable from the cache or the database (it carries that state and its version). How much
+is written behind is bounded by the consumer's `max_ack_pending`: the bus hands out no
+more un-acked events than that.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js.api import RawStreamMsg
+from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Histogram
 
 from libs import bus, runtime, subjects
@@ -48,16 +54,118 @@ DURABLE = bus.ACTORS_DURABLE
 BATCH = bus.ACTORS_BATCH
 
 APPLIED = Counter("smarthome_actor_events_total", "Events handled by the actors", ["outcome"])
-BATCH_SECONDS = Histogram("smarthome_actor_batch_seconds", "Time to apply one fetched batch")
+BATCH_SECONDS = Histogram(
+    "smarthome_actor_batch_seconds", "Time to decide one fetched batch and store its facts"
+)
+WRITE_SECONDS = Histogram(
+    "smarthome_actor_write_seconds", "Time to commit the batches queued for the writer"
+)
 
 
 @dataclass
 class Batch:
     """What one fetched batch produces, gathered before anything is written."""
 
+    msgs: Sequence[Msg]
+    # Each device of the batch as the batch leaves it; `written`: those an event changed.
     snapshots: dict[str, m.DeviceSnapshot] = field(default_factory=dict)
+    written: set[str] = field(default_factory=set)
     statuses: list[tuple[str, m.CommandStatusData]] = field(default_factory=list)
     facts: list[tuple[str, bytes, str]] = field(default_factory=list)  # subject, body, msg id
+
+
+@dataclass(frozen=True)
+class Drop:
+    """A deleted device: its state goes once the batches decided before are written."""
+
+    device_id: str
+
+
+class Stored(Msg):
+    """An event read from the stream by its sequence, not delivered by the consumer: its
+    ack is the ack of a later delivery (AckPolicy.ALL) or of its own redelivery."""
+
+    @classmethod
+    def of(cls, nc: NATS, raw: RawStreamMsg) -> Stored:
+        assert raw.seq is not None and raw.time is not None
+        metadata = Msg.Metadata(
+            sequence=Msg.Metadata.SequencePair(consumer=0, stream=raw.seq),
+            num_pending=0,
+            num_delivered=0,
+            timestamp=raw.time,
+            stream=subjects.EVENTS_STREAM,
+            consumer=DURABLE,
+        )
+        return cls(
+            _client=nc,
+            subject=raw.subject or "",
+            data=raw.data or b"",
+            headers=raw.headers,
+            _metadata=metadata,
+        )
+
+    async def ack(self) -> None:
+        return None
+
+    async def in_progress(self) -> None:
+        return None
+
+
+class Writes:
+    """The writer's queue: batches and drops in the order they were decided; and how many
+    of the events handed out by the bus are not acked yet."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Batch | Drop] = collections.deque()
+        self._changed = asyncio.Event()
+        self._acked = asyncio.Event()
+        self.closed = False
+        self.unacked = 0
+
+    def put(self, item: Batch | Drop) -> None:
+        if isinstance(item, Batch):
+            self.unacked += len(item.msgs)
+        self._items.append(item)
+        self._changed.set()
+
+    def acked(self, group: list[Batch]) -> None:
+        self.unacked -= sum(len(b.msgs) for b in group)
+        self._acked.set()
+
+    async def room(self) -> int:
+        """How many more events the bus hands out (max_ack_pending is one batch), waiting
+        for an ack while there is no room. A pull for more than that would not be answered
+        before its timeout."""
+        while self.unacked >= BATCH:
+            self._acked.clear()
+            await self._acked.wait()
+        return BATCH - self.unacked
+
+    def close(self) -> None:
+        """The writer ends once it has written what is queued."""
+        self.closed = True
+        self._changed.set()
+
+    async def wait(self) -> bool:
+        """Until something is queued (True) or the queue is closed and empty (False)."""
+        while not self._items:
+            if self.closed:
+                return False
+            self._changed.clear()
+            await self._changed.wait()
+        return True
+
+    def take_batches(self) -> list[Batch]:
+        """The batches at the head of the queue, up to the first drop."""
+        taken = []
+        while self._items and isinstance(self._items[0], Batch):
+            taken.append(self._items.popleft())  # type: ignore[arg-type]
+        return taken
+
+    def take_drop(self) -> Drop | None:
+        if self._items and isinstance(self._items[0], Drop):
+            return self._items.popleft()  # type: ignore[return-value]
+        return None
 
 
 class ActorWorker:
@@ -66,6 +174,9 @@ class ActorWorker:
         self._js = nc.jetstream()
         self._store = store
         self._lease = lease
+        # Decided and not yet committed: the next batches are decided on top of these.
+        self._pending: dict[str, m.DeviceSnapshot] = {}
+        self._writes: Writes | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume while this worker holds the lease; stand by while another one does."""
@@ -78,22 +189,54 @@ class ActorWorker:
             await self._lease.release()
 
     async def _consume(self, stop: asyncio.Event) -> None:
+        self._pending = {}
+        writes = self._writes = Writes()
         sub = await self._js.pull_subscribe_bind(DURABLE, stream=subjects.EVENTS_STREAM)
         registry = await self._nc.subscribe(subjects.DEVICE_REGISTRY_ALL, cb=self._on_registry)
         try:
-            while not stop.is_set() and self._lease.held.is_set():
+            async with asyncio.TaskGroup() as tasks:
+                writer = tasks.create_task(self._write_behind(writes, stop))
                 try:
-                    msgs = await sub.fetch(BATCH, timeout=1.0)
-                except TimeoutError:  # nats-py raises asyncio.TimeoutError here
-                    continue
-                if not msgs:
-                    continue  # nats-py can answer a fetch with nothing (e.g. after a reconnect)
-                with BATCH_SECONDS.time():
-                    await self.handle(msgs, stop)
+                    await self._recover(stop)
+                    while not stop.is_set() and self._lease.held.is_set() and not writer.done():
+                        room = await writes.room()
+                        try:
+                            msgs = await sub.fetch(room, timeout=1.0)
+                        except TimeoutError:  # nats-py raises asyncio.TimeoutError here
+                            continue
+                        if not msgs:
+                            continue  # nats-py can answer a fetch with nothing (a reconnect)
+                        with BATCH_SECONDS.time():
+                            await self.handle(msgs, stop)
+                finally:
+                    writes.close()
         finally:
+            self._writes = None
             # A pull subscription left to drain() waits for the drain timeout.
             await sub.unsubscribe()
             await registry.unsubscribe()
+
+    async def _recover(self, stop: asyncio.Event) -> None:
+        """Apply what a previous owner fetched and did not ack, before anything newer."""
+        stored: list[Msg] = []
+
+        async def read() -> None:
+            info = await self._js.consumer_info(subjects.EVENTS_STREAM, DURABLE)
+            floor = info.ack_floor.stream_seq if info.ack_floor else 0
+            delivered = info.delivered.stream_seq if info.delivered else 0
+            stored.clear()
+            for seq in range(floor + 1, delivered + 1):
+                try:
+                    raw = await self._js.get_msg(subjects.EVENTS_STREAM, seq)
+                except NotFoundError:
+                    continue  # gone with the stream's limits
+                stored.append(Stored.of(self._nc, raw))
+
+        if not await runtime.retry_until_stopped(read, stop, "reading un-acked events"):
+            return
+        if stored:
+            log.info("applying %d events fetched by a previous worker and not acked", len(stored))
+            await self.handle(stored, stop)
 
     async def _on_registry(self, msg: Msg) -> None:
         """A registry change (connect, disconnect, delete): read the device afresh next time."""
@@ -101,32 +244,79 @@ class ActorWorker:
             fact = m.registry_fact_decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return
-        if fact.change == "deleted":
-            try:
-                await self._store.drop(fact.device_id)
-            except Exception as exc:  # the state stays until the next delete; not worth a crash
-                log.warning("could not drop the state of %s: %r", fact.device_id, exc)
+        self._store.forget(fact.device_id)
+        if fact.change != "deleted":
+            return
+        self._pending.pop(fact.device_id, None)
+        if self._writes is not None:
+            self._writes.put(Drop(fact.device_id))  # after what is queued before it
         else:
-            self._store.forget(fact.device_id)
+            await self._drop(fact.device_id)
 
-    async def handle(self, msgs: list[Msg], stop: asyncio.Event) -> None:
+    async def _drop(self, device_id: str) -> None:
+        try:
+            await self._store.drop(device_id)
+        except Exception as exc:  # the state stays until the next delete; not worth a crash
+            log.warning("could not drop the state of %s: %r", device_id, exc)
+
+    async def handle(self, msgs: Sequence[Msg], stop: asyncio.Event) -> None:
+        """Decide the batch, store its facts and queue it for the writer (which acks it)."""
         decoded: list[tuple[Msg, m.CloudEvent]] = []
         for msg in msgs:
             event = await self._decode(msg)
             if event is not None:
                 decoded.append((msg, event))
-        batch = await self._decide_until_read(decoded, msgs, stop)
+        batch = await self._decide_until_read(msgs, decoded, stop)
         if batch is None:
             return  # stopping while the database is down: leave the batch un-acked
-        publishing = asyncio.ensure_future(self._publish_facts(batch, stop))
-        try:
-            written = await self._write(batch, msgs, stop)
-            published = await publishing
-        finally:
-            publishing.cancel()  # only when the write was cancelled (the worker stops)
-        if not (written and published):
+        if not await self._publish_facts(batch, stop):
             return  # stopping: the redelivered batch is decided again (see the docstring)
-        await msgs[-1].ack()  # AckPolicy.ALL: the whole batch
+        for device_id in batch.written:
+            self._pending[device_id] = batch.snapshots[device_id]
+        if self._writes is None:
+            raise RuntimeError("handle() runs only while consuming")
+        self._writes.put(batch)
+
+    async def _write_behind(self, writes: Writes, stop: asyncio.Event) -> None:
+        """Commit what is queued, in order; ack each commit's last message."""
+        while await writes.wait():
+            group = writes.take_batches()
+            if group:
+                with WRITE_SECONDS.time():
+                    if not await self._commit(group, writes, stop):
+                        return  # stopping while the database is down: left un-acked
+                await group[-1].msgs[-1].ack()  # AckPolicy.ALL: all the batches
+                writes.acked(group)
+            drop = writes.take_drop()
+            if drop is not None:
+                await self._drop(drop.device_id)
+
+    async def _commit(self, group: list[Batch], writes: Writes, stop: asyncio.Event) -> bool:
+        """One transaction for the batches; while the database is down, keep them (and those
+        queued meanwhile) and retry."""
+
+        async def attempt() -> None:
+            snapshots: dict[str, m.DeviceSnapshot] = {}
+            statuses: list[tuple[str, m.CommandStatusData]] = []
+            for batch in group:
+                snapshots.update({d: batch.snapshots[d] for d in batch.written})
+                statuses += batch.statuses
+            if snapshots or statuses:
+                await self._store.save(list(snapshots.values()), statuses)
+
+        async def still_working() -> None:
+            group.extend(writes.take_batches())
+            for batch in group:
+                for msg in batch.msgs:
+                    await msg.in_progress()
+
+        if not await runtime.retry_until_stopped(attempt, stop, "state write", still_working):
+            return False
+        for batch in group:
+            for device_id in batch.written:
+                if self._pending.get(device_id) is batch.snapshots[device_id]:
+                    del self._pending[device_id]  # readable from the store from now on
+        return True
 
     async def _decode(self, msg: Msg) -> m.CloudEvent | None:
         """The envelope, checked against its subject; a bad one is dead-lettered and acked."""
@@ -144,9 +334,9 @@ class ActorWorker:
             APPLIED.labels("dead_letter").inc()
             return None
 
-    async def _decide(self, decoded: list[tuple[Msg, m.CloudEvent]]) -> Batch:
+    async def _decide(self, msgs: Sequence[Msg], decoded: list[tuple[Msg, m.CloudEvent]]) -> Batch:
         device_ids = sorted({e.subject for _, e in decoded})
-        batch = Batch(snapshots=await self._store.load(device_ids))
+        batch = Batch(msgs, snapshots=await self._load(device_ids))
         enabled = await self._store.registry(device_ids) if device_ids else {}
         for msg, event in decoded:
             seq = msg.metadata.sequence.stream
@@ -173,61 +363,50 @@ class ActorWorker:
             APPLIED.labels("applied").inc()
         return batch
 
+    async def _load(self, device_ids: list[str]) -> dict[str, m.DeviceSnapshot]:
+        """As the batches decided so far leave them: those not written yet from memory."""
+        found = {d: self._pending[d] for d in device_ids if d in self._pending}
+        rest = [d for d in device_ids if d not in found]
+        if rest:
+            found |= await self._store.load(rest)
+        return found
+
     def _record(
         self, batch: Batch, event: m.CloudEvent, before: m.DeviceSnapshot, result: Applied
     ) -> None:
         new = result.snapshot
         batch.snapshots[new.device_id] = new
+        batch.written.add(new.device_id)
         if result.command_status:
             batch.statuses.append((new.device_id, result.command_status))
         if result.changed:
             batch.facts.append(_state_fact(new, before.state, result.changed, event))
 
     async def _decide_until_read(
-        self, decoded: list[tuple[Msg, m.CloudEvent]], msgs: list[Msg], stop: asyncio.Event
+        self, msgs: Sequence[Msg], decoded: list[tuple[Msg, m.CloudEvent]], stop: asyncio.Event
     ) -> Batch | None:
         """Read the batch's devices and decide; while the database is down, keep trying."""
         done: list[Batch] = []
 
         async def attempt() -> None:
-            done.append(await self._decide(decoded))
+            done.append(await self._decide(msgs, decoded))
 
-        if await runtime.retry_until_stopped(attempt, stop, "state read", _in_progress(msgs)):
+        async def still_working() -> None:
+            for msg in msgs:
+                await msg.in_progress()
+
+        if await runtime.retry_until_stopped(attempt, stop, "state read", still_working):
             return done[-1]
         return None
 
-    async def _write(self, batch: Batch, msgs: list[Msg], stop: asyncio.Event) -> bool:
-        """Commit the decided batch; while the database is down, keep it and retry.
-
-        The decision is not taken again: its facts may already be on the bus."""
-        touched = [s for s in batch.snapshots.values() if s.last_seq]
-        if not touched and not batch.statuses:
-            return True
-        return await runtime.retry_until_stopped(
-            lambda: self._store.save(touched, batch.statuses),
-            stop,
-            "state write",
-            _in_progress(msgs),
-        )
-
     async def _publish_facts(self, batch: Batch, stop: asyncio.Event) -> bool:
         """Publish what changed; retried until stored (their ids make a retry harmless),
-        because the state they describe is already committed."""
+        because the state they describe is decided and will be committed."""
         if not batch.facts:
             return True
         return await runtime.retry_until_stopped(
             lambda: bus.publish_many(self._js, batch.facts, timeout=10.0), stop, "fact publish"
         )
-
-
-def _in_progress(msgs: list[Msg]) -> Callable[[], Awaitable[None]]:
-    """Tells the bus that a batch held back by an outage is still being worked on."""
-
-    async def still_working() -> None:
-        for msg in msgs:
-            await msg.in_progress()
-
-    return still_working
 
 
 def _state_fact(

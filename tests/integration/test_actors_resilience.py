@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import msgspec
 
-from libs import bus
+from libs import bus, subjects
 from libs import messages as m
 from tests.helpers import eventually, unique_id
-from tests.integration.test_actors import register, states
+from tests.integration.test_actors import register, send, states
 from tests.processes import Service
 
 PER_DEVICE = 100
@@ -91,3 +91,40 @@ async def test_standby_worker_takes_over_when_owner_is_killed(
         code = standby.stop()
     assert code == 0, standby.tail()
     assert_each_applied_once(final, devices)
+
+
+async def drained(js) -> bool:  # type: ignore[no-untyped-def]
+    info = await js.consumer_info(subjects.EVENTS_STREAM, bus.ACTORS_DURABLE)
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def test_a_batch_left_unacked_by_a_dead_worker_is_applied_before_newer_events(
+    service_env, data_dir, js, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    device = unique_id("inflight")
+    await register(sessions, device)
+    worker = Service("services.actors", quiet_env(service_env), data_dir).start()
+    await eventually(lambda: drained(js), timeout=30)  # what other tests left on the bus
+    assert worker.stop() == 0, worker.tail()
+    for n in range(3):
+        await send(js, device, "telemetry", {"n": n})
+    # A worker fetches these three and dies before its ack: far fewer than a full batch, so
+    # the bus goes on delivering newer events while these wait for their ack_wait.
+    dead = await js.pull_subscribe_bind(bus.ACTORS_DURABLE, stream=subjects.EVENTS_STREAM)
+    taken = await dead.fetch(3, timeout=5)
+    await dead.unsubscribe()
+    assert len(taken) == 3
+
+    worker.start()
+    try:
+        await send(js, device, "telemetry", {"n": 3})
+
+        async def all_four():  # type: ignore[no-untyped-def]
+            s = (await states(sessions, [device])).get(device)
+            return s if s is not None and s.version >= 4 else None
+
+        final = await eventually(all_four, timeout=20)
+    finally:
+        code = worker.stop()
+    assert code == 0, worker.tail()
+    assert (final.version, final.attributes) == (4, {"n": 3})
