@@ -137,6 +137,7 @@ class SourceWorker:
         self._ack_due: Msg | None = None  # the last settled event, when not acked yet
         self._acked_at = 0.0
         self._kept_alive_at = 0.0
+        self._backlog = 0  # messages waiting on the consumer, as the last one fetched said
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set or the task is cancelled (the subscription went away)."""
@@ -151,7 +152,7 @@ class SourceWorker:
                         await self._redrive(stop)
                     if not self._held:
                         try:
-                            msgs = await sub.fetch(self._fetch, timeout=FETCH_TIMEOUT_S)
+                            msgs = await self._fetch_next(sub)
                         except TimeoutError:  # nats-py raises asyncio.TimeoutError here
                             continue
                         await self._hold(msgs)
@@ -222,6 +223,23 @@ class SourceWorker:
         if sub is not None:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()  # a pull subscription left to drain() blocks it
+
+    async def _fetch_next(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
+        """What is waiting, up to the fetch size, without waiting for more: nats-py's fetch
+        of N waits until it has N or its timeout passes once it had to wait for the first,
+        which would hold back what came first. So: N only when N are known to be waiting (the
+        last message's `num_pending`), else the next one as soon as it comes, then those
+        that came with it."""
+        if self._backlog:
+            msgs = await sub.fetch(min(self._fetch, self._backlog), timeout=FETCH_TIMEOUT_S)
+        else:
+            msgs = await sub.fetch(1, timeout=FETCH_TIMEOUT_S)
+            more = min(self._fetch - 1, msgs[-1].metadata.num_pending or 0) if msgs else 0
+            if more:
+                with contextlib.suppress(TimeoutError):
+                    msgs += await sub.fetch(more, timeout=FETCH_TIMEOUT_S)
+        self._backlog = (msgs[-1].metadata.num_pending or 0) if msgs else 0
+        return msgs
 
     async def _hold(self, msgs: list[Msg]) -> None:
         self._kept_alive_at = time.monotonic()
