@@ -105,7 +105,7 @@ def from_system(rows: Rows, subject: str, data: bytes, src: tuple[str, int]) -> 
     parts = subject.split(".")
     if parts[:2] == ["system", "device"] and len(parts) == 4:
         _from_device_fact(rows, parts[3], data, src)
-    elif parts[:2] == ["system", "alert"]:
+    elif parts[:2] in (["system", "alert"], ["system", "notify"]):  # notify: to one webhook
         alert = m.cloud_event_decoder.decode(data)
         body = alert.data or {}
         _audit(
