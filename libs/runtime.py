@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -26,6 +27,7 @@ def run(
     except settings_mod.SettingsError as exc:
         sys.exit(f"smarthome {service}: {exc}")
     logs.setup(service, settings.log_level)
+    freeze_startup_objects()
 
     async def supervise() -> None:
         stop = asyncio.Event()
@@ -37,6 +39,14 @@ def run(
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(supervise())
     log.info("%s stopped", service)
+
+
+def freeze_startup_objects() -> None:
+    """Move what importing made (modules, classes: tens of thousands of objects that live as
+    long as the process) out of the collector's reach, so that a full collection while
+    events flow walks only what the work made: shorter pauses, lower tail latency."""
+    gc.collect()
+    gc.freeze()
 
 
 async def serve_health(settings: Settings, ready: health.ReadyCheck) -> asyncio.Server | None:

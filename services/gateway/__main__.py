@@ -11,7 +11,7 @@ from types import FrameType
 import uvicorn
 from litestar import Litestar
 
-from libs import logs
+from libs import logs, runtime
 from libs import settings as settings_mod
 from services.gateway.app import create_app
 from services.gateway.resources import Shutdown
@@ -44,6 +44,7 @@ def main() -> None:
         sys.exit(2)
     logs.setup("gateway", settings.log_level)
     app = create_app(settings)
+    runtime.freeze_startup_objects()
     config = uvicorn.Config(
         app,
         host=settings.http_host,
