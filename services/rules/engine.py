@@ -14,6 +14,7 @@ import contextlib
 import logging
 import zlib
 from collections.abc import Callable
+from datetime import datetime
 from functools import partial
 from typing import NamedTuple
 
@@ -21,7 +22,14 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RawStreamMsg,
+    StorageType,
+)
 from nats.js.errors import (
     BadRequestError,
     KeyNotFoundError,
@@ -138,6 +146,9 @@ class RulesEngine:
         self._book = RuleBook({})
         self._registry: dict[str, DeviceInfo] = {}
         self._views: dict[str, DeviceView] = {}
+        # The last fact version evaluated per device: a fact delivered again is not news.
+        self._versions: dict[str, int] = {}
+        self._event_seq = 0  # the last event (stream sequence) evaluated: likewise
         self._episodes: dict[str, Episode] = {}
         self._kv: KeyValue | None = None
         self._effects = Effects()
@@ -219,7 +230,9 @@ class RulesEngine:
             await self._load_episodes()
             await self._load_views()
             self._event_filters = UNKNOWN_FILTERS  # whatever the last owner left: re-sync
+            self._versions, self._event_seq = {}, 0
             await self.reload_rules()
+            await self._recover()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.lease.keep(self._quit))
                 tasks.create_task(self._watch(stop, hand_over))
@@ -238,6 +251,49 @@ class RulesEngine:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
 
+    async def _recover(self) -> None:
+        """Evaluate what a previous owner fetched and did not ack, before anything newer: the
+        bus hands out newer messages before it redelivers those, and the ack of a newer one
+        would ack them too (AckPolicy.ALL). Read from the streams by sequence."""
+        facts = await self._unacked(subjects.SYSTEM_STREAM, self.partition.facts_durable)
+        events = await self._unacked(subjects.EVENTS_STREAM, self.partition.events_durable)
+        async with self._lock:
+            for raw in facts:
+                if subjects.matches(subjects.DEVICE_STATES_ALL, raw.subject or ""):
+                    with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                        self.observe(m.state_fact_decoder.decode(raw.data or b""))
+            for raw in events:
+                if raw.time is not None and raw.seq is not None:
+                    self._event(raw.seq, raw.subject or "", raw.data or b"", raw.time)
+            effects = self._effects.take()
+        await _settle(effects)
+        if facts or events:
+            log.info(
+                "partition %d/%d: evaluated %d facts and %d events a previous owner left",
+                *self.partition,
+                len(facts),
+                len(events),
+            )
+
+    async def _unacked(self, stream: str, durable: str) -> list[RawStreamMsg]:
+        """The messages between the consumer's ack floor and what it last delivered."""
+        try:
+            info = await self._js.consumer_info(stream, durable)
+        except NotFoundError:
+            return []
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        delivered = info.delivered.stream_seq if info.delivered else 0
+        wanted = info.config.filter_subjects or [info.config.filter_subject or ">"]
+        found = []
+        for seq in range(floor + 1, delivered + 1):
+            try:
+                raw = await self._js.get_msg(stream, seq)
+            except NotFoundError:
+                continue  # gone with the stream's limits
+            if any(subjects.matches(f, raw.subject or "") for f in wanted):
+                found.append(raw)
+        return found
+
     async def _watch(self, stop: asyncio.Event, hand_over: Callable[[], bool]) -> None:
         """Quit (after the batch in hand is acked) on stop, a lost lease or a hand-over."""
         while not (stop.is_set() or not self.lease.held.is_set() or hand_over()):
@@ -248,9 +304,14 @@ class RulesEngine:
     def _active(self) -> bool:
         return not self._quit.is_set()
 
-    async def _on_change(self, _msg: Msg) -> None:
+    async def _on_change(self, msg: Msg) -> None:
         if not self._active():
             return
+        if msg.subject.endswith(".registry"):  # a device deleted may come back: new versions
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                fact = m.registry_fact_decoder.decode(msg.data)
+                if fact.change == "deleted":
+                    self._versions.pop(fact.device_id, None)
         try:
             await self.reload_rules()
         except Exception as exc:  # the periodic reload catches up
@@ -364,6 +425,9 @@ class RulesEngine:
 
     def observe(self, fact: m.DeviceStateFact) -> None:
         """Evaluate every rule watching this device against its new state."""
+        if fact.version <= self._versions.get(fact.device_id, 0):
+            return  # seen already (a redelivery after a recovery, a re-sent fact)
+        self._versions[fact.device_id] = fact.version
         self._views[fact.device_id] = DeviceView(fact.state, fact.connection, fact.attributes)
         obs = Observation.of(fact)
         info = self._registry.get(fact.device_id)
@@ -387,16 +451,22 @@ class RulesEngine:
                 self._end(key, rule, current)
 
     async def _on_event(self, msg: Msg) -> None:
+        meta = msg.metadata
+        self._event(meta.sequence.stream, msg.subject, msg.data, meta.timestamp)
+
+    def _event(self, seq: int, subject: str, data: bytes, at: datetime) -> None:
+        if seq <= self._event_seq:
+            return  # seen already (a redelivery after a recovery)
+        self._event_seq = seq
         if not self._book.on_events:
             return
         try:
-            event = m.cloud_event_decoder.decode(msg.data)
+            event = m.cloud_event_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return  # the actors dead-letter malformed events
         for rule in self._book.on_events:
-            if event_matches(rule.trigger, msg.subject, event.data):  # type: ignore[arg-type]
+            if event_matches(rule.trigger, subject, event.data):  # type: ignore[arg-type]
                 EVALUATIONS.labels("event").inc()
-                at = msg.metadata.timestamp
                 episode = Episode(
                     rule.id,
                     event.subject,

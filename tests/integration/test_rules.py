@@ -365,3 +365,32 @@ async def test_a_trigger_during_a_run_follows_the_rules_mode(
         assert "already running (mode single)" in runs[1].reason
     if mode != "single":  # two runs, each sending its own commands
         assert len({c.correlation_id for c in commands}) == 2
+
+
+async def test_facts_a_dead_owner_fetched_and_did_not_ack_are_evaluated_before_newer_ones(
+    service_env, data_dir, nc, js, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    meter, light, other = unique_id("meter"), unique_id("light"), unique_id("meter")
+    await add_devices(sessions, meter, light, other)
+    rule_id = await add_rule(sessions, nc, rule_spec(meter, light, for_s=0))
+    durable = bus.rules_facts_durable(0)
+    await js.add_consumer(subjects.SYSTEM_STREAM, bus.rules_facts_consumer(0))
+    await report(js, meter, 60.0, 1)  # the crossing
+    # An owner fetches it and dies before its ack: the fact waits for its redelivery.
+    dead = await js.pull_subscribe_bind(durable, stream=subjects.SYSTEM_STREAM)
+    fetched: list = []
+    while not any(msg.subject == subjects.device_state(meter) for msg in fetched):
+        fetched += await dead.fetch(100, timeout=5)
+    await dead.unsubscribe()
+    await report(js, other, 5.0, 1)  # newer: its ack would ack the crossing too
+    rules = Service("services.rules", service_env, data_dir).start()
+    try:
+        fired = await eventually(
+            lambda: collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder), timeout=15
+        )
+        commands = await collected(js, subjects.commands(light), m.command_decoder)
+    finally:
+        rules.stop()
+    assert [f.kind for f in fired] == ["fired"]
+    assert [c.action for c in commands] == ["turn_off"]
+    assert "a previous owner left" in rules.tail(20_000)
