@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from datetime import datetime
+from typing import NamedTuple
 
 import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
+from nats.js.errors import NotFoundError
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from libs import bus, runtime, subjects
+from libs import messages as m
 from libs.db.engine import insert_ignoring_duplicates
 from libs.db.models import AuditEntry, HistoryEntry, RuleRun
 from services.recorder import rows as to_rows
@@ -24,10 +30,28 @@ RECORDED = Counter("smarthome_recorder_messages_total", "Messages recorded", ["s
 SOURCES = bus.RECORDER_SOURCES
 
 
-def convert(stream: str, msg: Msg, rows: to_rows.Rows) -> None:
-    src = (stream, msg.metadata.sequence.stream)
+class Stored(NamedTuple):
+    """A message as the recorder needs it, delivered by its consumer or read by sequence."""
+
+    subject: str
+    data: bytes
+    seq: int
+    time: datetime
+
+    @classmethod
+    def delivered(cls, msg: Msg) -> Stored:
+        meta = msg.metadata
+        return cls(msg.subject, msg.data, meta.sequence.stream, meta.timestamp)
+
+    @classmethod
+    def read(cls, raw: RawStreamMsg) -> Stored:
+        return cls(raw.subject or "", raw.data or b"", raw.seq or 0, raw.time or m.now())
+
+
+def convert(stream: str, msg: Stored, rows: to_rows.Rows) -> None:
+    src = (stream, msg.seq)
     if stream == subjects.EVENTS_STREAM:
-        to_rows.from_event(rows, msg.subject, msg.data, src, msg.metadata.timestamp)
+        to_rows.from_event(rows, msg.subject, msg.data, src, msg.time)
     elif stream == subjects.COMMANDS_STREAM:
         to_rows.from_command(rows, msg.data, src)
     else:
@@ -43,6 +67,7 @@ class StreamRecorder:
         self._durable = bus.recorder_durable(stream)
 
     async def run(self, stop: asyncio.Event) -> None:
+        await self._recover(stop)
         sub = await self._js.pull_subscribe_bind(self._durable, stream=self._stream)
         try:
             while not stop.is_set():
@@ -52,12 +77,34 @@ class StreamRecorder:
                     continue
                 if not msgs:
                     continue  # nats-py can answer a fetch with nothing (e.g. after a reconnect)
-                if await self._write(self._convert(msgs), msgs, stop):
+                stored = [Stored.delivered(msg) for msg in msgs]
+                if await self._write(self._convert(stored), msgs, stop):
                     await msgs[-1].ack()  # AckPolicy.ALL: the whole batch
         finally:
             await sub.unsubscribe()  # a pull subscription left to drain() blocks it
 
-    def _convert(self, msgs: list[Msg]) -> to_rows.Rows:
+    async def _recover(self, stop: asyncio.Event) -> None:
+        """Write what a previous recorder fetched and did not ack, before anything newer: the
+        bus hands out newer messages before it redelivers those, and the ack of a newer one
+        would ack them too (AckPolicy.ALL). Read from the stream by sequence; writing them
+        again is harmless (rows are keyed by stream sequence)."""
+        left: list[Stored] = []
+
+        async def read() -> None:
+            info = await self._js.consumer_info(self._stream, self._durable)
+            floor = info.ack_floor.stream_seq if info.ack_floor else 0
+            delivered = info.delivered.stream_seq if info.delivered else 0
+            left.clear()
+            for seq in range(floor + 1, delivered + 1):
+                with contextlib.suppress(NotFoundError):  # gone with the stream's limits
+                    left.append(Stored.read(await self._js.get_msg(self._stream, seq)))
+
+        if not await runtime.retry_until_stopped(read, stop, "reading un-acked messages"):
+            return
+        if left and await self._write(self._convert(left), [], stop):
+            log.info("recorded %d %s messages a previous recorder left", len(left), self._stream)
+
+    def _convert(self, msgs: list[Stored]) -> to_rows.Rows:
         rows = to_rows.Rows()
         for msg in msgs:
             try:

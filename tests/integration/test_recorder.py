@@ -1,4 +1,4 @@
-"""The recorder's database side: trace retention by count and age, per rule."""
+"""The recorder: trace retention by count and age, per rule; no message lost at a crash."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ from datetime import timedelta
 
 from sqlalchemy import func, select
 
+from libs import bus, subjects
 from libs import messages as m
-from libs.db.models import RuleRun
+from libs.db.models import HistoryEntry, RuleRun
 from services.recorder.retention import prune_traces
-from tests.helpers import unique_id
+from tests.helpers import eventually, unique_id
+from tests.processes import Service
 
 
 async def add_runs(sessions, rule_id: str, n: int, age_days: float = 0) -> None:  # type: ignore[no-untyped-def]
@@ -52,3 +54,38 @@ async def test_each_rule_keeps_its_newest_runs_and_none_too_old(sessions) -> Non
             await session.scalars(select(RuleRun.episode_id).where(RuleRun.rule_id == busy))
         ).all()
     assert f"{busy}-0" not in kept and f"{busy}-11" in kept  # the oldest went first
+
+
+async def history_of(sessions, device_id: str) -> list[dict]:  # type: ignore[no-untyped-def]
+    async with sessions() as session:
+        rows = await session.scalars(
+            select(HistoryEntry).where(HistoryEntry.device_id == device_id)
+        )
+        return [row.data for row in rows]
+
+
+async def test_events_a_dead_recorder_fetched_and_did_not_ack_are_recorded(
+    service_env, data_dir, js, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    meter, other = unique_id("meter"), unique_id("meter")
+    old = m.make_event(meter, "telemetry", {"power_w": 12.5})
+    await bus.publish(js, old.nats_subject, old, msg_id=old.id)
+    # A recorder fetches it and dies before its ack; what came before it was recorded.
+    dead = await js.pull_subscribe_bind(
+        bus.recorder_durable(subjects.EVENTS_STREAM), stream=subjects.EVENTS_STREAM
+    )
+    while True:
+        msgs = await dead.fetch(bus.RECORDER_BATCH, timeout=5)
+        if any(msg.subject == old.nats_subject for msg in msgs):
+            break
+        await msgs[-1].ack()
+    await dead.unsubscribe()
+    newer = m.make_event(other, "telemetry", {"power_w": 3.0})
+    await bus.publish(js, newer.nats_subject, newer, msg_id=newer.id)  # its ack would ack `old`
+    recorder = Service("services.recorder", service_env, data_dir).start()
+    try:
+        await eventually(lambda: history_of(sessions, other), timeout=15)
+        recorded = await history_of(sessions, meter)
+    finally:
+        recorder.stop()
+    assert recorded == [{"power_w": 12.5}]
