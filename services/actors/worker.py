@@ -7,10 +7,13 @@ last message of it (AckPolicy.ALL: everything up to it). The database is thus ou
 path from an event to its fact, and a slow commit does not hold up the next batch. So:
 
 - no event is lost: nothing is acked before its state is committed and its facts are
-  stored; what is not acked is redelivered. A worker that takes over first applies what
-  its predecessor had fetched and not acked (read from the stream by sequence), before
-  anything newer: the bus delivers newer events before it redelivers those, and the ack
-  of a newer one would ack them too;
+  stored; what is not acked is redelivered. And no event is skipped: the consumer takes
+  every subject of the stream, so the events it hands out have consecutive stream
+  sequences, and a batch that comes after a gap first gets the missing ones read from the
+  stream by sequence. A gap is what a worker that died before its ack leaves to the next
+  one, or a connection lost while events were on the way: the bus redelivers those only
+  after `ack_wait`, hands out newer ones meanwhile, and the ack of a newer one (AckPolicy
+  .ALL) would ack them unapplied;
 - none is applied twice: each device's state carries the stream sequence of the last event
   applied to it (`last_seq`), committed with it; a redelivered event at or below it is only
   acked again (and its device's latest fact re-sent: a crash may have come before that
@@ -180,6 +183,7 @@ class ActorWorker:
         # Decided and not yet committed: the next batches are decided on top of these.
         self._pending: dict[str, m.DeviceSnapshot] = {}
         self._writes: Writes | None = None
+        self._seen = 0  # the highest stream sequence decided (or acked before this worker)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume while this worker holds the lease; stand by while another one does."""
@@ -200,7 +204,8 @@ class ActorWorker:
             async with asyncio.TaskGroup() as tasks:
                 writer = tasks.create_task(self._write_behind(writes, stop))
                 try:
-                    await self._recover(stop)
+                    if not await self._start_after_ack_floor(stop):
+                        return
                     while not stop.is_set() and self._lease.held.is_set() and not writer.done():
                         room = await writes.room()
                         try:
@@ -219,27 +224,51 @@ class ActorWorker:
             await sub.unsubscribe()
             await registry.unsubscribe()
 
-    async def _recover(self, stop: asyncio.Event) -> None:
-        """Apply what a previous owner fetched and did not ack, before anything newer."""
-        stored: list[Msg] = []
+    async def _start_after_ack_floor(self, stop: asyncio.Event) -> bool:
+        """What was acked before this worker is done; anything above it is to be seen."""
 
         async def read() -> None:
             info = await self._js.consumer_info(subjects.EVENTS_STREAM, DURABLE)
-            floor = info.ack_floor.stream_seq if info.ack_floor else 0
-            delivered = info.delivered.stream_seq if info.delivered else 0
+            self._seen = info.ack_floor.stream_seq if info.ack_floor else 0
+
+        return await runtime.retry_until_stopped(read, stop, "reading the ack floor")
+
+    async def _without_gaps(self, msgs: Sequence[Msg], stop: asyncio.Event) -> list[Msg] | None:
+        """The batch with the events missing before it read from the stream (see the module
+        docstring); None when stopping before they could be read."""
+        out: list[Msg] = []
+        for msg in msgs:
+            seq = msg.metadata.sequence.stream
+            if seq > self._seen + 1:
+                missing = await self._read_stored(self._seen + 1, seq - 1, stop)
+                if missing is None:
+                    return None
+                if missing:
+                    log.info("applying %d events handed out and never received", len(missing))
+                out += missing
+            out.append(msg)
+            self._seen = max(self._seen, seq)
+        return out
+
+    async def _read_stored(self, first: int, last: int, stop: asyncio.Event) -> list[Msg] | None:
+        stored: list[Msg] = []
+
+        async def read() -> None:
+            start = first
+            if last - first >= BATCH:  # a stream whose oldest events are gone (limits, purge)
+                info = await self._js.stream_info(subjects.EVENTS_STREAM)
+                start = max(first, info.state.first_seq)
             stored.clear()
-            for seq in range(floor + 1, delivered + 1):
+            for seq in range(start, last + 1):
                 try:
                     raw = await self._js.get_msg(subjects.EVENTS_STREAM, seq)
                 except NotFoundError:
                     continue  # gone with the stream's limits
                 stored.append(Stored.of(self._nc, raw))
 
-        if not await runtime.retry_until_stopped(read, stop, "reading un-acked events"):
-            return
-        if stored:
-            log.info("applying %d events fetched by a previous worker and not acked", len(stored))
-            await self.handle(stored, stop)
+        if await runtime.retry_until_stopped(read, stop, "reading missing events"):
+            return stored
+        return None
 
     async def _on_registry(self, msg: Msg) -> None:
         """A registry change (connect, disconnect, delete): read the device afresh next time."""
@@ -264,6 +293,10 @@ class ActorWorker:
 
     async def handle(self, msgs: Sequence[Msg], stop: asyncio.Event) -> None:
         """Decide the batch, store its facts and queue it for the writer (which acks it)."""
+        whole = await self._without_gaps(msgs, stop)
+        if whole is None:
+            return  # stopping while the bus is down: leave the batch un-acked
+        msgs = whole
         decoded: list[tuple[Msg, m.CloudEvent]] = []
         for msg in msgs:
             event = await self._decode(msg)
