@@ -146,9 +146,9 @@ class RulesEngine:
         self._book = RuleBook({})
         self._registry: dict[str, DeviceInfo] = {}
         self._views: dict[str, DeviceView] = {}
-        # The last fact version evaluated per device: a fact delivered again is not news.
-        self._versions: dict[str, int] = {}
-        self._event_seq = 0  # the last event (stream sequence) evaluated: likewise
+        # The last event (stream sequence) evaluated: one delivered again (after a recovery)
+        # does not trigger again. (A fact evaluated again changes nothing: it is the state.)
+        self._event_seq = 0
         self._episodes: dict[str, Episode] = {}
         self._kv: KeyValue | None = None
         self._effects = Effects()
@@ -230,7 +230,7 @@ class RulesEngine:
             await self._load_episodes()
             await self._load_views()
             self._event_filters = UNKNOWN_FILTERS  # whatever the last owner left: re-sync
-            self._versions, self._event_seq = {}, 0
+            self._event_seq = 0
             await self.reload_rules()
             await self._recover()
             async with asyncio.TaskGroup() as tasks:
@@ -304,14 +304,9 @@ class RulesEngine:
     def _active(self) -> bool:
         return not self._quit.is_set()
 
-    async def _on_change(self, msg: Msg) -> None:
+    async def _on_change(self, _msg: Msg) -> None:
         if not self._active():
             return
-        if msg.subject.endswith(".registry"):  # a device deleted may come back: new versions
-            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                fact = m.registry_fact_decoder.decode(msg.data)
-                if fact.change == "deleted":
-                    self._versions.pop(fact.device_id, None)
         try:
             await self.reload_rules()
         except Exception as exc:  # the periodic reload catches up
@@ -425,9 +420,6 @@ class RulesEngine:
 
     def observe(self, fact: m.DeviceStateFact) -> None:
         """Evaluate every rule watching this device against its new state."""
-        if fact.version <= self._versions.get(fact.device_id, 0):
-            return  # seen already (a redelivery after a recovery, a re-sent fact)
-        self._versions[fact.device_id] = fact.version
         self._views[fact.device_id] = DeviceView(fact.state, fact.connection, fact.attributes)
         obs = Observation.of(fact)
         info = self._registry.get(fact.device_id)
