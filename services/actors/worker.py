@@ -1,4 +1,4 @@
-"""The actors' consume loop: fetch → decode → decide → publish facts → (write behind) → ack.
+"""The actors' consume loop: pull → decode → decide → publish facts → (write behind) → ack.
 
 A fetched batch is decided in memory, on top of the state of batches decided before it that
 are still being written; its facts are published and stored; then it joins the queue of the
@@ -49,6 +49,7 @@ from libs import bus, runtime, subjects
 from libs import messages as m
 from libs.device_state import Applied, Unapplicable, apply
 from libs.lease import Lease
+from services.actors.pull import Puller
 from services.actors.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,7 @@ class Writes:
 
     async def room(self) -> int:
         """How many more events the bus hands out (max_ack_pending is one batch), waiting
-        for an ack while there is no room. A pull for more than that would not be answered
-        before its timeout."""
+        for an ack while there is no room."""
         while self.unacked >= BATCH:
             self._acked.clear()
             await self._acked.wait()
@@ -198,7 +198,8 @@ class ActorWorker:
     async def _consume(self, stop: asyncio.Event) -> None:
         self._pending = {}
         writes = self._writes = Writes()
-        sub = await self._js.pull_subscribe_bind(DURABLE, stream=subjects.EVENTS_STREAM)
+        puller = Puller(self._nc, subjects.EVENTS_STREAM, DURABLE)
+        await puller.start()
         registry = await self._nc.subscribe(subjects.DEVICE_REGISTRY_ALL, cb=self._on_registry)
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -207,13 +208,9 @@ class ActorWorker:
                     if not await self._start_after_ack_floor(stop):
                         return
                     while not stop.is_set() and self._lease.held.is_set() and not writer.done():
-                        room = await writes.room()
-                        try:
-                            msgs = await sub.fetch(room, timeout=1.0)
-                        except TimeoutError:  # nats-py raises asyncio.TimeoutError here
-                            continue
+                        msgs = await puller.fetch(await writes.room(), timeout=1.0)
                         if not msgs:
-                            continue  # nats-py can answer a fetch with nothing (a reconnect)
+                            continue
                         with BATCH_SECONDS.time():
                             await self.handle(msgs, stop)
                 finally:
@@ -221,7 +218,7 @@ class ActorWorker:
         finally:
             self._writes = None
             # A pull subscription left to drain() waits for the drain timeout.
-            await sub.unsubscribe()
+            await puller.stop()
             await registry.unsubscribe()
 
     async def _start_after_ack_floor(self, stop: asyncio.Event) -> bool:

@@ -1,0 +1,94 @@
+"""Pulling a durable consumer's messages as soon as they are stored.
+
+nats-py's `fetch(n)` sends a pull request when it is called and ends it when it returns: at
+a steady 1,000 events/s, with batches of one or two events, each batch pays a request (a
+round trip before the bus may deliver) and a closing status message, and nats-py awaits
+each message with a timeout of its own. `Puller` keeps one pull request open (for the
+room the consumer's `max_ack_pending` leaves) and hands out whatever has arrived, at once;
+the next request is sent when the open one has ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import DEFAULT_PREFIX, Header
+
+# A pull request lives this long on the server; the next is sent when it has ended (all
+# its messages delivered, expired, or refused), so a request lost with a connection is
+# replaced within this time.
+REQUEST_EXPIRES_S = 1.0
+# After a refusal (no JetStream, no such consumer, a limit): not a request per round trip.
+REFUSED_BACKOFF_S = 0.1
+HEARTBEAT = "100"
+ENDED = ("404", "408")  # nothing more for this request; it expired
+
+
+class Puller:
+    """One open pull request at a time on `stream`/`durable`, for at most `room` messages
+    (the room the consumer's `max_ack_pending` leaves), handed out as they come."""
+
+    def __init__(self, nc: NATS, stream: str, durable: str) -> None:
+        self._nc = nc
+        self._subject = f"{DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._inbox = nc.new_inbox()
+        self._sub: Subscription | None = None
+        self._arrived: collections.deque[Msg] = collections.deque()
+        self._wake = asyncio.Event()
+        self._open = 0  # messages the open request may still deliver
+        self._open_until = 0.0  # loop time at which it has certainly ended
+        self._next_request_at = 0.0
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = (msg.headers or {}).get(Header.STATUS)
+        if status is None:
+            self._open -= 1
+            self._arrived.append(msg)
+        elif status != HEARTBEAT:
+            self._open = 0  # the request has ended
+            if status not in ENDED:
+                loop = asyncio.get_running_loop()
+                self._next_request_at = loop.time() + REFUSED_BACKOFF_S
+        self._wake.set()
+
+    async def fetch(self, room: int, timeout: float) -> list[Msg]:
+        """What has arrived; waits at most `timeout` for the first message ([] if none)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._arrived:
+            now = loop.time()
+            if now >= deadline:
+                return []
+            wait_until = deadline
+            if (self._open <= 0 or now >= self._open_until) and room > 0:
+                if now >= self._next_request_at:
+                    await self._request(room, now)
+                else:
+                    wait_until = min(deadline, self._next_request_at)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait_until - now)
+        msgs = list(self._arrived)
+        self._arrived.clear()
+        return msgs
+
+    async def _request(self, batch: int, now: float) -> None:
+        self._open = batch
+        self._open_until = now + REQUEST_EXPIRES_S + 0.5
+        body = {"batch": batch, "expires": int(REQUEST_EXPIRES_S * 1e9)}
+        await self._nc.publish(self._subject, json.dumps(body).encode(), reply=self._inbox)
