@@ -127,6 +127,7 @@ class Writes:
         self._changed = asyncio.Event()
         self._acked = asyncio.Event()
         self.closed = False
+        self.ended = False  # the writer is gone: nothing more will be acked
         self.unacked = 0
 
     def put(self, item: Batch | Drop) -> None:
@@ -139,13 +140,17 @@ class Writes:
         self.unacked -= sum(len(b.msgs) for b in group)
         self._acked.set()
 
+    def end(self) -> None:
+        self.ended = True
+        self._acked.set()
+
     async def room(self) -> int:
         """How many more events the bus hands out (max_ack_pending is one batch), waiting
-        for an ack while there is no room."""
-        while self.unacked >= BATCH:
+        for an ack while there is no room; 0 once the writer is gone."""
+        while self.unacked >= BATCH and not self.ended:
             self._acked.clear()
             await self._acked.wait()
-        return BATCH - self.unacked
+        return 0 if self.ended else BATCH - self.unacked
 
     def close(self) -> None:
         """The writer ends once it has written what is queued."""
@@ -208,7 +213,10 @@ class ActorWorker:
                     if not await self._start_after_ack_floor(stop):
                         return
                     while not stop.is_set() and self._lease.held.is_set() and not writer.done():
-                        msgs = await puller.fetch(await writes.room(), timeout=1.0)
+                        room = await writes.room()
+                        if not room:
+                            continue  # the writer is gone: the loop ends
+                        msgs = await puller.fetch(room, timeout=1.0)
                         if not msgs:
                             continue
                         with BATCH_SECONDS.time():
@@ -312,6 +320,12 @@ class ActorWorker:
 
     async def _write_behind(self, writes: Writes, stop: asyncio.Event) -> None:
         """Commit what is queued, in order; ack each commit's last message."""
+        try:
+            await self._write_queued(writes, stop)
+        finally:
+            writes.end()
+
+    async def _write_queued(self, writes: Writes, stop: asyncio.Event) -> None:
         while await writes.wait():
             if not writes.closed and writes.unacked < BATCH // 2:
                 await asyncio.sleep(WRITE_EVERY_S)
