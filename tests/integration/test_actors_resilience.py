@@ -5,12 +5,19 @@ Its own module: the other actors tests keep a worker running for their whole mod
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
+import pytest
 
 from libs import bus, subjects
 from libs import messages as m
+from libs.db.engine import make_engine, make_sessionmaker
+from libs.db.migrate import upgrade
+from libs.settings import async_database_url
 from tests.helpers import eventually, unique_id
 from tests.integration.test_actors import register, send, states
+from tests.outage import PrivatePostgres, postgres_bin
 from tests.processes import Service
 
 PER_DEVICE = 100
@@ -128,3 +135,47 @@ async def test_a_batch_left_unacked_by_a_dead_worker_is_applied_before_newer_eve
         code = worker.stop()
     assert code == 0, worker.tail()
     assert (final.version, final.attributes) == (4, {"n": 3})
+
+
+@pytest.mark.skipif(postgres_bin() is None, reason="needs PostgreSQL server binaries to stop one")
+async def test_a_worker_stopped_while_the_database_is_down_loses_nothing(
+    tmp_path, service_env, js
+) -> None:  # type: ignore[no-untyped-def]
+    pg = PrivatePostgres()
+    try:
+        pg.start()
+        await asyncio.to_thread(upgrade, async_database_url(pg.url))
+        engine = make_engine(async_database_url(pg.url))
+        sessions = make_sessionmaker(engine)
+        devices = [unique_id("stopdown") for _ in range(20)]
+        await register(sessions, *devices)
+        env = {**quiet_env(service_env), "DATABASE_URL": pg.url}
+        env.pop("REDIS_URL", None)
+        worker = Service("services.actors", env, tmp_path).start()
+        for device in devices:  # known to the worker: deciding needs no database read
+            await send(js, device, "telemetry", {"n": -1})
+        await eventually(lambda: all_at_version(sessions, devices, 1), timeout=20)
+        pg.stop()
+        # More than the bus hands out un-acked: the worker waits for its writer to make room.
+        await publish_all(js, devices)
+        await eventually(lambda: "state write failed, retrying" in worker.tail(), timeout=20)
+        assert worker.stop() == 0, worker.tail()  # not killed after the grace period
+
+        pg.start()
+        worker.start()
+        try:
+            await eventually(lambda: all_at_version(sessions, devices, PER_DEVICE + 1), timeout=60)
+            final = await states(sessions, devices)
+        finally:
+            code = worker.stop()
+            await engine.dispose()
+        assert code == 0, worker.tail()
+        assert {d: s.version for d, s in final.items()} == dict.fromkeys(devices, PER_DEVICE + 1)
+        assert all(s.attributes == {"n": PER_DEVICE - 1} for s in final.values())
+    finally:
+        pg.remove()
+
+
+async def all_at_version(sessions, devices: list[str], version: int) -> bool:  # type: ignore[no-untyped-def]
+    found = await states(sessions, devices)
+    return len(found) == len(devices) and all(s.version >= version for s in found.values())
