@@ -7,9 +7,10 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from libs import commands
 from libs import messages as m
 from libs.cache import StateCache
-from libs.db.engine import upsert
+from libs.db.engine import insert_ignoring_duplicates, upsert
 from libs.db.models import CommandRecord, Device, DeviceState
 from libs.messages import DeviceSnapshot
 
@@ -92,16 +93,25 @@ class StateStore:
         async with self._sessions.begin() as session:
             await self._upsert(session, snapshots)
             for device_id, status in statuses:
-                await session.execute(
-                    update(CommandRecord)
-                    .where(
-                        CommandRecord.id == status.command_id,
-                        CommandRecord.device_id == device_id,
-                        CommandRecord.status.in_(NEXT_STATUS[status.status]),
-                    )
-                    .values(status=status.status, detail=status.detail, updated_at=m.now())
-                )
+                await self._status(session, device_id, status)
         await self._cache.put_many({s.device_id: m.encode(s) for s in snapshots})
+
+    @staticmethod
+    async def _status(session: AsyncSession, device_id: str, status: m.CommandStatusData) -> None:
+        """Move the command's status forward; a status that comes before the command's record
+        (a rule publishes a command first) is kept in a stand-in row the record fills in."""
+        moved = await session.execute(
+            update(CommandRecord)
+            .where(
+                CommandRecord.id == status.command_id,
+                CommandRecord.device_id == device_id,
+                CommandRecord.status.in_(NEXT_STATUS[status.status]),
+            )
+            .values(status=status.status, detail=status.detail, updated_at=m.now())
+        )
+        if moved.rowcount == 0:  # not recorded yet, or already past this status
+            stand_in = insert_ignoring_duplicates(session.bind, CommandRecord.__table__)  # type: ignore[arg-type]
+            await session.execute(stand_in, [commands.stand_in(device_id, status)])
 
     async def _upsert(self, session: AsyncSession, snapshots: list[DeviceSnapshot]) -> None:
         if snapshots:

@@ -10,9 +10,9 @@ import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 from sqlalchemy import select
 
-from libs import bus, subjects
+from libs import bus, commands, subjects
 from libs import messages as m
-from libs.db.models import Device, DeviceState
+from libs.db.models import CommandRecord, Device, DeviceState
 from services.actors.pull import Puller
 from tests.helpers import eventually, unique_id
 from tests.processes import Service
@@ -208,3 +208,32 @@ async def test_the_puller_hands_out_each_event_as_it_arrives(nc, js) -> None:  #
     assert [x.data for x in msgs] == [b"1"]
     assert waited < 2  # not the 10 s a pull waiting for a full batch would take
     assert [x.data for x in more] == [b"2"]
+
+
+async def command_row(sessions, command_id: str) -> CommandRecord | None:  # type: ignore[no-untyped-def]
+    async with sessions() as session:
+        return await session.get(CommandRecord, command_id)
+
+
+async def test_a_status_that_comes_before_the_commands_record_is_kept(actors, js, sessions) -> None:  # type: ignore[no-untyped-def]
+    """A rule publishes its command first and records it after: the device may answer in
+    between. Its status waits in a stand-in row, which the record fills in."""
+    light = unique_id("light")
+    await register(sessions, light)
+    command = commands.new(
+        device_id=light,
+        action="turn_off",
+        params={},
+        expires_s=60,
+        issued_by="rule:r1",
+        correlation_id="episode-1",
+    )
+    await send(js, light, "command_status", {"command_id": command.id, "status": "done"})
+    await eventually(lambda: command_row(sessions, command.id), timeout=10)
+
+    await commands.record(sessions, command)
+
+    row = await command_row(sessions, command.id)
+    assert row is not None
+    assert (row.status, row.action, row.issued_by) == ("done", "turn_off", "rule:r1")
+    assert row.correlation_id == "episode-1"
