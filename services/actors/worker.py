@@ -49,7 +49,7 @@ from libs import bus, runtime, subjects
 from libs import messages as m
 from libs.device_state import Applied, Unapplicable, apply
 from libs.lease import Lease
-from services.actors.pull import Puller
+from libs.pull import Puller
 from services.actors.store import StateStore
 
 log = logging.getLogger(__name__)

@@ -44,6 +44,7 @@ from libs import bus, subjects
 from libs import messages as m
 from libs.db.models import Device, DeviceState, RuleRecord
 from libs.lease import Lease
+from libs.pull import Puller
 from libs.rule_logic import (
     DeviceInfo,
     DeviceView,
@@ -64,6 +65,7 @@ log = logging.getLogger(__name__)
 
 EPISODES_BUCKET = "rule_episodes"
 TICK_S = 0.2
+FETCH_BATCH = 256  # at most this many messages asked for at once
 EFFECT_TIMEOUT_S = 30.0
 UNKNOWN_FILTERS = ("?",)
 EVALUATIONS = Counter("smarthome_rule_evaluations_total", "Rule evaluations", ["outcome"])
@@ -232,7 +234,7 @@ class RulesEngine:
             self._event_filters = UNKNOWN_FILTERS  # whatever the last owner left: re-sync
             self._event_seq = 0
             await self.reload_rules()
-            await self._recover()
+            await self._recover_facts()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.lease.keep(self._quit))
                 tasks.create_task(self._watch(stop, hand_over))
@@ -251,29 +253,32 @@ class RulesEngine:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
 
-    async def _recover(self) -> None:
-        """Evaluate what a previous owner fetched and did not ack, before anything newer: the
-        bus hands out newer messages before it redelivers those, and the ack of a newer one
-        would ack them too (AckPolicy.ALL). Read from the streams by sequence."""
+    async def _recover_facts(self) -> None:
+        """Evaluate the facts a previous owner fetched and did not ack, before anything newer:
+        the bus hands out newer messages before it redelivers those, and the ack of a newer
+        one would ack them too (AckPolicy.ALL). Read from the stream by sequence."""
         facts = await self._unacked(subjects.SYSTEM_STREAM, self.partition.facts_durable)
-        events = await self._unacked(subjects.EVENTS_STREAM, self.partition.events_durable)
         async with self._lock:
             for raw in facts:
-                if subjects.matches(subjects.DEVICE_STATES_ALL, raw.subject or ""):
-                    with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                        self.observe(m.state_fact_decoder.decode(raw.data or b""))
+                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                    self.observe(m.state_fact_decoder.decode(raw.data or b""))
+            effects = self._effects.take()
+        await _settle(effects)
+        if facts:
+            log.info(
+                "partition %d/%d: evaluated %d facts left un-acked", *self.partition, len(facts)
+            )
+
+    async def _recover_events(self) -> None:
+        """Likewise for events, each time their consumer is read anew (a re-filter leaves
+        what was on its way to the last reader un-acked); those seen already are skipped."""
+        events = await self._unacked(subjects.EVENTS_STREAM, self.partition.events_durable)
+        async with self._lock:
             for raw in events:
                 if raw.time is not None and raw.seq is not None:
                     self._event(raw.seq, raw.subject or "", raw.data or b"", raw.time)
             effects = self._effects.take()
         await _settle(effects)
-        if facts or events:
-            log.info(
-                "partition %d/%d: evaluated %d facts and %d events a previous owner left",
-                *self.partition,
-                len(facts),
-                len(events),
-            )
 
     async def _unacked(self, stream: str, durable: str) -> list[RawStreamMsg]:
         """The messages between the consumer's ack floor and what it last delivered."""
@@ -317,6 +322,7 @@ class RulesEngine:
         while self._active():
             if self._event_filters:
                 filters = self._event_filters
+                await self._recover_events()
                 await self._consume(
                     self.partition.events_durable,
                     subjects.EVENTS_STREAM,
@@ -365,20 +371,16 @@ class RulesEngine:
     ) -> None:
         """Decide on each batch at once; ack it when its effects are done, in batch order
         (AckPolicy.ALL: an ack also acks every batch before it), while the next is read."""
-        sub = await self._js.pull_subscribe_bind(durable, stream=stream)
+        puller = Puller(self._nc, stream, durable)
+        await puller.start()
         acked: asyncio.Task[None] | None = None  # the ack of the last batch
         try:
             while self._active() and keep_going():
                 if acked is not None and acked.done():
                     acked.result()  # an effect failed: stop; its facts will be replayed
-                try:
-                    msgs = await sub.fetch(256, timeout=1.0)
-                except TimeoutError:  # nats-py raises asyncio.TimeoutError here
-                    continue
-                except NotFoundError:
-                    return  # the consumer was deleted (no event rules any more)
+                msgs = await puller.fetch(FETCH_BATCH, timeout=1.0)
                 if not msgs:
-                    continue  # nats-py can answer a fetch with nothing (e.g. after a reconnect)
+                    continue
                 async with self._lock:
                     for msg in msgs:
                         await handle(msg)
@@ -387,8 +389,7 @@ class RulesEngine:
             if acked is not None:
                 await acked  # a hand-over leaves nothing half done
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()  # a pull subscription left to drain() blocks it
+            await puller.stop()
 
     async def _timers(self) -> None:
         """Fire episodes whose time has come (also those that came while we were down)."""

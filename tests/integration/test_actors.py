@@ -13,7 +13,7 @@ from sqlalchemy import select
 from libs import bus, commands, subjects
 from libs import messages as m
 from libs.db.models import CommandRecord, Device, DeviceState
-from services.actors.pull import Puller
+from libs.pull import Puller
 from tests.helpers import eventually, unique_id
 from tests.processes import Service
 

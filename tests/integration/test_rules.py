@@ -393,4 +393,4 @@ async def test_facts_a_dead_owner_fetched_and_did_not_ack_are_evaluated_before_n
         rules.stop()
     assert [f.kind for f in fired] == ["fired"]
     assert [c.action for c in commands] == ["turn_off"]
-    assert "a previous owner left" in rules.tail(20_000)
+    assert "facts left un-acked" in rules.tail(20_000)
