@@ -91,7 +91,7 @@ async def test_demo_turns_the_light_off_and_audit_tells_one_story(tmp_path, port
         assert len(fired) == 1, runs
         correlation = fired[0]["correlation_id"]
 
-        def story() -> list[dict] | None:
+        def story() -> list[dict]:
             rows = up.get("/api/v1/audit", correlation_id=correlation, limit=100).json()["items"]
             actions = {(r["action"], r["device_id"], r["result"]) for r in rows}
             wanted = {
@@ -101,7 +101,8 @@ async def test_demo_turns_the_light_off_and_audit_tells_one_story(tmp_path, port
                 ("state.changed", "demo-light", "active->off (online)"),
                 ("state.changed", "demo-meter", "active->triggered (online)"),
             }
-            return rows if wanted <= actions else None
+            assert wanted <= actions, f"missing {wanted - actions} in {sorted(actions)}"
+            return rows
 
         rows = await eventually(story, timeout=20, interval=0.3)
         assert {r["correlation_id"] for r in rows} == {correlation}
