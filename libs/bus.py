@@ -18,11 +18,12 @@ from nats.js.api import (
     DeliverPolicy,
     DiscardPolicy,
     PubAck,
+    RawStreamMsg,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from libs import subjects
 
@@ -238,6 +239,29 @@ async def publish_many(
     finally:
         for f in futures:
             f.cancel()  # a future left behind would hold a slot of the pending-ack window
+
+
+async def unacked(js: JetStreamContext, stream: str, durable: str) -> list[RawStreamMsg]:
+    """What a consumer handed out and nobody acked (between its ack floor and what it last
+    delivered, on its filter), read from the stream by sequence. A worker that takes over
+    handles these first: the bus hands out newer messages before it redelivers them, and with
+    AckPolicy.ALL the ack of a newer one would ack them unseen. [] if there is no consumer."""
+    try:
+        info = await js.consumer_info(stream, durable)
+    except NotFoundError:
+        return []
+    floor = info.ack_floor.stream_seq if info.ack_floor else 0
+    delivered = info.delivered.stream_seq if info.delivered else 0
+    wanted = info.config.filter_subjects or [info.config.filter_subject or ">"]
+    found = []
+    for seq in range(floor + 1, delivered + 1):
+        try:
+            raw = await js.get_msg(stream, seq)
+        except NotFoundError:
+            continue  # gone with the stream's limits
+        if any(subjects.matches(f, raw.subject or "") for f in wanted):
+            found.append(raw)
+    return found
 
 
 async def dead_letter(js: JetStreamContext, msg: Msg, reason: str, consumer: str) -> None:

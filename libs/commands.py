@@ -20,31 +20,12 @@ from libs.db.models import CommandRecord
 
 
 async def send(
-    sessions: async_sessionmaker[AsyncSession],
-    js: JetStreamContext,
-    *,
-    device_id: str,
-    action: str,
-    params: dict[str, Any],
-    expires_s: float,
-    issued_by: str,
-    correlation_id: str,
-    command_id: str | None = None,
-) -> m.Command:
-    """Record, then publish a command (a user's: no answer, nothing sent). A repeated
-    `command_id` is stored and published once."""
-    command = new(
-        device_id=device_id,
-        action=action,
-        params=params,
-        expires_s=expires_s,
-        issued_by=issued_by,
-        correlation_id=correlation_id,
-        command_id=command_id,
-    )
+    sessions: async_sessionmaker[AsyncSession], js: JetStreamContext, command: m.Command
+) -> None:
+    """Record, then publish a command (a user's: an error answer means nothing was sent).
+    A repeated command id is stored and published once."""
     await record(sessions, command)
     await publish(js, command)
-    return command
 
 
 def new(

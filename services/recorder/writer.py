@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import datetime
 from typing import NamedTuple
@@ -12,7 +11,6 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
-from nats.js.errors import NotFoundError
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -84,20 +82,13 @@ class StreamRecorder:
             await sub.unsubscribe()  # a pull subscription left to drain() blocks it
 
     async def _recover(self, stop: asyncio.Event) -> None:
-        """Write what a previous recorder fetched and did not ack, before anything newer: the
-        bus hands out newer messages before it redelivers those, and the ack of a newer one
-        would ack them too (AckPolicy.ALL). Read from the stream by sequence; writing them
-        again is harmless (rows are keyed by stream sequence)."""
+        """Write what a previous recorder fetched and did not ack (`bus.unacked`) before
+        anything newer; writing them again is harmless (rows are keyed by stream sequence)."""
         left: list[Stored] = []
 
         async def read() -> None:
-            info = await self._js.consumer_info(self._stream, self._durable)
-            floor = info.ack_floor.stream_seq if info.ack_floor else 0
-            delivered = info.delivered.stream_seq if info.delivered else 0
-            left.clear()
-            for seq in range(floor + 1, delivered + 1):
-                with contextlib.suppress(NotFoundError):  # gone with the stream's limits
-                    left.append(Stored.read(await self._js.get_msg(self._stream, seq)))
+            raws = await bus.unacked(self._js, self._stream, self._durable)
+            left[:] = [Stored.read(raw) for raw in raws]
 
         if not await runtime.retry_until_stopped(read, stop, "reading un-acked messages"):
             return

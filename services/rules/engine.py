@@ -27,7 +27,6 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     KeyValueConfig,
-    RawStreamMsg,
     StorageType,
 )
 from nats.js.errors import (
@@ -257,7 +256,7 @@ class RulesEngine:
         """Evaluate the facts a previous owner fetched and did not ack, before anything newer:
         the bus hands out newer messages before it redelivers those, and the ack of a newer
         one would ack them too (AckPolicy.ALL). Read from the stream by sequence."""
-        facts = await self._unacked(subjects.SYSTEM_STREAM, self.partition.facts_durable)
+        facts = await bus.unacked(self._js, subjects.SYSTEM_STREAM, self.partition.facts_durable)
         async with self._lock:
             for raw in facts:
                 with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
@@ -272,32 +271,13 @@ class RulesEngine:
     async def _recover_events(self) -> None:
         """Likewise for events, each time their consumer is read anew (a re-filter leaves
         what was on its way to the last reader un-acked); those seen already are skipped."""
-        events = await self._unacked(subjects.EVENTS_STREAM, self.partition.events_durable)
+        events = await bus.unacked(self._js, subjects.EVENTS_STREAM, self.partition.events_durable)
         async with self._lock:
             for raw in events:
                 if raw.time is not None and raw.seq is not None:
                     self._event(raw.seq, raw.subject or "", raw.data or b"", raw.time)
             effects = self._effects.take()
         await _settle(effects)
-
-    async def _unacked(self, stream: str, durable: str) -> list[RawStreamMsg]:
-        """The messages between the consumer's ack floor and what it last delivered."""
-        try:
-            info = await self._js.consumer_info(stream, durable)
-        except NotFoundError:
-            return []
-        floor = info.ack_floor.stream_seq if info.ack_floor else 0
-        delivered = info.delivered.stream_seq if info.delivered else 0
-        wanted = info.config.filter_subjects or [info.config.filter_subject or ">"]
-        found = []
-        for seq in range(floor + 1, delivered + 1):
-            try:
-                raw = await self._js.get_msg(stream, seq)
-            except NotFoundError:
-                continue  # gone with the stream's limits
-            if any(subjects.matches(f, raw.subject or "") for f in wanted):
-                found.append(raw)
-        return found
 
     async def _watch(self, stop: asyncio.Event, hand_over: Callable[[], bool]) -> None:
         """Quit (after the batch in hand is acked) on stop, a lost lease or a hand-over."""

@@ -197,9 +197,7 @@ class DeviceService:
             raise Conflict("device is disconnected")
         if row.lifecycle == "decommissioned":
             raise Conflict("device is decommissioned")
-        command = await commands.send(
-            self._sessions,
-            self._js,
+        command = commands.new(
             device_id=device_id,
             action=data.action,
             params=data.params,
@@ -207,6 +205,7 @@ class DeviceService:
             issued_by=actor,
             correlation_id=correlation_id,
         )
+        await commands.send(self._sessions, self._js, command)
         return CommandView(
             id=command.id,
             device_id=device_id,
