@@ -80,10 +80,23 @@ def stand_in(device_id: str, status: m.CommandStatusData) -> dict[str, Any]:
     }
 
 
-async def record(sessions: async_sessionmaker[AsyncSession], command: m.Command) -> None:
-    """Store the command (status `pending`); a repeated id changes nothing, except that it
-    fills in a stand-in row."""
-    row = {
+async def record(sessions: async_sessionmaker[AsyncSession], *sent: m.Command) -> None:
+    """Store commands (status `pending`) in one write; a repeated id changes nothing, except
+    that it fills in a stand-in row."""
+    fills_stand_in = CommandRecord.__table__.c.action == STAND_IN_ACTION
+    async with sessions.begin() as session:
+        statement = upsert(
+            session.bind,  # type: ignore[arg-type]
+            CommandRecord.__table__,
+            "id",
+            SENDER_COLUMNS,
+            where=fills_stand_in,
+        )
+        await session.execute(statement, [_row(command) for command in sent])
+
+
+def _row(command: m.Command) -> dict[str, Any]:
+    return {
         "id": command.id,
         "device_id": command.device_id,
         "action": command.action,
@@ -95,16 +108,6 @@ async def record(sessions: async_sessionmaker[AsyncSession], command: m.Command)
         "expires_at": command.expires_at,
         "updated_at": command.issued_at,
     }
-    fills_stand_in = CommandRecord.__table__.c.action == STAND_IN_ACTION
-    async with sessions.begin() as session:
-        statement = upsert(
-            session.bind,  # type: ignore[arg-type]
-            CommandRecord.__table__,
-            "id",
-            SENDER_COLUMNS,
-            where=fills_stand_in,
-        )
-        await session.execute(statement, [row])
 
 
 def effective_status(record: CommandRecord) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 
+import msgspec
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -39,8 +40,14 @@ class ActionRunner:
         kind: str,
         reason: str,
     ) -> None:
-        """Run `actions` (a `plan_run`), each with its own outcome, then leave the trace."""
+        """Run `actions` (a `plan_run`), each with its own outcome, then leave the trace.
+
+        The actions go out back to back on the bus; the commands among them are recorded
+        after, in one write: the devices do not wait for the database, nor does the next
+        action (a mark sent 300 ms late by a busy database would land after its device moved
+        on), and the commands still go out while the database is down."""
         outcomes = []
+        sent: list[tuple[int, m.Command]] = []  # commands to record: (outcome index, command)
         for index in actions:
             action = rule.actions[index]
             if isinstance(action, m.DelayAction):
@@ -50,14 +57,41 @@ class ActionRunner:
                 )
                 continue
             try:
-                outcomes.append(await self._run(rule, episode, index, action))
+                outcome, command = await self._run(rule, episode, index, action)
             except Exception as exc:  # one failing action is traced; the engine goes on
-                outcomes.append(
-                    m.ActionOutcome(_name(action), False, f"{type(exc).__name__}: {exc}")
-                )
+                outcome = m.ActionOutcome(_name(action), False, f"{type(exc).__name__}: {exc}")
+            else:
+                if command is not None:
+                    sent.append((len(outcomes), command))
+            outcomes.append(outcome)
+        await self._record(sent, outcomes)
         await self.trace(rule, episode, kind, reason, outcomes, part=actions.start)
 
+    async def _record(
+        self, sent: list[tuple[int, m.Command]], outcomes: list[m.ActionOutcome]
+    ) -> None:
+        if not sent:
+            return
+        try:
+            await commands.record(self._sessions, *(command for _, command in sent))
+        except Exception as exc:  # sent all the same: say so, and what was not recorded
+            detail = f"sent; not recorded ({type(exc).__name__}: {exc})"
+            for position, _ in sent:
+                outcomes[position] = msgspec.structs.replace(outcomes[position], detail=detail)
+
     async def _run(
+        self, rule: m.Rule, episode: Episode, index: int, action: m.Action
+    ) -> tuple[m.ActionOutcome, m.Command | None]:
+        """The action's outcome, and the command it sent (to be recorded) if any."""
+        if isinstance(action, m.CommandAction):
+            refusal = self._refusal(action.device_id)
+            if refusal:
+                return m.ActionOutcome(_name(action), False, refusal), None
+            command = await self._command(rule, episode, action, index)
+            return m.ActionOutcome(_name(action), True, command_id=command.id), command
+        return await self._other(rule, episode, index, action), None
+
+    async def _other(
         self, rule: m.Rule, episode: Episode, index: int, action: m.Action
     ) -> m.ActionOutcome:
         # Ids derive from the episode and the action's place: a re-run sends nothing twice.
@@ -69,8 +103,6 @@ class ActionRunner:
         if refusal:
             return m.ActionOutcome(_name(action), False, refusal)
         match action:
-            case m.CommandAction():
-                return await self._command(rule, episode, action, action_id)
             case m.SetStateAction():
                 await self.mark(rule, episode, action.device_id, action.state, f"mark-{action_id}")
                 return m.ActionOutcome(
@@ -90,10 +122,8 @@ class ActionRunner:
         raise TypeError(f"unknown action {action!r}")
 
     async def _command(
-        self, rule: m.Rule, episode: Episode, action: m.CommandAction, action_id: str
-    ) -> m.ActionOutcome:
-        """Published first, recorded after: the device does not wait for the database, and
-        still gets the command while the database is down."""
+        self, rule: m.Rule, episode: Episode, action: m.CommandAction, index: int
+    ) -> m.Command:
         command = commands.new(
             device_id=action.device_id,
             action=action.action,
@@ -101,15 +131,10 @@ class ActionRunner:
             expires_s=action.expires_s,
             issued_by=f"rule:{rule.id}",
             correlation_id=episode.id,
-            command_id=action_id,
+            command_id=f"{episode.id}-{index}",  # a re-run sends nothing twice
         )
         await commands.publish(self._js, command)
-        try:
-            await commands.record(self._sessions, command)
-        except Exception as exc:  # sent all the same: say so, and what was not recorded
-            detail = f"sent; not recorded ({type(exc).__name__}: {exc})"
-            return m.ActionOutcome(_name(action), True, detail, command_id=command.id)
-        return m.ActionOutcome(_name(action), True, command_id=command.id)
+        return command
 
     async def _notify(
         self, rule: m.Rule, episode: Episode, action: m.NotifyAction, action_id: str
