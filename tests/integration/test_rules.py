@@ -160,9 +160,10 @@ async def test_standby_rules_process_takes_over_pending_timer(
     await add_devices(sessions, meter, light)
     rule_id = await add_rule(sessions, nc, rule_spec(meter, light, for_s=3.0))
     owner = Service("services.rules", service_env, data_dir).start()
-    await eventually(lambda: "acquired" in owner.tail(), timeout=10)
-    standby = Service("services.rules", service_env, data_dir).start()
+    standby = Service("services.rules", service_env, data_dir)
     try:
+        await eventually(lambda: "acquired" in owner.tail(), timeout=10)
+        standby.start()
         await eventually(lambda: "standing by" in standby.tail(), timeout=10)
         await report(js, meter, 60.0, 1)
         await eventually(lambda: _has_episode(js, rule_id, meter), timeout=10)
@@ -173,6 +174,7 @@ async def test_standby_rules_process_takes_over_pending_timer(
         assert "acquired" in standby.tail()
     finally:
         standby.stop()
+        owner.stop()  # a failure before its kill -9 must not leave it running
     assert [f.kind for f in fired] == ["fired"]
     assert len(await collected(js, subjects.commands(light), m.command_decoder)) == 1
 
@@ -313,6 +315,7 @@ async def test_two_processes_share_the_partitions_and_one_takes_over_at_kill9(
             )
     finally:
         code = second.stop()
+        first.stop()  # a failure before its kill -9 must not leave it running
     assert code == 0, second.tail()
     for rule_id, (_meter, light) in pairs.items():
         fired = await collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder)
