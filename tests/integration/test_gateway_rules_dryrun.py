@@ -101,6 +101,25 @@ def at(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
+async def dry_run_watching_commands(  # type: ignore[no-untyped-def]
+    client, nc, rule_id: str, since: datetime, until: datetime
+) -> tuple[Any, list[str]]:
+    """Dry-run a stored rule while listening on every command subject: (response, subjects
+    of the commands that went out, which must be none)."""
+    sent: list[str] = []
+
+    async def on_command(msg: Msg) -> None:
+        sent.append(msg.subject)
+
+    subscription = await nc.subscribe(subjects.COMMANDS_ALL, cb=on_command)
+    try:
+        response = await client.post(f"{RULES}/{rule_id}/test", json=window(since, until))
+        await nc.flush()
+    finally:
+        await subscription.unsubscribe()
+    return response, sent
+
+
 async def test_a_dry_run_says_when_the_rule_would_have_fired_and_sends_nothing(
     client: AsyncTestClient,
     sessions: async_sessionmaker[AsyncSession],
@@ -118,19 +137,9 @@ async def test_a_dry_run_says_when_the_rule_would_have_fired_and_sends_nothing(
         {"type": "notify", "message": "meter on for 30 s"},
     ]
     assert (await client.post(RULES, json=spec)).status_code == 201
-    sent: list[str] = []
-
-    async def on_command(msg: Msg) -> None:
-        sent.append(msg.subject)
-
-    subscription = await nc.subscribe(subjects.COMMANDS_ALL, cb=on_command)
-    try:
-        response = await client.post(
-            f"{RULES}/{spec['id']}/test", json=window(start, start + timedelta(minutes=10))
-        )
-        await nc.flush()
-    finally:
-        await subscription.unsubscribe()
+    response, sent = await dry_run_watching_commands(
+        client, nc, spec["id"], start, start + timedelta(minutes=10)
+    )
 
     assert response.status_code == 200, response.text
     body = response.json()
@@ -347,19 +356,9 @@ async def test_a_state_trigger_fires_when_a_device_stays_offline_longer_than_for
     await record(sessions, meter, [(start + 400 * s, {})], event_type="hello")
     spec = offline_rule(meter, light)
     assert (await client.post(RULES, json=spec)).status_code == 201
-    sent: list[str] = []
-
-    async def on_command(msg: Msg) -> None:
-        sent.append(msg.subject)
-
-    subscription = await nc.subscribe(subjects.COMMANDS_ALL, cb=on_command)
-    try:
-        response = await client.post(
-            f"{RULES}/{spec['id']}/test", json=window(start, start + timedelta(minutes=10))
-        )
-        await nc.flush()
-    finally:
-        await subscription.unsubscribe()
+    response, sent = await dry_run_watching_commands(
+        client, nc, spec["id"], start, start + timedelta(minutes=10)
+    )
 
     assert response.status_code == 200, response.text
     body = response.json()
