@@ -83,31 +83,24 @@ class ActionRunner:
         self, rule: m.Rule, episode: Episode, index: int, action: m.Action
     ) -> tuple[m.ActionOutcome, m.Command | None]:
         """The action's outcome, and the command it sent (to be recorded) if any."""
-        if isinstance(action, m.CommandAction):
-            refusal = self._refusal(action.device_id)
-            if refusal:
-                return m.ActionOutcome(_name(action), False, refusal), None
-            command = await self._command(rule, episode, action, index)
-            return m.ActionOutcome(_name(action), True, command_id=command.id), command
-        return await self._other(rule, episode, index, action), None
-
-    async def _other(
-        self, rule: m.Rule, episode: Episode, index: int, action: m.Action
-    ) -> m.ActionOutcome:
         # Ids derive from the episode and the action's place: a re-run sends nothing twice.
         action_id = f"{episode.id}-{index}"
         if isinstance(action, m.NotifyAction):
             subject = await self._notify(rule, episode, action, action_id)
-            return m.ActionOutcome(_name(action), True, f"alert on {subject}")
+            return m.ActionOutcome(_name(action), True, f"alert on {subject}"), None
         refusal = self._refusal(action.device_id)  # type: ignore[union-attr]
         if refusal:
-            return m.ActionOutcome(_name(action), False, refusal)
+            return m.ActionOutcome(_name(action), False, refusal), None
         match action:
+            case m.CommandAction():
+                command = await self._command(rule, episode, action, action_id)
+                return m.ActionOutcome(_name(action), True, command_id=command.id), command
             case m.SetStateAction():
                 await self.mark(rule, episode, action.device_id, action.state, f"mark-{action_id}")
-                return m.ActionOutcome(
+                outcome = m.ActionOutcome(
                     _name(action), True, f"{action.device_id} marked {action.state}"
                 )
+                return outcome, None
             case m.PublishAction():
                 event = m.make_event(
                     action.device_id,
@@ -118,11 +111,11 @@ class ActionRunner:
                     event_id=f"publish-{action_id}",
                 )
                 await bus.publish(self._js, event.nats_subject, event, msg_id=event.id)
-                return m.ActionOutcome(_name(action), True, f"published {event.nats_subject}")
+                return m.ActionOutcome(_name(action), True, f"published {event.nats_subject}"), None
         raise TypeError(f"unknown action {action!r}")
 
     async def _command(
-        self, rule: m.Rule, episode: Episode, action: m.CommandAction, index: int
+        self, rule: m.Rule, episode: Episode, action: m.CommandAction, action_id: str
     ) -> m.Command:
         command = commands.new(
             device_id=action.device_id,
@@ -131,7 +124,7 @@ class ActionRunner:
             expires_s=action.expires_s,
             issued_by=f"rule:{rule.id}",
             correlation_id=episode.id,
-            command_id=f"{episode.id}-{index}",  # a re-run sends nothing twice
+            command_id=action_id,
         )
         await commands.publish(self._js, command)
         return command

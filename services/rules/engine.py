@@ -27,6 +27,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     KeyValueConfig,
+    RawStreamMsg,
     StorageType,
 )
 from nats.js.errors import (
@@ -255,29 +256,39 @@ class RulesEngine:
     async def _recover_facts(self) -> None:
         """Evaluate the facts a previous owner fetched and did not ack, before anything newer:
         the bus hands out newer messages before it redelivers those, and the ack of a newer
-        one would ack them too (AckPolicy.ALL). Read from the stream by sequence."""
-        facts = await bus.unacked(self._js, subjects.SYSTEM_STREAM, self.partition.facts_durable)
-        async with self._lock:
-            for raw in facts:
-                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                    self.observe(m.state_fact_decoder.decode(raw.data or b""))
-            effects = self._effects.take()
-        await _settle(effects)
-        if facts:
-            log.info(
-                "partition %d/%d: evaluated %d facts left un-acked", *self.partition, len(facts)
-            )
+        one would ack them too (AckPolicy.ALL)."""
+        count = await self._replay_unacked(
+            subjects.SYSTEM_STREAM,
+            self.partition.facts_durable,
+            lambda raw: self.observe(m.state_fact_decoder.decode(raw.data or b"")),
+        )
+        if count:
+            log.info("partition %d/%d: evaluated %d facts left un-acked", *self.partition, count)
 
     async def _recover_events(self) -> None:
         """Likewise for events, each time their consumer is read anew (a re-filter leaves
         what was on its way to the last reader un-acked); those seen already are skipped."""
-        events = await bus.unacked(self._js, subjects.EVENTS_STREAM, self.partition.events_durable)
+        await self._replay_unacked(
+            subjects.EVENTS_STREAM,
+            self.partition.events_durable,
+            lambda raw: self._event(
+                raw.seq or 0, raw.subject or "", raw.data or b"", raw.time or m.now()
+            ),
+        )
+
+    async def _replay_unacked(
+        self, stream: str, durable: str, handle: Callable[[RawStreamMsg], None]
+    ) -> int:
+        """Handle what the consumer left un-acked (read from the stream by sequence), and wait
+        for the effects; how many there were."""
+        left = await bus.unacked(self._js, stream, durable)
         async with self._lock:
-            for raw in events:
-                if raw.time is not None and raw.seq is not None:
-                    self._event(raw.seq, raw.subject or "", raw.data or b"", raw.time)
+            for raw in left:
+                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                    handle(raw)
             effects = self._effects.take()
         await _settle(effects)
+        return len(left)
 
     async def _watch(self, stop: asyncio.Event, hand_over: Callable[[], bool]) -> None:
         """Quit (after the batch in hand is acked) on stop, a lost lease or a hand-over."""

@@ -101,6 +101,18 @@ def at(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
+async def assert_nothing_sent(sent: list[str], sessions, device_id: str) -> None:  # type: ignore[no-untyped-def]
+    """A dry-run published no command to the device and recorded none."""
+    assert subjects.commands(device_id) not in sent
+    async with sessions() as session:
+        stored = await session.scalar(
+            select(func.count())
+            .select_from(CommandRecord)
+            .where(CommandRecord.device_id == device_id)
+        )
+    assert stored == 0
+
+
 async def dry_run_watching_commands(  # type: ignore[no-untyped-def]
     client, nc, rule_id: str, since: datetime, until: datetime
 ) -> tuple[Any, list[str]]:
@@ -165,12 +177,7 @@ async def test_a_dry_run_says_when_the_rule_would_have_fired_and_sends_nothing(
     assert (delay["type"], delay["seconds"]) == ("delay", 5.0)
     assert (notify["type"], notify["message"]) == ("notify", "meter on for 30 s")
     assert at(notify["at"]) == at(firing["at"]) + timedelta(seconds=5)
-    assert subjects.commands(light) not in sent
-    async with sessions() as session:
-        stored = await session.scalar(
-            select(func.count()).select_from(CommandRecord).where(CommandRecord.device_id == light)
-        )
-    assert stored == 0
+    await assert_nothing_sent(sent, sessions, light)
 
 
 async def test_a_rule_body_is_tried_before_it_is_saved(
@@ -379,12 +386,7 @@ async def test_a_state_trigger_fires_when_a_device_stays_offline_longer_than_for
         "expires_s": 60.0,
     }
     assert (notify["type"], notify["message"]) == ("notify", "the meter is offline")
-    assert subjects.commands(light) not in sent
-    async with sessions() as session:
-        stored = await session.scalar(
-            select(func.count()).select_from(CommandRecord).where(CommandRecord.device_id == light)
-        )
-    assert stored == 0
+    await assert_nothing_sent(sent, sessions, light)
 
 
 async def test_a_heartbeat_timeout_in_the_audit_log_takes_the_device_offline(
