@@ -156,10 +156,17 @@ class RulesEngine:
         self._effects = Effects()
         self._event_filters: tuple[str, ...] = ()
         self._lock = asyncio.Lock()  # facts, events and timers change episodes one at a time
+        self._reloading = asyncio.Lock()
 
     # --- loading -------------------------------------------------------------------------
 
     async def reload_rules(self) -> None:
+        # One at a time: a reload that read the database earlier must not finish later and
+        # put back what it read (e.g. a registry without the device registered in between).
+        async with self._reloading:
+            await self._reload_rules()
+
+    async def _reload_rules(self) -> None:
         async with self._sessions() as session:
             records = (await session.scalars(select(RuleRecord))).all()
             devices = (

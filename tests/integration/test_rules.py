@@ -222,7 +222,11 @@ async def test_delay_between_actions_survives_kill9(
         both = await eventually(
             lambda: _n(collected(js, subjects.commands(light), m.command_decoder), 2), timeout=30
         )
-        runs = await collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder)
+        # The trace follows the run's commands: wait for it too.
+        runs = await eventually(
+            lambda: _n(collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder), 2),
+            timeout=10,
+        )
     finally:
         rules.stop()
     assert [c.action for c in both] == ["turn_on", "turn_off"]
