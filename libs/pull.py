@@ -6,6 +6,12 @@ round trip before the bus may deliver) and a closing status message, and nats-py
 each message with a timeout of its own. `Puller` keeps one pull request open (for the
 room the consumer's `max_ack_pending` leaves) and hands out whatever has arrived, at once;
 the next request is sent when the open one has ended.
+
+It also notices deliveries that never arrived. The bus numbers each delivery of a consumer
+(its consumer sequence, redeliveries included); within one reader a jump means messages
+handed out on a connection that died before they came in. They stay un-acked until their ack
+wait ends, and with AckPolicy.ALL the ack of a newer message would ack them unseen, so the
+reader must read them from the stream first (`bus.unacked`) when `Gaps.take()` says so.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class Puller:
         self._open = 0  # messages the open request may still deliver
         self._open_until = 0.0  # loop time at which it has certainly ended
         self._next_request_at = 0.0
+        self.gaps = Gaps()
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
@@ -58,6 +65,7 @@ class Puller:
         status = (msg.headers or {}).get(Header.STATUS)
         if status is None:
             self._open -= 1
+            self.gaps.note(msg)
             self._arrived.append(msg)
         elif status != HEARTBEAT:
             self._open = 0  # the request has ended
@@ -92,3 +100,22 @@ class Puller:
         self._open_until = now + REQUEST_EXPIRES_S + 0.5
         body = {"batch": batch, "expires": int(REQUEST_EXPIRES_S * 1e9)}
         await self._nc.publish(self._subject, json.dumps(body).encode(), reply=self._inbox)
+
+
+class Gaps:
+    """Deliveries handed out to one reader that never arrived (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._last = 0  # the consumer sequence of the last delivery received
+        self._missed = False
+
+    def note(self, msg: Msg) -> None:
+        delivery = msg.metadata.sequence.consumer
+        if self._last and delivery > self._last + 1:
+            self._missed = True
+        self._last = max(self._last, delivery)
+
+    def take(self) -> bool:
+        """Whether some went missing since the last call."""
+        missed, self._missed = self._missed, False
+        return missed

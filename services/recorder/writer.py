@@ -18,6 +18,7 @@ from libs import bus, runtime, subjects
 from libs import messages as m
 from libs.db.engine import insert_ignoring_duplicates
 from libs.db.models import AuditEntry, HistoryEntry, RuleRun
+from libs.pull import Gaps
 from services.recorder import rows as to_rows
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class StreamRecorder:
     async def run(self, stop: asyncio.Event) -> None:
         await self._recover(stop)
         sub = await self._js.pull_subscribe_bind(self._durable, stream=self._stream)
+        gaps = Gaps()
         try:
             while not stop.is_set():
                 try:
@@ -75,6 +77,11 @@ class StreamRecorder:
                     continue
                 if not msgs:
                     continue  # nats-py can answer a fetch with nothing (e.g. after a reconnect)
+                for msg in msgs:
+                    gaps.note(msg)
+                if gaps.take():  # lost with a connection: this batch's ack would ack them unseen
+                    log.info("%s deliveries never received", self._durable)
+                    await self._recover(stop)
                 stored = [Stored.delivered(msg) for msg in msgs]
                 if await self._write(self._convert(stored), msgs, stop):
                     await msgs[-1].ack()  # AckPolicy.ALL: the whole batch
@@ -82,8 +89,9 @@ class StreamRecorder:
             await sub.unsubscribe()  # a pull subscription left to drain() blocks it
 
     async def _recover(self, stop: asyncio.Event) -> None:
-        """Write what a previous recorder fetched and did not ack (`bus.unacked`) before
-        anything newer; writing them again is harmless (rows are keyed by stream sequence)."""
+        """Write what a previous recorder (or this one, on a lost connection) was handed and
+        did not ack (`bus.unacked`) before anything newer; writing them again is harmless
+        (rows are keyed by stream sequence)."""
         left: list[Stored] = []
 
         async def read() -> None:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from functools import partial
 from typing import NamedTuple
@@ -148,8 +148,10 @@ class RulesEngine:
         self._book = RuleBook({})
         self._registry: dict[str, DeviceInfo] = {}
         self._views: dict[str, DeviceView] = {}
-        # The last event (stream sequence) evaluated: one delivered again (after a recovery)
-        # does not trigger again. (A fact evaluated again changes nothing: it is the state.)
+        # The last fact and event (stream sequences) evaluated: one delivered again after a
+        # recovery is not evaluated again (an old fact after a newer one would put an old
+        # state back; an event would trigger again).
+        self._fact_seq = 0
         self._event_seq = 0
         self._episodes: dict[str, Episode] = {}
         self._kv: KeyValue | None = None
@@ -239,7 +241,7 @@ class RulesEngine:
             await self._load_episodes()
             await self._load_views()
             self._event_filters = UNKNOWN_FILTERS  # whatever the last owner left: re-sync
-            self._event_seq = 0
+            self._fact_seq = self._event_seq = 0
             await self.reload_rules()
             await self._recover_facts()
             async with asyncio.TaskGroup() as tasks:
@@ -248,7 +250,10 @@ class RulesEngine:
                 tasks.create_task(self._timers())
                 tasks.create_task(
                     self._consume(
-                        self.partition.facts_durable, subjects.SYSTEM_STREAM, self._on_fact
+                        self.partition.facts_durable,
+                        subjects.SYSTEM_STREAM,
+                        self._on_fact,
+                        self._recover_facts,
                     )
                 )
                 tasks.create_task(self._consume_events())
@@ -267,7 +272,7 @@ class RulesEngine:
         count = await self._replay_unacked(
             subjects.SYSTEM_STREAM,
             self.partition.facts_durable,
-            lambda raw: self.observe(m.state_fact_decoder.decode(raw.data or b"")),
+            self._replayed_fact,
         )
         if count:
             log.info("partition %d/%d: evaluated %d facts left un-acked", *self.partition, count)
@@ -325,6 +330,7 @@ class RulesEngine:
                     self.partition.events_durable,
                     subjects.EVENTS_STREAM,
                     self._on_event,
+                    self._recover_events,
                     keep_going=lambda filters=filters: self._event_filters == filters,
                 )
             with contextlib.suppress(TimeoutError):
@@ -365,10 +371,12 @@ class RulesEngine:
         durable: str,
         stream: str,
         handle,  # type: ignore[no-untyped-def]
+        recover: Callable[[], Awaitable[None]],
         keep_going=lambda: True,  # type: ignore[no-untyped-def]
     ) -> None:
         """Decide on each batch at once; ack it when its effects are done, in batch order
-        (AckPolicy.ALL: an ack also acks every batch before it), while the next is read."""
+        (AckPolicy.ALL: an ack also acks every batch before it), while the next is read.
+        Deliveries that never arrived are read from the stream first (`recover`)."""
         puller = Puller(self._nc, stream, durable)
         await puller.start()
         acked: asyncio.Task[None] | None = None  # the ack of the last batch
@@ -379,6 +387,13 @@ class RulesEngine:
                 msgs = await puller.fetch(FETCH_BATCH, timeout=1.0)
                 if not msgs:
                     continue
+                if puller.gaps.take():  # see libs.pull: this batch's ack would ack them unseen
+                    log.info(
+                        "partition %d/%d: %s deliveries never received", *self.partition, durable
+                    )
+                    if acked is not None:
+                        await acked
+                    await recover()  # what this batch holds too; seen again, it is skipped
                 async with self._lock:
                     for msg in msgs:
                         await handle(msg)
@@ -410,12 +425,24 @@ class RulesEngine:
     # --- observations: decided at once, their effects submitted ------------------------------
 
     async def _on_fact(self, msg: Msg) -> None:
+        if not self._unseen_fact(msg.metadata.sequence.stream):
+            return
         try:
             fact = m.state_fact_decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await bus.dead_letter(self._js, msg, f"invalid state fact: {exc}", "rules")
             return
         self.observe(fact)
+
+    def _replayed_fact(self, raw: RawStreamMsg) -> None:
+        if self._unseen_fact(raw.seq or 0):
+            self.observe(m.state_fact_decoder.decode(raw.data or b""))
+
+    def _unseen_fact(self, seq: int) -> bool:
+        if seq <= self._fact_seq:
+            return False
+        self._fact_seq = seq
+        return True
 
     def observe(self, fact: m.DeviceStateFact) -> None:
         """Evaluate every rule watching this device against its new state."""

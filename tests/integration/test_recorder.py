@@ -12,6 +12,7 @@ from libs.db.models import HistoryEntry, RuleRun
 from services.recorder.retention import prune_traces
 from tests.helpers import eventually, unique_id
 from tests.processes import Service
+from tests.proxy import Relay
 
 
 async def add_runs(sessions, rule_id: str, n: int, age_days: float = 0) -> None:  # type: ignore[no-untyped-def]
@@ -89,3 +90,50 @@ async def test_events_a_dead_recorder_fetched_and_did_not_ack_are_recorded(
     finally:
         recorder.stop()
     assert recorded == [{"power_w": 12.5}]
+
+
+async def test_events_lost_with_a_connection_are_recorded_once(
+    service_env, data_dir, nats_url, js, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    """Events the bus handed out on a connection that died before they arrived: the ack of a
+    newer batch on the next connection would ack them unseen (AckPolicy.ALL)."""
+    meter = unique_id("meter")
+    durable = bus.recorder_durable(subjects.EVENTS_STREAM)
+    relay = Relay(int(nats_url.rsplit(":", 1)[1]))
+    recorder = Service("services.recorder", {**service_env, "NATS_URL": relay.url}, data_dir)
+    sent = 0
+
+    async def publish(n: int) -> int:
+        nonlocal sent
+        for _ in range(n):
+            sent += 1
+            event = m.make_event(meter, "telemetry", {"energy_wh": sent})
+            ack = await bus.publish(js, event.nats_subject, event, msg_id=event.id)
+        return ack.seq
+
+    try:
+        recorder.start()
+        await publish(5)
+        await eventually(lambda: _n(history_of(sessions, meter), 5), timeout=15)
+        relay.drop()
+        last = await publish(5)
+        await eventually(lambda: _delivered(js, durable, last), timeout=10)
+        relay.cut()
+        await publish(5)
+        recorded = await eventually(lambda: _n(history_of(sessions, meter), 15), timeout=30)
+    finally:
+        recorder.stop()
+        relay.close()
+    assert sorted(row["energy_wh"] for row in recorded) == list(range(1, 16))
+    assert "never received" in recorder.tail(20_000)
+
+
+async def _n(found, n: int):  # type: ignore[no-untyped-def]
+    items = await found
+    assert len(items) >= n, f"{len(items)} of {n}: {items}"
+    return items
+
+
+async def _delivered(js, durable: str, last_seq: int) -> bool:  # type: ignore[no-untyped-def]
+    info = await js.consumer_info(subjects.EVENTS_STREAM, durable)
+    return info.delivered.stream_seq >= last_seq

@@ -16,6 +16,7 @@ from libs.db.models import Device, RuleRecord
 from services.rules.engine import Partition
 from tests.helpers import eventually, unique_id
 from tests.processes import Service
+from tests.proxy import Relay
 
 
 async def add_rule(sessions, nc, spec: m.RuleSpec, rule_id: str | None = None) -> str:  # type: ignore[no-untyped-def]
@@ -262,7 +263,8 @@ async def test_conditions_that_fail_skip_the_actions_and_say_why(
 
 async def _n(found, n: int):  # type: ignore[no-untyped-def]
     items = await found
-    return items if len(items) >= n else None
+    assert len(items) >= n, f"{len(items)} of {n}: {items}"
+    return items
 
 
 def _reads_events_of(rules: Service, device_id: str) -> bool:
@@ -401,3 +403,52 @@ async def test_facts_a_dead_owner_fetched_and_did_not_ack_are_evaluated_before_n
     assert [f.kind for f in fired] == ["fired"]
     assert [c.action for c in commands] == ["turn_off"]
     assert "facts left un-acked" in rules.tail(20_000)
+
+
+async def test_facts_lost_with_a_connection_are_evaluated_once_in_order(
+    service_env, data_dir, nats_url, nc, js, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    """Facts the bus handed out on a connection that died before they arrived: the ack of a
+    newer fact on the next connection would ack them unseen (AckPolicy.ALL)."""
+    meter, light = unique_id("meter"), unique_id("light")
+    await add_devices(sessions, meter, light)
+    rule_id = await add_rule(sessions, nc, rule_spec(meter, light, for_s=0))
+    relay = Relay(int(nats_url.rsplit(":", 1)[1]))
+    rules = Service("services.rules", {**service_env, "NATS_URL": relay.url}, data_dir).start()
+    version = 0
+
+    async def crossings(n: int) -> int:
+        nonlocal version
+        for _ in range(n):
+            for power in (60.0, 0.0):  # up (an episode starts and fires), down (it ends)
+                version += 1
+                await report(js, meter, power, version)
+        return (await js.stream_info(subjects.SYSTEM_STREAM)).state.last_seq
+
+    try:
+        await eventually(lambda: "acquired" in rules.tail(), timeout=10)
+        await crossings(3)
+        await eventually(lambda: _n(_runs(js, rule_id), 6), timeout=15)
+        relay.drop()
+        last = await crossings(3)
+        await eventually(lambda: _handed_out(js, last), timeout=10)
+        relay.cut()
+        await crossings(3)
+        runs = await eventually(lambda: _n(_runs(js, rule_id), 18), timeout=30)
+        commands = await collected(js, subjects.commands(light), m.command_decoder)
+    finally:
+        rules.stop()
+        relay.close()
+    assert [r.kind for r in runs] == ["fired", "cleared"] * 9
+    assert len(commands) == 9
+    assert "never received" in rules.tail(20_000)
+
+
+async def _runs(js, rule_id: str):  # type: ignore[no-untyped-def]
+    return await collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder)
+
+
+async def _handed_out(js, last_seq: int) -> bool:  # type: ignore[no-untyped-def]
+    """The rules' consumer has delivered (into the relay that drops it) up to `last_seq`."""
+    info = await js.consumer_info(subjects.SYSTEM_STREAM, bus.rules_facts_durable(0))
+    return info.delivered.stream_seq >= last_seq
