@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 from libs import webhooks
 from libs.lease import Lease
 from services.webhooks.notifications import NotificationCheck
-from services.webhooks.sender import Sender, make_client
+from services.webhooks.sender import Sender, make_session
 from services.webhooks.store import DeliveryStore, Target
 from services.webhooks.worker import DeliveredCounter, SourceWorker, sources
 
@@ -35,8 +35,8 @@ STOP_GRACE_S = 2.0
 
 
 class SubscriptionDelivery:
-    """A subscription's workers, sharing its HTTP client (keep-alive connections to its
-    endpoint) and its delivered counter."""
+    """A subscription's workers, sharing its HTTP session (keep-alive connections to its
+    endpoint) and its delivered counter. Made by the dispatcher, inside the running loop."""
 
     def __init__(
         self,
@@ -47,9 +47,9 @@ class SubscriptionDelivery:
         rng: random.Random,
     ) -> None:
         self.target = target
-        self._client = make_client()
+        self._session = make_session()
         self._counter = DeliveredCounter(store, target.id)
-        sender = Sender(self._client, settings, target.url, target.secret)
+        sender = Sender(self._session, settings, target.url, target.secret)
         self.workers = [
             SourceWorker(target, source, js, store, sender, self._counter, settings, rng)
             for source in sources(target)
@@ -67,7 +67,7 @@ class SubscriptionDelivery:
                 tasks.create_task(self._counter.run(stop))
         finally:
             await self._counter.flush()
-            await self._client.aclose()
+            await self._session.close()
 
 
 class Dispatcher:

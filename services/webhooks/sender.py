@@ -6,7 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 
 from libs import webhooks
 from services.webhooks.payload import Payload
@@ -18,7 +18,7 @@ ANSWER_CHARS = 300
 DRAIN_BYTES = 64 * 1024
 # A URL found allowed is looked up again after this long (its name may resolve elsewhere by
 # then), not before every request: at hundreds of requests a second the lookup would cost more
-# than the request. The check never covered the lookup httpx makes itself when it connects.
+# than the request. The check never covered the lookup aiohttp makes itself when it connects.
 URL_CHECK_TTL_S = 30.0
 
 
@@ -29,24 +29,31 @@ class Outcome:
     error: str | None = None
 
 
-def make_client() -> httpx.AsyncClient:
-    """One client per subscription: its own keep-alive connections to its endpoint, which a
+def make_session() -> aiohttp.ClientSession:
+    """One session per subscription: its own keep-alive connections to its endpoint, which a
     hanging endpoint of another subscription can never take. A subscription's workers (its
-    filter's and its notifications') have at most one request in flight each."""
-    return httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=4, max_keepalive_connections=2, keepalive_expiry=30),
-        follow_redirects=False,  # a redirect could lead where check_url would refuse to go
+    filter's and its notifications') have at most one request in flight each. Call it inside
+    the running event loop (a session belongs to the loop it was made in); close it after."""
+    return aiohttp.ClientSession(
+        # No separate cap on idle connections (httpx had 2): two workers never leave more.
+        connector=aiohttp.TCPConnector(limit=4, keepalive_timeout=30),
         headers={"user-agent": USER_AGENT},
+        # Sender.send bounds each request as a whole (the answer's head included).
+        timeout=aiohttp.ClientTimeout(total=None),
     )
 
 
 class Sender:
-    """POSTs to one subscription's URL with its secret, over the subscription's own client."""
+    """POSTs to one subscription's URL with its secret, over the subscription's own session."""
 
     def __init__(
-        self, client: httpx.AsyncClient, settings: webhooks.WebhookSettings, url: str, secret: str
+        self,
+        session: aiohttp.ClientSession,
+        settings: webhooks.WebhookSettings,
+        url: str,
+        secret: str,
     ) -> None:
-        self._client = client
+        self._session = session
         self._timeout = settings.timeout_s
         self._allow_private = settings.allow_private
         self._url = url
@@ -64,17 +71,21 @@ class Sender:
         )
         try:
             async with asyncio.timeout(self._timeout):
-                async with self._client.stream(
-                    "POST", self._url, content=payload.body, headers={**payload.headers, **signed}
+                async with self._session.post(
+                    self._url,
+                    data=payload.body,
+                    headers={**payload.headers, **signed},
+                    allow_redirects=False,  # a redirect could lead where check_url would refuse
                 ) as response:
                     answer = await _head(response)
-        except TimeoutError:
+        except TimeoutError:  # aiohttp's own timeouts are TimeoutErrors too
             return Outcome(False, error=f"no answer within {self._timeout:g} s")
-        except httpx.HTTPError as exc:
+        # ValueError: what aiohttp refuses to send (a control character in a header value).
+        except (aiohttp.ClientError, ValueError) as exc:
             return Outcome(False, error=f"{type(exc).__name__}: {exc}"[:ANSWER_CHARS])
-        if response.is_success:
-            return Outcome(True, response.status_code)
-        return Outcome(False, response.status_code, f"HTTP {response.status_code}: {answer}")
+        if 200 <= response.status < 300:  # not response.ok, which takes 3xx as a success
+            return Outcome(True, response.status)
+        return Outcome(False, response.status, f"HTTP {response.status}: {answer}")
 
     async def _check_url(self) -> None:
         now = time.monotonic()
@@ -87,15 +98,15 @@ class Sender:
         self._checked_until = now + URL_CHECK_TTL_S
 
 
-async def _head(response: httpx.Response) -> str:
+async def _head(response: aiohttp.ClientResponse) -> str:
     """The start of the answer's body: enough to say why, never a whole large body. A short
     answer is read to its end, so that its connection is kept for the next request."""
     chunk = b""
     read = 0
-    async for part in response.aiter_bytes():
+    async for part in response.content.iter_any():
         if len(chunk) < ANSWER_CHARS:
             chunk += part
         read += len(part)
         if read > DRAIN_BYTES:
-            break  # the connection is closed rather than read any further
+            break  # released unread, the connection is closed rather than read any further
     return chunk[:ANSWER_CHARS].decode(errors="replace")

@@ -24,6 +24,9 @@ from libs import messages as m
 from libs.settings import Settings
 from services.gateway.app import API_PREFIX, create_app
 from services.gateway.subscriptions.controllers import SubscriptionController
+from services.webhooks import sender as sender_mod
+from services.webhooks.payload import Payload
+from services.webhooks.sender import Outcome, Sender, make_session
 from tests.helpers import eventually, unique_id
 from tests.processes import Service
 
@@ -492,6 +495,151 @@ async def test_a_notification_for_no_subscription_is_dead_lettered_with_the_reas
     assert f"{nobody!r} does not exist" in dead.headers[bus.DL_REASON]
     assert dead.headers[bus.DL_CONSUMER] == bus.WEBHOOKS_NOTIFY_DURABLE
     assert m.cloud_event_decoder.decode(dead.data) == alert
+
+
+# --- the sender --------------------------------------------------------------------------------
+
+
+@dataclass
+class Scripted:
+    """An endpoint on 127.0.0.1 that answers its requests with `answers` in turn (raw HTTP/1.1
+    responses; None: no answer at all), counting the connections it was opened."""
+
+    answers: list[bytes | None]
+    requests: list[Received] = field(default_factory=list)
+    connections: int = 0
+    _server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/hook"
+
+    async def __aenter__(self) -> Scripted:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (line.partition(":") for line in head[1:] if line)
+                }
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                self.requests.append(Received(headers, body, None))
+                answer = self.answers.pop(0)
+                if answer is None:
+                    await reader.read()  # until the client gives up
+                    return
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def answer(status: int, body: bytes = b"", *headers: str) -> bytes:
+    head = "".join(f"{h}\r\n" for h in (*headers, f"content-length: {len(body)}"))
+    return f"HTTP/1.1 {status} X\r\n{head}\r\n".encode() + body
+
+
+PAYLOAD = Payload("msg_1", b'{"n": 1}', {"content-type": "application/json"})
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+async def send_all(
+    url: str, *payloads: Payload, allow_private: bool = True, timeout_s: float = 5.0
+) -> list[Outcome]:
+    settings = webhooks.WebhookSettings(allow_private=allow_private, timeout_s=timeout_s)
+    async with make_session() as session:
+        sender = Sender(session, settings, url, SECRET)
+        return [await sender.send(p) for p in payloads]
+
+
+async def test_sender_signs_its_posts_and_keeps_its_connection_alive() -> None:
+    refusal = b"no such device " * 100
+    async with Scripted([answer(204), answer(500, refusal), answer(200, b"ok")]) as endpoint:
+        outcomes = await send_all(endpoint.url, PAYLOAD, PAYLOAD, PAYLOAD)
+
+    assert outcomes == [
+        Outcome(True, 204),
+        Outcome(False, 500, "HTTP 500: " + refusal.decode()[: sender_mod.ANSWER_CHARS]),
+        Outcome(True, 200),
+    ]
+    assert endpoint.connections == 1, "a short answer was not read to its end"
+    first = endpoint.requests[0]
+    assert first.body == PAYLOAD.body and first.headers["content-type"] == "application/json"
+    assert first.headers["user-agent"] == sender_mod.USER_AGENT
+    assert verifies(SECRET, first)
+
+
+async def test_sender_drops_the_connection_of_a_huge_answer_rather_than_read_it() -> None:
+    huge = b"x" * (4 * sender_mod.DRAIN_BYTES)
+    async with Scripted([answer(500, huge), answer(200)]) as endpoint:
+        outcomes = await send_all(endpoint.url, PAYLOAD, PAYLOAD)
+
+    assert outcomes == [Outcome(False, 500, "HTTP 500: " + "x" * 300), Outcome(True, 200)]
+    assert endpoint.connections == 2
+
+
+async def test_sender_does_not_follow_a_redirect() -> None:
+    moved = answer(302, b"", "location: http://169.254.169.254/latest")
+    async with Scripted([moved]) as endpoint:
+        (outcome,) = await send_all(endpoint.url, PAYLOAD)
+
+    assert outcome == Outcome(False, 302, "HTTP 302: ")
+    assert len(endpoint.requests) == 1
+
+
+async def test_sender_gives_up_on_a_silent_endpoint_after_its_timeout() -> None:
+    async with Scripted([None]) as endpoint:
+        (outcome,) = await send_all(endpoint.url, PAYLOAD, timeout_s=0.3)
+
+    assert outcome == Outcome(False, None, "no answer within 0.3 s")
+
+
+async def test_sender_reports_what_went_wrong_instead_of_raising() -> None:
+    async with Scripted([]) as endpoint:
+        closed = endpoint.url
+    bad_header = Payload("msg_2", b"{}", {"x-note": "one\r\ntwo"})
+    async with Scripted([]) as endpoint:
+        outcomes = await send_all(closed, PAYLOAD) + await send_all(endpoint.url, bad_header)
+
+    refused, invalid = outcomes
+    assert not refused.ok and refused.status_code is None
+    assert refused.error is not None and refused.error.startswith("ClientConnectorError: ")
+    assert not invalid.ok and invalid.error is not None and "ValueError" in invalid.error
+    assert endpoint.requests == []
+
+
+async def test_sender_refuses_a_loopback_url_and_checks_an_allowed_one_once_per_ttl(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    checks: list[str] = []
+    check_url = webhooks.check_url
+
+    def counted(url: str, allow_private: bool) -> None:  # as if 127.0.0.1 were a LAN address
+        checks.append(url)
+        check_url(url, allow_private, resolve=lambda host, port: ["192.168.1.20"])
+
+    async with Scripted([answer(204), answer(204)]) as endpoint:
+        url = endpoint.url
+        (refused,) = await send_all(url, PAYLOAD, allow_private=False)
+        monkeypatch.setattr(webhooks, "check_url", counted)
+        outcomes = await send_all(url, PAYLOAD, PAYLOAD, allow_private=False)
+
+    assert not refused.ok and refused.error is not None
+    assert refused.error.startswith("refused: ") and "loopback" in refused.error
+    assert outcomes == [Outcome(True, 204), Outcome(True, 204)]
+    assert checks == [url]  # the second request used the cached check
 
 
 # --- the API -----------------------------------------------------------------------------------
