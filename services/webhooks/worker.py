@@ -34,6 +34,7 @@ from prometheus_client import Counter
 
 from libs import messages as m
 from libs import subjects, webhooks
+from libs.pull import Gaps
 from services.webhooks.attempts import Attempted, after_attempt
 from services.webhooks.payload import BATCHED, Item, Payload, event_id, render, render_batch
 from services.webhooks.sender import Outcome, Sender
@@ -138,6 +139,7 @@ class SourceWorker:
         self._acked_at = 0.0
         self._kept_alive_at = 0.0
         self._backlog = 0  # messages waiting on the consumer, as the last one fetched said
+        self._gaps = Gaps()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set or the task is cancelled (the subscription went away)."""
@@ -154,6 +156,10 @@ class SourceWorker:
                         try:
                             msgs = await self._fetch_next(sub)
                         except TimeoutError:  # nats-py raises asyncio.TimeoutError here
+                            continue
+                        if self._missed(msgs):
+                            await self._unbind(sub)  # bound again, from the ack floor
+                            sub = None
                             continue
                         await self._hold(msgs)
                     await self._deliver_held(stop)
@@ -209,6 +215,7 @@ class SourceWorker:
                 start,
             )
         floor = info.ack_floor.stream_seq
+        self._gaps = Gaps()  # a consumer made again numbers its deliveries anew
         self._known = await self._store.open_records(self.target.id, self.source.name, floor)
         self._settled_seq = floor
         return await self._js.pull_subscribe_bind(durable, stream=stream)
@@ -240,6 +247,18 @@ class SourceWorker:
                     msgs += await sub.fetch(more, timeout=FETCH_TIMEOUT_S)
         self._backlog = (msgs[-1].metadata.num_pending or 0) if msgs else 0
         return msgs
+
+    def _missed(self, msgs: list[Msg]) -> bool:
+        """Events handed out on a connection that died before they came (see libs.pull): the
+        ack of a newer one would ack them undelivered."""
+        for msg in msgs:
+            self._gaps.note(msg)
+        if not self._gaps.take():
+            return False
+        log.info(
+            "subscription %s: %s deliveries never received", self.target.id, self.source.durable
+        )
+        return True
 
     async def _hold(self, msgs: list[Msg]) -> None:
         self._kept_alive_at = time.monotonic()

@@ -29,6 +29,7 @@ from services.webhooks.payload import Payload
 from services.webhooks.sender import Outcome, Sender, make_session
 from tests.helpers import eventually, unique_id
 from tests.processes import Service
+from tests.proxy import Relay
 
 SUBS = f"{API_PREFIX}/subscriptions"
 # The service and the in-process gateway read the same settings.
@@ -735,3 +736,41 @@ async def test_unknown_subscription_and_bad_status_answer_problems(
     assert missing.status_code == 404 and redeliver.status_code == 404
     assert bad_status.status_code == 422
     assert bad_status.json()["errors"][0]["field"] == "status"
+
+
+async def test_events_lost_with_a_connection_are_delivered_once_in_order(
+    subs: Subscriptions,
+    js: JetStreamContext,
+    service_env: dict[str, str],
+    data_dir: Path,
+    nats_url: str,
+) -> None:
+    """Events the bus handed out on a connection that died before they reached the service:
+    the ack of a newer one on the next connection would ack them undelivered."""
+    device = unique_id()
+    relay = Relay(int(nats_url.rsplit(":", 1)[1]))
+    try:
+        async with (
+            Receiver() as receiver,
+            webhooks_service(service_env, data_dir, NATS_URL=relay.url) as service,
+        ):
+            sub = await subs.create(receiver, device)
+            events = [await publish(js, device, n=n) for n in range(3)]
+            await eventually(lambda: len(receiver.delivered) == 3, timeout=15)
+            relay.drop()
+            events += [await publish(js, device, n=n) for n in range(3, 6)]
+            last = (await js.stream_info(subjects.EVENTS_STREAM)).state.last_seq
+            await eventually(lambda: _handed_out(js, sub["id"], last), timeout=15)
+            relay.cut()
+            events += [await publish(js, device, n=n) for n in range(6, 9)]
+            await eventually(lambda: len(receiver.delivered) >= 9, timeout=30)
+            log = service.tail(100_000)
+    finally:
+        relay.close()
+    assert ids_of(receiver.delivered) == [e.id for e in events]
+    assert "deliveries never received" in log
+
+
+async def _handed_out(js: JetStreamContext, subscription_id: str, last_seq: int) -> bool:
+    info = await js.consumer_info(subjects.EVENTS_STREAM, webhooks.consumer_name(subscription_id))
+    return info.delivered.stream_seq >= last_seq
