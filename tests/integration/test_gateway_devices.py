@@ -62,6 +62,24 @@ async def test_registry_round_trip(client: AsyncTestClient) -> None:
         "attributes": {},
         "last_seen": None,
         "version": 0,
+        # What the UI offers as buttons: the light kind's actions, with their params.
+        "actions": [
+            {"name": "turn_on", "params": []},
+            {"name": "turn_off", "params": []},
+            {"name": "toggle", "params": []},
+            {
+                "name": "set_brightness",
+                "params": [
+                    {
+                        "name": "level",
+                        "expected": "an integer 0-100",
+                        "integer": True,
+                        "low": 0,
+                        "high": 100,
+                    }
+                ],
+            },
+        ],
     }
 
     patched = await client.patch(
@@ -201,21 +219,45 @@ async def test_a_command_is_accepted_pending_and_can_be_followed(
 
     sent = await client.post(
         f"{DEVICES}/{device['id']}/commands",
-        json={"action": "turn_off", "params": {"fade_s": 2}, "expires_s": 30},
+        json={"action": "set_brightness", "params": {"level": 30}, "expires_s": 30},
     )
 
     assert sent.status_code == 202
     command = sent.json()
     assert (command["status"], command["action"], command["params"]) == (
         "pending",
-        "turn_off",
-        {"fade_s": 2},
+        "set_brightness",
+        {"level": 30},
     )
     assert command["correlation_id"] == sent.headers["X-Correlation-Id"]
     followed = await client.get(sent.headers["Location"])
     assert followed.status_code == 200
     assert followed.json()["id"] == command["id"]
     assert followed.json()["status"] == "pending"
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "reason"),
+    [
+        ({"action": "open"}, "$.action", "a light has no action 'open'; it accepts turn_on"),
+        (
+            {"action": "set_brightness", "params": {"level": 150}},
+            "$.params.level",
+            "params.level must be an integer 0-100, got 150",
+        ),
+        ({"action": "turn_off", "params": {"fade_s": 2}}, "$.params.fade_s", "takes no param"),
+    ],
+)
+async def test_a_command_its_device_kind_lacks_is_refused_naming_the_field(
+    client: AsyncTestClient, body: dict, field: str, reason: str
+) -> None:
+    device = await register(client)
+
+    refused = await client.post(f"{DEVICES}/{device['id']}/commands", json=body)
+
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["errors"][0]["field"] == field
+    assert reason in refused.json()["detail"]
 
 
 async def test_a_command_to_an_unknown_device_is_not_found(client: AsyncTestClient) -> None:
@@ -291,3 +333,12 @@ async def test_history_is_newest_last_filtered_and_paged(
 
 async def test_history_of_an_unknown_device_is_not_found(client: AsyncTestClient) -> None:
     assert (await client.get(f"{DEVICES}/{unique_id()}/history")).status_code == 404
+
+
+async def test_a_kind_the_platform_does_not_know_lists_no_actions(client: AsyncTestClient) -> None:
+    """Null, not []: such a device takes any action (it answers those it lacks as failed)."""
+    created = await client.post(DEVICES, json={"name": "Gate", "kind": "garage_door"})
+    assert created.status_code == 201, created.text
+    assert created.json()["actions"] is None
+    sensor = await client.post(DEVICES, json={"name": "Probe", "kind": "sensor"})
+    assert sensor.json()["actions"] == []

@@ -51,8 +51,27 @@ class DeviceUpdate(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit
     metadata: Metadata | UnsetType = UNSET
 
 
+class ActionParam(msgspec.Struct, frozen=True):
+    """A number an action needs in `params`."""
+
+    name: str
+    expected: str  # e.g. "an integer 0-100"
+    integer: bool
+    low: float | None
+    high: float | None
+
+
+class DeviceAction(msgspec.Struct, frozen=True):
+    """An action the device's kind accepts, and the params it takes (all required)."""
+
+    name: str
+    params: list[ActionParam]
+
+
 class Device(msgspec.Struct, frozen=True):
-    """The registry entry and the runtime state the actors keep for it."""
+    """The registry entry and the runtime state the actors keep for it. `actions` are what
+    its kind accepts as commands; null for a kind the platform does not know (any action is
+    sent, and the device answers those it lacks with a `failed` status)."""
 
     id: str
     name: str
@@ -68,6 +87,7 @@ class Device(msgspec.Struct, frozen=True):
     attributes: dict[str, AttributeValue]
     last_seen: datetime | None
     version: int
+    actions: list[DeviceAction] | None
 
 
 class CommandCreate(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

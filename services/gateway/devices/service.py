@@ -19,16 +19,18 @@ from nats.js import JetStreamContext
 from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from libs import bus, commands, subjects
+from libs import bus, capabilities, commands, subjects
 from libs import messages as m
 from libs.cache import StateCache
 from libs.db.models import CommandRecord, DeviceState, HistoryEntry
 from libs.db.models import Device as DeviceRow
-from libs.errors import Conflict, NotFound
+from libs.errors import Conflict, Invalid, NotFound
 from services.gateway.devices.schemas import (
+    ActionParam,
     CommandCreate,
     CommandView,
     Device,
+    DeviceAction,
     DeviceCreate,
     DevicePage,
     DeviceUpdate,
@@ -197,6 +199,9 @@ class DeviceService:
             raise Conflict("device is disconnected")
         if row.lifecycle == "decommissioned":
             raise Conflict("device is decommissioned")
+        problem = capabilities.action_problem(row.kind, data.action, data.params)
+        if problem is not None:  # refused here, not failed later by the device
+            raise Invalid(problem.reason, field=f"$.{problem.field}")
         command = commands.new(
             device_id=device_id,
             action=data.action,
@@ -352,4 +357,18 @@ def _device(row: DeviceRow, snapshot: m.DeviceSnapshot) -> Device:
         attributes=snapshot.attributes,
         last_seen=snapshot.last_seen,
         version=snapshot.version,
+        actions=_actions(row.kind),
     )
+
+
+def _actions(kind: str) -> list[DeviceAction] | None:
+    specs = capabilities.KINDS.get(kind)
+    if specs is None:
+        return None
+    return [
+        DeviceAction(
+            spec.name,
+            [ActionParam(p.name, p.expected, p.integer, p.low, p.high) for p in spec.params],
+        )
+        for spec in specs
+    ]
