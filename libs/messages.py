@@ -175,6 +175,17 @@ class RegistryFact(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     device: dict[str, Any] | None = None
 
 
+class LocationFact(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`system.location.<id>`: a home, floor or room was created, updated or deleted."""
+
+    location_id: str
+    change: Literal["created", "updated", "deleted"]
+    actor: str
+    correlation_id: str
+    time: datetime
+    location: dict[str, Any]
+
+
 class RejectedFact(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """`system.device.<id>.rejected`: an event that was not applied, and why."""
 
@@ -488,6 +499,7 @@ cloud_event_decoder = msgspec.json.Decoder(CloudEvent)
 command_decoder = msgspec.json.Decoder(Command)
 state_fact_decoder = msgspec.json.Decoder(DeviceStateFact)
 registry_fact_decoder = msgspec.json.Decoder(RegistryFact)
+location_fact_decoder = msgspec.json.Decoder(LocationFact)
 rejected_fact_decoder = msgspec.json.Decoder(RejectedFact)
 rule_fired_decoder = msgspec.json.Decoder(RuleFired)
 rule_spec_decoder = msgspec.json.Decoder(RuleSpec)

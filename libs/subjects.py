@@ -73,6 +73,11 @@ DEVICE_STATES_ALL = "system.device.*.state"
 DEVICE_REGISTRY_ALL = "system.device.*.registry"
 
 
+def location_changed(location_id: str) -> str:
+    """A home, floor or room was created, renamed or deleted (`LocationFact`)."""
+    return f"system.location.{location_id}"
+
+
 def rule_fired(rule_id: str) -> str:
     return f"system.rule.{rule_id}.fired"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import ColumnElement, event, or_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
@@ -51,3 +51,10 @@ def upsert(
     return stmt.on_conflict_do_update(
         index_elements=[key], set_={name: stmt.excluded[name] for name in names}, where=where
     )
+
+
+def at_or_under(column: Any, path: str) -> ColumnElement[bool]:
+    """`column` is the location path `path` or one below it (`home/ground` covers
+    `home/ground/kitchen`, not `home/groundfloor`); `_` and `%` in ids are not wildcards."""
+    escaped = path.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return or_(column == path, column.like(escaped + "/%", escape="\\"))

@@ -21,6 +21,7 @@ from services.gateway.devices.controllers import DeviceController
 from services.gateway.events.controllers import EventController
 from services.gateway.events.sse import ServerSendMiddleware
 from services.gateway.health.controllers import HealthController
+from services.gateway.locations.controllers import LocationController
 from services.gateway.resources import Shutdown, open_resources, provide_resources
 from services.gateway.rules.controllers import RuleController
 from services.gateway.subscriptions.controllers import SubscriptionController
@@ -51,6 +52,7 @@ def create_app(settings: Settings) -> Litestar:
         path=API_PREFIX,
         route_handlers=[
             DeviceController,
+            LocationController,
             EventController,
             RuleController,
             AuditController,
@@ -78,6 +80,7 @@ def create_app(settings: Settings) -> Litestar:
             path="/schema",
             tags=[
                 Tag(name="devices", description="The registry, runtime state and commands"),
+                Tag(name="locations", description="Homes, floors and rooms"),
                 Tag(name="events", description="Publish, replay and follow the event bus"),
                 Tag(name="rules", description="User rules and their traces"),
                 Tag(name="audit", description="Who did what, when, with what result"),

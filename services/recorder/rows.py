@@ -119,6 +119,19 @@ def from_system(rows: Rows, subject: str, data: bytes, src: tuple[str, int]) -> 
             alert.correlationid,
             body,
         )
+    elif parts[:2] == ["system", "location"] and len(parts) == 3:
+        fact = m.location_fact_decoder.decode(data)
+        _audit(
+            rows,
+            src,
+            fact.time,
+            fact.actor,
+            f"location.{fact.change}",
+            None,
+            "ok",
+            fact.correlation_id,
+            {"location": fact.location},
+        )
     elif parts[:2] == ["system", "rule"] and len(parts) == 4 and parts[3] == "fired":
         fired = m.rule_fired_decoder.decode(data)
         rows.rule_runs.append(

@@ -31,3 +31,26 @@ def test_a_rules_alert_is_audited_whoever_it_goes_to(subject: str) -> None:
     assert entry["result"] == "warning"
     assert entry["correlation_id"] == "episode-1"
     assert entry["source_seq"] == 42
+
+
+def test_a_location_change_is_audited_with_who_made_it() -> None:
+    fact = m.LocationFact(
+        location_id="kitchen",
+        change="created",
+        actor="user:anonymous",
+        correlation_id="c-1",
+        time=m.now(),
+        location={"id": "kitchen", "path": "home/kitchen"},
+    )
+    rows = Rows()
+
+    from_system(rows, subjects.location_changed("kitchen"), m.encode(fact), ("SYSTEM", 7))
+
+    [entry] = rows.audit
+    assert (entry["actor"], entry["action"], entry["result"]) == (
+        "user:anonymous",
+        "location.created",
+        "ok",
+    )
+    assert entry["device_id"] is None
+    assert entry["detail"] == {"location": {"id": "kitchen", "path": "home/kitchen"}}

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from libs import bus, capabilities, commands, subjects
 from libs import messages as m
 from libs.cache import StateCache
+from libs.db.engine import at_or_under
 from libs.db.models import CommandRecord, DeviceState, HistoryEntry
 from libs.db.models import Device as DeviceRow
 from libs.errors import Conflict, Invalid, NotFound
@@ -37,6 +38,7 @@ from services.gateway.devices.schemas import (
     HistoryItem,
     HistoryPage,
 )
+from services.gateway.locations.service import check_device_location
 from services.gateway.pagination import decode_cursor, page
 from services.gateway.resources import require_bus
 
@@ -82,6 +84,7 @@ class DeviceService:
         async with self._sessions.begin() as session:
             if await session.get(DeviceRow, device_id) is not None:
                 raise Conflict(f"device {device_id!r} already exists", field="$.id")
+            await check_device_location(session, data.location)
             row = DeviceRow(
                 id=device_id,
                 name=data.name,
@@ -116,13 +119,7 @@ class DeviceService:
         if filters.kind:
             query = query.where(DeviceRow.kind == filters.kind)
         if filters.location:
-            prefix = filters.location.rstrip("/")
-            query = query.where(
-                or_(
-                    DeviceRow.location == prefix,
-                    DeviceRow.location.like(_escape_like(prefix) + "/%", escape="\\"),
-                )
-            )
+            query = query.where(at_or_under(DeviceRow.location, filters.location.rstrip("/")))
         if filters.state:
             query = query.where(func.coalesce(DeviceState.state, "off") == filters.state)
         if filters.connection:
@@ -151,6 +148,8 @@ class DeviceService:
         }
         async with self._sessions.begin() as session:
             row = await self._row(session, device_id)
+            if "location" in changes:
+                await check_device_location(session, changes["location"])
             changed = False
             for field, value in changes.items():
                 attribute = "metadata_" if field == "metadata" else field
@@ -343,10 +342,6 @@ def _with_state() -> Select[tuple[DeviceRow, DeviceState]]:
     return select(DeviceRow, DeviceState).outerjoin(
         DeviceState, DeviceState.device_id == DeviceRow.id
     )
-
-
-def _escape_like(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _device(row: DeviceRow, snapshot: m.DeviceSnapshot) -> Device:

@@ -1,0 +1,1 @@
+"""`/api/v1/locations`: homes, floors and rooms."""
