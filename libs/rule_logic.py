@@ -95,9 +95,15 @@ def selects(trigger: m.ThresholdTrigger, device_id: str, info: DeviceInfo | None
         return False
     return (
         (sel.kind is None or sel.kind == info.kind)
-        and (sel.location is None or (info.location or "").startswith(sel.location))
+        and (sel.location is None or _at_or_under(info.location, sel.location))
         and (sel.tag is None or sel.tag in info.tags)
     )
+
+
+def _at_or_under(path: str | None, prefix: str) -> bool:
+    """`home/ground` covers `home/ground/kitchen`, not `home/groundfloor`."""
+    prefix = prefix.rstrip("/")
+    return path is not None and (path == prefix or path.startswith(prefix + "/"))
 
 
 def _number(value: m.AttributeValue) -> float | None:

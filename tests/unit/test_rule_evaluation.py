@@ -90,6 +90,7 @@ def test_selector_matches_kind_location_and_tag() -> None:
     assert rl.selects(t, "s1", rl.DeviceInfo("sensor", "home/up/bedroom"))
     assert not rl.selects(t, "s1", rl.DeviceInfo("sensor", "home/ground"))
     assert not rl.selects(t, "s1", rl.DeviceInfo("light", "home/up"))
+    assert not rl.selects(t, "s1", rl.DeviceInfo("sensor", "home/upstairs"))  # not under home/up
     tagged = m.ThresholdTrigger(attribute="t", above=30, selector=m.Selector(tag="freezer"))
     assert rl.selects(tagged, "s2", rl.DeviceInfo("sensor", None, ("freezer",)))
 
