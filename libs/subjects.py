@@ -110,11 +110,20 @@ def notification(subscription_id: str) -> str:
     return f"system.notify.{subscription_id}"
 
 
+NOTIFY_ALL = "system.notify.*"
+
+
 NOTIFICATIONS_ALL = "system.notify.*"
 
 
 def deadletter(original_subject: str) -> str:
     return f"deadletter.{original_subject}"
+
+
+def mqtt_topic(subject: str) -> str:
+    """The MQTT topic of a subject (`events/<id>/<type>`, `commands/<id>`): nats-server's MQTT
+    listener maps `/` to `.`, which is exact for subjects of tokens (no `.` or `/` inside)."""
+    return subject.replace(".", "/")
 
 
 class EventSubject(NamedTuple):

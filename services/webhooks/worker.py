@@ -263,10 +263,23 @@ class SourceWorker:
     async def _hold(self, msgs: list[Msg]) -> None:
         self._kept_alive_at = time.monotonic()
         for msg in msgs:
-            if msg.metadata.sequence.stream > self._settled_seq:
-                self._held.append(msg)
-            else:  # settled already, handed out again (its ack was late): acked again only
+            seq = msg.metadata.sequence.stream
+            if seq <= self._settled_seq:  # settled already, handed out again (a late ack)
                 await msg.ack()
+            elif self._addressed_elsewhere(msg):
+                if not self._held:  # nothing before it to deliver: settled as it is
+                    self._ack_due, self._settled_seq = msg, seq
+                # else: the ack of what is held after it covers it (AckPolicy.ALL)
+            else:
+                self._held.append(msg)
+
+    def _addressed_elsewhere(self, msg: Msg) -> bool:
+        """A rule's notification goes to the subscription it names, through that one's
+        notify consumer: not to every subscription whose filter covers `system.>` (and not
+        twice to the one it names)."""
+        return self.source.name == webhooks.FROM_FILTER and subjects.matches(
+            subjects.NOTIFY_ALL, msg.subject
+        )
 
     async def _keep_alive(self) -> None:
         """Keep what is held in progress, so that the bus does not hand it out again."""

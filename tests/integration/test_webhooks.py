@@ -476,6 +476,38 @@ async def test_a_rules_notification_reaches_the_named_subscription_signed(
     ]
 
 
+async def test_a_notification_goes_once_and_only_to_the_subscription_it_names(
+    subs: Subscriptions, js: JetStreamContext, service_env: dict[str, str], data_dir: Path
+) -> None:
+    """A filter covering `system.notify.*` does not get the notifications of every
+    subscription, nor its own a second time."""
+    async with Receiver() as receiver, webhooks_service(service_env, data_dir):
+        created = await subs.client.post(
+            SUBS, json={"filter": subjects.NOTIFY_ALL, "url": receiver.url}
+        )
+        assert created.status_code == 201, created.text
+        sub = created.json()
+        subs.ids.append(sub["id"])
+        alerts = [
+            m.make_event(unique_id(), "alert", {"n": n}, event_id=unique_id()) for n in (1, 2)
+        ]
+        for alert in alerts:
+            await bus.publish(js, subjects.notification(sub["id"]), alert, msg_id=alert.id)
+        other = m.make_event(unique_id(), "alert", {"n": 3}, event_id=unique_id())
+        ack = await bus.publish(js, subjects.notification(unique_id("sub")), other, msg_id=other.id)
+        # The filter's consumer has passed all three (settled, acked) ...
+        await eventually(lambda: _acked_through(js, webhooks.consumer_name(sub["id"]), ack.seq))
+        # ... and the notify consumer delivered the two addressed to this subscription.
+        await eventually(lambda: len(receiver.delivered) >= 2, timeout=15)
+
+    assert ids_of(receiver.delivered) == [a.id for a in alerts]
+
+
+async def _acked_through(js: JetStreamContext, durable: str, seq: int) -> bool:
+    info = await js.consumer_info(subjects.SYSTEM_STREAM, durable)
+    return info.ack_floor.stream_seq >= seq
+
+
 async def test_a_notification_for_no_subscription_is_dead_lettered_with_the_reason(
     js: JetStreamContext, service_env: dict[str, str], data_dir: Path
 ) -> None:
