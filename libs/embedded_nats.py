@@ -21,7 +21,11 @@ def binary() -> str:
     return found
 
 
-def write_config(data_dir: Path, port: int, host: str = "127.0.0.1", sync: str = "1s") -> Path:
+def write_config(
+    data_dir: Path, port: int, host: str = "127.0.0.1", sync: str = "1s", mqtt_port: int = 0
+) -> Path:
+    """The server's config: JetStream under `data_dir`, and an MQTT listener unless
+    `mqtt_port` is 0."""
     store = (data_dir / "jetstream").resolve()
     store.mkdir(parents=True, exist_ok=True)
     conf = data_dir / "nats-server.conf"
@@ -36,21 +40,46 @@ jetstream {{
   store_dir: "{store}"
   sync_interval: {sync}
 }}
-"""
+{_mqtt_block(host, mqtt_port)}"""
     )
     return conf
 
 
+def _mqtt_block(host: str, port: int) -> str:
+    # The listener needs its own host: it does not take the top-level one (0.0.0.0 otherwise).
+    if not port:
+        return ""
+    return f"""mqtt {{
+  host: "{host}"
+  port: {port}
+}}
+"""
+
+
 def start(
-    data_dir: Path, port: int, log_file: Path | None = None, sync: str = "1s"
+    data_dir: Path,
+    port: int,
+    log_file: Path | None = None,
+    sync: str = "1s",
+    mqtt_port: int = 0,
 ) -> subprocess.Popen[bytes]:
-    """Start nats-server with JetStream on `port`, storing under `data_dir`."""
+    """Start nats-server with JetStream on `port` (and MQTT on `mqtt_port` unless 0),
+    storing under `data_dir`."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    conf = write_config(data_dir, port, sync=sync)
+    conf = write_config(data_dir, port, sync=sync, mqtt_port=mqtt_port)
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen([binary(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
-    wait_for_port("127.0.0.1", port, proc)
+    wait_for_server(port, mqtt_port, proc)
     return proc
+
+
+def wait_for_server(
+    port: int, mqtt_port: int = 0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Until the embedded server takes NATS clients (and MQTT ones when it listens for them)."""
+    wait_for_port("127.0.0.1", port, proc)
+    if mqtt_port:
+        wait_for_port("127.0.0.1", mqtt_port, proc)
 
 
 def wait_for_port(

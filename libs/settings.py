@@ -49,6 +49,10 @@ class Settings:
     http_port_explicit: bool = False
     nats_port: int = 4222
     nats_port_explicit: bool = False
+    # The embedded server's MQTT listener for devices; 0 turns it off (with NATS_URL set
+    # there is no embedded server: MQTT is that server's business).
+    mqtt_port: int = 1883
+    mqtt_port_explicit: bool = False
     health_port: int = 0
     log_level: str = "INFO"
     admin_password: str | None = None
@@ -91,6 +95,7 @@ def load() -> Settings:
     """Read the environment once; raise SettingsError naming the bad variable."""
     http_port, http_explicit = _port("SMARTHOME_HTTP_PORT", 8000)
     nats_port, nats_explicit = _port("SMARTHOME_NATS_PORT", 4222)
+    mqtt_port, mqtt_explicit = _port("SMARTHOME_MQTT_PORT", 1883)
     health_port, _ = _port("SMARTHOME_HEALTH_PORT", 0)
     level = os.environ.get("SMARTHOME_LOG_LEVEL", "INFO").upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
@@ -105,6 +110,8 @@ def load() -> Settings:
         http_port_explicit=http_explicit,
         nats_port=nats_port,
         nats_port_explicit=nats_explicit,
+        mqtt_port=mqtt_port,
+        mqtt_port_explicit=mqtt_explicit,
         health_port=health_port,
         log_level=level,
         admin_password=os.environ.get("SMARTHOME_ADMIN_PASSWORD") or None,

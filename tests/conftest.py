@@ -28,9 +28,15 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def nats_url(data_dir: Path) -> Iterator[str]:
+def mqtt_port() -> int:
+    """The session's nats-server also listens for MQTT devices, here."""
+    return embedded_nats.free_port()
+
+
+@pytest.fixture(scope="session")
+def nats_url(data_dir: Path, mqtt_port: int) -> Iterator[str]:
     port = embedded_nats.free_port()
-    proc = embedded_nats.start(data_dir / "nats", port, data_dir / "nats.log")
+    proc = embedded_nats.start(data_dir / "nats", port, data_dir / "nats.log", mqtt_port=mqtt_port)
     yield f"nats://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)

@@ -58,8 +58,11 @@ async def up(s: Settings, with_demo: bool, demo_for: float) -> int:
     # Every port is settled before anything starts: a refusal leaves nothing behind.
     http_port = choose_port("SMARTHOME_HTTP_PORT", s.http_port, s.http_port_explicit)
     nats_port = None
+    mqtt_port = 0  # 0: no MQTT listener
     if not s.nats_url:
         nats_port = choose_port("SMARTHOME_NATS_PORT", s.nats_port, s.nats_port_explicit)
+        if s.mqtt_port:
+            mqtt_port = choose_port("SMARTHOME_MQTT_PORT", s.mqtt_port, s.mqtt_port_explicit)
     nats_url = s.nats_url or f"nats://127.0.0.1:{nats_port}"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -69,7 +72,7 @@ async def up(s: Settings, with_demo: bool, demo_for: float) -> int:
     watchers: list[asyncio.Task[None]] = []
     try:
         if nats_port is not None:
-            children.append(await _start_bus(s, nats_port))
+            children.append(await _start_bus(s, nats_port, mqtt_port))
         await asyncio.to_thread(upgrade, s.effective_database_url)
         log.info("database migrated (%s)", _redact(s.effective_database_url))
         env = child_env(s, nats_url, http_port)
@@ -81,7 +84,7 @@ async def up(s: Settings, with_demo: bool, demo_for: float) -> int:
             await children[-1].start()
         watchers = [asyncio.create_task(c.keep_running()) for c in children]
         if await _ready(env["SMARTHOME_API_URL"], with_demo, demo_for, stop):
-            _banner(env["SMARTHOME_API_URL"], nats_url, s)
+            _banner(env["SMARTHOME_API_URL"], nats_url, _mqtt_address(s, mqtt_port), s)
         await stop.wait()
     finally:
         log.info("stopping")
@@ -94,13 +97,22 @@ async def up(s: Settings, with_demo: bool, demo_for: float) -> int:
     return 0
 
 
-async def _start_bus(s: Settings, port: int) -> Child:
-    conf = embedded_nats.write_config(s.data_dir, port, sync=s.nats_sync)
+async def _start_bus(s: Settings, port: int, mqtt_port: int) -> Child:
+    conf = embedded_nats.write_config(s.data_dir, port, sync=s.nats_sync, mqtt_port=mqtt_port)
     argv = [embedded_nats.binary(), "-c", str(conf)]
     bus = Child("nats-server", argv, dict(os.environ), s.data_dir / "logs" / "nats-server.log")
     await bus.start()
-    await asyncio.to_thread(embedded_nats.wait_for_port, "127.0.0.1", port)
+    await asyncio.to_thread(embedded_nats.wait_for_server, port, mqtt_port)
     return bus
+
+
+def _mqtt_address(s: Settings, mqtt_port: int) -> str:
+    """Where devices connect over MQTT, or why they cannot."""
+    if s.nats_url:
+        return "not started: NATS_URL is set (MQTT is that server's listener, if it has one)"
+    if not mqtt_port:
+        return "off (SMARTHOME_MQTT_PORT=0)"
+    return f"mqtt://127.0.0.1:{mqtt_port}"
 
 
 async def _ready(api_url: str, with_demo: bool, demo_for: float, stop: asyncio.Event) -> bool:
@@ -118,13 +130,14 @@ async def _ready(api_url: str, with_demo: bool, demo_for: float, stop: asyncio.E
     return True
 
 
-def _banner(api_url: str, nats_url: str, s: Settings) -> None:
+def _banner(api_url: str, nats_url: str, mqtt: str, s: Settings) -> None:
     print(
         "\n"
         f"  smarthome is up\n"
         f"  UI        {api_url}/\n"
         f"  API docs  {api_url}/schema\n"
         f"  NATS      {nats_url}\n"
+        f"  MQTT      {mqtt}\n"
         f"  data      {s.data_dir.resolve()}  (logs in {s.data_dir.resolve() / 'logs'})\n"
         f"  Ctrl-C stops everything.\n",
         flush=True,

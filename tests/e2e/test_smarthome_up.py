@@ -3,12 +3,17 @@ Ctrl-C stops everything, and a second `up` resumes from the same data."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import time
+from collections.abc import Iterator
 
 import httpx
+import paho.mqtt.client as mqtt
 import psutil
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.e2e.up import Up
 from tests.helpers import eventually
@@ -106,6 +111,63 @@ def test_explicit_port_in_use_is_a_one_line_error(tmp_path, ports) -> None:  # t
     err = up.stderr.read_text().strip().splitlines()
     assert code == 2
     assert err == [f"smarthome: SMARTHOME_HTTP_PORT={port} is already in use; choose another port"]
+
+
+def test_explicit_mqtt_port_in_use_is_a_one_line_error(tmp_path, ports, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("SMARTHOME_MQTT_PORT", str(port))
+        up = Up(tmp_path, *ports)
+        code = up.proc.wait(60)
+    err = up.stderr.read_text().strip().splitlines()
+    assert code == 2
+    assert err == [f"smarthome: SMARTHOME_MQTT_PORT={port} is already in use; choose another port"]
+
+
+@contextlib.contextmanager
+def default_mqtt_port_taken() -> Iterator[None]:
+    """1883 is in use inside: held here, unless something holds it already (Mosquitto)."""
+    with socket.socket() as holder:
+        with contextlib.suppress(OSError):
+            holder.bind(("127.0.0.1", 1883))
+            holder.listen()
+        yield
+
+
+async def banner_line(up: Up, label: str) -> str:
+    """The line of `smarthome up`'s banner that starts with `label`."""
+    assert up.proc.stdout is not None
+    while True:
+        line = await asyncio.wait_for(asyncio.to_thread(up.proc.stdout.readline), 60)
+        assert line, "stdout closed before the banner"
+        if line.decode().strip().startswith(label):
+            return line.decode().strip()
+
+
+async def test_a_taken_default_mqtt_port_is_replaced_by_a_free_one_and_printed(
+    tmp_path, ports
+) -> None:  # type: ignore[no-untyped-def]
+    with default_mqtt_port_taken():
+        up = Up(tmp_path, *ports, "--no-demo")
+        try:
+            printed = await banner_line(up, "MQTT")
+            port = int(printed.rpartition(":")[2])
+            assert printed == f"MQTT      mqtt://127.0.0.1:{port}" and port != 1883
+            replaced = f"port 1883 (SMARTHOME_MQTT_PORT default) is taken; using {port}"
+            assert replaced in up.stderr.read_text()
+            device = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+            device.connect("127.0.0.1", port)
+            device.loop_start()
+            try:
+                await eventually(device.is_connected)  # an MQTT server answers there
+            finally:
+                device.disconnect()
+                device.loop_stop()
+        finally:
+            code, orphans = up.stop()
+    assert (code, orphans) == (0, [])
 
 
 def test_killed_child_is_restarted(tmp_path, ports) -> None:  # type: ignore[no-untyped-def]

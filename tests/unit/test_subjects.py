@@ -9,6 +9,11 @@ def test_device_event_subject_round_trips() -> None:
     assert subjects.parse_device_event(s) == ("kitchen-light", "telemetry")
 
 
+def test_mqtt_topics_are_the_subjects_with_slashes() -> None:
+    assert subjects.mqtt_topic(subjects.device_events("d-1", "telemetry")) == "events/d-1/telemetry"
+    assert subjects.mqtt_topic(subjects.commands("d_1")) == "commands/d_1"
+
+
 @pytest.mark.parametrize(
     "bad", ["events.a", "events.a.b.c", "commands.a.b", "events.a b.t", "events..t", "events.*.t"]
 )
