@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
 from . import k8s
-from .conftest import Render
+from .conftest import RELEASE, Render
 from .k8s import ROOT, Doc
 
 Rendered = tuple[str, list[Doc]]
@@ -388,6 +390,41 @@ def test_only_the_gateway_is_reachable_from_outside(rendered: Rendered) -> None:
             allowed = set(peer["podSelector"]["matchExpressions"][0]["values"])
             services = {"gateway", "actors", "rules", "recorder", "webhooks"}
             assert allowed <= services | {"migrate"}, allowed
+
+
+def _nats_open_ports(docs: list[Doc]) -> list[tuple[set[int], list[Doc]]]:
+    """(ports, peers) of the NATS NetworkPolicy's rules other than the release pods' own."""
+    release_pods = {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": RELEASE}}}
+    (policy,) = [
+        p
+        for p in k8s.by_kind(docs, "NetworkPolicy")
+        if k8s.is_ours(p) and k8s.component(p) == "nats"
+    ]
+    return [
+        ({p["port"] for p in rule.get("ports", [])}, rule.get("from", []))
+        for rule in policy["spec"]["ingress"]
+        if rule.get("from") != [release_pods]
+    ]
+
+
+def test_mqtt_devices_reach_the_nats_mqtt_port_and_nothing_else(rendered: Rendered) -> None:
+    """NATS listens for MQTT on 1883, its Service exposes it, and from outside the release
+    that port is the only one of NATS open to anyone."""
+    values_name, docs = rendered
+    (conf,) = [c for c in k8s.by_kind(docs, "ConfigMap") if k8s.name(c).endswith("-nats-config")]
+    assert re.search(r'"mqtt": \{\s*"port": 1883', conf["data"]["nats.conf"]), values_name
+    (service,) = [s for s in k8s.by_kind(docs, "Service") if k8s.name(s).endswith("-nats")]
+    assert {"name": "mqtt", "port": 1883} in [
+        {"name": p["name"], "port": p["port"]} for p in service["spec"]["ports"]
+    ], values_name
+    open_to_anyone = [ports for ports, peers in _nats_open_ports(docs) if not peers]
+    assert open_to_anyone == [{1883}], f"[{values_name}] {open_to_anyone}"
+
+
+def test_mqtt_from_narrows_who_reaches_the_mqtt_port(render: Render) -> None:
+    home = {"ipBlock": {"cidr": "192.168.1.0/24"}}
+    docs = render("default", "--set-json", f"networkPolicy.mqttFrom=[{json.dumps(home)}]")
+    assert _nats_open_ports(docs) == [({1883}, [home])]
 
 
 def test_the_migration_is_a_hook_that_runs_before_the_new_code(render: Render) -> None:
