@@ -11,7 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 from nats.js import JetStreamContext
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from libs import bus, subjects
 from libs import messages as m
@@ -83,19 +83,22 @@ def stand_in(device_id: str, status: m.CommandStatusData) -> dict[str, Any]:
 async def record(sessions: async_sessionmaker[AsyncSession], *sent: m.Command) -> None:
     """Store commands (status `pending`) in one write; a repeated id changes nothing, except
     that it fills in a stand-in row."""
-    fills_stand_in = CommandRecord.__table__.c.action == STAND_IN_ACTION
     async with sessions.begin() as session:
-        statement = upsert(
-            session.bind,  # type: ignore[arg-type]
-            CommandRecord.__table__,
-            "id",
-            SENDER_COLUMNS,
-            where=fills_stand_in,
+        await session.execute(
+            record_statement(session.bind),  # type: ignore[arg-type]
+            [row(command) for command in sent],
         )
-        await session.execute(statement, [_row(command) for command in sent])
 
 
-def _row(command: m.Command) -> dict[str, Any]:
+def record_statement(engine: AsyncEngine) -> Any:
+    """The write of `record`, for rows made by `row`: also the recorder's, which records
+    every command from the bus (a rule's command sent while the database was down is
+    recorded when it is back)."""
+    fills_stand_in = CommandRecord.__table__.c.action == STAND_IN_ACTION
+    return upsert(engine, CommandRecord.__table__, "id", SENDER_COLUMNS, where=fills_stand_in)
+
+
+def row(command: m.Command) -> dict[str, Any]:
     return {
         "id": command.id,
         "device_id": command.device_id,

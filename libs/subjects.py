@@ -110,9 +110,6 @@ def notification(subscription_id: str) -> str:
     return f"system.notify.{subscription_id}"
 
 
-NOTIFY_ALL = "system.notify.*"
-
-
 NOTIFICATIONS_ALL = "system.notify.*"
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import msgspec
 
+from libs import commands, subjects
 from libs import messages as m
-from libs import subjects
 
 # Heartbeats say only "still here": they update presence, not history.
 NOT_HISTORY = frozenset({"heartbeat", "presence_timeout"})
@@ -21,6 +21,7 @@ class Rows:
     history: list[dict[str, Any]] = field(default_factory=list)
     audit: list[dict[str, Any]] = field(default_factory=list)
     rule_runs: list[dict[str, Any]] = field(default_factory=list)
+    commands: dict[str, dict[str, Any]] = field(default_factory=dict)  # by id: one write each
 
 
 def _audit(
@@ -87,6 +88,7 @@ def from_event(
 
 def from_command(rows: Rows, data: bytes, src: tuple[str, int]) -> None:
     cmd = m.command_decoder.decode(data)
+    rows.commands.setdefault(cmd.id, commands.row(cmd))  # recorded already: changes nothing
     _audit(
         rows,
         src,

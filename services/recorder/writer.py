@@ -14,7 +14,7 @@ from nats.js.api import RawStreamMsg
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from libs import bus, runtime, subjects
+from libs import bus, commands, runtime, subjects
 from libs import messages as m
 from libs.db.engine import insert_ignoring_duplicates
 from libs.db.models import AuditEntry, HistoryEntry, RuleRun
@@ -128,6 +128,9 @@ class StreamRecorder:
                     if values:
                         insert = insert_ignoring_duplicates(self._engine, table)
                         await session.execute(insert, values)
+                if rows.commands:
+                    record = commands.record_statement(self._engine)
+                    await session.execute(record, list(rows.commands.values()))
 
         async def still_working() -> None:
             for msg in msgs:

@@ -74,8 +74,8 @@ class ActionRunner:
             return
         try:
             await commands.record(self._sessions, *(command for _, command in sent))
-        except Exception as exc:  # sent all the same: say so, and what was not recorded
-            detail = f"sent; not recorded ({type(exc).__name__}: {exc})"
+        except Exception as exc:  # sent all the same; the recorder records it from the bus
+            detail = f"sent; recorded later from the bus ({type(exc).__name__}: {exc})"
             for position, _ in sent:
                 outcomes[position] = msgspec.structs.replace(outcomes[position], detail=detail)
 

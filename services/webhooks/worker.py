@@ -278,7 +278,7 @@ class SourceWorker:
         notify consumer: not to every subscription whose filter covers `system.>` (and not
         twice to the one it names)."""
         return self.source.name == webhooks.FROM_FILTER and subjects.matches(
-            subjects.NOTIFY_ALL, msg.subject
+            subjects.NOTIFICATIONS_ALL, msg.subject
         )
 
     async def _keep_alive(self) -> None:

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from libs import bus
+from libs import bus, subjects
 from libs import messages as m
 from libs.db.engine import make_engine, make_sessionmaker
 from libs.db.migrate import upgrade
-from libs.db.models import Device
+from libs.db.models import CommandRecord, Device
 from libs.settings import async_database_url
 from tests.helpers import eventually, unique_id
 from tests.integration.test_actors import states
 from tests.integration.test_actors_resilience import quiet_env
+from tests.integration.test_rules import add_devices, add_rule, collected, report, rule_spec
 from tests.outage import PrivateNats, PrivatePostgres, postgres_bin
 from tests.processes import Service
 
@@ -118,3 +119,51 @@ async def test_bus_killed_and_restarted_keeps_acknowledged_events(
             nats_server.proc.wait(10)
     assert code == 0, actors.tail()
     assert all(s.attributes == {"n": 2 * PER_DEVICE - 1} for s in final.values())
+
+
+@pytest.mark.skipif(postgres_bin() is None, reason="needs PostgreSQL server binaries to stop one")
+async def test_a_rules_command_sent_while_the_database_is_down_is_recorded_when_it_is_back(
+    tmp_path: Path, private_postgres, service_env, js, nc
+) -> None:  # type: ignore[no-untyped-def]
+    pg = private_postgres
+    pg.start()
+    await asyncio.to_thread(upgrade, async_database_url(pg.url))
+    engine = make_engine(async_database_url(pg.url))
+    sessions = make_sessionmaker(engine)
+    meter, light = unique_id("meter"), unique_id("light")
+    await add_devices(sessions, meter, light)
+    rule_id = await add_rule(sessions, nc, rule_spec(meter, light, for_s=0))
+    env = {**quiet_env(service_env), "DATABASE_URL": pg.url}
+    env.pop("REDIS_URL", None)
+    rules = Service("services.rules", env, tmp_path).start()
+    recorder = Service("services.recorder", env, tmp_path).start()
+    try:
+        await eventually(lambda: "loaded" in rules.tail(), timeout=15)
+        pg.stop()
+        await report(js, meter, 60.0, 1)
+        [fired] = await eventually(
+            lambda: collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder), timeout=30
+        )
+        sent = await collected(js, subjects.commands(light), m.command_decoder)
+        pg.start()
+        record = await eventually(lambda: _command_row(sessions, sent[0].id), timeout=60)
+    finally:
+        rules.stop()
+        recorder.stop()
+        await engine.dispose()
+    command = fired.outcomes[0]
+    assert command.ok and command.command_id == sent[0].id
+    assert "recorded later from the bus" in (command.detail or "")
+    assert (record.action, record.issued_by, record.correlation_id) == (
+        "turn_off",
+        f"rule:{rule_id}",
+        fired.correlation_id,
+    )
+
+
+async def _command_row(sessions, command_id: str) -> CommandRecord | None:  # type: ignore[no-untyped-def]
+    try:
+        async with sessions() as session:
+            return await session.get(CommandRecord, command_id)
+    except Exception as exc:
+        raise AssertionError(f"database not answering yet: {exc!r}") from None

@@ -483,7 +483,7 @@ async def test_a_notification_goes_once_and_only_to_the_subscription_it_names(
     subscription, nor its own a second time."""
     async with Receiver() as receiver, webhooks_service(service_env, data_dir):
         created = await subs.client.post(
-            SUBS, json={"filter": subjects.NOTIFY_ALL, "url": receiver.url}
+            SUBS, json={"filter": subjects.NOTIFICATIONS_ALL, "url": receiver.url}
         )
         assert created.status_code == 201, created.text
         sub = created.json()

@@ -6,7 +6,7 @@ import pytest
 
 from libs import messages as m
 from libs import subjects
-from services.recorder.rows import Rows, from_system
+from services.recorder.rows import Rows, from_command, from_system
 
 
 @pytest.mark.parametrize(
@@ -54,3 +54,25 @@ def test_a_location_change_is_audited_with_who_made_it() -> None:
     )
     assert entry["device_id"] is None
     assert entry["detail"] == {"location": {"id": "kitchen", "path": "home/kitchen"}}
+
+
+def test_each_command_on_the_bus_is_a_command_record_once() -> None:
+    command = m.Command(
+        id="cmd-1",
+        device_id="light-1",
+        action="turn_off",
+        params={},
+        issued_at=m.now(),
+        expires_at=m.now(),
+        issued_by="rule:r1",
+        correlation_id="episode-1",
+    )
+    rows = Rows()
+
+    from_command(rows, m.encode(command), ("COMMANDS", 3))
+    from_command(rows, m.encode(command), ("COMMANDS", 4))  # stored twice (after the window)
+
+    assert list(rows.commands) == ["cmd-1"]
+    assert rows.commands["cmd-1"]["issued_by"] == "rule:r1"
+    assert rows.commands["cmd-1"]["status"] == "pending"
+    assert [a["action"] for a in rows.audit] == ["command.sent", "command.sent"]
