@@ -37,7 +37,7 @@ def arguments(description: str, default_id: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
     p.add_argument("--heartbeat", type=float, default=5.0, help="seconds between heartbeats")
-    p.add_argument("--location", default=None)
+    p.add_argument("--location", default=os.environ.get("SMARTHOME_DEVICE_LOCATION"))
     return p
 
 

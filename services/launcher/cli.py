@@ -21,6 +21,7 @@ log = logging.getLogger("smarthome")
 
 SERVICES = ("gateway", "actors", "rules", "recorder", "webhooks")
 DEVICES = ("lightbulb", "energy_tracker")
+DEMO_DEVICE_ENV = {"SMARTHOME_DEVICE_LOCATION": demo.ROOM_PATH}
 
 
 class StartError(Exception):
@@ -80,7 +81,8 @@ async def up(s: Settings, with_demo: bool, demo_for: float) -> int:
         packages += [("devices", n) for n in DEVICES] if with_demo else []
         for package, name in packages:
             log_path = s.data_dir / "logs" / f"{name}.log"
-            children.append(Child(name, python_module(f"{package}.{name}"), env, log_path))
+            child_vars = env if package == "services" else {**env, **DEMO_DEVICE_ENV}
+            children.append(Child(name, python_module(f"{package}.{name}"), child_vars, log_path))
             await children[-1].start()
         watchers = [asyncio.create_task(c.keep_running()) for c in children]
         if await _ready(env["SMARTHOME_API_URL"], with_demo, demo_for, stop):
@@ -126,6 +128,7 @@ async def _ready(api_url: str, with_demo: bool, demo_for: float, stop: asyncio.E
         return False
     ready.result()
     if with_demo:
+        await demo.install_locations(api_url)
         log.info("demo rule %s", await demo.install_rule(api_url, demo_for))
     return True
 

@@ -10,6 +10,12 @@ import httpx
 LIGHT_ID = "demo-light"
 METER_ID = "demo-meter"
 RULE_ID = "demo-light-timeout"
+# Where the demo devices are (`SMARTHOME_DEVICE_LOCATION` of their processes).
+LOCATIONS = (
+    {"id": "home", "name": "Home", "kind": "home"},
+    {"id": "living-room", "name": "Living room", "kind": "room", "parent_id": "home"},
+)
+ROOM_PATH = "home/living-room"
 
 
 def rule(for_s: float) -> dict:
@@ -42,6 +48,15 @@ async def wait_ready(api_url: str, timeout: float = 60.0) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"gateway at {api_url} not ready after {timeout}s")
             await asyncio.sleep(0.2)
+
+
+async def install_locations(api_url: str) -> None:
+    """Define the demo's home and room through the public API unless they are defined."""
+    async with httpx.AsyncClient(base_url=api_url, timeout=5) as http:
+        for location in LOCATIONS:
+            r = await http.post("/api/v1/locations", json=location)
+            if r.status_code not in (201, 409):
+                raise RuntimeError(f"demo location refused: {r.status_code} {r.text[:300]}")
 
 
 async def install_rule(api_url: str, for_s: float) -> str:

@@ -56,7 +56,7 @@ async def test_demo_turns_the_light_off_and_audit_tells_one_story(tmp_path, port
             return rows
 
         rows = await eventually(story, timeout=20, interval=0.3)
-        assert {r["correlation_id"] for r in rows} == {correlation}
+        assert {r["correlation_id"] for r in rows} == {correlation}, rows
         # Once the light is off the meter reads 0 W: the episode ends and the mark clears.
         meter = await eventually(
             lambda: (d := up.get("/api/v1/devices/demo-meter").json())["state"] == "off" and d,
@@ -66,8 +66,8 @@ async def test_demo_turns_the_light_off_and_audit_tells_one_story(tmp_path, port
     finally:
         code, orphans = up.stop()
     assert code == 0, up.stderr.read_text()[-3000:]
-    assert orphans == []
-    assert "Traceback" not in up.stderr.read_text()
+    assert orphans == [], [p.cmdline() for p in orphans]
+    assert "Traceback" not in up.stderr.read_text(), up.stderr.read_text()[-3000:]
 
 
 async def test_second_up_resumes_from_the_same_data(tmp_path, ports) -> None:  # type: ignore[no-untyped-def]

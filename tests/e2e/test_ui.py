@@ -58,6 +58,7 @@ async def test_the_page_shows_the_demo_live_and_acts_on_it(tmp_path, ports, brow
         await expect(rule).to_contain_text("demo-meter power_w > ", timeout=SLOW_S * 1000)
         await _light_is(page, on=False)
         await expect(light.locator('[data-field="state"]')).to_have_text("off")
+        await expect(light).to_contain_text("home/living-room")  # the demo's room
         await expect(rule.locator('[data-field="last-run"]')).not_to_have_text("never")
         await expect(page.locator("#audit")).to_contain_text("rule.fired")
         # The meter reads 0 W: the episode ends, and the meter's mark clears.

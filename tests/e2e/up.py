@@ -38,7 +38,12 @@ class Up:
             )
 
     def get(self, path: str, **params: object) -> httpx.Response:
-        return httpx.get(self.api + path, params=params, timeout=5)
+        """A GET; no answer in time is an AssertionError, which `eventually` retries (a
+        loaded CI machine may be slow to answer one request, not to reach the state)."""
+        try:
+            return httpx.get(self.api + path, params=params, timeout=10)
+        except httpx.TransportError as exc:
+            raise AssertionError(f"GET {path}: {exc!r}") from exc
 
     async def ready(self) -> None:
         async def answers() -> bool:
