@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # One image for every smarthome process; the command picks which one:
 #   python -m services.gateway | services.actors | services.rules | services.recorder
+#             | services.webhooks
 #   python -m devices.lightbulb | devices.energy_tracker
 #   python -m libs.db.migrate
 #
