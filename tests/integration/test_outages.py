@@ -4,9 +4,11 @@ catches up; a bus killed with -9 and restarted keeps every acknowledged event.""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from libs import bus, subjects
 from libs import messages as m
@@ -51,28 +53,39 @@ async def all_at(sessions, devices: list[str], n: int) -> bool:  # type: ignore[
     return True
 
 
+@dataclass
+class PrivateDatabase:
+    """A private Postgres, migrated, that a test may stop and start."""
+
+    pg: PrivatePostgres
+    sessions: async_sessionmaker
+
+    def env(self, service_env: dict[str, str]) -> dict[str, str]:
+        env = {**quiet_env(service_env), "DATABASE_URL": self.pg.url}
+        env.pop("REDIS_URL", None)  # the database is the only store: nothing may hide the outage
+        return env
+
+
 @pytest.fixture
-def private_postgres():  # type: ignore[no-untyped-def]
+async def private_db():  # type: ignore[no-untyped-def]
     pg = PrivatePostgres()
-    yield pg
+    pg.start()
+    await asyncio.to_thread(upgrade, async_database_url(pg.url))
+    engine = make_engine(async_database_url(pg.url))
+    yield PrivateDatabase(pg, make_sessionmaker(engine))
+    await engine.dispose()
     pg.remove()
 
 
 @pytest.mark.skipif(postgres_bin() is None, reason="needs PostgreSQL server binaries to stop one")
 async def test_database_outage_buffers_on_the_bus_and_catches_up(
-    tmp_path: Path, private_postgres, service_env, js
+    tmp_path: Path, private_db, service_env, js
 ) -> None:  # type: ignore[no-untyped-def]
-    pg = private_postgres
-    pg.start()
-    await asyncio.to_thread(upgrade, async_database_url(pg.url))
-    engine = make_engine(async_database_url(pg.url))
-    sessions = make_sessionmaker(engine)
+    pg, sessions = private_db.pg, private_db.sessions
     devices = [unique_id("pgdown") for _ in range(5)]
     async with sessions.begin() as session:
         session.add_all([Device(id=d, name=d, kind="sensor") for d in devices])
-    env = {**quiet_env(service_env), "DATABASE_URL": pg.url}
-    env.pop("REDIS_URL", None)  # the database is the only store: nothing may hide the outage
-    actors = Service("services.actors", env, tmp_path).start()
+    actors = Service("services.actors", private_db.env(service_env), tmp_path).start()
     try:
         await publish(js, devices, 0, PER_DEVICE)
         await eventually(lambda: all_at(sessions, devices, PER_DEVICE), timeout=30)
@@ -84,7 +97,6 @@ async def test_database_outage_buffers_on_the_bus_and_catches_up(
         final = await states(sessions, devices)
     finally:
         code = actors.stop()
-        await engine.dispose()
     assert code == 0, actors.tail()
     assert all(s.attributes == {"n": 2 * PER_DEVICE - 1} for s in final.values())
 
@@ -123,18 +135,13 @@ async def test_bus_killed_and_restarted_keeps_acknowledged_events(
 
 @pytest.mark.skipif(postgres_bin() is None, reason="needs PostgreSQL server binaries to stop one")
 async def test_a_rules_command_sent_while_the_database_is_down_is_recorded_when_it_is_back(
-    tmp_path: Path, private_postgres, service_env, js, nc
+    tmp_path: Path, private_db, service_env, js, nc
 ) -> None:  # type: ignore[no-untyped-def]
-    pg = private_postgres
-    pg.start()
-    await asyncio.to_thread(upgrade, async_database_url(pg.url))
-    engine = make_engine(async_database_url(pg.url))
-    sessions = make_sessionmaker(engine)
+    pg, sessions = private_db.pg, private_db.sessions
     meter, light = unique_id("meter"), unique_id("light")
     await add_devices(sessions, meter, light)
     rule_id = await add_rule(sessions, nc, rule_spec(meter, light, for_s=0))
-    env = {**quiet_env(service_env), "DATABASE_URL": pg.url}
-    env.pop("REDIS_URL", None)
+    env = private_db.env(service_env)
     rules = Service("services.rules", env, tmp_path).start()
     recorder = Service("services.recorder", env, tmp_path).start()
     try:
@@ -150,7 +157,6 @@ async def test_a_rules_command_sent_while_the_database_is_down_is_recorded_when_
     finally:
         rules.stop()
         recorder.stop()
-        await engine.dispose()
     command = fired.outcomes[0]
     assert command.ok and command.command_id == sent[0].id
     assert "recorded later from the bus" in (command.detail or "")
