@@ -19,6 +19,7 @@ from tests.helpers import eventually, unique_id
 from tests.integration.test_actors import register, send, states
 from tests.outage import PrivatePostgres, postgres_bin
 from tests.processes import Service
+from tests.proxy import Relay
 
 PER_DEVICE = 100
 
@@ -179,3 +180,48 @@ async def test_a_worker_stopped_while_the_database_is_down_loses_nothing(
 async def all_at_version(sessions, devices: list[str], version: int) -> bool:  # type: ignore[no-untyped-def]
     found = await states(sessions, devices)
     return len(found) == len(devices) and all(s.version >= version for s in found.values())
+
+
+async def test_events_lost_with_a_connection_are_applied_once_in_order(
+    service_env, data_dir, nats_url, js, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    """Events the bus handed out on a connection that died before they arrived are applied
+    before the newer ones of the next connection (whose ack would ack them unseen)."""
+    device = unique_id("lost")
+    await register(sessions, device)
+    relay = Relay(int(nats_url.rsplit(":", 1)[1]))
+    worker = Service(
+        "services.actors", {**quiet_env(service_env), "NATS_URL": relay.url}, data_dir
+    ).start()
+
+    async def publish(first: int, count: int) -> int:
+        for n in range(first, first + count):
+            event = m.make_event(device, "telemetry", {"n": n})
+            ack = await bus.publish(js, event.nats_subject, event, msg_id=event.id)
+        return ack.seq
+
+    async def version_is(version: int):  # type: ignore[no-untyped-def]
+        found = (await states(sessions, [device])).get(device)
+        assert found is not None, "no state yet"
+        assert found.version >= version, (found.version, found.attributes)
+        return found
+
+    try:
+        await publish(0, 5)
+        await eventually(lambda: version_is(5), timeout=15)
+        relay.drop()
+        last = await publish(5, 5)
+        await eventually(lambda: _delivered(js, last), timeout=15)
+        relay.cut()
+        await publish(10, 5)
+        final = await eventually(lambda: version_is(15), timeout=30)
+    finally:
+        code = worker.stop()
+        relay.close()
+    assert code == 0, worker.tail()
+    assert (final.version, final.attributes) == (15, {"n": 14})
+
+
+async def _delivered(js, last_seq: int) -> bool:  # type: ignore[no-untyped-def]
+    info = await js.consumer_info(subjects.EVENTS_STREAM, bus.ACTORS_DURABLE)
+    return info.delivered.stream_seq >= last_seq
