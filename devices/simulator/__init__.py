@@ -1,0 +1,1 @@
+"""`python -m devices.simulator`: thousands of virtual devices on one connection."""

@@ -1,0 +1,222 @@
+"""`python -m devices.simulator`: N virtual devices (sensors, lights, energy meters) that
+register over HTTP, say hello, report telemetry every `--interval` seconds (each at its own
+phase), answer their commands and say goodbye, all on one NATS connection. For load and
+demos: `--duration` ends a run by itself; a summary is printed at the end.
+
+Like any device it uses only the public protocols: it publishes under its devices'
+`events.<id>.>` and reads their `commands.<id>` (plain subscriptions: a command sent while
+the simulator is down is not replayed, and expires).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from collections import Counter
+from functools import partial
+
+import httpx
+import nats
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from devices.platform_link import run
+from devices.simulator.fleet import KINDS, VirtualDevice, fleet
+from libs import messages as m
+from libs import subjects
+
+log = logging.getLogger("simulator")
+
+TAKES_COMMANDS = ("light", "energy_meter")
+REGISTER_IN_FLIGHT = 16  # registrations at once: the gateway is not a load test's target
+ACKS_IN_FLIGHT = 2000  # publishes not acknowledged yet, at most
+
+
+def arguments() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Many virtual smarthome devices")
+    p.add_argument("--count", type=int, default=1000)
+    p.add_argument("--prefix", default="sim")
+    p.add_argument("--kinds", default=",".join(KINDS), help="taken in turn: " + ", ".join(KINDS))
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between readings")
+    p.add_argument("--duration", type=float, default=0.0, help="seconds; 0: until stopped")
+    p.add_argument("--location", default=os.environ.get("SMARTHOME_DEVICE_LOCATION"))
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--api-url", default=os.environ.get("SMARTHOME_API_URL", "http://127.0.0.1:8000")
+    )
+    p.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+    args = p.parse_args()
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if not kinds or any(k not in KINDS for k in kinds):
+        p.error(f"--kinds: each one of {', '.join(KINDS)}")
+    if args.count < 1 or args.interval <= 0:
+        p.error("--count must be at least 1 and --interval above 0")
+    args.kinds = kinds
+    return args
+
+
+class Publisher:
+    """JetStream publishes with a bounded number awaiting their ack; counts the outcomes."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+        self._room = asyncio.Semaphore(ACKS_IN_FLIGHT)
+        self._waiting: set[asyncio.Future] = set()
+        self.acked = 0
+        self.failed = 0
+
+    async def publish(
+        self, device_id: str, event_type: str, data: dict, correlation_id: str | None = None
+    ) -> None:
+        event = m.make_event(device_id, event_type, data, correlation_id=correlation_id)
+        await self._room.acquire()
+        try:
+            ack = await self._js.publish_async(
+                event.nats_subject, m.encode(event), headers={"Nats-Msg-Id": event.id}
+            )
+        except Exception:
+            self._room.release()
+            self.failed += 1
+            return
+        self._waiting.add(ack)
+        ack.add_done_callback(self._settled)
+
+    def _settled(self, ack: asyncio.Future) -> None:
+        self._waiting.discard(ack)
+        self._room.release()
+        if ack.cancelled() or ack.exception() is not None:
+            self.failed += 1
+        else:
+            self.acked += 1
+
+    async def flush(self) -> None:
+        if self._waiting:
+            await asyncio.wait(list(self._waiting), timeout=10)
+
+
+async def register_all(
+    args: argparse.Namespace, devices: list[VirtualDevice], stop: asyncio.Event
+) -> bool:
+    """Register every device over HTTP (already registered is fine); False if stopped."""
+    async with httpx.AsyncClient(base_url=args.api_url, timeout=10) as http:
+        if not await _gateway_ready(http, stop):
+            return False
+        room = asyncio.Semaphore(REGISTER_IN_FLIGHT)
+
+        async def one(device: VirtualDevice) -> None:
+            body = {"id": device.id, "name": device.id, "kind": device.kind}
+            if args.location:
+                body["location"] = args.location
+            async with room:
+                r = await http.post("/api/v1/devices", json=body)
+            if r.status_code not in (201, 409):
+                raise RuntimeError(f"registering {device.id}: {r.status_code} {r.text[:200]}")
+
+        await asyncio.gather(*(one(d) for d in devices))
+    return True
+
+
+async def _gateway_ready(http: httpx.AsyncClient, stop: asyncio.Event) -> bool:
+    delay = 0.2
+    while not stop.is_set():
+        with contextlib.suppress(httpx.HTTPError):
+            if (await http.get("/health/ready")).status_code == 200:
+                return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, 5.0)
+    return False
+
+
+async def answer(device: VirtualDevice, out: Publisher, answered: Counter, msg: Msg) -> None:
+    """delivered → (its new state) → done | failed, or expired, as a real device does."""
+    try:
+        command = m.command_decoder.decode(msg.data)
+    except Exception as exc:
+        log.warning("unreadable command for %s: %s", device.id, exc)
+        return
+    status = partial(_status, out, device.id, command)
+    if command.expires_at < m.now():
+        await status("expired", "received after its expiry")
+    else:
+        await status("delivered")
+        error = device.command(command.action, command.params)
+        if error is None:
+            await out.publish(device.id, "state", dict(device.attributes), command.correlation_id)
+        await status("failed" if error else "done", error)
+    answered[command.action] += 1
+
+
+async def _status(
+    out: Publisher, device_id: str, command: m.Command, value: str, detail: str | None = None
+) -> None:
+    data = {"command_id": command.id, "status": value, "detail": detail}
+    await out.publish(device_id, "command_status", data, command.correlation_id)
+
+
+async def report_every(
+    device: VirtualDevice, out: Publisher, interval: float, stop: asyncio.Event
+) -> None:
+    """Telemetry every `interval`, starting at a random phase (not all at the same time)."""
+    wait = random.uniform(0, interval)
+    last = time.monotonic()
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), wait)
+        if stop.is_set():
+            return
+        now = time.monotonic()
+        await out.publish(device.id, "telemetry", device.reading(now - last))
+        last, wait = now, interval
+
+
+async def main(stop: asyncio.Event) -> None:
+    args = arguments()
+    if args.duration > 0:
+        asyncio.get_running_loop().call_later(args.duration, stop.set)
+    devices = fleet(args.prefix, args.count, args.kinds, args.seed)
+    started = time.monotonic()
+    if not await register_all(args, devices, stop):
+        return
+    nc = await nats.connect(args.nats_url, name="simulator", max_reconnect_attempts=-1)
+    out = Publisher(nc.jetstream())
+    answered: Counter = Counter()
+    try:
+        for device in devices:
+            if device.kind in TAKES_COMMANDS:
+                cb = partial(answer, device, out, answered)
+                await nc.subscribe(subjects.commands(device.id), cb=cb)
+            await out.publish(device.id, "hello", {"attributes": dict(device.attributes)})
+        async with asyncio.TaskGroup() as tasks:
+            for device in devices:
+                tasks.create_task(report_every(device, out, args.interval, stop))
+    finally:
+        with contextlib.suppress(Exception):  # a bus that is gone does not hold the exit
+            async with asyncio.timeout(10):
+                for device in devices:
+                    await out.publish(device.id, "goodbye", {})
+                await out.flush()
+        with contextlib.suppress(Exception):
+            await nc.drain()
+        print(summary(devices, out, answered, time.monotonic() - started), flush=True)
+
+
+def summary(devices: list[VirtualDevice], out: Publisher, answered: Counter, seconds: float) -> str:
+    kinds = Counter(d.kind for d in devices)
+    mix = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+    rate = out.acked / seconds if seconds else 0.0
+    return (
+        f"simulator: {len(devices)} devices ({mix}) for {seconds:.1f} s\n"
+        f"  events acknowledged: {out.acked} ({rate:.1f}/s); not acknowledged: {out.failed}\n"
+        f"  commands answered: {sum(answered.values())}"
+        + "".join(f"; {action} {n}" for action, n in sorted(answered.items()))
+    )
+
+
+if __name__ == "__main__":
+    run(main)
