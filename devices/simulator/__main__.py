@@ -177,12 +177,14 @@ async def report_every(
 
 async def main(stop: asyncio.Event) -> None:
     args = arguments()
-    if args.duration > 0:
-        asyncio.get_running_loop().call_later(args.duration, stop.set)
     devices = fleet(args.prefix, args.count, args.kinds, args.seed)
-    started = time.monotonic()
+    began = time.monotonic()
     if not await register_all(args, devices, stop):
         return
+    log.info("registered %d devices in %.1f s", len(devices), time.monotonic() - began)
+    if args.duration > 0:  # of reporting, after the registrations
+        asyncio.get_running_loop().call_later(args.duration, stop.set)
+    started = time.monotonic()
     nc = await nats.connect(args.nats_url, name="simulator", max_reconnect_attempts=-1)
     out = Publisher(nc.jetstream())
     answered: Counter = Counter()
