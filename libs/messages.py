@@ -175,15 +175,18 @@ class RegistryFact(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     device: dict[str, Any] | None = None
 
 
-class LocationFact(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """`system.location.<id>`: a home, floor or room was created, updated or deleted."""
+class ChangeFact(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A user created, updated or deleted a location (`system.location.<id>`), a rule
+    (`system.rule.<id>.changed`) or a webhook subscription (`system.subscription.<id>.changed`):
+    `what` says which, `detail` what it is now (never a secret). The recorder audits it."""
 
-    location_id: str
-    change: Literal["created", "updated", "deleted"]
+    what: Literal["location", "rule", "subscription"]
+    id: str
+    change: Literal["created", "updated", "deleted", "redelivered"]
     actor: str
     correlation_id: str
     time: datetime
-    location: dict[str, Any]
+    detail: dict[str, Any] = {}
 
 
 class RejectedFact(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -499,7 +502,7 @@ cloud_event_decoder = msgspec.json.Decoder(CloudEvent)
 command_decoder = msgspec.json.Decoder(Command)
 state_fact_decoder = msgspec.json.Decoder(DeviceStateFact)
 registry_fact_decoder = msgspec.json.Decoder(RegistryFact)
-location_fact_decoder = msgspec.json.Decoder(LocationFact)
+change_fact_decoder = msgspec.json.Decoder(ChangeFact)
 rejected_fact_decoder = msgspec.json.Decoder(RejectedFact)
 rule_fired_decoder = msgspec.json.Decoder(RuleFired)
 rule_spec_decoder = msgspec.json.Decoder(RuleSpec)

@@ -74,7 +74,7 @@ DEVICE_REGISTRY_ALL = "system.device.*.registry"
 
 
 def location_changed(location_id: str) -> str:
-    """A home, floor or room was created, renamed or deleted (`LocationFact`)."""
+    """A home, floor or room was created, renamed or deleted (`ChangeFact`)."""
     return f"system.location.{location_id}"
 
 

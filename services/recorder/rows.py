@@ -121,18 +121,18 @@ def from_system(rows: Rows, subject: str, data: bytes, src: tuple[str, int]) -> 
             alert.correlationid,
             body,
         )
-    elif parts[:2] == ["system", "location"] and len(parts) == 3:
-        fact = m.location_fact_decoder.decode(data)
+    elif _is_change(parts):
+        fact = m.change_fact_decoder.decode(data)
         _audit(
             rows,
             src,
             fact.time,
             fact.actor,
-            f"location.{fact.change}",
+            f"{fact.what}.{fact.change}",
             None,
             "ok",
             fact.correlation_id,
-            {"location": fact.location},
+            {"id": fact.id, fact.what: fact.detail},
         )
     elif parts[:2] == ["system", "rule"] and len(parts) == 4 and parts[3] == "fired":
         fired = m.rule_fired_decoder.decode(data)
@@ -162,6 +162,13 @@ def from_system(rows: Rows, subject: str, data: bytes, src: tuple[str, int]) -> 
             fired.correlation_id,
             {"reason": fired.reason, "outcomes": msgspec.to_builtins(fired.outcomes)},
         )
+
+
+def _is_change(parts: list[str]) -> bool:
+    """`system.location.<id>`, `system.rule.<id>.changed`, `system.subscription.<id>.changed`."""
+    if parts[:2] == ["system", "location"]:
+        return len(parts) == 3
+    return parts[1:2] in (["rule"], ["subscription"]) and len(parts) == 4 and parts[3] == "changed"
 
 
 def _from_device_fact(rows: Rows, fact: str, data: bytes, src: tuple[str, int]) -> None:

@@ -157,11 +157,11 @@ async def test_every_change_is_a_fact_on_the_bus_for_the_audit(client: AsyncTest
     renamed = await client.patch(f"{LOCATIONS}/{home['id']}", json={"name": "Cottage"})
     await client.delete(f"{LOCATIONS}/{home['id']}")
 
-    facts = await collected(js, subjects.location_changed(home["id"]), m.location_fact_decoder)
+    facts = await collected(js, subjects.location_changed(home["id"]), m.change_fact_decoder)
     assert renamed.json()["name"] == "Cottage"
-    assert [(f.change, f.location["name"]) for f in facts] == [
-        ("created", "The home"),
-        ("updated", "Cottage"),
-        ("deleted", "Cottage"),
+    assert [(f.what, f.change, f.detail["name"]) for f in facts] == [
+        ("location", "created", "The home"),
+        ("location", "updated", "Cottage"),
+        ("location", "deleted", "Cottage"),
     ]
     assert {f.actor for f in facts} == {"user:anonymous"}

@@ -159,23 +159,35 @@ async def test_replacing_an_unknown_rule_is_not_found(client: AsyncTestClient) -
     assert response.status_code == 404
 
 
-async def test_every_change_tells_the_rules_service(client: AsyncTestClient, nc: NATS) -> None:
+async def test_every_change_tells_the_rules_service_and_the_audit(
+    client: AsyncTestClient, nc: NATS
+) -> None:
     spec = rule()
-    signals: list[str] = []
+    signals: list[m.ChangeFact] = []
 
     async def on_change(msg: Msg) -> None:
-        signals.append(msg.subject)
+        signals.append(m.change_fact_decoder.decode(msg.data))
 
     subscription = await nc.subscribe(subjects.rule_changed(spec["id"]), cb=on_change)
     await nc.flush()
     try:
-        await client.post(RULES, json=spec)
-        await client.put(f"{RULES}/{spec['id']}", json=spec)
+        created = await client.post(RULES, json=spec)
+        await client.put(f"{RULES}/{spec['id']}", json={**spec, "enabled": False})
         await client.delete(f"{RULES}/{spec['id']}")
 
         await eventually(lambda: len(signals) == 3)
     finally:
         await subscription.unsubscribe()
+    assert [(f.what, f.id, f.change) for f in signals] == [
+        ("rule", spec["id"], change) for change in ("created", "updated", "deleted")
+    ]
+    assert [(f.detail["version"], f.detail["enabled"]) for f in signals] == [
+        (1, True),
+        (2, False),
+        (2, False),
+    ]
+    assert signals[0].correlation_id == created.headers["X-Correlation-Id"]
+    assert {f.actor for f in signals} == {"user:anonymous"}
 
 
 async def test_a_rules_runs_are_listed_newest_last(

@@ -28,6 +28,7 @@ from services.webhooks import sender as sender_mod
 from services.webhooks.payload import Payload
 from services.webhooks.sender import Outcome, Sender, make_session
 from tests.helpers import eventually, unique_id
+from tests.integration.test_rules import collected
 from tests.processes import Service
 from tests.proxy import Relay
 
@@ -806,3 +807,21 @@ async def test_events_lost_with_a_connection_are_delivered_once_in_order(
 async def _handed_out(js: JetStreamContext, subscription_id: str, last_seq: int) -> bool:
     info = await js.consumer_info(subjects.EVENTS_STREAM, webhooks.consumer_name(subscription_id))
     return info.delivered.stream_seq >= last_seq
+
+
+async def test_creating_and_deleting_a_subscription_are_facts_for_the_audit_without_secrets(
+    client: AsyncTestClient, js: JetStreamContext
+) -> None:
+    url = "http://bob:hunter2@127.0.0.1:9/hook?token=abc#frag"
+    created = await client.post(SUBS, json={"filter": "events.x.>", "url": url})
+    assert created.status_code == 201, created.text
+    sub_id = created.json()["id"]
+    await client.delete(f"{SUBS}/{sub_id}")
+
+    facts = await collected(js, webhooks.subscription_changed(sub_id), m.change_fact_decoder)
+    assert [(f.what, f.id, f.change) for f in facts] == [
+        ("subscription", sub_id, "created"),
+        ("subscription", sub_id, "deleted"),
+    ]
+    assert {f.detail["url"] for f in facts} == {"http://127.0.0.1:9/hook"}
+    assert facts[0].correlation_id == created.headers["X-Correlation-Id"]

@@ -34,13 +34,14 @@ def test_a_rules_alert_is_audited_whoever_it_goes_to(subject: str) -> None:
 
 
 def test_a_location_change_is_audited_with_who_made_it() -> None:
-    fact = m.LocationFact(
-        location_id="kitchen",
+    fact = m.ChangeFact(
+        what="location",
+        id="kitchen",
         change="created",
         actor="user:anonymous",
         correlation_id="c-1",
         time=m.now(),
-        location={"id": "kitchen", "path": "home/kitchen"},
+        detail={"id": "kitchen", "path": "home/kitchen"},
     )
     rows = Rows()
 
@@ -53,7 +54,10 @@ def test_a_location_change_is_audited_with_who_made_it() -> None:
         "ok",
     )
     assert entry["device_id"] is None
-    assert entry["detail"] == {"location": {"id": "kitchen", "path": "home/kitchen"}}
+    assert entry["detail"] == {
+        "id": "kitchen",
+        "location": {"id": "kitchen", "path": "home/kitchen"},
+    }
 
 
 def test_each_command_on_the_bus_is_a_command_record_once() -> None:
@@ -76,3 +80,26 @@ def test_each_command_on_the_bus_is_a_command_record_once() -> None:
     assert rows.commands["cmd-1"]["issued_by"] == "rule:r1"
     assert rows.commands["cmd-1"]["status"] == "pending"
     assert [a["action"] for a in rows.audit] == ["command.sent", "command.sent"]
+
+
+def test_a_rule_or_subscription_change_is_audited() -> None:
+    rows = Rows()
+    for subject, what in (
+        (subjects.rule_changed("r1"), "rule"),
+        ("system.subscription.s1.changed", "subscription"),
+    ):
+        fact = m.ChangeFact(
+            what=what,  # type: ignore[arg-type]
+            id=subject.split(".")[2],
+            change="deleted",
+            actor="user:anonymous",
+            correlation_id="c-2",
+            time=m.now(),
+            detail={"name": "x"},
+        )
+        from_system(rows, subject, m.encode(fact), ("SYSTEM", 9))
+
+    assert [(e["action"], e["detail"]["id"]) for e in rows.audit] == [
+        ("rule.deleted", "r1"),
+        ("subscription.deleted", "s1"),
+    ]

@@ -120,13 +120,14 @@ class LocationService:
         actor: str,
         correlation_id: str,
     ) -> None:
-        fact = m.LocationFact(
-            location_id=row.id,
+        fact = m.ChangeFact(
+            what="location",
+            id=row.id,
             change=change,
             actor=actor,
             correlation_id=correlation_id,
             time=m.now(),
-            location=_fields(row),
+            detail=_fields(row),
         )
         await bus.publish(self._js, subjects.location_changed(row.id), fact, msg_id=m.new_id())
 

@@ -11,6 +11,8 @@ from litestar.status_codes import HTTP_204_NO_CONTENT
 
 from libs.messages import RuleSpec
 from services.gateway.body import StrictBody
+from services.gateway.correlation import provide_correlation_id
+from services.gateway.devices.controllers import ACTOR
 from services.gateway.pagination import CursorParam, limit_param
 from services.gateway.resources import Resources
 from services.gateway.rules.schemas import (
@@ -57,7 +59,10 @@ def provide_rule_service(resources: NamedDependency[Resources]) -> RuleService:
 class RuleController(Controller):
     path = "/rules"
     tags = ["rules"]
-    dependencies = {"rules": Provide(provide_rule_service, sync_to_thread=False)}
+    dependencies = {
+        "rules": Provide(provide_rule_service, sync_to_thread=False),
+        "correlation_id": Provide(provide_correlation_id, sync_to_thread=False),
+    }
 
     @post(
         "/",
@@ -68,9 +73,12 @@ class RuleController(Controller):
         "`test` is reserved. " + ACTIONS_CHECKED,
     )
     async def create(
-        self, rules: NamedDependency[RuleService], data: JSONBody[RuleSpec]
+        self,
+        rules: NamedDependency[RuleService],
+        data: JSONBody[RuleSpec],
+        correlation_id: NamedDependency[str],
     ) -> RuleView:
-        return await rules.create(data)
+        return await rules.create(data, actor=ACTOR, correlation_id=correlation_id)
 
     @get("/", operation_id="listRules", summary="List rules")
     async def list_rules(
@@ -124,9 +132,13 @@ class RuleController(Controller):
         description=ACTIONS_CHECKED,
     )
     async def replace(
-        self, rules: NamedDependency[RuleService], rule_id: FromPath[str], data: JSONBody[RuleSpec]
+        self,
+        rules: NamedDependency[RuleService],
+        rule_id: FromPath[str],
+        data: JSONBody[RuleSpec],
+        correlation_id: NamedDependency[str],
     ) -> RuleView:
-        return await rules.replace(rule_id, data)
+        return await rules.replace(rule_id, data, actor=ACTOR, correlation_id=correlation_id)
 
     @delete(
         "/{rule_id:str}",
@@ -135,9 +147,12 @@ class RuleController(Controller):
         status_code=HTTP_204_NO_CONTENT,
     )
     async def delete_rule(
-        self, rules: NamedDependency[RuleService], rule_id: FromPath[str]
+        self,
+        rules: NamedDependency[RuleService],
+        rule_id: FromPath[str],
+        correlation_id: NamedDependency[str],
     ) -> None:
-        await rules.delete(rule_id)
+        await rules.delete(rule_id, actor=ACTOR, correlation_id=correlation_id)
 
     @get(
         "/{rule_id:str}/runs",

@@ -9,6 +9,7 @@ and until they do the rules service refuses the command at run time and traces w
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -48,7 +49,7 @@ class RuleService:
         self._nc = nc
         self._js = js
 
-    async def create(self, spec: m.RuleSpec) -> RuleView:
+    async def create(self, spec: m.RuleSpec, *, actor: str, correlation_id: str) -> RuleView:
         require_bus(self._nc)
         if spec.id in RESERVED_IDS:
             raise Invalid(
@@ -71,7 +72,7 @@ class RuleService:
             )
             session.add(record)
             await session.flush()
-            await self._signal(rule_id)
+            await self._signal(record, "created", actor, correlation_id)
         return _view(record)
 
     async def get(self, rule_id: str) -> RuleView:
@@ -86,7 +87,9 @@ class RuleService:
             records = list(await session.scalars(query))
         return page(records, limit, key=lambda r: r.id, view=_view, into=RulePage)
 
-    async def replace(self, rule_id: str, spec: m.RuleSpec) -> RuleView:
+    async def replace(
+        self, rule_id: str, spec: m.RuleSpec, *, actor: str, correlation_id: str
+    ) -> RuleView:
         if spec.id is not None and spec.id != rule_id:
             raise Invalid(f"{spec.id!r} is not the id in the path ({rule_id!r})", field="$.id")
         require_bus(self._nc)
@@ -99,15 +102,16 @@ class RuleService:
             record.version += 1
             record.updated_at = m.now()
             await session.flush()
-            await self._signal(rule_id)
+            await self._signal(record, "updated", actor, correlation_id)
         return _view(record)
 
-    async def delete(self, rule_id: str) -> None:
+    async def delete(self, rule_id: str, *, actor: str, correlation_id: str) -> None:
         require_bus(self._nc)
         async with self._sessions.begin() as session:
-            await session.delete(await self._record(session, rule_id))
+            record = await self._record(session, rule_id)
+            await session.delete(record)
             await session.flush()
-            await self._signal(rule_id)
+            await self._signal(record, "deleted", actor, correlation_id)
 
     async def runs(self, rule_id: str, limit: int, cursor: str | None) -> RuleRunPage:
         """The rule's trace, newest last."""
@@ -157,8 +161,24 @@ class RuleService:
             raise NotFound(f"rule {rule_id!r} does not exist")
         return record
 
-    async def _signal(self, rule_id: str) -> None:
-        await bus.publish(self._js, subjects.rule_changed(rule_id), b"")
+    async def _signal(
+        self,
+        record: RuleRecord,
+        change: Literal["created", "updated", "deleted"],
+        actor: str,
+        correlation_id: str,
+    ) -> None:
+        """The rules service reloads the rule; the recorder audits the change."""
+        fact = m.ChangeFact(
+            what="rule",
+            id=record.id,
+            change=change,
+            actor=actor,
+            correlation_id=correlation_id,
+            time=m.now(),
+            detail={"name": record.name, "version": record.version, "enabled": record.enabled},
+        )
+        await bus.publish(self._js, subjects.rule_changed(record.id), fact, msg_id=m.new_id())
 
 
 async def check_actions(session: AsyncSession, spec: m.RuleSpec, root: str = "$") -> None:

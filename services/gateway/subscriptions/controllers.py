@@ -11,6 +11,7 @@ from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
 from libs.webhooks import WebhookSettings
 from services.gateway.body import StrictBody
+from services.gateway.correlation import provide_correlation_id
 from services.gateway.pagination import CursorParam, limit_param
 from services.gateway.resources import Resources
 from services.gateway.subscriptions.schemas import (
@@ -36,7 +37,10 @@ def provide_subscription_service(resources: NamedDependency[Resources]) -> Subsc
 class SubscriptionController(Controller):
     path = "/subscriptions"
     tags = ["subscriptions"]
-    dependencies = {"subscriptions": Provide(provide_subscription_service, sync_to_thread=False)}
+    dependencies = {
+        "subscriptions": Provide(provide_subscription_service, sync_to_thread=False),
+        "correlation_id": Provide(provide_correlation_id, sync_to_thread=False),
+    }
 
     @post(
         "/",
@@ -55,8 +59,9 @@ class SubscriptionController(Controller):
         self,
         subscriptions: NamedDependency[SubscriptionService],
         data: JSONBody[SubscriptionCreate],
+        correlation_id: NamedDependency[str],
     ) -> SubscriptionCreated:
-        return await subscriptions.create(data, actor=ACTOR)
+        return await subscriptions.create(data, actor=ACTOR, correlation_id=correlation_id)
 
     @get("/", operation_id="listSubscriptions", summary="List webhook subscriptions")
     async def list_subscriptions(
@@ -84,9 +89,12 @@ class SubscriptionController(Controller):
         status_code=HTTP_204_NO_CONTENT,
     )
     async def delete_subscription(
-        self, subscriptions: NamedDependency[SubscriptionService], subscription_id: FromPath[str]
+        self,
+        subscriptions: NamedDependency[SubscriptionService],
+        subscription_id: FromPath[str],
+        correlation_id: NamedDependency[str],
     ) -> None:
-        await subscriptions.delete(subscription_id)
+        await subscriptions.delete(subscription_id, actor=ACTOR, correlation_id=correlation_id)
 
     @get(
         "/{subscription_id:str}/deliveries",
@@ -120,6 +128,11 @@ class SubscriptionController(Controller):
         status_code=HTTP_202_ACCEPTED,
     )
     async def redeliver(
-        self, subscriptions: NamedDependency[SubscriptionService], subscription_id: FromPath[str]
+        self,
+        subscriptions: NamedDependency[SubscriptionService],
+        subscription_id: FromPath[str],
+        correlation_id: NamedDependency[str],
     ) -> Redelivery:
-        return await subscriptions.redeliver(subscription_id)
+        return await subscriptions.redeliver(
+            subscription_id, actor=ACTOR, correlation_id=correlation_id
+        )

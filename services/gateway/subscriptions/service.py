@@ -10,15 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from libs import bus, subjects, webhooks
 from libs import messages as m
-from libs import subjects, webhooks
 from libs.db.models import Delivery
 from libs.db.models import Subscription as SubscriptionRow
 from libs.errors import Invalid, NotFound
@@ -50,7 +51,9 @@ class SubscriptionService:
         self._js = nc.jetstream()
         self._settings = settings
 
-    async def create(self, data: SubscriptionCreate, *, actor: str) -> SubscriptionCreated:
+    async def create(
+        self, data: SubscriptionCreate, *, actor: str, correlation_id: str
+    ) -> SubscriptionCreated:
         """Store the subscription and create its consumer: events from now on are kept for it."""
         stream = _checked(webhooks.check_filter, data.filter, "$.filter")
         if data.batch_size is not None and data.mode != "batched":
@@ -94,7 +97,7 @@ class SubscriptionService:
                 with contextlib.suppress(Exception):
                     await self._js.delete_consumer(consumer_stream, config.durable_name)
             raise
-        await self._signal(row.id)
+        await self._signal(row, "created", actor, correlation_id)
         return SubscriptionCreated(**_fields(row), secret=secret)
 
     async def get(self, subscription_id: str) -> Subscription:
@@ -109,7 +112,7 @@ class SubscriptionService:
             rows = list(await session.scalars(query))
         return page(rows, limit, key=lambda r: r.id, view=_view, into=SubscriptionPage)
 
-    async def delete(self, subscription_id: str) -> None:
+    async def delete(self, subscription_id: str, *, actor: str, correlation_id: str) -> None:
         """Remove the subscription, its consumers and its delivery records."""
         require_bus(self._nc)
         async with self._sessions.begin() as session:
@@ -124,7 +127,7 @@ class SubscriptionService:
                 await self._js.delete_consumer(
                     subjects.SYSTEM_STREAM, webhooks.notify_consumer_name(row.id)
                 )
-        await self._signal(subscription_id)
+        await self._signal(row, "deleted", actor, correlation_id)
 
     async def deliveries(
         self, subscription_id: str, status: DeliveryStatus | None, limit: int, cursor: str | None
@@ -146,11 +149,13 @@ class SubscriptionService:
             rows = list(await session.scalars(query))
         return page(rows, limit, key=lambda r: r.id, view=_delivery_view, into=DeliveryPage)
 
-    async def redeliver(self, subscription_id: str) -> Redelivery:
+    async def redeliver(
+        self, subscription_id: str, *, actor: str, correlation_id: str
+    ) -> Redelivery:
         """Queue every failed delivery to be sent again (`pending` without a next attempt)."""
         require_bus(self._nc)
         async with self._sessions.begin() as session:
-            await self._row(session, subscription_id)
+            row = await self._row(session, subscription_id)
             result = await session.execute(
                 update(Delivery)
                 .where(
@@ -159,7 +164,7 @@ class SubscriptionService:
                 )
                 .values(status=webhooks.PENDING, next_attempt_at=None)
             )
-        await self._signal(subscription_id)
+        await self._signal(row, "redelivered", actor, correlation_id, result.rowcount or 0)
         return Redelivery(redelivered=result.rowcount or 0)
 
     async def _row(self, session: AsyncSession, subscription_id: str) -> SubscriptionRow:
@@ -168,9 +173,28 @@ class SubscriptionService:
             raise NotFound(f"subscription {subscription_id!r} does not exist")
         return row
 
-    async def _signal(self, subscription_id: str) -> None:
-        await self._nc.publish(webhooks.subscription_changed(subscription_id), b"")
-        await self._nc.flush()
+    async def _signal(
+        self,
+        row: SubscriptionRow,
+        change: Literal["created", "deleted", "redelivered"],
+        actor: str,
+        correlation_id: str,
+        redelivered: int | None = None,
+    ) -> None:
+        """The webhooks service reloads the subscription; the recorder audits the change."""
+        detail = {"filter": row.filter, "url": _without_secrets(row.url), "mode": row.mode}
+        if redelivered is not None:
+            detail["redelivered"] = redelivered
+        fact = m.ChangeFact(
+            what="subscription",
+            id=row.id,
+            change=change,
+            actor=actor,
+            correlation_id=correlation_id,
+            time=m.now(),
+            detail=detail,
+        )
+        await bus.publish(self._js, webhooks.subscription_changed(row.id), fact, msg_id=m.new_id())
 
 
 def _checked(check: Callable[[str], T], value: str, field: str) -> T:
@@ -186,6 +210,16 @@ async def _checked_url(url: str, allow_private: bool) -> None:
         await asyncio.to_thread(webhooks.check_url, url, allow_private)
     except ValueError as exc:
         raise Invalid(f"{url!r}: {exc}", field="$.url") from None
+
+
+def _without_secrets(url: str) -> str:
+    """What the audit may show of a URL: no user info, query or fragment (tokens hide there)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _fields(row: SubscriptionRow) -> dict[str, Any]:
