@@ -68,6 +68,8 @@ TICK_S = 0.2
 FETCH_BATCH = 256  # at most this many messages asked for at once
 EFFECT_TIMEOUT_S = 30.0
 UNKNOWN_FILTERS = ("?",)
+# After a change signal, reload again after these waits until the change shows (see _on_change).
+CHANGE_RETRIES_S = (0.05, 0.2, 1.0)
 EVALUATIONS = Counter("smarthome_rule_evaluations_total", "Rule evaluations", ["outcome"])
 
 
@@ -190,7 +192,7 @@ class RulesEngine:
         if self.lease.held.is_set():
             await self._sync_event_consumer()
         self._registry = {
-            d: DeviceInfo(kind, location, tuple((meta or {}).get("tags", []) or ()), enabled)
+            d: _device_info(kind, location, meta, enabled)
             for d, kind, location, meta, enabled in devices
         }
         self._actions.registry = self._registry
@@ -312,13 +314,46 @@ class RulesEngine:
     def _active(self) -> bool:
         return not self._quit.is_set()
 
-    async def _on_change(self, _msg: Msg) -> None:
+    async def _on_change(self, msg: Msg) -> None:
+        """Reload on a rule or registry change. The gateway publishes the change inside its
+        transaction (refused by the bus, nothing is stored), so a reload may read the
+        database just before it commits: read again until the change shows."""
         if not self._active():
             return
         try:
             await self.reload_rules()
+            for wait in CHANGE_RETRIES_S:
+                if self._shows(msg.subject, msg.data) or not self._active():
+                    return
+                await asyncio.sleep(wait)
+                await self.reload_rules()
+            log.warning(
+                "%s: not in the database after %d reloads", msg.subject, len(CHANGE_RETRIES_S)
+            )
         except Exception as exc:  # the periodic reload catches up
             log.warning("rule reload failed: %s", exc)
+
+    def _shows(self, subject: str, data: bytes) -> bool:
+        """Whether what was loaded includes the change (a fact we cannot read: yes)."""
+        try:
+            if subjects.matches(subjects.DEVICE_REGISTRY_ALL, subject):
+                fact = m.registry_fact_decoder.decode(data)
+                info = self._registry.get(fact.device_id)
+                if fact.change == "deleted" or fact.device is None:
+                    return info is None or fact.device is None
+                d = fact.device
+                if d.get("lifecycle") == "decommissioned":  # not loaded (see _reload_rules)
+                    return info is None
+                return info == _device_info(d["kind"], d["location"], d["metadata"], d["enabled"])
+            change = m.change_fact_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return True
+        if not self.partition.owns(change.id):
+            return True
+        rule = self._book.rules.get(change.id)
+        if change.change == "deleted":
+            return rule is None
+        return rule is not None and rule.version >= change.detail.get("version", 0)
 
     async def _consume_events(self) -> None:
         """Events are read only while event-triggered rules exist (see _sync_event_consumer)."""
@@ -614,6 +649,10 @@ async def _settle(effects: list[asyncio.Task[None]]) -> None:
     """Wait for effects; no answer in time (the bus or the database went away) is a failure."""
     if effects:
         await asyncio.wait_for(asyncio.gather(*effects), EFFECT_TIMEOUT_S)
+
+
+def _device_info(kind: str, location: str | None, meta: dict | None, enabled: bool) -> DeviceInfo:
+    return DeviceInfo(kind, location, tuple((meta or {}).get("tags", []) or ()), enabled)
 
 
 def _disjoint(patterns: list[str]) -> tuple[str, ...]:

@@ -452,3 +452,51 @@ async def _handed_out(js, last_seq: int) -> bool:  # type: ignore[no-untyped-def
     """The rules' consumer has delivered (into the relay that drops it) up to `last_seq`."""
     info = await js.consumer_info(subjects.SYSTEM_STREAM, bus.rules_facts_durable(0))
     return info.delivered.stream_seq >= last_seq
+
+
+async def test_a_rule_signalled_before_its_commit_is_loaded_once_committed(
+    service_env, data_dir, nc, js, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    """The gateway publishes a change inside its transaction: the rules service may reload
+    before the commit, and must read again rather than wait for its periodic reload (30 s)."""
+    meter, light = unique_id("meter"), unique_id("light")
+    await add_devices(sessions, meter, light)
+    rules = Service("services.rules", service_env, data_dir).start()
+    rule_id, spec = unique_id("rule"), rule_spec(meter, light, for_s=0)
+    try:
+        await eventually(lambda: "acquired" in rules.tail(), timeout=10)
+        await eventually(lambda: _reloads(rules) > 0, timeout=10)
+        reloads, known = _reloads(rules), _loaded(rules)
+        async with sessions.begin() as session:
+            record = RuleRecord(
+                id=rule_id, name=spec.name, spec=msgspec.to_builtins(spec), enabled=True, version=1
+            )
+            session.add(record)
+            await session.flush()
+            fact = m.ChangeFact(
+                what="rule",
+                id=rule_id,
+                change="created",
+                actor="user:test",
+                correlation_id=unique_id("corr"),
+                time=m.now(),
+                detail={"version": 1},
+            )
+            await bus.publish(js, subjects.rule_changed(rule_id), fact, msg_id=m.new_id())
+            await eventually(lambda: _reloads(rules) > reloads, timeout=10)  # before the commit
+        # Committed: loaded well before the periodic reload, then evaluated.
+        await eventually(lambda: _loaded(rules) == known + 1, timeout=10)
+        await report(js, meter, 60.0, 1)
+        fired = await eventually(lambda: _runs(js, rule_id), timeout=10)
+    finally:
+        rules.stop()
+    assert [f.kind for f in fired] == ["fired"]
+
+
+def _reloads(rules: Service) -> int:
+    return len(re.findall(r"loaded \d+ rules", rules.tail(100_000)))
+
+
+def _loaded(rules: Service) -> int:
+    """How many rules the last reload loaded."""
+    return int(re.findall(r"loaded (\d+) rules", rules.tail(100_000))[-1])
