@@ -63,6 +63,11 @@ class Settings:
     rules_partitions: int = 1
     rule_traces_keep: int = 100
     rule_traces_days: float = 30.0
+    # The recorder's retention, in days (Home Assistant's purge_keep_days): raw history,
+    # its hourly statistics, the audit log.
+    history_keep_days: float = 10.0
+    statistics_keep_days: float = 730.0
+    audit_keep_days: float = 365.0
     webhook_allow_private: bool = False
     webhook_timeout_s: float = 10.0
     webhook_retry_base_s: float = 1.0
@@ -122,6 +127,9 @@ def load() -> Settings:
         rules_partitions=_rules_partitions(),
         rule_traces_keep=int(_float("SMARTHOME_RULE_TRACES_KEEP", 100)),
         rule_traces_days=_float("SMARTHOME_RULE_TRACES_DAYS", 30.0),
+        history_keep_days=_positive("SMARTHOME_HISTORY_KEEP_DAYS", 10.0),
+        statistics_keep_days=_positive("SMARTHOME_STATISTICS_KEEP_DAYS", 730.0),
+        audit_keep_days=_positive("SMARTHOME_AUDIT_KEEP_DAYS", 365.0),
         webhook_allow_private=_flag("SMARTHOME_WEBHOOK_ALLOW_PRIVATE"),
         webhook_timeout_s=_positive("SMARTHOME_WEBHOOK_TIMEOUT", 10.0),
         webhook_retry_base_s=_positive("SMARTHOME_WEBHOOK_RETRY_BASE", 1.0),

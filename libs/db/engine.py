@@ -30,26 +30,34 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
+def dialect_insert(engine: AsyncEngine, table: Any) -> Any:
+    """INSERT for the engine's dialect, which has the ON CONFLICT clauses."""
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
+
+
 def insert_ignoring_duplicates(engine: AsyncEngine, table: Any) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING for the engine's dialect (idempotent batch writes)."""
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table).on_conflict_do_nothing()
+    return dialect_insert(engine, table).on_conflict_do_nothing()
 
 
 def upsert(
     engine: AsyncEngine,
     table: Any,
-    key: str,
+    key: str | tuple[str, ...],
     columns: tuple[str, ...] | None = None,
     where: Any = None,
 ) -> Any:
-    """INSERT ... ON CONFLICT (key) DO UPDATE `columns` (default: every other column) from
-    the new row, where the existing row matches `where` (default: always)."""
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(table)
-    names = columns or tuple(c.name for c in table.columns if c.name != key)
+    """INSERT ... ON CONFLICT (key) DO UPDATE `columns` (default: every other column but the
+    primary key) from the new row, where the existing row matches `where` (default: always).
+    `key` is a column or the columns of a unique constraint."""
+    keys = (key,) if isinstance(key, str) else key
+    stmt = dialect_insert(engine, table)
+    names = columns or tuple(
+        c.name for c in table.columns if c.name not in keys and not c.primary_key
+    )
     return stmt.on_conflict_do_update(
-        index_elements=[key], set_={name: stmt.excluded[name] for name in names}, where=where
+        index_elements=list(keys), set_={name: stmt.excluded[name] for name in names}, where=where
     )
 
 

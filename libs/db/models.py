@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -164,6 +165,7 @@ class HistoryEntry(Base):
     __table_args__ = (
         UniqueConstraint("stream", "source_seq", name="uq_history_stream_seq"),
         Index("ix_history_device_time", "device_id", "time"),
+        Index("ix_history_time", "time"),  # roll-ups and retention go by time across devices
     )
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     device_id: Mapped[str] = mapped_column(String(128))
@@ -172,6 +174,36 @@ class HistoryEntry(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     stream: Mapped[str] = mapped_column(String(32))
     source_seq: Mapped[int] = mapped_column(BigInteger)
+
+
+class HourlyStatistic(Base):
+    """One numeric attribute of one device over one UTC hour, rolled up from its history by
+    the recorder (`last` is what matters for counters such as `energy_wh`)."""
+
+    __tablename__ = "statistics"
+    __table_args__ = (
+        UniqueConstraint("device_id", "hour", "attribute", name="uq_statistics_device_hour_attr"),
+        Index("ix_statistics_hour", "hour"),
+    )
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(128))
+    hour: Mapped[datetime] = mapped_column(UTCDateTime)  # its start
+    attribute: Mapped[str] = mapped_column(String(128))
+    count: Mapped[int] = mapped_column(Integer)
+    mean: Mapped[float] = mapped_column(Float)
+    min: Mapped[float] = mapped_column(Float)
+    max: Mapped[float] = mapped_column(Float)
+    last: Mapped[float] = mapped_column(Float)
+    last_time: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class RollupPending(Base):
+    """An hour whose history changed since its statistics were rolled up: the recorder marks
+    it with each history write (`changes` counts them) and clears it with the roll-up."""
+
+    __tablename__ = "rollup_pending"
+    hour: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    changes: Mapped[int] = mapped_column(BigInteger, default=1)
 
 
 class AuditEntry(Base):

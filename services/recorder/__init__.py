@@ -1,1 +1,2 @@
-"""Recorder: telemetry history, the audit log and rule traces, written in batches."""
+"""Recorder: telemetry history, the audit log and rule traces, written in batches; hourly
+statistics and retention."""

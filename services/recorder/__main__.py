@@ -1,4 +1,4 @@
-"""`python -m services.recorder`: history, audit and rule traces."""
+"""`python -m services.recorder`: history, audit, rule traces and hourly statistics."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from libs import bus, runtime
 from libs.db.engine import make_engine, make_sessionmaker
 from libs.settings import Settings
 from services.recorder.retention import prune_forever
+from services.recorder.rollup import Keep, rollup_forever
 from services.recorder.writer import SOURCES, StreamRecorder
 
 
@@ -29,6 +30,12 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
             sessions = make_sessionmaker(engine)
             keep, days = settings.rule_traces_keep, settings.rule_traces_days
             tasks.create_task(prune_forever(sessions, keep, days, stop))
+            retention = Keep(
+                settings.history_keep_days,
+                settings.statistics_keep_days,
+                settings.audit_keep_days,
+            )
+            tasks.create_task(rollup_forever(sessions, retention, stop))
     finally:
         if health:
             health.close()

@@ -1,11 +1,13 @@
-"""Trace retention: each rule keeps its newest N runs, none older than D days."""
+"""Retention: each rule keeps its newest N traces, none older than D days; rows older than a
+cutoff are deleted a chunk at a time."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -16,6 +18,23 @@ from libs.db.models import RuleRun
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 60.0
+DELETE_CHUNK = 5000
+
+
+async def delete_before(
+    sessions: async_sessionmaker[AsyncSession], column: Any, cutoff: datetime
+) -> int:
+    """Delete the rows whose `column` is before `cutoff`, a chunk per transaction: one long
+    delete would hold SQLite's write lock, and the recorder's writes wait on it."""
+    table = column.table
+    deleted = 0
+    while True:
+        chunk = select(table.c.id).where(column < cutoff).limit(DELETE_CHUNK)
+        async with sessions.begin() as session:
+            result = await session.execute(delete(table).where(table.c.id.in_(chunk)))
+        deleted += result.rowcount or 0
+        if (result.rowcount or 0) < DELETE_CHUNK:
+            return deleted
 
 
 async def prune_traces(sessions: async_sessionmaker[AsyncSession], keep: int, days: float) -> int:

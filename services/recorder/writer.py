@@ -19,6 +19,7 @@ from libs import messages as m
 from libs.db.engine import insert_ignoring_duplicates
 from libs.db.models import AuditEntry, HistoryEntry, RuleRun
 from libs.pull import Gaps
+from services.recorder import rollup
 from services.recorder import rows as to_rows
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,9 @@ class StreamRecorder:
                     if values:
                         insert = insert_ignoring_duplicates(self._engine, table)
                         await session.execute(insert, values)
+                if rows.history:  # its hours' statistics are rolled up again
+                    mark = rollup.mark_pending(self._engine)
+                    await session.execute(mark, rollup.pending_hours(rows.history))
                 if rows.commands:
                     record = commands.record_statement(self._engine)
                     await session.execute(record, list(rows.commands.values()))

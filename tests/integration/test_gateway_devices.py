@@ -335,6 +335,36 @@ async def test_history_of_an_unknown_device_is_not_found(client: AsyncTestClient
     assert (await client.get(f"{DEVICES}/{unique_id()}/history")).status_code == 404
 
 
+async def test_statistics_of_an_unknown_device_are_not_found(client: AsyncTestClient) -> None:
+    response = await client.get(f"{DEVICES}/{unique_id()}/statistics")
+
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"since": "yesterday"}, "since"),
+        ({"until": "2026-13-01"}, "until"),
+        ({"limit": "0"}, "limit"),
+        ({"limit": "1001"}, "limit"),
+        ({"attribute": "x" * 129}, "attribute"),
+        ({"cursor": "not-ours"}, "cursor"),
+        ({"since": "2026-03-02T00:00:00Z", "until": "2026-03-01T00:00:00Z"}, "since"),
+    ],
+)
+async def test_bad_statistics_params_are_refused_naming_the_field(
+    client: AsyncTestClient, params: dict[str, str], field: str
+) -> None:
+    device = await register(client)
+
+    response = await client.get(f"{DEVICES}/{device['id']}/statistics", params=params)
+
+    assert response.status_code == 422, response.text
+    assert [error["field"] for error in response.json()["errors"]] == [field]
+
+
 async def test_a_kind_the_platform_does_not_know_lists_no_actions(client: AsyncTestClient) -> None:
     """Null, not []: such a device takes any action (it answers those it lacks as failed)."""
     created = await client.post(DEVICES, json={"name": "Gate", "kind": "garage_door"})

@@ -21,8 +21,14 @@ from services.gateway.devices.schemas import (
     DevicePage,
     DeviceUpdate,
     HistoryPage,
+    StatisticsPage,
 )
-from services.gateway.devices.service import DeviceFilters, DeviceService, HistoryQuery
+from services.gateway.devices.service import (
+    DeviceFilters,
+    DeviceService,
+    HistoryQuery,
+    StatisticsQuery,
+)
 from services.gateway.pagination import CursorParam, SinceParam, limit_param, utc
 from services.gateway.resources import Resources
 
@@ -199,3 +205,28 @@ class DeviceController(Controller):
     ) -> HistoryPage:
         query = HistoryQuery(since=utc(since), until=utc(until), type=event_type)
         return await devices.history(device_id, query, limit, cursor)
+
+    @get(
+        "/{device_id:str}/statistics",
+        operation_id="getDeviceStatistics",
+        summary="Hourly statistics of numeric attributes, oldest first",
+        description=(
+            "Per UTC hour and attribute: count, mean, min, max and the last value, rolled up "
+            "by the recorder once the hour has ended. `since` is inclusive, `until` exclusive, "
+            "on the hour's start."
+        ),
+    )
+    async def statistics(
+        self,
+        devices: NamedDependency[DeviceService],
+        device_id: FromPath[str],
+        cursor: CursorParam = None,
+        attribute: Annotated[
+            str | None, QueryParameter(max_length=128, description="e.g. power_w; all without")
+        ] = None,
+        since: SinceParam = None,
+        until: Annotated[datetime | None, QueryParameter(description="ISO 8601 time")] = None,
+        limit: Annotated[int, limit_param(168, 1000)] = 168,
+    ) -> StatisticsPage:
+        query = StatisticsQuery(attribute=attribute, since=utc(since), until=utc(until))
+        return await devices.statistics(device_id, query, limit, cursor)

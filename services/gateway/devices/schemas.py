@@ -1,5 +1,5 @@
 """Device bodies: what a user sends (`DeviceCreate`, `DeviceUpdate`, `CommandCreate`) and what
-the API answers (`Device`, `CommandView`, `HistoryItem`)."""
+the API answers (`Device`, `CommandView`, `HistoryItem`, `StatisticItem`)."""
 
 from __future__ import annotations
 
@@ -131,4 +131,25 @@ class HistoryPage(msgspec.Struct, frozen=True):
     """A page of history entries, newest last; `next_cursor` continues it."""
 
     items: list[HistoryItem]
+    next_cursor: str | None
+
+
+class StatisticItem(msgspec.Struct, frozen=True):
+    """One numeric attribute over one UTC hour, rolled up from the history by the recorder;
+    `last` (at `last_time`) is what counts for a counter such as `energy_wh`."""
+
+    hour: datetime
+    attribute: str
+    count: int
+    mean: float
+    min: float
+    max: float
+    last: float
+    last_time: datetime
+
+
+class StatisticsPage(msgspec.Struct, frozen=True):
+    """A page of hourly statistics, oldest first; `next_cursor` continues it."""
+
+    items: list[StatisticItem]
     next_cursor: str | None

@@ -1,4 +1,4 @@
-"""The device registry and what hangs off it: runtime state, commands, history.
+"""The device registry and what hangs off it: runtime state, commands, history, statistics.
 
 The registry (`devices` table) is written here only; every change is published as a
 `RegistryFact` on `system.device.<id>.registry`. Runtime state is read, never written: the
@@ -23,7 +23,7 @@ from libs import bus, capabilities, commands, subjects
 from libs import messages as m
 from libs.cache import StateCache
 from libs.db.engine import at_or_under
-from libs.db.models import CommandRecord, DeviceState, HistoryEntry
+from libs.db.models import CommandRecord, DeviceState, HistoryEntry, HourlyStatistic
 from libs.db.models import Device as DeviceRow
 from libs.errors import Conflict, Invalid, NotFound
 from services.gateway.devices.schemas import (
@@ -37,6 +37,8 @@ from services.gateway.devices.schemas import (
     DeviceUpdate,
     HistoryItem,
     HistoryPage,
+    StatisticItem,
+    StatisticsPage,
 )
 from services.gateway.locations.service import check_device_location
 from services.gateway.pagination import decode_cursor, page
@@ -60,6 +62,13 @@ class HistoryQuery:
     since: datetime | None = None
     until: datetime | None = None
     type: str | None = None
+
+
+@dataclass(frozen=True)
+class StatisticsQuery:
+    attribute: str | None = None
+    since: datetime | None = None  # on the hour's start, like `until`
+    until: datetime | None = None
 
 
 class DeviceService:
@@ -280,6 +289,37 @@ class DeviceService:
             into=HistoryPage,
         )
 
+    async def statistics(
+        self, device_id: str, query: StatisticsQuery, limit: int, cursor: str | None
+    ) -> StatisticsPage:
+        """Oldest first; an hour is in when its start is at or after `since`, before `until`."""
+        if query.since and query.until and query.since > query.until:
+            raise Invalid("is after `until`", field="since")
+        stat = HourlyStatistic
+        statement = (
+            select(stat)
+            .where(stat.device_id == device_id)
+            .order_by(stat.hour, stat.attribute)
+            .limit(limit + 1)
+        )
+        if query.attribute:
+            statement = statement.where(stat.attribute == query.attribute)
+        if query.since:
+            statement = statement.where(stat.hour >= query.since)
+        if query.until:
+            statement = statement.where(stat.hour < query.until)
+        if cursor:
+            hour, attribute = decode_cursor(cursor, tuple[datetime, str])
+            statement = statement.where(
+                or_(stat.hour > hour, and_(stat.hour == hour, stat.attribute > attribute))
+            )
+        async with self._sessions() as session:
+            await self._row(session, device_id)
+            rows = list(await session.scalars(statement))
+        return page(
+            rows, limit, key=lambda r: (r.hour, r.attribute), view=_statistic, into=StatisticsPage
+        )
+
     # --- internals -----------------------------------------------------------------------
 
     async def _row(self, session: AsyncSession, device_id: str) -> DeviceRow:
@@ -353,6 +393,19 @@ def _device(row: DeviceRow, snapshot: m.DeviceSnapshot) -> Device:
         last_seen=snapshot.last_seen,
         version=snapshot.version,
         actions=_actions(row.kind),
+    )
+
+
+def _statistic(row: HourlyStatistic) -> StatisticItem:
+    return StatisticItem(
+        hour=row.hour,
+        attribute=row.attribute,
+        count=row.count,
+        mean=row.mean,
+        min=row.min,
+        max=row.max,
+        last=row.last,
+        last_time=row.last_time,
     )
 
 
