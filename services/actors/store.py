@@ -41,7 +41,7 @@ class StateStore:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], cache: StateCache) -> None:
         self._sessions = sessions
         self._cache = cache
-        self._enabled: dict[str, bool] = {}
+        self._enabled: dict[str, bool | None] = {}  # None: known not to be registered
         self._upsert_statement: Any = None  # built on first use: it needs the dialect
 
     async def load(self, device_ids: list[str]) -> dict[str, DeviceSnapshot]:
@@ -60,8 +60,8 @@ class StateStore:
     async def registry(self, device_ids: list[str]) -> dict[str, bool]:
         """`enabled` of each registered device (absent: not registered).
 
-        Known devices are answered from memory; `forget()` drops one when its registry
-        entry changes. Unknown ones are asked for every time (they may register any moment).
+        Known devices are answered from memory, kept up to date by the registry facts
+        (`learn`). Unknown ones are asked for every time (they may register any moment).
         """
         missing = [d for d in device_ids if d not in self._enabled]
         if missing:
@@ -72,14 +72,19 @@ class StateStore:
                     )
                 )
                 self._enabled.update({device_id: enabled for device_id, enabled in rows})
-        return {d: self._enabled[d] for d in device_ids if d in self._enabled}
+        return {d: e for d in device_ids if (e := self._enabled.get(d)) is not None}
+
+    def learn(self, device_id: str, enabled: bool | None) -> None:
+        """What a registry fact says (None: deleted or decommissioned). Not read from the
+        database: the gateway publishes the fact before its transaction commits, and a read
+        now could find the entry as it was, and keep it."""
+        self._enabled[device_id] = enabled
 
     def forget(self, device_id: str) -> None:
         self._enabled.pop(device_id, None)
 
     async def drop(self, device_id: str) -> None:
         """A deleted device leaves no state behind for a later device of the same id."""
-        self.forget(device_id)
         async with self._sessions.begin() as session:
             await session.execute(delete(DeviceState).where(DeviceState.device_id == device_id))
         await self._cache.delete(device_id)

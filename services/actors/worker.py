@@ -276,12 +276,18 @@ class ActorWorker:
         return None
 
     async def _on_registry(self, msg: Msg) -> None:
-        """A registry change (connect, disconnect, delete): read the device afresh next time."""
+        """A registry change (connect, disconnect, delete): what the fact says it is now."""
         try:
             fact = m.registry_fact_decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return
-        self._store.forget(fact.device_id)
+        device = fact.device
+        if fact.change == "deleted" or (device or {}).get("lifecycle") == "decommissioned":
+            self._store.learn(fact.device_id, None)
+        elif device is not None:
+            self._store.learn(fact.device_id, bool(device.get("enabled", True)))
+        else:  # a fact without the entry: read it afresh next time
+            self._store.forget(fact.device_id)
         if fact.change != "deleted":
             return
         self._pending.pop(fact.device_id, None)

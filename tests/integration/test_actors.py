@@ -145,6 +145,46 @@ async def test_disconnected_device_events_are_rejected_with_reason(
     assert device not in await states(sessions, [device])
 
 
+async def test_a_disconnect_signalled_before_its_commit_is_obeyed(actors, js, sessions, nc) -> None:  # type: ignore[no-untyped-def]
+    """The gateway publishes a registry fact inside its transaction: the actors take the
+    fact's word, not a read of the database that could still find the device connected."""
+    device = unique_id()
+    await register(sessions, device)
+    await send(js, device, "telemetry", {"n": 0})
+    await eventually(lambda: _version(sessions, device, 1))
+    refused: list[m.RejectedFact] = []
+
+    async def collect(msg) -> None:  # type: ignore[no-untyped-def]
+        refused.append(m.rejected_fact_decoder.decode(msg.data))
+
+    sub = await nc.subscribe(subjects.device_rejected(device), cb=collect)
+    async with sessions.begin() as session:
+        row = await session.get(Device, device)
+        row.enabled = False
+        await session.flush()
+        fact = m.RegistryFact(
+            device_id=device,
+            change="disconnected",
+            actor="user:test",
+            correlation_id=unique_id("corr"),
+            time=m.now(),
+            device={"id": device, "kind": "sensor", "lifecycle": "active", "enabled": False},
+        )
+        await bus.publish(js, subjects.device_registry(device), fact, msg_id=m.new_id())
+        await send(js, device, "telemetry", {"n": 1})  # before the commit
+        await eventually(lambda: refused, timeout=10)
+    await send(js, device, "telemetry", {"n": 2})  # after it
+    await eventually(lambda: len(refused) == 2, timeout=10)
+    await sub.unsubscribe()
+    assert all("disconnected" in r.reason for r in refused)
+    assert (await states(sessions, [device]))[device].attributes == {"n": 0}
+
+
+async def _version(sessions, device_id: str, version: int) -> bool:  # type: ignore[no-untyped-def]
+    found = (await states(sessions, [device_id])).get(device_id)
+    return found is not None and found.version == version
+
+
 async def test_silent_device_goes_offline_after_heartbeat_timeout(actors, js, sessions) -> None:  # type: ignore[no-untyped-def]
     device = unique_id()
     await register(sessions, device)
