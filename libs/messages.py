@@ -22,6 +22,14 @@ Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
 AttributeValue = float | int | bool | str | None
 Attributes = dict[Annotated[str, msgspec.Meta(max_length=64)], AttributeValue]
 
+# A time from outside with its zone (`Z` or `+01:00`): a naive one means nothing across
+# homes and time zones, and the database refuses it (it stores UTC).
+ZonedTime = Annotated[
+    datetime,
+    msgspec.Meta(
+        tz=True, description="RFC 3339 time with its offset", examples=["2025-01-31T18:00:00Z"]
+    ),
+]
 DeviceStateName = Literal["off", "active", "triggered"]
 Connection = Literal["online", "offline"]
 CommandStatus = Literal["pending", "delivered", "done", "failed", "expired"]
@@ -47,7 +55,7 @@ class CloudEvent(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True,
     type: Token
     subject: Token
     specversion: Literal["1.0"]
-    time: datetime | None = None
+    time: ZonedTime | None = None
     datacontenttype: Literal["application/json"] = "application/json"
     data: dict[str, Any] | None = None
     correlationid: Annotated[str, msgspec.Meta(max_length=128)] | None = None

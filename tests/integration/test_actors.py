@@ -106,6 +106,9 @@ async def test_malformed_event_goes_to_dead_letter_and_worker_goes_on(actors, js
             }
         ).encode(),
     )
+    naive = {"id": "z", "source": "s", "type": "telemetry", "subject": device}
+    naive |= {"specversion": "1.0", "time": "2026-01-01T10:00:00"}  # no zone: means nothing
+    await js.publish(subject, json.dumps(naive).encode())
     await send(js, device, "telemetry", {"power_w": 7.0})
 
     async def applied():  # type: ignore[no-untyped-def]
@@ -118,11 +121,12 @@ async def test_malformed_event_goes_to_dead_letter_and_worker_goes_on(actors, js
         ordered_consumer=True,
         config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
     )
-    letters = [await sub.next_msg(timeout=5), await sub.next_msg(timeout=5)]
+    letters = [await sub.next_msg(timeout=5) for _ in range(3)]
     await sub.unsubscribe()
     reasons = [msg.headers[bus.DL_REASON] for msg in letters]
     assert "invalid event" in reasons[0]
     assert "$.data.power_w" in reasons[1]
+    assert "timezone component - at `$.time`" in reasons[2]
     assert all(msg.headers[bus.DL_CONSUMER] == "actors" for msg in letters)
     assert letters[0].data == b'{"id": "x", "broken json'
 

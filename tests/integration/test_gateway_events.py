@@ -104,12 +104,17 @@ async def test_an_invalid_event_names_the_field(client: AsyncTestClient) -> None
     bad_type = cloud_event(unique_id()) | {"type": "has.dots"}
     in_batch = [cloud_event(unique_id()), cloud_event(unique_id()) | {"specversion": "0.3"}]
 
+    naive = cloud_event(unique_id()) | {"time": "2026-01-01T10:00:00"}
+
     first = await client.post(EVENTS, json=bad_type)
     second = await client.post(EVENTS, json=in_batch)
+    third = await client.post(EVENTS, json=naive)
 
-    assert first.status_code == second.status_code == 422
+    assert first.status_code == second.status_code == third.status_code == 422
     assert first.json()["errors"][0]["field"] == "$.type"
     assert second.json()["errors"][0]["field"] == "$[1].specversion"
+    assert third.json()["errors"][0]["field"] == "$.time"
+    assert "timezone" in third.json()["detail"]
 
 
 async def test_replay_returns_every_event_once_in_order_across_pages(

@@ -34,6 +34,11 @@ def test_envelope_round_trips_and_maps_to_its_subject() -> None:
             "$.data",
         ),
         (b'{"id": "1", ', "truncated"),
+        (
+            b'{"id":"1","source":"s","type":"t","subject":"d","specversion":"1.0",'
+            b'"time":"2026-01-01T10:00:00"}',
+            "timezone component - at `$.time`",
+        ),
     ],
 )
 def test_bad_envelopes_are_refused_naming_the_field(body: bytes, message: str) -> None:

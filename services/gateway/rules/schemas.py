@@ -4,11 +4,11 @@ traces the rules service left (`RuleRunView`) and dry runs over history (`DryRun
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import msgspec
 
-from libs.messages import AttributeValue, DurationValue, RuleSpec
+from libs.messages import AttributeValue, DurationValue, RuleSpec, ZonedTime
 
 
 class RuleView(RuleSpec, frozen=True, kw_only=True):
@@ -51,30 +51,21 @@ class RuleRunPage(msgspec.Struct, frozen=True):
 
 # --- dry runs ---------------------------------------------------------------------------
 
-Instant = Annotated[
-    datetime,
-    msgspec.Meta(
-        tz=True,
-        description="RFC 3339 time with its offset",
-        examples=["2025-01-31T18:00:00Z"],
-    ),
-]
-
 
 class DryRunWindow(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """The stretch of recorded history to replay: `since` inclusive, `until` exclusive,
     at most 31 days."""
 
-    since: Instant
-    until: Instant
+    since: ZonedTime
+    until: ZonedTime
 
 
 class DryRunRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """A rule that is not saved (or not yet), and the history to replay it over."""
 
     rule: RuleSpec
-    since: Instant
-    until: Instant
+    since: ZonedTime
+    until: ZonedTime
 
     @property
     def window(self) -> DryRunWindow:
