@@ -29,11 +29,9 @@ from services.gateway.devices.service import (
     HistoryQuery,
     StatisticsQuery,
 )
+from services.gateway.identity import ACTOR
 from services.gateway.pagination import CursorParam, SinceParam, limit_param, utc
 from services.gateway.resources import Resources
-
-# Authentication is a later issue: until then every change is made by this actor.
-ACTOR = "user:anonymous"
 
 
 def provide_device_service(resources: NamedDependency[Resources]) -> DeviceService:

@@ -11,7 +11,7 @@ from litestar.status_codes import HTTP_204_NO_CONTENT
 
 from services.gateway.body import StrictBody
 from services.gateway.correlation import provide_correlation_id
-from services.gateway.devices.controllers import ACTOR
+from services.gateway.identity import ACTOR
 from services.gateway.locations.schemas import (
     Location,
     LocationCreate,

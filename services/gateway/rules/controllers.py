@@ -12,7 +12,7 @@ from litestar.status_codes import HTTP_204_NO_CONTENT
 from libs.messages import RuleSpec
 from services.gateway.body import StrictBody
 from services.gateway.correlation import provide_correlation_id
-from services.gateway.devices.controllers import ACTOR
+from services.gateway.identity import ACTOR
 from services.gateway.pagination import CursorParam, limit_param
 from services.gateway.resources import Resources
 from services.gateway.rules.schemas import (

@@ -12,6 +12,7 @@ from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 from libs.webhooks import WebhookSettings
 from services.gateway.body import StrictBody
 from services.gateway.correlation import provide_correlation_id
+from services.gateway.identity import ACTOR
 from services.gateway.pagination import CursorParam, limit_param
 from services.gateway.resources import Resources
 from services.gateway.subscriptions.schemas import (
@@ -24,9 +25,6 @@ from services.gateway.subscriptions.schemas import (
     SubscriptionPage,
 )
 from services.gateway.subscriptions.service import SubscriptionService
-
-# Authentication is a later issue: until then every change is made by this actor.
-ACTOR = "user:anonymous"
 
 
 def provide_subscription_service(resources: NamedDependency[Resources]) -> SubscriptionService:
