@@ -14,6 +14,8 @@ from libs import messages as m
 # Heartbeats say only "still here": they update presence, not history.
 NOT_HISTORY = frozenset({"heartbeat", "presence_timeout"})
 AUDITED_EVENTS = frozenset({"hello", "goodbye", "command_status"})
+AUDIT_TEXT = 200  # the audit table's actor and result columns
+AUDIT_ACTION = 128
 
 
 @dataclass
@@ -38,10 +40,12 @@ def _audit(
     rows.audit.append(
         {
             "time": time,
-            "actor": actor,
-            "action": action,
+            # Clipped to their columns: anyone on the bus can publish a long one (an alert's
+            # source or severity), and a row the database refuses would stop the recorder.
+            "actor": actor[:AUDIT_TEXT],
+            "action": action[:AUDIT_ACTION],
             "device_id": device_id,
-            "result": result,
+            "result": result[:AUDIT_TEXT],
             "correlation_id": correlation_id,
             "detail": detail or {},
             "stream": src[0],

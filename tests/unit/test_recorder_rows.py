@@ -103,3 +103,15 @@ def test_a_rule_or_subscription_change_is_audited() -> None:
         ("rule.deleted", "r1"),
         ("subscription.deleted", "s1"),
     ]
+
+
+def test_an_alert_with_long_texts_fits_the_audit_columns() -> None:
+    """Anyone on the bus can publish an alert: a row too long for its column would be
+    refused by Postgres, and the recorder would retry it forever."""
+    alert = m.make_event("meter-1", "alert", {"severity": "s" * 500}, source="x" * 256)
+    rows = Rows()
+
+    from_system(rows, subjects.alert("a1"), m.encode(alert), ("SYSTEM", 5))
+
+    [entry] = rows.audit
+    assert (len(entry["actor"]), len(entry["result"])) == (200, 200)
