@@ -267,17 +267,32 @@ async def unacked(js: JetStreamContext, stream: str, durable: str) -> list[RawSt
 async def dead_letter(js: JetStreamContext, msg: Msg, reason: str, consumer: str) -> None:
     """Move a message that can never be applied to `deadletter.<subject>`, with its reason."""
     meta = msg.metadata
+    traceparent = (msg.headers or {}).get(TRACEPARENT)
+    origin = (meta.stream, meta.sequence.stream)
+    await dead_letter_stored(js, msg.subject, msg.data, origin, reason, consumer, traceparent)
+
+
+async def dead_letter_stored(
+    js: JetStreamContext,
+    subject: str,
+    data: bytes,
+    origin: tuple[str, int],
+    reason: str,
+    consumer: str,
+    traceparent: str | None = None,
+) -> None:
+    """`dead_letter` for a message known by its stream and sequence (`origin`), e.g. read
+    from the stream rather than delivered."""
+    stream, seq = origin
     extra = {
         DL_REASON: reason[:1000],
         DL_CONSUMER: consumer,
-        DL_STREAM: meta.stream,
-        DL_STREAM_SEQ: str(meta.sequence.stream),
+        DL_STREAM: stream,
+        DL_STREAM_SEQ: str(seq),
     }
     # The original sequence makes the dead letter itself idempotent across redeliveries.
-    msg_id = f"dl:{meta.stream}:{meta.sequence.stream}:{consumer}"
+    msg_id = f"dl:{stream}:{seq}:{consumer}"
     await js.publish(
-        subjects.deadletter(msg.subject),
-        msg.data,
-        headers=headers(msg_id, (msg.headers or {}).get(TRACEPARENT), extra),
+        subjects.deadletter(subject), data, headers=headers(msg_id, traceparent, extra)
     )
-    log.warning("dead-lettered %s seq=%s: %s", msg.subject, meta.sequence.stream, reason)
+    log.warning("dead-lettered %s seq=%s: %s", subject, seq, reason)

@@ -75,11 +75,14 @@ async def retry_until_stopped(
     stop: asyncio.Event,
     what: str,
     on_failure: Callable[[], Awaitable[None]] | None = None,
+    final: Callable[[Exception], bool] = lambda _exc: False,
 ) -> bool:
     """Run `attempt` until it succeeds (True) or `stop` is set (False), backing off 0.5-5 s.
 
     For work that must not be dropped while a dependency (bus, database) is down: the
-    caller keeps its batch, `on_failure` can tell the bus it is still being worked on.
+    caller keeps its batch, `on_failure` can tell the bus it is still being worked on. An
+    error that `final` says is final is raised at once: retrying would not change it (the
+    database refused the data itself).
     """
     delay = 0.5
     while True:
@@ -87,6 +90,8 @@ async def retry_until_stopped(
             await attempt()
             return True
         except Exception as exc:  # the dependency is down or restarting: transient
+            if final(exc):
+                raise
             log.warning("%s failed, retrying in %.1fs: %r", what, delay, exc)
             if on_failure is not None:
                 await on_failure()

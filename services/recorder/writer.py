@@ -12,6 +12,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
 from prometheus_client import Counter
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from libs import bus, commands, runtime, subjects
@@ -28,6 +29,17 @@ BATCH = bus.RECORDER_BATCH
 RECORDED = Counter("smarthome_recorder_messages_total", "Messages recorded", ["stream", "outcome"])
 
 SOURCES = bus.RECORDER_SOURCES
+
+
+def refused(exc: Exception) -> bool:
+    """What the database answers about the data itself (too long, a NUL byte, a constraint):
+    a retry would get the same answer. Anything else (unreachable, restarting) is retried.
+    SQLite says it by class; Postgres through asyncpg by SQLSTATE (class 22 data exception,
+    23 integrity constraint)."""
+    if isinstance(exc, DataError | IntegrityError):
+        return True
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate[:2] in ("22", "23")
 
 
 class Stored(NamedTuple):
@@ -84,7 +96,7 @@ class StreamRecorder:
                     log.info("%s deliveries never received", self._durable)
                     await self._recover(stop)
                 stored = [Stored.delivered(msg) for msg in msgs]
-                if await self._write(self._convert(stored), msgs, stop):
+                if await self._record(stored, msgs, stop):
                     await msgs[-1].ack()  # AckPolicy.ALL: the whole batch
         finally:
             await sub.unsubscribe()  # a pull subscription left to drain() blocks it
@@ -101,7 +113,7 @@ class StreamRecorder:
 
         if not await runtime.retry_until_stopped(read, stop, "reading un-acked messages"):
             return
-        if left and await self._write(self._convert(left), [], stop):
+        if left and await self._record(left, [], stop):
             log.info("recorded %d %s messages a previous recorder left", len(left), self._stream)
 
     def _convert(self, msgs: list[Stored]) -> to_rows.Rows:
@@ -116,8 +128,36 @@ class StreamRecorder:
                 RECORDED.labels(self._stream, "skipped").inc()
         return rows
 
+    async def _record(self, stored: list[Stored], msgs: list[Msg], stop: asyncio.Event) -> bool:
+        """Write the batch; False if stopped first. A batch the database refuses (not one it
+        cannot take now) is written message by message, and what it refuses of those is
+        dead-lettered with the reason: one bad message never stops the recorder."""
+        try:
+            return await self._write(self._convert(stored), msgs, stop)
+        except DBAPIError as exc:  # refused: `_write` retries anything else
+            log.warning("%s batch refused, writing it one by one: %s", self._stream, _why(exc))
+        for one in stored:
+            try:
+                if not await self._write(self._convert([one]), msgs, stop):
+                    return False
+            except DBAPIError as exc:
+                RECORDED.labels(self._stream, "dead-lettered").inc()
+                if not await self._dead_letter(one, f"refused by the database: {_why(exc)}", stop):
+                    return False
+        return True
+
+    async def _dead_letter(self, one: Stored, reason: str, stop: asyncio.Event) -> bool:
+        async def send() -> None:
+            origin = (self._stream, one.seq)
+            await bus.dead_letter_stored(
+                self._js, one.subject, one.data, origin, reason, self._durable
+            )
+
+        return await runtime.retry_until_stopped(send, stop, "dead-lettering")
+
     async def _write(self, rows: to_rows.Rows, msgs: list[Msg], stop: asyncio.Event) -> bool:
-        """Insert the batch (a redelivered message inserts nothing twice); retry while down."""
+        """Insert the batch (a redelivered message inserts nothing twice); retry while down,
+        raise what the database refuses (`refused`)."""
 
         async def attempt() -> None:
             async with self._sessions.begin() as session:
@@ -140,4 +180,13 @@ class StreamRecorder:
             for msg in msgs:
                 await msg.in_progress()
 
-        return await runtime.retry_until_stopped(attempt, stop, "recorder write", still_working)
+        return await runtime.retry_until_stopped(
+            attempt, stop, "recorder write", still_working, final=refused
+        )
+
+
+def _why(exc: Exception) -> str:
+    """The database's own words, first line (not the statement and its parameters)."""
+    cause = getattr(exc, "orig", None) or exc
+    text = str(cause).strip()
+    return text.splitlines()[0][:300] if text else type(cause).__name__

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from datetime import timedelta
 
+import pytest
+from nats.js.errors import NotFoundError
 from sqlalchemy import func, select
 
 from libs import bus, subjects
 from libs import messages as m
-from libs.db.models import HistoryEntry, RuleRun
+from libs.db.models import AuditEntry, HistoryEntry, RuleRun
 from services.recorder.retention import prune_traces
 from tests.helpers import eventually, unique_id
 from tests.processes import Service
@@ -137,3 +141,42 @@ async def _n(found, n: int):  # type: ignore[no-untyped-def]
 async def _delivered(js, durable: str, last_seq: int) -> bool:  # type: ignore[no-untyped-def]
     info = await js.consumer_info(subjects.EVENTS_STREAM, durable)
     return info.delivered.stream_seq >= last_seq
+
+
+@pytest.mark.skipif(
+    not os.environ.get("DATABASE_URL", "").startswith("postgresql"),
+    reason="SQLite stores what Postgres refuses (a NUL in a text column): needs Postgres",
+)
+async def test_a_message_the_database_refuses_is_dead_lettered_and_the_rest_recorded(
+    service_env, data_dir, js, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    meter = unique_id("meter")
+    # Anyone on the bus can publish an alert; a NUL byte in its source (the audit's actor)
+    # is a row Postgres refuses, whatever the number of retries.
+    bad = m.make_event(meter, "alert", {"severity": "warning"}, source="rule/a\x00b")
+    good = m.make_event(meter, "alert", {"severity": "info"}, source="rule/fine")
+    for n, alert in enumerate((bad, good)):
+        await bus.publish(js, subjects.alert(f"{meter}-{n}"), alert, msg_id=alert.id)
+    recorder = Service("services.recorder", service_env, data_dir).start()
+    dead_subject = subjects.deadletter(subjects.alert(f"{meter}-0"))
+    try:
+        audited = await eventually(lambda: _audit_of(sessions, meter), timeout=30)
+        dead = await eventually(lambda: _last(js, dead_subject), timeout=15)
+    finally:
+        recorder.stop()
+    assert [(a.actor, a.result) for a in audited] == [("rule:fine", "info")]
+    assert "refused by the database" in dead.headers[bus.DL_REASON]
+    assert dead.headers[bus.DL_CONSUMER] == bus.recorder_durable(subjects.SYSTEM_STREAM)
+    assert m.cloud_event_decoder.decode(dead.data) == bad
+
+
+async def _audit_of(sessions, device_id: str) -> list[AuditEntry]:  # type: ignore[no-untyped-def]
+    async with sessions() as session:
+        rows = await session.scalars(select(AuditEntry).where(AuditEntry.device_id == device_id))
+        return list(rows)
+
+
+async def _last(js, subject: str):  # type: ignore[no-untyped-def]
+    with contextlib.suppress(NotFoundError):
+        return await js.get_last_msg(subjects.DEADLETTER_STREAM, subject)
+    return None
