@@ -19,6 +19,16 @@ import msgspec
 from libs import subjects
 
 Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+# What a person names a thing: any text but control characters (Postgres refuses a NUL).
+Name = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=200,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="any text but control characters",
+    ),
+]
 AttributeValue = float | int | bool | str | None
 Attributes = dict[Annotated[str, msgspec.Meta(max_length=64)], AttributeValue]
 
@@ -477,7 +487,7 @@ Action = CommandAction | SetStateAction | NotifyAction | PublishAction | DelayAc
 class RuleSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """A rule as a user writes it (POST /api/v1/rules)."""
 
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    name: Name
     trigger: Trigger
     actions: Annotated[list[Action], msgspec.Meta(min_length=1, max_length=20)]
     conditions: list[Condition] = []

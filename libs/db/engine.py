@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, event, or_
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 
@@ -66,3 +67,14 @@ def at_or_under(column: Any, path: str) -> ColumnElement[bool]:
     `home/ground/kitchen`, not `home/groundfloor`); `_` and `%` in ids are not wildcards."""
     escaped = path.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return or_(column == path, column.like(escaped + "/%", escape="\\"))
+
+
+def refused(exc: Exception) -> bool:
+    """Whether the database refused the data itself (too long, a NUL byte, a constraint): a
+    retry would get the same answer, unlike an outage (unreachable, restarting). SQLite says
+    it by class; Postgres through asyncpg by SQLSTATE (class 22 data exception, 23 integrity
+    constraint). The recorder dead-letters such a message; the gateway answers 422."""
+    if isinstance(exc, DataError | IntegrityError):
+        return True
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate[:2] in ("22", "23")

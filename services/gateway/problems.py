@@ -33,6 +33,7 @@ from litestar.routes import HTTPRoute
 from litestar.types import ExceptionHandlersMap
 
 from libs import errors
+from libs.db.engine import refused
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ def to_problem(exc: Exception, request: Request | None = None) -> ProblemDetails
             )
         case sqlalchemy.exc.IntegrityError():
             return _problem(409, errors.Conflict.title, "the change conflicts with stored data")
+        case sqlalchemy.exc.DBAPIError() if refused(exc):  # a value the schema let through
+            return _problem(422, errors.Invalid.title, "the database refused a value in it")
         case sqlalchemy.exc.SQLAlchemyError():
             return _unavailable("the database", exc)
         case nats.errors.Error():

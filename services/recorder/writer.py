@@ -12,12 +12,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
 from prometheus_client import Counter
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from libs import bus, commands, runtime, subjects
 from libs import messages as m
-from libs.db.engine import insert_ignoring_duplicates
+from libs.db.engine import insert_ignoring_duplicates, refused
 from libs.db.models import AuditEntry, HistoryEntry, RuleRun
 from libs.pull import Gaps
 from services.recorder import rollup
@@ -29,17 +29,6 @@ BATCH = bus.RECORDER_BATCH
 RECORDED = Counter("smarthome_recorder_messages_total", "Messages recorded", ["stream", "outcome"])
 
 SOURCES = bus.RECORDER_SOURCES
-
-
-def refused(exc: Exception) -> bool:
-    """What the database answers about the data itself (too long, a NUL byte, a constraint):
-    a retry would get the same answer. Anything else (unreachable, restarting) is retried.
-    SQLite says it by class; Postgres through asyncpg by SQLSTATE (class 22 data exception,
-    23 integrity constraint)."""
-    if isinstance(exc, DataError | IntegrityError):
-        return True
-    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
-    return isinstance(sqlstate, str) and sqlstate[:2] in ("22", "23")
 
 
 class Stored(NamedTuple):

@@ -372,3 +372,16 @@ async def test_a_kind_the_platform_does_not_know_lists_no_actions(client: AsyncT
     assert created.json()["actions"] is None
     sensor = await client.post(DEVICES, json={"name": "Probe", "kind": "sensor"})
     assert sensor.json()["actions"] == []
+
+
+async def test_a_name_with_a_control_character_is_refused_naming_it(
+    client: AsyncTestClient,
+) -> None:
+    """Postgres refuses a NUL in text: refused here, on every database, with the field."""
+    refused = await client.post(DEVICES, json={"name": "Lamp\u0000", "kind": "light"})
+
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["errors"][0]["field"] == "$.name"
+    assert (
+        await client.post(DEVICES, json={"name": "Küche 💡", "kind": "light"})
+    ).status_code == 201

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 
-from services.recorder.writer import refused
+from libs.db.engine import refused
 
 
 class PgError(Exception):

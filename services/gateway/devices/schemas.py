@@ -9,9 +9,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from libs.messages import AttributeValue, CommandStatus, Connection, DeviceStateName, Token
+from libs.messages import AttributeValue, CommandStatus, Connection, DeviceStateName, Name, Token
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Kind = Annotated[
     str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="light, energy_meter, ...")
 ]

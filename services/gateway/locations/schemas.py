@@ -4,14 +4,13 @@ answers (`Location`, `LocationPage`)."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Literal
 
 import msgspec
 
-from libs.messages import Token
+from libs.messages import Name, Token
 
 LocationKind = Literal["home", "floor", "room"]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 
 
 class LocationCreate(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
