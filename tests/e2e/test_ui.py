@@ -67,6 +67,10 @@ async def test_the_page_shows_the_demo_live_and_acts_on_it(tmp_path, ports, brow
             "power_w=0", timeout=SLOW_S * 1000
         )
         await expect(meter.locator('[data-field="state"]')).to_have_text("off")
+        # Its recorded power, drawn: up while the light was on, down since.
+        await meter.locator("button[data-history]").click()
+        power = page.locator('#history [data-chart="power_w (last hour)"]')
+        await expect(power).to_contain_text("min 0 · max 60", timeout=SLOW_S * 1000)
 
         # A user turns it on again from the page and follows the command to its end.
         await light.locator('button[data-action="turn_on"]').click()
