@@ -7,19 +7,20 @@ one of that home's locations, so that a typo does not put a device in a room nob
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from libs import bus, subjects
 from libs import messages as m
+from libs import subjects
 from libs.db.engine import at_or_under
 from libs.db.models import Device as DeviceRow
 from libs.db.models import Location as LocationRow
 from libs.errors import Conflict, Invalid, NotFound
+from services.gateway.changes import Change, publish_change
 from services.gateway.locations.schemas import (
     Location,
     LocationCreate,
@@ -116,20 +117,20 @@ class LocationService:
     async def _publish(
         self,
         row: LocationRow,
-        change: Literal["created", "updated", "deleted"],
+        change: Change,
         actor: str,
         correlation_id: str,
     ) -> None:
-        fact = m.ChangeFact(
-            what="location",
-            id=row.id,
-            change=change,
+        await publish_change(
+            self._js,
+            subjects.location_changed(row.id),
+            "location",
+            row.id,
+            change,
             actor=actor,
             correlation_id=correlation_id,
-            time=m.now(),
             detail=_fields(row),
         )
-        await bus.publish(self._js, subjects.location_changed(row.id), fact, msg_id=m.new_id())
 
 
 async def check_device_location(session: AsyncSession, path: str | None) -> None:

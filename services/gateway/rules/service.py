@@ -9,7 +9,6 @@ and until they do the rules service refuses the command at run time and traces w
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -17,11 +16,12 @@ from nats.js import JetStreamContext
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from libs import bus, capabilities, subjects
+from libs import capabilities, subjects
 from libs import messages as m
 from libs.db.models import Device as DeviceRow
 from libs.db.models import RuleRecord, RuleRun, Subscription
 from libs.errors import Conflict, Invalid, NotFound
+from services.gateway.changes import Change, publish_change
 from services.gateway.pagination import decode_cursor, page
 from services.gateway.resources import require_bus
 from services.gateway.rules.dry_run import dry_run
@@ -164,21 +164,21 @@ class RuleService:
     async def _signal(
         self,
         record: RuleRecord,
-        change: Literal["created", "updated", "deleted"],
+        change: Change,
         actor: str,
         correlation_id: str,
     ) -> None:
         """The rules service reloads the rule; the recorder audits the change."""
-        fact = m.ChangeFact(
-            what="rule",
-            id=record.id,
-            change=change,
+        await publish_change(
+            self._js,
+            subjects.rule_changed(record.id),
+            "rule",
+            record.id,
+            change,
             actor=actor,
             correlation_id=correlation_id,
-            time=m.now(),
             detail={"name": record.name, "version": record.version, "enabled": record.enabled},
         )
-        await bus.publish(self._js, subjects.rule_changed(record.id), fact, msg_id=m.new_id())
 
 
 async def check_actions(session: AsyncSession, spec: m.RuleSpec, root: str = "$") -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from nats.aio.client import Client as NATS
@@ -18,11 +18,12 @@ from nats.js.errors import NotFoundError
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from libs import bus, subjects, webhooks
 from libs import messages as m
+from libs import subjects, webhooks
 from libs.db.models import Delivery
 from libs.db.models import Subscription as SubscriptionRow
 from libs.errors import Invalid, NotFound
+from services.gateway.changes import Change, publish_change
 from services.gateway.pagination import decode_cursor, page
 from services.gateway.resources import require_bus
 from services.gateway.subscriptions.schemas import (
@@ -176,7 +177,7 @@ class SubscriptionService:
     async def _signal(
         self,
         row: SubscriptionRow,
-        change: Literal["created", "deleted", "redelivered"],
+        change: Change,
         actor: str,
         correlation_id: str,
         redelivered: int | None = None,
@@ -185,16 +186,16 @@ class SubscriptionService:
         detail = {"filter": row.filter, "url": _without_secrets(row.url), "mode": row.mode}
         if redelivered is not None:
             detail["redelivered"] = redelivered
-        fact = m.ChangeFact(
-            what="subscription",
-            id=row.id,
-            change=change,
+        await publish_change(
+            self._js,
+            webhooks.subscription_changed(row.id),
+            "subscription",
+            row.id,
+            change,
             actor=actor,
             correlation_id=correlation_id,
-            time=m.now(),
             detail=detail,
         )
-        await bus.publish(self._js, webhooks.subscription_changed(row.id), fact, msg_id=m.new_id())
 
 
 def _checked(check: Callable[[str], T], value: str, field: str) -> T:
