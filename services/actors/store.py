@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -37,11 +37,24 @@ def to_row(s: DeviceSnapshot) -> dict:
     }
 
 
+# Whether a registered device's events are applied: only an `active` one's are.
+Standing = Literal["active", "disconnected", "pending", "rejected"]
+
+
+def standing(lifecycle: str, enabled: bool) -> Standing | None:
+    """A registry entry's standing; None for a decommissioned device (as if unregistered)."""
+    if lifecycle == "decommissioned":
+        return None
+    if lifecycle in ("pending", "rejected"):
+        return lifecycle  # type: ignore[return-value]
+    return "active" if enabled else "disconnected"
+
+
 class StateStore:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], cache: StateCache) -> None:
         self._sessions = sessions
         self._cache = cache
-        self._enabled: dict[str, bool | None] = {}  # None: known not to be registered
+        self._standing: dict[str, Standing | None] = {}  # None: known not to be registered
         self._upsert_statement: Any = None  # built on first use: it needs the dialect
 
     async def load(self, device_ids: list[str]) -> dict[str, DeviceSnapshot]:
@@ -57,31 +70,31 @@ class StateStore:
                 found.update({r.device_id: r.snapshot() for r in rows})
         return {d: found.get(d) or DeviceSnapshot(device_id=d) for d in device_ids}
 
-    async def registry(self, device_ids: list[str]) -> dict[str, bool]:
-        """`enabled` of each registered device (absent: not registered).
+    async def registry(self, device_ids: list[str]) -> dict[str, Standing]:
+        """The standing of each registered device (absent: not registered, or decommissioned).
 
         Known devices are answered from memory, kept up to date by the registry facts
         (`learn`). Unknown ones are asked for every time (they may register any moment).
         """
-        missing = [d for d in device_ids if d not in self._enabled]
+        missing = [d for d in device_ids if d not in self._standing]
         if missing:
             async with self._sessions() as session:
                 rows = await session.execute(
-                    select(Device.id, Device.enabled).where(
-                        Device.id.in_(missing), Device.lifecycle != "decommissioned"
+                    select(Device.id, Device.lifecycle, Device.enabled).where(
+                        Device.id.in_(missing)
                     )
                 )
-                self._enabled.update({device_id: enabled for device_id, enabled in rows})
-        return {d: e for d in device_ids if (e := self._enabled.get(d)) is not None}
+                self._standing.update({d: standing(life, on) for d, life, on in rows})
+        return {d: s for d in device_ids if (s := self._standing.get(d)) is not None}
 
-    def learn(self, device_id: str, enabled: bool | None) -> None:
-        """What a registry fact says (None: deleted or decommissioned). Not read from the
-        database: the gateway publishes the fact before its transaction commits, and a read
-        now could find the entry as it was, and keep it."""
-        self._enabled[device_id] = enabled
+    def learn(self, device_id: str, standing: Standing | None) -> None:
+        """What a registry fact says (None: deleted). Not read from the database: the gateway
+        publishes the fact before its transaction commits, and a read now could find the
+        entry as it was, and keep it."""
+        self._standing[device_id] = standing
 
     def forget(self, device_id: str) -> None:
-        self._enabled.pop(device_id, None)
+        self._standing.pop(device_id, None)
 
     async def drop(self, device_id: str) -> None:
         """A deleted device leaves no state behind for a later device of the same id."""

@@ -50,7 +50,7 @@ from libs import messages as m
 from libs.device_state import Applied, Unapplicable, apply
 from libs.lease import Lease
 from libs.pull import Puller
-from services.actors.store import StateStore
+from services.actors.store import Standing, StateStore, standing
 
 log = logging.getLogger(__name__)
 
@@ -282,10 +282,11 @@ class ActorWorker:
         except (msgspec.DecodeError, msgspec.ValidationError):
             return
         device = fact.device
-        if fact.change == "deleted" or (device or {}).get("lifecycle") == "decommissioned":
+        if fact.change == "deleted":
             self._store.learn(fact.device_id, None)
         elif device is not None:
-            self._store.learn(fact.device_id, bool(device.get("enabled", True)))
+            lifecycle = str(device.get("lifecycle", "active"))
+            self._store.learn(fact.device_id, standing(lifecycle, bool(device.get("enabled"))))
         else:  # a fact without the entry: read it afresh next time
             self._store.forget(fact.device_id)
         if fact.change != "deleted":
@@ -392,7 +393,7 @@ class ActorWorker:
     async def _decide(self, msgs: Sequence[Msg], decoded: list[tuple[Msg, m.CloudEvent]]) -> Batch:
         device_ids = sorted({e.subject for _, e in decoded})
         batch = Batch(msgs, snapshots=await self._load(device_ids))
-        enabled = await self._store.registry(device_ids) if device_ids else {}
+        standings = await self._store.registry(device_ids) if device_ids else {}
         for msg, event in decoded:
             seq = msg.metadata.sequence.stream
             current = batch.snapshots[event.subject]
@@ -403,7 +404,7 @@ class ActorWorker:
                     # a second copy harmless.
                     batch.facts.append(_state_fact(current, current.state, ["attributes"], event))
                 continue
-            reason = _refusal(event, enabled.get(event.subject))
+            reason = _refusal(event, standings.get(event.subject))
             if reason:
                 batch.facts.append(_rejected(event, reason, seq))
                 APPLIED.labels("rejected").inc()
@@ -488,10 +489,14 @@ def _state_fact(
     )
 
 
-def _refusal(event: m.CloudEvent, enabled: bool | None) -> str | None:
-    if enabled is None:
+def _refusal(event: m.CloudEvent, standing: Standing | None) -> str | None:
+    if standing is None:
         return "device is not registered"
-    if not enabled and event.type != "mark":
+    if standing == "pending":
+        return "device is waiting for an administrator to approve it"
+    if standing == "rejected":
+        return "device was rejected by an administrator"
+    if standing == "disconnected" and event.type != "mark":
         return "device is disconnected by an administrator"
     return None
 

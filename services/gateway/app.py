@@ -17,7 +17,8 @@ from services.gateway import connections, problems
 from services.gateway.audit.controllers import AuditController
 from services.gateway.body import MAX_BODY_BYTES
 from services.gateway.correlation import CorrelationMiddleware
-from services.gateway.devices.controllers import DeviceController
+from services.gateway.devices.controllers import DeviceController, provide_device_service
+from services.gateway.devices.discovery import Discovery
 from services.gateway.events.controllers import EventController
 from services.gateway.events.sse import ServerSendMiddleware
 from services.gateway.health.controllers import HealthController
@@ -46,7 +47,12 @@ def create_app(settings: Settings) -> Litestar:
     async def resources(app: Litestar) -> AsyncIterator[None]:
         async with open_resources(settings, shutdown) as opened:
             app.state.resources = opened
-            yield
+            discovery = Discovery(opened.nc, provide_device_service(opened))
+            await discovery.start()
+            try:
+                yield
+            finally:
+                await discovery.stop()
 
     api = Router(
         path=API_PREFIX,

@@ -8,9 +8,11 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nats
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from libs import messages as m
 from tests.e2e.up import Up
 
 pytestmark = pytest.mark.e2e
@@ -97,11 +99,28 @@ async def test_the_page_shows_the_demo_live_and_acts_on_it(tmp_path, ports, brow
         assert up.get("/api/v1/devices/demo-meter").json()["enabled"] is False
         await meter.locator('button[data-admin="connect"]').click()
         await expect(meter.locator('button[data-admin="disconnect"]')).to_be_visible()
+
+        # A device nobody registered says hello: it waits on the page until approved.
+        await _say_hello(ports[1], "porch-sensor", {"name": "Porch sensor", "kind": "sensor"})
+        porch = page.locator('tr[data-device="porch-sensor"]')
+        await expect(porch).to_contain_text("pending", timeout=SLOW_S * 1000)
+        await porch.locator('button[data-lifecycle="active"]').click()
+        await expect(porch.locator("button[data-history]")).to_be_visible()
+        assert up.get("/api/v1/devices/porch-sensor").json()["lifecycle"] == "active"
         assert errors == []
     finally:
         code, orphans = up.stop()
     assert code == 0, up.stderr.read_text()[-3000:]
     assert orphans == []
+
+
+async def _say_hello(nats_port: int, device_id: str, data: dict) -> None:
+    nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
+    try:
+        event = m.make_event(device_id, "hello", data)
+        await nc.jetstream().publish(event.nats_subject, m.encode(event))
+    finally:
+        await nc.close()
 
 
 async def _light_is(page: Page, on: bool) -> None:

@@ -25,10 +25,20 @@ def actors(service_env, data_dir):  # type: ignore[no-untyped-def]
     assert service.stop() == 0, service.tail()
 
 
-async def register(sessions, *device_ids: str, enabled: bool = True) -> None:  # type: ignore[no-untyped-def]
+async def register(
+    sessions, *device_ids: str, enabled: bool = True, lifecycle: str = "active"
+) -> None:  # type: ignore[no-untyped-def]
     async with sessions.begin() as session:
         for device_id in device_ids:
-            session.add(Device(id=device_id, name=device_id, kind="sensor", enabled=enabled))
+            session.add(
+                Device(
+                    id=device_id,
+                    name=device_id,
+                    kind="sensor",
+                    enabled=enabled,
+                    lifecycle=lifecycle,
+                )
+            )
 
 
 async def states(sessions, device_ids: list[str]) -> dict[str, DeviceState]:  # type: ignore[no-untyped-def]
@@ -190,6 +200,31 @@ async def test_a_disconnect_signalled_before_its_commit_is_obeyed(actors, js, se
 async def _version(sessions, device_id: str, version: int) -> bool:  # type: ignore[no-untyped-def]
     found = (await states(sessions, [device_id])).get(device_id)
     return found is not None and found.version == version
+
+
+@pytest.mark.parametrize(
+    ("lifecycle", "reason"),
+    [
+        ("pending", "device is waiting for an administrator to approve it"),
+        ("rejected", "device was rejected by an administrator"),
+    ],
+)
+async def test_a_device_not_approved_is_refused_with_reason(
+    actors, js, sessions, nc, lifecycle: str, reason: str
+) -> None:  # type: ignore[no-untyped-def]
+    device = unique_id()
+    await register(sessions, device, lifecycle=lifecycle)
+    got: list[m.RejectedFact] = []
+
+    async def collect(msg) -> None:  # type: ignore[no-untyped-def]
+        got.append(m.rejected_fact_decoder.decode(msg.data))
+
+    sub = await nc.subscribe(subjects.device_rejected(device), cb=collect)
+    await send(js, device, "telemetry", {"power_w": 1.0})
+    await eventually(lambda: got)
+    await sub.unsubscribe()
+    assert got[0].reason == reason
+    assert device not in await states(sessions, [device])
 
 
 async def test_silent_device_goes_offline_after_heartbeat_timeout(actors, js, sessions) -> None:  # type: ignore[no-untyped-def]

@@ -11,11 +11,14 @@ import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from libs import bus, subjects
 from libs import messages as m
 from libs.db.models import DeviceState, HistoryEntry
 from libs.settings import Settings
 from services.gateway.app import create_app
-from tests.helpers import unique_id
+from tests.helpers import eventually, unique_id
+from tests.integration.test_rules import collected
+from tests.processes import Service
 
 DEVICES = "/api/v1/devices"
 
@@ -385,3 +388,58 @@ async def test_a_name_with_a_control_character_is_refused_naming_it(
     assert (
         await client.post(DEVICES, json={"name": "Küche 💡", "kind": "light"})
     ).status_code == 201
+
+
+async def test_a_device_that_says_hello_unregistered_waits_for_approval(
+    client: AsyncTestClient, service_env, data_dir, js, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    porch, odd = unique_id("porch"), unique_id("odd")
+    actors = Service("services.actors", service_env, data_dir).start()
+    try:
+        await say(js, porch, "hello", {"name": "Porch sensor", "kind": "sensor"})
+        await say(js, odd, "hello", {"kind": "not a kind!"})
+        entered = await eventually(lambda: _registered(client, porch), timeout=15)
+        await say(js, porch, "telemetry", {"temperature_c": 7.5})  # refused: not approved
+        await eventually(lambda: _refused_since(js, porch), timeout=15)
+        approved = await client.patch(f"{DEVICES}/{porch}", json={"lifecycle": "active"})
+        await say(js, porch, "telemetry", {"temperature_c": 8.0})
+        applied = await eventually(lambda: _attributes(client, porch, "temperature_c"), timeout=15)
+        other = await eventually(lambda: _registered(client, odd), timeout=15)
+    finally:
+        actors.stop()
+    assert (entered["lifecycle"], entered["name"], entered["kind"]) == (
+        "pending",
+        "Porch sensor",
+        "sensor",
+    )
+    assert approved.status_code == 200, approved.text
+    assert applied == 8.0  # the reading sent while pending was not applied
+    assert (other["name"], other["kind"]) == (odd, "unknown")
+    audit = await _registry_facts(js, porch)
+    assert [(f.change, f.actor) for f in audit][:2] == [
+        ("created", "platform:discovery"),
+        ("updated", "user:anonymous"),
+    ]
+
+
+async def say(js, device_id: str, event_type: str, data: dict) -> None:  # type: ignore[no-untyped-def]
+    event = m.make_event(device_id, event_type, data)
+    await bus.publish(js, event.nats_subject, event, msg_id=event.id)
+
+
+async def _registered(client: AsyncTestClient, device_id: str) -> dict | None:
+    found = await client.get(f"{DEVICES}/{device_id}")
+    return found.json() if found.status_code == 200 else None
+
+
+async def _attributes(client: AsyncTestClient, device_id: str, key: str):  # type: ignore[no-untyped-def]
+    return (await client.get(f"{DEVICES}/{device_id}")).json()["attributes"].get(key)
+
+
+async def _refused_since(js, device_id: str):  # type: ignore[no-untyped-def]
+    facts = await collected(js, subjects.device_rejected(device_id), m.rejected_fact_decoder)
+    return [f for f in facts if "approve" in f.reason]
+
+
+async def _registry_facts(js, device_id: str):  # type: ignore[no-untyped-def]
+    return await collected(js, subjects.device_registry(device_id), m.registry_fact_decoder)

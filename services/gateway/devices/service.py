@@ -47,6 +47,8 @@ from services.gateway.resources import require_bus
 log = logging.getLogger(__name__)
 
 RegistryChange = Literal["created", "updated", "deleted", "connected", "disconnected"]
+DISCOVERY_ACTOR = "platform:discovery"
+MAX_PENDING = 1000  # devices waiting for approval: a flood of hellos fills no more
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,35 @@ class DeviceService:
             await self._publish(row, "created", actor, correlation_id)
         # A re-registered id may find the state its earlier life left behind.
         return await self.get(device_id)
+
+    async def discover(self, device_id: str, name: str, kind: str) -> bool:
+        """Enter a device that said hello unregistered as `pending` (see `discovery`); False
+        when it is registered already or too many wait for approval."""
+        async with self._sessions.begin() as session:
+            if await session.get(DeviceRow, device_id) is not None:
+                return False
+            waiting = select(func.count()).where(DeviceRow.lifecycle == "pending")
+            if (await session.scalar(waiting) or 0) >= MAX_PENDING:
+                log.warning(
+                    "%s said hello; %d devices already wait: not entered", device_id, MAX_PENDING
+                )
+                return False
+            now = m.now()
+            row = DeviceRow(
+                id=device_id,
+                name=name,
+                kind=kind,
+                location=None,
+                lifecycle="pending",
+                enabled=True,
+                metadata_={},
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(row)
+            await session.flush()
+            await self._publish(row, "created", DISCOVERY_ACTOR, m.new_id())
+        return True
 
     async def get(self, device_id: str) -> Device:
         async with self._sessions() as session:
