@@ -177,7 +177,7 @@ class RulesEngine:
                 await session.execute(
                     select(
                         Device.id, Device.kind, Device.location, Device.metadata_, Device.enabled
-                    ).where(Device.lifecycle != "decommissioned")
+                    ).where(Device.lifecycle == "active")  # pending, rejected: not commanded
                 )
             ).all()
         rules = {}
@@ -342,7 +342,7 @@ class RulesEngine:
                 if fact.change == "deleted" or fact.device is None:
                     return info is None or fact.device is None
                 d = fact.device
-                if d.get("lifecycle") == "decommissioned":  # not loaded (see _reload_rules)
+                if d.get("lifecycle") != "active":  # not loaded (see _reload_rules)
                     return info is None
                 return info == _device_info(d["kind"], d["location"], d["metadata"], d["enabled"])
             change = m.change_fact_decoder.decode(data)

@@ -29,10 +29,14 @@ async def add_rule(sessions, nc, spec: m.RuleSpec, rule_id: str | None = None) -
     return rule_id
 
 
-async def add_devices(sessions, *ids: str, enabled: bool = True) -> None:  # type: ignore[no-untyped-def]
+async def add_devices(  # type: ignore[no-untyped-def]
+    sessions, *ids: str, enabled: bool = True, lifecycle: str = "active"
+) -> None:
     async with sessions.begin() as session:
         for device_id in ids:
-            session.add(Device(id=device_id, name=device_id, kind="light", enabled=enabled))
+            device = Device(id=device_id, name=device_id, kind="light", enabled=enabled)
+            device.lifecycle = lifecycle
+            session.add(device)
 
 
 async def report(js, device_id: str, power: float, version: int) -> None:  # type: ignore[no-untyped-def]
@@ -132,12 +136,19 @@ async def _kinds(js, rule_id: str, want: list[str]):  # type: ignore[no-untyped-
     return runs if [r.kind for r in runs] == want else None
 
 
-async def test_disconnected_target_is_reported_and_not_commanded(
-    service_env, data_dir, nc, js, sessions
+@pytest.mark.parametrize(
+    ("registry", "detail"),
+    [
+        ({"enabled": False}, "device {light} is disconnected"),
+        ({"lifecycle": "pending"}, "device {light} is not registered"),  # not approved yet
+    ],
+)
+async def test_a_target_that_may_not_be_commanded_is_reported_and_not_commanded(
+    service_env, data_dir, nc, js, sessions, registry: dict, detail: str
 ) -> None:  # type: ignore[no-untyped-def]
     meter, light = unique_id("meter"), unique_id("light")
     await add_devices(sessions, meter)
-    await add_devices(sessions, light, enabled=False)
+    await add_devices(sessions, light, **registry)
     rule_id = await add_rule(sessions, nc, rule_spec(meter, light, for_s=0))
     rules = Service("services.rules", service_env, data_dir).start()
     try:
@@ -150,7 +161,7 @@ async def test_disconnected_target_is_reported_and_not_commanded(
         rules.stop()
     command_outcome = fired[0].outcomes[0]
     assert not command_outcome.ok
-    assert command_outcome.detail == f"device {light} is disconnected"
+    assert command_outcome.detail == detail.format(light=light)
     assert await collected(js, subjects.commands(light), m.command_decoder) == []
 
 
