@@ -405,6 +405,7 @@ async def test_a_device_that_says_hello_unregistered_waits_for_approval(
         await say(js, porch, "telemetry", {"temperature_c": 8.0})
         applied = await eventually(lambda: _attributes(client, porch, "temperature_c"), timeout=15)
         other = await eventually(lambda: _registered(client, odd), timeout=15)
+        waiting = (await client.get(DEVICES, params={"lifecycle": "pending", "limit": 500})).json()
     finally:
         actors.stop()
     assert (entered["lifecycle"], entered["name"], entered["kind"]) == (
@@ -415,6 +416,8 @@ async def test_a_device_that_says_hello_unregistered_waits_for_approval(
     assert approved.status_code == 200, approved.text
     assert applied == 8.0  # the reading sent while pending was not applied
     assert (other["name"], other["kind"]) == (odd, "unknown")
+    assert odd in [d["id"] for d in waiting["items"]]
+    assert porch not in [d["id"] for d in waiting["items"]]  # approved
     audit = await _registry_facts(js, porch)
     assert [(f.change, f.actor) for f in audit][:2] == [
         ("created", "platform:discovery"),

@@ -21,6 +21,7 @@ from services.gateway.devices.schemas import (
     DevicePage,
     DeviceUpdate,
     HistoryPage,
+    Lifecycle,
     StatisticsPage,
 )
 from services.gateway.devices.service import (
@@ -77,10 +78,17 @@ class DeviceController(Controller):
         connection: Annotated[
             Connection | None, QueryParameter(description="online or offline")
         ] = None,
+        lifecycle: Annotated[
+            Lifecycle | None, QueryParameter(description="`pending`: waiting for approval")
+        ] = None,
         limit: Annotated[int, limit_param(50, 500)] = 50,
     ) -> DevicePage:
         filters = DeviceFilters(
-            kind=kind, location=location, state=device_state, connection=connection
+            kind=kind,
+            location=location,
+            state=device_state,
+            connection=connection,
+            lifecycle=lifecycle,
         )
         return await devices.list(filters, limit, cursor)
 

@@ -57,6 +57,7 @@ class DeviceFilters:
     location: str | None = None  # a path prefix: `home/ground` matches `home/ground/kitchen`
     state: m.DeviceStateName | None = None
     connection: m.Connection | None = None
+    lifecycle: str | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,8 @@ class DeviceService:
             query = query.where(DeviceRow.id > decode_cursor(cursor, str))
         if filters.kind:
             query = query.where(DeviceRow.kind == filters.kind)
+        if filters.lifecycle:
+            query = query.where(DeviceRow.lifecycle == filters.lifecycle)
         if filters.location:
             query = query.where(at_or_under(DeviceRow.location, filters.location.rstrip("/")))
         if filters.state:
