@@ -160,21 +160,15 @@ def env_names_read(sources: list[Path]) -> set[str]:
     names: set[str] = set()
     for path in sources:
         tree = ast.parse(path.read_text(), filename=str(path))
-        # Functions that read the variable named by one of their parameters: name -> index.
+        # Functions that read the variable named by one of their parameters: name -> index;
+        # also through one another (`_positive` hands its name to `_float`), to a fixpoint.
         forwarders: dict[str, int] = {}
-        for fn in ast.walk(tree):
-            if not isinstance(fn, ast.FunctionDef):
-                continue
-            params = [a.arg for a in fn.args.args]
-            for call in ast.walk(fn):
-                if (
-                    isinstance(call, ast.Call)
-                    and _dotted(call.func) in _ENV_READERS
-                    and call.args
-                    and isinstance(call.args[0], ast.Name)
-                    and call.args[0].id in params
-                ):
-                    forwarders[fn.name] = params.index(call.args[0].id)
+        functions = [fn for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)]
+        while True:
+            found = {fn.name: i for fn in functions if (i := _forwards(fn, forwarders)) is not None}
+            if found == forwarders:
+                break
+            forwarders = found
         for node in ast.walk(tree):
             arg: ast.AST | None = None
             if isinstance(node, ast.Call):
@@ -192,6 +186,27 @@ def env_names_read(sources: list[Path]) -> set[str]:
             if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
                 names.add(arg.value)
     return names
+
+
+def _forwards(fn: ast.FunctionDef, forwarders: dict[str, int]) -> int | None:
+    """Which of `fn`'s parameters names the variable it reads (directly or through a known
+    forwarder), if one does."""
+    params = [a.arg for a in fn.args.args]
+    for call in ast.walk(fn):
+        if not isinstance(call, ast.Call):
+            continue
+        func = _dotted(call.func)
+        if func in _ENV_READERS:
+            index = 0
+        elif len(func) == 1 and func[0] in forwarders:
+            index = forwarders[func[0]]
+        else:
+            continue
+        if len(call.args) > index:
+            arg = call.args[index]
+            if isinstance(arg, ast.Name) and arg.id in params:
+                return params.index(arg.id)
+    return None
 
 
 def python_sources(package_dir: Path) -> list[Path]:

@@ -550,3 +550,12 @@ def test_the_actors_hpa_owns_their_replicas_when_on(render: Render) -> None:
     }
     actors = next(d for d in k8s.by_kind(docs, "Deployment") if k8s.component(d) == "actors")
     assert "replicas" not in actors["spec"]
+
+
+def test_the_recorder_keeps_what_the_retention_values_say(render: Render) -> None:
+    docs = render("dev", "--set", "recorder.retention.historyDays=3")
+    env = {module: env_map(docs, container) for _, container, module in app_containers(docs)}
+    assert env["services.recorder"]["SMARTHOME_HISTORY_KEEP_DAYS"] == "3"
+    assert env["services.recorder"]["SMARTHOME_STATISTICS_KEEP_DAYS"] == "730"
+    assert env["services.recorder"]["SMARTHOME_AUDIT_KEEP_DAYS"] == "365"
+    assert "SMARTHOME_HISTORY_KEEP_DAYS" not in env["services.gateway"]  # only its reader

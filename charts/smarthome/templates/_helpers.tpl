@@ -216,6 +216,11 @@ for third-party hardware and read only their own few (devices/platform_link.py).
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_HEARTBEAT_TIMEOUT") }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_STREAM_REPLICAS") }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_RULES_PARTITIONS") }}
+{{- if eq .c.name "recorder" }}
+{{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_HISTORY_KEEP_DAYS") }}
+{{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_STATISTICS_KEEP_DAYS") }}
+{{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_AUDIT_KEEP_DAYS") }}
+{{- end }}
 {{- end }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_LOG_LEVEL") }}
 {{- end }}
