@@ -105,29 +105,39 @@ class StreamRecorder:
         if left and await self._record(left, [], stop):
             log.info("recorded %d %s messages a previous recorder left", len(left), self._stream)
 
-    def _convert(self, msgs: list[Stored]) -> to_rows.Rows:
+    def _convert(self, msgs: list[Stored]) -> tuple[to_rows.Rows, int]:
+        """The rows of `msgs`, and how many of them have rows (the others are skipped)."""
         rows = to_rows.Rows()
+        converted = 0
         for msg in msgs:
             try:
                 convert(self._stream, msg, rows)
-                RECORDED.labels(self._stream, "recorded").inc()
+                converted += 1
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
                 # The actors dead-letter what devices send malformed; here it is only skipped.
                 log.info("not recorded %s: %s", msg.subject, exc)
                 RECORDED.labels(self._stream, "skipped").inc()
-        return rows
+        return rows, converted
+
+    async def _written(self, msgs: list[Stored], delivered: list[Msg], stop: asyncio.Event) -> bool:
+        """Write `msgs` (see `_write`) and count them once written."""
+        rows, converted = self._convert(msgs)
+        if not await self._write(rows, delivered, stop):
+            return False
+        RECORDED.labels(self._stream, "recorded").inc(converted)
+        return True
 
     async def _record(self, stored: list[Stored], msgs: list[Msg], stop: asyncio.Event) -> bool:
         """Write the batch; False if stopped first. A batch the database refuses (not one it
         cannot take now) is written message by message, and what it refuses of those is
         dead-lettered with the reason: one bad message never stops the recorder."""
         try:
-            return await self._write(self._convert(stored), msgs, stop)
+            return await self._written(stored, msgs, stop)
         except DBAPIError as exc:  # refused: `_write` retries anything else
             log.warning("%s batch refused, writing it one by one: %s", self._stream, _why(exc))
         for one in stored:
             try:
-                if not await self._write(self._convert([one]), msgs, stop):
+                if not await self._written([one], msgs, stop):
                     return False
             except DBAPIError as exc:
                 RECORDED.labels(self._stream, "dead-lettered").inc()

@@ -338,12 +338,11 @@ class RulesEngine:
         try:
             if subjects.matches(subjects.DEVICE_REGISTRY_ALL, subject):
                 fact = m.registry_fact_decoder.decode(data)
-                info = self._registry.get(fact.device_id)
-                if fact.change == "deleted" or fact.device is None:
-                    return info is None or fact.device is None
-                d = fact.device
-                if d.get("lifecycle") != "active":  # not loaded (see _reload_rules)
-                    return info is None
+                d, info = fact.device, self._registry.get(fact.device_id)
+                if d is None:
+                    return True  # nothing to compare with
+                if fact.change == "deleted" or d.get("lifecycle") != "active":
+                    return info is None  # not loaded (see _reload_rules)
                 return info == _device_info(d["kind"], d["location"], d["metadata"], d["enabled"])
             change = m.change_fact_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError):

@@ -144,11 +144,20 @@ async def test_malformed_event_goes_to_dead_letter_and_worker_goes_on(actors, js
     assert all(msg.headers[bus.DL_CONSUMER] == "actors" for msg in letters)
 
 
-async def test_disconnected_device_events_are_rejected_with_reason(
-    actors, js, sessions, nc
+@pytest.mark.parametrize(
+    ("registry", "reason"),
+    [
+        ({"enabled": False}, "device is disconnected by an administrator"),
+        ({"lifecycle": "pending"}, "device is waiting for an administrator to approve it"),
+        ({"lifecycle": "rejected"}, "device was rejected by an administrator"),
+    ],
+    ids=["disconnected", "pending", "rejected"],
+)
+async def test_events_of_a_device_that_may_not_report_are_rejected_with_reason(
+    actors, js, sessions, nc, registry: dict, reason: str
 ) -> None:  # type: ignore[no-untyped-def]
     device = unique_id()
-    await register(sessions, device, enabled=False)
+    await register(sessions, device, **registry)
     got: list[m.RejectedFact] = []
 
     async def collect(msg) -> None:  # type: ignore[no-untyped-def]
@@ -158,7 +167,7 @@ async def test_disconnected_device_events_are_rejected_with_reason(
     await send(js, device, "telemetry", {"power_w": 1.0})
     await eventually(lambda: got)
     await sub.unsubscribe()
-    assert "disconnected" in got[0].reason
+    assert got[0].reason == reason
     assert device not in await states(sessions, [device])
 
 
@@ -200,31 +209,6 @@ async def test_a_disconnect_signalled_before_its_commit_is_obeyed(actors, js, se
 async def _version(sessions, device_id: str, version: int) -> bool:  # type: ignore[no-untyped-def]
     found = (await states(sessions, [device_id])).get(device_id)
     return found is not None and found.version == version
-
-
-@pytest.mark.parametrize(
-    ("lifecycle", "reason"),
-    [
-        ("pending", "device is waiting for an administrator to approve it"),
-        ("rejected", "device was rejected by an administrator"),
-    ],
-)
-async def test_a_device_not_approved_is_refused_with_reason(
-    actors, js, sessions, nc, lifecycle: str, reason: str
-) -> None:  # type: ignore[no-untyped-def]
-    device = unique_id()
-    await register(sessions, device, lifecycle=lifecycle)
-    got: list[m.RejectedFact] = []
-
-    async def collect(msg) -> None:  # type: ignore[no-untyped-def]
-        got.append(m.rejected_fact_decoder.decode(msg.data))
-
-    sub = await nc.subscribe(subjects.device_rejected(device), cb=collect)
-    await send(js, device, "telemetry", {"power_w": 1.0})
-    await eventually(lambda: got)
-    await sub.unsubscribe()
-    assert got[0].reason == reason
-    assert device not in await states(sessions, [device])
 
 
 async def test_silent_device_goes_offline_after_heartbeat_timeout(actors, js, sessions) -> None:  # type: ignore[no-untyped-def]

@@ -34,9 +34,11 @@ async def add_devices(  # type: ignore[no-untyped-def]
 ) -> None:
     async with sessions.begin() as session:
         for device_id in ids:
-            device = Device(id=device_id, name=device_id, kind="light", enabled=enabled)
-            device.lifecycle = lifecycle
-            session.add(device)
+            session.add(
+                Device(
+                    id=device_id, name=device_id, kind="light", enabled=enabled, lifecycle=lifecycle
+                )
+            )
 
 
 async def report(js, device_id: str, power: float, version: int) -> None:  # type: ignore[no-untyped-def]

@@ -92,26 +92,12 @@ class DeviceService:
     async def create(self, data: DeviceCreate, *, actor: str, correlation_id: str) -> Device:
         require_bus(self._nc)
         device_id = data.id or m.new_id()
-        now = m.now()
         async with self._sessions.begin() as session:
             if await session.get(DeviceRow, device_id) is not None:
                 raise Conflict(f"device {device_id!r} already exists", field="$.id")
             await check_device_location(session, data.location)
-            row = DeviceRow(
-                id=device_id,
-                name=data.name,
-                kind=data.kind,
-                location=data.location,
-                lifecycle="active",
-                enabled=True,
-                metadata_=dict(data.metadata),
-                created_at=now,
-                updated_at=now,
-            )
-            session.add(row)
-            # Publish inside the transaction: if the bus refuses, nothing is stored.
-            await session.flush()
-            await self._publish(row, "created", actor, correlation_id)
+            row = _new_row(device_id, data.name, data.kind, "active", data.location, data.metadata)
+            await self._add(session, row, actor, correlation_id)
         # A re-registered id may find the state its earlier life left behind.
         return await self.get(device_id)
 
@@ -127,22 +113,17 @@ class DeviceService:
                     "%s said hello; %d devices already wait: not entered", device_id, MAX_PENDING
                 )
                 return False
-            now = m.now()
-            row = DeviceRow(
-                id=device_id,
-                name=name,
-                kind=kind,
-                location=None,
-                lifecycle="pending",
-                enabled=True,
-                metadata_={},
-                created_at=now,
-                updated_at=now,
-            )
-            session.add(row)
-            await session.flush()
-            await self._publish(row, "created", DISCOVERY_ACTOR, m.new_id())
+            row = _new_row(device_id, name, kind, "pending")
+            await self._add(session, row, DISCOVERY_ACTOR, m.new_id())
         return True
+
+    async def _add(
+        self, session: AsyncSession, row: DeviceRow, actor: str, correlation_id: str
+    ) -> None:
+        session.add(row)
+        # Publish inside the transaction: if the bus refuses, nothing is stored.
+        await session.flush()
+        await self._publish(row, "created", actor, correlation_id)
 
     async def get(self, device_id: str) -> Device:
         async with self._sessions() as session:
@@ -396,6 +377,28 @@ class DeviceService:
                 snapshot = state.snapshot()
             out[device_id] = snapshot or m.DeviceSnapshot(device_id=device_id)
         return out
+
+
+def _new_row(
+    device_id: str,
+    name: str,
+    kind: str,
+    lifecycle: str,
+    location: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> DeviceRow:
+    now = m.now()
+    return DeviceRow(
+        id=device_id,
+        name=name,
+        kind=kind,
+        location=location,
+        lifecycle=lifecycle,
+        enabled=True,
+        metadata_=dict(metadata or {}),
+        created_at=now,
+        updated_at=now,
+    )
 
 
 def registry_fields(row: DeviceRow) -> dict[str, Any]:
