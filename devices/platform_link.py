@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import secrets
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -41,6 +43,13 @@ def arguments(description: str, default_id: str) -> argparse.ArgumentParser:
     return p
 
 
+def api_headers() -> dict[str, str]:
+    """The HTTP API's credentials: `SMARTHOME_API_TOKEN` (an installer's API key or token),
+    from the environment rather than the command line, where `ps` would show it."""
+    token = os.environ.get("SMARTHOME_API_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 class PlatformLink:
     def __init__(self, device_id: str, kind: str, name: str, api_url: str, nats_url: str) -> None:
         self.device_id = device_id
@@ -50,26 +59,45 @@ class PlatformLink:
         self.nats_url = nats_url
         self.nc: nats.NATS | None = None
         self._handlers: dict[str, Handler] = {}
+        # Its bus password: given (SMARTHOME_DEVICE_PASSWORD), or issued at registration.
+        self.password: str | None = os.environ.get("SMARTHOME_DEVICE_PASSWORD") or None
 
     def on_command(self, action: str, handler: Handler) -> None:
         self._handlers[action] = handler
 
     async def register(self, location: str | None, stop: asyncio.Event) -> None:
-        """Register over HTTP unless registered; wait for the gateway if it is not up yet."""
+        """Register over HTTP unless registered, keeping the bus credentials the answer
+        carries (shown once); registered already, ask for new ones (the old ones are then
+        void). Waits for the gateway if it is not up yet."""
+        claim_token = os.environ.get("SMARTHOME_PROVISIONING_TOKEN")
+        if claim_token and not self.password and not api_headers():
+            # No API key: claim the id with the installer's token and wait for approval.
+            await self.claim(claim_token, stop)
+            return
         body = {"id": self.device_id, "name": self.name, "kind": self.kind}
         if location:
             body["location"] = location
         delay = 0.2
-        async with httpx.AsyncClient(base_url=self.api_url, timeout=5) as http:
+        async with httpx.AsyncClient(
+            base_url=self.api_url, timeout=5, headers=api_headers()
+        ) as http:
             while not stop.is_set():
                 try:
-                    r = await http.get(f"/api/v1/devices/{self.device_id}")
-                    if r.status_code == 200:
-                        return
                     r = await http.post("/api/v1/devices", json=body)
-                    if r.status_code in (201, 409):
+                    if r.status_code == 201:
                         log.info("registered %s", self.device_id)
+                        self.password = self.password or r.json()["credentials"]["password"]
                         return
+                    if r.status_code == 409 and self.password:
+                        return
+                    if r.status_code == 409:
+                        r = await http.post(f"/api/v1/devices/{self.device_id}/credentials")
+                        if r.status_code in (200, 201):
+                            log.info(
+                                "registered already: %s has new bus credentials", self.device_id
+                            )
+                            self.password = r.json()["password"]
+                            return
                     log.warning("registration answered %s: %s", r.status_code, r.text[:200])
                 except httpx.HTTPError as exc:
                     log.info("gateway not reachable yet: %s", exc)
@@ -78,9 +106,46 @@ class PlatformLink:
                 delay = min(delay * 2, 5.0)
 
     async def connect(self) -> None:
+        """Connect as itself: its id and password; its replies under its own inbox."""
         self.nc = await nats.connect(
-            self.nats_url, name=f"device-{self.device_id}", max_reconnect_attempts=-1
+            self.nats_url,
+            name=f"device-{self.device_id}",
+            user=self.device_id,
+            password=self.password or "",
+            inbox_prefix=subjects.device_inbox(self.device_id),
+            max_reconnect_attempts=-1,
         )
+
+    async def claim(self, token: str, stop: asyncio.Event, hello_every: float = 5.0) -> bool:
+        """Discovery with a provisioning token instead of an API key: connect with the token
+        as password and a random nonce as connection name, say hello until an installer
+        approves the device, and take the credentials the platform then sends to
+        `provision.<id>.<nonce>`, which only this connection may read. False if stopped."""
+        nonce = secrets.token_hex(16)
+        claimant = await nats.connect(
+            self.nats_url,
+            name=nonce,
+            user=self.device_id,
+            password=token,
+            inbox_prefix=subjects.inbox_prefix("claim", self.device_id),
+            max_reconnect_attempts=-1,
+        )
+        try:
+            sub = await claimant.subscribe(subjects.provision(self.device_id, nonce))
+            hello = m.make_event(self.device_id, "hello", {"name": self.name, "kind": self.kind})
+            while not stop.is_set():
+                await claimant.publish(hello.nats_subject, m.encode(hello))
+                try:
+                    msg = await sub.next_msg(timeout=hello_every)
+                except TimeoutError:
+                    continue
+                self.password = json.loads(msg.data)["password"]
+                log.info("approved: %s has its bus credentials", self.device_id)
+                return True
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await claimant.close()
 
     async def publish(
         self, event_type: str, data: dict[str, Any] | None = None, correlation_id: str | None = None

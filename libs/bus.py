@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import msgspec
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -23,9 +26,10 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
 
-from libs import subjects
+from libs import bus_grants, subjects
+from libs.errors import StorageFull
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,15 @@ DL_REASON = "Smarthome-Reason"
 DL_CONSUMER = "Smarthome-Consumer"
 DL_STREAM = "Smarthome-Stream"
 DL_STREAM_SEQ = "Smarthome-Stream-Seq"
+
+# JetStream's refusals of a message for want of storage: the server's `max_file_store` is
+# reached (10023 "insufficient resources"), an account's limit (10002), or a reservation
+# does not fit (10047). Refused at once, before the disk is full: nothing is stored.
+STORAGE_FULL_CODES = frozenset({10002, 10023, 10047})
+STORAGE_FULL = (
+    "the event bus storage is full: nothing more is stored until space is freed "
+    "(retention, a purge or a larger volume); try again later"
+)
 
 DAY = 86400.0
 STREAMS: tuple[StreamConfig, ...] = (
@@ -71,8 +84,12 @@ STREAMS: tuple[StreamConfig, ...] = (
 )
 
 
-async def connect(url: str, name: str) -> NATS:
-    """Connect with endless reconnects: a bus restart is an outage, not a crash."""
+async def connect(
+    url: str, name: str, user: str | None = None, password: str | None = None
+) -> NATS:
+    """Connect with endless reconnects: a bus restart is an outage, not a crash. `user`
+    is the service's identity (`libs.bus_grants`); its replies come to its own inbox
+    prefix, the only one its grant lets it read."""
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats error: %s", exc)
@@ -92,7 +109,18 @@ async def connect(url: str, name: str) -> NATS:
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
+        **_identity(user, password),
     )
+
+
+def _identity(user: str | None, password: str | None) -> dict[str, str]:
+    if not user:
+        return {}
+    return {
+        "user": user,
+        "password": password or "",
+        "inbox_prefix": bus_grants.inbox_prefix("svc", user),
+    }
 
 
 # The platform's durable consumers, created with the streams so that none misses what
@@ -117,6 +145,16 @@ def recorder_durable(stream: str) -> str:
 # dead-letter those addressed to no subscription (each subscription's own consumer delivers
 # the others). Rare messages, each acked on its own: a crash can never ack one unchecked.
 WEBHOOKS_NOTIFY_DURABLE = "webhooks-notify"
+
+
+# The busauth service reads what revokes a device's or a bridge's connection: registry
+# changes (rejected, decommissioned, deleted, its bridge's devices) and credentials rotated.
+BUSAUTH_DURABLE = "busauth"
+BUSAUTH_FILTERS = [
+    subjects.DEVICE_REGISTRY_ALL,
+    subjects.CREDENTIALS_CHANGED_ALL,
+    subjects.BRIDGES_CHANGED_ALL,
+]
 
 
 CONSUMERS: tuple[tuple[str, ConsumerConfig], ...] = (
@@ -159,6 +197,17 @@ CONSUMERS: tuple[tuple[str, ConsumerConfig], ...] = (
             max_ack_pending=1000,
         ),
     ),
+    (
+        subjects.SYSTEM_STREAM,
+        ConsumerConfig(
+            durable_name=BUSAUTH_DURABLE,
+            filter_subjects=BUSAUTH_FILTERS,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.NEW,
+            ack_wait=30.0,
+            max_ack_pending=1000,
+        ),
+    ),
 )
 
 
@@ -186,7 +235,8 @@ def rules_facts_consumer(partition: int) -> ConsumerConfig:
 
 
 async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
-    """Create or update the streams and durable consumers; every process runs it at start."""
+    """Create or update the streams and durable consumers: the gateway, which provisions
+    the bus, runs it at start (no other service may create streams)."""
     for base in STREAMS:
         config = dataclasses.replace(base, num_replicas=replicas)
         try:
@@ -195,6 +245,49 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
             await js.update_stream(config)
     for stream, consumer in CONSUMERS:
         await js.add_consumer(stream, consumer)
+
+
+@contextlib.contextmanager
+def storage_refusals() -> Iterator[None]:
+    """Raise a publish refused for want of storage as `StorageFull` (HTTP 507): it is not
+    an unreachable bus, and it heals by itself once space is freed."""
+    try:
+        yield
+    except APIError as exc:
+        if exc.err_code in STORAGE_FULL_CODES:
+            raise StorageFull(STORAGE_FULL) from exc
+        raise
+
+
+async def wait_provisioned(
+    js: JetStreamContext,
+    needs: Sequence[tuple[str, str | None]],
+    stop: asyncio.Event | None = None,
+) -> bool:
+    """Wait until the gateway has provisioned what a worker reads: each (stream, durable
+    consumer) of `needs`, or the stream alone where the durable is None. False if `stop`
+    was set first."""
+    delay = 0.2
+    while stop is None or not stop.is_set():
+        missing = []
+        for stream, durable in needs:
+            try:
+                if durable:
+                    await js.consumer_info(stream, durable)
+                else:
+                    await js.stream_info(stream)
+            except NotFoundError:
+                missing.append(f"{stream}/{durable}" if durable else stream)
+        if not missing:
+            return True
+        log.info("waiting for the gateway to provision %s", ", ".join(missing))
+        if stop is None:
+            await asyncio.sleep(delay)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, 2.0)
+    return False
 
 
 def headers(
@@ -218,7 +311,8 @@ async def publish(
 ) -> PubAck:
     """Publish to JetStream and wait for the stream's ack (the event is then durable)."""
     payload = message if isinstance(message, bytes) else msgspec.json.encode(message)
-    return await js.publish(subject, payload, headers=headers(msg_id, traceparent) or None)
+    with storage_refusals():
+        return await js.publish(subject, payload, headers=headers(msg_id, traceparent) or None)
 
 
 async def publish_many(
@@ -228,17 +322,50 @@ async def publish_many(
     timeout: float = 10.0,
 ) -> list[PubAck]:
     """Publish (subject, message, msg_id)s in order without waiting for each ack, then wait
-    for all acks at most `timeout` (nats-py's publish_async has no deadline of its own).
-    `js` must be long-lived: each context subscribes an ack inbox."""
-    futures = []
-    for subject, message, msg_id in messages:
-        payload = message if isinstance(message, bytes) else msgspec.json.encode(message)
-        futures.append(await js.publish_async(subject, payload, headers=headers(msg_id) or None))
+    for all acks at most `timeout` (TimeoutError); a message the bus refuses raises its
+    error at once (`StorageFull` when its storage is full).
+
+    The acks come to an inbox of this call's own, not to nats-py's `publish_async`: that
+    leaves the future of a refused message pending for ever (nats-io/nats.py#985), so a
+    refusal would only show as a timeout."""
+    if not messages:
+        return []
+    nc = js._nc  # the connection the context publishes on
+    inbox = nc.new_inbox()
+    acks = [asyncio.get_running_loop().create_future() for _ in messages]
+
+    async def on_ack(msg: Msg) -> None:
+        ack = acks[int(msg.subject.rpartition(".")[2])]
+        if not ack.done():
+            try:
+                ack.set_result(_pub_ack(msg))
+            except Exception as exc:  # the stream's refusal, for the caller
+                ack.set_exception(exc)
+
+    replies = await nc.subscribe(f"{inbox}.*", cb=on_ack)
     try:
-        return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
+        for n, (subject, message, msg_id) in enumerate(messages):
+            payload = message if isinstance(message, bytes) else msgspec.json.encode(message)
+            await nc.publish(
+                subject, payload, reply=f"{inbox}.{n}", headers=headers(msg_id) or None
+            )
+        with storage_refusals():
+            return list(await asyncio.wait_for(asyncio.gather(*acks), timeout))
     finally:
-        for f in futures:
-            f.cancel()  # a future left behind would hold a slot of the pending-ack window
+        with contextlib.suppress(nats.errors.Error):  # a closed connection has no inbox left
+            await replies.unsubscribe()
+        for ack in acks:
+            ack.cancel()
+
+
+def _pub_ack(msg: Msg) -> PubAck:
+    """The stream's answer to a published message: its ack, or its refusal raised."""
+    if msg.headers and msg.headers.get("Status") == "503" and not msg.data:
+        raise NoStreamResponseError  # no stream takes this subject
+    answer = json.loads(msg.data)
+    if "error" in answer:
+        APIError.from_error(answer["error"])  # raises the error's own class
+    return PubAck.from_response(answer)
 
 
 async def unacked(js: JetStreamContext, stream: str, durable: str) -> list[RawStreamMsg]:
@@ -292,7 +419,8 @@ async def dead_letter_stored(
     }
     # The original sequence makes the dead letter itself idempotent across redeliveries.
     msg_id = f"dl:{stream}:{seq}:{consumer}"
-    await js.publish(
-        subjects.deadletter(subject), data, headers=headers(msg_id, traceparent, extra)
-    )
+    with storage_refusals():
+        await js.publish(
+            subjects.deadletter(subject), data, headers=headers(msg_id, traceparent, extra)
+        )
     log.warning("dead-lettered %s seq=%s: %s", subject, seq, reason)

@@ -21,16 +21,44 @@ def binary() -> str:
     return found
 
 
+# With no SMARTHOME_NATS_MAX_STORE: the share of the free space JetStream may fill, beside
+# what it stores already; the database and the logs share the data directory's volume.
+AUTO_STORE_SHARE_OF_FREE = 0.5
+
+
+def max_store(store: Path) -> int:
+    """JetStream's storage limit when none is set: what it stores already (it must still
+    load that) plus half of what is free on its volume, measured now, at start."""
+    used = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+    return used + int(shutil.disk_usage(store).free * AUTO_STORE_SHARE_OF_FREE)
+
+
 def write_config(
-    data_dir: Path, port: int, host: str = "127.0.0.1", sync: str = "1s", mqtt_port: int = 0
+    data_dir: Path,
+    port: int,
+    host: str = "127.0.0.1",
+    sync: str = "1s",
+    mqtt_port: int = 0,
+    max_file_store: int | None = None,
+    monitor_port: int = 0,
+    auth: str = "",
+    tls: tuple[Path, Path] | None = None,
 ) -> Path:
-    """The server's config: JetStream under `data_dir`, and an MQTT listener unless
-    `mqtt_port` is 0."""
+    """The server's config: JetStream under `data_dir` storing at most `max_file_store`
+    bytes (default: `max_store`), an MQTT listener unless `mqtt_port` is 0, and the
+    monitoring endpoint (`/healthz`) on loopback unless `monitor_port` is 0. `auth` is
+    the `authorization` block (`libs.bus_auth.embedded_authorization`): users and the
+    callout; the file is readable by this user only, since it holds their hashes."""
     store = (data_dir / "jetstream").resolve()
     store.mkdir(parents=True, exist_ok=True)
+    # Refused (JetStream error 10023, HTTP 507) at the limit instead of failing writes at
+    # ENOSPC, which the server does not always recover from without a restart.
+    limit = max_file_store if max_file_store is not None else max_store(store)
     conf = data_dir / "nats-server.conf"
     # sync_interval: how often JetStream flushes to disk (see libs.settings._sync): a kill -9
     # loses nothing at any interval; `always` also survives a power cut, at a flush per message.
+    conf.touch(mode=0o600)
+    conf.chmod(0o600)
     conf.write_text(
         f"""host: "{host}"
 port: {port}
@@ -39,20 +67,38 @@ max_payload: 1MB
 jetstream {{
   store_dir: "{store}"
   sync_interval: {sync}
+  max_file_store: {limit}
 }}
-{_mqtt_block(host, mqtt_port)}"""
+{_tls_block(tls)}{_monitor_line(monitor_port)}{_mqtt_block(host, mqtt_port, tls)}{auth}"""
     )
     return conf
 
 
-def _mqtt_block(host: str, port: int) -> str:
+def _monitor_line(port: int) -> str:
+    # Loopback only, whatever `host` is: it answers anyone, and only the launcher asks.
+    return f'http: "127.0.0.1:{port}"\n' if port else ""
+
+
+def _mqtt_block(host: str, port: int, tls: tuple[Path, Path] | None = None) -> str:
     # The listener needs its own host: it does not take the top-level one (0.0.0.0 otherwise).
     if not port:
         return ""
     return f"""mqtt {{
   host: "{host}"
   port: {port}
-}}
+{_tls_block(tls, "  ")}}}
+"""
+
+
+def _tls_block(tls: tuple[Path, Path] | None, indent: str = "") -> str:
+    """TLS with the given certificate and key (PEM files); nothing without them."""
+    if tls is None:
+        return ""
+    cert, key = tls
+    return f"""{indent}tls {{
+{indent}  cert_file: "{cert}"
+{indent}  key_file: "{key}"
+{indent}}}
 """
 
 
@@ -62,11 +108,24 @@ def start(
     log_file: Path | None = None,
     sync: str = "1s",
     mqtt_port: int = 0,
+    max_file_store: int | None = None,
+    monitor_port: int = 0,
+    auth: str = "",
+    tls: tuple[Path, Path] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start nats-server with JetStream on `port` (and MQTT on `mqtt_port` unless 0),
-    storing under `data_dir`."""
+    storing under `data_dir` (see `write_config`)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    conf = write_config(data_dir, port, sync=sync, mqtt_port=mqtt_port)
+    conf = write_config(
+        data_dir,
+        port,
+        sync=sync,
+        mqtt_port=mqtt_port,
+        max_file_store=max_file_store,
+        monitor_port=monitor_port,
+        auth=auth,
+        tls=tls,
+    )
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen([binary(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
     wait_for_server(port, mqtt_port, proc)

@@ -33,3 +33,11 @@ class Unavailable(PlatformError):
 
     status = 503
     title = "Service unavailable"
+
+
+class StorageFull(PlatformError):
+    """The bus refuses to store more (its storage limit is reached): try again once space
+    is freed (retention, a purge, a larger volume)."""
+
+    status = 507
+    title = "Insufficient storage"

@@ -4,6 +4,7 @@ which serves them from Litestar). A small asyncio HTTP/1.0 responder: probes nee
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -37,11 +38,8 @@ async def _route(path: str, ready: ReadyCheck) -> tuple[str, str, bytes]:
         reason = await ready()
         if reason is None:
             return "200 OK", "application/json", b'{"status":"ready"}'
-        return (
-            "503 Service Unavailable",
-            "application/json",
-            f'{{"status":"not ready","reason":"{reason}"}}'.encode(),
-        )
+        body = {"status": "not ready", "reason": reason}
+        return "503 Service Unavailable", "application/json", json.dumps(body).encode()
     if path == "/metrics":
         return "200 OK", CONTENT_TYPE_LATEST, generate_latest()
     return "404 Not Found", "text/plain", b"not found"

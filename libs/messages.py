@@ -18,14 +18,16 @@ import msgspec
 
 from libs import subjects
 
-Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+# `(?!\n)$`: Python's `$` also matches before a final newline, so `abc\n` would pass; the
+# look-ahead pins the end, and unlike `\Z` it is valid in the OpenAPI document's regex dialect.
+Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,128}(?!\n)$")]
 # What a person names a thing: any text but control characters (Postgres refuses a NUL).
 Name = Annotated[
     str,
     msgspec.Meta(
         min_length=1,
         max_length=200,
-        pattern=r"^[^\x00-\x1f\x7f]+$",
+        pattern=r"^[^\x00-\x1f\x7f]+(?!\n)$",
         description="any text but control characters",
     ),
 ]
@@ -43,6 +45,7 @@ ZonedTime = Annotated[
 DeviceStateName = Literal["off", "active", "triggered"]
 Connection = Literal["online", "offline"]
 CommandStatus = Literal["pending", "delivered", "done", "failed", "expired"]
+RuleMode = Literal["single", "restart", "queued"]
 
 
 def now() -> datetime:
@@ -195,16 +198,29 @@ class RegistryFact(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class ChangeFact(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A user created, updated or deleted a location (`system.location.<id>`), a rule
-    (`system.rule.<id>.changed`) or a webhook subscription (`system.subscription.<id>.changed`):
+    (`system.rule.<id>.changed`), a webhook subscription (`system.subscription.<id>.changed`),
+    a user (`system.user.<id>.changed`) or an API key (`system.apikey.<id>.changed`):
     `what` says which, `detail` what it is now (never a secret). The recorder audits it."""
 
-    what: Literal["location", "rule", "subscription"]
+    what: Literal[
+        "location",
+        "rule",
+        "subscription",
+        "user",
+        "apikey",
+        "credentials",
+        "bridge",
+        "provisioning",
+    ]
     id: str
-    change: Literal["created", "updated", "deleted", "redelivered"]
+    change: Literal["created", "updated", "deleted", "redelivered", "revoked", "rotated"]
     actor: str
     correlation_id: str
     time: datetime
     detail: dict[str, Any] = {}
+    # The home it belongs to (a location's, a homed rule's or subscription's): residents of
+    # that home see the fact live and in the audit log. None: administrators only.
+    home: str | None = None
 
 
 class RejectedFact(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -238,6 +254,7 @@ class RuleFired(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     trigger_event_id: str | None
     correlation_id: str
     time: datetime
+    home: str | None = None  # the rule's home: its residents see the trace in the audit log
 
 
 # --- rules -----------------------------------------------------------------------------
@@ -255,7 +272,7 @@ def parse_duration(value: str | float | int, what: str = "for") -> float:
     if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
     else:
-        match = _DURATION.match(str(value).strip())
+        match = _DURATION.fullmatch(str(value).strip())
         if not match:
             raise ValueError(f"`{what}`: {value!r} is not a duration like 30s, 10m, 1h or 2d")
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
@@ -413,7 +430,7 @@ class TimeCondition(msgspec.Struct, tag="time", forbid_unknown_fields=True, froz
 
     def __post_init__(self) -> None:
         for name, value in (("after", self.after), ("before", self.before)):
-            if value is not None and not _CLOCK.match(value):
+            if value is not None and not _CLOCK.fullmatch(value):
                 raise ValueError(f"`{name}` {value!r} is not a time like 07:30")
         try:
             ZoneInfo(self.timezone)
@@ -491,9 +508,16 @@ class RuleSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     trigger: Trigger
     actions: Annotated[list[Action], msgspec.Meta(min_length=1, max_length=20)]
     conditions: list[Condition] = []
-    mode: Literal["single", "restart", "queued"] = "single"
+    mode: RuleMode = "single"
     enabled: bool = True
     id: Token | None = None
+    home: Annotated[
+        Token | None,
+        msgspec.Meta(
+            description="the home whose devices the rule reads and commands; a "
+            "resident's rule always has one (its only home when omitted)"
+        ),
+    ] = None
 
 
 class Rule(msgspec.Struct, frozen=True):
@@ -506,7 +530,9 @@ class Rule(msgspec.Struct, frozen=True):
     enabled: bool
     version: int
     conditions: list[Condition] = []
-    mode: Literal["single", "restart", "queued"] = "single"
+    mode: RuleMode = "single"
+    # Its devices are this home's only (`rule_logic.in_home`); None: any device (an admin's).
+    home: str | None = None
 
 
 def _one_target(device_id: str | None, selector: Selector | None) -> None:

@@ -3,7 +3,7 @@ when a trigger holds, how episodes start and end, conditions, schedules, simulat
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -13,6 +13,7 @@ import msgspec
 
 from libs import messages as m
 from libs import subjects
+from libs.principals import home_of
 
 
 class Episode(msgspec.Struct, frozen=True):
@@ -87,7 +88,19 @@ class DeviceInfo:
     enabled: bool = True
 
 
-def selects(trigger: m.ThresholdTrigger, device_id: str, info: DeviceInfo | None) -> bool:
+def in_home(home: str | None, info: DeviceInfo | None) -> bool:
+    """Whether a rule of `home` may read or act on a device: a rule of no home (an
+    administrator's) on any device; a homed rule on the registered devices of its home only,
+    whatever its ids and selectors say (a device may have moved since the rule was checked)."""
+    return home is None or (info is not None and home_of(info.location) == home)
+
+
+def selects(
+    trigger: m.ThresholdTrigger, device_id: str, info: DeviceInfo | None, home: str | None = None
+) -> bool:
+    """Whether the trigger watches this device; a rule of `home` watches its home's only."""
+    if not in_home(home, info):
+        return False
     if trigger.device_id is not None:
         return trigger.device_id == device_id
     sel = trigger.selector
@@ -201,6 +214,51 @@ class DeviceView:
     state: str
     connection: str
     attributes: Mapping[str, m.AttributeValue]
+
+
+def home_views(
+    views: Mapping[str, DeviceView], registry: Mapping[str, DeviceInfo], home: str | None
+) -> Mapping[str, DeviceView]:
+    """What the conditions of a rule of `home` may read: its home's devices (any other one is
+    unknown to them); every device for a rule of no home."""
+    if home is None:
+        return views
+    return _HomeViews(views, registry, home)
+
+
+class _HomeViews(Mapping[str, DeviceView]):
+    """`views` through a rule's home, looked up per device (conditions read a few)."""
+
+    def __init__(
+        self, views: Mapping[str, DeviceView], registry: Mapping[str, DeviceInfo], home: str
+    ) -> None:
+        self._views = views
+        self._registry = registry
+        self._home = home
+
+    def __getitem__(self, device_id: str) -> DeviceView:
+        if not in_home(self._home, self._registry.get(device_id)):
+            raise KeyError(device_id)
+        return self._views[device_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return (d for d in self._views if in_home(self._home, self._registry.get(d)))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def refusal(
+    device_id: str, registry: Mapping[str, DeviceInfo], home: str | None = None
+) -> str | None:
+    """Why an action of a rule of `home` may not go to this device (the rules service refuses
+    it, the dry run says it would), or None."""
+    device = registry.get(device_id)
+    if device is None or not in_home(home, device):
+        return f"device {device_id} is not registered" + (f" in home {home}" if home else "")
+    if not device.enabled:
+        return f"device {device_id} is disconnected"
+    return None
 
 
 def check(
@@ -350,7 +408,7 @@ def _simulate_episodes(
         views[row.device_id] = DeviceView(before.state, "online", attributes)
         trigger = rule.trigger
         if isinstance(trigger, m.ThresholdTrigger) and not selects(
-            trigger, row.device_id, registry.get(row.device_id)
+            trigger, row.device_id, registry.get(row.device_id), rule.home
         ):
             continue
         obs = Observation(row.device_id, attributes, before.state, "online", before.state, "online")

@@ -11,6 +11,10 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from nats.aio.client import Client as NATS
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from libs import health, logs
 from libs import settings as settings_mod
 from libs.settings import Settings
@@ -68,6 +72,26 @@ async def serve_health(settings: Settings, ready: health.ReadyCheck) -> asyncio.
     server = await health.serve(settings.http_host, settings.health_port, ready)
     log.info("health on %s:%s", settings.http_host, settings.health_port)
     return server
+
+
+READY_CHECK_TIMEOUT_S = 2.0
+
+
+def bus_and_database(nc: NATS, engine: AsyncEngine) -> health.ReadyCheck:
+    """A worker's readiness: it can make progress, which takes the bus and the database.
+    (Not the cache: the actors go on without it.)"""
+
+    async def ready() -> str | None:
+        if not nc.is_connected:
+            return "the bus is unreachable"
+        try:
+            async with asyncio.timeout(READY_CHECK_TIMEOUT_S), engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+        except Exception as exc:
+            return f"the database is unreachable ({type(exc).__name__})"
+        return None
+
+    return ready
 
 
 async def retry_until_stopped(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -42,6 +43,21 @@ class Settings:
 
     data_dir: Path = Path(".smarthome")
     nats_url: str | None = None
+    # This process's own identity on the bus (SMARTHOME_NATS_USER / _PASSWORD): the
+    # launcher or a Kubernetes Secret gives each service its own; nats-server has no
+    # anonymous user.
+    nats_user: str | None = None
+    nats_password: str | None = None
+    # The busauth service's: the system account's password (it closes revoked devices'
+    # connections) and the seed of the key that signs what the callout grants (None: the
+    # one kept in the data directory's `bus/`, made on first start).
+    nats_system_password: str | None = None
+    bus_issuer_seed: str | None = None
+    # TLS of the embedded nats-server's NATS and MQTT listeners (both files or neither; off
+    # by default: it listens on loopback). Clients then use `tls://` (SSL_CERT_FILE for a
+    # private CA).
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
     database_url: str | None = None
     redis_url: str | None = None
     http_host: str = "127.0.0.1"
@@ -60,6 +76,9 @@ class Settings:
     demo_rule_for_s: float = 10.0
     stream_replicas: int = 1
     nats_sync: str = "1s"
+    # The embedded nats-server's JetStream storage limit in bytes (`max_file_store`); None:
+    # chosen at start from the free disk (`libs.embedded_nats.max_store`).
+    nats_max_store: int | None = None
     rules_partitions: int = 1
     rule_traces_keep: int = 100
     rule_traces_days: float = 30.0
@@ -68,11 +87,26 @@ class Settings:
     history_keep_days: float = 10.0
     statistics_keep_days: float = 730.0
     audit_keep_days: float = 365.0
-    webhook_allow_private: bool = False
+    # CIDRs where webhooks of administrators may reach private, loopback or link-local
+    # addresses (a home's Node-RED, a NAS); empty: nowhere but public addresses.
+    webhook_allow_nets: tuple[str, ...] = ()
     webhook_timeout_s: float = 10.0
     webhook_retry_base_s: float = 1.0
     webhook_retry_for_s: float = 86400.0
     max_streams_per_client: int = 20
+    # HTTP authentication: the key that signs access tokens (None: the gateway keeps one in
+    # the data dir), their lifetimes, and the per-principal write limit.
+    jwt_secret: str | None = None
+    access_token_ttl_s: float = 900.0
+    refresh_token_ttl_s: float = 30 * 86400.0
+    writes_per_minute: int = 600
+    logins_per_minute_per_address: int = 30
+    # The browser's side: origins whose pages may write and open WebSockets (empty: the
+    # gateway's own), the Host names it answers to (empty: the addresses it listens on).
+    allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    # Proxies whose X-Forwarded-For is believed (CIDRs); none by default.
+    trusted_proxies: tuple[str, ...] = ()
 
     @property
     def effective_database_url(self) -> str:
@@ -108,6 +142,11 @@ def load() -> Settings:
     return Settings(
         data_dir=Path(os.environ.get("SMARTHOME_DATA_DIR") or ".smarthome"),
         nats_url=os.environ.get("NATS_URL") or None,
+        nats_user=os.environ.get("SMARTHOME_NATS_USER") or None,
+        nats_password=os.environ.get("SMARTHOME_NATS_PASSWORD") or None,
+        nats_system_password=os.environ.get("SMARTHOME_NATS_SYSTEM_PASSWORD") or None,
+        bus_issuer_seed=os.environ.get("SMARTHOME_BUS_ISSUER_SEED") or None,
+        **_nats_tls(),
         database_url=os.environ.get("DATABASE_URL") or None,
         redis_url=os.environ.get("REDIS_URL") or None,
         http_host=os.environ.get("SMARTHOME_HTTP_HOST") or "127.0.0.1",
@@ -124,18 +163,64 @@ def load() -> Settings:
         demo_rule_for_s=_float("SMARTHOME_DEMO_RULE_FOR", 10.0),
         stream_replicas=_replicas(),
         nats_sync=_sync(),
+        nats_max_store=_max_store(),
         rules_partitions=_rules_partitions(),
         rule_traces_keep=int(_float("SMARTHOME_RULE_TRACES_KEEP", 100)),
         rule_traces_days=_float("SMARTHOME_RULE_TRACES_DAYS", 30.0),
         history_keep_days=_positive("SMARTHOME_HISTORY_KEEP_DAYS", 10.0),
         statistics_keep_days=_positive("SMARTHOME_STATISTICS_KEEP_DAYS", 730.0),
         audit_keep_days=_positive("SMARTHOME_AUDIT_KEEP_DAYS", 365.0),
-        webhook_allow_private=_flag("SMARTHOME_WEBHOOK_ALLOW_PRIVATE"),
+        webhook_allow_nets=_networks("SMARTHOME_WEBHOOK_ALLOW_NETS"),
         webhook_timeout_s=_positive("SMARTHOME_WEBHOOK_TIMEOUT", 10.0),
         webhook_retry_base_s=_positive("SMARTHOME_WEBHOOK_RETRY_BASE", 1.0),
         webhook_retry_for_s=_positive("SMARTHOME_WEBHOOK_RETRY_FOR", 86400.0),
         max_streams_per_client=_at_least_one("SMARTHOME_MAX_STREAMS_PER_CLIENT", 20),
+        jwt_secret=_jwt_secret(),
+        access_token_ttl_s=_positive("SMARTHOME_ACCESS_TOKEN_TTL", 900.0),
+        refresh_token_ttl_s=_positive("SMARTHOME_REFRESH_TOKEN_TTL", 30 * 86400.0),
+        writes_per_minute=_at_least_one("SMARTHOME_WRITES_PER_MINUTE", 600),
+        logins_per_minute_per_address=_at_least_one("SMARTHOME_LOGINS_PER_MINUTE", 30),
+        allowed_origins=_list("SMARTHOME_ALLOWED_ORIGINS"),
+        allowed_hosts=_list("SMARTHOME_ALLOWED_HOSTS"),
+        trusted_proxies=_networks("SMARTHOME_TRUSTED_PROXIES"),
     )
+
+
+def _list(name: str) -> tuple[str, ...]:
+    """A comma-separated list; blanks dropped."""
+    return tuple(item.strip() for item in (os.environ.get(name) or "").split(",") if item.strip())
+
+
+def _networks(name: str) -> tuple[str, ...]:
+    """A comma-separated list of CIDRs (a bare address is a /32 or /128)."""
+    values = _list(name)
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise SettingsError(f"{name}: {value!r} is not an address or a CIDR") from None
+    return values
+
+
+def _jwt_secret() -> str | None:
+    raw = os.environ.get("SMARTHOME_JWT_SECRET") or None
+    if raw is not None and len(raw) < 32:
+        raise SettingsError("SMARTHOME_JWT_SECRET must be at least 32 characters")
+    return raw
+
+
+def _nats_tls() -> dict[str, Path | None]:
+    cert = os.environ.get("SMARTHOME_NATS_TLS_CERT") or None
+    key = os.environ.get("SMARTHOME_NATS_TLS_KEY") or None
+    if bool(cert) != bool(key):
+        raise SettingsError("SMARTHOME_NATS_TLS_CERT and SMARTHOME_NATS_TLS_KEY go together")
+    for name, value in (("SMARTHOME_NATS_TLS_CERT", cert), ("SMARTHOME_NATS_TLS_KEY", key)):
+        if value and not Path(value).is_file():
+            raise SettingsError(f"{name}={value!r} is not a file")
+    return {
+        "nats_tls_cert": Path(cert).resolve() if cert else None,
+        "nats_tls_key": Path(key).resolve() if key else None,
+    }
 
 
 def _at_least_one(name: str, default: int) -> int:
@@ -158,15 +243,6 @@ def _rules_partitions() -> int:
     return value
 
 
-def _flag(name: str) -> bool:
-    raw = (os.environ.get(name) or "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise SettingsError(f"{name}={raw!r} must be 1 or 0")
-
-
 def _positive(name: str, default: float) -> float:
     value = _float(name, default)
     if value <= 0:
@@ -186,6 +262,30 @@ def _sync() -> str:
     if raw != "always" and not re.fullmatch(r"\d+(ms|s|m|h)", raw):
         raise SettingsError(f"SMARTHOME_NATS_SYNC={raw!r} must be 'always' or like 30s, 2m")
     return raw
+
+
+_SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]?)(?:iB|i|B)?", re.IGNORECASE)
+
+
+def _max_store() -> int | None:
+    """SMARTHOME_NATS_MAX_STORE: how much the embedded nats-server may store (`10GB`,
+    `512MB`, bytes; binary units), or `auto` (the default): what it stores already plus
+    half the free space of its volume at start, the rest left to the database and logs.
+    Past it, publishing is refused (HTTP 507) before the disk is full, and goes on once
+    space is freed."""
+    raw = (os.environ.get("SMARTHOME_NATS_MAX_STORE") or "auto").strip()
+    if raw.lower() == "auto":
+        return None
+    match = _SIZE.fullmatch(raw)
+    if match is None:
+        raise SettingsError(
+            f"SMARTHOME_NATS_MAX_STORE={raw!r} must be 'auto' or a size like 10GB, 512MB"
+        )
+    exponent = " KMGT".index(match["unit"].upper() or " ")
+    size = int(float(match["number"]) * 1024**exponent)
+    if size < 1024 * 1024:
+        raise SettingsError(f"SMARTHOME_NATS_MAX_STORE={raw!r} must be at least 1MB")
+    return size
 
 
 def _replicas() -> int:

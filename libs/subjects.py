@@ -23,7 +23,7 @@ _FILTER_TOKEN = re.compile(r"^([A-Za-z0-9_-]{1,128}|\*)$")
 
 def is_token(value: str) -> bool:
     """True when `value` can stand as one subject token (no dots, no wildcards)."""
-    return bool(_TOKEN.match(value))
+    return bool(_TOKEN.fullmatch(value))
 
 
 def check_token(value: str, what: str) -> str:
@@ -38,8 +38,8 @@ def is_filter(value: str) -> bool:
     if not tokens or any(t == "" for t in tokens):
         return False
     *head, last = tokens
-    return all(_FILTER_TOKEN.match(t) for t in head) and (
-        last == ">" or bool(_FILTER_TOKEN.match(last))
+    return all(_FILTER_TOKEN.fullmatch(t) for t in head) and (
+        last == ">" or bool(_FILTER_TOKEN.fullmatch(last))
     )
 
 
@@ -88,6 +88,19 @@ def rule_changed(rule_id: str) -> str:
 
 
 RULES_CHANGED_ALL = "system.rule.*.changed"
+
+
+def user_changed(user_id: str) -> str:
+    """A user was created, changed or removed (`ChangeFact`, audited)."""
+    return f"system.user.{check_token(user_id, 'user id')}.changed"
+
+
+def api_key_changed(key_id: str) -> str:
+    """An API key was made or revoked: every gateway forgets the keys it verified."""
+    return f"system.apikey.{check_token(key_id, 'API key id')}.changed"
+
+
+API_KEYS_CHANGED_ALL = "system.apikey.*.changed"
 RULES_FIRED_ALL = "system.rule.*.fired"
 
 
@@ -111,6 +124,46 @@ def notification(subscription_id: str) -> str:
 
 
 NOTIFICATIONS_ALL = "system.notify.*"
+
+
+def credentials_changed(device_id: str) -> str:
+    """A device's bus credentials were issued, rotated or revoked (`ChangeFact`, audited):
+    the busauth service closes a connection that used the old ones."""
+    return f"system.credentials.{device_id}.changed"
+
+
+CREDENTIALS_CHANGED_ALL = "system.credentials.*.changed"
+
+
+def bridge_changed(bridge_id: str) -> str:
+    """A bridge was made or its credentials rotated (`ChangeFact`, audited)."""
+    return f"system.bridge.{bridge_id}.changed"
+
+
+BRIDGES_CHANGED_ALL = "system.bridge.*.changed"
+
+
+def inbox_prefix(kind: str, name: str) -> str:
+    """A client's own inbox prefix (`_INBOX.<kind>.<name>`, nats-py's `inbox_prefix`): its
+    replies arrive under it, and its grant lets it read no other. `kind` (`svc`, `dev`,
+    `bridge`, `claim`) keeps a device named like a service out of the service's."""
+    return f"_INBOX.{kind}.{name}"
+
+
+def device_inbox(device_id: str) -> str:
+    """The inbox prefix a device connects with (JetStream acks, its consumer's messages)."""
+    return inbox_prefix("dev", device_id)
+
+
+def provision(device_id: str, nonce: str) -> str:
+    """Where a device that claimed its id with a provisioning token receives its
+    credentials once approved: only its claiming connection, named `nonce`, may read it."""
+    return f"provision.{device_id}.{nonce}"
+
+
+def provisioning_token_changed(token_id: str) -> str:
+    """A provisioning token was made (`ChangeFact`, audited; never its secret)."""
+    return f"system.provisioning.{token_id}.changed"
 
 
 def deadletter(original_subject: str) -> str:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from urllib.parse import urlsplit
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -46,6 +47,31 @@ FAILED = "failed"
 # rule's notification addressed to it.
 FROM_FILTER = "filter"
 FROM_NOTIFY = "notify"
+
+
+class Failure(StrEnum):
+    """Why an attempt failed, as a delivery record shows it (`last_error` starts with it).
+    Never the receiver's own words: a record that showed an answer's body (or an error that
+    quotes an address) would make webhooks a way to read what a private address serves."""
+
+    TIMEOUT = "timeout"
+    REFUSED = "refused"  # the connection was refused: nothing listens there
+    TLS = "tls"
+    DNS = "dns"
+    BLOCKED = "blocked"  # an address webhooks may not reach (SSRF)
+    CONNECTION = "connection"  # reset, unreachable, closed early, not HTTP
+    INVALID = "invalid"  # a request that could not be sent (a header the event made)
+    GONE = "gone"  # a re-driven event no longer in the stream
+    REDIRECT = "3xx"  # not followed: it could lead where webhooks may not go
+    CLIENT_ERROR = "4xx"
+    SERVER_ERROR = "5xx"
+
+    @classmethod
+    def of_status(cls, status: int) -> Failure:
+        """The class of an HTTP status that is no success."""
+        if 300 <= status < 400:
+            return cls.REDIRECT
+        return cls.CLIENT_ERROR if 400 <= status < 500 else cls.SERVER_ERROR
 
 
 def new_secret() -> str:
@@ -110,14 +136,25 @@ def verify(
 
 # --- where a webhook may go (SSRF) -----------------------------------------------------------
 
-ALLOW_PRIVATE_ENV = "SMARTHOME_WEBHOOK_ALLOW_PRIVATE"
-_HOW_TO_ALLOW = f"set {ALLOW_PRIVATE_ENV}=1 to allow it"
+ALLOW_NETS_ENV = "SMARTHOME_WEBHOOK_ALLOW_NETS"
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 # Cloud instance metadata endpoints (AWS/GCP/Azure/Oracle, ECS tasks, Alibaba, AWS over IPv6).
 METADATA = frozenset(
     ipaddress.ip_address(a)
     for a in ("169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254")
 )
 _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+_SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+# A home network's: RFC 1918, IPv6 unique local and (deprecated) site-local addresses.
+_LANS = tuple(
+    ipaddress.ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7", "fec0::/10")
+)
 
 Resolver = Callable[[str, int], Iterable[str]]
 
@@ -126,31 +163,85 @@ def _resolve(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
 
 
-def refused_range(address: str) -> str | None:
-    """Why a webhook may not go to `address` (`loopback`, ...), or None when it may."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone (`fe80::1%eth0`)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip in METADATA:
-        return "cloud metadata"
-    if ip.is_loopback:
-        return "loopback"
-    if ip.is_link_local:
-        return "link-local"
-    if ip.is_unspecified or (ip.version == 4 and ip in _THIS_NETWORK):
-        return "unspecified"
+def unwrap(ip: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv6 one carries (`::ffff:a.b.c.d`, NAT64 `64:ff9b::/96`, 6to4
+    `2002:AABB:CCDD::/48`, `::a.b.c.d`), which is where a packet to it ends up; else `ip`."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    # `::` and `::1` are IPv6's own unspecified and loopback addresses, not IPv4 ones.
+    if ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip
+
+
+@dataclass(frozen=True)
+class Destination:
+    """What an address is to a webhook: `range` names a non-public one (None: public);
+    `never` marks the ranges no webhook reaches, whoever asks."""
+
+    address: IPAddress  # unwrapped
+    range: str | None
+    never: bool = False
+
+
+def classify(address: str) -> Destination:
+    """Where `address` (IPv4 or IPv6, an IPv6 zone allowed) leads; ValueError if it is none."""
+    ip = unwrap(ipaddress.ip_address(address.split("%", 1)[0]))  # drop a zone (`fe80::1%eth0`)
+    if ip.is_unspecified or ip in _THIS_NETWORK:
+        return Destination(ip, "unspecified", never=True)
     if ip.is_multicast:
-        return "multicast"
+        return Destination(ip, "multicast", never=True)
+    if ip in METADATA:
+        return Destination(ip, "cloud metadata")
+    if ip.is_loopback:
+        return Destination(ip, "loopback")
+    if ip.is_link_local:
+        return Destination(ip, "link-local")
+    # After loopback: IPv6's reserved ::/8 holds ::1. IPv4's holds 240/4 and the broadcast.
+    if ip.is_reserved:
+        return Destination(ip, "reserved", never=True)
+    if ip in _SHARED:
+        return Destination(ip, "shared (carrier-grade NAT)")
+    if any(ip in net for net in _LANS):
+        return Destination(ip, "private")
+    if ip.is_global:
+        return Destination(ip, None)
+    return Destination(ip, "non-public")  # documentation, benchmarking, IETF protocol ranges
+
+
+def allow_nets(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
+    """The networks of SMARTHOME_WEBHOOK_ALLOW_NETS (checked when the settings were read;
+    a bare address is a /32 or /128, host bits are ignored)."""
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def refused_range(
+    address: str, nets: Iterable[IPNetwork] = (), *, allow_private_targets: bool = False
+) -> str | None:
+    """Why a webhook may not go to `address` (`a loopback address outside ...`), or None when
+    it may: a public address always; a private, loopback, link-local, shared or metadata one
+    only with `allow_private_targets` (its creator is an administrator) and inside one of
+    `nets`; a multicast, unspecified or reserved one never."""
+    where = classify(address)
+    if where.range is None:
+        return None
+    article = "an" if where.range[0] in "aeiou" else "a"
+    what = f"{article} {where.range} address"
+    if where.never:
+        return f"{what}, which webhooks never reach"
+    if not allow_private_targets:
+        return f"{what}, which only an administrator may target"
+    if not any(where.address in net for net in nets):
+        return f"{what} outside {ALLOW_NETS_ENV}"
     return None
 
 
-def check_url(url: str, allow_private: bool, resolve: Resolver = _resolve) -> None:
-    """Refuse a URL that is not http(s), or whose host resolves to a loopback, link-local,
-    metadata or unspecified address (unless `allow_private`); ValueError says why.
-
-    Private LAN ranges (192.168/16, 10/8, ...) stay allowed: a home's webhook receivers
-    (Node-RED, a NAS) usually live there.
-    """
+def parse_url(url: str) -> tuple[str, int]:
+    """The host and port of an http(s) URL; ValueError says what is wrong with it."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         given = f"not `{parts.scheme}`" if parts.scheme else "it has no scheme"
@@ -162,21 +253,47 @@ def check_url(url: str, allow_private: bool, resolve: Resolver = _resolve) -> No
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise ValueError("has a port that is not a number between 0 and 65535") from None
-    if allow_private:
+    return host, port
+
+
+def is_address(host: str) -> bool:
+    """Whether a URL's host (without its `[...]`) is an IP address rather than a name."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def check_url(
+    url: str,
+    nets: Iterable[IPNetwork] = (),
+    *,
+    allow_private_targets: bool,
+    resolve: Resolver = _resolve,
+) -> None:
+    """Refuse a URL that is not http(s), or whose host is or resolves to an address a webhook
+    may not reach (`refused_range`); ValueError says why. The sender checks the addresses
+    again on every connection: a name may resolve elsewhere by then."""
+    host, port = parse_url(url)
+    if is_address(host):
+        reason = refused_range(host, nets, allow_private_targets=allow_private_targets)
+        if reason:
+            unwrapped = str(classify(host).address)
+            that_is = "" if unwrapped == host.split("%", 1)[0] else f" (that is {unwrapped})"
+            raise ValueError(f"{host}{that_is} is {reason} (SSRF protection)")
         return
     try:
         addresses = list(resolve(host, port))
     except (OSError, UnicodeError) as exc:
         raise ValueError(f"host {host!r} does not resolve ({exc})") from None
+    if not addresses:
+        raise ValueError(f"host {host!r} does not resolve")
+    nets = tuple(nets)
     for address in addresses:
-        reason = refused_range(address)
-        if reason:
-            shown = host if host == address else f"{host} ({address})"
-            article = "an" if reason[0] in "aeiou" else "a"
-            raise ValueError(
-                f"{shown} is {article} {reason} address, which webhooks may not reach "
-                f"(SSRF protection); {_HOW_TO_ALLOW}"
-            )
+        reason = refused_range(address, nets, allow_private_targets=allow_private_targets)
+        if reason:  # not the address: the platform's DNS answers are not the caller's to read
+            raise ValueError(f"{host} resolves to {reason} (SSRF protection)")
 
 
 # --- retries ---------------------------------------------------------------------------------
@@ -333,7 +450,7 @@ def parse_notification(subject: str) -> str:
 
 @dataclass(frozen=True)
 class WebhookSettings:
-    allow_private: bool = False
+    allow_nets: tuple[IPNetwork, ...] = ()
     timeout_s: float = 10.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
@@ -345,9 +462,9 @@ class WebhookSettings:
 
     @classmethod
     def of(cls, settings: Settings) -> WebhookSettings:
-        """From the platform settings (SMARTHOME_WEBHOOK_ALLOW_PRIVATE, _TIMEOUT, _RETRY_*)."""
+        """From the platform settings (SMARTHOME_WEBHOOK_ALLOW_NETS, _TIMEOUT, _RETRY_*)."""
         return cls(
-            allow_private=settings.webhook_allow_private,
+            allow_nets=allow_nets(settings.webhook_allow_nets),
             timeout_s=settings.webhook_timeout_s,
             retry=RetryPolicy(
                 base_s=settings.webhook_retry_base_s, retry_for_s=settings.webhook_retry_for_s

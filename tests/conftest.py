@@ -16,9 +16,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from libs import bus, embedded_nats
+from libs import accounts, bus, bus_auth, bus_grants, embedded_nats
 from libs.db.engine import make_engine, make_sessionmaker
 from libs.db.migrate import upgrade
+from libs.principals import Role
 from libs.settings import Settings, async_database_url
 
 
@@ -34,9 +35,24 @@ def mqtt_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def nats_url(data_dir: Path, mqtt_port: int) -> Iterator[str]:
+def bus_passwords(data_dir: Path) -> dict[str, bus_grants.ServicePassword]:
+    """The services' bus passwords (and the operator's, the tests' own client's), kept in the
+    session's data dir like the launcher keeps them: services started as processes find theirs."""
+    return bus_grants.ensure_service_passwords(data_dir / "bus")
+
+
+@pytest.fixture(scope="session")
+def nats_url(data_dir: Path, mqtt_port: int, bus_passwords: dict) -> Iterator[str]:
+    """The session's nats-server, with no anonymous user: services as their static users,
+    everyone else through the auth callout (no busauth running: refused)."""
     port = embedded_nats.free_port()
-    proc = embedded_nats.start(data_dir / "nats", port, data_dir / "nats.log", mqtt_port=mqtt_port)
+    proc = embedded_nats.start(
+        data_dir / "nats",
+        port,
+        data_dir / "nats.log",
+        mqtt_port=mqtt_port,
+        auth=bus_auth.embedded_authorization(data_dir / "bus"),
+    )
     yield f"nats://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
@@ -80,13 +96,20 @@ def redis_url() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def settings(data_dir: Path, nats_url: str, database_url: str, redis_url: str | None) -> Settings:
+def settings(
+    data_dir: Path, nats_url: str, database_url: str, redis_url: str | None, bus_passwords: dict
+) -> Settings:
+    """The settings of a gateway run in the test process: the gateway's bus identity."""
     return Settings(
         data_dir=data_dir,
         nats_url=nats_url,
+        nats_user="gateway",
+        nats_password=bus_passwords["gateway"].password,
         database_url=database_url,
         redis_url=redis_url,
         heartbeat_timeout_s=2.0,
+        # AsyncTestClient's host, beside the loopback names the gateway answers by default.
+        allowed_hosts=("testserver.local", "127.0.0.1", "localhost"),
     )
 
 
@@ -108,8 +131,10 @@ def service_env(settings: Settings) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-async def nc(nats_url: str) -> AsyncIterator:
-    conn = await bus.connect(nats_url, "tests")
+async def nc(nats_url: str, bus_passwords: dict) -> AsyncIterator:
+    """The tests' own client: the operator identity (everything, as a person with the nats
+    CLI); services started as processes connect as themselves."""
+    conn = await bus.connect(nats_url, "tests", "operator", bus_passwords["operator"].password)
     await bus.ensure_streams(conn.jetstream())
     yield conn
     await conn.drain()
@@ -125,3 +150,20 @@ async def sessions(database_url: str) -> AsyncIterator:
     engine = make_engine(database_url)
     yield make_sessionmaker(engine)
     await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+async def admin_token(sessions) -> str:  # type: ignore[no-untyped-def]
+    """An administrator's API key: the tests' own credentials for the HTTP API."""
+    return await accounts.issue_api_key(sessions, "tests", Role.ADMIN, [], "tests")
+
+
+@pytest.fixture(scope="session")
+async def make_token(sessions):  # type: ignore[no-untyped-def]
+    """`await make_token(Role.RESIDENT, ["home-a"])`: an API key of that role and homes (the
+    homes need not be defined locations: keys made here skip the API's checks)."""
+
+    async def make(role: Role, homes: list[str] | None = None) -> str:
+        return await accounts.issue_api_key(sessions, f"tests-{role}", role, homes or [], "tests")
+
+    return make

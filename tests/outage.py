@@ -1,4 +1,4 @@
-"""Servers a test may stop and start on purpose: a private Postgres and a private nats-server."""
+"""Servers a test may stop and start on purpose: a private Postgres, nats-server and Redis."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+import redis
 
 from libs import embedded_nats
 
@@ -72,16 +74,64 @@ class PrivatePostgres:
 
 
 class PrivateNats:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_file_store: int | None = None) -> None:
         self.root = root
         self.port = embedded_nats.free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
+        self.max_file_store = max_file_store
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = embedded_nats.start(self.root, self.port, self.root / "nats.log")
+        self.proc = embedded_nats.start(
+            self.root, self.port, self.root / "nats.log", max_file_store=self.max_file_store
+        )
 
     def kill9(self) -> None:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(10)
+
+
+class PrivateRedis:
+    """A redis-server of its own on a free loopback port, saving snapshots (`dump.rdb`) in
+    `root` as Redis does out of the box; a test may kill it, flush it, or restart it from
+    an older snapshot."""
+
+    def __init__(self, root: Path) -> None:
+        found = shutil.which("redis-server")
+        if found is None:
+            raise RuntimeError("redis-server not found")
+        self.binary = found
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = embedded_nats.free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        argv += ["--dir", str(self.root), "--dbfilename", "dump.rdb", "--appendonly", "no"]
+        with open(self.root / "redis.log", "ab") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        embedded_nats.wait_for_port("127.0.0.1", self.port, self.proc)  # type: ignore[arg-type]
+
+    def snapshot(self, name: str) -> Path:
+        """SAVE now, and keep a copy of that snapshot as `name`."""
+        with redis.Redis.from_url(self.url) as client:
+            client.save()
+        return Path(shutil.copy(self.root / "dump.rdb", self.root / name))
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def restart_from(self, snapshot: Path) -> None:
+        """Start again from an older snapshot, as after a crash and a restore."""
+        shutil.copy(snapshot, self.root / "dump.rdb")
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from libs import embedded_nats
+from libs import bus_grants, embedded_nats
 
 
 class Service:
@@ -20,7 +20,7 @@ class Service:
     def __init__(self, module: str, env: dict[str, str], log_dir: Path) -> None:
         self.module = module
         self.health_port = embedded_nats.free_port()
-        self.env = {**env, "SMARTHOME_HEALTH_PORT": str(self.health_port)}
+        self.env = {**env, **_identity(module, env), "SMARTHOME_HEALTH_PORT": str(self.health_port)}
         self.log_path = log_dir / f"{module}.{uuid.uuid4().hex[:8]}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -65,3 +65,15 @@ class Service:
 
     def tail(self, n: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
+
+
+def _identity(module: str, env: dict[str, str]) -> dict[str, str]:
+    """A platform service connects as itself (its password in the session's data dir, where
+    the session's nats-server took the hashes from); anything else as the caller says."""
+    package, _, name = module.partition(".")
+    if package != "services" or name not in bus_grants.SERVICE_USERS:
+        return {}
+    if bus_grants.ENV_USER in env or "SMARTHOME_DATA_DIR" not in env:
+        return {}
+    passwords = bus_grants.ensure_service_passwords(Path(env["SMARTHOME_DATA_DIR"]) / "bus")
+    return bus_grants.service_env(passwords, name)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
-from nats.aio.msg import Msg
+import httpx
 
-from devices.platform_link import PlatformLink, arguments, run
+from devices.platform_link import PlatformLink, api_headers, arguments, run
 from libs import messages as m
 from libs import subjects
 
@@ -21,10 +22,10 @@ class EnergyTracker:
         self.energy_wh = 0.0
         self._since = time.monotonic()
 
-    def sense(self, msg: Msg) -> None:
+    def sense(self, data: bytes) -> None:
         """The simulated wire: the plugged device's reported power is what the plug measures."""
         try:
-            event = m.cloud_event_decoder.decode(msg.data)
+            event = m.cloud_event_decoder.decode(data)
         except Exception:
             return
         power = (event.data or {}).get("power_w")
@@ -63,10 +64,8 @@ async def main(stop: asyncio.Event) -> None:
     if stop.is_set():
         return
     await link.connect()
-    assert link.nc is not None
-    wire = await link.nc.subscribe(
-        subjects.device_events(args.metered_device, "*"), cb=_async(tracker.sense)
-    )
+    # A live stream does not end when asked to stop: cancelled instead.
+    wire = asyncio.create_task(follow(args.api_url, args.metered_device, tracker.sense, stop))
     try:
         await link.publish("hello", {"attributes": {"metered_device": args.metered_device}})
         async with asyncio.TaskGroup() as tasks:
@@ -74,16 +73,39 @@ async def main(stop: asyncio.Event) -> None:
             tasks.create_task(link.take_commands(stop))
             tasks.create_task(tracker.report_every(args.interval, stop))
     finally:
-        with contextlib.suppress(Exception):
-            await wire.unsubscribe()
+        wire.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await wire
         await link.close()
 
 
-def _async(fn):  # type: ignore[no-untyped-def]
-    async def cb(msg: Msg) -> None:
-        fn(msg)
-
-    return cb
+async def follow(
+    api_url: str, device_id: str, sense: Callable[[bytes], None], stop: asyncio.Event
+) -> None:
+    """The plugged device's events, live over the HTTP API (SSE, with the installer's
+    token): on the bus a device reads only its own commands, never another's events."""
+    url = f"{api_url.rstrip('/')}/api/v1/events/stream"
+    params = {"subject": subjects.device_events_all(device_id)}
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            async with (
+                httpx.AsyncClient(timeout=None, headers=api_headers()) as http,
+                http.stream("GET", url, params=params) as r,
+            ):
+                data: list[str] = []
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        data.append(line[6:])
+                    elif not line and data:
+                        sense("\n".join(data).encode())
+                        data = []
+                    delay = 0.5
+        except httpx.HTTPError:
+            pass
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, 5.0)
 
 
 if __name__ == "__main__":

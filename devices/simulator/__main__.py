@@ -5,7 +5,9 @@ demos: `--duration` ends a run by itself; a summary is printed at the end.
 
 Like any device it uses only the public protocols: it publishes under its devices'
 `events.<id>.>` and reads their `commands.<id>` (plain subscriptions: a command sent while
-the simulator is down is not replayed, and expires).
+the simulator is down is not replayed, and expires). On the bus it is a bridge (`--prefix`
+names it): one identity that speaks for exactly its devices, made over HTTP with the
+installer's `SMARTHOME_API_TOKEN`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import nats
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from devices.platform_link import run
+from devices.platform_link import api_headers, run
 from devices.simulator.fleet import KINDS, VirtualDevice, fleet
 from libs import messages as m
 from libs import subjects
@@ -44,7 +46,12 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--kinds", default=",".join(KINDS), help="taken in turn: " + ", ".join(KINDS))
     p.add_argument("--interval", type=float, default=10.0, help="seconds between readings")
     p.add_argument("--duration", type=float, default=0.0, help="seconds; 0: until stopped")
-    p.add_argument("--location", default=os.environ.get("SMARTHOME_DEVICE_LOCATION"))
+    p.add_argument(
+        "--location",
+        default=os.environ.get("SMARTHOME_DEVICE_LOCATION"),
+        help="where the devices are (default: a home named after --prefix); its home is "
+        "the bridge's, the one connection that speaks for them",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
         "--api-url", default=os.environ.get("SMARTHOME_API_URL", "http://127.0.0.1:8000")
@@ -57,6 +64,9 @@ def arguments() -> argparse.Namespace:
     if args.count < 1 or args.interval <= 0:
         p.error("--count must be at least 1 and --interval above 0")
     args.kinds = kinds
+    if not subjects.is_token(args.prefix):
+        p.error("--prefix: 1-128 characters of A-Z a-z 0-9 _ - (it names the bridge too)")
+    args.location = args.location or args.prefix
     return args
 
 
@@ -101,24 +111,39 @@ class Publisher:
 
 async def register_all(
     args: argparse.Namespace, devices: list[VirtualDevice], stop: asyncio.Event
-) -> bool:
-    """Register every device over HTTP (already registered is fine); False if stopped."""
-    async with httpx.AsyncClient(base_url=args.api_url, timeout=10) as http:
+) -> str | None:
+    """Make (or renew the password of) the bridge `--prefix` that speaks for the fleet on one
+    connection, then register every device through it (already registered is fine); the
+    bridge's password, or None if stopped."""
+    async with httpx.AsyncClient(base_url=args.api_url, timeout=10, headers=api_headers()) as http:
         if not await _gateway_ready(http, stop):
-            return False
+            return None
+        password = await _bridge(http, args.prefix, args.location)
         room = asyncio.Semaphore(REGISTER_IN_FLIGHT)
 
         async def one(device: VirtualDevice) -> None:
             body = {"id": device.id, "name": device.id, "kind": device.kind}
-            if args.location:
-                body["location"] = args.location
+            body.update(location=args.location, bridge=args.prefix)
             async with room:
                 r = await http.post("/api/v1/devices", json=body)
             if r.status_code not in (201, 409):
                 raise RuntimeError(f"registering {device.id}: {r.status_code} {r.text[:200]}")
 
         await asyncio.gather(*(one(d) for d in devices))
-    return True
+    return password
+
+
+async def _bridge(http: httpx.AsyncClient, bridge_id: str, location: str) -> str:
+    """The bridge's password: made now, or renewed if it exists (shown once either way)."""
+    home = location.split("/", 1)[0]
+    r = await http.post("/api/v1/bridges", json={"id": bridge_id, "name": bridge_id, "home": home})
+    if r.status_code == 201:
+        return str(r.json()["credentials"]["password"])
+    if r.status_code == 409:
+        r = await http.post(f"/api/v1/bridges/{bridge_id}/credentials")
+        if r.status_code in (200, 201):
+            return str(r.json()["password"])
+    raise RuntimeError(f"bridge {bridge_id}: {r.status_code} {r.text[:200]}")
 
 
 async def _gateway_ready(http: httpx.AsyncClient, stop: asyncio.Event) -> bool:
@@ -179,13 +204,21 @@ async def main(stop: asyncio.Event) -> None:
     args = arguments()
     devices = fleet(args.prefix, args.count, args.kinds, args.seed)
     began = time.monotonic()
-    if not await register_all(args, devices, stop):
+    password = await register_all(args, devices, stop)
+    if password is None:
         return
     log.info("registered %d devices in %.1f s", len(devices), time.monotonic() - began)
     if args.duration > 0:  # of reporting, after the registrations
         asyncio.get_running_loop().call_later(args.duration, stop.set)
     started = time.monotonic()
-    nc = await nats.connect(args.nats_url, name="simulator", max_reconnect_attempts=-1)
+    nc = await nats.connect(
+        args.nats_url,
+        name="simulator",
+        user=f"bridge:{args.prefix}",
+        password=password,
+        inbox_prefix=subjects.inbox_prefix("bridge", args.prefix),
+        max_reconnect_attempts=-1,
+    )
     out = Publisher(nc.jetstream())
     answered: Counter = Counter()
     try:

@@ -136,6 +136,8 @@ class RuleRecord(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     version: Mapped[int] = mapped_column(Integer, default=1)
+    # The home whose devices it may read and command; None: platform-wide (admins only).
+    home: Mapped[str | None] = mapped_column(String(128), index=True, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now, onupdate=_now)
 
@@ -224,6 +226,8 @@ class AuditEntry(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     stream: Mapped[str] = mapped_column(String(32))
     source_seq: Mapped[int] = mapped_column(BigInteger)
+    # The home the row is about, for rows about no device (a rule's, a location's change).
+    home: Mapped[str | None] = mapped_column(String(128), index=True, nullable=True)
 
 
 class Subscription(Base):
@@ -238,7 +242,9 @@ class Subscription(Base):
     batch_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
     secret: Mapped[str] = mapped_column(String(128))
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
-    created_by: Mapped[str] = mapped_column(String(200), default="user:anonymous")
+    created_by: Mapped[str] = mapped_column(String(200))
+    # The home whose messages it receives; None: the whole bus (admins only).
+    home: Mapped[str | None] = mapped_column(String(128), index=True, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
     # Events delivered, counted by the webhooks service about once a second (a first-attempt
     # success leaves no `deliveries` row).
@@ -274,3 +280,107 @@ class Delivery(Base):
     last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class User(Base):
+    """A person who signs in: an Argon2id password hash, a role and the homes it may see."""
+
+    __tablename__ = "users"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))
+    role: Mapped[str] = mapped_column(String(16))
+    homes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now, onupdate=_now)
+
+
+class RefreshToken(Base):
+    """One refresh token of a sign-in (`family`): stored as its SHA-256, used once; a used
+    one shown again revokes the whole family (reuse detection)."""
+
+    __tablename__ = "refresh_tokens"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    family: Mapped[str] = mapped_column(String(64), index=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+
+
+class ApiKey(Base):
+    """An integration's bearer key, stored as its SHA-256; shown once at creation."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    homes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_by: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+
+
+class BusCredential(Base):
+    """A device's or a bridge's password on the bus, stored only as its SHA-256 (256 random
+    bits: a fast digest is as safe, and the callout checks it on every connection)."""
+
+    __tablename__ = "bus_credentials"
+    # A device id, or `bridge:<id>`.
+    identity: Mapped[str] = mapped_column(String(160), primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    # Counts rotations: a connection admitted with an older one is closed.
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    issued_by: Mapped[str] = mapped_column(String(200))
+    issued_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+
+
+class Bridge(Base):
+    """A hub that speaks for many devices of one home on one connection."""
+
+    __tablename__ = "bridges"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    home: Mapped[str] = mapped_column(String(128), index=True)
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+
+
+class BridgeDevice(Base):
+    """A device that speaks through a bridge (and has no credentials of its own)."""
+
+    __tablename__ = "bridge_devices"
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    bridge_id: Mapped[str] = mapped_column(ForeignKey("bridges.id", ondelete="CASCADE"), index=True)
+
+
+class ProvisioningToken(Base):
+    """A claim token for discovery in one home: stored as its SHA-256, shown once."""
+
+    __tablename__ = "provisioning_tokens"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    home: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    max_uses: Mapped[int] = mapped_column(Integer)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+
+
+class DeviceClaim(Base):
+    """A device id claimed with a provisioning token, until the device first connects with
+    its own credentials. `nonce` is the claiming connection's name: only a connection that
+    presents it may read the credentials delivered on approval."""
+
+    __tablename__ = "device_claims"
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    token_id: Mapped[str] = mapped_column(
+        ForeignKey("provisioning_tokens.id", ondelete="CASCADE"), index=True
+    )
+    home: Mapped[str] = mapped_column(String(128))
+    nonce: Mapped[str] = mapped_column(String(64))
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)

@@ -16,14 +16,17 @@ devices, and the real services started as `python -m services.actors` and
 (d) publish → `system.device.<id>.state` latency (p50/p99/max) while events are published
     at a steady rate (1,000/s by default) on an absolute schedule; every event bumps a
     counter attribute, so every event produces a state fact, matched by `cause_event_id`.
-(c) `POST /api/v1/events` per second (single events, 16 concurrent clients), then events
+(c) `POST /api/v1/events` per second (single events, 16 concurrent clients) with a bearer
+    access token, then with an API key (requests per second, p50/p99 of each), then events
     per second in batches of 100. The actors are stopped first, so that the gateway shares
     the two cores only with nats-server and the load generator.
 (e) peak RSS of each process (children included), sampled every 100 ms throughout.
+(f) sign-in latency (`POST /api/v1/auth/token`, the password checked with Argon2id), one
+    request at a time: p50/p99.
 
 Targets (the issue): (b) ≥ 30 % of (a); p99 at 1,000 events/s ≤ 50 ms; every service
-≤ 150 MB RSS. A miss is reported in the table; the exit status is 0 whenever the run
-completed, and not 0 when it could not (a service failed, a deadline passed).
+≤ 150 MB RSS; sign-in p99 ≤ 300 ms. A miss is reported in the table; the exit status is 0
+whenever the run completed, and not 0 when it could not (a service failed, a deadline passed).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -63,7 +67,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from libs import bus, embedded_nats, subjects
+from libs import accounts, bus, bus_auth, bus_grants, embedded_nats, subjects
 from libs import messages as m
 from libs.cache import KEY_PREFIX
 from libs.db.engine import make_engine, make_sessionmaker
@@ -79,6 +83,8 @@ HTTP_BATCHES = 100
 HTTP_BATCH_SIZE = 100
 HTTP_CONCURRENCY = 16
 HTTP_WARMUP = 100
+LOGINS = 50
+LOGIN_P99_TARGET_MS = 300.0
 SERVICE_RSS_TARGET_MB = 150.0
 P99_TARGET_MS = 50.0
 RATIO_TARGET = 0.30
@@ -216,23 +222,54 @@ class BatchStats:
         )
 
 
+@dataclass(frozen=True)
+class Posted:
+    """What `post_all` saw: the wall time, the answers other than 202, each request's ms."""
+
+    seconds: float
+    errors: int
+    latencies_ms: list[float]
+
+
 async def post_all(
-    clients: list[httpx.AsyncClient], bodies: list[bytes], timeout: float = 120
-) -> tuple[float, int]:
-    """POST every body, each client sending its next one when answered: (seconds, not 202)."""
+    clients: list[httpx.AsyncClient],
+    bodies: list[bytes],
+    credential: str,
+    timeout: float = 120,
+) -> Posted:
+    """POST every body with `Authorization: Bearer <credential>`, each client sending its
+    next one when answered."""
     shared = iter(bodies)  # the clients take the next body in turn
+    headers = {"authorization": f"Bearer {credential}"}
     errors = 0
+    latencies: list[float] = []
 
     async def send(client: httpx.AsyncClient) -> None:
         nonlocal errors
         for body in shared:
-            if (await client.post("", content=body)).status_code != 202:
+            sent = time.perf_counter()
+            status = (await client.post("", content=body, headers=headers)).status_code
+            latencies.append((time.perf_counter() - sent) * 1000)
+            if status != 202:
                 errors += 1
 
     started = time.perf_counter()
     async with asyncio.timeout(timeout):
         await asyncio.gather(*(send(c) for c in clients))
-    return time.perf_counter() - started, errors
+    return Posted(time.perf_counter() - started, errors, sorted(latencies))
+
+
+async def sign_in(client: httpx.AsyncClient, password: str) -> tuple[str, float]:
+    """The OAuth2 password grant as `admin`: (access token, ms it took)."""
+    started = time.perf_counter()
+    response = await client.post(
+        "/api/v1/auth/token",
+        data={"username": accounts.ADMIN_USERNAME, "password": password, "grant_type": "password"},
+    )
+    elapsed = (time.perf_counter() - started) * 1000
+    if response.status_code != 200:
+        raise BenchError(f"sign-in answered {response.status_code}: {response.text[:300]}")
+    return str(response.json()["access_token"]), elapsed
 
 
 class Bench:
@@ -249,6 +286,9 @@ class Bench:
         self.nc: NATS | None = None
         self.env: dict[str, str] = {}
         self.next_counter = 0
+        self.admin_password = secrets.token_urlsafe(16)
+        self.api_key = ""
+        self.passwords: dict[str, bus_grants.ServicePassword] = {}
 
     def counters(self, count: int) -> int:
         first = self.next_counter
@@ -260,9 +300,15 @@ class Bench:
     async def setup(self) -> JetStreamContext:
         port = embedded_nats.free_port()
         nats_log = self.tmp / "nats-server.log"
+        # With the platform's auth on: the services and the bench as their static users.
+        auth = "" if self.args.no_bus_auth else bus_auth.embedded_authorization(self.tmp / "bus")
+        self.passwords = bus_grants.ensure_service_passwords(self.tmp / "bus")
         proc = await asyncio.to_thread(
-            embedded_nats.start, self.tmp / "nats", port, nats_log, self.args.nats_sync
-        )
+            partial(
+                embedded_nats.start,
+                self.tmp / "nats", port, nats_log, self.args.nats_sync, auth=auth,
+            )
+        )  # fmt: skip
         nats_server = Child("nats-server", proc.args, {}, nats_log)
         nats_server.proc = proc
         self.children.append(nats_server)
@@ -276,10 +322,23 @@ class Bench:
         await self.database.migrate()
         await register_devices(self.database.url, self.device_ids)
         self.registered = True
+        # The HTTP API wants a principal: the user `admin` (for the sign-ins and the access
+        # token) and an administrator's API key.
+        engine = make_engine(self.database.url)
+        try:
+            await accounts.ensure_admin(make_sessionmaker(engine), self.admin_password)
+        finally:
+            await engine.dispose()
+        self.api_key = await self.database.admin_api_key()
 
         self.env = service_env(nats_url, self.database.url, self.tmp / "data", self.args.redis_url)
+        # (f) signs in more often than a client address may in a minute.
+        self.env["SMARTHOME_LOGINS_PER_MINUTE"] = str(LOGINS * 10)
 
-        self.nc = await nats.connect(nats_url, name="bench")
+        self.nc = await nats.connect(
+            nats_url, name="bench", user="operator", password=self.passwords["operator"].password,
+            inbox_prefix=bus_grants.inbox_prefix("svc", "operator"),
+        )  # fmt: skip
         js = self.nc.jetstream()
         await bus.ensure_streams(js)
         return js
@@ -305,7 +364,7 @@ class Bench:
     def start_service(self, name: str, module: str) -> Child:
         """`python -m module`, waited on until `/health/ready` answers 200."""
         port = embedded_nats.free_port()
-        env = dict(self.env)
+        env = {**self.env, **bus_grants.service_env(self.passwords, name)}
         if name == "gateway":
             env["SMARTHOME_HTTP_PORT"] = str(port)
         else:
@@ -466,7 +525,10 @@ class Bench:
 
     async def gateway(self) -> None:
         gateway = await asyncio.to_thread(self.start_service, "gateway", "services.gateway")
-        url = f"http://127.0.0.1:{gateway.port}/api/v1/events"
+        base = f"http://127.0.0.1:{gateway.port}"
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            access_token = await self.sign_ins(client)
+        url = f"{base}/api/v1/events"
         # One client of one connection per simulated user: a shared pool of 16 connections
         # makes httpx poll every pooled socket on each request, and the load generator
         # would spend on that the CPU it shares with the gateway.
@@ -483,35 +545,56 @@ class Bench:
                 for _ in range(HTTP_CONCURRENCY)
             ]
             devices = self.device_ids
-            await post_all(
-                clients, http_bodies(devices, self.counters(HTTP_WARMUP), HTTP_WARMUP, 1)
-            )
+            errors: dict[str, int] = {}
+            for credential in (access_token, self.api_key):
+                warmup = http_bodies(devices, self.counters(HTTP_WARMUP), HTTP_WARMUP, 1)
+                await post_all(clients, warmup, credential)
 
-            singles = http_bodies(devices, self.counters(HTTP_SINGLE), HTTP_SINGLE, 1)
-            cpu = CpuShare(self.sampler)
-            elapsed, errors = await post_all(clients, singles)
-            self.results.notes.append(f"(c) single events: {cpu.summary()}")
-            self.results.add(
-                f"(c) POST /api/v1/events, 1 event, {HTTP_CONCURRENCY} clients",
-                f"{HTTP_SINGLE / elapsed:,.0f} req/s",
-            )
+            for name, credential in (("access token", access_token), ("API key", self.api_key)):
+                singles = http_bodies(devices, self.counters(HTTP_SINGLE), HTTP_SINGLE, 1)
+                cpu = CpuShare(self.sampler)
+                posted = await post_all(clients, singles, credential)
+                self.results.notes.append(f"(c) single events, {name}: {cpu.summary()}")
+                figure = f"(c) POST /api/v1/events, 1 event, {HTTP_CONCURRENCY} clients, {name}"
+                self.results.add(figure, f"{HTTP_SINGLE / posted.seconds:,.0f} req/s")
+                p50 = percentile(posted.latencies_ms, 50)
+                p99 = percentile(posted.latencies_ms, 99)
+                self.results.add(f"{figure}: p50 / p99", f"{p50:.1f} / {p99:.1f} ms")
+                errors[f"single ({name})"] = posted.errors
 
             batched_count = HTTP_BATCHES * HTTP_BATCH_SIZE
             batches = http_bodies(
                 devices, self.counters(batched_count), HTTP_BATCHES, HTTP_BATCH_SIZE
             )
             cpu = CpuShare(self.sampler)
-            elapsed_b, errors_b = await post_all(clients, batches)
+            posted = await post_all(clients, batches, self.api_key)
             self.results.notes.append(f"(c) batches: {cpu.summary()}")
             self.results.add(
                 f"(c) POST /api/v1/events, {HTTP_BATCH_SIZE} per request, "
-                f"{HTTP_CONCURRENCY} clients",
-                f"{batched_count / elapsed_b:,.0f} events/s",
+                f"{HTTP_CONCURRENCY} clients, API key",
+                f"{batched_count / posted.seconds:,.0f} events/s",
             )
-            if errors or errors_b:
-                self.results.notes.append(
-                    f"(c): {errors} single and {errors_b} batched requests not answered 202"
-                )
+            errors["batched"] = posted.errors
+            if any(errors.values()):
+                refused = ", ".join(f"{n} {kind}" for kind, n in errors.items() if n)
+                self.results.notes.append(f"(c): requests not answered 202: {refused}")
+
+    async def sign_ins(self, client: httpx.AsyncClient) -> str:
+        """(f): LOGINS sign-ins one after the other; the last one's access token."""
+        token, _ = await sign_in(client, self.admin_password)  # warm-up
+        times = []
+        for _ in range(LOGINS):
+            token, ms = await sign_in(client, self.admin_password)
+            times.append(ms)
+        times.sort()
+        p99 = percentile(times, 99)
+        self.results.add(
+            f"(f) sign-in POST /api/v1/auth/token (Argon2id), {LOGINS} in a row: p50 / p99",
+            f"{percentile(times, 50):.1f} / {p99:.1f} ms",
+            f"p99 ≤ {LOGIN_P99_TARGET_MS:g} ms",
+            p99 <= LOGIN_P99_TARGET_MS,
+        )
+        return token
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -528,6 +611,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=Settings.nats_sync,
         help=f"JetStream sync_interval: the platform's default ({Settings.nats_sync}), "
         "'always' or e.g. '2m'",
+    )
+    parser.add_argument(
+        "--no-bus-auth",
+        action="store_true",
+        help="nats-server without its authorization (before issue 12), to compare",
     )
     args = parser.parse_args(argv)
     if args.events < 1 or args.devices < 1:

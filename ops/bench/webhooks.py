@@ -168,7 +168,7 @@ async def run(args: argparse.Namespace, tmp: Path, results: Results) -> None:
         env = service_env(nats_url, database.url, tmp / "data", None)
         health = embedded_nats.free_port()
         env.update(
-            SMARTHOME_WEBHOOK_ALLOW_PRIVATE="1",
+            SMARTHOME_WEBHOOK_ALLOW_NETS="127.0.0.0/8",
             SMARTHOME_LOG_LEVEL="WARNING",
             SMARTHOME_HEALTH_PORT=str(health),
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from libs import bus, runtime
+from libs import bus, runtime, subjects
 from libs.cache import make_cache
 from libs.db.engine import make_engine, make_sessionmaker
 from libs.lease import Lease
@@ -18,15 +18,14 @@ from services.actors.worker import ActorWorker
 async def main(settings: Settings, stop: asyncio.Event) -> None:
     engine = make_engine(settings.effective_database_url)
     cache = make_cache(settings.redis_url)
-    nc = await bus.connect(settings.effective_nats_url, "actors")
+    nc = await bus.connect(
+        settings.effective_nats_url, "actors", settings.nats_user, settings.nats_password
+    )
     js = nc.jetstream()
-    await bus.ensure_streams(js, settings.stream_replicas)
+    await bus.wait_provisioned(js, [(subjects.EVENTS_STREAM, bus.ACTORS_DURABLE)], stop)
     sessions = make_sessionmaker(engine)
 
-    async def ready() -> str | None:
-        return None if nc.is_connected else "bus unreachable"
-
-    health = await runtime.serve_health(settings, ready)
+    health = await runtime.serve_health(settings, runtime.bus_and_database(nc, engine))
     try:
         async with asyncio.TaskGroup() as tasks:
             worker = ActorWorker(nc, StateStore(sessions, cache), Lease(js, "actors"))

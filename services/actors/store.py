@@ -1,10 +1,23 @@
-"""Where device state lives: the cache first, then the database (the truth)."""
+"""Where device state lives: in the actors' memory while they own it, in the database (the
+truth), and in the cache for the gateway.
+
+The virtual-actor model: a device's state is read from the database when the worker first
+needs it after taking the lease (`activate`), and kept in memory, with each committed write,
+for as long as the lease is held. The cache is never read here: a cache restored from an old
+snapshot, flushed, or written by another process can change nothing the actors decide. It is
+written after each commit, newer states only (`StateCache.put_newer`); while it cannot be
+written (Redis down) the actors go on and write what it missed once it answers again.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from typing import Any, Literal
 
-from sqlalchemy import delete, select, update
+from prometheus_client import Counter
+from sqlalchemy import delete, literal_column, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import commands
@@ -13,6 +26,26 @@ from libs.cache import StateCache
 from libs.db.engine import insert_ignoring_duplicates, upsert
 from libs.db.models import CommandRecord, Device, DeviceState
 from libs.messages import DeviceSnapshot
+
+log = logging.getLogger(__name__)
+
+# Devices whose state is kept in memory; past it, those least recently written are read
+# again from the database when next needed.
+MAX_ACTIVE = 100_000
+# A cache that does not answer is not asked again for this long: its outage costs the
+# actors nothing but a late cache.
+CACHE_TIMEOUT_S = 1.0
+CACHE_RETRY_S = 5.0
+# What the cache missed is written a little at a time, with the commits that follow: a long
+# outage's backlog does not hold up one commit (and its acks) for long.
+CACHE_REFILL = 1000
+
+CACHE_WRITES = Counter(
+    "smarthome_actor_cache_writes_total",
+    "Cache writes after a commit: stored, skipped (the cache holds a newer or equal state), "
+    "failed (the cache is down: written once it answers again)",
+    ["outcome"],
+)
 
 # Which command status may follow which: a late `delivered` never undoes `done`.
 NEXT_STATUS = {
@@ -37,6 +70,12 @@ def to_row(s: DeviceSnapshot) -> dict:
     }
 
 
+def _newer_than_stored() -> Any:
+    """A stored state is replaced by newer ones only (see `libs.cache.order`): a worker that
+    lost its lease and commits late cannot move the truth backwards."""
+    return DeviceState.__table__.c.last_seq < literal_column("excluded.last_seq")
+
+
 # Whether a registered device's events are applied: only an `active` one's are.
 Standing = Literal["active", "disconnected", "pending", "rejected"]
 
@@ -56,19 +95,40 @@ class StateStore:
         self._cache = cache
         self._standing: dict[str, Standing | None] = {}  # None: known not to be registered
         self._upsert_statement: Any = None  # built on first use: it needs the dialect
+        # The committed state of the devices activated under the current lease.
+        self._active: dict[str, DeviceSnapshot] = {}
+        # Committed states the cache missed (it was down), and when to try it again.
+        self._cache_behind: set[str] = set()
+        self._cache_retry_at = 0.0
+
+    def activate(self) -> None:
+        """A new lease: what was kept under an earlier one may have been changed by another
+        worker since; read every device afresh from the database."""
+        self._active.clear()
+        self._cache_behind.clear()
 
     async def load(self, device_ids: list[str]) -> dict[str, DeviceSnapshot]:
-        """Snapshots for these devices; a device never seen starts empty."""
-        cached = await self._cache.get_many(device_ids)
-        found = {d: m.snapshot_decoder.decode(v) for d, v in cached.items()}
+        """Snapshots for these devices, as last committed; a device never seen starts empty."""
+        found = {d: self._active[d] for d in device_ids if d in self._active}
         missing = [d for d in device_ids if d not in found]
         if missing:
             async with self._sessions() as session:
                 rows = await session.scalars(
                     select(DeviceState).where(DeviceState.device_id.in_(missing))
                 )
-                found.update({r.device_id: r.snapshot() for r in rows})
-        return {d: found.get(d) or DeviceSnapshot(device_id=d) for d in device_ids}
+                read = {r.device_id: r.snapshot() for r in rows}
+            for d in missing:
+                found[d] = read.get(d) or DeviceSnapshot(device_id=d)
+                self._keep(found[d])
+        return {d: found[d] for d in device_ids}
+
+    def _keep(self, snapshot: DeviceSnapshot) -> None:
+        self._active.pop(snapshot.device_id, None)  # to the end: the most recently used
+        self._active[snapshot.device_id] = snapshot
+        if len(self._active) > MAX_ACTIVE:
+            oldest = next(iter(self._active))
+            del self._active[oldest]
+            self._cache_behind.discard(oldest)
 
     async def registry(self, device_ids: list[str]) -> dict[str, Standing]:
         """The standing of each registered device (absent: not registered, or decommissioned).
@@ -100,6 +160,8 @@ class StateStore:
         """A deleted device leaves no state behind for a later device of the same id."""
         async with self._sessions.begin() as session:
             await session.execute(delete(DeviceState).where(DeviceState.device_id == device_id))
+        self._active.pop(device_id, None)
+        self._cache_behind.discard(device_id)
         await self._cache.delete(device_id)
 
     async def save(
@@ -112,7 +174,35 @@ class StateStore:
             await self._upsert(session, snapshots)
             for device_id, status in statuses:
                 await self._status(session, device_id, status)
-        await self._cache.put_many({s.device_id: m.encode(s) for s in snapshots})
+        for snapshot in snapshots:
+            self._keep(snapshot)
+        await self._write_cache(snapshots)
+
+    async def _write_cache(self, snapshots: list[DeviceSnapshot]) -> None:
+        """Write these committed states and some of those the cache missed before; while the
+        cache fails, only note what it misses."""
+        written = {s.device_id for s in snapshots}
+        if time.monotonic() < self._cache_retry_at:
+            self._cache_behind |= written
+            return
+        backlog = [self._active[d] for d in self._cache_behind - written if d in self._active]
+        batch = snapshots + backlog[:CACHE_REFILL]
+        try:
+            async with asyncio.timeout(CACHE_TIMEOUT_S):
+                stored = await self._cache.put_newer(batch)
+        except Exception as exc:  # an accelerator: its outage must not stop the actors
+            if not self._cache_retry_at:
+                log.warning("state cache unavailable, going on without it: %r", exc)
+            self._cache_retry_at = time.monotonic() + CACHE_RETRY_S
+            self._cache_behind |= written
+            CACHE_WRITES.labels("failed").inc(len(snapshots))
+            return
+        if self._cache_retry_at:
+            log.info("state cache answers again; writing the %d states it missed", len(backlog))
+            self._cache_retry_at = 0.0
+        self._cache_behind -= {s.device_id for s in batch}
+        CACHE_WRITES.labels("stored").inc(stored)
+        CACHE_WRITES.labels("skipped").inc(len(batch) - stored)
 
     @staticmethod
     async def _status(session: AsyncSession, device_id: str, status: m.CommandStatusData) -> None:
@@ -135,5 +225,10 @@ class StateStore:
         if snapshots:
             if self._upsert_statement is None:
                 # Built once: constructing it costs more than executing it for a few rows.
-                self._upsert_statement = upsert(session.bind, DeviceState.__table__, "device_id")  # type: ignore[arg-type]
+                self._upsert_statement = upsert(
+                    session.bind,  # type: ignore[arg-type]
+                    DeviceState.__table__,
+                    "device_id",
+                    where=_newer_than_stored(),
+                )
             await session.execute(self._upsert_statement, [to_row(s) for s in snapshots])

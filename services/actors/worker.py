@@ -24,6 +24,9 @@ path from an event to its fact, and a slow commit does not hold up the next batc
 - a device's events are applied in order: one worker holds the lease, batches are decided
   one after another, and each batch's facts are stored before the next batch's are sent.
 
+Each device's state is read from the database once under a lease and then kept in memory
+(`StateStore`); the cache is written, never read.
+
 The price: a fact may reach the bus a few milliseconds before the state it describes is
 readable from the cache or the database (it carries that state and its version). How much
 is written behind is bounded by the consumer's `max_ack_pending`: the bus hands out no
@@ -202,6 +205,7 @@ class ActorWorker:
 
     async def _consume(self, stop: asyncio.Event) -> None:
         self._pending = {}
+        self._store.activate()
         writes = self._writes = Writes()
         puller = Puller(self._nc, subjects.EVENTS_STREAM, DURABLE)
         await puller.start()

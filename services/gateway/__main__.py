@@ -53,6 +53,10 @@ def main() -> None:
         log_config=None,  # libs.logs configured logging already
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        # X-Forwarded-For is believed only from SMARTHOME_TRUSTED_PROXIES (none by default:
+        # uvicorn would otherwise trust 127.0.0.1), so limits count the real clients.
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=list(settings.trusted_proxies) or [],
     )
     server = GatewayServer(config, app)
     # uvicorn stops gracefully on SIGINT/SIGTERM (the lifespan drains NATS), then raises the

@@ -26,6 +26,7 @@ from services.gateway.problems import field_error
 T = TypeVar("T")
 
 MAX_BODY_BYTES = 1024 * 1024
+TOO_DEEP = "the JSON is nested too deeply"
 
 
 class StrictBody(AbstractDTO[T], Generic[T]):
@@ -47,6 +48,8 @@ class StrictBody(AbstractDTO[T], Generic[T]):
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             path, message = field_error(str(exc))
             raise Invalid(message, field=path) from None
+        except RecursionError:
+            raise Invalid(TOO_DEEP, field="$") from None
 
     def decode_builtins(self, value: dict[str, Any]) -> Any:
         try:

@@ -10,8 +10,8 @@ from nats.js import JetStreamContext
 from libs import bus
 from libs import messages as m
 
-What = Literal["location", "rule", "subscription"]
-Change = Literal["created", "updated", "deleted", "redelivered"]
+What = Literal["location", "rule", "subscription", "user", "apikey"]
+Change = Literal["created", "updated", "deleted", "redelivered", "revoked"]
 
 
 async def publish_change(
@@ -24,7 +24,9 @@ async def publish_change(
     actor: str,
     correlation_id: str,
     detail: dict[str, Any],
+    home: str | None = None,
 ) -> None:
+    """`home`: what changed belongs to it (its residents see the fact and its audit row)."""
     fact = m.ChangeFact(
         what=what,
         id=item_id,
@@ -33,5 +35,6 @@ async def publish_change(
         correlation_id=correlation_id,
         time=m.now(),
         detail=detail,
+        home=home,
     )
     await bus.publish(js, subject, fact, msg_id=m.new_id())

@@ -1,4 +1,4 @@
-"""How many live streams (SSE and WebSocket alike) each client address holds open, capped.
+"""How many live streams (SSE and WebSocket alike) each principal holds open, capped.
 
 One count for both endpoints, kept on the app's state: a client that opens its
 `SMARTHOME_MAX_STREAMS_PER_CLIENT`-th stream (`Settings.max_streams_per_client`, 20 by default)
@@ -59,8 +59,12 @@ class StreamLimits:
         return self._open[client]
 
 
-def client_address(connection: ASGIConnection) -> str:
-    """The peer's address (uvicorn puts a trusted proxy's X-Forwarded-For there)."""
+def stream_owner(connection: ASGIConnection) -> str:
+    """Whom a stream counts against: its principal (behind a proxy many people share one
+    address, and one person may come from many)."""
+    user = connection.scope.get("user")
+    if user is not None:
+        return str(user.actor)
     client = connection.client
     return client.host if client else "unknown"
 

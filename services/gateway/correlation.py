@@ -26,7 +26,7 @@ class CorrelationMiddleware(ASGIMiddleware):
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         given = Headers.from_scope(scope).get(HEADER)
         # An unusable id is replaced rather than refused: the response header says which it is.
-        correlation_id = given if given and _VALID.match(given) else m.new_id()
+        correlation_id = given if given and _VALID.fullmatch(given) else m.new_id()
         scope.setdefault("state", {})[STATE_KEY] = correlation_id
 
         async def send_with_header(message: Message) -> None:

@@ -13,18 +13,28 @@ A dependency that cannot be reached is a 503 with the reason, never a 500.
 
 from __future__ import annotations
 
+import functools
 import http
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import nats.errors
+import nats.js.errors
 import redis.exceptions
 import sqlalchemy.exc
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation, Schema
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import (
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    Operation,
+    RequestBody,
+    Schema,
+)
 from litestar.openapi.spec import Parameter as ParameterSpec
 from litestar.openapi.spec.enums import OpenAPIType
 from litestar.params import ParameterKwarg
@@ -32,8 +42,9 @@ from litestar.plugins.problem_details import ProblemDetailsException
 from litestar.routes import HTTPRoute
 from litestar.types import ExceptionHandlersMap
 
-from libs import errors
+from libs import bus, errors
 from libs.db.engine import refused
+from services.gateway.browser import SAFE_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +103,12 @@ def _unavailable(what: str, exc: BaseException) -> ProblemDetailsException:
 
 def problem_response(request: Request, exc: Exception) -> Response:
     """The gateway's one exception handler."""
-    return to_problem(exc, request).to_response(request)
+    problem = to_problem(exc, request)
+    if problem.status_code == errors.StorageFull.status:
+        resources = getattr(request.app.state, "resources", None)
+        if resources is not None:  # readiness learns that the bus stores nothing more
+            resources.bus_storage.refused()
+    return problem.to_response(request)
 
 
 def to_problem(exc: Exception, request: Request | None = None) -> ProblemDetailsException:
@@ -101,7 +117,7 @@ def to_problem(exc: Exception, request: Request | None = None) -> ProblemDetails
         case ProblemDetailsException():
             return exc
         case errors.PlatformError():
-            headers = {"Retry-After": RETRY_AFTER_S} if exc.status == 503 else None
+            headers = {"Retry-After": RETRY_AFTER_S} if exc.status in (503, 507) else None
             if not exc.field:
                 return _problem(exc.status, exc.title, exc.detail, headers=headers)
             field = [{"field": exc.field, "message": exc.detail}]
@@ -115,7 +131,7 @@ def to_problem(exc: Exception, request: Request | None = None) -> ProblemDetails
             phrase = http.HTTPStatus(exc.status_code).phrase
             detail = exc.detail if exc.detail != phrase else _DETAILS.get(exc.status_code, phrase)
             return _problem(
-                exc.status_code, phrase, detail, type_="about:blank", headers=exc.headers
+                exc.status_code, phrase, detail, type_="about:blank", headers=_retry(exc)
             )
         case sqlalchemy.exc.IntegrityError():
             return _problem(409, errors.Conflict.title, "the change conflicts with stored data")
@@ -123,17 +139,31 @@ def to_problem(exc: Exception, request: Request | None = None) -> ProblemDetails
             return _problem(422, errors.Invalid.title, "the database refused a value in it")
         case sqlalchemy.exc.SQLAlchemyError():
             return _unavailable("the database", exc)
+        case nats.js.errors.APIError() if exc.err_code in bus.STORAGE_FULL_CODES:
+            return to_problem(errors.StorageFull(bus.STORAGE_FULL), request)
         case nats.errors.Error():
             return _unavailable("the event bus", exc)
         case redis.exceptions.RedisError():
             return _unavailable("the state cache", exc)
         case ConnectionError() | TimeoutError():
             return _unavailable("a backing service", exc)
+        case RecursionError():  # a decoder given JSON nested thousands deep
+            log.warning("answering 422: input nested too deeply")
+            return _problem(422, errors.Invalid.title, "the input is nested too deeply")
     log.exception("unexpected error", exc_info=exc)
     return _problem(500, errors.PlatformError.title, "an unexpected error occurred")
 
 
+def _retry(exc: HTTPException) -> dict[str, str] | None:
+    """A 429 says when to come back: Litestar's rate limit gives `RateLimit-Reset` only."""
+    headers = dict(exc.headers or {})
+    if exc.status_code == 429 and "Retry-After" not in headers:
+        headers["Retry-After"] = headers.get("RateLimit-Reset", "60")
+    return headers or None
+
+
 _DETAILS = {
+    429: "too many requests; try again later",
     404: "no such resource",
     405: "this method is not allowed on this resource",
     413: "the request body is larger than the gateway accepts",
@@ -229,8 +259,16 @@ def _documented(description: str) -> OpenAPIResponse:
 class ProblemOperation(Operation):
     """Replaces Litestar's generic `400 ValidationException` with the problems we answer."""
 
+    # Set per handler by `document_problems` (a subclass per combination).
+    public: ClassVar[bool] = False  # needs no credential
+    guarded: ClassVar[bool] = False  # a role, or a browser's foreign origin, may be refused
+    writes: ClassVar[bool] = False  # counted by the write rate limit
+
     def __post_init__(self) -> None:
         responses = dict(self.responses or {})
+        for status, response in responses.items():  # a route's own, from `problem()`
+            if status[0] in "45" and isinstance(response, OpenAPIResponse) and not response.content:
+                responses[status] = _documented(response.description)
         if responses.pop("400", None) is not None:
             responses.setdefault("422", _documented("Invalid input; `errors` names each field"))
         if any(
@@ -240,12 +278,57 @@ class ProblemOperation(Operation):
         if self.request_body is not None:
             responses.setdefault("413", _documented("The body is larger than 1 MiB"))
         responses.setdefault("503", _documented("The bus or the database is unreachable"))
+        if self.request_body is not None:
+            responses.setdefault("507", _documented("The bus storage is full: nothing is stored"))
+        if self.public:
+            self.security = []  # not the document's default bearer requirement
+        if not self.public or self.request_body is not None:  # a header or a body credential
+            responses.setdefault("401", _documented("No valid credential"))
+        if self.guarded:
+            responses.setdefault(
+                "403", _documented("The caller's role may not do this, or a foreign page asked")
+            )
+        if self.writes:
+            responses.setdefault(
+                "409", _documented("The change conflicts with what is stored (an id that exists)")
+            )
+            responses.setdefault(
+                "429", _documented("Too many writes or sign-ins; `Retry-After` says when")
+            )
+        if isinstance(self.request_body, RequestBody) and any(
+            kind == "application/json" for kind in self.request_body.content
+        ):
+            responses.setdefault("415", _documented("The body is not `application/json`"))
         self.responses = responses
 
 
-def document_problems(app: Litestar) -> None:
-    """Document every operation's errors as problem details (read when the schema is built)."""
+def problem(description: str) -> ResponseSpec:
+    """A problem one route answers beyond those every operation documents:
+    `@get(..., responses={404: problem("The device is not one of yours")})`."""
+    return ResponseSpec(data_container=None, description=description, generate_examples=False)
+
+
+@functools.cache
+def _operation_class(*, public: bool, guarded: bool, writes: bool) -> type[ProblemOperation]:
+    return type(
+        ProblemOperation.__name__,
+        (ProblemOperation,),
+        {"public": public, "guarded": guarded, "writes": writes},
+    )
+
+
+def document_problems(app: Litestar, public: Sequence[str] = ()) -> None:
+    """Document every operation's errors as problem details (read when the schema is built).
+    `public`: the path patterns the authentication middleware lets through."""
+    open_paths = [re.compile(pattern) for pattern in public]
     for route in app.routes:
         if isinstance(route, HTTPRoute):
+            is_public = any(pattern.search(route.path) for pattern in open_paths)
             for handler in route.route_handlers:
-                handler.operation_class = ProblemOperation
+                writes = not handler.http_methods <= SAFE_METHODS
+                handler.operation_class = _operation_class(
+                    public=is_public,
+                    # A write is refused to a page of a foreign `Origin` (`browser`).
+                    guarded=writes or bool(handler.resolve_guards()),
+                    writes=writes,
+                )

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from litestar.datastructures import State
 from nats.aio.client import Client as NATS
@@ -22,6 +22,7 @@ from libs.cache import StateCache, make_cache
 from libs.db.engine import make_engine, make_sessionmaker
 from libs.errors import Unavailable
 from libs.settings import Settings
+from services.gateway.health.storage import BusStorage
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class Resources:
     cache: StateCache
     shutdown: Shutdown
     settings: Settings
+    # What the gateway last learnt of the bus's storage (a refused publish): for readiness.
+    bus_storage: BusStorage = field(default_factory=BusStorage)
 
 
 @contextlib.asynccontextmanager
@@ -74,7 +77,7 @@ async def open_resources(settings: Settings, shutdown: Shutdown) -> AsyncIterato
     engine = make_engine(settings.effective_database_url)
     cache = make_cache(settings.redis_url)
     try:
-        nc = await _connect(settings.effective_nats_url, shutdown)
+        nc = await _connect(settings, shutdown)
         try:
             js = nc.jetstream()
             await bus.ensure_streams(js, settings.stream_replicas)
@@ -91,9 +94,12 @@ async def open_resources(settings: Settings, shutdown: Shutdown) -> AsyncIterato
         await engine.dispose()
 
 
-async def _connect(url: str, shutdown: Shutdown) -> NATS:
+async def _connect(settings: Settings, shutdown: Shutdown) -> NATS:
     """Wait for the bus as long as it takes (an outage is not a crash), unless told to stop."""
-    connecting = asyncio.ensure_future(bus.connect(url, "gateway"))
+    url = settings.effective_nats_url
+    connecting = asyncio.ensure_future(
+        bus.connect(url, "gateway", settings.nats_user, settings.nats_password)
+    )
     stopping = asyncio.ensure_future(shutdown.wait())
     try:
         await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -5,21 +5,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
-from libs import embedded_nats
+from libs import bus_auth, bus_grants, embedded_nats
 from libs import settings as settings_mod
 from libs.db.migrate import upgrade
+from libs.passwords import MIN_PASSWORD_LENGTH
 from libs.settings import Settings
-from services.launcher import demo
+from services.launcher import credentials, demo
 from services.launcher.supervisor import Child, python_module
 
 log = logging.getLogger("smarthome")
 
-SERVICES = ("gateway", "actors", "rules", "recorder", "webhooks")
+# busauth first: the devices' connections wait on its answers.
+SERVICES = ("busauth", "gateway", "actors", "rules", "recorder", "webhooks")
+BUS_DIR = "bus"  # in the data dir: the callout's issuer key, the services' bus passwords
 DEVICES = ("lightbulb", "energy_tracker")
 DEMO_DEVICE_ENV = {"SMARTHOME_DEVICE_LOCATION": demo.ROOM_PATH}
 
@@ -51,7 +56,17 @@ def child_env(s: Settings, nats_url: str, http_port: int) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
     }
     env.pop("SMARTHOME_HEALTH_PORT", None)  # one machine: only the gateway listens
+    for identity in (bus_grants.ENV_USER, bus_grants.ENV_PASSWORD, bus_grants.ENV_SYSTEM_PASSWORD):
+        env.pop(identity, None)  # each child gets its own (`_identity`), none another's
     return env
+
+
+def _identity(s: Settings, package: str, name: str) -> dict[str, str]:
+    """A service's own bus identity, when the launcher runs the bus (with NATS_URL set, the
+    environment gives each process its own); devices get theirs when they register."""
+    if s.nats_url or package != "services":
+        return {}
+    return bus_grants.service_env(bus_grants.ensure_service_passwords(s.data_dir / BUS_DIR), name)
 
 
 async def up(s: Settings, with_demo: bool, demo_for: float) -> int:
@@ -64,7 +79,8 @@ async def up(s: Settings, with_demo: bool, demo_for: float) -> int:
         nats_port = choose_port("SMARTHOME_NATS_PORT", s.nats_port, s.nats_port_explicit)
         if s.mqtt_port:
             mqtt_port = choose_port("SMARTHOME_MQTT_PORT", s.mqtt_port, s.mqtt_port_explicit)
-    nats_url = s.nats_url or f"nats://127.0.0.1:{nats_port}"
+    scheme = "tls" if s.nats_tls_cert else "nats"
+    nats_url = s.nats_url or f"{scheme}://127.0.0.1:{nats_port}"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -76,17 +92,25 @@ async def up(s: Settings, with_demo: bool, demo_for: float) -> int:
             children.append(await _start_bus(s, nats_port, mqtt_port))
         await asyncio.to_thread(upgrade, s.effective_database_url)
         log.info("database migrated (%s)", _redact(s.effective_database_url))
+        admin_password, keys = await credentials.prepare(s)
         env = child_env(s, nats_url, http_port)
         packages = [("services", n) for n in SERVICES]
         packages += [("devices", n) for n in DEVICES] if with_demo else []
         for package, name in packages:
             log_path = s.data_dir / "logs" / f"{name}.log"
             child_vars = env if package == "services" else {**env, **DEMO_DEVICE_ENV}
+            child_vars = {**child_vars, **_identity(s, package, name)}
+            if package == "devices":  # they register themselves, as an installer would
+                child_vars["SMARTHOME_API_TOKEN"] = keys[credentials.DEVICES_KEY]
             children.append(Child(name, python_module(f"{package}.{name}"), child_vars, log_path))
             await children[-1].start()
         watchers = [asyncio.create_task(c.keep_running()) for c in children]
-        if await _ready(env["SMARTHOME_API_URL"], with_demo, demo_for, stop):
+        watchers += [asyncio.create_task(c.watch_health()) for c in children if c.health_url]
+        launcher_key = keys[credentials.LAUNCHER_KEY]
+        if await _ready(env["SMARTHOME_API_URL"], launcher_key, with_demo, demo_for, stop):
             _banner(env["SMARTHOME_API_URL"], nats_url, _mqtt_address(s, mqtt_port), s)
+            if admin_password:
+                _first_admin(admin_password)
         await stop.wait()
     finally:
         log.info("stopping")
@@ -100,9 +124,26 @@ async def up(s: Settings, with_demo: bool, demo_for: float) -> int:
 
 
 async def _start_bus(s: Settings, port: int, mqtt_port: int) -> Child:
-    conf = embedded_nats.write_config(s.data_dir, port, sync=s.nats_sync, mqtt_port=mqtt_port)
-    argv = [embedded_nats.binary(), "-c", str(conf)]
+    # Its monitoring port, on loopback, for the launcher's health watch only.
+    monitor_port = embedded_nats.free_port()
+
+    def write_config() -> Path:
+        return embedded_nats.write_config(
+            s.data_dir,
+            port,
+            sync=s.nats_sync,
+            mqtt_port=mqtt_port,
+            max_file_store=s.nats_max_store,
+            monitor_port=monitor_port,
+            auth=bus_auth.embedded_authorization(s.data_dir / BUS_DIR),
+            tls=(s.nats_tls_cert, s.nats_tls_key) if s.nats_tls_cert and s.nats_tls_key else None,
+        )
+
+    argv = [embedded_nats.binary(), "-c", str(write_config())]
     bus = Child("nats-server", argv, dict(os.environ), s.data_dir / "logs" / "nats-server.log")
+    bus.before_start = write_config
+    # The full check: `?js-enabled-only=true` still answers ok while every write fails.
+    bus.health_url = f"http://127.0.0.1:{monitor_port}/healthz"
     await bus.start()
     await asyncio.to_thread(embedded_nats.wait_for_server, port, mqtt_port)
     return bus
@@ -117,7 +158,9 @@ def _mqtt_address(s: Settings, mqtt_port: int) -> str:
     return f"mqtt://127.0.0.1:{mqtt_port}"
 
 
-async def _ready(api_url: str, with_demo: bool, demo_for: float, stop: asyncio.Event) -> bool:
+async def _ready(
+    api_url: str, token: str, with_demo: bool, demo_for: float, stop: asyncio.Event
+) -> bool:
     """Wait for the gateway (unless asked to stop first), then store the demo rule."""
     ready = asyncio.create_task(demo.wait_ready(api_url))
     stopped = asyncio.create_task(stop.wait())
@@ -128,8 +171,8 @@ async def _ready(api_url: str, with_demo: bool, demo_for: float, stop: asyncio.E
         return False
     ready.result()
     if with_demo:
-        await demo.install_locations(api_url)
-        log.info("demo rule %s", await demo.install_rule(api_url, demo_for))
+        await demo.install_locations(api_url, token)
+        log.info("demo rule %s", await demo.install_rule(api_url, token, demo_for))
     return True
 
 
@@ -137,12 +180,21 @@ def _banner(api_url: str, nats_url: str, mqtt: str, s: Settings) -> None:
     print(
         "\n"
         f"  smarthome is up\n"
-        f"  UI        {api_url}/\n"
-        f"  API docs  {api_url}/schema\n"
+        f"  UI        {api_url}/  (sign in as admin)\n"
+        f"  API docs  {api_url}/schema  (an administrator's token)\n"
         f"  NATS      {nats_url}\n"
         f"  MQTT      {mqtt}\n"
         f"  data      {s.data_dir.resolve()}  (logs in {s.data_dir.resolve() / 'logs'})\n"
         f"  Ctrl-C stops everything.\n",
+        flush=True,
+    )
+
+
+def _first_admin(password: str) -> None:
+    print(
+        f"  First start: the user `admin` has the password {password}\n"
+        "  It is shown this once and stored only hashed. Set SMARTHOME_ADMIN_PASSWORD before the\n"
+        "  first start to choose it, or run `smarthome admin reset-password` to change it.\n",
         flush=True,
     )
 
@@ -166,7 +218,36 @@ def parser() -> argparse.ArgumentParser:
         help="seconds the light may draw power before the demo rule turns it off (default 10)",
     )
     sub.add_parser("migrate", help="apply database migrations and exit")
+    admin_p = sub.add_parser("admin", help="administer accounts from this machine")
+    admin_sub = admin_p.add_subparsers(dest="admin_command", required=True)
+    reset = admin_sub.add_parser(
+        "reset-password", help="set a user's password (asked for, or read from stdin)"
+    )
+    reset.add_argument("--username", default="admin")
+    reset.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
     return p
+
+
+def _reset_password(s: Settings, username: str, from_stdin: bool) -> int:
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"new password for {username}: ")
+        if getpass.getpass("again: ") != password:
+            print("smarthome: the two passwords differ; nothing changed", file=sys.stderr)
+            return 1
+    if len(password) < MIN_PASSWORD_LENGTH:
+        print(f"smarthome: a password needs {MIN_PASSWORD_LENGTH} characters", file=sys.stderr)
+        return 1
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(s.effective_database_url)
+    if not asyncio.run(credentials.reset_password(s, username, password)):
+        print(f"smarthome: no user {username!r}", file=sys.stderr)
+        return 1
+    print(f"smarthome: password of {username} set; its sessions are signed out")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,7 +259,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "migrate":
             s.data_dir.mkdir(parents=True, exist_ok=True)
             upgrade(s.effective_database_url)
+            metrics_key = os.environ.get("SMARTHOME_METRICS_API_KEY") or None
+            asyncio.run(credentials.provision(s, metrics_key))
             return
+        if args.command == "admin":
+            sys.exit(_reset_password(s, args.username, args.password_stdin))
         demo_for = args.demo_for if args.demo_for is not None else s.demo_rule_for_s
         with contextlib.suppress(KeyboardInterrupt):
             sys.exit(asyncio.run(up(s, not args.no_demo, demo_for)))

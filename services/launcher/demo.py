@@ -11,8 +11,9 @@ LIGHT_ID = "demo-light"
 METER_ID = "demo-meter"
 RULE_ID = "demo-light-timeout"
 # Where the demo devices are (`SMARTHOME_DEVICE_LOCATION` of their processes).
+HOME_ID = "home"
 LOCATIONS = (
-    {"id": "home", "name": "Home", "kind": "home"},
+    {"id": HOME_ID, "name": "Home", "kind": "home"},
     {"id": "living-room", "name": "Living room", "kind": "room", "parent_id": "home"},
 )
 ROOM_PATH = "home/living-room"
@@ -50,18 +51,24 @@ async def wait_ready(api_url: str, timeout: float = 60.0) -> None:
             await asyncio.sleep(0.2)
 
 
-async def install_locations(api_url: str) -> None:
+def _client(api_url: str, token: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=api_url, timeout=5, headers={"Authorization": f"Bearer {token}"}
+    )
+
+
+async def install_locations(api_url: str, token: str) -> None:
     """Define the demo's home and room through the public API unless they are defined."""
-    async with httpx.AsyncClient(base_url=api_url, timeout=5) as http:
+    async with _client(api_url, token) as http:
         for location in LOCATIONS:
             r = await http.post("/api/v1/locations", json=location)
             if r.status_code not in (201, 409):
                 raise RuntimeError(f"demo location refused: {r.status_code} {r.text[:300]}")
 
 
-async def install_rule(api_url: str, for_s: float) -> str:
+async def install_rule(api_url: str, token: str, for_s: float) -> str:
     """Store the demo rule through the public API unless it is stored already."""
-    async with httpx.AsyncClient(base_url=api_url, timeout=5) as http:
+    async with _client(api_url, token) as http:
         r = await http.post("/api/v1/rules", json=rule(for_s))
         if r.status_code in (200, 201):
             return "installed"

@@ -15,14 +15,15 @@ from services.recorder.writer import SOURCES, StreamRecorder
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:
     engine = make_engine(settings.effective_database_url)
-    nc = await bus.connect(settings.effective_nats_url, "recorder")
+    nc = await bus.connect(
+        settings.effective_nats_url, "recorder", settings.nats_user, settings.nats_password
+    )
     js = nc.jetstream()
-    await bus.ensure_streams(js, settings.stream_replicas)
+    await bus.wait_provisioned(
+        js, [(s, bus.recorder_durable(s)) for s in bus.RECORDER_SOURCES], stop
+    )
 
-    async def ready() -> str | None:
-        return None if nc.is_connected else "bus unreachable"
-
-    health = await runtime.serve_health(settings, ready)
+    health = await runtime.serve_health(settings, runtime.bus_and_database(nc, engine))
     try:
         async with asyncio.TaskGroup() as tasks:
             for stream in SOURCES:

@@ -10,12 +10,14 @@ import msgspec
 
 from libs import commands, subjects
 from libs import messages as m
+from libs.principals import home_of
 
 # Heartbeats say only "still here": they update presence, not history.
 NOT_HISTORY = frozenset({"heartbeat", "presence_timeout"})
 AUDITED_EVENTS = frozenset({"hello", "goodbye", "command_status"})
 AUDIT_TEXT = 200  # the audit table's actor and result columns
 AUDIT_ACTION = 128
+AUDIT_HOME = 128
 
 
 @dataclass
@@ -36,7 +38,11 @@ def _audit(
     result: str,
     correlation_id: str | None,
     detail: dict[str, Any] | None = None,
+    home: str | None = None,
 ) -> None:
+    """`home`: what the row is about belongs to it (a location, a homed rule or subscription,
+    a device as its registry entry says); the audit log shows it to that home's residents,
+    and the rows about a device to the residents of the home the device is in."""
     rows.audit.append(
         {
             "time": time,
@@ -50,6 +56,7 @@ def _audit(
             "detail": detail or {},
             "stream": src[0],
             "source_seq": src[1],
+            "home": home[:AUDIT_HOME] if isinstance(home, str) else None,
         }
     )
 
@@ -124,6 +131,7 @@ def from_system(rows: Rows, subject: str, data: bytes, src: tuple[str, int]) -> 
             str(body.get("severity", "info")),
             alert.correlationid,
             body,
+            body.get("home"),  # a homed rule's (see services.rules.actions)
         )
     elif _is_change(parts):
         fact = m.change_fact_decoder.decode(data)
@@ -137,6 +145,7 @@ def from_system(rows: Rows, subject: str, data: bytes, src: tuple[str, int]) -> 
             "ok",
             fact.correlation_id,
             {"id": fact.id, fact.what: fact.detail},
+            fact.home,
         )
     elif parts[:2] == ["system", "rule"] and len(parts) == 4 and parts[3] == "fired":
         fired = m.rule_fired_decoder.decode(data)
@@ -165,14 +174,26 @@ def from_system(rows: Rows, subject: str, data: bytes, src: tuple[str, int]) -> 
             "ok" if ok else "action failed",
             fired.correlation_id,
             {"reason": fired.reason, "outcomes": msgspec.to_builtins(fired.outcomes)},
+            fired.home,
         )
 
 
 def _is_change(parts: list[str]) -> bool:
-    """`system.location.<id>`, `system.rule.<id>.changed`, `system.subscription.<id>.changed`."""
+    """`system.location.<id>`, `system.<rule|subscription|user|apikey>.<id>.changed`."""
     if parts[:2] == ["system", "location"]:
         return len(parts) == 3
-    return parts[1:2] in (["rule"], ["subscription"]) and len(parts) == 4 and parts[3] == "changed"
+    return parts[1] in CHANGED_KINDS and len(parts) == 4 and parts[3] == "changed"
+
+
+CHANGED_KINDS = (
+    "rule",
+    "subscription",
+    "user",
+    "apikey",
+    "credentials",
+    "bridge",
+    "provisioning",
+)
 
 
 def _from_device_fact(rows: Rows, fact: str, data: bytes, src: tuple[str, int]) -> None:
@@ -198,8 +219,18 @@ def _from_device_fact(rows: Rows, fact: str, data: bytes, src: tuple[str, int]) 
             )
     elif fact == "registry":
         r = m.registry_fact_decoder.decode(data)
+        # The home it was in then: a device deleted or moved away stays in that home's log.
+        home = home_of((r.device or {}).get("location"))
         _audit(
-            rows, src, r.time, r.actor, f"device.{r.change}", r.device_id, "ok", r.correlation_id
+            rows,
+            src,
+            r.time,
+            r.actor,
+            f"device.{r.change}",
+            r.device_id,
+            "ok",
+            r.correlation_id,
+            home=home,
         )
     elif fact == "rejected":
         r = m.rejected_fact_decoder.decode(data)

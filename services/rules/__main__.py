@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from libs import bus, runtime
+from libs import bus, runtime, subjects
 from libs.db.engine import make_engine, make_sessionmaker
 from libs.settings import Settings
 from services.rules.partitions import Partitions
@@ -15,13 +15,14 @@ RELOAD_EVERY_S = 30.0
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:
     engine = make_engine(settings.effective_database_url)
-    nc = await bus.connect(settings.effective_nats_url, "rules")
+    nc = await bus.connect(
+        settings.effective_nats_url, "rules", settings.nats_user, settings.nats_password
+    )
     js = nc.jetstream()
-    await bus.ensure_streams(js, settings.stream_replicas)
+    await bus.wait_provisioned(
+        js, [(subjects.SYSTEM_STREAM, None), (subjects.EVENTS_STREAM, None)], stop
+    )
     rules = Partitions(nc, js, make_sessionmaker(engine), settings.rules_partitions)
-
-    async def ready() -> str | None:
-        return None if nc.is_connected else "bus unreachable"
 
     async def reload_periodically() -> None:
         while not stop.is_set():
@@ -31,7 +32,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
                 with contextlib.suppress(Exception):
                     await rules.reload_rules()
 
-    health = await runtime.serve_health(settings, ready)
+    health = await runtime.serve_health(settings, runtime.bus_and_database(nc, engine))
     try:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(rules.run(stop))

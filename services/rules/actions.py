@@ -9,7 +9,7 @@ import msgspec
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from libs import bus, commands, subjects
+from libs import bus, commands, rule_logic, subjects
 from libs import messages as m
 from libs.rule_logic import DeviceInfo, Episode
 
@@ -88,7 +88,8 @@ class ActionRunner:
         if isinstance(action, m.NotifyAction):
             subject = await self._notify(rule, episode, action, action_id)
             return m.ActionOutcome(_name(action), True, f"alert on {subject}"), None
-        refusal = self._refusal(action.device_id)  # type: ignore[union-attr]
+        target: str = action.device_id  # type: ignore[union-attr]
+        refusal = rule_logic.refusal(target, self.registry, rule.home)
         if refusal:
             return m.ActionOutcome(_name(action), False, refusal), None
         match action:
@@ -132,15 +133,18 @@ class ActionRunner:
     async def _notify(
         self, rule: m.Rule, episode: Episode, action: m.NotifyAction, action_id: str
     ) -> str:
+        data = {
+            "rule_id": rule.id,
+            "message": action.message,
+            "severity": action.severity,
+            "values": episode.values,
+        }
+        if rule.home is not None:  # the recorder files the alert under it (the audit log)
+            data["home"] = rule.home
         alert = m.make_event(
             episode.device_id or rule.id,
             "alert",
-            {
-                "rule_id": rule.id,
-                "message": action.message,
-                "severity": action.severity,
-                "values": episode.values,
-            },
+            data,
             source=f"rule/{rule.id}",
             correlation_id=episode.id,
             event_id=f"alert-{action_id}",
@@ -177,14 +181,6 @@ class ActionRunner:
         )
         await bus.publish(self._js, event.nats_subject, event, msg_id=event.id)
 
-    def _refusal(self, device_id: str) -> str | None:
-        device = self.registry.get(device_id)
-        if device is None:
-            return f"device {device_id} is not registered"
-        if not device.enabled:
-            return f"device {device_id} is disconnected"
-        return None
-
     async def trace(
         self,
         rule: m.Rule,
@@ -205,6 +201,7 @@ class ActionRunner:
             trigger_event_id=episode.trigger_event_id,
             correlation_id=episode.id,
             time=m.now(),
+            home=rule.home,
         )
         msg_id = f"{kind}:{episode.id}:{part}"
         if kind == "skipped":  # each skipped trigger is its own trace

@@ -54,6 +54,8 @@ from libs.rule_logic import (
     due,
     episode_decoder,
     event_matches,
+    home_views,
+    in_home,
     next_occurrence,
     selects,
     step,
@@ -106,6 +108,7 @@ def rule_from_record(record: RuleRecord) -> m.Rule:
         version=record.version,
         conditions=spec.conditions,
         mode=spec.mode,
+        home=record.home,
     )
 
 
@@ -483,9 +486,9 @@ class RulesEngine:
         self._views[fact.device_id] = DeviceView(fact.state, fact.connection, fact.attributes)
         obs = Observation.of(fact)
         info = self._registry.get(fact.device_id)
-        rules = self._book.by_device.get(fact.device_id, [])
-        rules = rules + [
-            r for r in self._book.by_selector if selects(r.trigger, fact.device_id, info)
+        rules = [r for r in self._book.by_device.get(fact.device_id, []) if in_home(r.home, info)]
+        rules += [
+            r for r in self._book.by_selector if selects(r.trigger, fact.device_id, info, r.home)
         ]  # type: ignore[arg-type]
         for rule in rules:
             key = f"{rule.id}.{fact.device_id}"
@@ -516,7 +519,10 @@ class RulesEngine:
             event = m.cloud_event_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return  # the actors dead-letter malformed events
+        info = self._registry.get(event.subject)
         for rule in self._book.on_events:
+            if not in_home(rule.home, info):
+                continue  # a homed rule hears its home's devices only
             if event_matches(rule.trigger, subject, event.data):  # type: ignore[arg-type]
                 EVALUATIONS.labels("event").inc()
                 episode = Episode(
@@ -577,7 +583,8 @@ class RulesEngine:
         """Run the actions from where the episode stands, up to the end or the next delay."""
         first = not episode.fired
         if first:
-            ok, why = conditions_hold(rule, self._views, m.now())
+            views = home_views(self._views, self._registry, rule.home)
+            ok, why = conditions_hold(rule, views, m.now())
             if not ok:
                 note = f"conditions: {why}"
                 self._effects.submit(

@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from libs import webhooks
+from libs.homes import HomeIndex
 from libs.lease import Lease
 from services.webhooks.notifications import NotificationCheck
 from services.webhooks.sender import Sender, make_session
@@ -45,13 +46,17 @@ class SubscriptionDelivery:
         store: DeliveryStore,
         settings: webhooks.WebhookSettings,
         rng: random.Random,
+        homes: HomeIndex | None = None,
     ) -> None:
         self.target = target
-        self._session = make_session()
+        private = target.allow_private_targets
+        self._session = make_session(settings, allow_private_targets=private)
         self._counter = DeliveredCounter(store, target.id)
-        sender = Sender(self._session, settings, target.url, target.secret)
+        sender = Sender(
+            self._session, settings, target.url, target.secret, allow_private_targets=private
+        )
         self.workers = [
-            SourceWorker(target, source, js, store, sender, self._counter, settings, rng)
+            SourceWorker(target, source, js, store, sender, self._counter, settings, rng, homes)
             for source in sources(target)
         ]
 
@@ -78,8 +83,10 @@ class Dispatcher:
         store: DeliveryStore,
         settings: webhooks.WebhookSettings,
         lease: Lease,
+        homes: HomeIndex | None = None,
     ) -> None:
         self._nc = nc
+        self._homes = homes
         self._js = js
         self._store = store
         self._settings = settings
@@ -147,7 +154,9 @@ class Dispatcher:
                 if redrive:  # a re-drive notice may have been sent while nobody listened
                     self._workers[sid][0].redrive()
                 continue
-            worker = SubscriptionDelivery(target, self._js, self._store, self._settings, self._rng)
+            worker = SubscriptionDelivery(
+                target, self._js, self._store, self._settings, self._rng, self._homes
+            )
             quit_ = asyncio.Event()
             task = asyncio.create_task(worker.run(quit_), name=f"webhook-{sid}")
             task.add_done_callback(_log_crash)

@@ -28,6 +28,11 @@ class Target:
     mode: str
     secret: str
     batch_size: int | None = None
+    # May it reach private, loopback or link-local addresses inside the allow-nets (its
+    # creator is an administrator)? Public addresses it may reach in any case.
+    allow_private_targets: bool = False
+    # The home whose messages it gets (`libs.homes`); None: every message of its filter.
+    home: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,11 @@ class DeliveryStore:
                 r.mode,
                 r.secret,
                 r.batch_size,
+                # The table does not say whether its creator was an administrator: the
+                # gateway applied that rule to the URL when it stored it; here the allow-nets
+                # alone bound where a name that resolves elsewhere later may lead.
+                allow_private_targets=True,
+                home=r.home,
             )
             for r in rows
         }

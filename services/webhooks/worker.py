@@ -34,10 +34,11 @@ from prometheus_client import Counter
 
 from libs import messages as m
 from libs import subjects, webhooks
+from libs.homes import HomeIndex
 from libs.pull import Gaps
 from services.webhooks.attempts import Attempted, after_attempt
 from services.webhooks.payload import BATCHED, Item, Payload, event_id, render, render_batch
-from services.webhooks.sender import Outcome, Sender
+from services.webhooks.sender import Outcome, Sender, failed
 from services.webhooks.store import DeliveryStore, Event, Known, Target
 
 log = logging.getLogger(__name__)
@@ -113,9 +114,12 @@ class SourceWorker:
         counter: DeliveredCounter,
         settings: webhooks.WebhookSettings,
         rng: random.Random,
+        homes: HomeIndex | None = None,
     ) -> None:
         self.target = target
         self.source = source
+        # What each message is about, for a subscription of one home (needed then only).
+        self._homes = homes
         self._js = js
         self._store = store
         self._sender = sender
@@ -266,7 +270,7 @@ class SourceWorker:
             seq = msg.metadata.sequence.stream
             if seq <= self._settled_seq:  # settled already, handed out again (a late ack)
                 await msg.ack()
-            elif self._addressed_elsewhere(msg):
+            elif self._addressed_elsewhere(msg) or await self._outside_home(msg):
                 if not self._held:  # nothing before it to deliver: settled as it is
                     self._ack_due, self._settled_seq = msg, seq
                 # else: the ack of what is held after it covers it (AckPolicy.ALL)
@@ -280,6 +284,20 @@ class SourceWorker:
         return self.source.name == webhooks.FROM_FILTER and subjects.matches(
             subjects.NOTIFICATIONS_ALL, msg.subject
         )
+
+    async def _outside_home(self, msg: Msg) -> bool:
+        """A subscription of a home gets the messages about that home only, whatever its
+        filter. An object the index has not heard of yet (its fact on the way) is asked of
+        the database first: a message of the home is not dropped for being early. A rule's
+        notification addressed to it is its home's (the gateway checked the rule's home)."""
+        home = self.target.home
+        if home is None or self.source.name != webhooks.FROM_FILTER:
+            return False
+        if self._homes is None:
+            return True  # nobody can tell whose it is: not this home's to see
+        if not self._homes.knows(msg.subject):
+            await self._homes.look_up(msg.subject)
+        return self._homes.home(msg.subject) != home
 
     async def _keep_alive(self) -> None:
         """Keep what is held in progress, so that the bus does not hand it out again."""
@@ -415,7 +433,7 @@ class SourceWorker:
                 try:
                     raw = await self._js.get_msg(self.source.stream, redriven.event.seq)
                 except NotFoundError:
-                    gone = Outcome(False, error="the event is no longer in the stream")
+                    gone = failed(webhooks.Failure.GONE, "the event is no longer in the stream")
                     attempted = self._decide(redriven.known, gone, None)
                     await self._store.record(
                         self.target.id,

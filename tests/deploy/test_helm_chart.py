@@ -150,6 +150,10 @@ def test_values_files_meet_the_schema(values_name: str) -> None:
         ),
         ({"settings": {"logLevel": "VERBOSE"}}, "a log level the settings refuse"),
         ({"settings": {"healthPort": 70000}}, "a port out of range"),
+        ({"secrets": {"jwtSecret": "too-short"}}, "a JWT key the gateway refuses"),
+        ({"secrets": {"metricsApiKey": "x" * 40}}, "a metrics key the migration refuses"),
+        ({"gateway": {"trustedProxies": ["ingress-nginx"]}}, "a proxy that is no CIDR"),
+        ({"gateway": {"allowedOrigins": ["home.example.com"]}}, "an origin without a scheme"),
     ],
 )
 def test_the_schema_rejects_bad_values(

@@ -31,21 +31,28 @@ PROBE_PATHS = {"/health/live", "/health/ready"}
 REQUIRED_ENV = {
     "api": {
         "NATS_URL", "DATABASE_URL", "REDIS_URL", "SMARTHOME_DATA_DIR", "SMARTHOME_HTTP_HOST",
-        "SMARTHOME_HTTP_PORT", "SMARTHOME_ADMIN_PASSWORD",
+        "SMARTHOME_HTTP_PORT", "SMARTHOME_JWT_SECRET", "SMARTHOME_ALLOWED_HOSTS",
+        "SMARTHOME_ALLOWED_ORIGINS", "SMARTHOME_TRUSTED_PROXIES",
     },
     "worker": {
         "NATS_URL", "DATABASE_URL", "REDIS_URL", "SMARTHOME_DATA_DIR", "SMARTHOME_HTTP_HOST",
         "SMARTHOME_HEALTH_PORT",
     },
     "device": {"NATS_URL", "SMARTHOME_API_URL", "SMARTHOME_DEVICE_ID"},
-    "migrate": {"DATABASE_URL", "SMARTHOME_DATA_DIR"},
+    "migrate": {
+        "DATABASE_URL", "SMARTHOME_DATA_DIR", "SMARTHOME_ADMIN_PASSWORD",
+        "SMARTHOME_METRICS_API_KEY",
+    },
 }  # fmt: skip
+# The migration Job runs `smarthome migrate`: the schema, the first administrator, the
+# Prometheus key (services/launcher/cli.py).
+MIGRATE_MODULE = "services.launcher"
 
 
 def kind_of(module: str) -> str:
     if module == "services.gateway":
         return "api"
-    if module == "libs.db.migrate":
+    if module == MIGRATE_MODULE:
         return "migrate"
     return "device" if module.startswith("devices.") else "worker"
 
@@ -67,6 +74,8 @@ def env_read_by(module: str) -> set[str]:
     """What a process reads: libs/settings.py for the services; for a device, what the devices'
     own code reads (and the settings too, should it ever load them)."""
     settings = k8s.env_names_read([SETTINGS])
+    if kind_of(module) == "migrate":
+        return settings | k8s.env_names_read(k8s.python_sources(k8s.module_dir(module)))
     if kind_of(module) != "device":
         return settings
     sources = device_sources()
@@ -388,7 +397,7 @@ def test_only_the_gateway_is_reachable_from_outside(rendered: Rendered) -> None:
             (rule,) = policy["spec"]["ingress"]
             (peer,) = rule["from"]
             allowed = set(peer["podSelector"]["matchExpressions"][0]["values"])
-            services = {"gateway", "actors", "rules", "recorder", "webhooks"}
+            services = {"gateway", "actors", "rules", "recorder", "webhooks", "busauth"}
             assert allowed <= services | {"migrate"}, allowed
 
 
@@ -436,7 +445,10 @@ def test_the_migration_is_a_hook_that_runs_before_the_new_code(render: Render) -
         (job,) = k8s.by_kind(docs, "Job")
         assert k8s.annotations(job)["helm.sh/hook"] == phases, values_name
         container = job["spec"]["template"]["spec"]["containers"][0]
-        assert container["command"] == ["python", "-m", "libs.db.migrate"]
+        assert container["command"] == ["python", "-m", MIGRATE_MODULE]
+        assert container["args"] == ["migrate"]
+        literals = k8s.string_literals(k8s.python_sources(k8s.module_dir(MIGRATE_MODULE)))
+        assert "migrate" in literals, "`smarthome migrate` is no command of the launcher"
         # What the Job uses must exist when a pre-install hook runs: hooks or pre-existing.
         weight = int(k8s.annotations(job)["helm.sh/hook-weight"])
         sa = k8s.find(docs, "ServiceAccount", job["spec"]["template"]["spec"]["serviceAccountName"])
@@ -510,8 +522,9 @@ def test_an_existing_secret_replaces_the_charts(render: Render) -> None:
     for _, container, _ in app_containers(docs):
         for e in container["env"]:
             ref = e.get("valueFrom", {}).get("secretKeyRef")
+            # The bus's identities are in `<release>-bus`, which nats-server reads too.
             if ref:
-                assert ref["name"] == "mine", e
+                assert ref["name"] in ("mine", f"{RELEASE}-bus"), e
 
 
 def test_ingress_and_service_monitor_point_at_the_gateway_and_metrics(render: Render) -> None:
@@ -559,3 +572,29 @@ def test_the_recorder_keeps_what_the_retention_values_say(render: Render) -> Non
     assert env["services.recorder"]["SMARTHOME_STATISTICS_KEEP_DAYS"] == "730"
     assert env["services.recorder"]["SMARTHOME_AUDIT_KEEP_DAYS"] == "365"
     assert "SMARTHOME_HISTORY_KEEP_DAYS" not in env["services.gateway"]  # only its reader
+
+
+def _bytes(size: str) -> float:
+    """A Kubernetes or nats-server size (`9Gi`, `900Mi`, `10G`, bytes) in bytes."""
+    found = re.fullmatch(r"([\d.]+)\s*([KMGTP]?)(i?)B?", size.strip().strip('"'), re.IGNORECASE)
+    assert found, f"not a size: {size!r}"
+    number, unit, binary = found.groups()
+    base = 1024 if binary or unit == "" else 1000
+    return float(number) * base ** " KMGTP".index(unit.upper() or " ")
+
+
+def test_jetstream_refuses_new_messages_before_its_volume_is_full(rendered: Rendered) -> None:
+    """At `max_file_store` nats-server refuses a message at once (the gateway answers 507);
+    with no room under the volume it would fail writes on a full disk instead, and stay
+    failed until restarted."""
+    values_name, docs = rendered
+    config = k8s.find(docs, "ConfigMap", f"{RELEASE}-nats-config")
+    assert config is not None, f"[{values_name}] no NATS config"
+    found = re.search(r'"max_file_store":\s*"?([^,\s"]+)', config["data"]["nats.conf"])
+    assert found, f"[{values_name}] the NATS config sets no max_file_store"
+    (nats,) = [s for s in k8s.by_kind(docs, "StatefulSet") if not k8s.is_ours(s)]
+    (claim,) = nats["spec"]["volumeClaimTemplates"]
+    volume = claim["spec"]["resources"]["requests"]["storage"]
+    assert 0 < _bytes(found[1]) <= 0.95 * _bytes(volume), (
+        f"[{values_name}] max_file_store {found[1]} leaves no headroom on a {volume} volume"
+    )

@@ -74,9 +74,7 @@ async def test_second_up_resumes_from_the_same_data(tmp_path, ports) -> None:  #
     first = Up(tmp_path, *ports, "--no-demo")
     try:
         await first.ready()
-        r = httpx.post(
-            first.api + "/api/v1/devices", json={"id": "kept", "name": "K", "kind": "sensor"}
-        )
+        r = first.post("/api/v1/devices", {"id": "kept", "name": "K", "kind": "sensor"})
         assert r.status_code == 201, r.text
         event = {
             "id": "e-kept-1",
@@ -86,7 +84,7 @@ async def test_second_up_resumes_from_the_same_data(tmp_path, ports) -> None:  #
             "specversion": "1.0",
             "data": {"t": 21.5},
         }
-        assert httpx.post(first.api + "/api/v1/events", json=event).status_code == 202
+        assert first.post("/api/v1/events", event).status_code == 202
         await eventually(lambda: first.get("/api/v1/devices/kept").json()["version"] == 1)
     finally:
         assert first.stop()[0] == 0
@@ -158,16 +156,38 @@ async def test_a_taken_default_mqtt_port_is_replaced_by_a_free_one_and_printed(
             replaced = f"port 1883 (SMARTHOME_MQTT_PORT default) is taken; using {port}"
             assert replaced in up.stderr.read_text()
             device = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+            answers: list[str] = []
+            device.on_connect = lambda _c, _u, _f, code, _p: answers.append(str(code))
             device.connect("127.0.0.1", port)
             device.loop_start()
             try:
-                await eventually(device.is_connected)  # an MQTT server answers there
+                # An MQTT server answers there, and refuses a device without credentials.
+                assert await eventually(lambda: answers) == ["Not authorized"]
             finally:
                 device.disconnect()
                 device.loop_stop()
         finally:
             code, orphans = up.stop()
     assert (code, orphans) == (0, [])
+
+
+async def test_first_start_prints_a_generated_admin_password_once(tmp_path, ports) -> None:  # type: ignore[no-untyped-def]
+    first = Up(tmp_path, *ports, "--no-demo", admin_password=None)
+    try:
+        line = await banner_line(first, "First start")
+        password = line.split("password ", 1)[1].strip()
+        assert first.login("admin", password)
+        refused = httpx.get(first.api + "/api/v1/devices", timeout=10)
+        assert refused.status_code == 401, refused.text
+    finally:
+        assert first.stop()[0] == 0
+    assert password not in first.stderr.read_text()  # shown once, on the terminal only
+    second = Up(tmp_path, *ports, "--no-demo", admin_password=None)
+    try:
+        await banner_line(second, "data")
+        assert second.login("admin", password)  # kept; nothing new printed
+    finally:
+        assert second.stop()[0] == 0
 
 
 def test_killed_child_is_restarted(tmp_path, ports) -> None:  # type: ignore[no-untyped-def]

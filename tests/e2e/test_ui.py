@@ -1,19 +1,24 @@
 """The web UI in a real browser (Debian's chromium, driven by Playwright) on `smarthome up`:
-the demo shows live, and a user acts from the page: a command, a refusal, a disconnect, a
-rule switched off."""
+a user signs in through the page's form, the demo shows live, and the user acts from the page:
+a command, a refusal, a disconnect, a rule switched off. The page keeps its sign-in over a
+reload, signs out, says why a sign-in is refused, and runs under the gateway's CSP."""
 
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import nats
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
 
+from libs import embedded_nats, subjects
 from libs import messages as m
-from tests.e2e.up import Up
+from tests.e2e.up import ADMIN_PASSWORD, Up
+from tests.helpers import eventually, unique_id
 
 pytestmark = pytest.mark.e2e
 
@@ -28,31 +33,114 @@ FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-HAVE_CHROMIUM = CHROMIUM.exists()
 SLOW_S = 60  # the demo's rule holds for 3 s; the first start compiles and migrates
+SCREENSHOT = Path(__file__).resolve().parents[2] / "ops" / "ui.png"  # shown by the README
+REFRESH_KEY = "smarthome.refresh_token"  # where the page keeps it (sessionStorage)
+SHORT_TOKEN_S = 6  # the shared platform's access tokens: renewed while a test watches
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    if not HAVE_CHROMIUM:
+@pytest.fixture(scope="module")
+def chromium() -> Path:
+    if not CHROMIUM.exists():
         if os.environ.get("SMARTHOME_REQUIRE_BROWSER"):  # CI installs it: missing is a failure
             pytest.fail(f"{CHROMIUM} is missing (apt-get install chromium)")
         pytest.skip(f"no browser at {CHROMIUM}: apt-get install chromium to run the UI tests")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+async def browser(chromium: Path) -> AsyncIterator[Browser]:
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        browser = await pw.chromium.launch(executable_path=str(chromium), args=FLAGS)
         yield browser
         await browser.close()
 
 
-async def test_the_page_shows_the_demo_live_and_acts_on_it(tmp_path, ports, browser) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module")
+async def shared_up(chromium: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Up]:
+    """One platform for the tests that only sign in and look; its access tokens live a few
+    seconds, so that the page has to renew them while a test watches."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SMARTHOME_ACCESS_TOKEN_TTL", str(SHORT_TOKEN_S))
+        up = Up(tmp_path_factory.mktemp("up"), embedded_nats.free_port(), embedded_nats.free_port())
+    try:
+        await up.ready()
+        yield up
+    finally:
+        up.stop()
+
+
+class Watched:
+    """A tab, with what went wrong in it: uncaught errors and CSP refusals (which chromium
+    reports on the console and nowhere else)."""
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.problems: list[str] = []
+        page.on("pageerror", lambda exc: self.problems.append(f"page error: {exc}"))
+        page.on("console", self._console)
+
+    def _console(self, message: ConsoleMessage) -> None:
+        if "Content Security Policy" in message.text:
+            self.problems.append(f"CSP: {message.text}")
+
+
+async def open_page(browser: Browser, up: Up) -> Watched:
+    """A fresh tab (its own sessionStorage) on the UI, showing the sign-in form."""
+    context = await browser.new_context()
+    tab = Watched(await context.new_page())
+    await tab.page.goto(up.api + "/")
+    await expect(tab.page.get_by_role("heading", name="Sign in")).to_be_visible()
+    return tab
+
+
+async def sign_in(page: Page, username: str = "admin", password: str = ADMIN_PASSWORD) -> None:
+    """As a user does it: type into the labelled fields, press Enter."""
+    await page.get_by_label("User name").fill(username)
+    await page.get_by_label("Password").fill(password)
+    await page.get_by_label("Password").press("Enter")
+
+
+async def signed_in_as_admin(page: Page) -> None:
+    await expect(page.locator("#who")).to_have_text("admin · admin · every home")
+    await expect(page.locator("#login")).to_be_hidden()
+    await expect(page.locator("#status")).to_have_text("live", timeout=SLOW_S * 1000)
+    await expect(page.locator('tr[data-device="demo-light"]')).to_be_visible(timeout=SLOW_S * 1000)
+
+
+def make_resident(up: Up, password: str) -> str:
+    """A resident of the demo's home; its name. (A token of its own: the shared platform's
+    expire faster than `Up` renews its cached one.)"""
+    name = unique_id("resident")
+    created = httpx.post(
+        up.api + "/api/v1/users",
+        json={"username": name, "password": password, "role": "resident", "homes": ["home"]},
+        headers={"Authorization": f"Bearer {up.login()}"},
+        timeout=10,
+    )
+    assert created.status_code == 201, created.text
+    return name
+
+
+async def stored_refresh_token(page: Page) -> str | None:
+    token: str | None = await page.evaluate(f"sessionStorage.getItem({REFRESH_KEY!r})")
+    return token
+
+
+async def _renewed(page: Page, before: str | None) -> bool:
+    return await stored_refresh_token(page) not in (before, None)
+
+
+async def test_the_page_shows_the_demo_live_and_acts_on_it(
+    tmp_path: Path, ports: tuple[int, int], browser: Browser
+) -> None:
     up = Up(tmp_path, *ports)
     try:
         await up.ready()
-        page = await browser.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        await page.goto(up.api + "/")
-        await expect(page.locator("#status")).to_have_text("live", timeout=SLOW_S * 1000)
+        tab = await open_page(browser, up)
+        page = tab.page
+        await sign_in(page)
+        await signed_in_as_admin(page)
 
         light = page.locator('tr[data-device="demo-light"]')
         rule = page.locator('tr[data-rule="demo-light-timeout"]')
@@ -73,6 +161,8 @@ async def test_the_page_shows_the_demo_live_and_acts_on_it(tmp_path, ports, brow
         await meter.locator("button[data-history]").click()
         power = page.locator('#history [data-chart="power_w (last hour)"]')
         await expect(power).to_contain_text("min 0 · max 60", timeout=SLOW_S * 1000)
+        if os.environ.get("SMARTHOME_UI_SCREENSHOT"):  # refresh the README's picture
+            await page.screenshot(path=SCREENSHOT, full_page=True)
 
         # A user turns it on again from the page and follows the command to its end.
         await light.locator('button[data-action="turn_on"]').click()
@@ -80,6 +170,8 @@ async def test_the_page_shows_the_demo_live_and_acts_on_it(tmp_path, ports, brow
         await expect(command).to_contain_text("turn_on demo-light")
         await expect(command).to_contain_text("done", timeout=SLOW_S * 1000)
         await _light_is(page, on=True)
+        # The audit log names who sent it: the user signed in on this page.
+        await expect(page.locator("#audit")).to_contain_text("user:admin", timeout=SLOW_S * 1000)
         # ... and the rule, still enabled, turns it off again once it held for 3 s.
         await _light_is(page, on=False)
 
@@ -101,21 +193,143 @@ async def test_the_page_shows_the_demo_live_and_acts_on_it(tmp_path, ports, brow
         await expect(meter.locator('button[data-admin="disconnect"]')).to_be_visible()
 
         # A device nobody registered says hello: it waits on the page until approved.
-        await _say_hello(ports[1], "porch-sensor", {"name": "Porch sensor", "kind": "sensor"})
+        await _say_hello(up, ports[1], "porch-sensor", {"name": "Porch sensor", "kind": "sensor"})
         porch = page.locator('tr[data-device="porch-sensor"]')
         await expect(porch).to_contain_text("pending", timeout=SLOW_S * 1000)
         await porch.locator('button[data-lifecycle="active"]').click()
         await expect(porch.locator("button[data-history]")).to_be_visible()
         assert up.get("/api/v1/devices/porch-sensor").json()["lifecycle"] == "active"
-        assert errors == []
+        assert tab.problems == []
     finally:
         code, orphans = up.stop()
     assert code == 0, up.stderr.read_text()[-3000:]
     assert orphans == []
 
 
-async def _say_hello(nats_port: int, device_id: str, data: dict) -> None:
-    nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
+async def test_a_refused_sign_in_shows_the_reason_in_the_form(
+    shared_up: Up, browser: Browser
+) -> None:
+    name = make_resident(shared_up, "right-password")
+    tab = await open_page(browser, shared_up)
+    page, error = tab.page, tab.page.locator("#login-error")
+
+    await sign_in(page, name, "wrong-password")
+    await expect(error).to_have_text("wrong user name or password")
+    await expect(page.locator("#app")).to_be_hidden()
+    await expect(page.get_by_label("Password")).to_be_focused()  # ready for another try
+
+    for _ in range(4):  # the rest of the minute's tries, spent elsewhere
+        tried = httpx.post(
+            shared_up.api + "/api/v1/auth/token",
+            data={"username": name, "password": "wrong-password"},
+            timeout=10,
+        )
+        assert tried.status_code == 401, tried.text
+    await sign_in(page, name, "right-password")
+    await expect(error).to_contain_text("too many failed sign-ins")
+    await expect(error).to_contain_text("try again in")
+    await expect(page.locator("#app")).to_be_hidden()
+    assert tab.problems == []
+
+
+async def test_the_page_keeps_its_sign_in_over_a_reload_until_signed_out(
+    shared_up: Up, browser: Browser
+) -> None:
+    tab = await open_page(browser, shared_up)
+    page = tab.page
+    await sign_in(page)
+    await signed_in_as_admin(page)
+    assert await stored_refresh_token(page)
+
+    await page.reload()
+    await signed_in_as_admin(page)  # without the form: the tab's refresh token signed it in
+
+    # Access tokens live a few seconds here: the page renews them before they expire ...
+    # (polled from here: `wait_for_function` evaluates a string, which this CSP forbids)
+    for _ in range(3):
+        kept = await stored_refresh_token(page)
+        await eventually(
+            lambda kept=kept: _renewed(page, kept), timeout=SHORT_TOKEN_S * 2, interval=0.2
+        )
+    # ... so that, long after the first one expired, what the user does still works.
+    light = page.locator('tr[data-device="demo-light"]')
+    await light.locator('button[data-action="turn_on"]').click()
+    await expect(page.locator("#commands li").first).to_contain_text("done", timeout=SLOW_S * 1000)
+
+    last = await stored_refresh_token(page)
+    await page.get_by_role("button", name="sign out").click()
+    await expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    await expect(page.locator("#who")).to_be_hidden()
+    assert await stored_refresh_token(page) is None
+    revoked = httpx.post(
+        shared_up.api + "/api/v1/auth/refresh", json={"refresh_token": last}, timeout=10
+    )
+    assert revoked.status_code == 401, revoked.text
+    await page.reload()  # and a reload asks for a sign-in again
+    await expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    assert tab.problems == []
+
+
+async def test_a_resident_sees_only_the_controls_its_role_may_use(
+    shared_up: Up, browser: Browser
+) -> None:
+    name = make_resident(shared_up, "resident-password")
+    tab = await open_page(browser, shared_up)
+    page = tab.page
+
+    await sign_in(page, name, "resident-password")
+
+    await expect(page.locator("#who")).to_have_text(f"{name} · resident · home")
+    light = page.locator('tr[data-device="demo-light"]')
+    await expect(light.locator('button[data-action="turn_on"]')).to_be_visible(
+        timeout=SLOW_S * 1000
+    )
+    await expect(light.locator("button[data-history]")).to_be_visible()
+    await expect(light.locator("button[data-admin]")).to_have_count(0)  # an installer's
+    await expect(page.get_by_role("button", name="API reference")).to_be_hidden()
+    await expect(page.locator("#status")).to_have_text("live")
+    assert tab.problems == []
+
+
+async def test_the_page_runs_under_the_csp_without_a_violation(
+    shared_up: Up, browser: Browser
+) -> None:
+    tab = await open_page(browser, shared_up)
+    page = tab.page
+    response = await page.goto(shared_up.api + "/")
+    assert response is not None
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+
+    await sign_in(page)
+    await signed_in_as_admin(page)
+    meter = page.locator('tr[data-device="demo-meter"]')
+    await meter.locator("button[data-history]").click()  # the charts: SVG drawn by script
+    await expect(page.locator("#history svg").first).to_be_visible(timeout=SLOW_S * 1000)
+    await expect(page.locator("#audit li").first).to_be_visible()
+    async with page.expect_download() as download:  # fetched with the token, saved as a file
+        await page.get_by_role("button", name="API reference").click()
+    assert (await download.value).suggested_filename == "openapi.json"
+    assert tab.problems == []
+
+    # The watch sees a violation when there is one: an inline style, refused by this CSP.
+    async with page.expect_console_message(lambda m: "Content Security Policy" in m.text):
+        await page.evaluate(
+            "document.body.insertAdjacentHTML('beforeend', '<p style=\"color: red\">x</p>')"
+        )
+    assert len(tab.problems) == 1 and "style" in tab.problems[0], tab.problems
+
+
+async def _say_hello(up: Up, nats_port: int, device_id: str, data: dict) -> None:
+    """A device nobody registered, holding an installer's provisioning token: the bus lets
+    it say hello (and nothing else) under the id it claims."""
+    token = up.post("/api/v1/provisioning-tokens", {"home": "home"}).json()["token"]
+    nc = await nats.connect(
+        f"nats://127.0.0.1:{nats_port}",
+        user=device_id,
+        password=token,
+        name=secrets.token_hex(16),
+        inbox_prefix=subjects.inbox_prefix("claim", device_id),  # the only one it may read
+    )
     try:
         event = m.make_event(device_id, "hello", data)
         await nc.jetstream().publish(event.nats_subject, m.encode(event))

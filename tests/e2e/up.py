@@ -13,10 +13,20 @@ import psutil
 
 from tests.helpers import eventually
 
+ADMIN_PASSWORD = "e2e-admin-password"
+
 
 class Up:
-    def __init__(self, data_dir: Path, http_port: int, nats_port: int, *args: str) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        http_port: int,
+        nats_port: int,
+        *args: str,
+        admin_password: str | None = ADMIN_PASSWORD,
+    ) -> None:
         self.api = f"http://127.0.0.1:{http_port}"
+        self._token: str | None = None
         env = {
             k: v
             for k, v in os.environ.items()
@@ -28,6 +38,9 @@ class Up:
             SMARTHOME_NATS_PORT=str(nats_port),
             SMARTHOME_DEMO_RULE_FOR="3",
         )
+        env.pop("SMARTHOME_ADMIN_PASSWORD", None)
+        if admin_password:
+            env["SMARTHOME_ADMIN_PASSWORD"] = admin_password
         self.stderr = data_dir / "launcher.err"
         with open(self.stderr, "ab") as err:
             self.proc = subprocess.Popen(
@@ -37,19 +50,38 @@ class Up:
                 stderr=err,
             )
 
+    def login(self, username: str = "admin", password: str = ADMIN_PASSWORD) -> str:
+        """An access token, signed in as a user would (the password grant)."""
+        r = httpx.post(
+            self.api + "/api/v1/auth/token",
+            data={"username": username, "password": password},
+            timeout=10,
+        )
+        assert r.status_code == 200, r.text
+        return r.json()["access_token"]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self._token is None:
+            self._token = self.login()
+        return {"Authorization": f"Bearer {self._token}"}
+
     def get(self, path: str, **params: object) -> httpx.Response:
-        """A GET; no answer in time is an AssertionError, which `eventually` retries (a
-        loaded CI machine may be slow to answer one request, not to reach the state)."""
+        """A GET as admin; no answer in time is an AssertionError, which `eventually` retries
+        (a loaded CI machine may be slow to answer one request, not to reach the state)."""
         try:
-            return httpx.get(self.api + path, params=params, timeout=10)
+            return httpx.get(self.api + path, params=params, headers=self.headers, timeout=10)
         except httpx.TransportError as exc:
             raise AssertionError(f"GET {path}: {exc!r}") from exc
+
+    def post(self, path: str, body: object) -> httpx.Response:
+        return httpx.post(self.api + path, json=body, headers=self.headers, timeout=10)
 
     async def ready(self) -> None:
         async def answers() -> bool:
             assert self.proc.poll() is None, self.stderr.read_text()[-2000:]
             try:
-                return self.get("/health/ready").status_code == 200
+                return httpx.get(self.api + "/health/ready", timeout=10).status_code == 200
             except httpx.HTTPError:
                 return False
 

@@ -15,7 +15,7 @@ from libs import bus, subjects
 from libs import messages as m
 from libs.db.models import DeviceState, HistoryEntry
 from libs.settings import Settings
-from services.gateway.app import create_app
+from tests.api import api_client
 from tests.helpers import eventually, unique_id
 from tests.integration.test_rules import collected
 from tests.processes import Service
@@ -24,8 +24,8 @@ DEVICES = "/api/v1/devices"
 
 
 @pytest.fixture(scope="module")
-async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:
-    async with AsyncTestClient(create_app(settings)) as client:
+async def client(settings: Settings, admin_token: str) -> AsyncIterator[AsyncTestClient]:
+    async with api_client(settings, admin_token) as client:
         yield client
 
 
@@ -49,7 +49,11 @@ async def test_registry_round_trip(client: AsyncTestClient) -> None:
         },
     )
     assert created.status_code == 201
-    assert created.json() | {"created_at": None, "updated_at": None} == {
+    body = created.json()
+    # Its bus credentials, shown this once (only their hash is kept).
+    credentials = body.pop("credentials")
+    assert credentials["username"] == device_id and credentials["password"].startswith("smd_")
+    assert body | {"created_at": None, "updated_at": None} == {
         "id": device_id,
         "name": "Kitchen lamp",
         "kind": "light",
@@ -211,7 +215,7 @@ async def test_registry_changes_are_published_with_the_correlation_id(
     facts = [item["event"] for item in replay.json()["items"]]
     assert [f["change"] for f in facts] == ["created", "disconnected", "connected", "deleted"]
     assert {f["correlation_id"] for f in facts} == {headers["X-Correlation-Id"]}
-    assert {f["actor"] for f in facts} == {"user:anonymous"}
+    assert {f["actor"] for f in facts} == {(await client.get("/api/v1/me")).json()["actor"]}
     assert facts[1]["device"]["enabled"] is False
 
 
@@ -421,7 +425,7 @@ async def test_a_device_that_says_hello_unregistered_waits_for_approval(
     audit = await _registry_facts(js, porch)
     assert [(f.change, f.actor) for f in audit][:2] == [
         ("created", "platform:discovery"),
-        ("updated", "user:anonymous"),
+        ("updated", (await client.get("/api/v1/me")).json()["actor"]),
     ]
 
 

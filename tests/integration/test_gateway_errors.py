@@ -9,7 +9,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from libs.settings import Settings
-from services.gateway.app import create_app
+from tests.api import api_client
 from tests.helpers import unique_id
 
 DEVICES = "/api/v1/devices"
@@ -17,8 +17,8 @@ JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
-async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:
-    async with AsyncTestClient(create_app(settings)) as client:
+async def client(settings: Settings, admin_token: str) -> AsyncIterator[AsyncTestClient]:
+    async with api_client(settings, admin_token) as client:
         yield client
 
 

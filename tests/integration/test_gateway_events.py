@@ -10,15 +10,15 @@ from litestar.testing import AsyncTestClient
 
 from libs import messages as m
 from libs.settings import Settings
-from services.gateway.app import create_app
+from tests.api import api_client
 from tests.helpers import unique_id
 
 EVENTS = "/api/v1/events"
 
 
 @pytest.fixture(scope="module")
-async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:
-    async with AsyncTestClient(create_app(settings)) as client:
+async def client(settings: Settings, admin_token: str) -> AsyncIterator[AsyncTestClient]:
+    async with api_client(settings, admin_token) as client:
         yield client
 
 

@@ -11,7 +11,7 @@ from litestar.testing import AsyncTestClient
 from libs import messages as m
 from libs import subjects
 from libs.settings import Settings
-from services.gateway.app import create_app
+from tests.api import api_client
 from tests.helpers import unique_id
 from tests.integration.test_rules import collected
 
@@ -20,8 +20,8 @@ DEVICES = "/api/v1/devices"
 
 
 @pytest.fixture(scope="module")
-async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:
-    async with AsyncTestClient(create_app(settings)) as client:
+async def client(settings: Settings, admin_token: str) -> AsyncIterator[AsyncTestClient]:
+    async with api_client(settings, admin_token) as client:
         yield client
 
 
@@ -164,4 +164,4 @@ async def test_every_change_is_a_fact_on_the_bus_for_the_audit(client: AsyncTest
         ("location", "updated", "Cottage"),
         ("location", "deleted", "Cottage"),
     ]
-    assert {f.actor for f in facts} == {"user:anonymous"}
+    assert {f.actor for f in facts} == {(await client.get("/api/v1/me")).json()["actor"]}

@@ -20,6 +20,7 @@ from libs import messages as m
 from libs.db.models import AuditEntry
 from libs.settings import Settings
 from services.gateway.app import create_app
+from tests.api import api_client, bearer
 from tests.helpers import eventually, unique_id
 
 OPERATIONS = {
@@ -49,8 +50,8 @@ OPERATIONS = {
 
 
 @pytest.fixture(scope="module")
-async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:
-    async with AsyncTestClient(create_app(settings)) as client:
+async def client(settings: Settings, admin_token: str) -> AsyncIterator[AsyncTestClient]:
+    async with api_client(settings, admin_token) as client:
         yield client
 
 
@@ -95,15 +96,17 @@ async def test_metrics_answer_in_the_prometheus_format(client: AsyncTestClient) 
     assert "smarthome_gateway_requests_total" in response.text
 
 
-async def test_the_ui_is_one_self_contained_page(client: AsyncTestClient) -> None:
-    response = await client.get("/")
+async def test_the_ui_loads_nothing_from_elsewhere(client: AsyncTestClient) -> None:
+    page = await client.get("/")
+    scripts = [(await client.get(f"/ui/{name}")).text for name in ("app.js", "session.js")]
 
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/html")
-    page = response.text
-    assert '"/api/v1"' in page
-    assert all(path in page for path in ("/devices", "/events/stream", "/audit"))
-    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing from elsewhere
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    code = "\n".join(scripts)
+    assert all(path in code for path in ("/api/v1", "/devices", "/events/stream", "/audit"))
+    for text in (page.text, *scripts):
+        assert not re.search(r"""(src|href)=["']?(https?:)?//""", text)
+        assert not re.search(r"""fetch\(["'`](https?:)?//""", text)
 
 
 async def test_the_audit_log_is_filtered_and_paged(
@@ -145,18 +148,24 @@ async def test_the_audit_log_is_filtered_and_paged(
     assert [e["action"] for e in since.json()["items"]] == ["command.done"]
 
 
-async def test_an_unreachable_database_answers_503_with_the_reason(
-    settings: Settings, tmp_path: Path
+async def test_an_unreachable_database_answers_503_with_the_reason_and_ingest_stays_ready(
+    settings: Settings, tmp_path: Path, admin_token: str
 ) -> None:
     missing = f"sqlite+aiosqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'smarthome.db'}"
-    app = create_app(dataclasses.replace(settings, database_url=missing))
 
-    async with AsyncTestClient(app) as client:
+    async with api_client(
+        dataclasses.replace(settings, database_url=missing), admin_token
+    ) as client:
         ready = await client.get("/health/ready")
         listing = await client.get("/api/v1/devices")
         creating = await client.post("/api/v1/devices", json={"name": "x", "kind": "light"})
 
-    for response in (ready, listing, creating):
+    # Publishing needs only the bus: the gateway stays in service, and says what is degraded.
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["status"] == "degraded"
+    assert ready.json()["checks"]["bus"] == "ok"
+    assert "the database is unreachable" in ready.json()["degraded"][0]
+    for response in (listing, creating):
         assert response.status_code == 503, response.text
         assert response.headers["content-type"] == "application/problem+json"
         assert "database" in response.json()["detail"]
@@ -164,7 +173,7 @@ async def test_an_unreachable_database_answers_503_with_the_reason(
 
 
 async def test_an_unreachable_bus_answers_503_and_reads_go_on(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, admin_token: str
 ) -> None:
     port = embedded_nats.free_port()
     server = embedded_nats.start(tmp_path / "nats", port, tmp_path / "nats.log")
@@ -172,6 +181,7 @@ async def test_an_unreachable_bus_answers_503_and_reads_go_on(
         embedded_nats.wait_for_port("127.0.0.1", port)
         app = create_app(dataclasses.replace(settings, nats_url=f"nats://127.0.0.1:{port}"))
         async with AsyncTestClient(app) as client:
+            client.headers.update(bearer(admin_token))
             assert (await client.get("/health/ready")).status_code == 200
 
             server.terminate()

@@ -17,15 +17,15 @@ from libs import messages as m
 from libs import subjects
 from libs.db.models import RuleRun
 from libs.settings import Settings
-from services.gateway.app import create_app
+from tests.api import api_client
 from tests.helpers import eventually, unique_id
 
 RULES = "/api/v1/rules"
 
 
 @pytest.fixture(scope="module")
-async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:
-    async with AsyncTestClient(create_app(settings)) as client:
+async def client(settings: Settings, admin_token: str) -> AsyncIterator[AsyncTestClient]:
+    async with api_client(settings, admin_token) as client:
         yield client
 
 
@@ -187,7 +187,7 @@ async def test_every_change_tells_the_rules_service_and_the_audit(
         (2, False),
     ]
     assert signals[0].correlation_id == created.headers["X-Correlation-Id"]
-    assert {f.actor for f in signals} == {"user:anonymous"}
+    assert {f.actor for f in signals} == {(await client.get("/api/v1/me")).json()["actor"]}
 
 
 async def test_a_rules_runs_are_listed_newest_last(

@@ -18,8 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from libs import subjects
 from libs.db.models import AuditEntry, CommandRecord, HistoryEntry
 from libs.settings import Settings
-from services.gateway.app import create_app
 from services.gateway.rules import dry_run
+from tests.api import api_client
 from tests.helpers import unique_id
 
 RULES = "/api/v1/rules"
@@ -27,8 +27,8 @@ DEVICES = "/api/v1/devices"
 
 
 @pytest.fixture(scope="module")
-async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:
-    async with AsyncTestClient(create_app(settings)) as client:
+async def client(settings: Settings, admin_token: str) -> AsyncIterator[AsyncTestClient]:
+    async with api_client(settings, admin_token) as client:
         yield client
 
 

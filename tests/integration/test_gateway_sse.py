@@ -30,6 +30,7 @@ from services.gateway.events import sse
 from services.gateway.events.controllers import SHARED_FEEDS_KEY
 from services.gateway.events.service import EventService, FeedClosed, FeedOverflow, SharedFeeds
 from services.gateway.resources import Shutdown
+from tests.api import bearer
 from tests.helpers import eventually, unique_id
 
 STREAM = "/api/v1/events/stream"
@@ -42,13 +43,15 @@ def app(settings: Settings) -> Litestar:
 
 
 @pytest.fixture(scope="module")
-async def http(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
+async def http(app: Litestar, admin_token: str) -> AsyncIterator[httpx.AsyncClient]:
     port = embedded_nats.free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
     await eventually(lambda: server.started)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", timeout=10, headers=bearer(admin_token)
+    ) as client:
         yield client
     server.should_exit = True
     await serving

@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 
 from libs import bus, embedded_nats, subjects
 from libs import messages as m
+from libs.principals import Role
 from libs.settings import Settings
 from services.gateway import connections
 from services.gateway.app import create_app
@@ -32,6 +33,7 @@ from services.gateway.events import service as events_service
 from services.gateway.events.service import EventService
 from services.gateway.events.websocket import ACK_WINDOW, MAX_SUBSCRIPTIONS, Close, EventSocket
 from services.gateway.resources import Shutdown
+from tests.api import bearer
 from tests.helpers import eventually, unique_id
 
 STREAM = "/api/v1/events/stream"
@@ -45,6 +47,7 @@ class Gateway:
     app: Litestar
     http: httpx.AsyncClient
     ws_url: str
+    token: str
 
     @property
     def limits(self) -> connections.StreamLimits:
@@ -52,23 +55,25 @@ class Gateway:
 
 
 @asynccontextmanager
-async def serving(app: Litestar) -> AsyncIterator[Gateway]:
+async def serving(app: Litestar, token: str) -> AsyncIterator[Gateway]:
     port = embedded_nats.free_port()
     config = uvicorn.Config(app, host=CLIENT, port=port, log_config=None, access_log=False)
     server = uvicorn.Server(config)
     running = asyncio.create_task(server.serve())
     await eventually(lambda: server.started)
     try:
-        async with httpx.AsyncClient(base_url=f"http://{CLIENT}:{port}", timeout=10) as http:
-            yield Gateway(app, http, f"ws://{CLIENT}:{port}{SOCKET}")
+        async with httpx.AsyncClient(
+            base_url=f"http://{CLIENT}:{port}", timeout=10, headers=bearer(token)
+        ) as http:
+            yield Gateway(app, http, f"ws://{CLIENT}:{port}{SOCKET}", token)
     finally:
         server.should_exit = True
         await running
 
 
 @pytest.fixture(scope="module")
-async def gateway(settings: Settings) -> AsyncIterator[Gateway]:
-    async with serving(create_app(settings)) as running:
+async def gateway(settings: Settings, admin_token: str) -> AsyncIterator[Gateway]:
+    async with serving(create_app(settings), admin_token) as running:
         yield running
 
 
@@ -107,7 +112,13 @@ class Socket:
 
 @asynccontextmanager
 async def socket(gateway: Gateway) -> AsyncIterator[Socket]:
-    async with connect(gateway.ws_url, proxy=None, open_timeout=5, close_timeout=2) as ws:
+    async with connect(
+        gateway.ws_url,
+        proxy=None,
+        open_timeout=5,
+        close_timeout=2,
+        additional_headers=bearer(gateway.token),
+    ) as ws:
         yield Socket(ws)
 
 
@@ -288,12 +299,15 @@ async def test_a_client_that_stops_acking_is_closed_with_4008_naming_where_to_re
     )
 
 
-async def test_a_client_gets_no_more_live_streams_than_its_cap(settings: Settings) -> None:
+async def test_a_principal_gets_no_more_live_streams_than_its_cap(
+    settings: Settings, admin_token: str, make_token
+) -> None:
+    other = bearer(await make_token(Role.ADMIN))
     app = create_app(settings)
     connections.install(app.state, per_client=2)
     params = {"subject": f"events.{unique_id()}.>"}
     async with (
-        serving(app) as gateway,
+        serving(app, admin_token) as gateway,
         gateway.http.stream("GET", STREAM, params=params) as first,
     ):
         assert first.status_code == 200
@@ -304,9 +318,13 @@ async def test_a_client_gets_no_more_live_streams_than_its_cap(settings: Setting
             async with socket(gateway) as third_ws:
                 with pytest.raises(ConnectionClosed) as closed:
                     await third_ws.next()
+            # Another principal from the same address has its own streams.
+            async with gateway.http.stream("GET", STREAM, params=params, headers=other) as own:
+                assert own.status_code == 200
 
         # The socket's slot is free again once it has gone.
-        await eventually(lambda: gateway.limits.count(CLIENT) == 1)
+        owner = (await gateway.http.get("/api/v1/me")).json()["actor"]
+        await eventually(lambda: gateway.limits.count(owner) == 1)
         async with gateway.http.stream("GET", STREAM, params=params) as again:
             assert again.status_code == 200
 

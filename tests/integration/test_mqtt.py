@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import nats
+import nats.js.errors
 import paho.mqtt.client as mqtt
 import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -14,7 +16,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from libs import bus, commands, subjects
 from libs import messages as m
-from libs.db.models import CommandRecord, Device
+from libs.db.models import BusCredential, CommandRecord, Device, DeviceState
+from libs.passwords import digest, new_secret
 from tests.helpers import eventually, unique_id
 from tests.processes import Service
 
@@ -22,26 +25,40 @@ from tests.processes import Service
 class MqttDevice:
     """A device that speaks only MQTT 3.1.1 (what nats-server implements)."""
 
-    def __init__(self, device_id: str, port: int) -> None:
+    def __init__(
+        self, device_id: str, port: int, password: str | None = None, client_id: str | None = None
+    ) -> None:
         self.device_id = device_id
         self.port = port
+        self.password = password or new_secret("smd_")
+        self.connack: list[str] = []
         self.received: list[mqtt.MQTTMessage] = []
         self._subscribed: set[int] = set()
         # paho calls these from its network thread; list and set appends are atomic.
         self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311
+            CallbackAPIVersion.VERSION2, client_id=client_id or device_id, protocol=mqtt.MQTTv311
         )
+        # The same username and password as over NATS: the device id and its bus password.
+        self.client.username_pw_set(device_id, self.password)
+        self.client.on_connect = lambda _c, _u, _f, code, _p: self.connack.append(str(code))
         self.client.on_message = lambda _c, _u, msg: self.received.append(msg)
-        self.client.on_subscribe = lambda _c, _u, mid, _codes, _p: self._subscribed.add(mid)
+        self.granted: dict[int, list[str]] = {}
+        self.client.on_subscribe = self._on_subscribe
+
+    def _on_subscribe(self, _c, _u, mid, codes, _p) -> None:  # type: ignore[no-untyped-def]
+        self.granted[mid] = [str(c) for c in codes]
+        self._subscribed.add(mid)
 
     async def connect(self) -> None:
         self.client.connect("127.0.0.1", self.port)
         self.client.loop_start()
         await eventually(self.client.is_connected)
 
-    async def subscribe(self, subject: str) -> None:
+    async def subscribe(self, subject: str) -> list[str]:
+        """What the server granted (SUBACK): `Granted QoS 1`, or `Unspecified error`."""
         _, mid = self.client.subscribe(subjects.mqtt_topic(subject), qos=1)
         await eventually(lambda: mid in self._subscribed)
+        return self.granted[mid]
 
     async def publish(self, subject: str, payload: bytes) -> None:
         """QoS 1: back once the server acknowledged it (PUBACK)."""
@@ -67,9 +84,17 @@ def actors(service_env, data_dir):  # type: ignore[no-untyped-def]
     assert service.stop() == 0, service.tail()
 
 
+@pytest.fixture(scope="module")
+def busauth(service_env, data_dir, js):  # type: ignore[no-untyped-def]
+    """The bus's auth callout: an MQTT device connects with its id and bus password."""
+    service = Service("services.busauth", service_env, data_dir).start()
+    yield service
+    assert service.stop() == 0, service.tail()
+
+
 @pytest.fixture
 async def mqtt_device(
-    mqtt_port: int, sessions
+    busauth, mqtt_port: int, sessions
 ) -> AsyncIterator[Callable[[], Awaitable[MqttDevice]]]:  # type: ignore[no-untyped-def]
     """A registered device, connected over MQTT; disconnected after the test."""
     made: list[MqttDevice] = []
@@ -78,6 +103,11 @@ async def mqtt_device(
         device = MqttDevice(unique_id("mqtt"), mqtt_port)
         async with sessions.begin() as session:
             session.add(Device(id=device.device_id, name="MQTT device", kind="sensor"))
+            session.add(
+                BusCredential(
+                    identity=device.device_id, secret_hash=digest(device.password), issued_by="test"
+                )
+            )
         await device.connect()
         made.append(device)
         return device
@@ -212,3 +242,80 @@ async def test_a_malformed_mqtt_payload_is_dead_lettered_with_its_reason(
     assert "type='state' but was published on" in letters[1].headers[bus.DL_REASON]
     assert json.loads(letters[1].data)["id"] == wrong_type.id
     assert all(msg.headers[bus.DL_CONSUMER] == "actors" for msg in letters)
+
+
+# --- the bus's identities over MQTT: the same credentials, the same rights -----------------
+
+
+async def _refused_connack(device: MqttDevice) -> str:
+    device.client.connect("127.0.0.1", device.port)
+    device.client.loop_start()
+    try:
+        await eventually(lambda: device.connack, timeout=10)
+    finally:
+        device.client.loop_stop()
+    assert not device.client.is_connected()
+    return device.connack[0]
+
+
+async def test_mqtt_without_credentials_or_with_a_wrong_password_is_refused(
+    mqtt_device, mqtt_port
+) -> None:  # type: ignore[no-untyped-def]
+    registered = await mqtt_device()
+    anonymous = MqttDevice(unique_id("mqtt"), mqtt_port)
+    anonymous.client.username_pw_set(None, None)
+    wrong = MqttDevice(registered.device_id, mqtt_port, password=new_secret("smd_"))
+    other_id = MqttDevice(
+        registered.device_id, mqtt_port, registered.password, client_id=unique_id("mqtt")
+    )
+
+    for device in (anonymous, wrong, other_id):
+        assert (await _refused_connack(device)) in ("Not authorized", "Bad user name or password")
+
+
+async def test_an_mqtt_device_may_speak_only_for_itself(actors, js, mqtt_device, sessions) -> None:  # type: ignore[no-untyped-def]
+    a, b = await mqtt_device(), await mqtt_device()
+    own = await a.send("telemetry", {"power_w": 5.0})
+    await facts(js, a.device_id, lambda fs: any(f.cause_event_id == own.id for f in fs))
+
+    for topic in (subjects.commands(b.device_id), "commands.>", ">"):
+        assert await a.subscribe(topic) != ["Granted QoS 1"], topic
+    forged = m.make_event(b.device_id, "telemetry", {"power_w": 9999.0})
+    a.client.publish(subjects.mqtt_topic(forged.nats_subject), m.encode(forged), qos=1)
+    # The server drops it (or closes the connection): either way nothing is stored, and a
+    # later event of A's own still lands behind it.
+    later = m.make_event(a.device_id, "telemetry", {"power_w": 6.0})
+    a.client.publish(subjects.mqtt_topic(later.nats_subject), m.encode(later), qos=1)
+    await eventually(
+        lambda: _stored(js, later.nats_subject, later.id) if a.client.is_connected() else True
+    )
+
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await js.get_last_msg(subjects.EVENTS_STREAM, forged.nats_subject)
+    async with sessions() as session:
+        assert await session.get(DeviceState, b.device_id) is None  # B never heard of
+
+
+async def _stored(js, subject: str, event_id: str) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        stored = await js.get_last_msg(subjects.EVENTS_STREAM, subject)
+    except nats.js.errors.NotFoundError:
+        return False
+    return m.cloud_event_decoder.decode(stored.data).id == event_id
+
+
+async def test_rotated_credentials_close_a_live_mqtt_connection(mqtt_device, js, sessions) -> None:  # type: ignore[no-untyped-def]
+    device = await mqtt_device()
+    async with sessions.begin() as session:
+        row = await session.get(BusCredential, device.device_id)
+        row.secret_hash, row.generation = digest(new_secret("smd_")), row.generation + 1
+    fact = m.ChangeFact(
+        what="credentials", id=device.device_id, change="rotated", actor="user:test",
+        correlation_id=unique_id("corr"), time=m.now(),
+    )  # fmt: skip
+    await bus.publish(js, subjects.credentials_changed(device.device_id), fact, msg_id=m.new_id())
+
+    # Closed within 10 s, and its reconnects with the old password are refused.
+    await eventually(lambda: not device.client.is_connected(), timeout=10)
+    await eventually(lambda: device.connack[-1] == "Not authorized", timeout=10)
+    assert not device.client.is_connected()

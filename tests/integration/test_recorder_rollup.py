@@ -21,9 +21,9 @@ from libs import messages as m
 from libs.db.engine import make_engine, make_sessionmaker
 from libs.db.models import AuditEntry, HistoryEntry, HourlyStatistic, RollupPending
 from libs.settings import Settings
-from services.gateway.app import create_app
 from services.recorder import rollup
 from services.recorder.hourly import hour_of
+from tests.api import api_client
 from tests.helpers import eventually, unique_id
 from tests.processes import Service
 
@@ -33,8 +33,8 @@ SEQ = itertools.count(uuid.uuid4().int % 10**15)
 
 
 @pytest.fixture(scope="module")
-async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:
-    async with AsyncTestClient(create_app(settings)) as client:
+async def client(settings: Settings, admin_token: str) -> AsyncIterator[AsyncTestClient]:
+    async with api_client(settings, admin_token) as client:
         yield client
 
 

@@ -4,6 +4,7 @@ the public protocols, and a run with `--duration` ends by itself with a summary.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sys
 from functools import partial
@@ -21,19 +22,21 @@ COUNT = 9  # three of each kind
 
 
 async def test_a_fleet_registers_reports_answers_and_stops_by_itself(
-    settings: Settings, service_env, data_dir, js, sessions
+    settings: Settings, service_env, data_dir, js, sessions, admin_token
 ) -> None:  # type: ignore[no-untyped-def]
     prefix = unique_id("sim")
     ids = [f"{prefix}-{n}" for n in range(COUNT)]
     actors = Service("services.actors", service_env, data_dir).start()
+    busauth = Service("services.busauth", service_env, data_dir).start()
     try:
-        async with serving(create_app(settings)) as gateway:
+        async with serving(create_app(settings), admin_token) as gateway:
             simulator = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "devices.simulator",
                 "--count", str(COUNT), "--prefix", prefix, "--interval", "0.3",
                 "--duration", "8", "--api-url", str(gateway.http.base_url),
                 "--nats-url", settings.effective_nats_url,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, "SMARTHOME_API_TOKEN": admin_token},
             )  # fmt: skip
             running = partial(_running, simulator)
             reporting = await eventually(
@@ -51,6 +54,7 @@ async def test_a_fleet_registers_reports_answers_and_stops_by_itself(
         final = await states(sessions, ids)
     finally:
         actors.stop()
+        busauth.stop()
     assert simulator.returncode == 0, err.decode()[-2000:]
     text = out.decode()
     assert f"{COUNT} devices (3 energy_meter, 3 light, 3 sensor)" in text, text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,29 +14,39 @@ from typing import Any
 
 import msgspec
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
 from litestar import Litestar, Router
 from litestar.testing import AsyncTestClient
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy
 from nats.js.errors import NotFoundError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import bus, subjects, webhooks
 from libs import messages as m
+from libs.errors import Invalid
+from libs.principals import Principal, PrincipalKind, Role
 from libs.settings import Settings
 from services.gateway.app import API_PREFIX, create_app
+from services.gateway.auth.context import Context
 from services.gateway.subscriptions.controllers import SubscriptionController
+from services.gateway.subscriptions.schemas import SubscriptionCreate
+from services.gateway.subscriptions.service import SubscriptionService
 from services.webhooks import sender as sender_mod
 from services.webhooks.payload import Payload
 from services.webhooks.sender import Outcome, Sender, make_session
+from tests.api import bearer
 from tests.helpers import eventually, unique_id
 from tests.integration.test_rules import collected
 from tests.processes import Service
 from tests.proxy import Relay
 
 SUBS = f"{API_PREFIX}/subscriptions"
+RESIDENT = Principal(PrincipalKind.USER, "resident", Role.RESIDENT, frozenset({"home-a"}))
 # The service and the in-process gateway read the same settings.
 WEBHOOK_ENV = {
-    "SMARTHOME_WEBHOOK_ALLOW_PRIVATE": "1",  # the receivers listen on 127.0.0.1
+    "SMARTHOME_WEBHOOK_ALLOW_NETS": "127.0.0.0/8",  # the receivers listen on 127.0.0.1
     "SMARTHOME_WEBHOOK_RETRY_BASE": "0.2",
     "SMARTHOME_WEBHOOK_TIMEOUT": "5",
 }
@@ -49,19 +60,20 @@ def gateway_app(settings: Settings) -> Litestar:
     return app
 
 
-def with_webhooks(settings: Settings, allow_private: bool = True) -> Settings:
+def with_webhooks(settings: Settings, allow_nets: tuple[str, ...] = ("127.0.0.0/8",)) -> Settings:
     """What WEBHOOK_ENV says, for the in-process gateway."""
     return dataclasses.replace(
         settings,
-        webhook_allow_private=allow_private,
+        webhook_allow_nets=allow_nets,
         webhook_retry_base_s=0.2,
         webhook_timeout_s=5.0,
     )
 
 
 @pytest.fixture(scope="module")
-async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:
+async def client(settings: Settings, admin_token: str) -> AsyncIterator[AsyncTestClient]:
     async with AsyncTestClient(gateway_app(with_webhooks(settings))) as client:
+        client.headers.update(bearer(admin_token))
         yield client
 
 
@@ -153,7 +165,9 @@ class Subscriptions:
         self.client = client
         self.ids: list[str] = []
 
-    async def create(self, receiver: Receiver, device_id: str, **body: Any) -> dict[str, Any]:
+    async def create(
+        self, receiver: Receiver | Scripted, device_id: str, **body: Any
+    ) -> dict[str, Any]:
         filter_subject = subjects.device_events_all(device_id)
         response = await self.client.post(
             SUBS, json={"filter": filter_subject, "url": receiver.url, **body}
@@ -356,11 +370,30 @@ async def test_exhausted_retries_are_dead_lettered_and_redelivered_on_request(
 
     assert [d["event_id"] for d in failed] == [lost.id]
     assert failed[0]["attempts"] >= 2 and failed[0]["last_status_code"] == 500
-    assert "HTTP 500" in failed[0]["last_error"]
+    assert failed[0]["last_error"] == "5xx: HTTP 500"
     assert (redelivered.status_code, redelivered.json()) == (202, {"redelivered": 1})
     assert ids_of(receiver.delivered) == [after.id, lost.id]
     assert [d["event_id"] for d in delivered] == [lost.id]  # `after` went first time: no record
     assert still_failed == []
+
+
+async def test_a_failed_delivery_shows_its_class_and_status_never_what_the_receiver_said(
+    subs: Subscriptions, js: JetStreamContext, service_env: dict[str, str], data_dir: Path
+) -> None:
+    device = unique_id()
+    secret_body = b"SECRET-BODY of the private address"
+    telling = Scripted([answer(500, secret_body, "x-secret: SECRET-HEADER")] * 100)
+    async with Receiver() as receiver, telling, webhooks_service(service_env, data_dir) as service:
+        await subs.create(receiver, device)  # on 127.0.0.1, inside the allow-net: delivered
+        refused_by = await subs.create(telling, device)
+        event = await publish(js, device, power_w=60.0)
+        await eventually(lambda: ids_of(receiver.delivered) == [event.id], timeout=15)
+        records = await eventually(lambda: subs.deliveries(refused_by["id"]), timeout=15)
+        log = service.tail(100_000)
+
+    assert [(d["event_id"], d["status"]) for d in records] == [(event.id, "pending")]
+    assert (records[0]["last_error"], records[0]["last_status_code"]) == ("5xx: HTTP 500", 500)
+    assert "SECRET" not in str(records) and "SECRET" not in log
 
 
 async def test_a_lost_consumer_is_made_again(
@@ -545,9 +578,13 @@ class Scripted:
     _server: asyncio.Server | None = None
 
     @property
-    def url(self) -> str:
+    def port(self) -> int:
         assert self._server is not None
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/hook"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
 
     async def __aenter__(self) -> Scripted:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -589,12 +626,20 @@ PAYLOAD = Payload("msg_1", b'{"n": 1}', {"content-type": "application/json"})
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
+LOOPBACK = webhooks.allow_nets(["127.0.0.0/8"])
+
+
 async def send_all(
-    url: str, *payloads: Payload, allow_private: bool = True, timeout_s: float = 5.0
+    url: str,
+    *payloads: Payload,
+    allow_nets: tuple[webhooks.IPNetwork, ...] = LOOPBACK,
+    admin: bool = True,
+    timeout_s: float = 5.0,
+    resolver: AbstractResolver | None = None,
 ) -> list[Outcome]:
-    settings = webhooks.WebhookSettings(allow_private=allow_private, timeout_s=timeout_s)
-    async with make_session() as session:
-        sender = Sender(session, settings, url, SECRET)
+    settings = webhooks.WebhookSettings(allow_nets=allow_nets, timeout_s=timeout_s)
+    async with make_session(settings, allow_private_targets=admin, resolver=resolver) as session:
+        sender = Sender(session, settings, url, SECRET, allow_private_targets=admin)
         return [await sender.send(p) for p in payloads]
 
 
@@ -605,7 +650,7 @@ async def test_sender_signs_its_posts_and_keeps_its_connection_alive() -> None:
 
     assert outcomes == [
         Outcome(True, 204),
-        Outcome(False, 500, "HTTP 500: " + refusal.decode()[: sender_mod.ANSWER_CHARS]),
+        Outcome(False, 500, "5xx: HTTP 500"),
         Outcome(True, 200),
     ]
     assert endpoint.connections == 1, "a short answer was not read to its end"
@@ -615,12 +660,25 @@ async def test_sender_signs_its_posts_and_keeps_its_connection_alive() -> None:
     assert verifies(SECRET, first)
 
 
+async def test_sender_keeps_the_class_and_status_of_a_refusal_never_its_body() -> None:
+    secret_body = b"SECRET-BODY: what the private address serves"
+    answers = [answer(500, secret_body), answer(404, secret_body), answer(401, secret_body)]
+    async with Scripted(answers) as endpoint:
+        outcomes = await send_all(endpoint.url, PAYLOAD, PAYLOAD, PAYLOAD)
+
+    assert outcomes == [
+        Outcome(False, 500, "5xx: HTTP 500"),
+        Outcome(False, 404, "4xx: HTTP 404"),
+        Outcome(False, 401, "4xx: HTTP 401"),
+    ]
+
+
 async def test_sender_drops_the_connection_of_a_huge_answer_rather_than_read_it() -> None:
     huge = b"x" * (4 * sender_mod.DRAIN_BYTES)
     async with Scripted([answer(500, huge), answer(200)]) as endpoint:
         outcomes = await send_all(endpoint.url, PAYLOAD, PAYLOAD)
 
-    assert outcomes == [Outcome(False, 500, "HTTP 500: " + "x" * 300), Outcome(True, 200)]
+    assert outcomes == [Outcome(False, 500, "5xx: HTTP 500"), Outcome(True, 200)]
     assert endpoint.connections == 2
 
 
@@ -629,7 +687,7 @@ async def test_sender_does_not_follow_a_redirect() -> None:
     async with Scripted([moved]) as endpoint:
         (outcome,) = await send_all(endpoint.url, PAYLOAD)
 
-    assert outcome == Outcome(False, 302, "HTTP 302: ")
+    assert outcome == Outcome(False, 302, "3xx: HTTP 302")
     assert len(endpoint.requests) == 1
 
 
@@ -637,43 +695,107 @@ async def test_sender_gives_up_on_a_silent_endpoint_after_its_timeout() -> None:
     async with Scripted([None]) as endpoint:
         (outcome,) = await send_all(endpoint.url, PAYLOAD, timeout_s=0.3)
 
-    assert outcome == Outcome(False, None, "no answer within 0.3 s")
+    assert outcome == Outcome(False, None, "timeout: no answer within 0.3 s")
 
 
-async def test_sender_reports_what_went_wrong_instead_of_raising() -> None:
+async def test_sender_reports_what_went_wrong_in_its_own_words_instead_of_raising() -> None:
     async with Scripted([]) as endpoint:
         closed = endpoint.url
     bad_header = Payload("msg_2", b"{}", {"x-note": "one\r\ntwo"})
     async with Scripted([]) as endpoint:
         outcomes = await send_all(closed, PAYLOAD) + await send_all(endpoint.url, bad_header)
 
-    refused, invalid = outcomes
-    assert not refused.ok and refused.status_code is None
-    assert refused.error is not None and refused.error.startswith("ClientConnectorError: ")
-    assert not invalid.ok and invalid.error is not None and "ValueError" in invalid.error
+    assert outcomes == [
+        Outcome(False, None, "refused: the connection was refused"),
+        Outcome(False, None, "invalid: the request could not be sent"),
+    ]
     assert endpoint.requests == []
 
 
-async def test_sender_refuses_a_loopback_url_and_checks_an_allowed_one_once_per_ttl(
-    monkeypatch: pytest.MonkeyPatch,
+async def test_sender_says_tls_when_the_handshake_fails() -> None:
+    async def not_tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer(200))  # plain HTTP where a TLS server hello belongs
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(not_tls, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        (outcome,) = await send_all(f"https://127.0.0.1:{port}/hook", PAYLOAD)
+
+    assert outcome == Outcome(False, None, "tls: the TLS handshake failed")
+
+
+@pytest.mark.parametrize(
+    ("allow_nets", "admin"), [((), True), (LOOPBACK, False)], ids=["no-allow-net", "not-admin"]
+)
+async def test_sender_never_connects_to_a_refused_address(
+    allow_nets: tuple[webhooks.IPNetwork, ...], admin: bool
 ) -> None:
-    checks: list[str] = []
-    check_url = webhooks.check_url
+    async with Scripted([answer(204)]) as endpoint:
+        mapped = endpoint.url.replace("127.0.0.1", "[::ffff:127.0.0.1]")
+        outcomes = [
+            *await send_all(endpoint.url, PAYLOAD, allow_nets=allow_nets, admin=admin),
+            *await send_all(mapped, PAYLOAD, allow_nets=allow_nets, admin=admin),
+        ]
 
-    def counted(url: str, allow_private: bool) -> None:  # as if 127.0.0.1 were a LAN address
-        checks.append(url)
-        check_url(url, allow_private, resolve=lambda host, port: ["192.168.1.20"])
+    assert all(not o.ok and o.error and o.error.startswith("blocked: ") for o in outcomes)
+    assert "127.0.0.1 is a loopback address" in (outcomes[0].error or "")
+    assert endpoint.connections == 0
 
-    async with Scripted([answer(204), answer(204)]) as endpoint:
-        url = endpoint.url
-        (refused,) = await send_all(url, PAYLOAD, allow_private=False)
-        monkeypatch.setattr(webhooks, "check_url", counted)
-        outcomes = await send_all(url, PAYLOAD, PAYLOAD, allow_private=False)
 
-    assert not refused.ok and refused.error is not None
-    assert refused.error.startswith("refused: ") and "loopback" in refused.error
-    assert outcomes == [Outcome(True, 204), Outcome(True, 204)]
-    assert checks == [url]  # the second request used the cached check
+class Rebinding(AbstractResolver):
+    """A name server whose answer changes between lookups: the first answer goes to the
+    check when the subscription is created, the later ones to the sender's connections."""
+
+    def __init__(self, *answers: str) -> None:
+        self.answers = list(answers)
+        self.lookups: list[str] = []
+
+    def lookup(self, host: str, port: int) -> list[str]:
+        self.lookups.append(host)
+        return [self.answers.pop(0)]
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        (address,) = self.lookup(host, port)
+        return [
+            {
+                "hostname": host,
+                "host": address,
+                "port": port,
+                "family": socket.AF_INET6 if ":" in address else socket.AF_INET,
+                "proto": 0,
+                "flags": 0,
+            }
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_name_that_resolves_elsewhere_after_the_check_is_not_connected_to() -> None:
+    # 93.184.215.14 only ever reaches the check: nothing connects to a public address here.
+    rebinding = Rebinding("93.184.215.14", "127.0.0.1")
+    allowed = Rebinding("127.0.0.1")
+    async with Scripted([answer(204)]) as endpoint:
+        port = endpoint.port
+        url = f"http://hooks.rebind.test:{port}/hook"
+        webhooks.check_url(url, (), allow_private_targets=False, resolve=rebinding.lookup)
+        (refused,) = await send_all(url, PAYLOAD, allow_nets=(), resolver=rebinding)
+        (delivered,) = await send_all(url, PAYLOAD, allow_nets=LOOPBACK, resolver=allowed)
+
+    assert rebinding.lookups == ["hooks.rebind.test", "hooks.rebind.test"]
+    assert refused == Outcome(
+        False,
+        None,
+        "blocked: hooks.rebind.test resolves to a loopback address outside "
+        "SMARTHOME_WEBHOOK_ALLOW_NETS",
+    )
+    assert delivered == Outcome(True, 204)  # an allowed answer is connected to, by its name
+    assert len(endpoint.requests) == 1
+    assert endpoint.requests[0].headers["host"] == f"hooks.rebind.test:{port}"
 
 
 # --- the API -----------------------------------------------------------------------------------
@@ -739,20 +861,65 @@ async def test_bad_input_is_refused_naming_the_field(
     assert field in problem["detail"] and says in problem["detail"]
 
 
-async def test_a_loopback_url_is_refused_unless_the_admin_allows_it(settings: Settings) -> None:
-    body = {"filter": "events.x.>", "url": "http://127.0.0.1:1/"}
+PRIVATE_URLS = (
+    "http://127.0.0.1:{port}/",
+    "http://[::ffff:127.0.0.1]:{port}/",
+    "http://[64:ff9b::7f00:1]:{port}/",
+    "http://10.0.0.1/",
+)
 
-    strict = gateway_app(with_webhooks(settings, allow_private=False))
-    async with AsyncTestClient(strict) as client:
-        response = await client.post(SUBS, json=body)
-        metadata = await client.post(SUBS, json=body | {"url": "http://169.254.169.254/latest"})
 
-    assert response.status_code == 422
-    problem = response.json()
-    assert problem["errors"][0]["field"] == "$.url"
-    assert "loopback" in problem["detail"]
-    assert "SMARTHOME_WEBHOOK_ALLOW_PRIVATE=1" in problem["detail"]
-    assert metadata.status_code == 422 and "metadata" in metadata.json()["detail"]
+async def test_a_webhook_into_a_private_network_is_refused_without_an_allow_net(
+    settings: Settings, admin_token: str
+) -> None:
+    strict = gateway_app(with_webhooks(settings, allow_nets=()))
+    async with Scripted([]) as endpoint, AsyncTestClient(strict) as client:
+        client.headers.update(bearer(admin_token))
+        responses = [
+            await client.post(SUBS, json={"filter": "events.x.>", "url": url.format(port=port)})
+            for url in (*PRIVATE_URLS, "http://169.254.169.254/latest")
+            for port in [endpoint.port]
+        ]
+
+    for response in responses:
+        assert response.status_code == 422, response.text
+        problem = response.json()
+        assert [e["field"] for e in problem["errors"]] == ["$.url"]
+        assert "outside SMARTHOME_WEBHOOK_ALLOW_NETS" in problem["detail"]
+    assert "loopback" in responses[1].json()["detail"]
+    assert "(that is 127.0.0.1)" in responses[2].json()["detail"]
+    assert "private" in responses[3].json()["detail"]
+    assert "metadata" in responses[4].json()["detail"]
+    assert endpoint.connections == 0
+
+
+async def test_an_admin_may_subscribe_a_loopback_url_inside_the_allow_nets(
+    client: AsyncTestClient,
+) -> None:
+    created = [
+        await client.post(SUBS, json={"filter": "events.x.>", "url": url.format(port=9)})
+        for url in PRIVATE_URLS
+    ]
+    for response in created:
+        if response.status_code == 201:
+            await client.delete(f"{SUBS}/{response.json()['id']}")
+
+    assert [r.status_code for r in created] == [201, 201, 201, 422]
+    assert "10.0.0.1 is a private address outside" in created[3].json()["detail"]
+
+
+async def test_a_non_admin_may_not_reach_a_private_address_even_inside_the_allow_nets(
+    sessions: async_sessionmaker[AsyncSession], nc: NATS
+) -> None:
+    hooks = webhooks.WebhookSettings(allow_nets=LOOPBACK)
+    service = SubscriptionService(sessions, nc, hooks)
+    body = SubscriptionCreate(filter="events.x.>", url="http://127.0.0.1:9/")
+
+    with pytest.raises(Invalid) as refused:
+        await service.create(body, Context(RESIDENT, "c-1"), admin=False)
+
+    assert refused.value.field == "$.url"
+    assert "only an administrator" in str(refused.value)
 
 
 async def test_unknown_subscription_and_bad_status_answer_problems(
@@ -816,6 +983,7 @@ async def test_creating_and_deleting_a_subscription_are_facts_for_the_audit_with
     created = await client.post(SUBS, json={"filter": "events.x.>", "url": url})
     assert created.status_code == 201, created.text
     sub_id = created.json()["id"]
+    shown = created.json()["url"], (await client.get(f"{SUBS}/{sub_id}")).json()["url"]
     await client.delete(f"{SUBS}/{sub_id}")
 
     facts = await collected(js, webhooks.subscription_changed(sub_id), m.change_fact_decoder)
@@ -824,4 +992,5 @@ async def test_creating_and_deleting_a_subscription_are_facts_for_the_audit_with
         ("subscription", sub_id, "deleted"),
     ]
     assert {f.detail["url"] for f in facts} == {"http://127.0.0.1:9/hook"}
+    assert shown == ("http://127.0.0.1:9/hook", "http://127.0.0.1:9/hook")
     assert facts[0].correlation_id == created.headers["X-Correlation-Id"]

@@ -4,6 +4,7 @@ tests/unit; they sit here only because this change may add test files under this
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -17,7 +18,7 @@ from libs import settings as settings_mod
 from libs.settings import SettingsError
 from services.webhooks.attempts import Previous, after_attempt
 from services.webhooks.payload import Item, event_id, render, render_batch
-from services.webhooks.sender import Outcome
+from services.webhooks.sender import Outcome, failed
 
 # The Standard Webhooks reference test vector.
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -71,47 +72,185 @@ def test_a_malformed_secret_says_what_a_secret_is(secret: str, says: str) -> Non
 # --- where webhooks may go ---------------------------------------------------------------------
 
 
-def resolver(*addresses: str):  # type: ignore[no-untyped-def]
+def resolver(*addresses: str) -> webhooks.Resolver:
     return lambda host, port: list(addresses)
 
 
+def no_dns(host: str, port: int) -> list[str]:
+    raise AssertionError(f"{host} was looked up although it is an address")
+
+
+def only(address: str) -> webhooks.IPNetwork:
+    """The allow-net holding exactly `address` (as it is judged: unwrapped)."""
+    ip = webhooks.classify(address).address
+    return ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}")
+
+
 @pytest.mark.parametrize(
-    ("address", "reason"),
+    ("address", "unwrapped"),
+    [
+        ("::ffff:127.0.0.1", "127.0.0.1"),  # IPv4-mapped
+        ("64:ff9b::7f00:1", "127.0.0.1"),  # NAT64: the last 32 bits
+        ("64:ff9b::a00:1", "10.0.0.1"),
+        ("2002:7f00:1::", "127.0.0.1"),  # 6to4: 2002:AABB:CCDD:: is A.B.C.D
+        ("2002:a9fe:a9fe:1::5", "169.254.169.254"),
+        ("::127.0.0.1", "127.0.0.1"),  # IPv4-compatible
+        ("::1", "::1"),  # IPv6's own loopback, not 0.0.0.1
+        ("::", "::"),
+        ("2606:4700::1", "2606:4700::1"),
+        ("10.0.0.1", "10.0.0.1"),
+    ],
+)
+def test_an_ipv4_address_inside_an_ipv6_one_is_judged_as_that_ipv4_address(
+    address: str, unwrapped: str
+) -> None:
+    assert str(webhooks.unwrap(ipaddress.ip_address(address))) == unwrapped
+
+
+@pytest.mark.parametrize(
+    ("address", "range_"),
     [
         ("127.0.0.1", "loopback"),
         ("127.8.9.10", "loopback"),
         ("::1", "loopback"),
         ("::ffff:127.0.0.1", "loopback"),
-        ("169.254.169.254", "cloud metadata"),
-        ("fd00:ec2::254", "cloud metadata"),
-        ("100.100.100.200", "cloud metadata"),
+        ("64:ff9b::7f00:1", "loopback"),
+        ("2002:7f00:1::", "loopback"),
+        ("::127.0.0.1", "loopback"),
+        ("10.0.0.1", "private"),
+        ("172.16.5.4", "private"),
+        ("192.168.1.20", "private"),
+        ("fd12:3456::1", "private"),
+        ("fec0::1", "private"),
+        ("::ffff:10.0.0.1", "private"),
         ("169.254.10.1", "link-local"),
         ("fe80::1%eth0", "link-local"),
-        ("0.0.0.0", "unspecified"),
-        ("::", "unspecified"),
-        ("224.0.0.1", "multicast"),
+        ("100.64.0.1", "shared (carrier-grade NAT)"),
+        ("169.254.169.254", "cloud metadata"),
+        ("::ffff:169.254.169.254", "cloud metadata"),
+        ("fd00:ec2::254", "cloud metadata"),
+        ("100.100.100.200", "cloud metadata"),
+        ("192.0.2.1", "non-public"),
+        ("198.18.0.1", "non-public"),
+        ("2001:db8::1", "non-public"),
     ],
 )
-def test_urls_into_the_platforms_own_network_are_refused(address: str, reason: str) -> None:
+def test_a_non_public_address_takes_an_admin_and_an_allow_net(address: str, range_: str) -> None:
+    net = [only(address)]
+
+    nobody = webhooks.refused_range(address)
+    member = webhooks.refused_range(address, net, allow_private_targets=False)
+    admin_without_net = webhooks.refused_range(address, allow_private_targets=True)
+    admin_with_net = webhooks.refused_range(address, net, allow_private_targets=True)
+
+    assert webhooks.classify(address).range == range_
+    assert nobody is not None and range_ in nobody
+    assert member is not None and "only an administrator" in member
+    assert (
+        admin_without_net is not None
+        and "outside SMARTHOME_WEBHOOK_ALLOW_NETS" in admin_without_net
+    )
+    assert admin_with_net is None
+
+
+@pytest.mark.parametrize(
+    ("address", "range_"),
+    [
+        ("0.0.0.0", "unspecified"),
+        ("0.1.2.3", "unspecified"),
+        ("::", "unspecified"),
+        ("::ffff:0.0.0.0", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("ff02::1", "multicast"),
+        ("::ffff:224.0.0.1", "multicast"),
+        ("240.0.0.1", "reserved"),
+        ("255.255.255.255", "reserved"),
+        ("64:ff9b:1::a00:1", "reserved"),  # local-use NAT64: no telling where it leads
+    ],
+)
+def test_multicast_unspecified_and_reserved_addresses_are_never_reached(
+    address: str, range_: str
+) -> None:
+    everything = webhooks.allow_nets(["0.0.0.0/0", "::/0"])
+
+    reason = webhooks.refused_range(address, everything, allow_private_targets=True)
+
+    assert reason is not None and range_ in reason and "never" in reason
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "93.184.215.14",
+        "2606:4700::1",
+        "::ffff:93.184.215.14",
+        "64:ff9b::5db8:d70e",
+        "2002:5db8:d70e::1",
+    ],
+)
+def test_a_public_address_is_allowed_to_everyone(address: str) -> None:
+    assert webhooks.classify(address).range is None
+    assert webhooks.refused_range(address, allow_private_targets=False) is None
+
+
+def test_an_admins_private_target_must_be_inside_one_of_the_allow_nets() -> None:
+    nets = webhooks.allow_nets(["192.168.1.0/24", "fd00::/8", "10.0.0.7"])
+
+    def refused(address: str) -> str | None:
+        return webhooks.refused_range(address, nets, allow_private_targets=True)
+
+    assert refused("192.168.1.20") is None
+    assert refused("::ffff:192.168.1.20") is None  # judged after unwrapping
+    assert refused("fd00::5") is None
+    assert refused("10.0.0.7") is None  # a bare address is a /32
+    for outside in ("192.168.2.1", "10.0.0.8", "127.0.0.1", "169.254.169.254"):
+        reason = refused(outside)
+        assert reason is not None and "outside SMARTHOME_WEBHOOK_ALLOW_NETS" in reason
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/",
+        "http://[::ffff:127.0.0.1]:8080/",
+        "http://[64:ff9b::7f00:1]:8080/",
+        "http://10.0.0.1/",
+    ],
+)
+def test_urls_into_the_platforms_own_network_are_refused(url: str) -> None:
+    loopback = webhooks.allow_nets(["127.0.0.0/8"])
+
+    with pytest.raises(ValueError, match="only an administrator") as member:
+        webhooks.check_url(url, loopback, allow_private_targets=False, resolve=no_dns)
+    with pytest.raises(ValueError, match="outside SMARTHOME_WEBHOOK_ALLOW_NETS"):
+        webhooks.check_url(url, (), allow_private_targets=True, resolve=no_dns)
+
+    assert "SSRF" in str(member.value)
+    if "10.0.0.1" in url:
+        with pytest.raises(ValueError, match="private address outside"):
+            webhooks.check_url(url, loopback, allow_private_targets=True, resolve=no_dns)
+    else:
+        webhooks.check_url(url, loopback, allow_private_targets=True, resolve=no_dns)
+        assert "loopback" in str(member.value) and "127.0.0.1" in str(member.value)
+
+
+def test_a_name_is_refused_if_any_of_its_addresses_is_without_saying_which() -> None:
+    mixed = resolver("93.184.215.14", "10.1.2.3")
+    public = resolver("93.184.215.14", "2606:4700::1")
+
     with pytest.raises(ValueError) as refused:
-        webhooks.check_url("https://hooks.example/in", False, resolver("93.184.215.14", address))
+        webhooks.check_url("https://hooks.example/in", allow_private_targets=False, resolve=mixed)
+    webhooks.check_url("https://hooks.example/in", allow_private_targets=False, resolve=public)
 
-    assert reason in str(refused.value)
-    assert "SMARTHOME_WEBHOOK_ALLOW_PRIVATE=1" in str(refused.value)
-
-
-@pytest.mark.parametrize("address", ["93.184.215.14", "192.168.1.20", "10.0.0.7", "2001:db8::1"])
-def test_public_and_home_lan_addresses_are_allowed(address: str) -> None:
-    webhooks.check_url("http://receiver.lan:1880/hook", False, resolver(address))
+    assert str(refused.value).startswith("hooks.example resolves to a private address")
+    assert "10.1.2.3" not in str(refused.value)
 
 
-def test_allow_private_skips_the_address_check_but_not_the_scheme() -> None:
-    def no_dns(host: str, port: int) -> list[str]:
-        raise AssertionError("resolved although private addresses are allowed")
+def test_the_scheme_is_checked_whoever_asks() -> None:
+    everything = webhooks.allow_nets(["0.0.0.0/0", "::/0"])
 
-    webhooks.check_url("http://127.0.0.1:1/", True, no_dns)
     with pytest.raises(ValueError, match="http:// or https://"):
-        webhooks.check_url("file:///etc/passwd", True, no_dns)
+        webhooks.check_url("file:///etc/passwd", everything, allow_private_targets=True)
 
 
 @pytest.mark.parametrize(
@@ -125,7 +264,7 @@ def test_allow_private_skips_the_address_check_but_not_the_scheme() -> None:
 )
 def test_malformed_urls_say_why(url: str, says: str) -> None:
     with pytest.raises(ValueError, match=says):
-        webhooks.check_url(url, False, resolver("93.184.215.14"))
+        webhooks.check_url(url, allow_private_targets=False, resolve=resolver("93.184.215.14"))
 
 
 def test_a_host_that_does_not_resolve_is_refused() -> None:
@@ -133,7 +272,17 @@ def test_a_host_that_does_not_resolve_is_refused() -> None:
         raise OSError("Name or service not known")
 
     with pytest.raises(ValueError, match="does not resolve"):
-        webhooks.check_url("https://nowhere.invalid/", False, nxdomain)
+        webhooks.check_url(
+            "https://nowhere.invalid/", allow_private_targets=False, resolve=nxdomain
+        )
+
+
+@pytest.mark.parametrize(
+    ("status", "failure"),
+    [(302, "3xx"), (400, "4xx"), (404, "4xx"), (500, "5xx"), (503, "5xx")],
+)
+def test_a_failed_status_is_kept_as_its_class(status: int, failure: str) -> None:
+    assert webhooks.Failure.of_status(status) == failure
 
 
 @pytest.mark.parametrize(
@@ -179,7 +328,7 @@ def test_retries_last_for_the_window_and_end_on_its_last_moment() -> None:
 def test_an_attempt_is_delivered_retried_or_dead_lettered() -> None:
     policy = webhooks.RetryPolicy(base_s=1.0, retry_for_s=60.0)
     rng = random.Random(3)
-    refused = Outcome(False, 500, "HTTP 500: oops")
+    refused = failed(webhooks.Failure.SERVER_ERROR, "HTTP 500", 500)
     later = T0 + timedelta(seconds=61)
 
     first = after_attempt(None, refused, T0, policy, rng)
@@ -194,7 +343,7 @@ def test_an_attempt_is_delivered_retried_or_dead_lettered() -> None:
     assert first.next_attempt_at == T0 + timedelta(seconds=first.retry_in_s)
     assert (second.status, second.attempts, second.status_code) == ("delivered", 2, 204)
     assert second.next_attempt_at is None
-    assert (last.status, last.attempts, last.error) == ("failed", 8, "HTTP 500: oops")
+    assert (last.status, last.attempts, last.error) == ("failed", 8, "5xx: HTTP 500")
     assert last.next_attempt_at is None
     assert (redriven.status, redriven.attempts) == ("failed", 9)
 
@@ -202,7 +351,7 @@ def test_an_attempt_is_delivered_retried_or_dead_lettered() -> None:
 def test_settings_come_from_the_environment_with_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     default = webhooks.WebhookSettings.of(settings_mod.load())
     for name, value in {
-        "SMARTHOME_WEBHOOK_ALLOW_PRIVATE": "true",
+        "SMARTHOME_WEBHOOK_ALLOW_NETS": "192.168.1.0/24, fd00::/8",
         "SMARTHOME_WEBHOOK_RETRY_BASE": "0.5",
         "SMARTHOME_WEBHOOK_RETRY_FOR": "600",
         "SMARTHOME_WEBHOOK_TIMEOUT": "3",
@@ -210,17 +359,19 @@ def test_settings_come_from_the_environment_with_defaults(monkeypatch: pytest.Mo
         monkeypatch.setenv(name, value)
     custom = webhooks.WebhookSettings.of(settings_mod.load())
 
-    assert default == webhooks.WebhookSettings(
-        False, 10.0, webhooks.RetryPolicy(1.0, 3600.0, 86400.0)
+    assert default == webhooks.WebhookSettings((), 10.0, webhooks.RetryPolicy(1.0, 3600.0, 86400.0))
+    assert custom.allow_nets == (
+        ipaddress.ip_network("192.168.1.0/24"),
+        ipaddress.ip_network("fd00::/8"),
     )
-    assert (custom.allow_private, custom.timeout_s) == (True, 3.0)
+    assert custom.timeout_s == 3.0
     assert (custom.retry.base_s, custom.retry.retry_for_s) == (0.5, 600.0)
     monkeypatch.setenv("SMARTHOME_WEBHOOK_TIMEOUT", "soon")
     with pytest.raises(SettingsError, match="SMARTHOME_WEBHOOK_TIMEOUT"):
         settings_mod.load()
     monkeypatch.setenv("SMARTHOME_WEBHOOK_TIMEOUT", "3")
-    monkeypatch.setenv("SMARTHOME_WEBHOOK_ALLOW_PRIVATE", "maybe")
-    with pytest.raises(SettingsError, match="SMARTHOME_WEBHOOK_ALLOW_PRIVATE"):
+    monkeypatch.setenv("SMARTHOME_WEBHOOK_ALLOW_NETS", "192.168.1.0/24,the-lan")
+    with pytest.raises(SettingsError, match=r"SMARTHOME_WEBHOOK_ALLOW_NETS.*the-lan"):
         settings_mod.load()
 
 

@@ -55,6 +55,7 @@ serves nothing (a device only calls the platform). Strings only: it goes through
   (dict "name" "rules" "key" "rules" "module" "services.rules" "kind" "worker")
   (dict "name" "recorder" "key" "recorder" "module" "services.recorder" "kind" "worker")
   (dict "name" "webhooks" "key" "webhooks" "module" "services.webhooks" "kind" "worker")
+  (dict "name" "busauth" "key" "busauth" "module" "services.busauth" "kind" "worker")
   (dict "name" "lightbulb" "key" "lightbulb" "module" "devices.lightbulb" "kind" "device")
   (dict "name" "energy-tracker" "key" "energyTracker" "module" "devices.energy_tracker" "kind" "device")
   | toJson }}
@@ -143,19 +144,86 @@ DATABASE_URL from values; (dict "root" $ "postgresPassword" "...") for the in-ch
 
 {{/*
 A password that is generated once and then kept: the value when set, else the one already in
-the Secret (upgrades), else a new random one. (dict "root" $ "secret" name "key" key "value" v)
+the Secret (upgrades), else a new random one (`prefix` + `length` characters, 32 by default).
+A generated one is remembered for the rest of the render, so that every copy of it (the
+migration hook's own Secret and the release's) holds the same value on the first install.
+(dict "root" $ "secret" name "key" key "value" v ["prefix" p] ["length" n])
 */}}
 {{- define "smarthome.password" -}}
 {{- if .value }}
 {{- .value }}
 {{- else }}
+{{- if not (hasKey .root "smarthomeGenerated") }}
+{{- $_ := set .root "smarthomeGenerated" dict }}
+{{- end }}
+{{- $generated := get .root "smarthomeGenerated" }}
+{{- $id := printf "%s/%s" .secret .key }}
+{{- if not (hasKey $generated $id) }}
 {{- $existing := lookup "v1" "Secret" .root.Release.Namespace .secret }}
 {{- if and $existing (hasKey ($existing.data | default dict) .key) }}
-{{- index $existing.data .key | b64dec }}
+{{- $_ := set $generated $id (index $existing.data .key | b64dec) }}
 {{- else }}
-{{- randAlphaNum 32 }}
+{{- $_ := set $generated $id (printf "%s%s" (.prefix | default "") (randAlphaNum (int (.length | default 32)))) }}
 {{- end }}
 {{- end }}
+{{- get $generated $id }}
+{{- end }}
+{{- end }}
+
+{{/* The app Secret's generated credentials, one place each: (dict "root" $). */}}
+{{- define "smarthome.adminPassword" -}}
+{{- include "smarthome.password" (dict "root" .root "secret" (include "smarthome.fullname" .root) "key" .root.Values.secrets.keys.adminPassword "value" .root.Values.secrets.adminPassword) }}
+{{- end }}
+
+{{- define "smarthome.jwtSecret" -}}
+{{- include "smarthome.password" (dict "root" .root "secret" (include "smarthome.fullname" .root) "key" .root.Values.secrets.keys.jwtSecret "value" .root.Values.secrets.jwtSecret "length" 64) }}
+{{- end }}
+
+{{/* An admin API key for Prometheus: libs/accounts.py takes `shk_` and 32 characters or more. */}}
+{{- define "smarthome.metricsApiKey" -}}
+{{- include "smarthome.password" (dict "root" .root "secret" (include "smarthome.fullname" .root) "key" .root.Values.secrets.keys.metricsApiKey "value" .root.Values.secrets.metricsApiKey "prefix" "shk_" "length" 43) }}
+{{- end }}
+
+{{/*
+The Host names the gateway answers to (SMARTHOME_ALLOWED_HOSTS): the Ingress hosts (not a
+wildcard: name its hosts in gateway.allowedHosts), the gateway Service's names (the devices
+and `helm test` call it by them), the loopback names (`kubectl port-forward`), and
+gateway.allowedHosts. Probes come by the pod's address and are let through by path.
+*/}}
+{{- define "smarthome.allowedHosts" -}}
+{{- $svc := include "smarthome.componentName" (dict "root" . "component" "gateway") }}
+{{- $ns := .Release.Namespace }}
+{{- $hosts := list }}
+{{- if .Values.ingress.enabled }}
+{{- range .Values.ingress.hosts }}
+{{- if not (hasPrefix "*" .host) }}
+{{- $hosts = append $hosts .host }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $hosts = concat $hosts (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) "localhost" "127.0.0.1" "[::1]") }}
+{{- concat $hosts .Values.gateway.allowedHosts | uniq | join "," }}
+{{- end }}
+
+{{/*
+The origins whose pages may write and open WebSockets (SMARTHOME_ALLOWED_ORIGINS): each Ingress
+host over https (and http when the Ingress has no TLS), and gateway.allowedOrigins. A page
+served by the gateway itself is same-origin behind a port-forward; behind the Ingress its
+scheme is https while the gateway sees http, hence the Ingress hosts here.
+*/}}
+{{- define "smarthome.allowedOrigins" -}}
+{{- $origins := list }}
+{{- if .Values.ingress.enabled }}
+{{- range .Values.ingress.hosts }}
+{{- if not (hasPrefix "*" .host) }}
+{{- $origins = append $origins (printf "https://%s" .host) }}
+{{- if not $.Values.ingress.tls }}
+{{- $origins = append $origins (printf "http://%s" .host) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- concat $origins .Values.gateway.allowedOrigins | uniq | join "," }}
 {{- end }}
 
 {{/*
@@ -209,7 +277,12 @@ for third-party hardware and read only their own few (devices/platform_link.py).
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_HTTP_HOST") }}
 {{- if eq $kind "api" }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_HTTP_PORT") }}
-{{ include "smarthome.envFromSecret" (dict "root" $root "name" "SMARTHOME_ADMIN_PASSWORD" "key" $keys.adminPassword) }}
+{{- /* One signing key for every replica: a key of its own in each pod's data dir would
+make a token good on one replica only. */}}
+{{ include "smarthome.envFromSecret" (dict "root" $root "name" "SMARTHOME_JWT_SECRET" "key" $keys.jwtSecret) }}
+{{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_ALLOWED_HOSTS") }}
+{{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_ALLOWED_ORIGINS") }}
+{{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_TRUSTED_PROXIES") }}
 {{- else }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_HEALTH_PORT") }}
 {{- end }}
@@ -220,6 +293,30 @@ for third-party hardware and read only their own few (devices/platform_link.py).
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_HISTORY_KEEP_DAYS") }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_STATISTICS_KEEP_DAYS") }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_AUDIT_KEEP_DAYS") }}
+{{- end }}
+{{- if has .c.name (list "gateway" "webhooks") }}
+{{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_WEBHOOK_ALLOW_NETS") }}
+{{- end }}
+{{- /* Its own identity on the bus, and no other's (the `<release>-bus` Secret). */}}
+{{- $bus := printf "%s-bus" $root.Release.Name }}
+- name: SMARTHOME_NATS_USER
+  value: {{ .c.name | quote }}
+- name: SMARTHOME_NATS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $bus }}
+      key: {{ .c.name }}-password
+{{- if eq .c.name "busauth" }}
+- name: SMARTHOME_NATS_SYSTEM_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $bus }}
+      key: busauth-sys-password
+- name: SMARTHOME_BUS_ISSUER_SEED
+  valueFrom:
+    secretKeyRef:
+      name: {{ $bus }}
+      key: issuer-seed
 {{- end }}
 {{- end }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_LOG_LEVEL") }}
@@ -247,4 +344,40 @@ topologySpreadConstraints:
       - pod-template-hash
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/*
+The bus's identities in nats-server's configuration (templates are shared with the NATS
+subchart, whose values render these through `$tplYaml`). Each service is a static user, its
+bcrypt hash from the `<release>-bus` Secret through the server's environment, allowed only
+what it uses: the same grants as libs/bus_grants.py (tests/deploy checks they are equal).
+Every other client goes through the auth callout (the busauth service); nobody is anonymous.
+*/}}
+{{- define "smarthome.busGrants" -}}
+{"gateway":{"publish":["events.>","commands.>","system.>","deadletter.>","provision.>","$JS.API.>","$JS.ACK.>","$JS.FC.>"],"subscribe":["_INBOX.svc.gateway.>","system.>","events.*.hello"],"responses":false},"actors":{"publish":["system.device.*.state","system.device.*.rejected","events.*.presence_timeout","deadletter.>","$JS.API.CONSUMER.INFO.EVENTS.actors","$JS.API.CONSUMER.MSG.NEXT.EVENTS.actors","$JS.ACK.EVENTS.actors.>","$JS.API.STREAM.INFO.EVENTS","$JS.API.STREAM.MSG.GET.EVENTS","$JS.API.DIRECT.GET.EVENTS","$JS.API.DIRECT.GET.EVENTS.>","$JS.API.STREAM.CREATE.KV_leases","$KV.leases.>","$JS.API.STREAM.INFO.KV_leases","$JS.API.STREAM.MSG.GET.KV_leases","$JS.API.DIRECT.GET.KV_leases","$JS.API.DIRECT.GET.KV_leases.>","$JS.API.CONSUMER.*.KV_leases","$JS.API.CONSUMER.*.KV_leases.>","$JS.API.CONSUMER.DURABLE.CREATE.KV_leases.*","$JS.API.CONSUMER.MSG.NEXT.KV_leases.*","$JS.ACK.KV_leases.>","$JS.FC.KV_leases.>"],"subscribe":["_INBOX.svc.actors.>","system.device.*.registry"],"responses":false},"rules":{"publish":["commands.>","events.>","system.rule.>","system.alert.>","system.notify.>","deadletter.>","$JS.API.CONSUMER.*.SYSTEM","$JS.API.CONSUMER.*.SYSTEM.>","$JS.API.CONSUMER.DURABLE.CREATE.SYSTEM.*","$JS.API.CONSUMER.MSG.NEXT.SYSTEM.*","$JS.ACK.SYSTEM.>","$JS.FC.SYSTEM.>","$JS.API.CONSUMER.*.EVENTS","$JS.API.CONSUMER.*.EVENTS.>","$JS.API.CONSUMER.DURABLE.CREATE.EVENTS.*","$JS.API.CONSUMER.MSG.NEXT.EVENTS.*","$JS.ACK.EVENTS.>","$JS.FC.EVENTS.>","$JS.API.STREAM.INFO.SYSTEM","$JS.API.STREAM.MSG.GET.SYSTEM","$JS.API.DIRECT.GET.SYSTEM","$JS.API.DIRECT.GET.SYSTEM.>","$JS.API.STREAM.INFO.EVENTS","$JS.API.STREAM.MSG.GET.EVENTS","$JS.API.DIRECT.GET.EVENTS","$JS.API.DIRECT.GET.EVENTS.>","$JS.API.STREAM.CREATE.KV_rule_episodes","$KV.rule_episodes.>","$JS.API.STREAM.INFO.KV_rule_episodes","$JS.API.STREAM.MSG.GET.KV_rule_episodes","$JS.API.DIRECT.GET.KV_rule_episodes","$JS.API.DIRECT.GET.KV_rule_episodes.>","$JS.API.CONSUMER.*.KV_rule_episodes","$JS.API.CONSUMER.*.KV_rule_episodes.>","$JS.API.CONSUMER.DURABLE.CREATE.KV_rule_episodes.*","$JS.API.CONSUMER.MSG.NEXT.KV_rule_episodes.*","$JS.ACK.KV_rule_episodes.>","$JS.FC.KV_rule_episodes.>","$JS.API.STREAM.CREATE.KV_leases","$KV.leases.>","$JS.API.STREAM.INFO.KV_leases","$JS.API.STREAM.MSG.GET.KV_leases","$JS.API.DIRECT.GET.KV_leases","$JS.API.DIRECT.GET.KV_leases.>","$JS.API.CONSUMER.*.KV_leases","$JS.API.CONSUMER.*.KV_leases.>","$JS.API.CONSUMER.DURABLE.CREATE.KV_leases.*","$JS.API.CONSUMER.MSG.NEXT.KV_leases.*","$JS.ACK.KV_leases.>","$JS.FC.KV_leases.>"],"subscribe":["_INBOX.svc.rules.>","system.rule.*.changed","system.device.*.registry"],"responses":false},"recorder":{"publish":["deadletter.>","$JS.API.CONSUMER.INFO.EVENTS.recorder-events","$JS.API.CONSUMER.MSG.NEXT.EVENTS.recorder-events","$JS.ACK.EVENTS.recorder-events.>","$JS.API.STREAM.INFO.EVENTS","$JS.API.STREAM.MSG.GET.EVENTS","$JS.API.DIRECT.GET.EVENTS","$JS.API.DIRECT.GET.EVENTS.>","$JS.API.CONSUMER.INFO.COMMANDS.recorder-commands","$JS.API.CONSUMER.MSG.NEXT.COMMANDS.recorder-commands","$JS.ACK.COMMANDS.recorder-commands.>","$JS.API.STREAM.INFO.COMMANDS","$JS.API.STREAM.MSG.GET.COMMANDS","$JS.API.DIRECT.GET.COMMANDS","$JS.API.DIRECT.GET.COMMANDS.>","$JS.API.CONSUMER.INFO.SYSTEM.recorder-system","$JS.API.CONSUMER.MSG.NEXT.SYSTEM.recorder-system","$JS.ACK.SYSTEM.recorder-system.>","$JS.API.STREAM.INFO.SYSTEM","$JS.API.STREAM.MSG.GET.SYSTEM","$JS.API.DIRECT.GET.SYSTEM","$JS.API.DIRECT.GET.SYSTEM.>"],"subscribe":["_INBOX.svc.recorder.>"],"responses":false},"webhooks":{"publish":["deadletter.>","$JS.API.CONSUMER.*.EVENTS","$JS.API.CONSUMER.*.EVENTS.>","$JS.API.CONSUMER.DURABLE.CREATE.EVENTS.*","$JS.API.CONSUMER.MSG.NEXT.EVENTS.*","$JS.ACK.EVENTS.>","$JS.FC.EVENTS.>","$JS.API.STREAM.INFO.EVENTS","$JS.API.STREAM.MSG.GET.EVENTS","$JS.API.DIRECT.GET.EVENTS","$JS.API.DIRECT.GET.EVENTS.>","$JS.API.CONSUMER.*.COMMANDS","$JS.API.CONSUMER.*.COMMANDS.>","$JS.API.CONSUMER.DURABLE.CREATE.COMMANDS.*","$JS.API.CONSUMER.MSG.NEXT.COMMANDS.*","$JS.ACK.COMMANDS.>","$JS.FC.COMMANDS.>","$JS.API.STREAM.INFO.COMMANDS","$JS.API.STREAM.MSG.GET.COMMANDS","$JS.API.DIRECT.GET.COMMANDS","$JS.API.DIRECT.GET.COMMANDS.>","$JS.API.CONSUMER.*.SYSTEM","$JS.API.CONSUMER.*.SYSTEM.>","$JS.API.CONSUMER.DURABLE.CREATE.SYSTEM.*","$JS.API.CONSUMER.MSG.NEXT.SYSTEM.*","$JS.ACK.SYSTEM.>","$JS.FC.SYSTEM.>","$JS.API.STREAM.INFO.SYSTEM","$JS.API.STREAM.MSG.GET.SYSTEM","$JS.API.DIRECT.GET.SYSTEM","$JS.API.DIRECT.GET.SYSTEM.>","$JS.API.CONSUMER.*.DEADLETTER","$JS.API.CONSUMER.*.DEADLETTER.>","$JS.API.CONSUMER.DURABLE.CREATE.DEADLETTER.*","$JS.API.CONSUMER.MSG.NEXT.DEADLETTER.*","$JS.ACK.DEADLETTER.>","$JS.FC.DEADLETTER.>","$JS.API.STREAM.INFO.DEADLETTER","$JS.API.STREAM.MSG.GET.DEADLETTER","$JS.API.DIRECT.GET.DEADLETTER","$JS.API.DIRECT.GET.DEADLETTER.>","$JS.API.STREAM.CREATE.KV_leases","$KV.leases.>","$JS.API.STREAM.INFO.KV_leases","$JS.API.STREAM.MSG.GET.KV_leases","$JS.API.DIRECT.GET.KV_leases","$JS.API.DIRECT.GET.KV_leases.>","$JS.API.CONSUMER.*.KV_leases","$JS.API.CONSUMER.*.KV_leases.>","$JS.API.CONSUMER.DURABLE.CREATE.KV_leases.*","$JS.API.CONSUMER.MSG.NEXT.KV_leases.*","$JS.ACK.KV_leases.>","$JS.FC.KV_leases.>"],"subscribe":["_INBOX.svc.webhooks.>","system.subscription.*.changed","system.device.*.registry","system.rule.*.changed","system.location.*"],"responses":false},"busauth":{"publish":["$JS.API.CONSUMER.INFO.SYSTEM.busauth","$JS.API.CONSUMER.MSG.NEXT.SYSTEM.busauth","$JS.ACK.SYSTEM.busauth.>"],"subscribe":["$SYS.REQ.USER.AUTH","_INBOX.svc.busauth.>"],"responses":true},"operator":{"publish":[">"],"subscribe":[">"],"responses":true}}
+{{- end }}
+
+{{- define "smarthome.busEnvName" -}}
+NATS_PW_{{ . | upper | replace "-" "_" }}
+{{- end }}
+
+{{- define "smarthome.natsAuthorization" -}}
+{{- $grants := include "smarthome.busGrants" . | fromJson }}
+{{- $users := list }}
+{{- range $name := list "gateway" "actors" "rules" "recorder" "webhooks" "busauth" "operator" }}
+{{- $g := get $grants $name }}
+{{- $perms := dict "publish" (dict "allow" $g.publish) "subscribe" (dict "allow" $g.subscribe) }}
+{{- if $g.responses }}{{- $_ := set $perms "allow_responses" true }}{{- end }}
+{{- $users = append $users (dict "user" $name "password" (printf "<< $%s >>" (include "smarthome.busEnvName" $name)) "permissions" $perms) }}
+{{- end }}
+authorization:
+  timeout: 10
+  users: {{ toJson $users }}
+  auth_callout:
+    issuer: << $BUS_ISSUER >>
+    auth_users: ["gateway", "actors", "rules", "recorder", "webhooks", "busauth", "operator", "busauth-sys"]
+accounts:
+  SYS:
+    users: [{user: busauth-sys, password: "<< ${{ include "smarthome.busEnvName" "busauth-sys" }} >>"}]
+system_account: SYS
 {{- end }}

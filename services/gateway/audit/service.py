@@ -9,6 +9,10 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs.db.models import AuditEntry
+from libs.db.models import Device as DeviceRow
+from libs.errors import NotFound
+from libs.principals import Principal, home_of
+from services.gateway import scope
 from services.gateway.audit.schemas import AuditItem, AuditPage
 from services.gateway.pagination import decode_cursor, page
 
@@ -24,9 +28,21 @@ class AuditService:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
 
-    async def list(self, filters: AuditFilters, limit: int, cursor: str | None) -> AuditPage:
-        """Oldest first from `since` (inclusive); the cursor pages forward in time."""
+    async def list(
+        self, filters: AuditFilters, limit: int, cursor: str | None, principal: Principal
+    ) -> AuditPage:
+        """Oldest first from `since` (inclusive); the cursor pages forward in time. The rows
+        about the principal's homes (`scope.audit`); asked for a device it does not see, 404
+        as for one that is not registered."""
         query = select(AuditEntry).order_by(AuditEntry.time, AuditEntry.id).limit(limit + 1)
+        query = scope.audit(principal, query)
+        if filters.device_id and not principal.is_admin:
+            async with self._sessions() as session:
+                row = await session.get(DeviceRow, filters.device_id)
+            missing = f"device {filters.device_id!r} is not registered"
+            if row is None:
+                raise NotFound(missing)
+            scope.visible(principal, home_of(row.location), missing)
         if filters.device_id:
             query = query.where(AuditEntry.device_id == filters.device_id)
         if filters.correlation_id:

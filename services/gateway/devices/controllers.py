@@ -11,8 +11,10 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
 from libs.messages import Connection, DeviceStateName
+from libs.principals import Permission, Principal
+from services.gateway.auth.context import Context, provide_context
+from services.gateway.auth.guards import requires
 from services.gateway.body import StrictBody
-from services.gateway.correlation import provide_correlation_id
 from services.gateway.devices.schemas import (
     CommandCreate,
     CommandView,
@@ -30,9 +32,11 @@ from services.gateway.devices.service import (
     HistoryQuery,
     StatisticsQuery,
 )
-from services.gateway.identity import ACTOR
 from services.gateway.pagination import CursorParam, SinceParam, limit_param, utc
 from services.gateway.resources import Resources
+
+READ = [requires(Permission.READ)]
+MANAGE = [requires(Permission.MANAGE_DEVICES)]
 
 
 def provide_device_service(resources: NamedDependency[Resources]) -> DeviceService:
@@ -44,33 +48,38 @@ class DeviceController(Controller):
     tags = ["devices"]
     dependencies = {
         "devices": Provide(provide_device_service, sync_to_thread=False),
-        "correlation_id": Provide(provide_correlation_id, sync_to_thread=False),
+        "ctx": Provide(provide_context, sync_to_thread=False),
     }
 
     @post(
         "/",
         dto=StrictBody[DeviceCreate],
+        guards=MANAGE,
         operation_id="createDevice",
         summary="Register a device",
-        description="Without `id` one is generated. An id that exists answers 409.",
+        description="Without `id` one is generated. An id that exists answers 409. "
+        "An installer's device needs a `location` in one of its homes.",
     )
     async def create(
         self,
         devices: NamedDependency[DeviceService],
         data: JSONBody[DeviceCreate],
-        correlation_id: NamedDependency[str],
+        ctx: NamedDependency[Context],
     ) -> Device:
-        return await devices.create(data, actor=ACTOR, correlation_id=correlation_id)
+        return await devices.create(data, ctx)
 
     @get(
         "/",
+        guards=READ,
         operation_id="listDevices",
         summary="List devices",
-        description="Filters combine; `location` matches a path prefix (`home/ground`).",
+        description="The devices of the caller's homes. Filters combine; `location` matches "
+        "a path prefix (`home/ground`).",
     )
     async def list_devices(
         self,
         devices: NamedDependency[DeviceService],
+        principal: NamedDependency[Principal],
         cursor: CursorParam = None,
         kind: Annotated[str | None, QueryParameter(max_length=64)] = None,
         location: Annotated[str | None, QueryParameter(max_length=512)] = None,
@@ -90,31 +99,43 @@ class DeviceController(Controller):
             connection=connection,
             lifecycle=lifecycle,
         )
-        return await devices.list(filters, limit, cursor)
+        return await devices.list(filters, limit, cursor, principal)
 
-    @get("/{device_id:str}", operation_id="getDevice", summary="Get a device and its state")
+    @get(
+        "/{device_id:str}",
+        guards=READ,
+        operation_id="getDevice",
+        summary="Get a device and its state",
+    )
     async def get_device(
-        self, devices: NamedDependency[DeviceService], device_id: FromPath[str]
+        self,
+        devices: NamedDependency[DeviceService],
+        principal: NamedDependency[Principal],
+        device_id: FromPath[str],
     ) -> Device:
-        return await devices.get(device_id)
+        return await devices.get(device_id, principal)
 
     @patch(
         "/{device_id:str}",
         dto=StrictBody[DeviceUpdate],
+        guards=MANAGE,
         operation_id="updateDevice",
         summary="Change a device's registry fields",
+        description="Approve (`lifecycle: active`), reject, decommission, rename, move. An "
+        "installer's device stays in one of its homes.",
     )
     async def update(
         self,
         devices: NamedDependency[DeviceService],
         device_id: FromPath[str],
         data: JSONBody[DeviceUpdate],
-        correlation_id: NamedDependency[str],
+        ctx: NamedDependency[Context],
     ) -> Device:
-        return await devices.update(device_id, data, actor=ACTOR, correlation_id=correlation_id)
+        return await devices.update(device_id, data, ctx)
 
     @delete(
         "/{device_id:str}",
+        guards=MANAGE,
         operation_id="deleteDevice",
         summary="Remove a device from the registry",
         status_code=HTTP_204_NO_CONTENT,
@@ -123,12 +144,13 @@ class DeviceController(Controller):
         self,
         devices: NamedDependency[DeviceService],
         device_id: FromPath[str],
-        correlation_id: NamedDependency[str],
+        ctx: NamedDependency[Context],
     ) -> None:
-        await devices.delete(device_id, actor=ACTOR, correlation_id=correlation_id)
+        await devices.delete(device_id, ctx)
 
     @post(
         "/{device_id:str}/connect",
+        guards=MANAGE,
         operation_id="connectDevice",
         summary="Attach a device to the system again",
         status_code=200,
@@ -137,14 +159,13 @@ class DeviceController(Controller):
         self,
         devices: NamedDependency[DeviceService],
         device_id: FromPath[str],
-        correlation_id: NamedDependency[str],
+        ctx: NamedDependency[Context],
     ) -> Device:
-        return await devices.set_enabled(
-            device_id, True, actor=ACTOR, correlation_id=correlation_id
-        )
+        return await devices.set_enabled(device_id, True, ctx)
 
     @post(
         "/{device_id:str}/disconnect",
+        guards=MANAGE,
         operation_id="disconnectDevice",
         summary="Detach a device: its events are refused and it takes no commands",
         status_code=200,
@@ -153,15 +174,14 @@ class DeviceController(Controller):
         self,
         devices: NamedDependency[DeviceService],
         device_id: FromPath[str],
-        correlation_id: NamedDependency[str],
+        ctx: NamedDependency[Context],
     ) -> Device:
-        return await devices.set_enabled(
-            device_id, False, actor=ACTOR, correlation_id=correlation_id
-        )
+        return await devices.set_enabled(device_id, False, ctx)
 
     @post(
         "/{device_id:str}/commands",
         dto=StrictBody[CommandCreate],
+        guards=[requires(Permission.COMMAND)],
         operation_id="sendCommand",
         summary="Send a command to a device",
         description="Answers 202 with the command, `pending` until the device answers.",
@@ -172,29 +192,30 @@ class DeviceController(Controller):
         devices: NamedDependency[DeviceService],
         device_id: FromPath[str],
         data: JSONBody[CommandCreate],
-        correlation_id: NamedDependency[str],
+        ctx: NamedDependency[Context],
     ) -> Response[CommandView]:
-        command = await devices.send_command(
-            device_id, data, actor=ACTOR, correlation_id=correlation_id
-        )
+        command = await devices.send_command(device_id, data, ctx)
         location = f"/api/v1/devices/{device_id}/commands/{command.id}"
         return Response(command, status_code=HTTP_202_ACCEPTED, headers={"Location": location})
 
     @get(
         "/{device_id:str}/commands/{command_id:str}",
+        guards=READ,
         operation_id="getCommand",
         summary="Follow a command's status",
     )
     async def get_command(
         self,
         devices: NamedDependency[DeviceService],
+        principal: NamedDependency[Principal],
         device_id: FromPath[str],
         command_id: FromPath[str],
     ) -> CommandView:
-        return await devices.get_command(device_id, command_id)
+        return await devices.get_command(device_id, command_id, principal)
 
     @get(
         "/{device_id:str}/history",
+        guards=READ,
         operation_id="getDeviceHistory",
         summary="Telemetry and state history, newest last",
         description="`since` is inclusive, `until` exclusive.",
@@ -202,6 +223,7 @@ class DeviceController(Controller):
     async def history(
         self,
         devices: NamedDependency[DeviceService],
+        principal: NamedDependency[Principal],
         device_id: FromPath[str],
         cursor: CursorParam = None,
         since: SinceParam = None,
@@ -210,10 +232,11 @@ class DeviceController(Controller):
         limit: Annotated[int, limit_param(100, 1000)] = 100,
     ) -> HistoryPage:
         query = HistoryQuery(since=utc(since), until=utc(until), type=event_type)
-        return await devices.history(device_id, query, limit, cursor)
+        return await devices.history(device_id, query, limit, cursor, principal)
 
     @get(
         "/{device_id:str}/statistics",
+        guards=READ,
         operation_id="getDeviceStatistics",
         summary="Hourly statistics of numeric attributes, oldest first",
         description=(
@@ -225,6 +248,7 @@ class DeviceController(Controller):
     async def statistics(
         self,
         devices: NamedDependency[DeviceService],
+        principal: NamedDependency[Principal],
         device_id: FromPath[str],
         cursor: CursorParam = None,
         attribute: Annotated[
@@ -235,4 +259,4 @@ class DeviceController(Controller):
         limit: Annotated[int, limit_param(168, 1000)] = 168,
     ) -> StatisticsPage:
         query = StatisticsQuery(attribute=attribute, since=utc(since), until=utc(until))
-        return await devices.statistics(device_id, query, limit, cursor)
+        return await devices.statistics(device_id, query, limit, cursor, principal)

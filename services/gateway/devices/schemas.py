@@ -10,15 +10,17 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from libs.messages import AttributeValue, CommandStatus, Connection, DeviceStateName, Name, Token
+from services.gateway.credentials.schemas import BusCredentials
 
 Kind = Annotated[
-    str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="light, energy_meter, ...")
+    str,
+    msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}(?!\n)$", description="light, energy_meter, ..."),
 ]
 # home → floor → room: `home/ground/kitchen`.
 LocationPath = Annotated[
     str,
     msgspec.Meta(
-        pattern=r"^[A-Za-z0-9_-]{1,128}(/[A-Za-z0-9_-]{1,128}){0,7}$",
+        pattern=r"^[A-Za-z0-9_-]{1,128}(/[A-Za-z0-9_-]{1,128}){0,7}(?!\n)$",
         max_length=512,
         examples=["home/ground/kitchen"],
     ),
@@ -38,6 +40,8 @@ class DeviceCreate(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     id: Token | None = None
     location: LocationPath | None = None
     metadata: Metadata = {}
+    # The bridge that speaks for it on the bus (then it gets no credentials of its own).
+    bridge: Token | None = None
 
 
 class DeviceUpdate(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
@@ -87,6 +91,8 @@ class Device(msgspec.Struct, frozen=True):
     last_seen: datetime | None
     version: int
     actions: list[DeviceAction] | None
+    # Its bus username and password, in the answer to its registration only (shown once).
+    credentials: BusCredentials | UnsetType = UNSET
 
 
 class CommandCreate(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -2,7 +2,7 @@
 
 The registry (`devices` table) is written here only; every change is published as a
 `RegistryFact` on `system.device.<id>.registry`. Runtime state is read, never written: the
-actors own it (cache first, then the `device_states` table).
+actors own it (the `device_states` table, and the cache written after it).
 """
 
 from __future__ import annotations
@@ -21,11 +21,15 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import bus, capabilities, commands, subjects
 from libs import messages as m
-from libs.cache import StateCache
+from libs.cache import StateCache, order
 from libs.db.engine import at_or_under
 from libs.db.models import CommandRecord, DeviceState, HistoryEntry, HourlyStatistic
 from libs.db.models import Device as DeviceRow
 from libs.errors import Conflict, Invalid, NotFound
+from libs.principals import Principal, home_of
+from services.gateway import scope
+from services.gateway.auth.context import Context
+from services.gateway.credentials import service as credentials
 from services.gateway.devices.schemas import (
     ActionParam,
     CommandCreate,
@@ -89,21 +93,34 @@ class DeviceService:
 
     # --- registry ------------------------------------------------------------------------
 
-    async def create(self, data: DeviceCreate, *, actor: str, correlation_id: str) -> Device:
+    async def create(self, data: DeviceCreate, ctx: Context) -> Device:
         require_bus(self._nc)
+        scope.own_location(ctx.principal, data.location, "$.location")
         device_id = data.id or m.new_id()
         async with self._sessions.begin() as session:
             if await session.get(DeviceRow, device_id) is not None:
                 raise Conflict(f"device {device_id!r} already exists", field="$.id")
             await check_device_location(session, data.location)
             row = _new_row(device_id, data.name, data.kind, "active", data.location, data.metadata)
-            await self._add(session, row, actor, correlation_id)
+            await self._add(session, row, ctx.principal.actor, ctx.correlation_id)
+            enrolled = await credentials.enroll(
+                session, self._js, device_id, data.location, data.bridge, ctx.principal.actor
+            )
+        if data.bridge is not None:
+            await self._credentials().bridge_joined(data.bridge, device_id, ctx)
         # A re-registered id may find the state its earlier life left behind.
-        return await self.get(device_id)
+        device = await self.get(device_id, ctx.principal)
+        return device if enrolled is None else msgspec.structs.replace(device, credentials=enrolled)
 
     async def discover(self, device_id: str, name: str, kind: str) -> bool:
         """Enter a device that said hello unregistered as `pending` (see `discovery`); False
         when it is registered already or too many wait for approval."""
+        async with self._sessions() as session:
+            found = await session.get(DeviceRow, device_id)
+        if found is not None:
+            if found.lifecycle == "active":  # a claimed device still waiting: again
+                await self._credentials().deliver_claim(device_id, DISCOVERY_ACTOR, again=True)
+            return False
         async with self._sessions.begin() as session:
             if await session.get(DeviceRow, device_id) is not None:
                 return False
@@ -113,9 +130,14 @@ class DeviceService:
                     "%s said hello; %d devices already wait: not entered", device_id, MAX_PENDING
                 )
                 return False
-            row = _new_row(device_id, name, kind, "pending")
+            # A device that claimed its id with a token waits in the token's home.
+            home = await credentials.claimed_home(session, device_id)
+            row = _new_row(device_id, name, kind, "pending", home)
             await self._add(session, row, DISCOVERY_ACTOR, m.new_id())
         return True
+
+    def _credentials(self) -> credentials.CredentialService:
+        return credentials.CredentialService(self._sessions, self._nc, self._js)
 
     async def _add(
         self, session: AsyncSession, row: DeviceRow, actor: str, correlation_id: str
@@ -125,17 +147,21 @@ class DeviceService:
         await session.flush()
         await self._publish(row, "created", actor, correlation_id)
 
-    async def get(self, device_id: str) -> Device:
+    async def get(self, device_id: str, principal: Principal) -> Device:
         async with self._sessions() as session:
             found = (await session.execute(_with_state().where(DeviceRow.id == device_id))).first()
+        missing = f"device {device_id!r} is not registered"
         if found is None:
-            raise NotFound(f"device {device_id!r} is not registered")
+            raise NotFound(missing)
         row, state = found
+        scope.visible(principal, home_of(row.location), missing)
         snapshots = await self._snapshots({device_id: state})
         return _device(row, snapshots[device_id])
 
-    async def list(self, filters: DeviceFilters, limit: int, cursor: str | None) -> DevicePage:
-        query = _with_state().order_by(DeviceRow.id).limit(limit + 1)
+    async def list(
+        self, filters: DeviceFilters, limit: int, cursor: str | None, principal: Principal
+    ) -> DevicePage:
+        query = scope.devices(principal, _with_state().order_by(DeviceRow.id).limit(limit + 1))
         if cursor:
             query = query.where(DeviceRow.id > decode_cursor(cursor, str))
         if filters.kind:
@@ -161,9 +187,7 @@ class DeviceService:
             into=DevicePage,
         )
 
-    async def update(
-        self, device_id: str, data: DeviceUpdate, *, actor: str, correlation_id: str
-    ) -> Device:
+    async def update(self, device_id: str, data: DeviceUpdate, ctx: Context) -> Device:
         require_bus(self._nc)
         changes = {
             field: value
@@ -171,8 +195,9 @@ class DeviceService:
             if value is not UNSET
         }
         async with self._sessions.begin() as session:
-            row = await self._row(session, device_id)
+            row = await self._row(session, device_id, ctx.principal)
             if "location" in changes:
+                scope.own_location(ctx.principal, changes["location"], "$.location")
                 await check_device_location(session, changes["location"])
             changed = False
             for field, value in changes.items():
@@ -183,41 +208,39 @@ class DeviceService:
             if changed:
                 row.updated_at = m.now()
                 await session.flush()
-                await self._publish(row, "updated", actor, correlation_id)
-        return await self.get(device_id)
+                await self._publish(row, "updated", ctx.principal.actor, ctx.correlation_id)
+        if changed and changes.get("lifecycle") == "active":  # approved: if it claimed its id
+            await self._credentials().deliver_claim(device_id, ctx.principal.actor)
+        return await self.get(device_id, ctx.principal)
 
-    async def delete(self, device_id: str, *, actor: str, correlation_id: str) -> None:
+    async def delete(self, device_id: str, ctx: Context) -> None:
         require_bus(self._nc)
         async with self._sessions.begin() as session:
-            row = await self._row(session, device_id)
+            row = await self._row(session, device_id, ctx.principal)
             await session.delete(row)
             await session.flush()
-            await self._publish(row, "deleted", actor, correlation_id)
+            await self._publish(row, "deleted", ctx.principal.actor, ctx.correlation_id)
 
-    async def set_enabled(
-        self, device_id: str, enabled: bool, *, actor: str, correlation_id: str
-    ) -> Device:
+    async def set_enabled(self, device_id: str, enabled: bool, ctx: Context) -> Device:
         """Attach (`connect`) or detach (`disconnect`) a device; the actors refuse the events
         of a detached device."""
         require_bus(self._nc)
         async with self._sessions.begin() as session:
-            row = await self._row(session, device_id)
+            row = await self._row(session, device_id, ctx.principal)
             if row.enabled != enabled:
                 row.enabled = enabled
                 row.updated_at = m.now()
                 await session.flush()
                 change = "connected" if enabled else "disconnected"
-                await self._publish(row, change, actor, correlation_id)
-        return await self.get(device_id)
+                await self._publish(row, change, ctx.principal.actor, ctx.correlation_id)
+        return await self.get(device_id, ctx.principal)
 
     # --- commands ------------------------------------------------------------------------
 
-    async def send_command(
-        self, device_id: str, data: CommandCreate, *, actor: str, correlation_id: str
-    ) -> CommandView:
+    async def send_command(self, device_id: str, data: CommandCreate, ctx: Context) -> CommandView:
         require_bus(self._nc)
         async with self._sessions() as session:
-            row = await self._row(session, device_id)
+            row = await self._row(session, device_id, ctx.principal)
         if not row.enabled:
             raise Conflict("device is disconnected")
         if row.lifecycle == "decommissioned":
@@ -230,8 +253,8 @@ class DeviceService:
             action=data.action,
             params=data.params,
             expires_s=data.expires_s,
-            issued_by=actor,
-            correlation_id=correlation_id,
+            issued_by=ctx.principal.actor,
+            correlation_id=ctx.correlation_id,
         )
         await commands.send(self._sessions, self._js, command)
         return CommandView(
@@ -248,8 +271,11 @@ class DeviceService:
             updated_at=command.issued_at,
         )
 
-    async def get_command(self, device_id: str, command_id: str) -> CommandView:
+    async def get_command(
+        self, device_id: str, command_id: str, principal: Principal
+    ) -> CommandView:
         async with self._sessions() as session:
+            await self._row(session, device_id, principal)
             record = await session.get(CommandRecord, command_id)
         if record is None or record.device_id != device_id:
             raise NotFound(f"device {device_id!r} has no command {command_id!r}")
@@ -270,7 +296,12 @@ class DeviceService:
     # --- history -------------------------------------------------------------------------
 
     async def history(
-        self, device_id: str, query: HistoryQuery, limit: int, cursor: str | None
+        self,
+        device_id: str,
+        query: HistoryQuery,
+        limit: int,
+        cursor: str | None,
+        principal: Principal,
     ) -> HistoryPage:
         """Newest last; `since` inclusive, `until` exclusive."""
         entry = HistoryEntry
@@ -292,7 +323,7 @@ class DeviceService:
                 or_(entry.time > time, and_(entry.time == time, entry.id > last_id))
             )
         async with self._sessions() as session:
-            await self._row(session, device_id)
+            await self._row(session, device_id, principal)
             rows = list(await session.scalars(statement))
         return page(
             rows,
@@ -305,7 +336,12 @@ class DeviceService:
         )
 
     async def statistics(
-        self, device_id: str, query: StatisticsQuery, limit: int, cursor: str | None
+        self,
+        device_id: str,
+        query: StatisticsQuery,
+        limit: int,
+        cursor: str | None,
+        principal: Principal,
     ) -> StatisticsPage:
         """Oldest first; an hour is in when its start is at or after `since`, before `until`."""
         if query.since and query.until and query.since > query.until:
@@ -329,7 +365,7 @@ class DeviceService:
                 or_(stat.hour > hour, and_(stat.hour == hour, stat.attribute > attribute))
             )
         async with self._sessions() as session:
-            await self._row(session, device_id)
+            await self._row(session, device_id, principal)
             rows = list(await session.scalars(statement))
         return page(
             rows, limit, key=lambda r: (r.hour, r.attribute), view=_statistic, into=StatisticsPage
@@ -337,10 +373,13 @@ class DeviceService:
 
     # --- internals -----------------------------------------------------------------------
 
-    async def _row(self, session: AsyncSession, device_id: str) -> DeviceRow:
+    async def _row(self, session: AsyncSession, device_id: str, principal: Principal) -> DeviceRow:
+        """The device, if the principal sees it; else 404 as if it were not registered."""
         row = await session.get(DeviceRow, device_id)
+        missing = f"device {device_id!r} is not registered"
         if row is None:
-            raise NotFound(f"device {device_id!r} is not registered")
+            raise NotFound(missing)
+        scope.visible(principal, home_of(row.location), missing)
         return row
 
     async def _publish(
@@ -359,23 +398,33 @@ class DeviceService:
     async def _snapshots(
         self, states: dict[str, DeviceState | None]
     ) -> dict[str, m.DeviceSnapshot]:
-        """Runtime state: the cache, else the database row, else a device never heard from."""
+        """Runtime state: the database row (read with the registry entry), or the cached
+        state where it is newer, else a device never heard from.
+
+        The actors commit before they write the cache, so a cached state newer than the row
+        is one committed since the row was read; an older one (a cache restored from an old
+        snapshot, or one the actors could not write for a while) is never shown, and neither
+        is a cached state of a device without a row (deleted while the cache was down)."""
         cached: dict[str, bytes] = {}
         try:
-            cached = await self._cache.get_many(list(states))
+            cached = await self._cache.get_many([d for d, s in states.items() if s is not None])
         except Exception as exc:  # the cache is an accelerator: the database is the truth
             log.warning("state cache unavailable, reading the database: %s", exc)
         out = {}
         for device_id, state in states.items():
-            snapshot = None
+            if state is None:
+                out[device_id] = m.DeviceSnapshot(device_id=device_id)
+                continue
+            snapshot = state.snapshot()
             if device_id in cached:
                 try:
-                    snapshot = m.snapshot_decoder.decode(cached[device_id])
+                    hot = m.snapshot_decoder.decode(cached[device_id])
                 except msgspec.DecodeError as exc:
                     log.warning("ignoring unreadable cache entry of %s: %s", device_id, exc)
-            if snapshot is None and state is not None:
-                snapshot = state.snapshot()
-            out[device_id] = snapshot or m.DeviceSnapshot(device_id=device_id)
+                else:
+                    if order(hot) > order(snapshot):
+                        snapshot = hot
+            out[device_id] = snapshot
         return out
 
 

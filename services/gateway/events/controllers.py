@@ -20,12 +20,15 @@ from litestar.status_codes import (
 )
 
 from libs.errors import Invalid
+from libs.principals import Permission, Principal
+from services.gateway import scope
+from services.gateway.auth.guards import requires
 from services.gateway.body import StrictBody
 from services.gateway.connections import (
     StreamLimits,
     TooManyStreams,
-    client_address,
     provide_stream_limits,
+    stream_owner,
 )
 from services.gateway.correlation import provide_correlation_id
 from services.gateway.events.schemas import (
@@ -35,7 +38,7 @@ from services.gateway.events.schemas import (
     Published,
     PublishedBatch,
 )
-from services.gateway.events.service import FEED_CAPACITY, EventService, SharedFeeds
+from services.gateway.events.service import FEED_CAPACITY, MAX_SCAN, EventService, SharedFeeds
 from services.gateway.events.sse import HEARTBEAT_S, ServerSentEvents
 from services.gateway.events.websocket import ClientGone, Close, EventSocket
 from services.gateway.pagination import CursorParam, SinceParam, limit_param, utc
@@ -47,6 +50,12 @@ log = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 5.0
 
 SHARED_FEEDS_KEY = "shared_feeds"
+READ = [requires(Permission.READ)]
+HOMES = (
+    " Whoever is not an administrator gets only the messages about its homes (their "
+    "devices, rules, subscriptions and locations), whatever the filter; dead letters and "
+    "what belongs to no home are for administrators."
+)
 
 SubjectParam = Annotated[
     str,
@@ -62,7 +71,11 @@ SinceSeqParam = Annotated[
 
 def provide_event_service(resources: NamedDependency[Resources], state: State) -> EventService:
     return EventService(
-        resources.nc, resources.js, resources.shutdown, provide_shared_feeds(state, resources)
+        resources.nc,
+        resources.js,
+        resources.shutdown,
+        provide_shared_feeds(state, resources),
+        resources.bus_storage,
     )
 
 
@@ -93,16 +106,23 @@ class EventController(Controller):
         description=(
             f"One CloudEvent answers one result; an array (at most {MAX_BATCH}) answers "
             "`{results: [...]}` in the same order. The event `id` de-duplicates: a repeat "
-            "within the stream's window answers `duplicate: true` and is not stored again."
+            "within the stream's window answers `duplicate: true` and is not stored again. "
+            "An installer publishes for the devices of its homes (another one answers 404, "
+            "and nothing of the batch is published)."
         ),
         status_code=HTTP_202_ACCEPTED,
+        guards=[requires(Permission.PUBLISH)],
     )
     async def publish(
         self,
         events: NamedDependency[EventService],
+        resources: NamedDependency[Resources],
+        principal: NamedDependency[Principal],
         data: JSONBody[PublishBody],
         correlation_id: NamedDependency[str],
     ) -> Published | PublishedBatch:
+        batch = data if isinstance(data, list) else [data]
+        await scope.own_devices(principal, resources.sessions, (e.subject for e in batch))
         if isinstance(data, list):
             return PublishedBatch(results=await events.publish(data, correlation_id))
         return (await events.publish([data], correlation_id))[0]
@@ -114,11 +134,18 @@ class EventController(Controller):
         description=(
             "From the start of the stream, after `since_seq`, or from the time `since`. "
             "Pass `next_cursor` back as `cursor` for the next page."
+            + HOMES
+            + f" Their page holds what they see of the next {MAX_SCAN:,} messages, perhaps "
+            "fewer than `limit` (even none): follow `next_cursor` until it is null."
         ),
+        guards=READ,
     )
     async def replay(
         self,
         events: NamedDependency[EventService],
+        resources: NamedDependency[Resources],
+        principal: NamedDependency[Principal],
+        state: State,
         subject: SubjectParam = "events.>",
         since_seq: SinceSeqParam = None,
         since: SinceParam = None,
@@ -128,7 +155,12 @@ class EventController(Controller):
         if since_seq is not None and since is not None:
             raise Invalid("give `since_seq` or `since`, not both", field="since")
         return await events.replay(
-            subject, after_seq=since_seq, since=utc(since), limit=limit, cursor=cursor
+            subject,
+            after_seq=since_seq,
+            since=utc(since),
+            limit=limit,
+            cursor=cursor,
+            audience=await scope.audience(principal, state, resources),
         )
 
     @get(
@@ -146,13 +178,18 @@ class EventController(Controller):
             "WebSocket together): one more is answered 429. The same over a WebSocket, several "
             "filters on one socket: `GET /api/v1/events/ws` (JSON messages `subscribe`, "
             "`unsubscribe`, `ack`; answers `subscribed`, `event`, `unsubscribed`, `error`, `ping`)."
+            + HOMES
         ),
+        guards=READ,
     )
     async def stream(
         self,
         request: Request,
         events: NamedDependency[EventService],
         stream_limits: NamedDependency[StreamLimits],
+        resources: NamedDependency[Resources],
+        principal: NamedDependency[Principal],
+        state: State,
         subject: SubjectParam = "events.>",
         since_seq: SinceSeqParam = None,
         last_event_id: Annotated[str | None, HeaderParameter(name="Last-Event-ID")] = None,
@@ -160,24 +197,27 @@ class EventController(Controller):
         # A reconnecting EventSource repeats the URL (`since_seq`) and adds Last-Event-ID,
         # which is the more recent of the two.
         after = _last_event_id(last_event_id) if last_event_id else since_seq
-        release = stream_limits.open(client_address(request))
+        audience = await scope.audience(principal, state, resources)
+        release = stream_limits.open(stream_owner(request))
         try:
-            feed = await events.follow(subject, after)
+            feed = await events.follow(subject, after, audience=audience)
         except BaseException:
             release()
             raise
         return ServerSentEvents(feed, release)
 
-    @websocket("/ws", name="events-ws")
+    @websocket("/ws", name="events-ws", guards=READ)
     async def follow_socket(
         self,
-        socket: WebSocket,
+        socket: WebSocket[Principal, object, State],
         events: NamedDependency[EventService],
         stream_limits: NamedDependency[StreamLimits],
+        resources: NamedDependency[Resources],
+        state: State,
     ) -> None:
         """Follow messages live over a WebSocket: see `services.gateway.events.websocket`."""
         try:
-            release = stream_limits.open(client_address(socket))
+            release = stream_limits.open(stream_owner(socket))
         except TooManyStreams:
             await socket.accept()
             await socket.close(
@@ -187,8 +227,9 @@ class EventController(Controller):
             )
             return
         try:
+            audience = await scope.audience(socket.user, state, resources)
             await socket.accept()
-            session = EventSocket(events, _sender(socket))
+            session = EventSocket(events, _sender(socket), audience=audience)
             try:
                 close = await session.run(_receiver(socket))
             except Exception:

@@ -32,7 +32,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 from libs import bus, subjects
 from libs import messages as m
 from libs.errors import Invalid, Unavailable
+from libs.homes import Audience, HomeIndex
 from services.gateway.events.schemas import BusMessage, EventPage, Published
+from services.gateway.health.storage import BusStorage
 from services.gateway.pagination import decode_cursor, encode_cursor
 from services.gateway.resources import Shutdown, require_bus
 
@@ -47,6 +49,9 @@ FEED_CAPACITY = 1000
 # the same read from the bus), so this bounds the delay it adds, under load only.
 WAKE_INTERVAL_S = 0.005
 PUBLISH_TIMEOUT_S = 10.0
+# A replay for someone who sees only its homes' messages looks at this many at most per page.
+MAX_SCAN = 10_000
+SCAN_BATCH = 500
 ROUNDING = timedelta(microseconds=1)
 
 
@@ -71,12 +76,19 @@ def stream_for(subject: str) -> str:
     return stream
 
 
+class _Unknown:
+    """Not classified yet (None is a home's answer: the message is no home's)."""
+
+
+_UNKNOWN = _Unknown()
+
+
 class Delivered:
     """One message for the followers of a filter. The shared feed hands the same object to
     each of them, so its SSE frame and the tail of its WebSocket frame are encoded once (by
     the first follower that needs them) and every other one writes the ready bytes."""
 
-    __slots__ = ("_sse", "_ws_tail", "data", "seq", "subject")
+    __slots__ = ("_home", "_sse", "_ws_tail", "data", "seq", "subject")
 
     def __init__(self, seq: int, subject: str, data: bytes) -> None:
         self.seq = seq
@@ -84,6 +96,7 @@ class Delivered:
         self.data = data
         self._sse: bytes | None = None
         self._ws_tail: bytes | None = None
+        self._home: str | _Unknown | None = _UNKNOWN
 
     def __repr__(self) -> str:
         return f"Delivered(seq={self.seq!r}, subject={self.subject!r}, data={self.data!r})"
@@ -94,6 +107,14 @@ class Delivered:
         return (self.seq, self.subject, self.data) == (other.seq, other.subject, other.data)
 
     __hash__ = None  # type: ignore[assignment]
+
+    def home(self, index: HomeIndex) -> str | None:
+        """The home the message is about, classified the first time only (one split and one
+        lookup per message, whatever the number of followers who see only their homes)."""
+        home = self._home
+        if isinstance(home, _Unknown):
+            home = self._home = index.home(self.subject)
+        return home
 
     def sse(self, encode: Callable[[Delivered], bytes]) -> bytes:
         """The message's SSE frame, made by `encode` the first time only."""
@@ -132,6 +153,7 @@ class LiveFeed:
         on_overflow: Callable[[], None] | None = None,
         *,
         after_seq: int = 0,
+        audience: Audience | None = None,
     ) -> None:
         # A deque and one waiter instead of an asyncio.Queue: a push is an append (and a wake
         # only when the subscriber waits), a take drains the lot without a task per wait.
@@ -146,6 +168,8 @@ class LiveFeed:
         # Told at once, while a subscriber may still be stuck sending what it took before.
         self._on_overflow = on_overflow
         self._last_seq = after_seq
+        # Who reads it, when that is someone who sees only its homes' messages.
+        self._audience = audience
         self._stopped = False
         # The subscriber's own (catch-up) consumer, until it switches to the shared one.
         self._subscription: Subscription | None = None
@@ -189,6 +213,10 @@ class LiveFeed:
             # Sequences only grow on a feed, from where it starts: an ordered consumer that
             # was re-created (after a gap or a missed heartbeat) may start too early, and a
             # feed switching to the shared one may see a message from both.
+            return
+        audience = self._audience
+        if audience is not None and not audience.sees_home(delivered.home(audience.index)):
+            self._last_seq = delivered.seq  # passed over: not for this reader
             return
         if len(self._queue) >= self._capacity:
             # Keep what is queued (a contiguous run) and drop the rest: the subscriber
@@ -481,12 +509,14 @@ class EventService:
         js: JetStreamContext,
         shutdown: Shutdown,
         feeds: SharedFeeds | None = None,
+        storage: BusStorage | None = None,
     ) -> None:
         self._nc = nc
         self._js = js
         self._shutdown = shutdown
         # The app's shared feeds; a service made on its own (tests, tools) has its own.
         self._feeds = feeds if feeds is not None else SharedFeeds(js)
+        self._storage = storage if storage is not None else BusStorage()
 
     async def publish(self, events: list[m.CloudEvent], correlation_id: str) -> list[Published]:
         """Publish in order; the event id is the `Nats-Msg-Id`, so a repeat is stored once.
@@ -505,22 +535,18 @@ class EventService:
             acks = [await bus.publish(self._js, event.nats_subject, event, msg_id=event.id)]
         else:
             acks = await self._publish_pipelined(events)
+        if not all(ack.duplicate for ack in acks):  # a repeat is answered even when full
+            self._storage.stored()
         return [
             Published(id=e.id, stream=ack.stream, seq=ack.seq, duplicate=bool(ack.duplicate))
             for e, ack in zip(events, acks, strict=True)
         ]
 
     async def _publish_pipelined(self, events: list[m.CloudEvent]) -> list[PubAck]:
-        pending = [
-            await self._js.publish_async(
-                e.nats_subject, m.encode(e), headers=bus.headers(msg_id=e.id)
-            )
-            for e in events
-        ]
+        batch = [(e.nats_subject, m.encode(e), e.id) for e in events]
         try:
-            # publish_async has no deadline of its own: an ack that never comes must not
-            # hold the request forever.
-            return await asyncio.wait_for(asyncio.gather(*pending), PUBLISH_TIMEOUT_S)
+            # An ack that never comes must not hold the request forever.
+            return await bus.publish_many(self._js, batch, timeout=PUBLISH_TIMEOUT_S)
         except TimeoutError:
             raise Unavailable(
                 f"the event bus did not acknowledge the batch within {PUBLISH_TIMEOUT_S:g}s"
@@ -534,9 +560,14 @@ class EventService:
         since: datetime | None,
         limit: int,
         cursor: str | None,
+        audience: Audience | None = None,
     ) -> EventPage:
         """Stored messages matching `subject`, in stream order, after `after_seq` or from
-        `since`; a `cursor` (the previous page's) continues where that page ended."""
+        `since`; a `cursor` (the previous page's) continues where that page ended.
+
+        For an `audience` (someone who sees its homes' messages only) the others are passed
+        over: a page then holds those of the next `MAX_SCAN` messages that it sees, perhaps
+        fewer than `limit`, and `next_cursor` goes on after the last message looked at."""
         stream = stream_for(subject)
         field = "since_seq"
         if cursor:
@@ -568,35 +599,46 @@ class EventService:
             config.opt_start_time = since - ROUNDING
         else:
             config.deliver_policy = DeliverPolicy.ALL
-        items, matching = await self._fetch(stream, config, limit)
-        more = bool(items) and matching > len(items)
-        return EventPage(items=items, next_cursor=encode_cursor(items[-1].seq) if more else None)
+        items, last_seen, more = await self._fetch(stream, config, limit, audience)
+        return EventPage(items=items, next_cursor=encode_cursor(last_seen) if more else None)
 
     async def _fetch(
-        self, stream: str, config: ConsumerConfig, limit: int
-    ) -> tuple[list[BusMessage], int]:
-        """Up to `limit` messages, and how many matched when the consumer was made."""
+        self, stream: str, config: ConsumerConfig, limit: int, audience: Audience | None
+    ) -> tuple[list[BusMessage], int, bool]:
+        """Up to `limit` messages (those the audience sees, among at most MAX_SCAN), the
+        sequence of the last one looked at, and whether more matched after it."""
         assert config.name is not None
         info = await self._js.add_consumer(stream, config)
         try:
             # num_pending: how many messages match from the start position; never wait for more.
-            want = min(limit, info.num_pending)
-            if want == 0:
-                return [], 0
+            matching = info.num_pending
+            scan = matching if audience is None else min(matching, max(limit, MAX_SCAN))
+            if min(limit, scan) == 0:
+                return [], 0, False
             subscription = await self._js.pull_subscribe_bind(consumer=config.name, stream=stream)
             items: list[BusMessage] = []
+            seen, last_seen = 0, 0
             try:
-                while len(items) < want:
+                while len(items) < limit and seen < scan:
+                    # Passing over others' messages, read more at once; what is read beyond
+                    # the page is read again by the next one (the cursor is the last taken).
+                    want = limit - len(items) if audience is None else max(limit, SCAN_BATCH)
                     try:
                         msgs = await subscription.fetch(
-                            want - len(items), timeout=REPLAY_FETCH_TIMEOUT_S
+                            min(want, scan - seen), timeout=REPLAY_FETCH_TIMEOUT_S
                         )
                     except nats.errors.TimeoutError:
                         break  # removed since counted (age or size limits): answer what we have
-                    items.extend(_bus_message(msg) for msg in msgs)
+                    for msg in msgs:
+                        seen += 1
+                        last_seen = msg.metadata.sequence.stream
+                        if audience is None or audience.sees(msg.subject):
+                            items.append(_bus_message(msg))
+                            if len(items) == limit:
+                                break
             finally:
                 await subscription.unsubscribe()
-            return items, info.num_pending
+            return items, last_seen, seen > 0 and matching > seen
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await self._js.delete_consumer(stream, config.name)
@@ -606,16 +648,18 @@ class EventService:
         subject: str,
         after_seq: int | None,
         on_overflow: Callable[[], None] | None = None,
+        audience: Audience | None = None,
     ) -> LiveFeed:
         """Follow from `after_seq + 1`, or new messages only; the caller closes the feed.
 
         New messages come from the filter's shared consumer. A feed from `after_seq` reads
         an ordered consumer of its own until it reaches the shared one's position, then
         switches to it. `on_overflow` is called (once, from the bus's callback) when the
-        subscriber falls `FEED_CAPACITY` messages behind."""
+        subscriber falls `FEED_CAPACITY` messages behind. An `audience` gets only the
+        messages about its homes (`libs.homes`), whatever the filter."""
         stream = stream_for(subject)
         require_bus(self._nc)
-        feed = LiveFeed(FEED_CAPACITY, on_overflow, after_seq=after_seq or 0)
+        feed = LiveFeed(FEED_CAPACITY, on_overflow, after_seq=after_seq or 0, audience=audience)
         tail = await self._feeds.attach(feed, subject, stream)
         try:
             feed.pending = False

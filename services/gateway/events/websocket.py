@@ -33,6 +33,7 @@ import msgspec
 import nats.errors
 
 from libs.errors import PlatformError
+from libs.homes import Audience
 from services.gateway.events.schemas import (
     Ack,
     ClientMessage,
@@ -134,8 +135,11 @@ class EventSocket:
         max_subscriptions: int = MAX_SUBSCRIPTIONS,
         ack_window: int = ACK_WINDOW,
         heartbeat_s: float = HEARTBEAT_S,
+        audience: Audience | None = None,
     ) -> None:
         self._events = events
+        # Someone who sees its homes' messages only, whatever it subscribes to.
+        self._audience = audience
         self._send_frame = send
         self._max_subscriptions = max_subscriptions
         self._ack_window = ack_window
@@ -222,7 +226,9 @@ class EventSocket:
                 self._end(self._too_slow(subscription))
 
         try:
-            feed = await self._events.follow(request.subject, request.since_seq, on_overflow)
+            feed = await self._events.follow(
+                request.subject, request.since_seq, on_overflow, self._audience
+            )
         except PlatformError as exc:
             await self._refuse(request.id, exc.detail, f"$.{exc.field}" if exc.field else None)
             return

@@ -25,8 +25,10 @@ class HealthController(Controller):
     @get(
         "/ready",
         operation_id="ready",
-        summary="Readiness: the bus is connected and the database answers",
-        description="503 with the reason when either is down.",
+        summary="Readiness: the bus stores what the gateway publishes",
+        description="503 with the reason while the bus is unreachable, JetStream does not "
+        "answer or its storage is full. A database or cache outage leaves the gateway ready: "
+        "`status` is `degraded` and `degraded` says what does not work meanwhile.",
     )
     async def ready(self, health: NamedDependency[HealthService]) -> Readiness:
         return await health.ready()

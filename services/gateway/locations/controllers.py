@@ -9,9 +9,10 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_204_NO_CONTENT
 
+from libs.principals import Permission, Principal
+from services.gateway.auth.context import Context, provide_context
+from services.gateway.auth.guards import requires
 from services.gateway.body import StrictBody
-from services.gateway.correlation import provide_correlation_id
-from services.gateway.identity import ACTOR
 from services.gateway.locations.schemas import (
     Location,
     LocationCreate,
@@ -23,6 +24,9 @@ from services.gateway.locations.service import LocationService
 from services.gateway.pagination import CursorParam, limit_param
 from services.gateway.resources import Resources
 
+READ = [requires(Permission.READ)]
+MANAGE = [requires(Permission.MANAGE_LOCATIONS)]
+
 
 def provide_location_service(resources: NamedDependency[Resources]) -> LocationService:
     return LocationService(resources.sessions, resources.nc, resources.js)
@@ -33,29 +37,38 @@ class LocationController(Controller):
     tags = ["locations"]
     dependencies = {
         "locations": Provide(provide_location_service, sync_to_thread=False),
-        "correlation_id": Provide(provide_correlation_id, sync_to_thread=False),
+        "ctx": Provide(provide_context, sync_to_thread=False),
     }
 
     @post(
         "/",
         dto=StrictBody[LocationCreate],
+        guards=MANAGE,
         operation_id="createLocation",
         summary="Define a home, a floor or a room",
         description="A floor goes in a home, a room in a home or on a floor. Once a home is "
-        "defined, its devices' `location` must be one of its paths.",
+        "defined, its devices' `location` must be one of its paths. An installer defines "
+        "the homes it was given (by their ids) and what is in them.",
     )
     async def create(
         self,
         locations: NamedDependency[LocationService],
         data: JSONBody[LocationCreate],
-        correlation_id: NamedDependency[str],
+        ctx: NamedDependency[Context],
     ) -> Location:
-        return await locations.create(data, actor=ACTOR, correlation_id=correlation_id)
+        return await locations.create(data, ctx)
 
-    @get("/", operation_id="listLocations", summary="List locations, in path order")
+    @get(
+        "/",
+        guards=READ,
+        operation_id="listLocations",
+        summary="List locations, in path order",
+        description="The locations of the caller's homes.",
+    )
     async def list_locations(
         self,
         locations: NamedDependency[LocationService],
+        principal: NamedDependency[Principal],
         cursor: CursorParam = None,
         parent_id: Annotated[str | None, QueryParameter(max_length=128)] = None,
         kind: Annotated[
@@ -63,17 +76,21 @@ class LocationController(Controller):
         ] = None,
         limit: Annotated[int, limit_param(100, 500)] = 100,
     ) -> LocationPage:
-        return await locations.list(parent_id, kind, limit, cursor)
+        return await locations.list(parent_id, kind, limit, cursor, principal)
 
-    @get("/{location_id:str}", operation_id="getLocation", summary="Get a location")
+    @get("/{location_id:str}", guards=READ, operation_id="getLocation", summary="Get a location")
     async def get_location(
-        self, locations: NamedDependency[LocationService], location_id: FromPath[str]
+        self,
+        locations: NamedDependency[LocationService],
+        principal: NamedDependency[Principal],
+        location_id: FromPath[str],
     ) -> Location:
-        return await locations.get(location_id)
+        return await locations.get(location_id, principal)
 
     @patch(
         "/{location_id:str}",
         dto=StrictBody[LocationUpdate],
+        guards=MANAGE,
         operation_id="renameLocation",
         summary="Rename a location",
     )
@@ -82,12 +99,13 @@ class LocationController(Controller):
         locations: NamedDependency[LocationService],
         location_id: FromPath[str],
         data: JSONBody[LocationUpdate],
-        correlation_id: NamedDependency[str],
+        ctx: NamedDependency[Context],
     ) -> Location:
-        return await locations.update(location_id, data, actor=ACTOR, correlation_id=correlation_id)
+        return await locations.update(location_id, data, ctx)
 
     @delete(
         "/{location_id:str}",
+        guards=MANAGE,
         operation_id="deleteLocation",
         summary="Delete an empty location (no locations or devices in it)",
         status_code=HTTP_204_NO_CONTENT,
@@ -96,6 +114,6 @@ class LocationController(Controller):
         self,
         locations: NamedDependency[LocationService],
         location_id: FromPath[str],
-        correlation_id: NamedDependency[str],
+        ctx: NamedDependency[Context],
     ) -> None:
-        await locations.delete(location_id, actor=ACTOR, correlation_id=correlation_id)
+        await locations.delete(location_id, ctx)

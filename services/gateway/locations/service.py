@@ -20,6 +20,9 @@ from libs.db.engine import at_or_under
 from libs.db.models import Device as DeviceRow
 from libs.db.models import Location as LocationRow
 from libs.errors import Conflict, Invalid, NotFound
+from libs.principals import Principal, home_of
+from services.gateway import scope
+from services.gateway.auth.context import Context
 from services.gateway.changes import Change, publish_change
 from services.gateway.locations.schemas import (
     Location,
@@ -43,13 +46,21 @@ class LocationService:
         self._nc = nc
         self._js = js
 
-    async def create(self, data: LocationCreate, *, actor: str, correlation_id: str) -> Location:
+    async def create(self, data: LocationCreate, ctx: Context) -> Location:
         require_bus(self._nc)
+        principal = ctx.principal
+        if data.kind == "home" and not principal.is_admin and not principal.sees(data.id):
+            # An installer defines the homes it was given, by their ids.
+            raise Invalid(
+                f"a home you define has the id of one of yours "
+                f"({', '.join(sorted(principal.homes or ())) or 'none'})",
+                field="$.id",
+            )
         location_id = data.id or m.new_id()
         async with self._sessions.begin() as session:
             if await session.get(LocationRow, location_id) is not None:
                 raise Conflict(f"location {location_id!r} already exists", field="$.id")
-            parent = await _parent(session, data)
+            parent = await _parent(session, data, principal)
             row = LocationRow(
                 id=location_id,
                 name=data.name,
@@ -60,17 +71,23 @@ class LocationService:
             )
             session.add(row)
             await session.flush()  # published inside the transaction: refused, nothing stored
-            await self._publish(row, "created", actor, correlation_id)
+            await self._publish(row, "created", ctx)
             return _view(row)
 
-    async def get(self, location_id: str) -> Location:
+    async def get(self, location_id: str, principal: Principal) -> Location:
         async with self._sessions() as session:
-            return _view(await _row(session, location_id))
+            return _view(await _row(session, location_id, principal))
 
     async def list(
-        self, parent_id: str | None, kind: str | None, limit: int, cursor: str | None
+        self,
+        parent_id: str | None,
+        kind: str | None,
+        limit: int,
+        cursor: str | None,
+        principal: Principal,
     ) -> LocationPage:
         query = select(LocationRow).order_by(LocationRow.path).limit(limit + 1)
+        query = scope.paths(principal, query, LocationRow.path)
         if cursor:
             query = query.where(LocationRow.path > decode_cursor(cursor, str))
         if parent_id:
@@ -81,23 +98,21 @@ class LocationService:
             rows = list((await session.scalars(query)).all())
         return page(rows, limit, key=lambda r: r.path, view=_view, into=LocationPage)
 
-    async def update(
-        self, location_id: str, data: LocationUpdate, *, actor: str, correlation_id: str
-    ) -> Location:
+    async def update(self, location_id: str, data: LocationUpdate, ctx: Context) -> Location:
         require_bus(self._nc)
         async with self._sessions.begin() as session:
-            row = await _row(session, location_id)
+            row = await _row(session, location_id, ctx.principal)
             if row.name != data.name:
                 row.name = data.name
                 await session.flush()
-                await self._publish(row, "updated", actor, correlation_id)
+                await self._publish(row, "updated", ctx)
             return _view(row)
 
-    async def delete(self, location_id: str, *, actor: str, correlation_id: str) -> None:
+    async def delete(self, location_id: str, ctx: Context) -> None:
         """Only an empty location goes: its rooms and devices would be left nowhere."""
         require_bus(self._nc)
         async with self._sessions.begin() as session:
-            row = await _row(session, location_id)
+            row = await _row(session, location_id, ctx.principal)
             inside = await session.scalar(
                 select(func.count()).where(LocationRow.parent_id == location_id)
             )
@@ -112,24 +127,19 @@ class LocationService:
                 raise Conflict(f"{devices} device(s) are in {row.path!r}: move them first")
             await session.delete(row)
             await session.flush()
-            await self._publish(row, "deleted", actor, correlation_id)
+            await self._publish(row, "deleted", ctx)
 
-    async def _publish(
-        self,
-        row: LocationRow,
-        change: Change,
-        actor: str,
-        correlation_id: str,
-    ) -> None:
+    async def _publish(self, row: LocationRow, change: Change, ctx: Context) -> None:
         await publish_change(
             self._js,
             subjects.location_changed(row.id),
             "location",
             row.id,
             change,
-            actor=actor,
-            correlation_id=correlation_id,
+            actor=ctx.principal.actor,
+            correlation_id=ctx.correlation_id,
             detail=_fields(row),
+            home=home_of(row.path),
         )
 
 
@@ -158,7 +168,9 @@ async def check_device_location(session: AsyncSession, path: str | None) -> None
     )
 
 
-async def _parent(session: AsyncSession, data: LocationCreate) -> LocationRow | None:
+async def _parent(
+    session: AsyncSession, data: LocationCreate, principal: Principal
+) -> LocationRow | None:
     allowed = PARENT_KINDS[data.kind]
     if not allowed:
         if data.parent_id is not None:
@@ -169,7 +181,7 @@ async def _parent(session: AsyncSession, data: LocationCreate) -> LocationRow | 
             f"a {data.kind} needs a parent_id ({' or '.join(allowed)})", field="$.parent_id"
         )
     parent = await session.get(LocationRow, data.parent_id)
-    if parent is None:
+    if parent is None or not principal.sees(home_of(parent.path)):
         raise Invalid(f"no location {data.parent_id!r}", field="$.parent_id")
     if parent.kind not in allowed:
         raise Invalid(
@@ -179,10 +191,12 @@ async def _parent(session: AsyncSession, data: LocationCreate) -> LocationRow | 
     return parent
 
 
-async def _row(session: AsyncSession, location_id: str) -> LocationRow:
+async def _row(session: AsyncSession, location_id: str, principal: Principal) -> LocationRow:
     row = await session.get(LocationRow, location_id)
+    missing = f"no location {location_id!r}"
     if row is None:
-        raise NotFound(f"no location {location_id!r}")
+        raise NotFound(missing)
+    scope.visible(principal, home_of(row.path), missing)
     return row
 
 

@@ -10,9 +10,10 @@ from litestar.params import FromPath, JSONBody
 from litestar.status_codes import HTTP_204_NO_CONTENT
 
 from libs.messages import RuleSpec
+from libs.principals import Permission, Principal
+from services.gateway.auth.context import Context, provide_context
+from services.gateway.auth.guards import requires
 from services.gateway.body import StrictBody
-from services.gateway.correlation import provide_correlation_id
-from services.gateway.identity import ACTOR
 from services.gateway.pagination import CursorParam, limit_param
 from services.gateway.resources import Resources
 from services.gateway.rules.schemas import (
@@ -30,9 +31,9 @@ ACTIONS_CHECKED = (
     "device's kind accepts (light: turn_on, turn_off, toggle, set_brightness with "
     "`params.level` 0-100; energy_meter: reset_energy; switch: turn_on, turn_off, toggle; "
     "thermostat: set_target with `params.celsius`; sensor: none; any other kind: anything); "
-    "a mismatch answers 422 naming the field (`$.actions[0].action`). A target that is not "
-    "registered yet is accepted: it may register later, and until it does the rules service "
-    "refuses the command at run time and says so in the rule's runs."
+    "a mismatch answers 422 naming the field (`$.actions[0].action`). In a rule of no home, a "
+    "target that is not registered yet is accepted: it may register later, and until it does "
+    "the rules service refuses the command at run time and says so in the rule's runs."
 )
 DRY_RUN = (
     "Replays the recorded history between `since` (inclusive) and `until` (exclusive, "
@@ -52,6 +53,17 @@ DRY_RUN = (
 )
 
 
+HOMES = (
+    "A resident's rule belongs to one of its homes (`home`; its only one when omitted) and "
+    "may name only devices registered there, each checked (422 naming the field, e.g. "
+    "`$.actions[0].device_id`); a selector matches that home's devices, and a `notify` "
+    "names a subscription of that home. An administrator's rule without `home` reads the "
+    "whole platform. "
+)
+READ = [requires(Permission.READ)]
+MANAGE = [requires(Permission.MANAGE_RULES)]
+
+
 def provide_rule_service(resources: NamedDependency[Resources]) -> RuleService:
     return RuleService(resources.sessions, resources.nc, resources.js)
 
@@ -61,50 +73,64 @@ class RuleController(Controller):
     tags = ["rules"]
     dependencies = {
         "rules": Provide(provide_rule_service, sync_to_thread=False),
-        "correlation_id": Provide(provide_correlation_id, sync_to_thread=False),
+        "ctx": Provide(provide_context, sync_to_thread=False),
     }
 
     @post(
         "/",
         dto=StrictBody[RuleSpec],
+        guards=MANAGE,
         operation_id="createRule",
         summary="Create a rule",
         description="Without `id` one is generated. An id that exists answers 409; the id "
-        "`test` is reserved. " + ACTIONS_CHECKED,
+        "`test` is reserved. " + HOMES + ACTIONS_CHECKED,
     )
     async def create(
         self,
         rules: NamedDependency[RuleService],
         data: JSONBody[RuleSpec],
-        correlation_id: NamedDependency[str],
+        ctx: NamedDependency[Context],
     ) -> RuleView:
-        return await rules.create(data, actor=ACTOR, correlation_id=correlation_id)
+        return await rules.create(data, ctx)
 
-    @get("/", operation_id="listRules", summary="List rules")
+    @get(
+        "/",
+        guards=READ,
+        operation_id="listRules",
+        summary="List rules",
+        description="The rules of the caller's homes.",
+    )
     async def list_rules(
         self,
         rules: NamedDependency[RuleService],
+        principal: NamedDependency[Principal],
         cursor: CursorParam = None,
         limit: Annotated[int, limit_param(50, 500)] = 50,
     ) -> RulePage:
-        return await rules.list(limit, cursor)
+        return await rules.list(limit, cursor, principal)
 
     @post(
         "/test",
         dto=StrictBody[DryRunRequest],
+        guards=MANAGE,
         operation_id="testRuleBody",
         summary="Try a rule before saving it: when it would have fired over recorded history",
-        description=DRY_RUN + " The rule is checked as on creation (errors name `$.rule...`).",
+        description=DRY_RUN + " The rule is checked as on creation (errors name `$.rule...`), "
+        "its home too.",
         status_code=200,
     )
     async def test_rule_body(
-        self, rules: NamedDependency[RuleService], data: JSONBody[DryRunRequest]
+        self,
+        rules: NamedDependency[RuleService],
+        principal: NamedDependency[Principal],
+        data: JSONBody[DryRunRequest],
     ) -> DryRunResult:
-        return await rules.test_spec(data)
+        return await rules.test_spec(data, principal)
 
     @post(
         "/{rule_id:str}/test",
         dto=StrictBody[DryRunWindow],
+        guards=READ,
         operation_id="testRule",
         summary="Dry-run a rule: when it would have fired over recorded history",
         description=DRY_RUN + " A rule that does not exist answers 404.",
@@ -113,35 +139,41 @@ class RuleController(Controller):
     async def test_rule(
         self,
         rules: NamedDependency[RuleService],
+        principal: NamedDependency[Principal],
         rule_id: FromPath[str],
         data: JSONBody[DryRunWindow],
     ) -> DryRunResult:
-        return await rules.test(rule_id, data)
+        return await rules.test(rule_id, data, principal)
 
-    @get("/{rule_id:str}", operation_id="getRule", summary="Get a rule")
+    @get("/{rule_id:str}", guards=READ, operation_id="getRule", summary="Get a rule")
     async def get_rule(
-        self, rules: NamedDependency[RuleService], rule_id: FromPath[str]
+        self,
+        rules: NamedDependency[RuleService],
+        principal: NamedDependency[Principal],
+        rule_id: FromPath[str],
     ) -> RuleView:
-        return await rules.get(rule_id)
+        return await rules.get(rule_id, principal)
 
     @put(
         "/{rule_id:str}",
         dto=StrictBody[RuleSpec],
+        guards=MANAGE,
         operation_id="replaceRule",
         summary="Replace a rule (its version increments)",
-        description=ACTIONS_CHECKED,
+        description="Without `home` the rule stays in its home. " + HOMES + ACTIONS_CHECKED,
     )
     async def replace(
         self,
         rules: NamedDependency[RuleService],
         rule_id: FromPath[str],
         data: JSONBody[RuleSpec],
-        correlation_id: NamedDependency[str],
+        ctx: NamedDependency[Context],
     ) -> RuleView:
-        return await rules.replace(rule_id, data, actor=ACTOR, correlation_id=correlation_id)
+        return await rules.replace(rule_id, data, ctx)
 
     @delete(
         "/{rule_id:str}",
+        guards=MANAGE,
         operation_id="deleteRule",
         summary="Delete a rule",
         status_code=HTTP_204_NO_CONTENT,
@@ -150,20 +182,22 @@ class RuleController(Controller):
         self,
         rules: NamedDependency[RuleService],
         rule_id: FromPath[str],
-        correlation_id: NamedDependency[str],
+        ctx: NamedDependency[Context],
     ) -> None:
-        await rules.delete(rule_id, actor=ACTOR, correlation_id=correlation_id)
+        await rules.delete(rule_id, ctx)
 
     @get(
         "/{rule_id:str}/runs",
+        guards=READ,
         operation_id="listRuleRuns",
         summary="A rule's trace: each firing, clearing or error, newest last",
     )
     async def runs(
         self,
         rules: NamedDependency[RuleService],
+        principal: NamedDependency[Principal],
         rule_id: FromPath[str],
         cursor: CursorParam = None,
         limit: Annotated[int, limit_param(50, 500)] = 50,
     ) -> RuleRunPage:
-        return await rules.runs(rule_id, limit, cursor)
+        return await rules.runs(rule_id, limit, cursor, principal)

@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from libs import device_state, subjects
 from libs import messages as m
 from libs import rule_logic as rl
+from libs.db.engine import at_or_under
 from libs.db.models import AuditEntry, HistoryEntry
 from libs.db.models import Device as DeviceRow
 from libs.errors import Invalid
@@ -93,7 +94,7 @@ async def dry_run(
             rl.Recorded(time, device_id, type_, data or {}) for device_id, time, type_, data in rows
         ]
     if isinstance(rule.trigger, m.StateTrigger):
-        history += await _presence_timeouts(session, rule.trigger, rule.conditions, window)
+        history += await _presence_timeouts(session, rule, rule.trigger, window)
         if len(history) > MAX_ROWS:
             raise Invalid(
                 f"the window holds more than {MAX_ROWS:,} history rows of the devices this rule "
@@ -139,7 +140,7 @@ def would_send(
                     WouldCommand(
                         at=at,
                         subject=subjects.commands(action.device_id),
-                        skipped=_refusal(action.device_id, registry),
+                        skipped=rl.refusal(action.device_id, registry, rule.home),
                         device_id=action.device_id,
                         action=action.action,
                         params=dict(action.params),
@@ -151,7 +152,7 @@ def would_send(
                     WouldSetState(
                         at=at,
                         subject=subjects.device_events(action.device_id, "mark"),
-                        skipped=_refusal(action.device_id, registry),
+                        skipped=rl.refusal(action.device_id, registry, rule.home),
                         device_id=action.device_id,
                         state=action.state,
                     )
@@ -170,7 +171,7 @@ def would_send(
                     WouldPublish(
                         at=at,
                         subject=subjects.device_events(action.device_id, action.event_type),
-                        skipped=_refusal(action.device_id, registry),
+                        skipped=rl.refusal(action.device_id, registry, rule.home),
                         device_id=action.device_id,
                         event_type=action.event_type,
                         data=dict(action.data),
@@ -251,21 +252,25 @@ def _state_reason(trigger: m.StateTrigger, episode: rl.Episode) -> str:
 async def _registry(
     session: AsyncSession, rule: m.Rule, rule_root: str | None
 ) -> dict[str, rl.DeviceInfo]:
-    """The registry entries the rule touches: its action targets and, for a selector, every
-    device the selector matches (at most MAX_DEVICES)."""
+    """The registry entries the rule touches: the devices it names and, for a selector, every
+    device the selector matches (at most MAX_DEVICES); those of its home for a homed rule
+    (today's registry: a device that left the home since is not read, nor sent to)."""
     targets = {
         a.device_id
         for a in rule.actions
         if isinstance(a, m.CommandAction | m.SetStateAction | m.PublishAction)
     }
-    entries = await _entries(session, select_ids=targets) if targets else {}
     trigger = rule.trigger
+    if isinstance(trigger, m.ThresholdTrigger | m.StateTrigger) and trigger.device_id:
+        targets.add(trigger.device_id)
+    targets |= _condition_devices(rule.conditions)
+    entries = await _entries(session, rule.home, select_ids=targets) if targets else {}
     if isinstance(trigger, m.ThresholdTrigger) and trigger.selector is not None:
-        selected = await _entries(session, kind=trigger.selector.kind)
+        selected = await _entries(session, rule.home, kind=trigger.selector.kind)
         matching = {
             device_id: entry
             for device_id, entry in selected.items()
-            if rl.selects(trigger, device_id, entry)
+            if rl.selects(trigger, device_id, entry, rule.home)
         }
         if len(matching) > MAX_DEVICES:
             raise Invalid(
@@ -278,11 +283,17 @@ async def _registry(
 
 
 async def _entries(
-    session: AsyncSession, *, select_ids: Iterable[str] | None = None, kind: str | None = None
+    session: AsyncSession,
+    home: str | None,
+    *,
+    select_ids: Iterable[str] | None = None,
+    kind: str | None = None,
 ) -> dict[str, rl.DeviceInfo]:
     statement = select(
         DeviceRow.id, DeviceRow.kind, DeviceRow.location, DeviceRow.metadata_, DeviceRow.enabled
     )
+    if home is not None:
+        statement = statement.where(at_or_under(DeviceRow.location, home))
     if select_ids is not None:
         statement = statement.where(DeviceRow.id.in_(list(select_ids)))
     if kind is not None:
@@ -314,6 +325,8 @@ def _history(
         .order_by(h.time, h.id)
         .limit(MAX_ROWS + 1)
     )
+    if rule.home is not None:  # a homed rule reads its home's devices only
+        statement = statement.where(h.device_id.in_(_home_devices(rule.home)))
     trigger = rule.trigger
     if isinstance(trigger, m.ThresholdTrigger):
         if trigger.device_id is not None:
@@ -341,15 +354,12 @@ def _history(
 
 
 async def _presence_timeouts(
-    session: AsyncSession,
-    trigger: m.StateTrigger,
-    conditions: Iterable[m.Condition],
-    window: DryRunWindow,
+    session: AsyncSession, rule: m.Rule, trigger: m.StateTrigger, window: DryRunWindow
 ) -> list[rl.Recorded]:
     """The heartbeat timeouts that took these devices offline, as the audit log has them."""
     a = AuditEntry
-    devices = {trigger.device_id} | _condition_devices(conditions)
-    rows = await session.execute(
+    devices = {trigger.device_id} | _condition_devices(rule.conditions)
+    statement = (
         select(a.device_id, a.time, a.detail)
         .where(
             a.device_id.in_(sorted(devices)),
@@ -361,11 +371,18 @@ async def _presence_timeouts(
         .order_by(a.time, a.id)
         .limit(MAX_ROWS + 1)
     )
+    if rule.home is not None:
+        statement = statement.where(a.device_id.in_(_home_devices(rule.home)))
+    rows = await session.execute(statement)
     return [
         rl.Recorded(time, device_id, PRESENCE_TIMEOUT, {})
         for device_id, time, detail in rows
         if device_id is not None and (detail or {}).get("cause") == PRESENCE_TIMEOUT
     ]
+
+
+def _home_devices(home: str) -> Select[tuple[str]]:
+    return select(DeviceRow.id).where(at_or_under(DeviceRow.location, home))
 
 
 def _condition_devices(conditions: Iterable[m.Condition]) -> set[str]:
@@ -379,16 +396,3 @@ def _condition_devices(conditions: Iterable[m.Condition]) -> set[str]:
             case m.Not(condition=inner):
                 found |= _condition_devices([inner])
     return found
-
-
-# --- why an action would not go out --------------------------------------------------------
-
-
-def _refusal(device_id: str, registry: Mapping[str, rl.DeviceInfo]) -> str | None:
-    # As the rules service refuses it (services/rules/actions.py), judged on today's registry.
-    entry = registry.get(device_id)
-    if entry is None:
-        return f"device {device_id} is not registered"
-    if not entry.enabled:
-        return f"device {device_id} is disconnected"
-    return None

@@ -8,13 +8,26 @@ from typing import Any, Literal
 
 import msgspec
 
-from libs.messages import AttributeValue, DurationValue, RuleSpec, ZonedTime
+from libs.messages import (
+    AttributeValue,
+    Condition,
+    DurationValue,
+    RuleMode,
+    RuleSpec,
+    ZonedTime,
+)
 
 
 class RuleView(RuleSpec, frozen=True, kw_only=True):
     """A stored rule: what the user wrote (with its `id`), `version` (increments on every
     replacement) and when it was created and last changed."""
 
+    # Optional in what a user writes, always in what the API answers (so required here).
+    id: str
+    conditions: list[Condition]
+    mode: RuleMode
+    enabled: bool
+    home: str | None
     version: int
     created_at: datetime
     updated_at: datetime

@@ -9,10 +9,11 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
+from libs.principals import Permission, Principal
 from libs.webhooks import WebhookSettings
+from services.gateway.auth.context import Context, provide_context
+from services.gateway.auth.guards import requires
 from services.gateway.body import StrictBody
-from services.gateway.correlation import provide_correlation_id
-from services.gateway.identity import ACTOR
 from services.gateway.pagination import CursorParam, limit_param
 from services.gateway.resources import Resources
 from services.gateway.subscriptions.schemas import (
@@ -35,9 +36,11 @@ def provide_subscription_service(resources: NamedDependency[Resources]) -> Subsc
 class SubscriptionController(Controller):
     path = "/subscriptions"
     tags = ["subscriptions"]
+    # Residents manage their homes' webhooks; installers have none.
+    guards = [requires(Permission.MANAGE_SUBSCRIPTIONS)]
     dependencies = {
         "subscriptions": Provide(provide_subscription_service, sync_to_thread=False),
-        "correlation_id": Provide(provide_correlation_id, sync_to_thread=False),
+        "ctx": Provide(provide_context, sync_to_thread=False),
     }
 
     @post(
@@ -49,26 +52,35 @@ class SubscriptionController(Controller):
         "to `url`, in order, signed after the Standard Webhooks spec (`webhook-id`, "
         "`webhook-timestamp`, `webhook-signature`), and retried with back-off for 24 h. So are "
         "the alerts of rules whose `notify` action names this subscription. The "
-        "answer holds the signing secret; it is not shown again. URLs that resolve to loopback, "
-        "link-local or cloud metadata addresses are refused unless the administrator sets "
-        "SMARTHOME_WEBHOOK_ALLOW_PRIVATE=1.",
+        "answer holds the signing secret; it is not shown again. A URL is shown without its "
+        "user info and query. URLs that lead to private, loopback, link-local, shared or cloud "
+        "metadata addresses are refused, except an administrator's inside the networks of "
+        "SMARTHOME_WEBHOOK_ALLOW_NETS; multicast and reserved addresses always. A "
+        "subscription with a `home` (a resident's always has one) receives only the messages "
+        "about that home, whatever its filter; dead letters are for administrators.",
     )
     async def create(
         self,
         subscriptions: NamedDependency[SubscriptionService],
         data: JSONBody[SubscriptionCreate],
-        correlation_id: NamedDependency[str],
+        ctx: NamedDependency[Context],
     ) -> SubscriptionCreated:
-        return await subscriptions.create(data, actor=ACTOR, correlation_id=correlation_id)
+        return await subscriptions.create(data, ctx, admin=ctx.principal.is_admin)
 
-    @get("/", operation_id="listSubscriptions", summary="List webhook subscriptions")
+    @get(
+        "/",
+        operation_id="listSubscriptions",
+        summary="List webhook subscriptions",
+        description="Those of the caller's homes.",
+    )
     async def list_subscriptions(
         self,
         subscriptions: NamedDependency[SubscriptionService],
+        principal: NamedDependency[Principal],
         cursor: CursorParam = None,
         limit: Annotated[int, limit_param(50, 500)] = 50,
     ) -> SubscriptionPage:
-        return await subscriptions.list(limit, cursor)
+        return await subscriptions.list(limit, cursor, principal)
 
     @get(
         "/{subscription_id:str}",
@@ -76,9 +88,12 @@ class SubscriptionController(Controller):
         summary="Get a webhook subscription",
     )
     async def get_subscription(
-        self, subscriptions: NamedDependency[SubscriptionService], subscription_id: FromPath[str]
+        self,
+        subscriptions: NamedDependency[SubscriptionService],
+        principal: NamedDependency[Principal],
+        subscription_id: FromPath[str],
     ) -> Subscription:
-        return await subscriptions.get(subscription_id)
+        return await subscriptions.get(subscription_id, principal)
 
     @delete(
         "/{subscription_id:str}",
@@ -90,9 +105,9 @@ class SubscriptionController(Controller):
         self,
         subscriptions: NamedDependency[SubscriptionService],
         subscription_id: FromPath[str],
-        correlation_id: NamedDependency[str],
+        ctx: NamedDependency[Context],
     ) -> None:
-        await subscriptions.delete(subscription_id, actor=ACTOR, correlation_id=correlation_id)
+        await subscriptions.delete(subscription_id, ctx)
 
     @get(
         "/{subscription_id:str}/deliveries",
@@ -102,12 +117,16 @@ class SubscriptionController(Controller):
         "`delivered` once a retry succeeded, `failed` when the retry window ended without "
         "success (the dead-letter list, see `redeliver`). `source` says whether it matched "
         "the filter or was a rule's notification addressed to the subscription; in batched "
-        "mode `webhook_id` names the request that carried it. An event delivered on its first "
-        "attempt has no record here: the subscription's `delivered` counts it.",
+        "mode `webhook_id` names the request that carried it. `last_error` says why the last "
+        "attempt failed: a class (`timeout`, `refused`, `tls`, `dns`, `blocked`, `connection`, "
+        "`3xx`, `4xx`, `5xx`, ...; the status in `last_status_code`) and a few words of ours, "
+        "never what the receiver answered. An event delivered on its first attempt has no "
+        "record here: the subscription's `delivered` counts it.",
     )
     async def deliveries(
         self,
         subscriptions: NamedDependency[SubscriptionService],
+        principal: NamedDependency[Principal],
         subscription_id: FromPath[str],
         status: Annotated[
             DeliveryStatus | None, QueryParameter(description="pending, delivered or failed")
@@ -115,7 +134,7 @@ class SubscriptionController(Controller):
         cursor: CursorParam = None,
         limit: Annotated[int, limit_param(50, 500)] = 50,
     ) -> DeliveryPage:
-        return await subscriptions.deliveries(subscription_id, status, limit, cursor)
+        return await subscriptions.deliveries(subscription_id, status, limit, cursor, principal)
 
     @post(
         "/{subscription_id:str}/redeliver",
@@ -129,8 +148,6 @@ class SubscriptionController(Controller):
         self,
         subscriptions: NamedDependency[SubscriptionService],
         subscription_id: FromPath[str],
-        correlation_id: NamedDependency[str],
+        ctx: NamedDependency[Context],
     ) -> Redelivery:
-        return await subscriptions.redeliver(
-            subscription_id, actor=ACTOR, correlation_id=correlation_id
-        )
+        return await subscriptions.redeliver(subscription_id, ctx)

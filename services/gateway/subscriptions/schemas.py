@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from libs.messages import Token
+
 Mode = Literal["structured", "binary", "batched"]
 DeliveryStatus = Literal["pending", "delivered", "failed"]
 DeliverySource = Literal["filter", "notify"]
@@ -58,6 +60,14 @@ class SubscriptionCreate(msgspec.Struct, forbid_unknown_fields=True, frozen=True
         ]
         | None
     ) = None
+    home: Annotated[
+        Token | None,
+        msgspec.Meta(
+            description="deliver only the messages about this home (its devices, rules, "
+            "locations); a resident's subscription always has one (its only home when "
+            "omitted); an administrator's without one gets every message of its filter"
+        ),
+    ] = None
 
 
 class Subscription(msgspec.Struct, frozen=True):
@@ -75,6 +85,7 @@ class Subscription(msgspec.Struct, frozen=True):
     created_at: datetime
     delivered: int
     last_delivered_at: datetime | None
+    home: str | None
 
 
 class SubscriptionCreated(Subscription, frozen=True):

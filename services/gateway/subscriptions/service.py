@@ -23,6 +23,9 @@ from libs import subjects, webhooks
 from libs.db.models import Delivery
 from libs.db.models import Subscription as SubscriptionRow
 from libs.errors import Invalid, NotFound
+from libs.principals import Principal
+from services.gateway import scope
+from services.gateway.auth.context import Context
 from services.gateway.changes import Change, publish_change
 from services.gateway.pagination import decode_cursor, page
 from services.gateway.resources import require_bus
@@ -53,16 +56,22 @@ class SubscriptionService:
         self._settings = settings
 
     async def create(
-        self, data: SubscriptionCreate, *, actor: str, correlation_id: str
+        self, data: SubscriptionCreate, ctx: Context, *, admin: bool
     ) -> SubscriptionCreated:
-        """Store the subscription and create its consumer: events from now on are kept for it."""
+        """Store the subscription and create its consumer: events from now on are kept for it.
+        Its URL may lead to a private, loopback or link-local address inside the allow-nets
+        only when `admin` (the principal is an administrator); to a public one in any case.
+        It receives the messages of its home only (`libs.homes`); a resident's has one."""
         stream = _checked(webhooks.check_filter, data.filter, "$.filter")
+        home = scope.home_for(ctx.principal, data.home, "$.home")
+        if stream == subjects.DEADLETTER_STREAM and not ctx.principal.is_admin:
+            raise Invalid("dead letters are for administrators", field="$.filter")
         if data.batch_size is not None and data.mode != "batched":
             raise Invalid(
                 f"batch_size is for mode `batched` only (mode is `{data.mode}`)",
                 field="$.batch_size",
             )
-        await _checked_url(data.url, self._settings.allow_private)
+        await _checked_url(data.url, self._settings.allow_nets, allow_private_targets=admin)
         secret = data.secret or webhooks.new_secret()
         _checked(webhooks.secret_key, secret, "$.secret")
         require_bus(self._nc)
@@ -77,7 +86,8 @@ class SubscriptionService:
             batch_size=batch_size,
             secret=secret,
             enabled=True,
-            created_by=actor,
+            created_by=ctx.principal.actor,
+            home=home,
             created_at=m.now(),
             delivered_count=0,
         )
@@ -98,26 +108,27 @@ class SubscriptionService:
                 with contextlib.suppress(Exception):
                     await self._js.delete_consumer(consumer_stream, config.durable_name)
             raise
-        await self._signal(row, "created", actor, correlation_id)
+        await self._signal(row, "created", ctx)
         return SubscriptionCreated(**_fields(row), secret=secret)
 
-    async def get(self, subscription_id: str) -> Subscription:
+    async def get(self, subscription_id: str, principal: Principal) -> Subscription:
         async with self._sessions() as session:
-            return _view(await self._row(session, subscription_id))
+            return _view(await self._row(session, subscription_id, principal))
 
-    async def list(self, limit: int, cursor: str | None) -> SubscriptionPage:
+    async def list(self, limit: int, cursor: str | None, principal: Principal) -> SubscriptionPage:
         query = select(SubscriptionRow).order_by(SubscriptionRow.id).limit(limit + 1)
+        query = scope.homed(principal, query, SubscriptionRow.home)
         if cursor:
             query = query.where(SubscriptionRow.id > decode_cursor(cursor, str))
         async with self._sessions() as session:
             rows = list(await session.scalars(query))
         return page(rows, limit, key=lambda r: r.id, view=_view, into=SubscriptionPage)
 
-    async def delete(self, subscription_id: str, *, actor: str, correlation_id: str) -> None:
+    async def delete(self, subscription_id: str, ctx: Context) -> None:
         """Remove the subscription, its consumers and its delivery records."""
         require_bus(self._nc)
         async with self._sessions.begin() as session:
-            row = await self._row(session, subscription_id)
+            row = await self._row(session, subscription_id, ctx.principal)
             stream = webhooks.check_filter(row.filter)
             await session.execute(delete(Delivery).where(Delivery.subscription_id == row.id))
             await session.delete(row)
@@ -128,10 +139,15 @@ class SubscriptionService:
                 await self._js.delete_consumer(
                     subjects.SYSTEM_STREAM, webhooks.notify_consumer_name(row.id)
                 )
-        await self._signal(row, "deleted", actor, correlation_id)
+        await self._signal(row, "deleted", ctx)
 
     async def deliveries(
-        self, subscription_id: str, status: DeliveryStatus | None, limit: int, cursor: str | None
+        self,
+        subscription_id: str,
+        status: DeliveryStatus | None,
+        limit: int,
+        cursor: str | None,
+        principal: Principal,
     ) -> DeliveryPage:
         """The subscription's deliveries that needed more than one attempt, oldest first;
         `failed` ones are the dead letters."""
@@ -146,17 +162,15 @@ class SubscriptionService:
         if cursor:
             query = query.where(Delivery.id > decode_cursor(cursor, int))
         async with self._sessions() as session:
-            await self._row(session, subscription_id)
+            await self._row(session, subscription_id, principal)
             rows = list(await session.scalars(query))
         return page(rows, limit, key=lambda r: r.id, view=_delivery_view, into=DeliveryPage)
 
-    async def redeliver(
-        self, subscription_id: str, *, actor: str, correlation_id: str
-    ) -> Redelivery:
+    async def redeliver(self, subscription_id: str, ctx: Context) -> Redelivery:
         """Queue every failed delivery to be sent again (`pending` without a next attempt)."""
         require_bus(self._nc)
         async with self._sessions.begin() as session:
-            row = await self._row(session, subscription_id)
+            row = await self._row(session, subscription_id, ctx.principal)
             result = await session.execute(
                 update(Delivery)
                 .where(
@@ -165,21 +179,24 @@ class SubscriptionService:
                 )
                 .values(status=webhooks.PENDING, next_attempt_at=None)
             )
-        await self._signal(row, "redelivered", actor, correlation_id, result.rowcount or 0)
+        await self._signal(row, "redelivered", ctx, result.rowcount or 0)
         return Redelivery(redelivered=result.rowcount or 0)
 
-    async def _row(self, session: AsyncSession, subscription_id: str) -> SubscriptionRow:
+    async def _row(
+        self, session: AsyncSession, subscription_id: str, principal: Principal
+    ) -> SubscriptionRow:
         row = await session.get(SubscriptionRow, subscription_id)
+        missing = f"subscription {subscription_id!r} does not exist"
         if row is None:
-            raise NotFound(f"subscription {subscription_id!r} does not exist")
+            raise NotFound(missing)
+        scope.visible(principal, row.home, missing)
         return row
 
     async def _signal(
         self,
         row: SubscriptionRow,
         change: Change,
-        actor: str,
-        correlation_id: str,
+        ctx: Context,
         redelivered: int | None = None,
     ) -> None:
         """The webhooks service reloads the subscription; the recorder audits the change."""
@@ -192,9 +209,10 @@ class SubscriptionService:
             "subscription",
             row.id,
             change,
-            actor=actor,
-            correlation_id=correlation_id,
+            actor=ctx.principal.actor,
+            correlation_id=ctx.correlation_id,
             detail=detail,
+            home=row.home,
         )
 
 
@@ -205,21 +223,27 @@ def _checked(check: Callable[[str], T], value: str, field: str) -> T:
         raise Invalid(str(exc), field=field) from None
 
 
-async def _checked_url(url: str, allow_private: bool) -> None:
+async def _checked_url(
+    url: str, nets: tuple[webhooks.IPNetwork, ...], *, allow_private_targets: bool
+) -> None:
     # getaddrinfo blocks: resolve in a thread.
     try:
-        await asyncio.to_thread(webhooks.check_url, url, allow_private)
+        await asyncio.to_thread(
+            webhooks.check_url, url, nets, allow_private_targets=allow_private_targets
+        )
     except ValueError as exc:
-        raise Invalid(f"{url!r}: {exc}", field="$.url") from None
+        raise Invalid(f"{_without_secrets(url)!r}: {exc}", field="$.url") from None
 
 
 def _without_secrets(url: str) -> str:
-    """What the audit may show of a URL: no user info, query or fragment (tokens hide there)."""
+    """What answers and the audit show of a URL: no user info, query or fragment (tokens
+    hide there)."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     netloc = f"[{host}]" if ":" in host else host
-    if parts.port is not None:
-        netloc += f":{parts.port}"
+    with contextlib.suppress(ValueError):  # a port that is no number is left out
+        if parts.port is not None:
+            netloc += f":{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
@@ -227,7 +251,7 @@ def _fields(row: SubscriptionRow) -> dict[str, Any]:
     return {
         "id": row.id,
         "filter": row.filter,
-        "url": row.url,
+        "url": _without_secrets(row.url),
         "mode": row.mode,
         "batch_size": row.batch_size,
         "enabled": row.enabled,
@@ -235,6 +259,7 @@ def _fields(row: SubscriptionRow) -> dict[str, Any]:
         "created_at": row.created_at,
         "delivered": row.delivered_count or 0,
         "last_delivered_at": row.last_delivered_at,
+        "home": row.home,
     }
 
 

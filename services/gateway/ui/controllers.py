@@ -1,13 +1,27 @@
-"""`GET /`: the web UI, one self-contained page (no build step, no external CDN)."""
+"""`GET /` and `/ui/*`: the web UI, a page with its script and style beside it (no build
+step, no external CDN; nothing inline, so that the CSP can forbid inline script and style)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from litestar import Controller, get
+from litestar.params import FromPath
 from litestar.response import File
 
-PAGE = Path(__file__).parent / "index.html"
+from libs.errors import NotFound
+
+HERE = Path(__file__).parent
+PAGE = HERE / "index.html"
+# What /ui/ serves, by name: nothing else in this directory is reachable.
+ASSETS = {
+    "app.js": "text/javascript; charset=utf-8",
+    "session.js": "text/javascript; charset=utf-8",
+    "app.css": "text/css; charset=utf-8",
+    "icon.svg": "image/svg+xml",
+}
+# Revalidated on every load: an upgraded gateway's page never runs with a stale script.
+NO_CACHE = {"cache-control": "no-cache"}
 
 
 class UIController(Controller):
@@ -16,4 +30,18 @@ class UIController(Controller):
 
     @get("/", operation_id="ui", summary="The web UI")
     async def index(self) -> File:
-        return File(PAGE, content_disposition_type="inline", media_type="text/html")
+        return File(
+            PAGE,
+            content_disposition_type="inline",
+            media_type="text/html; charset=utf-8",
+            headers=NO_CACHE,
+        )
+
+    @get("/ui/{name:str}", operation_id="uiAsset", summary="The web UI's script and style")
+    async def asset(self, name: FromPath[str]) -> File:
+        media_type = ASSETS.get(name)
+        if media_type is None:
+            raise NotFound(f"no UI file named {name!r}")
+        return File(
+            HERE / name, content_disposition_type="inline", media_type=media_type, headers=NO_CACHE
+        )

@@ -1,0 +1,297 @@
+"""Which home a bus message is about, for those who may see only their homes' messages: the
+gateway's replay, SSE and WebSocket for residents and installers, the webhooks of a home.
+
+A subject names the object it is about:
+
+    events.<device>.<type>, commands.<device>, system.device.<device>.<fact>  → a device
+    system.rule.<rule>.<fact>, system.alert.<rule>                          → a rule
+    system.notify.<subscription>, system.subscription.<subscription>.changed → a subscription
+    system.location.<location>                                              → a location
+
+and `HomeIndex` holds each object's home in memory: a device's is the first segment of its
+location, a rule's and a subscription's the one they belong to, a location's the home it is
+in. Classifying a message is one split of its subject and one dict lookup (`home`): no I/O,
+whatever the number of homes, objects or followers, and a live feed does it once per message
+for all its followers. A message about no home (a dead letter, a user's or an API key's
+change, a device without a location, an object the index does not know) is for
+administrators only, who skip the classification entirely.
+
+The index is read from the database (`reload`) and kept current by the facts that change it,
+on core NATS as they are published (`start`): registry facts (`system.device.*.registry`)
+and the change facts of rules, subscriptions and locations. An object deleted keeps its home
+until the next reload, so that the fact of its deletion, and what was on its way, still reach
+its home. The owner reloads now and then (`keep_current`, or `refresh_if_stale` per use) to
+heal what a lost connection missed; between reloads an object the index has not heard of
+yet is hidden (never shown to the wrong home), and the webhooks ask the database for it
+(`look_up`) rather than drop its messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Final
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from libs import messages as m
+from libs import subjects, webhooks
+from libs.db.models import Device, Location, RuleRecord, Subscription
+from libs.principals import home_of
+
+log = logging.getLogger(__name__)
+
+DEVICE: Final = "device"
+RULE: Final = "rule"
+SUBSCRIPTION: Final = "subscription"
+LOCATION: Final = "location"
+KINDS = (DEVICE, RULE, SUBSCRIPTION, LOCATION)
+
+# (first token, second token) → (what the next token names, how many tokens the subject has).
+_SYSTEM = {
+    "device": (DEVICE, 4),
+    "rule": (RULE, 4),
+    "alert": (RULE, 3),
+    "notify": (SUBSCRIPTION, 3),
+    "subscription": (SUBSCRIPTION, 4),
+    "location": (LOCATION, 3),
+}
+# The facts that change what the index holds.
+WATCHED = (
+    subjects.DEVICE_REGISTRY_ALL,
+    subjects.RULES_CHANGED_ALL,
+    webhooks.SUBSCRIPTIONS_CHANGED_ALL,
+    subjects.location_changed("*"),
+)
+RELOAD_EVERY_S = 60.0
+# An object the database did not know when asked is not asked for again for this long.
+UNKNOWN_FOR_S = 5.0
+
+Homes = dict[str, dict[str, str | None]]
+
+
+def about(subject: str) -> tuple[str, str] | None:
+    """The object a subject is about, as (kind, id); None when it is about no object that
+    belongs to a home (a dead letter, a user, an API key, anything unknown)."""
+    tokens = subject.split(".")
+    first = tokens[0]
+    if first == "events":
+        return (DEVICE, tokens[1]) if len(tokens) == 3 else None
+    if first == "commands":
+        return (DEVICE, tokens[1]) if len(tokens) == 2 else None
+    if first == "system" and len(tokens) >= 3:
+        kind = _SYSTEM.get(tokens[1])
+        if kind is not None and len(tokens) == kind[1]:
+            return kind[0], tokens[2]
+    return None
+
+
+class HomeIndex:
+    """Each object's home, in memory; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._homes: Homes = {kind: {} for kind in KINDS}
+        self._unknown: dict[tuple[str, str], float] = {}  # asked for, not found: until when
+        self._since_reload: list[tuple[str, bytes]] | None = None  # facts during a reload
+        self._sessions: async_sessionmaker[AsyncSession] | None = None
+        self._subscriptions: list[NatsSubscription] = []
+        self._reloading: asyncio.Task[None] | None = None
+        self.nc: NATS | None = None
+        self.loaded_at = float("-inf")
+
+    # --- classification (hot path) ------------------------------------------------------
+
+    def home(self, subject: str) -> str | None:
+        """The home of the object `subject` is about; None: no home's (admins only)."""
+        key = about(subject)
+        if key is None:
+            return None
+        return self._homes[key[0]].get(key[1])
+
+    def knows(self, subject: str) -> bool:
+        """Whether the index can tell the message's home (or that it is no object's)."""
+        key = about(subject)
+        return key is None or key[1] in self._homes[key[0]]
+
+    def set(self, kind: str, object_id: str, home: str | None) -> None:
+        self._homes[kind][object_id] = home
+
+    # --- keeping it current -------------------------------------------------------------
+
+    def learn(self, subject: str, data: bytes) -> None:
+        """Apply a fact that may change an object's home (see WATCHED); anything else, or a
+        fact that cannot be read, changes nothing."""
+        if self._since_reload is not None:
+            self._since_reload.append((subject, data))
+        self._apply(self._homes, subject, data)
+
+    @staticmethod
+    def _apply(homes: Homes, subject: str, data: bytes) -> None:
+        key = about(subject)
+        if key is None:
+            return
+        kind, object_id = key
+        try:
+            if kind == DEVICE:
+                if not subject.endswith(".registry"):
+                    return
+                fact = m.registry_fact_decoder.decode(data)
+                if fact.device is not None:  # a deleted one keeps its home until a reload
+                    homes[DEVICE][object_id] = home_of(fact.device.get("location"))
+                return
+            if kind == RULE and not subject.endswith(".changed"):
+                return  # a firing, an alert: nothing changes
+            if kind == SUBSCRIPTION and not subject.endswith(".changed"):
+                return
+            change = m.change_fact_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        homes[kind][object_id] = change.home
+
+    async def start(
+        self, nc: NATS, sessions: async_sessionmaker[AsyncSession], *, must_load: bool = True
+    ) -> None:
+        """Follow the facts (first, so that none is missed while reading), then read all.
+        Unless `must_load`, a database that does not answer is logged, not raised: the
+        owner's `keep_current` reads it when it answers (meanwhile `look_up` asks)."""
+        self.nc = nc
+        self._sessions = sessions
+
+        async def on_fact(msg: Msg) -> None:
+            self.learn(msg.subject, msg.data)
+
+        try:
+            for subject in WATCHED:
+                self._subscriptions.append(await nc.subscribe(subject, cb=on_fact))
+            if must_load:
+                await self.reload()
+            else:
+                await self._reload_logged()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for subscription in subscriptions:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+        reloading, self._reloading = self._reloading, None
+        if reloading is not None:
+            reloading.cancel()
+            with contextlib.suppress(BaseException):
+                await reloading
+
+    async def reload(self) -> None:
+        """Read every object's home from the database and swap it in, with the facts that
+        came while reading applied on top (they may be newer than what was read)."""
+        assert self._sessions is not None, "start() first"
+        self._since_reload = []
+        try:
+            homes = await read_homes(self._sessions)
+            for subject, data in self._since_reload:
+                self._apply(homes, subject, data)
+            self._homes = homes
+            self._unknown.clear()
+            self.loaded_at = time.monotonic()
+        finally:
+            self._since_reload = None
+
+    def refresh_if_stale(self, max_age_s: float = RELOAD_EVERY_S) -> None:
+        """Reload in the background when the last reload is older than `max_age_s` (for an
+        owner without a task of its own: the gateway calls it as a stream or replay opens)."""
+        if time.monotonic() - self.loaded_at < max_age_s:
+            return
+        if self._reloading is not None and not self._reloading.done():
+            return
+        self._reloading = asyncio.get_running_loop().create_task(self._reload_logged())
+
+    async def keep_current(self, stop: asyncio.Event, every_s: float = RELOAD_EVERY_S) -> None:
+        """Reload every `every_s` until `stop` (for an owner with a task of its own); every
+        second until a first reload succeeded."""
+        while not stop.is_set():
+            wait = every_s if self.loaded_at > float("-inf") else min(every_s, 1.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
+            if not stop.is_set():
+                await self._reload_logged()
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except Exception as exc:  # the facts keep it current meanwhile; the next one heals
+            log.warning("homes index not reloaded: %s", exc)
+
+    async def look_up(self, subject: str) -> None:
+        """Ask the database for the object of a message the index does not know yet (a
+        fact on its way); what is not there either is not asked for again for a while."""
+        key = about(subject)
+        if key is None or key[1] in self._homes[key[0]]:
+            return
+        if self._unknown.get(key, 0.0) > time.monotonic():
+            return
+        assert self._sessions is not None, "start() first"
+        found, home = await read_home(self._sessions, *key)
+        if found:
+            self._homes[key[0]].setdefault(key[1], home)
+        else:
+            self._unknown[key] = time.monotonic() + UNKNOWN_FOR_S
+
+
+class Audience:
+    """Someone who sees the messages about its homes only (an administrator needs none)."""
+
+    __slots__ = ("homes", "index")
+
+    def __init__(self, index: HomeIndex, homes: frozenset[str]) -> None:
+        self.index = index
+        self.homes = homes
+
+    def sees(self, subject: str) -> bool:
+        return self.index.home(subject) in self.homes
+
+    def sees_home(self, home: str | None) -> bool:
+        """For a home classified once and shared by many audiences (a live feed)."""
+        return home is not None and home in self.homes
+
+
+async def read_homes(sessions: async_sessionmaker[AsyncSession]) -> Homes:
+    """Every object's home, from the database."""
+    async with sessions() as session:
+        devices = (await session.execute(select(Device.id, Device.location))).all()
+        rules = (await session.execute(select(RuleRecord.id, RuleRecord.home))).all()
+        subs = (await session.execute(select(Subscription.id, Subscription.home))).all()
+        locations = (await session.execute(select(Location.id, Location.path))).all()
+    return {
+        DEVICE: {d: home_of(location) for d, location in devices},
+        RULE: dict(rules),  # type: ignore[arg-type]
+        SUBSCRIPTION: dict(subs),  # type: ignore[arg-type]
+        LOCATION: {loc: home_of(path) for loc, path in locations},
+    }
+
+
+async def read_home(
+    sessions: async_sessionmaker[AsyncSession], kind: str, object_id: str
+) -> tuple[bool, str | None]:
+    """(whether the object exists, its home), from the database."""
+    if kind == DEVICE:
+        query = select(Device.location).where(Device.id == object_id)
+    elif kind == RULE:
+        query = select(RuleRecord.home).where(RuleRecord.id == object_id)
+    elif kind == SUBSCRIPTION:
+        query = select(Subscription.home).where(Subscription.id == object_id)
+    else:
+        query = select(Location.path).where(Location.id == object_id)
+    async with sessions() as session:
+        row = (await session.execute(query)).first()
+    if row is None:
+        return False, None
+    value = row[0]
+    return True, home_of(value) if kind in (DEVICE, LOCATION) else value

@@ -1,0 +1,1 @@
+"""The bus's identities: answers nats-server's auth callout, closes revoked connections."""
