@@ -3,7 +3,7 @@
 #   python -m services.gateway | services.actors | services.rules | services.recorder
 #             | services.webhooks
 #   python -m devices.lightbulb | devices.energy_tracker
-#   python -m libs.db.migrate
+#   python -m services.launcher migrate   # the migration Job: schema, admin, API keys
 #
 #   docker build -t smarthome .                 # the runtime image (last stage)
 #   docker build --target dev -t smarthome .    # Tilt's live-update image

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 
 from sqlalchemy import select
@@ -85,7 +86,11 @@ async def issue_api_key(
 
 
 async def ensure_api_key(
-    sessions: async_sessionmaker[AsyncSession], name: str, role: Role, key: str
+    sessions: async_sessionmaker[AsyncSession],
+    name: str,
+    role: Role,
+    key: str,
+    homes: Sequence[str] = (),
 ) -> None:
     """Register a key whose secret comes from outside (a Kubernetes Secret), once."""
     if not key.startswith(API_KEY_PREFIX) or len(key) < 36:
@@ -104,7 +109,7 @@ async def ensure_api_key(
                 name=name,
                 key_hash=digest(key),
                 role=role.value,
-                homes=[],
+                homes=list(homes),
                 created_by="platform:migrate",
                 created_at=m.now(),
             )

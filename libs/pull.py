@@ -105,8 +105,9 @@ class Puller:
 class Gaps:
     """Deliveries handed out to one reader that never arrived (see the module docstring)."""
 
-    def __init__(self) -> None:
-        self._last = 0  # the consumer sequence of the last delivery received
+    def __init__(self, last: int = 0) -> None:
+        # The consumer sequence of the last delivery received (or made, when bound).
+        self._last = last
         self._missed = False
 
     def note(self, msg: Msg) -> None:

@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -245,6 +246,9 @@ class Subscription(Base):
     created_by: Mapped[str] = mapped_column(String(200))
     # The home whose messages it receives; None: the whole bus (admins only).
     home: Mapped[str | None] = mapped_column(String(128), index=True, nullable=True)
+    # May it reach private, loopback or link-local addresses inside the allow-nets? Only when
+    # an administrator created it: a name that resolves there later is refused otherwise.
+    private_targets: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
     # Events delivered, counted by the webhooks service about once a second (a first-attempt
     # success leaves no `deliveries` row).
@@ -384,3 +388,18 @@ class DeviceClaim(Base):
     home: Mapped[str] = mapped_column(String(128))
     nonce: Mapped[str] = mapped_column(String(64))
     claimed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+
+
+class OutboxMessage(Base):
+    """A fact written in the transaction of the change it announces; `libs.outbox`'s relay
+    publishes it after commit with `id` as its `Nats-Msg-Id`, in `seq` order."""
+
+    __tablename__ = "outbox"
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    # Unique beyond this database (a restored one numbers `seq` again): the bus dedups by it.
+    id: Mapped[str] = mapped_column(String(32), unique=True)
+    subject: Mapped[str] = mapped_column(String(512))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    headers: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,7 +16,7 @@ from litestar.openapi.spec import Components, SecurityScheme, Tag
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from nats.aio.msg import Msg
 
-from libs import subjects
+from libs import outbox, subjects
 from libs.principals import Permission
 from libs.settings import Settings
 from services.gateway import connections, problems
@@ -71,20 +72,23 @@ async def _signing_in(request: Request[Any, Any, Any]) -> bool:
     return bool(request.scope["path"] == TOKEN_PATH)
 
 
-def _rate_limits(settings: Settings) -> list[DefineMiddleware]:
-    writes = RateLimitConfig(
+def _write_limit(settings: Settings) -> DefineMiddleware:
+    return RateLimitConfig(
         rate_limit=("minute", settings.writes_per_minute),
         identifier_for_request=_writer,
         check_throttle_handler=_principals_write,
         exclude=[r"^/health/"],
         store="write_rate_limit",
-    )
-    logins = RateLimitConfig(
+    ).middleware
+
+
+def _login_limit(settings: Settings) -> DefineMiddleware:
+    """Sign-in attempts per client address (behind a trusted proxy: the forwarded one)."""
+    return RateLimitConfig(
         rate_limit=("minute", settings.logins_per_minute_per_address),
         check_throttle_handler=_signing_in,
         store="login_rate_limit",
-    )
-    return [writes.middleware, logins.middleware]
+    ).middleware
 
 
 def create_app(settings: Settings) -> Litestar:
@@ -106,6 +110,10 @@ def create_app(settings: Settings) -> Litestar:
                 auth.forget_keys()  # revoked through any gateway: forgotten by every one
 
             keys_changed = await opened.nc.subscribe(subjects.API_KEYS_CHANGED_ALL, cb=forget_keys)
+            # Publishes the facts the change paths write into the outbox, after their commit.
+            relay = outbox.Relay(opened.sessions, opened.js)
+            unwatch = relay.watch()
+            relaying = asyncio.create_task(relay.run(), name="outbox-relay")
             discovery = Discovery(opened.nc, provide_device_service(opened))
             await discovery.start()
             try:
@@ -113,11 +121,16 @@ def create_app(settings: Settings) -> Litestar:
             finally:
                 await keys_changed.unsubscribe()
                 await discovery.stop()
+                await relay.stop(relaying)
+                unwatch()
 
+    # Signing in has its own per-address limit, on these routes only.
+    signing_in = Router(
+        path=API_PREFIX, route_handlers=[AuthController], middleware=[_login_limit(settings)]
+    )
     api = Router(
         path=API_PREFIX,
         route_handlers=[
-            AuthController,
             me,
             UserController,
             ApiKeyController,
@@ -137,7 +150,7 @@ def create_app(settings: Settings) -> Litestar:
         exclude=["/metrics"],
     )
     app = Litestar(
-        route_handlers=[api, HealthController, MetricsController, UIController],
+        route_handlers=[signing_in, api, HealthController, MetricsController, UIController],
         lifespan=[resources],
         state=State({"shutdown": shutdown}),
         dependencies={
@@ -153,7 +166,7 @@ def create_app(settings: Settings) -> Litestar:
             metrics.middleware,
             BrowserGuardMiddleware(settings),
             DefineMiddleware(AuthMiddleware, exclude=PUBLIC),
-            *_rate_limits(settings),
+            _write_limit(settings),
         ],
         before_send=[security_headers],
         exception_handlers=problems.exception_handlers(),

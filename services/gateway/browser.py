@@ -21,6 +21,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from libs.settings import Settings
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 JSON_TYPES = ("application/json",)
 HEADERS = {
     "content-security-policy": (
@@ -76,7 +77,12 @@ class BrowserGuardMiddleware(ASGIMiddleware):
         websocket = scope["type"] == ScopeType.WEBSOCKET
         if websocket or scope["method"] not in SAFE_METHODS:
             self._check_origin(headers.get("origin"), scope, host)
-        if not websocket and _has_body(headers) and _takes_json(scope):
+        if (
+            not websocket
+            and scope["method"] in BODY_METHODS
+            and _has_body(headers)
+            and _takes_json(scope)
+        ):
             kind = (headers.get("content-type") or "").split(";", 1)[0].strip().lower()
             if kind not in JSON_TYPES and not kind.endswith("+json"):
                 raise UnsupportedMediaType(
@@ -100,7 +106,8 @@ def _any_host(scope: Scope) -> bool:
 
 
 def _has_body(headers: Headers) -> bool:
-    return (headers.get("content-length") not in (None, "0")) or "transfer-encoding" in headers
+    length = headers.get("content-length", "")
+    return (length.isdigit() and int(length) > 0) or "transfer-encoding" in headers
 
 
 def _takes_json(scope: Scope) -> bool:

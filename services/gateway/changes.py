@@ -1,21 +1,24 @@
 """A user's change to a location, a rule or a webhook subscription, told to the bus as a
-`ChangeFact`: the service that acts on it reloads, the recorder audits it."""
+`ChangeFact`: the service that acts on it reloads, the recorder audits it.
+
+The fact goes into the outbox in the transaction of the change (`libs.outbox`): it is
+published after the commit, and never for a change that rolled back."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from nats.js import JetStreamContext
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from libs import bus
 from libs import messages as m
+from libs import outbox
 
 What = Literal["location", "rule", "subscription", "user", "apikey"]
 Change = Literal["created", "updated", "deleted", "redelivered", "revoked"]
 
 
-async def publish_change(
-    js: JetStreamContext,
+def record_change(
+    session: AsyncSession,
     subject: str,
     what: What,
     item_id: str,
@@ -26,7 +29,8 @@ async def publish_change(
     detail: dict[str, Any],
     home: str | None = None,
 ) -> None:
-    """`home`: what changed belongs to it (its residents see the fact and its audit row)."""
+    """Write the fact in `session`'s transaction. `home`: what changed belongs to it (its
+    residents see the fact and its audit row)."""
     fact = m.ChangeFact(
         what=what,
         id=item_id,
@@ -37,4 +41,4 @@ async def publish_change(
         detail=detail,
         home=home,
     )
-    await bus.publish(js, subject, fact, msg_id=m.new_id())
+    outbox.add(session, subject, fact)

@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
             s.data_dir.mkdir(parents=True, exist_ok=True)
             upgrade(s.effective_database_url)
             metrics_key = os.environ.get("SMARTHOME_METRICS_API_KEY") or None
-            asyncio.run(credentials.provision(s, metrics_key))
+            demo_key = os.environ.get("SMARTHOME_DEMO_API_KEY") or None
+            asyncio.run(credentials.provision(s, metrics_key, demo_key))
             return
         if args.command == "admin":
             sys.exit(_reset_password(s, args.username, args.password_stdin))

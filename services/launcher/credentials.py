@@ -33,9 +33,10 @@ async def prepare(s: Settings) -> tuple[str | None, dict[str, str]]:
     return generated, keys
 
 
-async def provision(s: Settings, metrics_key: str | None) -> None:
+async def provision(s: Settings, metrics_key: str | None, demo_key: str | None = None) -> None:
     """What `smarthome migrate` sets up beside the schema (Kubernetes has no launcher): the
-    first administrator from SMARTHOME_ADMIN_PASSWORD, and the scrape key of Prometheus."""
+    first administrator from SMARTHOME_ADMIN_PASSWORD, the scrape key of Prometheus, and the
+    demo devices' installer key for the demo home (they register themselves with it)."""
     engine = make_engine(s.effective_database_url)
     sessions = make_sessionmaker(engine)
     try:
@@ -43,6 +44,10 @@ async def provision(s: Settings, metrics_key: str | None) -> None:
             await accounts.ensure_admin(sessions, s.admin_password)
         if metrics_key:
             await accounts.ensure_api_key(sessions, "metrics", Role.ADMIN, metrics_key)
+        if demo_key:
+            await accounts.ensure_api_key(
+                sessions, DEVICES_KEY, Role.INSTALLER, demo_key, [demo.HOME_ID]
+            )
     finally:
         await engine.dispose()
 

@@ -27,7 +27,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     try:
         async with asyncio.TaskGroup() as tasks:
             for stream in SOURCES:
-                tasks.create_task(StreamRecorder(js, engine, stream).run(stop))
+                tasks.create_task(StreamRecorder(nc, engine, stream).run(stop))
             sessions = make_sessionmaker(engine)
             keep, days = settings.rule_traces_keep, settings.rule_traces_days
             tasks.create_task(prune_forever(sessions, keep, days, stop))

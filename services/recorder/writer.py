@@ -1,25 +1,23 @@
-"""One durable consumer per stream; each fetched batch is one transaction, then acked."""
+"""One durable consumer per stream, run by the consumer runtime (`libs.consumer`): each
+message decoded into its rows, each batch written in one transaction, then acked."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime
-from typing import NamedTuple
+from collections.abc import Mapping
 
 import msgspec
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import RawStreamMsg
+from nats.aio.client import Client as NATS
+from nats.js.api import ConsumerConfig
 from prometheus_client import Counter
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from libs import bus, commands, runtime, subjects
-from libs import messages as m
+from libs import bus, commands, subjects
+from libs.consumer import Consumer, Dead, Delivery, Item, Retry, Verdict
 from libs.db.engine import insert_ignoring_duplicates, refused
 from libs.db.models import AuditEntry, HistoryEntry, RuleRun
-from libs.pull import Gaps
 from services.recorder import rollup
 from services.recorder import rows as to_rows
 
@@ -31,25 +29,7 @@ RECORDED = Counter("smarthome_recorder_messages_total", "Messages recorded", ["s
 SOURCES = bus.RECORDER_SOURCES
 
 
-class Stored(NamedTuple):
-    """A message as the recorder needs it, delivered by its consumer or read by sequence."""
-
-    subject: str
-    data: bytes
-    seq: int
-    time: datetime
-
-    @classmethod
-    def delivered(cls, msg: Msg) -> Stored:
-        meta = msg.metadata
-        return cls(msg.subject, msg.data, meta.sequence.stream, meta.timestamp)
-
-    @classmethod
-    def read(cls, raw: RawStreamMsg) -> Stored:
-        return cls(raw.subject or "", raw.data or b"", raw.seq or 0, raw.time or m.now())
-
-
-def convert(stream: str, msg: Stored, rows: to_rows.Rows) -> None:
+def convert(stream: str, msg: Delivery, rows: to_rows.Rows) -> None:
     src = (stream, msg.seq)
     if stream == subjects.EVENTS_STREAM:
         to_rows.from_event(rows, msg.subject, msg.data, src, msg.time)
@@ -59,106 +39,75 @@ def convert(stream: str, msg: Stored, rows: to_rows.Rows) -> None:
         to_rows.from_system(rows, msg.subject, msg.data, src)
 
 
+def merged(items: list[Item[to_rows.Rows]]) -> to_rows.Rows:
+    """The rows of a batch, in stream order (a later write of a command wins)."""
+    rows = to_rows.Rows()
+    for item in items:
+        one = item.value
+        rows.history += one.history
+        rows.audit += one.audit
+        rows.rule_runs += one.rule_runs
+        rows.commands.update(one.commands)
+    return rows
+
+
 class StreamRecorder:
-    def __init__(self, js: JetStreamContext, engine: AsyncEngine, stream: str) -> None:
-        self._js = js
+    def __init__(self, nc: NATS, engine: AsyncEngine, stream: str) -> None:
         self._engine = engine
         self._sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(engine)
         self._stream = stream
-        self._durable = bus.recorder_durable(stream)
+        self.consumer: Consumer[to_rows.Rows] = Consumer(
+            nc,
+            stream,
+            _config(stream),
+            self.decode,
+            self.handle,
+            batch=BATCH,
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self._recover(stop)
-        sub = await self._js.pull_subscribe_bind(self._durable, stream=self._stream)
-        gaps = Gaps()
-        try:
-            while not stop.is_set():
-                try:
-                    msgs = await sub.fetch(BATCH, timeout=1.0)
-                except TimeoutError:  # nats-py raises asyncio.TimeoutError here
-                    continue
-                if not msgs:
-                    continue  # nats-py can answer a fetch with nothing (e.g. after a reconnect)
-                for msg in msgs:
-                    gaps.note(msg)
-                if gaps.take():  # lost with a connection: this batch's ack would ack them unseen
-                    log.info("%s deliveries never received", self._durable)
-                    await self._recover(stop)
-                stored = [Stored.delivered(msg) for msg in msgs]
-                if await self._record(stored, msgs, stop):
-                    await msgs[-1].ack()  # AckPolicy.ALL: the whole batch
-        finally:
-            await sub.unsubscribe()  # a pull subscription left to drain() blocks it
+        await self.consumer.run(stop)
 
-    async def _recover(self, stop: asyncio.Event) -> None:
-        """Write what a previous recorder (or this one, on a lost connection) was handed and
-        did not ack (`bus.unacked`) before anything newer; writing them again is harmless
-        (rows are keyed by stream sequence)."""
-        left: list[Stored] = []
-
-        async def read() -> None:
-            raws = await bus.unacked(self._js, self._stream, self._durable)
-            left[:] = [Stored.read(raw) for raw in raws]
-
-        if not await runtime.retry_until_stopped(read, stop, "reading un-acked messages"):
-            return
-        if left and await self._record(left, [], stop):
-            log.info("recorded %d %s messages a previous recorder left", len(left), self._stream)
-
-    def _convert(self, msgs: list[Stored]) -> tuple[to_rows.Rows, int]:
-        """The rows of `msgs`, and how many of them have rows (the others are skipped)."""
+    def decode(self, msg: Delivery) -> to_rows.Rows | None:
+        """The message's rows; None (skipped) for one that has none to give."""
         rows = to_rows.Rows()
-        converted = 0
-        for msg in msgs:
-            try:
-                convert(self._stream, msg, rows)
-                converted += 1
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-                # The actors dead-letter what devices send malformed; here it is only skipped.
-                log.info("not recorded %s: %s", msg.subject, exc)
-                RECORDED.labels(self._stream, "skipped").inc()
-        return rows, converted
-
-    async def _written(self, msgs: list[Stored], delivered: list[Msg], stop: asyncio.Event) -> bool:
-        """Write `msgs` (see `_write`) and count them once written."""
-        rows, converted = self._convert(msgs)
-        if not await self._write(rows, delivered, stop):
-            return False
-        RECORDED.labels(self._stream, "recorded").inc(converted)
-        return True
-
-    async def _record(self, stored: list[Stored], msgs: list[Msg], stop: asyncio.Event) -> bool:
-        """Write the batch; False if stopped first. A batch the database refuses (not one it
-        cannot take now) is written message by message, and what it refuses of those is
-        dead-lettered with the reason: one bad message never stops the recorder."""
         try:
-            return await self._written(stored, msgs, stop)
-        except DBAPIError as exc:  # refused: `_write` retries anything else
+            convert(self._stream, msg, rows)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            # The actors dead-letter what devices send malformed; here it is only skipped.
+            log.info("not recorded %s: %s", msg.subject, exc)
+            RECORDED.labels(self._stream, "skipped").inc()
+            return None
+        return rows
+
+    async def handle(self, items: list[Item[to_rows.Rows]]) -> Mapping[int, Verdict]:
+        """Write the batch. A batch the database refuses (not one it cannot take now) is
+        written message by message, and what it refuses of those is dead-lettered with the
+        reason: one bad message never stops the recorder."""
+        try:
+            await self._written(items)
+            return {}
+        except DBAPIError as exc:  # refused: `_write` raises Retry for anything else
             log.warning("%s batch refused, writing it one by one: %s", self._stream, _why(exc))
-        for one in stored:
+        verdicts: dict[int, Verdict] = {}
+        for item in items:
             try:
-                if not await self._written([one], msgs, stop):
-                    return False
+                await self._written([item])
             except DBAPIError as exc:
                 RECORDED.labels(self._stream, "dead-lettered").inc()
-                if not await self._dead_letter(one, f"refused by the database: {_why(exc)}", stop):
-                    return False
-        return True
+                reason = f"refused by the database: {_why(exc)}"
+                verdicts[item.delivery.seq] = Dead(reason, "refused")
+        return verdicts
 
-    async def _dead_letter(self, one: Stored, reason: str, stop: asyncio.Event) -> bool:
-        async def send() -> None:
-            origin = (self._stream, one.seq)
-            await bus.dead_letter_stored(
-                self._js, one.subject, one.data, origin, reason, self._durable
-            )
+    async def _written(self, items: list[Item[to_rows.Rows]]) -> None:
+        """Write `items` (see `_write`) and count them once written."""
+        await self._write(merged(items))
+        RECORDED.labels(self._stream, "recorded").inc(len(items))
 
-        return await runtime.retry_until_stopped(send, stop, "dead-lettering")
-
-    async def _write(self, rows: to_rows.Rows, msgs: list[Msg], stop: asyncio.Event) -> bool:
-        """Insert the batch (a redelivered message inserts nothing twice); retry while down,
-        raise what the database refuses (`refused`)."""
-
-        async def attempt() -> None:
+    async def _write(self, rows: to_rows.Rows) -> None:
+        """Insert the batch (a redelivered message inserts nothing twice); raise what the
+        database refuses (`refused`), `Retry` while it is down."""
+        try:
             async with self._sessions.begin() as session:
                 for table, values in (
                     (HistoryEntry.__table__, rows.history),
@@ -174,14 +123,19 @@ class StreamRecorder:
                 if rows.commands:
                     record = commands.record_statement(self._engine)
                     await session.execute(record, list(rows.commands.values()))
+        except Exception as exc:
+            if refused(exc):
+                raise
+            raise Retry(f"recorder write failed: {exc!r}") from exc
 
-        async def still_working() -> None:
-            for msg in msgs:
-                await msg.in_progress()
 
-        return await runtime.retry_until_stopped(
-            attempt, stop, "recorder write", still_working, final=refused
-        )
+def _config(stream: str) -> ConsumerConfig:
+    """The recorder's consumer of `stream`, as the gateway provisions it."""
+    durable = bus.recorder_durable(stream)
+    for s, config in bus.CONSUMERS:
+        if s == stream and config.durable_name == durable:
+            return config
+    raise LookupError(durable)
 
 
 def _why(exc: Exception) -> str:

@@ -168,7 +168,7 @@ class Dispatcher:
     async def _check_notifications(self, stop: asyncio.Event) -> None:
         """While the lease is held: notifications addressed to no subscription."""
         quit_ = asyncio.Event()
-        check = NotificationCheck(self._js, self._store, lambda: self._workers.keys())
+        check = NotificationCheck(self._nc, self._store, lambda: self._workers.keys())
 
         async def watch() -> None:
             while not stop.is_set() and self._lease.held.is_set():

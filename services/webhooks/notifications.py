@@ -10,67 +10,62 @@ every notification (the durable `webhooks-notify`) and dead-letters those with t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
+from nats.aio.client import Client as NATS
+from nats.js.api import ConsumerConfig
 
 from libs import bus, subjects, webhooks
+from libs.consumer import Consumer, Dead, Delivery, Item, Retry, Verdict
 from services.webhooks.store import DeliveryStore
 
 log = logging.getLogger(__name__)
 
 FETCH_BATCH = 100
-ERROR_PAUSE_S = 2.0
+
+
+def _config() -> ConsumerConfig:
+    """The consumer as the gateway provisions it (`bus.CONSUMERS`)."""
+    for stream, config in bus.CONSUMERS:
+        if stream == subjects.SYSTEM_STREAM and config.durable_name == bus.WEBHOOKS_NOTIFY_DURABLE:
+            return config
+    raise LookupError(bus.WEBHOOKS_NOTIFY_DURABLE)
+
+
+def decode(msg: Delivery) -> str:
+    """The subscription a notification is addressed to (ValueError: dead-lettered)."""
+    return webhooks.parse_notification(msg.subject)
 
 
 class NotificationCheck:
     def __init__(
         self,
-        js: JetStreamContext,
+        nc: NATS,
         store: DeliveryStore,
         delivering: Callable[[], Collection[str]],
     ) -> None:
-        self._js = js
         self._store = store
         self._delivering = delivering  # the subscriptions this process delivers right now
+        self.consumer: Consumer[str] = Consumer(
+            nc, subjects.SYSTEM_STREAM, _config(), decode, self.handle, batch=FETCH_BATCH
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
-        sub: JetStreamContext.PullSubscription | None = None
-        try:
-            while not stop.is_set():
-                try:
-                    if sub is None:
-                        sub = await self._js.pull_subscribe_bind(
-                            bus.WEBHOOKS_NOTIFY_DURABLE, stream=subjects.SYSTEM_STREAM
-                        )
-                    try:
-                        msgs = await sub.fetch(FETCH_BATCH, timeout=1.0)
-                    except TimeoutError:
-                        continue
-                    for msg in msgs:
-                        await self._check(msg)
-                except Exception as exc:  # the database or the bus is down: un-acked, again
-                    log.warning("notifications: %s", exc)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), ERROR_PAUSE_S)
-        finally:
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+        await self.consumer.run(stop)
 
-    async def _check(self, msg: Msg) -> None:
-        """Ack a notification whose subscription exists; dead-letter the others."""
-        try:
-            subscription_id = webhooks.parse_notification(msg.subject)
-        except ValueError as exc:
-            reason = str(exc)
-        else:
-            if subscription_id in self._delivering() or await self._store.exists(subscription_id):
-                await msg.ack()
-                return
-            reason = f"webhook subscription {subscription_id!r} does not exist"
-        await bus.dead_letter(self._js, msg, reason, bus.WEBHOOKS_NOTIFY_DURABLE)
-        await msg.ack()
+    async def handle(self, items: list[Item[str]]) -> Mapping[int, Verdict]:
+        """Settle a notification whose subscription exists; dead-letter the others."""
+        verdicts: dict[int, Verdict] = {}
+        for item in items:
+            subscription_id = item.value
+            try:
+                exists = subscription_id in self._delivering() or await self._store.exists(
+                    subscription_id
+                )
+            except Exception as exc:  # the database is down: naked, again later
+                raise Retry(f"notifications: {exc!r}") from exc
+            if not exists:
+                reason = f"webhook subscription {subscription_id!r} does not exist"
+                verdicts[item.delivery.seq] = Dead(reason, "no-subscription")
+        return verdicts

@@ -78,10 +78,9 @@ class DeliveryStore:
                 r.mode,
                 r.secret,
                 r.batch_size,
-                # The table does not say whether its creator was an administrator: the
-                # gateway applied that rule to the URL when it stored it; here the allow-nets
-                # alone bound where a name that resolves elsewhere later may lead.
-                allow_private_targets=True,
+                # Whether its creator was an administrator, recorded when it was stored: a
+                # name that resolves into the allow-nets later leads there for them only.
+                allow_private_targets=r.private_targets,
                 home=r.home,
             )
             for r in rows

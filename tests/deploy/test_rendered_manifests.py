@@ -38,7 +38,7 @@ REQUIRED_ENV = {
         "NATS_URL", "DATABASE_URL", "REDIS_URL", "SMARTHOME_DATA_DIR", "SMARTHOME_HTTP_HOST",
         "SMARTHOME_HEALTH_PORT",
     },
-    "device": {"NATS_URL", "SMARTHOME_API_URL", "SMARTHOME_DEVICE_ID"},
+    "device": {"NATS_URL", "SMARTHOME_API_URL", "SMARTHOME_DEVICE_ID", "SMARTHOME_API_TOKEN"},
     "migrate": {
         "DATABASE_URL", "SMARTHOME_DATA_DIR", "SMARTHOME_ADMIN_PASSWORD",
         "SMARTHOME_METRICS_API_KEY",
@@ -598,3 +598,32 @@ def test_jetstream_refuses_new_messages_before_its_volume_is_full(rendered: Rend
     assert 0 < _bytes(found[1]) <= 0.95 * _bytes(volume), (
         f"[{values_name}] max_file_store {found[1]} leaves no headroom on a {volume} volume"
     )
+
+
+def test_the_demo_devices_sign_in_with_the_key_the_migration_registers(render: Render) -> None:
+    """The demo devices register themselves over HTTP: each gets SMARTHOME_API_TOKEN from the
+    Secret, the key the migration registers for the demo home as SMARTHOME_DEMO_API_KEY (with
+    an existing Secret, prod's: from the same key of it)."""
+    for values_name, extra in (("dev", ()), ("prod", ("--set", "lightbulb.enabled=true"))):
+        docs = render(values_name, *extra)
+        (job,) = k8s.by_kind(docs, "Job")
+        migrate_env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+        registered = next(e for e in migrate_env if e["name"] == "SMARTHOME_DEMO_API_KEY")
+        key = k8s.env_value(docs, registered)
+        if values_name == "dev":
+            assert key is not None and key.startswith("shk_") and len(key) >= 36
+        devices = [(w, c) for w, c, m in app_containers(docs) if kind_of(m) == "device"]
+        assert devices, values_name
+        for workload, container in devices:
+            token = next(e for e in container["env"] if e["name"] == "SMARTHOME_API_TOKEN")
+            ref = token["valueFrom"]["secretKeyRef"]
+            assert ref["key"] == registered["valueFrom"]["secretKeyRef"]["key"], values_name
+            assert k8s.env_value(docs, token) == key, k8s.ident(workload)
+
+    without_demo = render("default")
+    (job,) = k8s.by_kind(without_demo, "Job")
+    assert "SMARTHOME_DEMO_API_KEY" not in env_map(
+        without_demo, job["spec"]["template"]["spec"]["containers"][0]
+    )
+    for secret in k8s.by_kind(without_demo, "Secret"):
+        assert "demo-api-key" not in secret.get("data", {}), k8s.ident(secret)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -110,6 +111,19 @@ async def test_sixth_failed_login_in_a_minute_is_429_with_retry_after(
     sixth = await anonymous.post(TOKEN, data={"username": name, "password": password})
     assert sixth.status_code == 429, sixth.text
     assert 1 <= int(sixth.headers["retry-after"]) <= 60
+
+
+async def test_sign_ins_from_one_address_are_limited(settings: Settings) -> None:
+    limited = dataclasses.replace(settings, logins_per_minute_per_address=3)
+    async with AsyncTestClient(create_app(limited)) as client:
+        for n in range(3):  # other names each time: the per-name count never trips
+            answer = await client.post(TOKEN, data={"username": f"x{n}", "password": "nope"})
+            assert_unauthorized(answer)
+        fourth = await client.post(TOKEN, data={"username": "x4", "password": "nope"})
+        assert fourth.status_code == 429, fourth.text
+        assert int(fourth.headers["retry-after"]) > 0
+        # Everything else is not counted against the address.
+        assert (await client.get("/health/live")).status_code == 200
 
 
 @pytest.mark.parametrize(

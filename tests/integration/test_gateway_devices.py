@@ -209,10 +209,17 @@ async def test_registry_changes_are_published_with_the_correlation_id(
     await client.delete(f"{DEVICES}/{device_id}", headers=headers)
 
     assert created.headers["X-Correlation-Id"] == headers["X-Correlation-Id"]
-    replay = await client.get(
-        "/api/v1/events", params={"subject": f"system.device.{device_id}.registry"}
-    )
-    facts = [item["event"] for item in replay.json()["items"]]
+
+    async def four_facts() -> list[dict[str, Any]]:
+        # Published by the outbox's relay after each commit: a moment after the answer.
+        replay = await client.get(
+            "/api/v1/events", params={"subject": f"system.device.{device_id}.registry"}
+        )
+        facts = [item["event"] for item in replay.json()["items"]]
+        assert len(facts) == 4, facts
+        return facts
+
+    facts = await eventually(four_facts, timeout=5)
     assert [f["change"] for f in facts] == ["created", "disconnected", "connected", "deleted"]
     assert {f["correlation_id"] for f in facts} == {headers["X-Correlation-Id"]}
     assert {f["actor"] for f in facts} == {(await client.get("/api/v1/me")).json()["actor"]}

@@ -21,7 +21,8 @@ from litestar import Litestar
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Origin
 
 from libs import bus, embedded_nats, subjects
 from libs import messages as m
@@ -414,3 +415,26 @@ async def test_a_feed_whose_consumer_is_recreated_before_its_first_message_does_
 def _telemetry(device: str) -> tuple[str, bytes]:
     event = m.make_event(device, "telemetry", {"power_w": 1.0})
     return event.nats_subject, m.encode(event)
+
+
+async def test_an_upgrade_from_a_foreign_origin_is_refused(gateway: Gateway) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(
+            gateway.ws_url,
+            proxy=None,
+            open_timeout=5,
+            origin=Origin("https://evil.example"),
+            additional_headers=bearer(gateway.token),
+        ):
+            pass
+    assert refused.value.response.status_code == 403
+    own = Origin(f"http://{CLIENT}:{gateway.ws_url.split(':')[2].split('/')[0]}")
+    async with connect(
+        gateway.ws_url,
+        proxy=None,
+        open_timeout=5,
+        origin=own,
+        additional_headers=bearer(gateway.token),
+    ) as ws:
+        socket_ = Socket(ws)
+        await socket_.subscribe("s", f"events.{unique_id()}.>")

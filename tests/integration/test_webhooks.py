@@ -986,7 +986,13 @@ async def test_creating_and_deleting_a_subscription_are_facts_for_the_audit_with
     shown = created.json()["url"], (await client.get(f"{SUBS}/{sub_id}")).json()["url"]
     await client.delete(f"{SUBS}/{sub_id}")
 
-    facts = await collected(js, webhooks.subscription_changed(sub_id), m.change_fact_decoder)
+    async def both_facts() -> list[m.ChangeFact]:
+        # Published by the outbox's relay after each commit: a moment after the answer.
+        facts = await collected(js, webhooks.subscription_changed(sub_id), m.change_fact_decoder)
+        assert len(facts) == 2, facts
+        return facts
+
+    facts = await eventually(both_facts, timeout=5)
     assert [(f.what, f.id, f.change) for f in facts] == [
         ("subscription", sub_id, "created"),
         ("subscription", sub_id, "deleted"),

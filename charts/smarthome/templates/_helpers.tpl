@@ -184,6 +184,16 @@ migration hook's own Secret and the release's) holds the same value on the first
 {{- include "smarthome.password" (dict "root" .root "secret" (include "smarthome.fullname" .root) "key" .root.Values.secrets.keys.metricsApiKey "value" .root.Values.secrets.metricsApiKey "prefix" "shk_" "length" 43) }}
 {{- end }}
 
+{{/* The demo devices' installer key for the demo home (registered by the migration). */}}
+{{- define "smarthome.demoApiKey" -}}
+{{- include "smarthome.password" (dict "root" .root "secret" (include "smarthome.fullname" .root) "key" .root.Values.secrets.keys.demoApiKey "value" .root.Values.secrets.demoApiKey "prefix" "shk_" "length" 43) }}
+{{- end }}
+
+{{/* "true" when a demo device runs (then the demo API key exists), else empty. */}}
+{{- define "smarthome.demoEnabled" -}}
+{{- if or .Values.lightbulb.enabled .Values.energyTracker.enabled }}true{{ end }}
+{{- end }}
+
 {{/*
 The Host names the gateway answers to (SMARTHOME_ALLOWED_HOSTS): the Ingress hosts (not a
 wildcard: name its hosts in gateway.allowedHosts), the gateway Service's names (the devices
@@ -270,6 +280,7 @@ for third-party hardware and read only their own few (devices/platform_link.py).
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_API_URL") }}
 - name: SMARTHOME_DEVICE_ID
   value: {{ .v.deviceId | quote }}
+{{ include "smarthome.envFromSecret" (dict "root" $root "name" "SMARTHOME_API_TOKEN" "key" $keys.demoApiKey) }}
 {{- else }}
 {{ include "smarthome.envFromSecret" (dict "root" $root "name" "DATABASE_URL" "key" $keys.databaseUrl) }}
 {{ include "smarthome.envFromSecret" (dict "root" $root "name" "REDIS_URL" "key" $keys.redisUrl) }}

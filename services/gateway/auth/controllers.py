@@ -8,7 +8,6 @@ from litestar import Controller, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.enums import RequestEncodingType
-from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.params import Body, JSONBody
 from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT
 
@@ -21,11 +20,6 @@ from services.gateway.body import StrictBody
 
 def provide_auth(state: State) -> AuthService:
     return state.auth  # type: ignore[no-any-return]
-
-
-def login_rate_limit(per_minute: int) -> RateLimitConfig:
-    """Sign-in attempts per client address (behind a trusted proxy: the forwarded one)."""
-    return RateLimitConfig(rate_limit=("minute", per_minute), store="login_rate_limit")
 
 
 class AuthController(Controller):

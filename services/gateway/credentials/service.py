@@ -21,7 +21,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from libs import bus, bus_grants, subjects
+from libs import bus_grants, outbox, subjects
 from libs import messages as m
 from libs.db.models import Bridge as BridgeRow
 from libs.db.models import BridgeDevice, BusCredential, DeviceClaim
@@ -136,11 +136,11 @@ class CredentialService:
             if await session.get(BridgeDevice, device_id) is not None:
                 raise Conflict(f"device {device_id!r} speaks through its bridge")
             credentials = await issue(session, device_id, ctx.principal.actor, DEVICE_SECRET)
-        await ensure_command_consumer(self._js, device_id)
-        await self._changed(
-            subjects.credentials_changed(device_id), "credentials", device_id, "rotated",
-            ctx, home_of(row.location),
-        )  # fmt: skip
+            await ensure_command_consumer(self._js, device_id)
+            _changed(
+                session, subjects.credentials_changed(device_id), "credentials", device_id,
+                "rotated", ctx, home_of(row.location),
+            )  # fmt: skip
         return credentials
 
     async def deliver_claim(self, device_id: str, actor: str, again: bool = False) -> bool:
@@ -182,9 +182,10 @@ class CredentialService:
             credentials = await issue(
                 session, BRIDGE_IDENTITY + data.id, ctx.principal.actor, BRIDGE_SECRET
             )
-        await self._changed(
-            subjects.bridge_changed(data.id), "bridge", data.id, "created", ctx, data.home
-        )
+            _changed(
+                session, subjects.bridge_changed(data.id), "bridge", data.id, "created", ctx,
+                data.home,
+            )  # fmt: skip
         return msgspec.structs.replace(_bridge(row), credentials=credentials)
 
     async def rotate_bridge(self, bridge_id: str, ctx: Context) -> BusCredentials:
@@ -198,18 +199,11 @@ class CredentialService:
             credentials = await issue(
                 session, BRIDGE_IDENTITY + bridge_id, ctx.principal.actor, BRIDGE_SECRET
             )
-        await self._changed(
-            subjects.bridge_changed(bridge_id), "bridge", bridge_id, "rotated", ctx, row.home
-        )
+            _changed(
+                session, subjects.bridge_changed(bridge_id), "bridge", bridge_id, "rotated", ctx,
+                row.home,
+            )  # fmt: skip
         return credentials
-
-    async def bridge_joined(self, bridge_id: str, device_id: str, ctx: Context) -> None:
-        """A device joined a bridge (after the commit): the bridge's connection is closed
-        and its reconnect is granted the new device too."""
-        await self._changed(
-            subjects.bridge_changed(bridge_id), "bridge", bridge_id, "updated", ctx, None,
-            {"joined": device_id},
-        )  # fmt: skip
 
     # --- provisioning tokens -------------------------------------------------------------
 
@@ -225,30 +219,42 @@ class CredentialService:
         )  # fmt: skip
         async with self._sessions.begin() as session:
             session.add(row)
-        await self._changed(
-            subjects.provisioning_token_changed(row.id), "provisioning", row.id, "created", ctx,
-            data.home, {"expires_at": row.expires_at.isoformat(), "max_uses": row.max_uses},
-        )  # fmt: skip
+            _changed(
+                session, subjects.provisioning_token_changed(row.id), "provisioning", row.id,
+                "created", ctx, data.home,
+                {"expires_at": row.expires_at.isoformat(), "max_uses": row.max_uses},
+            )  # fmt: skip
         return ProvisioningToken(
             id=row.id, home=row.home, expires_at=row.expires_at, max_uses=row.max_uses, uses=0,
             created_by=row.created_by, created_at=row.created_at, token=secret,
         )  # fmt: skip
 
-    async def _changed(
-        self,
-        subject: str,
-        what: Any,
-        item_id: str,
-        change: Any,
-        ctx: Context,
-        home: str | None,
-        detail: dict[str, Any] | None = None,
-    ) -> None:
-        fact = m.ChangeFact(
-            what=what, id=item_id, change=change, actor=ctx.principal.actor,
-            correlation_id=ctx.correlation_id, time=m.now(), detail=detail or {}, home=home,
-        )  # fmt: skip
-        await bus.publish(self._js, subject, fact, msg_id=m.new_id())
+
+def bridge_joined(session: AsyncSession, bridge_id: str, device_id: str, ctx: Context) -> None:
+    """A device joined a bridge (in the registration's transaction): after the commit the
+    bridge's connection is closed and its reconnect is granted the new device too."""
+    _changed(
+        session, subjects.bridge_changed(bridge_id), "bridge", bridge_id, "updated", ctx, None,
+        {"joined": device_id},
+    )  # fmt: skip
+
+
+def _changed(
+    session: AsyncSession,
+    subject: str,
+    what: Any,
+    item_id: str,
+    change: Any,
+    ctx: Context,
+    home: str | None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """The change's fact, in its transaction (`libs.outbox`: published after the commit)."""
+    fact = m.ChangeFact(
+        what=what, id=item_id, change=change, actor=ctx.principal.actor,
+        correlation_id=ctx.correlation_id, time=m.now(), detail=detail or {}, home=home,
+    )  # fmt: skip
+    outbox.add(session, subject, fact)
 
 
 def _own_home(principal: Principal, home: str) -> None:

@@ -1,7 +1,8 @@
 """The device registry and what hangs off it: runtime state, commands, history, statistics.
 
 The registry (`devices` table) is written here only; every change is published as a
-`RegistryFact` on `system.device.<id>.registry`. Runtime state is read, never written: the
+`RegistryFact` on `system.device.<id>.registry`, through the outbox (`libs.outbox`): written
+in the change's transaction, published after its commit. Runtime state is read, never written: the
 actors own it (the `device_states` table, and the cache written after it).
 """
 
@@ -19,7 +20,7 @@ from nats.js import JetStreamContext
 from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from libs import bus, capabilities, commands, subjects
+from libs import capabilities, commands, outbox, subjects
 from libs import messages as m
 from libs.cache import StateCache, order
 from libs.db.engine import at_or_under
@@ -106,8 +107,8 @@ class DeviceService:
             enrolled = await credentials.enroll(
                 session, self._js, device_id, data.location, data.bridge, ctx.principal.actor
             )
-        if data.bridge is not None:
-            await self._credentials().bridge_joined(data.bridge, device_id, ctx)
+            if data.bridge is not None:
+                credentials.bridge_joined(session, data.bridge, device_id, ctx)
         # A re-registered id may find the state its earlier life left behind.
         device = await self.get(device_id, ctx.principal)
         return device if enrolled is None else msgspec.structs.replace(device, credentials=enrolled)
@@ -143,9 +144,8 @@ class DeviceService:
         self, session: AsyncSession, row: DeviceRow, actor: str, correlation_id: str
     ) -> None:
         session.add(row)
-        # Publish inside the transaction: if the bus refuses, nothing is stored.
         await session.flush()
-        await self._publish(row, "created", actor, correlation_id)
+        _record(session, row, "created", actor, correlation_id)
 
     async def get(self, device_id: str, principal: Principal) -> Device:
         async with self._sessions() as session:
@@ -207,8 +207,7 @@ class DeviceService:
                     changed = True
             if changed:
                 row.updated_at = m.now()
-                await session.flush()
-                await self._publish(row, "updated", ctx.principal.actor, ctx.correlation_id)
+                _record(session, row, "updated", ctx.principal.actor, ctx.correlation_id)
         if changed and changes.get("lifecycle") == "active":  # approved: if it claimed its id
             await self._credentials().deliver_claim(device_id, ctx.principal.actor)
         return await self.get(device_id, ctx.principal)
@@ -218,8 +217,7 @@ class DeviceService:
         async with self._sessions.begin() as session:
             row = await self._row(session, device_id, ctx.principal)
             await session.delete(row)
-            await session.flush()
-            await self._publish(row, "deleted", ctx.principal.actor, ctx.correlation_id)
+            _record(session, row, "deleted", ctx.principal.actor, ctx.correlation_id)
 
     async def set_enabled(self, device_id: str, enabled: bool, ctx: Context) -> Device:
         """Attach (`connect`) or detach (`disconnect`) a device; the actors refuse the events
@@ -230,9 +228,8 @@ class DeviceService:
             if row.enabled != enabled:
                 row.enabled = enabled
                 row.updated_at = m.now()
-                await session.flush()
                 change = "connected" if enabled else "disconnected"
-                await self._publish(row, change, ctx.principal.actor, ctx.correlation_id)
+                _record(session, row, change, ctx.principal.actor, ctx.correlation_id)
         return await self.get(device_id, ctx.principal)
 
     # --- commands ------------------------------------------------------------------------
@@ -382,19 +379,6 @@ class DeviceService:
         scope.visible(principal, home_of(row.location), missing)
         return row
 
-    async def _publish(
-        self, row: DeviceRow, change: RegistryChange, actor: str, correlation_id: str
-    ) -> None:
-        fact = m.RegistryFact(
-            device_id=row.id,
-            change=change,
-            actor=actor,
-            correlation_id=correlation_id,
-            time=m.now(),
-            device=registry_fields(row),
-        )
-        await bus.publish(self._js, subjects.device_registry(row.id), fact, msg_id=m.new_id())
-
     async def _snapshots(
         self, states: dict[str, DeviceState | None]
     ) -> dict[str, m.DeviceSnapshot]:
@@ -426,6 +410,21 @@ class DeviceService:
                         snapshot = hot
             out[device_id] = snapshot
         return out
+
+
+def _record(
+    session: AsyncSession, row: DeviceRow, change: RegistryChange, actor: str, correlation_id: str
+) -> None:
+    """The registry fact of the change, in its transaction (published after the commit)."""
+    fact = m.RegistryFact(
+        device_id=row.id,
+        change=change,
+        actor=actor,
+        correlation_id=correlation_id,
+        time=m.now(),
+        device=registry_fields(row),
+    )
+    outbox.add(session, subjects.device_registry(row.id), fact)
 
 
 def _new_row(

@@ -23,7 +23,7 @@ from libs.errors import Conflict, Invalid, NotFound
 from libs.principals import Principal, home_of
 from services.gateway import scope
 from services.gateway.auth.context import Context
-from services.gateway.changes import Change, publish_change
+from services.gateway.changes import Change, record_change
 from services.gateway.locations.schemas import (
     Location,
     LocationCreate,
@@ -70,8 +70,8 @@ class LocationService:
                 created_at=m.now(),
             )
             session.add(row)
-            await session.flush()  # published inside the transaction: refused, nothing stored
-            await self._publish(row, "created", ctx)
+            await session.flush()
+            _record(session, row, "created", ctx)
             return _view(row)
 
     async def get(self, location_id: str, principal: Principal) -> Location:
@@ -104,8 +104,7 @@ class LocationService:
             row = await _row(session, location_id, ctx.principal)
             if row.name != data.name:
                 row.name = data.name
-                await session.flush()
-                await self._publish(row, "updated", ctx)
+                _record(session, row, "updated", ctx)
             return _view(row)
 
     async def delete(self, location_id: str, ctx: Context) -> None:
@@ -126,21 +125,22 @@ class LocationService:
             if devices:
                 raise Conflict(f"{devices} device(s) are in {row.path!r}: move them first")
             await session.delete(row)
-            await session.flush()
-            await self._publish(row, "deleted", ctx)
+            _record(session, row, "deleted", ctx)
 
-    async def _publish(self, row: LocationRow, change: Change, ctx: Context) -> None:
-        await publish_change(
-            self._js,
-            subjects.location_changed(row.id),
-            "location",
-            row.id,
-            change,
-            actor=ctx.principal.actor,
-            correlation_id=ctx.correlation_id,
-            detail=_fields(row),
-            home=home_of(row.path),
-        )
+
+def _record(session: AsyncSession, row: LocationRow, change: Change, ctx: Context) -> None:
+    """The fact of the change, in its transaction (published after the commit)."""
+    record_change(
+        session,
+        subjects.location_changed(row.id),
+        "location",
+        row.id,
+        change,
+        actor=ctx.principal.actor,
+        correlation_id=ctx.correlation_id,
+        detail=_fields(row),
+        home=home_of(row.path),
+    )
 
 
 async def check_device_location(session: AsyncSession, path: str | None) -> None:

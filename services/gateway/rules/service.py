@@ -26,7 +26,7 @@ from libs.errors import Conflict, Invalid, NotFound
 from libs.principals import Principal, home_of
 from services.gateway import scope
 from services.gateway.auth.context import Context
-from services.gateway.changes import Change, publish_change
+from services.gateway.changes import Change, record_change
 from services.gateway.pagination import decode_cursor, page
 from services.gateway.resources import require_bus
 from services.gateway.rules.dry_run import dry_run
@@ -79,7 +79,7 @@ class RuleService:
             )
             session.add(record)
             await session.flush()
-            await self._signal(record, "created", ctx)
+            _signal(session, record, "created", ctx)
         return _view(record)
 
     async def get(self, rule_id: str, principal: Principal) -> RuleView:
@@ -113,7 +113,7 @@ class RuleService:
             record.version += 1
             record.updated_at = m.now()
             await session.flush()
-            await self._signal(record, "updated", ctx)
+            _signal(session, record, "updated", ctx)
         return _view(record)
 
     async def delete(self, rule_id: str, ctx: Context) -> None:
@@ -121,8 +121,7 @@ class RuleService:
         async with self._sessions.begin() as session:
             record = await self._record(session, rule_id, ctx.principal)
             await session.delete(record)
-            await session.flush()
-            await self._signal(record, "deleted", ctx)
+            _signal(session, record, "deleted", ctx)
 
     async def runs(
         self, rule_id: str, limit: int, cursor: str | None, principal: Principal
@@ -181,19 +180,21 @@ class RuleService:
         scope.visible(principal, record.home, missing)
         return record
 
-    async def _signal(self, record: RuleRecord, change: Change, ctx: Context) -> None:
-        """The rules service reloads the rule; the recorder audits the change."""
-        await publish_change(
-            self._js,
-            subjects.rule_changed(record.id),
-            "rule",
-            record.id,
-            change,
-            actor=ctx.principal.actor,
-            correlation_id=ctx.correlation_id,
-            detail={"name": record.name, "version": record.version, "enabled": record.enabled},
-            home=record.home,
-        )
+
+def _signal(session: AsyncSession, record: RuleRecord, change: Change, ctx: Context) -> None:
+    """The rules service reloads the rule; the recorder audits the change. In the change's
+    transaction: published after its commit, so the reload reads what committed."""
+    record_change(
+        session,
+        subjects.rule_changed(record.id),
+        "rule",
+        record.id,
+        change,
+        actor=ctx.principal.actor,
+        correlation_id=ctx.correlation_id,
+        detail={"name": record.name, "version": record.version, "enabled": record.enabled},
+        home=record.home,
+    )
 
 
 async def check_rule(

@@ -26,7 +26,7 @@ from libs.errors import Invalid, NotFound
 from libs.principals import Principal
 from services.gateway import scope
 from services.gateway.auth.context import Context
-from services.gateway.changes import Change, publish_change
+from services.gateway.changes import Change, record_change
 from services.gateway.pagination import decode_cursor, page
 from services.gateway.resources import require_bus
 from services.gateway.subscriptions.schemas import (
@@ -88,6 +88,7 @@ class SubscriptionService:
             enabled=True,
             created_by=ctx.principal.actor,
             home=home,
+            private_targets=admin,
             created_at=m.now(),
             delivered_count=0,
         )
@@ -102,13 +103,13 @@ class SubscriptionService:
                 await session.flush()
                 for consumer_stream, config in consumers:
                     await self._js.add_consumer(consumer_stream, config)
+                _signal(session, row, "created", ctx)
         except BaseException:
             # The row did not commit: a consumer without one would keep nothing useful.
             for consumer_stream, config in consumers:
                 with contextlib.suppress(Exception):
                     await self._js.delete_consumer(consumer_stream, config.durable_name)
             raise
-        await self._signal(row, "created", ctx)
         return SubscriptionCreated(**_fields(row), secret=secret)
 
     async def get(self, subscription_id: str, principal: Principal) -> Subscription:
@@ -139,7 +140,7 @@ class SubscriptionService:
                 await self._js.delete_consumer(
                     subjects.SYSTEM_STREAM, webhooks.notify_consumer_name(row.id)
                 )
-        await self._signal(row, "deleted", ctx)
+            _signal(session, row, "deleted", ctx)
 
     async def deliveries(
         self,
@@ -179,7 +180,7 @@ class SubscriptionService:
                 )
                 .values(status=webhooks.PENDING, next_attempt_at=None)
             )
-        await self._signal(row, "redelivered", ctx, result.rowcount or 0)
+            _signal(session, row, "redelivered", ctx, result.rowcount or 0)
         return Redelivery(redelivered=result.rowcount or 0)
 
     async def _row(
@@ -192,28 +193,30 @@ class SubscriptionService:
         scope.visible(principal, row.home, missing)
         return row
 
-    async def _signal(
-        self,
-        row: SubscriptionRow,
-        change: Change,
-        ctx: Context,
-        redelivered: int | None = None,
-    ) -> None:
-        """The webhooks service reloads the subscription; the recorder audits the change."""
-        detail = {"filter": row.filter, "url": _without_secrets(row.url), "mode": row.mode}
-        if redelivered is not None:
-            detail["redelivered"] = redelivered
-        await publish_change(
-            self._js,
-            webhooks.subscription_changed(row.id),
-            "subscription",
-            row.id,
-            change,
-            actor=ctx.principal.actor,
-            correlation_id=ctx.correlation_id,
-            detail=detail,
-            home=row.home,
-        )
+
+def _signal(
+    session: AsyncSession,
+    row: SubscriptionRow,
+    change: Change,
+    ctx: Context,
+    redelivered: int | None = None,
+) -> None:
+    """The webhooks service reloads the subscription; the recorder audits the change. In the
+    change's transaction: published after its commit."""
+    detail = {"filter": row.filter, "url": _without_secrets(row.url), "mode": row.mode}
+    if redelivered is not None:
+        detail["redelivered"] = redelivered
+    record_change(
+        session,
+        webhooks.subscription_changed(row.id),
+        "subscription",
+        row.id,
+        change,
+        actor=ctx.principal.actor,
+        correlation_id=ctx.correlation_id,
+        detail=detail,
+        home=row.home,
+    )
 
 
 def _checked(check: Callable[[str], T], value: str, field: str) -> T:

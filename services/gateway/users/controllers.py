@@ -32,11 +32,11 @@ ADMIN = [requires(Permission.ADMINISTER)]
 
 
 def provide_users(resources: NamedDependency[Resources]) -> UserService:
-    return UserService(resources.sessions, resources.js)
+    return UserService(resources.sessions)
 
 
 def provide_api_keys(resources: NamedDependency[Resources], state: State) -> ApiKeyService:
-    return ApiKeyService(resources.sessions, resources.js, state.auth)
+    return ApiKeyService(resources.sessions, state.auth)
 
 
 class UserController(Controller):

@@ -6,7 +6,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import msgspec
-from nats.js import JetStreamContext
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -20,7 +19,7 @@ from libs.passwords import digest, hash_password, new_secret, verify_password
 from libs.principals import Principal, Role, at_most
 from services.gateway.auth.context import Context
 from services.gateway.auth.service import API_KEY_PREFIX, AuthService, revoke_sessions
-from services.gateway.changes import Change, publish_change
+from services.gateway.changes import Change, record_change
 from services.gateway.pagination import decode_cursor, page
 from services.gateway.users.schemas import (
     ApiKey,
@@ -35,9 +34,8 @@ from services.gateway.users.schemas import (
 
 
 class UserService:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], js: JetStreamContext) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
-        self._js = js
 
     async def create(self, data: UserCreate, ctx: Context) -> User:
         async with self._sessions.begin() as session:
@@ -54,7 +52,7 @@ class UserService:
                 updated_at=m.now(),
             )
             session.add(row)
-        await self._told(row, "created", ctx)
+            self._told(session, row, "created", ctx)
         return _user(row)
 
     async def list(self, limit: int, cursor: str | None) -> UserPage:
@@ -85,7 +83,7 @@ class UserService:
                 row.password_hash = await hash_password(data.password)
                 await revoke_sessions(session, row.id)
             row.updated_at = m.now()
-        await self._told(row, "updated", ctx, password_changed=data.password is not None)
+            self._told(session, row, "updated", ctx, password_changed=data.password is not None)
         return _user(row)
 
     async def delete(self, user_id: str, ctx: Context) -> None:
@@ -97,16 +95,22 @@ class UserService:
                 await _keep_an_admin(session)
             await revoke_sessions(session, row.id)
             await session.delete(row)
-        await self._told(row, "deleted", ctx)
+            self._told(session, row, "deleted", ctx)
 
-    async def _told(
-        self, row: UserRow, change: Change, ctx: Context, *, password_changed: bool = False
+    def _told(
+        self,
+        session: AsyncSession,
+        row: UserRow,
+        change: Change,
+        ctx: Context,
+        *,
+        password_changed: bool = False,
     ) -> None:
         detail = {"username": row.username, "role": row.role, "homes": list(row.homes)}
         if password_changed:
             detail["password"] = "changed"
-        await publish_change(
-            self._js,
+        record_change(
+            session,
             subjects.user_changed(row.id),
             "user",
             row.id,
@@ -118,11 +122,8 @@ class UserService:
 
 
 class ApiKeyService:
-    def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], js: JetStreamContext, auth: AuthService
-    ) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], auth: AuthService) -> None:
         self._sessions = sessions
-        self._js = js
         self._auth = auth
 
     async def create(self, data: ApiKeyCreate, ctx: Context) -> ApiKeyCreated:
@@ -150,7 +151,7 @@ class ApiKeyService:
                 created_at=m.now(),
             )
             session.add(row)
-        await self._told(row, "created", ctx)
+            self._told(session, row, "created", ctx)
         return ApiKeyCreated(**msgspec.structs.asdict(_key(row)), key=key)
 
     async def list(self, limit: int, cursor: str | None) -> ApiKeyPage:
@@ -167,14 +168,14 @@ class ApiKeyService:
             if row is None:
                 raise NotFound(f"no API key {key_id!r}")
             row.revoked_at = row.revoked_at or m.now()
+            self._told(session, row, "revoked", ctx)
         self._auth.forget_keys()
-        await self._told(row, "revoked", ctx)
 
-    async def _told(self, row: ApiKeyRow, change: Change, ctx: Context) -> None:
+    def _told(self, session: AsyncSession, row: ApiKeyRow, change: Change, ctx: Context) -> None:
         """The fact that every gateway hears (and forgets the keys it verified) and the
         recorder audits; never the key."""
-        await publish_change(
-            self._js,
+        record_change(
+            session,
             subjects.api_key_changed(row.id),
             "apikey",
             row.id,

@@ -1,0 +1,535 @@
+"""The consumer runtime: one durable pull consumer's life, written once for every worker.
+
+A worker supplies its consumer (stream, durable name, and the config to create it with when
+it may), a decoder and a handler; this does the rest, top to bottom:
+
+    bind → recover what was left un-acked → fetch → decode → handle → ack / nak / term
+
+- **Fetch**: one strategy, `libs.pull.Puller` (one pull request open, messages handed out
+  as they arrive), with the batch size and the wait as arguments.
+- **Lost deliveries**: the bus numbers each delivery (its consumer sequence); a jump means
+  deliveries handed out on a connection that died before they arrived. With AckPolicy.ALL
+  the ack of a newer message would ack them unseen, so they are read from the stream by
+  sequence (`js.get_msg`, public API) — every sequence after the last one settled, up to the
+  batch, on the consumer's filter, that the batch does not hold — and handled first, in
+  stream order, with the batch. Reading by sequence keeps the consumer (its config, its
+  counters, its ack floor) as it is; re-creating it from its ack floor would need the right
+  to delete consumers and would lose what it has delivered to no one yet. The same read
+  runs once at bind time for what a previous reader left un-acked (ack floor → delivered).
+  With AckPolicy.EXPLICIT nothing needs recovering: an un-acked message is redelivered
+  after `ack_wait` whatever is acked after it.
+- **Decode**: the decoder returns the value, None to skip a message (acked, not handled),
+  or raises (`Undecodable`, msgspec's errors, ValueError): the message is dead-lettered on
+  `deadletter.<subject>` with the reason (`bus.dead_letter`) and settled.
+- **Handle**: the handler gets the decoded batch and returns verdicts by stream sequence for
+  the messages that are not simply done (`Dead(reason)`, `Nak(delay)`); the runtime keeps
+  the batch in progress on the bus while it runs. A dependency down is `Retry` (or
+  `libs.errors.Unavailable`) raised by the handler: with AckPolicy.ALL the runtime keeps
+  the batch and calls the handler again after a back-off (a nak would let the bus hand out
+  newer messages, whose ack would ack the nak'ed ones); with EXPLICIT it naks the batch
+  with the back-off as delay and the bus redelivers it.
+- **Settle**: AckPolicy.ALL: one ack, of the batch's delivered message with the highest
+  stream sequence; a redelivery of what was settled already is acked, not handled again.
+  EXPLICIT: ack, nak(delay) or term each message. Dead letters are published first.
+- **Stop**: the loop ends between batches (a batch being retried is left un-acked), the
+  pull subscription goes, and the acks are flushed.
+- **Metrics**: delivered, acked, redelivered, recovered, dead-lettered (by reason kind),
+  pending (from consumer info every few seconds) and handling seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Generic, TypeVar
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, RawStreamMsg
+from nats.js.errors import NotFoundError
+from prometheus_client import Counter, Gauge, Histogram
+
+from libs import bus, runtime, subjects
+from libs.errors import Unavailable
+from libs.pull import Gaps, Puller
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+LABELS = ("stream", "consumer")
+DELIVERED = Counter(
+    "smarthome_consumer_delivered_total", "Messages the bus delivered to a consumer", LABELS
+)
+ACKED = Counter("smarthome_consumer_acked_total", "Messages settled by an ack", LABELS)
+REDELIVERED = Counter(
+    "smarthome_consumer_redelivered_total", "Messages delivered more than once", LABELS
+)
+RECOVERED = Counter(
+    "smarthome_consumer_recovered_total",
+    "Messages read from the stream by sequence: left un-acked, or lost with a connection",
+    LABELS,
+)
+DEADLETTERS = Counter(
+    "smarthome_deadletters_total", "Messages moved to deadletter.<subject>", ["stream", "reason"]
+)
+PENDING = Gauge(
+    "smarthome_consumer_pending_messages",
+    "Messages waiting on the consumer (consumer info)",
+    LABELS,
+)
+HANDLE_SECONDS = Histogram(
+    "smarthome_consumer_handle_seconds", "Time to handle one decoded batch", LABELS
+)
+
+PENDING_EVERY_S = 5.0
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 5.0
+# A gap this long is first clamped to the stream's first sequence (limits, a purge).
+CLAMP_ABOVE = 256
+
+
+# --- what a worker supplies and gets ----------------------------------------------------------
+
+
+class Undecodable(ValueError):
+    """Raised by a decoder: the message can never be decoded (it is dead-lettered)."""
+
+
+class Retry(Exception):
+    """Raised by a handler: a dependency is down; handle the batch again later."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A message as a worker sees it: delivered by the consumer, or read from the stream by
+    sequence (`msg` None: settled by the ack of a later delivery, AckPolicy.ALL)."""
+
+    subject: str
+    data: bytes
+    headers: Mapping[str, str] | None
+    stream: str
+    seq: int  # stream sequence
+    time: datetime
+    delivered: int = 1  # how many times the bus delivered it (0: read from the stream)
+    msg: Msg | None = None
+
+    @classmethod
+    def of(cls, msg: Msg) -> Delivery:
+        meta = msg.metadata
+        return cls(
+            msg.subject,
+            msg.data,
+            msg.headers,
+            meta.stream,
+            meta.sequence.stream,
+            meta.timestamp,
+            meta.num_delivered,
+            msg,
+        )
+
+    @classmethod
+    def read(cls, stream: str, raw: RawStreamMsg) -> Delivery:
+        return cls(
+            raw.subject or "",
+            raw.data or b"",
+            raw.headers,
+            stream,
+            raw.seq or 0,
+            raw.time or datetime.now(UTC),
+            0,
+            None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Item(Generic[T]):
+    delivery: Delivery
+    value: T
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    """Never to succeed: dead-lettered with `reason`; `kind` is the metric's label."""
+
+    reason: str
+    kind: str = "refused"
+
+
+@dataclass(frozen=True, slots=True)
+class Nak:
+    """Not now: the bus redelivers it after `delay` seconds (AckPolicy.EXPLICIT only)."""
+
+    delay: float | None = None
+
+
+Verdict = Dead | Nak
+Decoder = Callable[[Delivery], T | None]
+Handler = Callable[[list[Item[T]]], Awaitable[Mapping[int, Verdict] | None]]
+DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, ValueError)
+
+
+# --- pure decisions -----------------------------------------------------------------------------
+
+
+def backoff(attempt: int, first: float = BACKOFF_FIRST_S, most: float = BACKOFF_MAX_S) -> float:
+    """The wait before the `attempt`-th retry (0-based): doubling from `first` up to `most`."""
+    return min(first * 2 ** min(attempt, 30), most)
+
+
+def missing(after: int, batch_seqs: Sequence[int]) -> range | None:
+    """The stream sequences to read for a batch that came after lost deliveries: after the
+    last one settled, up to the batch's last (the batch's own are skipped while reading).
+    None when the batch holds them all."""
+    if not batch_seqs:
+        return None
+    wanted = range(after + 1, max(batch_seqs) + 1)
+    return wanted if wanted and not set(wanted) <= set(batch_seqs) else None
+
+
+def unacked(info: ConsumerInfo) -> range:
+    """What a consumer handed out and nobody acked: after its ack floor, up to what it last
+    delivered (stream sequences)."""
+    floor = info.ack_floor.stream_seq if info.ack_floor else 0
+    delivered = info.delivered.stream_seq if info.delivered else 0
+    return range((floor or 0) + 1, (delivered or 0) + 1)
+
+
+def filters(config: ConsumerConfig) -> list[str]:
+    return list(config.filter_subjects or [config.filter_subject or ">"])
+
+
+@dataclass
+class Plan:
+    """What settling a batch takes, in this order: dead letters, then acks, naks, terms."""
+
+    dead: list[tuple[Delivery, Dead]] = field(default_factory=list)
+    ack: list[Msg] = field(default_factory=list)
+    nak: list[tuple[Msg, float | None]] = field(default_factory=list)
+    term: list[Msg] = field(default_factory=list)
+    acked: int = 0  # messages the acks settle
+
+
+def plan(ack_all: bool, deliveries: Sequence[Delivery], verdicts: Mapping[int, Verdict]) -> Plan:
+    """How to settle `deliveries` by the worker's `verdicts` (by stream sequence; absent:
+    done). AckPolicy.ALL: one ack, of the delivered message with the highest stream
+    sequence, settles every message of the batch (a Nak cannot be honoured there: the ack
+    would cover it). EXPLICIT: each delivered message on its own; a dead one is termed."""
+    out = Plan()
+    for d in deliveries:
+        verdict = verdicts.get(d.seq)
+        if isinstance(verdict, Dead):
+            out.dead.append((d, verdict))
+    if ack_all:
+        if any(isinstance(v, Nak) for v in verdicts.values()):
+            raise ValueError("Nak needs AckPolicy.EXPLICIT: with ALL a later ack covers it")
+        delivered = [d for d in deliveries if d.msg is not None]
+        if delivered:
+            out.ack.append(max(delivered, key=lambda d: d.seq).msg)  # type: ignore[arg-type]
+            out.acked = len(deliveries)
+        return out
+    for d in deliveries:
+        if d.msg is None:
+            continue  # read from the stream: the bus redelivers it anyway
+        verdict = verdicts.get(d.seq)
+        if isinstance(verdict, Nak):
+            out.nak.append((d.msg, verdict.delay))
+        elif isinstance(verdict, Dead):
+            out.term.append(d.msg)
+        else:
+            out.ack.append(d.msg)
+            out.acked += 1
+    return out
+
+
+# --- the runtime --------------------------------------------------------------------------------
+
+
+class Consumer(Generic[T]):
+    """Run `durable` on `stream` until `stop` is set: see the module docstring."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        stream: str,
+        config: ConsumerConfig,
+        decode: Decoder[T],
+        handle: Handler[T],
+        *,
+        batch: int = 100,
+        wait: float = 1.0,
+        create: bool = False,
+        pending_every: float = PENDING_EVERY_S,
+    ) -> None:
+        if not config.durable_name:
+            raise ValueError("a durable consumer needs its durable_name")
+        self._nc = nc
+        self._js = nc.jetstream()
+        self.stream = stream
+        self.durable: str = config.durable_name
+        self._config = config
+        self._decode = decode
+        self._handle = handle
+        self._batch = batch
+        self._wait = wait
+        self._create = create
+        self._pending_every = pending_every
+        self._ack_all = config.ack_policy != AckPolicy.EXPLICIT
+        self._filters = filters(config)
+        self._keep_alive_s = max((config.ack_wait or 30.0) / 3, 0.1)
+        self._settled = 0  # AckPolicy.ALL: the highest stream sequence settled
+        self.bound = asyncio.Event()  # set once the consumer is bound (for readiness)
+        labels = (stream, self.durable)
+        self._delivered = DELIVERED.labels(*labels)
+        self._acked = ACKED.labels(*labels)
+        self._redelivered = REDELIVERED.labels(*labels)
+        self._recovered = RECOVERED.labels(*labels)
+        self._pending = PENDING.labels(*labels)
+        self._seconds = HANDLE_SECONDS.labels(*labels)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        info = await self._bind(stop)
+        if info is None:
+            return
+        self._ack_all = info.config.ack_policy != AckPolicy.EXPLICIT
+        self._filters = filters(info.config)
+        self._keep_alive_s = max((info.config.ack_wait or 30.0) / 3, 0.1)
+        self._settled = info.ack_floor.stream_seq if info.ack_floor else 0
+        puller = Puller(self._nc, self.stream, self.durable)
+        # A delivery after the last one the consumer made, not the next: lost on the way.
+        puller.gaps = Gaps(info.delivered.consumer_seq if info.delivered else 0)
+        await puller.start()
+        self.bound.set()
+        ended = asyncio.Event()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._watch_pending(stop, ended))
+                try:
+                    if self._ack_all and not await self._recover(unacked(info), [], stop):
+                        return
+                    while not stop.is_set():
+                        msgs = await puller.fetch(self._batch, self._wait)
+                        if msgs:
+                            await self._batch_arrived(msgs, puller.gaps.take(), stop)
+                finally:
+                    ended.set()
+        finally:
+            self.bound.clear()
+            await puller.stop()  # a pull subscription left to drain() blocks it
+            with contextlib.suppress(Exception):
+                await self._nc.flush(timeout=2)  # the last acks
+
+    # --- binding and recovering ---------------------------------------------------------------
+
+    async def _bind(self, stop: asyncio.Event) -> ConsumerInfo | None:
+        """The consumer's info: created from the config when missing and allowed, else
+        waited for (the gateway provisions it); None if stopped first."""
+        found: list[ConsumerInfo] = []
+        told = False
+
+        async def attempt() -> None:
+            nonlocal told
+            try:
+                found.append(await self._js.consumer_info(self.stream, self.durable))
+            except NotFoundError:
+                if not self._create:
+                    if not told:
+                        log.info("waiting for %s/%s to be provisioned", self.stream, self.durable)
+                        told = True
+                    raise
+                found.append(await self._js.add_consumer(self.stream, self._config))
+
+        if not await runtime.retry_until_stopped(attempt, stop, f"binding {self.durable}"):
+            return None
+        return found[-1]
+
+    async def _read(
+        self, seqs: range, skip: set[int], stop: asyncio.Event
+    ) -> list[Delivery] | None:
+        """The messages of `seqs` on the consumer's filter, read from the stream by sequence
+        (those in `skip` and those gone with the stream's limits left out); None if stopped
+        while the bus is down."""
+        found: list[Delivery] = []
+
+        async def read() -> None:
+            found.clear()
+            start = seqs.start
+            if len(seqs) > CLAMP_ABOVE:
+                info = await self._js.stream_info(self.stream)
+                start = max(start, info.state.first_seq)
+            for seq in range(start, seqs.stop):
+                if seq in skip:
+                    continue
+                try:
+                    raw = await self._js.get_msg(self.stream, seq)
+                except NotFoundError:
+                    continue
+                if any(subjects.matches(f, raw.subject or "") for f in self._filters):
+                    found.append(Delivery.read(self.stream, raw))
+
+        if not await runtime.retry_until_stopped(
+            read, stop, f"{self.durable}: reading by sequence"
+        ):
+            return None
+        return found
+
+    async def _recover(
+        self, seqs: range | None, batch: list[Delivery], stop: asyncio.Event
+    ) -> bool:
+        """Handle what `seqs` holds that `batch` does not, with the batch; False if stopped."""
+        stored: list[Delivery] = []
+        if seqs:
+            read = await self._read(seqs, {d.seq for d in batch}, stop)
+            if read is None:
+                return False
+            stored = read
+        if stored:
+            self._recovered.inc(len(stored))
+            log.info("%s: handling %d messages read from the stream", self.durable, len(stored))
+        if not stored and not batch:
+            return True
+        whole = sorted([*stored, *batch], key=lambda d: d.seq)
+        return await self._process(whole, stop)
+
+    # --- a batch ------------------------------------------------------------------------------
+
+    async def _batch_arrived(self, msgs: list[Msg], missed: bool, stop: asyncio.Event) -> None:
+        self._delivered.inc(len(msgs))
+        deliveries = [Delivery.of(msg) for msg in msgs]
+        again = sum(1 for d in deliveries if d.delivered > 1)
+        if again:
+            self._redelivered.inc(again)
+        if not self._ack_all:
+            await self._process(deliveries, stop)
+            return
+        # Settled already (a late ack, or read from the stream before): acked, not handled.
+        # (The ack of a fresh one covers them: their sequences are lower.)
+        fresh = [d for d in deliveries if d.seq > self._settled]
+        if not fresh:
+            await self._apply(plan(True, deliveries, {}), stop)
+            return
+        seqs = None
+        if missed:
+            log.info("%s: deliveries never received; reading them from the stream", self.durable)
+            seqs = missing(self._settled, [d.seq for d in fresh])
+        await self._recover(seqs, fresh, stop)
+
+    async def _process(self, deliveries: list[Delivery], stop: asyncio.Event) -> bool:
+        """Decode, handle (again while `Retry`), settle; False if stopped before settling."""
+        verdicts: dict[int, Verdict] = {}
+        items: list[Item[T]] = []
+        for d in deliveries:
+            try:
+                value = self._decode(d)
+            except DECODE_ERRORS as exc:
+                verdicts[d.seq] = Dead(f"cannot be decoded: {exc}", "undecodable")
+                continue
+            if value is not None:
+                items.append(Item(d, value))
+        attempt = 0
+        while items:
+            try:
+                with self._seconds.time():
+                    said = await self._keeping_alive(self._handle(items), deliveries)
+                verdicts.update(said or {})
+                break
+            except (Retry, Unavailable) as exc:
+                delay = backoff(attempt)
+                attempt += 1
+                log.warning(
+                    "%s: %s; again in %.1f s", self.durable, exc or type(exc).__name__, delay
+                )
+                if not self._ack_all:
+                    naks: dict[int, Verdict] = {d.seq: Nak(delay) for d in deliveries}
+                    return await self._apply(plan(False, deliveries, naks | verdicts), stop)
+                if not await self._pause(delay, deliveries, stop):
+                    return False  # left un-acked: the next reader handles it
+        if not await self._apply(plan(self._ack_all, deliveries, verdicts), stop):
+            return False
+        if self._ack_all:
+            self._settled = max(self._settled, max(d.seq for d in deliveries))
+        return True
+
+    async def _keeping_alive(
+        self, work: Awaitable[Mapping[int, Verdict] | None], deliveries: Sequence[Delivery]
+    ) -> Mapping[int, Verdict] | None:
+        """Await `work`, telling the bus the batch is in progress every third of ack_wait."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self._keep_alive_s)
+                if done:
+                    return task.result()
+                await self._in_progress(deliveries)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def _pause(
+        self, delay: float, deliveries: Sequence[Delivery], stop: asyncio.Event
+    ) -> bool:
+        """Wait `delay` keeping the batch in progress; False if `stop` was set meanwhile."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + delay
+        while (left := until - loop.time()) > 0:
+            await self._in_progress(deliveries)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), min(left, self._keep_alive_s))
+            if stop.is_set():
+                return False
+        return True
+
+    async def _in_progress(self, deliveries: Sequence[Delivery]) -> None:
+        for d in deliveries:
+            if d.msg is not None:
+                with contextlib.suppress(Exception):  # the bus is away: redelivered, at worst
+                    await d.msg.in_progress()
+
+    async def _apply(self, todo: Plan, stop: asyncio.Event) -> bool:
+        """Settle as planned; False if stopped while a dead letter could not be published
+        (nothing acked then: the next reader dead-letters it, its id de-duplicates)."""
+        for d, dead in todo.dead:
+            if not await self._dead_letter(d, dead, stop):
+                return False
+        # An ack lost with the connection only means a redelivery, settled again then.
+        with contextlib.suppress(Exception):
+            for msg in todo.ack:
+                await msg.ack()
+            for msg, delay in todo.nak:
+                await msg.nak(delay=delay)
+            for msg in todo.term:
+                await msg.term()
+        if todo.acked:
+            self._acked.inc(todo.acked)
+        return True
+
+    async def _dead_letter(self, d: Delivery, dead: Dead, stop: asyncio.Event) -> bool:
+        async def send() -> None:
+            if d.msg is not None:
+                await bus.dead_letter(self._js, d.msg, dead.reason, self.durable)
+            else:
+                await bus.dead_letter_stored(
+                    self._js, d.subject, d.data, (d.stream, d.seq), dead.reason, self.durable
+                )
+
+        if not await runtime.retry_until_stopped(send, stop, f"{self.durable}: dead-lettering"):
+            return False
+        DEADLETTERS.labels(self.stream, dead.kind).inc()
+        return True
+
+    # --- the pending gauge --------------------------------------------------------------------
+
+    async def _watch_pending(self, stop: asyncio.Event, ended: asyncio.Event) -> None:
+        while not stop.is_set() and not ended.is_set():
+            with contextlib.suppress(Exception):  # the bus is away: the gauge waits
+                info = await self._js.consumer_info(self.stream, self.durable)
+                self._pending.set(info.num_pending or 0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), self._pending_every)

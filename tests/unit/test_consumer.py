@@ -1,0 +1,113 @@
+"""The consumer runtime's pure decisions: back-off, what to read after lost deliveries, what
+a consumer left un-acked, and how a batch is settled by the worker's verdicts."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
+import pytest
+from nats.js.api import ConsumerConfig
+
+from libs.consumer import Dead, Delivery, Nak, backoff, filters, missing, plan, unacked
+from libs.pull import Gaps
+
+NOW = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+class FakeMsg:
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+
+    def __repr__(self) -> str:
+        return f"msg{self.seq}"
+
+
+def delivered(seq: int) -> Delivery:
+    return Delivery("events.d.x", b"{}", None, "EVENTS", seq, NOW, 1, FakeMsg(seq))  # type: ignore[arg-type]
+
+
+def read(seq: int) -> Delivery:
+    return Delivery("events.d.x", b"{}", None, "EVENTS", seq, NOW, 0, None)
+
+
+def test_backoff_doubles_up_to_its_ceiling() -> None:
+    assert [backoff(n) for n in range(6)] == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
+    assert backoff(10_000) == 5.0
+
+
+@pytest.mark.parametrize(
+    ("after", "batch", "expected"),
+    [
+        (10, [11, 12], None),  # nothing before the batch
+        (10, [14, 15], range(11, 16)),  # 11-13 lost before it
+        (10, [11, 15], range(11, 16)),  # 12-14 lost inside it
+        (10, [], None),
+        (10, [9], None),  # a redelivery of what was settled
+    ],
+)
+def test_what_is_read_after_lost_deliveries(after: int, batch: list[int], expected) -> None:  # type: ignore[no-untyped-def]
+    assert missing(after, batch) == expected
+
+
+def test_what_a_consumer_left_unacked_is_after_its_ack_floor() -> None:
+    info = SimpleNamespace(
+        ack_floor=SimpleNamespace(stream_seq=40), delivered=SimpleNamespace(stream_seq=45)
+    )
+    assert unacked(info) == range(41, 46)  # type: ignore[arg-type]
+    fresh = SimpleNamespace(ack_floor=None, delivered=None)
+    assert not unacked(fresh)  # type: ignore[arg-type]
+
+
+def test_a_consumers_filters() -> None:
+    assert filters(ConsumerConfig(filter_subject="events.>")) == ["events.>"]
+    assert filters(ConsumerConfig(filter_subjects=["a.>", "b.>"])) == ["a.>", "b.>"]
+    assert filters(ConsumerConfig()) == [">"]
+
+
+def test_ack_all_acks_the_highest_delivered_once_after_the_dead_letters() -> None:
+    batch = [read(11), delivered(13), delivered(12), read(14)]
+    todo = plan(True, batch, {12: Dead("bad", "undecodable")})
+    assert [d.seq for d, _ in todo.dead] == [12]
+    assert [m.seq for m in todo.ack] == [13]  # type: ignore[attr-defined]
+    assert todo.acked == 4 and not todo.nak and not todo.term
+
+
+def test_ack_all_with_nothing_delivered_acks_nothing() -> None:
+    todo = plan(True, [read(1), read(2)], {})
+    assert not todo.ack and todo.acked == 0
+
+
+def test_ack_all_refuses_a_nak_that_a_later_ack_would_cover() -> None:
+    with pytest.raises(ValueError, match="EXPLICIT"):
+        plan(True, [delivered(1)], {1: Nak(1.0)})
+
+
+def test_explicit_settles_each_delivered_message_by_its_verdict() -> None:
+    batch = [delivered(1), delivered(2), delivered(3), read(4)]
+    todo = plan(False, batch, {2: Nak(3.0), 3: Dead("gone")})
+    assert [m.seq for m in todo.ack] == [1]  # type: ignore[attr-defined]
+    assert [(m.seq, delay) for m, delay in todo.nak] == [(2, 3.0)]  # type: ignore[attr-defined]
+    assert [m.seq for m in todo.term] == [3]  # type: ignore[attr-defined]
+    assert [d.seq for d, _ in todo.dead] == [3]
+    assert todo.acked == 1
+
+
+def note(gaps: Gaps, *consumer_seqs: int) -> bool:
+    for seq in consumer_seqs:
+        gaps.note(SimpleNamespace(metadata=SimpleNamespace(sequence=SimpleNamespace(consumer=seq))))  # type: ignore[arg-type]
+    return gaps.take()
+
+
+def test_a_jump_of_the_consumer_sequence_is_a_lost_delivery() -> None:
+    gaps = Gaps()
+    assert not note(gaps, 1, 2, 3)
+    assert note(gaps, 5)
+    assert not gaps.take()  # told once
+    assert not note(gaps, 6)
+
+
+def test_a_reader_bound_after_deliveries_counts_from_the_last_one_made() -> None:
+    assert note(Gaps(last=10), 12)  # 11 was handed out on the way here and lost
+    assert not note(Gaps(last=10), 11)
+    assert not note(Gaps(), 12)  # not knowing, the first is taken as it comes
