@@ -178,7 +178,7 @@ def load() -> Settings:
         jwt_secret=_jwt_secret(),
         access_token_ttl_s=_positive("SMARTHOME_ACCESS_TOKEN_TTL", 900.0),
         refresh_token_ttl_s=_positive("SMARTHOME_REFRESH_TOKEN_TTL", 30 * 86400.0),
-        writes_per_minute=_at_least_one("SMARTHOME_WRITES_PER_MINUTE", 600),
+        writes_per_minute=int(_non_negative("SMARTHOME_WRITES_PER_MINUTE", 600)),
         logins_per_minute_per_address=_at_least_one("SMARTHOME_LOGINS_PER_MINUTE", 30),
         allowed_origins=_list("SMARTHOME_ALLOWED_ORIGINS"),
         allowed_hosts=_list("SMARTHOME_ALLOWED_HOSTS"),
@@ -240,6 +240,13 @@ def _rules_partitions() -> int:
     value = _at_least_one("SMARTHOME_RULES_PARTITIONS", 1)
     if value > 64:
         raise SettingsError(f"SMARTHOME_RULES_PARTITIONS={value} must be at most 64")
+    return value
+
+
+def _non_negative(name: str, default: float) -> float:
+    value = _float(name, default)
+    if value < 0:
+        raise SettingsError(f"{name}={value!r} must be 0 or more")
     return value
 
 

@@ -72,14 +72,20 @@ async def _signing_in(request: Request[Any, Any, Any]) -> bool:
     return bool(request.scope["path"] == TOKEN_PATH)
 
 
-def _write_limit(settings: Settings) -> DefineMiddleware:
-    return RateLimitConfig(
+def _write_limit(settings: Settings) -> list[DefineMiddleware]:
+    """Writes per principal and minute; 0 turns the limit off (a benchmark, a trusted
+    integration: Litestar keeps a log of each principal's writes in the window, so a limit of
+    millions costs a decode of millions of timestamps per request)."""
+    if not settings.writes_per_minute:
+        return []
+    config = RateLimitConfig(
         rate_limit=("minute", settings.writes_per_minute),
         identifier_for_request=_writer,
         check_throttle_handler=_principals_write,
         exclude=[r"^/health/"],
         store="write_rate_limit",
-    ).middleware
+    )
+    return [config.middleware]
 
 
 def _login_limit(settings: Settings) -> DefineMiddleware:
@@ -166,7 +172,7 @@ def create_app(settings: Settings) -> Litestar:
             metrics.middleware,
             BrowserGuardMiddleware(settings),
             DefineMiddleware(AuthMiddleware, exclude=PUBLIC),
-            _write_limit(settings),
+            *_write_limit(settings),
         ],
         before_send=[security_headers],
         exception_handlers=problems.exception_handlers(),

@@ -126,6 +126,23 @@ async def test_sign_ins_from_one_address_are_limited(settings: Settings) -> None
         assert (await client.get("/health/live")).status_code == 200
 
 
+async def test_writes_are_limited_per_principal(settings: Settings, make_token) -> None:
+    limited = dataclasses.replace(settings, writes_per_minute=3)
+    one, other = bearer(await make_token(Role.ADMIN)), bearer(await make_token(Role.ADMIN))
+    location = {"name": "Somewhere", "kind": "home"}
+    async with AsyncTestClient(create_app(limited)) as client:
+        for _ in range(3):
+            made = await client.post(f"{API}/locations", json=location, headers=one)
+            assert made.status_code == 201, made.text
+        assert (await client.get(f"{API}/locations", headers=one)).status_code == 200  # reads
+        fourth = await client.post(f"{API}/locations", json=location, headers=one)
+        assert fourth.status_code == 429, fourth.text
+        assert int(fourth.headers["retry-after"]) > 0
+        assert fourth.headers["content-type"].startswith("application/problem+json")
+        theirs = await client.post(f"{API}/locations", json=location, headers=other)
+        assert theirs.status_code == 201, theirs.text
+
+
 @pytest.mark.parametrize(
     "case", ["none", "garbage", "tampered", "expired", "alg-none", "issuer", "audience"]
 )
