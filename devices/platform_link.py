@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import signal
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -48,6 +49,13 @@ def api_headers() -> dict[str, str]:
     from the environment rather than the command line, where `ps` would show it."""
     token = os.environ.get("SMARTHOME_API_TOKEN")
     return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def bus_tls() -> dict[str, ssl.SSLContext]:
+    """The bus's TLS trust: `SMARTHOME_NATS_TLS_CA`, a private CA's certificate file to
+    verify the server against (as the services' setting); unset: the system trust store."""
+    ca = os.environ.get("SMARTHOME_NATS_TLS_CA")
+    return {"tls": ssl.create_default_context(cafile=ca)} if ca else {}
 
 
 class PlatformLink:
@@ -114,6 +122,7 @@ class PlatformLink:
             password=self.password or "",
             inbox_prefix=subjects.device_inbox(self.device_id),
             max_reconnect_attempts=-1,
+            **bus_tls(),
         )
 
     async def claim(self, token: str, stop: asyncio.Event, hello_every: float = 5.0) -> bool:
@@ -129,6 +138,7 @@ class PlatformLink:
             password=token,
             inbox_prefix=subjects.inbox_prefix("claim", self.device_id),
             max_reconnect_attempts=-1,
+            **bus_tls(),
         )
         try:
             sub = await claimant.subscribe(subjects.provision(self.device_id, nonce))

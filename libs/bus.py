@@ -7,7 +7,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+import ssl
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import msgspec
 import nats
@@ -85,11 +87,17 @@ STREAMS: tuple[StreamConfig, ...] = (
 
 
 async def connect(
-    url: str, name: str, user: str | None = None, password: str | None = None
+    url: str,
+    name: str,
+    user: str | None = None,
+    password: str | None = None,
+    ca: Path | None = None,
 ) -> NATS:
     """Connect with endless reconnects: a bus restart is an outage, not a crash. `user`
     is the service's identity (`libs.bus_grants`); its replies come to its own inbox
-    prefix, the only one its grant lets it read."""
+    prefix, the only one its grant lets it read. `ca`: the CA file the server's certificate
+    is verified against (`SMARTHOME_NATS_TLS_CA`) when the bus speaks TLS (a `tls://` URL,
+    or a server that requires it); None: the system trust store."""
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats error: %s", exc)
@@ -110,7 +118,12 @@ async def connect(
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
         **_identity(user, password),
+        **_tls(ca),
     )
+
+
+def _tls(ca: Path | None) -> dict[str, ssl.SSLContext]:
+    return {"tls": ssl.create_default_context(cafile=str(ca))} if ca else {}
 
 
 def _identity(user: str | None, password: str | None) -> dict[str, str]:

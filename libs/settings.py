@@ -54,10 +54,12 @@ class Settings:
     nats_system_password: str | None = None
     bus_issuer_seed: str | None = None
     # TLS of the embedded nats-server's NATS and MQTT listeners (both files or neither; off
-    # by default: it listens on loopback). Clients then use `tls://` (SSL_CERT_FILE for a
-    # private CA).
+    # by default: it listens on loopback). Clients then use `tls://`.
     nats_tls_cert: Path | None = None
     nats_tls_key: Path | None = None
+    # The CA the services verify the bus's certificate against (a private CA's, such as
+    # cert-manager's `ca.crt`); None: the system trust store.
+    nats_tls_ca: Path | None = None
     database_url: str | None = None
     redis_url: str | None = None
     http_host: str = "127.0.0.1"
@@ -147,6 +149,7 @@ def load() -> Settings:
         nats_system_password=os.environ.get("SMARTHOME_NATS_SYSTEM_PASSWORD") or None,
         bus_issuer_seed=os.environ.get("SMARTHOME_BUS_ISSUER_SEED") or None,
         **_nats_tls(),
+        nats_tls_ca=_nats_tls_ca(),
         database_url=os.environ.get("DATABASE_URL") or None,
         redis_url=os.environ.get("REDIS_URL") or None,
         http_host=os.environ.get("SMARTHOME_HTTP_HOST") or "127.0.0.1",
@@ -221,6 +224,13 @@ def _nats_tls() -> dict[str, Path | None]:
         "nats_tls_cert": Path(cert).resolve() if cert else None,
         "nats_tls_key": Path(key).resolve() if key else None,
     }
+
+
+def _nats_tls_ca() -> Path | None:
+    ca = os.environ.get("SMARTHOME_NATS_TLS_CA") or None
+    if ca and not Path(ca).is_file():
+        raise SettingsError(f"SMARTHOME_NATS_TLS_CA={ca!r} is not a file")
+    return Path(ca).resolve() if ca else None
 
 
 def _at_least_one(name: str, default: int) -> int:

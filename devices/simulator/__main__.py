@@ -27,7 +27,7 @@ import nats
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from devices.platform_link import api_headers, run
+from devices.platform_link import api_headers, bus_tls, run
 from devices.simulator.fleet import KINDS, VirtualDevice, fleet
 from libs import messages as m
 from libs import subjects
@@ -218,6 +218,7 @@ async def main(stop: asyncio.Event) -> None:
         password=password,
         inbox_prefix=subjects.inbox_prefix("bridge", args.prefix),
         max_reconnect_attempts=-1,
+        **bus_tls(),
     )
     out = Publisher(nc.jetstream())
     answered: Counter = Counter()

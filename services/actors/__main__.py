@@ -19,7 +19,11 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     engine = make_engine(settings.effective_database_url)
     cache = make_cache(settings.redis_url)
     nc = await bus.connect(
-        settings.effective_nats_url, "actors", settings.nats_user, settings.nats_password
+        settings.effective_nats_url,
+        "actors",
+        settings.nats_user,
+        settings.nats_password,
+        ca=settings.nats_tls_ca,
     )
     js = nc.jetstream()
     await bus.wait_provisioned(js, [(subjects.EVENTS_STREAM, bus.ACTORS_DURABLE)], stop)

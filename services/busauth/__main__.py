@@ -97,13 +97,18 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     sessions = make_sessionmaker(engine)
     revocations = Revocations()
     nc = await bus.connect(
-        settings.effective_nats_url, "busauth", settings.nats_user, settings.nats_password
+        settings.effective_nats_url,
+        "busauth",
+        settings.nats_user,
+        settings.nats_password,
+        ca=settings.nats_tls_ca,
     )
     system = await bus.connect(
         settings.effective_nats_url,
         "busauth-system",
         bus_grants.SYSTEM_USER,
         settings.nats_system_password,
+        ca=settings.nats_tls_ca,
     )
     js = nc.jetstream()
     callout = Callout(nc, Authorizer(sessions, revocations), issuer_seed(settings))

@@ -98,7 +98,9 @@ async def _connect(settings: Settings, shutdown: Shutdown) -> NATS:
     """Wait for the bus as long as it takes (an outage is not a crash), unless told to stop."""
     url = settings.effective_nats_url
     connecting = asyncio.ensure_future(
-        bus.connect(url, "gateway", settings.nats_user, settings.nats_password)
+        bus.connect(
+            url, "gateway", settings.nats_user, settings.nats_password, ca=settings.nats_tls_ca
+        )
     )
     stopping = asyncio.ensure_future(shutdown.wait())
     try:

@@ -16,7 +16,11 @@ RELOAD_EVERY_S = 30.0
 async def main(settings: Settings, stop: asyncio.Event) -> None:
     engine = make_engine(settings.effective_database_url)
     nc = await bus.connect(
-        settings.effective_nats_url, "rules", settings.nats_user, settings.nats_password
+        settings.effective_nats_url,
+        "rules",
+        settings.nats_user,
+        settings.nats_password,
+        ca=settings.nats_tls_ca,
     )
     js = nc.jetstream()
     await bus.wait_provisioned(

@@ -18,7 +18,11 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     hooks = webhooks.WebhookSettings.of(settings)
     engine = make_engine(settings.effective_database_url)
     nc = await bus.connect(
-        settings.effective_nats_url, "webhooks", settings.nats_user, settings.nats_password
+        settings.effective_nats_url,
+        "webhooks",
+        settings.nats_user,
+        settings.nats_password,
+        ca=settings.nats_tls_ca,
     )
     js = nc.jetstream()
     await bus.wait_provisioned(js, [(subjects.SYSTEM_STREAM, bus.WEBHOOKS_NOTIFY_DURABLE)], stop)

@@ -78,3 +78,79 @@ def test_nats_reads_every_password_hash_and_the_issuer_from_the_bus_secret(
 def test_jetstream_syncs_as_often_as_the_embedded_server(rendered: Rendered) -> None:
     values_name, docs = rendered
     assert nats_config(docs)["jetstream"]["sync_interval"] == "1s", values_name
+
+
+def _nats_url(docs: list[Doc]) -> str:
+    (cm,) = [c for c in k8s.by_kind(docs, "ConfigMap") if k8s.name(c).endswith("-settings")]
+    return str(cm["data"]["NATS_URL"])
+
+
+def test_nats_tls_on_serves_tls_on_client_and_mqtt_listeners_and_services_use_it(
+    render: Any,
+) -> None:
+    docs = render(
+        "default", "--set", "nats.tls.enabled=true", "--set", "nats.tls.secretName=bus-tls"
+    )
+    conf = nats_config(docs)
+    assert conf["tls"]["cert_file"].endswith("/tls.crt"), conf.get("tls")
+    assert conf["tls"]["key_file"].endswith("/tls.key"), conf.get("tls")
+    assert conf["mqtt"]["tls"]["cert_file"].endswith("/tls.crt"), conf["mqtt"]
+    assert _nats_url(docs).startswith("tls://")
+    (nats,) = [s for s in k8s.by_kind(docs, "StatefulSet") if k8s.name(s).endswith("-nats")]
+    volumes = nats["spec"]["template"]["spec"]["volumes"]
+    assert "bus-tls" in {v["secret"]["secretName"] for v in volumes if "secret" in v}
+
+
+def _deployments(docs: list[Doc]) -> list[Doc]:
+    return [d for d in k8s.by_kind(docs, "Deployment") if k8s.is_ours(d)]
+
+
+def _env(container: Doc) -> dict[str, Any]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def test_nats_tls_on_every_smarthome_pod_trusts_the_ca_of_the_certificate_secret(
+    render: Any,
+) -> None:
+    # dev: the services and the demo devices.
+    docs = render("dev", "--set", "nats.tls.enabled=true", "--set", "nats.tls.secretName=bus-tls")
+    deployments = _deployments(docs)
+    assert {k8s.component(d) for d in deployments} >= {"gateway", "actors", "lightbulb"}
+    for deployment in deployments:
+        spec = deployment["spec"]["template"]["spec"]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "nats-ca"]
+        assert volume["secret"]["secretName"] == "bus-tls", k8s.name(deployment)
+        assert [i["key"] for i in volume["secret"]["items"]] == ["ca.crt"]
+        (container,) = spec["containers"]
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "nats-ca"]
+        assert mount["readOnly"] is True, k8s.name(deployment)
+        ca = _env(container)["SMARTHOME_NATS_TLS_CA"]
+        assert ca == f"{mount['mountPath']}/ca.crt", k8s.name(deployment)
+
+
+def test_nats_tls_ca_key_is_configurable(render: Any) -> None:
+    docs = render(
+        "default",
+        "--set",
+        "nats.tls.enabled=true",
+        "--set",
+        "nats.tls.secretName=bus-tls",
+        "--set",
+        "nats.tls.caKey=root.pem",
+    )
+    for deployment in _deployments(docs):
+        spec = deployment["spec"]["template"]["spec"]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "nats-ca"]
+        assert [i["key"] for i in volume["secret"]["items"]] == ["root.pem"]
+        assert _env(spec["containers"][0])["SMARTHOME_NATS_TLS_CA"].endswith("/root.pem")
+
+
+def test_nats_tls_is_off_by_default(rendered: Rendered) -> None:
+    values_name, docs = rendered
+    conf = nats_config(docs)
+    assert "tls" not in conf and "tls" not in conf.get("mqtt", {}), values_name
+    assert _nats_url(docs).startswith("nats://"), values_name
+    for deployment in _deployments(docs):
+        spec = deployment["spec"]["template"]["spec"]
+        assert "nats-ca" not in {v["name"] for v in spec["volumes"]}, values_name
+        assert "SMARTHOME_NATS_TLS_CA" not in _env(spec["containers"][0]), values_name

@@ -86,9 +86,46 @@ Where the platform's backing services are.
 {{- end }}
 {{- end }}
 
+{{- /*
+The CA file every smarthome pod trusts for the bus when the release's NATS serves TLS: the
+`nats.tls.caKey` of the server certificate's Secret, mounted read-only
+(`smarthome.natsTlsCaMount`/`smarthome.natsTlsCaVolume`). Empty when TLS is off.
+*/}}
+{{- define "smarthome.natsTlsCaDir" -}}/etc/smarthome/nats-ca{{- end }}
+
+{{- define "smarthome.natsTlsCa" -}}
+{{- if and .Values.nats.enabled (.Values.nats.tls).enabled }}
+{{- printf "%s/%s" (include "smarthome.natsTlsCaDir" .) (.Values.nats.tls.caKey | default "ca.crt") }}
+{{- end }}
+{{- end }}
+
+{{- define "smarthome.natsTlsCaMount" -}}
+{{- if include "smarthome.natsTlsCa" . }}
+- name: nats-ca
+  mountPath: {{ include "smarthome.natsTlsCaDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "smarthome.natsTlsCaVolume" -}}
+{{- if include "smarthome.natsTlsCa" . }}
+- name: nats-ca
+  secret:
+    secretName: {{ .Values.nats.tls.secretName }}
+    items:
+      - key: {{ .Values.nats.tls.caKey | default "ca.crt" }}
+        path: {{ .Values.nats.tls.caKey | default "ca.crt" }}
+{{- end }}
+{{- end }}
+
 {{- define "smarthome.natsUrl" -}}
 {{- if .Values.nats.enabled }}
-{{- printf "nats://%s:%d" (include "smarthome.natsFullname" .) (int ((.Values.nats.config).nats).port | default 4222) }}
+{{- $scheme := "nats" }}
+{{- if (.Values.nats.tls).enabled }}
+{{- $_ := required "nats.tls.enabled: set nats.tls.secretName (the server certificate's Secret)" .Values.nats.tls.secretName }}
+{{- $scheme = "tls" }}
+{{- end }}
+{{- printf "%s://%s:%d" $scheme (include "smarthome.natsFullname" .) (int ((.Values.nats.config).nats).port | default 4222) }}
 {{- else }}
 {{- required "nats.enabled is false: set externalNats.url" .Values.externalNats.url }}
 {{- end }}
@@ -276,6 +313,10 @@ for third-party hardware and read only their own few (devices/platform_link.py).
 {{- $keys := $root.Values.secrets.keys }}
 {{- $kind := .c.kind }}
 {{- include "smarthome.envFromConfig" (dict "root" $root "name" "NATS_URL") }}
+{{- with include "smarthome.natsTlsCa" $root }}
+- name: SMARTHOME_NATS_TLS_CA
+  value: {{ . | quote }}
+{{- end }}
 {{- if eq $kind "device" }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_API_URL") }}
 - name: SMARTHOME_DEVICE_ID
