@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import select
@@ -69,20 +70,32 @@ async def issue_api_key(
     created_by: str,
 ) -> str:
     """A new API key (its secret returned, its digest stored)."""
-    key = new_secret(API_KEY_PREFIX)
+    key, row = new_api_key(name, role, homes, created_by)
     async with sessions.begin() as session:
-        session.add(
-            ApiKey(
-                id="k-" + m.new_id()[:12],
-                name=name,
-                key_hash=digest(key),
-                role=role.value,
-                homes=homes,
-                created_by=created_by,
-                created_at=m.now(),
-            )
-        )
+        session.add(row)
     return key
+
+
+def new_api_key(
+    name: str,
+    role: Role,
+    homes: list[str],
+    created_by: str,
+    expires_at: datetime | None = None,
+) -> tuple[str, ApiKey]:
+    """A fresh key's secret, and the row that keeps only its digest."""
+    key = new_secret(API_KEY_PREFIX)
+    row = ApiKey(
+        id="k-" + m.new_id()[:12],
+        name=name,
+        key_hash=digest(key),
+        role=role.value,
+        homes=homes,
+        created_by=created_by,
+        expires_at=expires_at,
+        created_at=m.now(),
+    )
+    return key, row
 
 
 async def ensure_api_key(

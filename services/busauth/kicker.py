@@ -25,8 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import bus, subjects
 from libs import messages as m
+from libs.consumer import Consumer, Delivery, Item
 from libs.db.models import BridgeDevice
-from libs.pull import Puller
 from services.busauth.authorizer import BRIDGE_PREFIX, Revocations
 
 log = logging.getLogger(__name__)
@@ -76,31 +76,28 @@ class Kicker:
         self._sessions = sessions
 
     async def run(self, stop: asyncio.Event) -> None:
-        puller = Puller(self._nc, subjects.SYSTEM_STREAM, bus.BUSAUTH_DURABLE)
-        await puller.start()
+        config = next(c for _, c in bus.CONSUMERS if c.durable_name == bus.BUSAUTH_DURABLE)
+        consumer: Consumer[list[Kick]] = Consumer(
+            self._nc,
+            subjects.SYSTEM_STREAM,
+            config,
+            self._kicks,
+            self._handle,
+            batch=256,
+        )
+        await consumer.run(stop)
+
+    def _kicks(self, delivery: Delivery) -> list[Kick] | None:
         try:
-            while not stop.is_set():
-                try:
-                    msgs = await puller.fetch(256, timeout=1.0)
-                except TimeoutError:
-                    continue
-                except Exception as exc:  # the bus is away: try again
-                    log.warning("reading revocations failed: %r", exc)
-                    await asyncio.sleep(0.5)
-                    continue
-                kicks: dict[str, Kick] = {}
-                for msg in msgs:
-                    try:
-                        for kick in kicks_of(msg.subject, msg.data, self._revocations):
-                            kicks[kick.identity] = kick  # the latest fact of each
-                    except (msgspec.DecodeError, ValueError) as exc:
-                        log.warning("unreadable fact on %s: %s", msg.subject, exc)
-                kicks.update(await self._their_bridges(kicks))
-                await asyncio.gather(*(self.kick(k) for k in kicks.values()))
-                for msg in msgs:
-                    await msg.ack()
-        finally:
-            await puller.stop()
+            return kicks_of(delivery.subject, delivery.data, self._revocations)
+        except (msgspec.DecodeError, ValueError) as exc:  # not ours to dead-letter: skipped
+            log.warning("unreadable fact on %s: %s", delivery.subject, exc)
+            return None
+
+    async def _handle(self, items: list[Item[list[Kick]]]) -> None:
+        kicks = {kick.identity: kick for item in items for kick in item.value}  # the latest
+        kicks.update(await self._their_bridges(kicks))
+        await asyncio.gather(*(self.kick(k) for k in kicks.values()))
 
     async def _their_bridges(self, kicks: dict[str, Kick]) -> dict[str, Kick]:
         """A revoked device that speaks through a bridge: the bridge's connection goes too

@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 from litestar.params import ParameterKwarg, QueryParameter
+from sqlalchemy import Select
 
 from libs.errors import Invalid
 
@@ -22,6 +23,7 @@ T = TypeVar("T")
 K = TypeVar("K")
 R = TypeVar("R")
 P = TypeVar("P")
+Q = TypeVar("Q", bound="Select[Any]")
 
 CursorParam = Annotated[
     str | None,
@@ -50,6 +52,13 @@ def decode_cursor(cursor: str, key_type: type[K]) -> K:
         return msgspec.json.decode(raw, type=key_type)
     except (binascii.Error, ValueError, msgspec.DecodeError):
         raise Invalid("not a cursor this API returned", field="cursor") from None
+
+
+def keyset(query: Q, column: Any, limit: int, cursor: str | None) -> Q:
+    """`query` ordered by a unique text `column`, one row more than `limit` (it says a next
+    page exists), starting after the cursor's key."""
+    query = query.order_by(column).limit(limit + 1)
+    return query.where(column > decode_cursor(cursor, str)) if cursor else query
 
 
 def page(

@@ -24,15 +24,19 @@ KEY_CACHE_S = 30.0
 
 
 def user_principal(user: User) -> Principal:
-    role = Role(user.role)
-    homes = None if role is Role.ADMIN else frozenset(user.homes)
-    return Principal(kind=PrincipalKind.USER, id=user.username, role=role, homes=homes)
+    return _principal(PrincipalKind.USER, user.username, user.role, user.homes)
 
 
 def key_principal(key: ApiKey) -> Principal:
-    role = Role(key.role)
-    homes = None if role is Role.ADMIN else frozenset(key.homes)
-    return Principal(kind=PrincipalKind.API_KEY, id=key.id, role=role, homes=homes)
+    return _principal(PrincipalKind.API_KEY, key.id, key.role, key.homes)
+
+
+def _principal(kind: PrincipalKind, name: str, role_name: str, homes: list[str]) -> Principal:
+    """An administrator sees every home, whatever its row lists."""
+    role = Role(role_name)
+    return Principal(
+        kind=kind, id=name, role=role, homes=None if role is Role.ADMIN else frozenset(homes)
+    )
 
 
 class AuthService:

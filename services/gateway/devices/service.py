@@ -46,7 +46,7 @@ from services.gateway.devices.schemas import (
     StatisticsPage,
 )
 from services.gateway.locations.service import check_device_location
-from services.gateway.pagination import decode_cursor, page
+from services.gateway.pagination import decode_cursor, keyset, page
 from services.gateway.resources import require_bus
 
 log = logging.getLogger(__name__)
@@ -161,9 +161,7 @@ class DeviceService:
     async def list(
         self, filters: DeviceFilters, limit: int, cursor: str | None, principal: Principal
     ) -> DevicePage:
-        query = scope.devices(principal, _with_state().order_by(DeviceRow.id).limit(limit + 1))
-        if cursor:
-            query = query.where(DeviceRow.id > decode_cursor(cursor, str))
+        query = scope.devices(principal, keyset(_with_state(), DeviceRow.id, limit, cursor))
         if filters.kind:
             query = query.where(DeviceRow.kind == filters.kind)
         if filters.lifecycle:

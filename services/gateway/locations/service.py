@@ -30,7 +30,7 @@ from services.gateway.locations.schemas import (
     LocationPage,
     LocationUpdate,
 )
-from services.gateway.pagination import decode_cursor, page
+from services.gateway.pagination import keyset, page
 from services.gateway.resources import require_bus
 
 # What each kind may be in: a home is the root; rooms may skip the floor.
@@ -86,10 +86,8 @@ class LocationService:
         cursor: str | None,
         principal: Principal,
     ) -> LocationPage:
-        query = select(LocationRow).order_by(LocationRow.path).limit(limit + 1)
+        query = keyset(select(LocationRow), LocationRow.path, limit, cursor)
         query = scope.paths(principal, query, LocationRow.path)
-        if cursor:
-            query = query.where(LocationRow.path > decode_cursor(cursor, str))
         if parent_id:
             query = query.where(LocationRow.parent_id == parent_id)
         if kind:

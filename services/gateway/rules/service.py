@@ -27,7 +27,7 @@ from libs.principals import Principal, home_of
 from services.gateway import scope
 from services.gateway.auth.context import Context
 from services.gateway.changes import Change, record_change
-from services.gateway.pagination import decode_cursor, page
+from services.gateway.pagination import decode_cursor, keyset, page
 from services.gateway.resources import require_bus
 from services.gateway.rules.dry_run import dry_run
 from services.gateway.rules.schemas import (
@@ -87,10 +87,8 @@ class RuleService:
             return _view(await self._record(session, rule_id, principal))
 
     async def list(self, limit: int, cursor: str | None, principal: Principal) -> RulePage:
-        query = select(RuleRecord).order_by(RuleRecord.id).limit(limit + 1)
+        query = keyset(select(RuleRecord), RuleRecord.id, limit, cursor)
         query = scope.homed(principal, query, RuleRecord.home)
-        if cursor:
-            query = query.where(RuleRecord.id > decode_cursor(cursor, str))
         async with self._sessions() as session:
             records = list(await session.scalars(query))
         return page(records, limit, key=lambda r: r.id, view=_view, into=RulePage)

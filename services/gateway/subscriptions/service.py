@@ -27,7 +27,7 @@ from libs.principals import Principal
 from services.gateway import scope
 from services.gateway.auth.context import Context
 from services.gateway.changes import Change, record_change
-from services.gateway.pagination import decode_cursor, page
+from services.gateway.pagination import decode_cursor, keyset, page
 from services.gateway.resources import require_bus
 from services.gateway.subscriptions.schemas import (
     DeliveryPage,
@@ -117,10 +117,8 @@ class SubscriptionService:
             return _view(await self._row(session, subscription_id, principal))
 
     async def list(self, limit: int, cursor: str | None, principal: Principal) -> SubscriptionPage:
-        query = select(SubscriptionRow).order_by(SubscriptionRow.id).limit(limit + 1)
+        query = keyset(select(SubscriptionRow), SubscriptionRow.id, limit, cursor)
         query = scope.homed(principal, query, SubscriptionRow.home)
-        if cursor:
-            query = query.where(SubscriptionRow.id > decode_cursor(cursor, str))
         async with self._sessions() as session:
             rows = list(await session.scalars(query))
         return page(rows, limit, key=lambda r: r.id, view=_view, into=SubscriptionPage)

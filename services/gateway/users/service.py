@@ -11,16 +11,17 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import messages as m
 from libs import subjects
+from libs.accounts import new_api_key
 from libs.db.models import ApiKey as ApiKeyRow
 from libs.db.models import Location
 from libs.db.models import User as UserRow
 from libs.errors import Conflict, Invalid, NotFound
-from libs.passwords import digest, hash_password, new_secret, verify_password
+from libs.passwords import hash_password, verify_password
 from libs.principals import Principal, Role, at_most
 from services.gateway.auth.context import Context
-from services.gateway.auth.service import API_KEY_PREFIX, AuthService, revoke_sessions
+from services.gateway.auth.service import AuthService, revoke_sessions
 from services.gateway.changes import Change, record_change
-from services.gateway.pagination import decode_cursor, page
+from services.gateway.pagination import keyset, page
 from services.gateway.users.schemas import (
     ApiKey,
     ApiKeyCreate,
@@ -56,9 +57,7 @@ class UserService:
         return _user(row)
 
     async def list(self, limit: int, cursor: str | None) -> UserPage:
-        query = select(UserRow).order_by(UserRow.username).limit(limit + 1)
-        if cursor:
-            query = query.where(UserRow.username > decode_cursor(cursor, str))
+        query = keyset(select(UserRow), UserRow.username, limit, cursor)
         async with self._sessions() as session:
             rows = list(await session.scalars(query))
         return page(rows, limit, key=lambda r: r.username, view=_user, into=UserPage)
@@ -137,27 +136,15 @@ class ApiKeyService:
             raise Invalid(f"not homes of yours: {', '.join(outside)}", field="$.homes")
         if data.expires_at is not None and data.expires_at <= datetime.now(UTC):
             raise Invalid("must be in the future", field="$.expires_at")
-        key = new_secret(API_KEY_PREFIX)
         async with self._sessions.begin() as session:
             homes = await _homes(session, data.role, data.homes)
-            row = ApiKeyRow(
-                id="k-" + m.new_id()[:12],
-                name=data.name,
-                key_hash=digest(key),
-                role=data.role.value,
-                homes=homes,
-                created_by=by.actor,
-                expires_at=data.expires_at,
-                created_at=m.now(),
-            )
+            key, row = new_api_key(data.name, data.role, homes, by.actor, data.expires_at)
             session.add(row)
             self._told(session, row, "created", ctx)
         return ApiKeyCreated(**msgspec.structs.asdict(_key(row)), key=key)
 
     async def list(self, limit: int, cursor: str | None) -> ApiKeyPage:
-        query = select(ApiKeyRow).order_by(ApiKeyRow.id).limit(limit + 1)
-        if cursor:
-            query = query.where(ApiKeyRow.id > decode_cursor(cursor, str))
+        query = keyset(select(ApiKeyRow), ApiKeyRow.id, limit, cursor)
         async with self._sessions() as session:
             rows = list(await session.scalars(query))
         return page(rows, limit, key=lambda r: r.id, view=_key, into=ApiKeyPage)
