@@ -108,14 +108,23 @@ async def signed_in_as_admin(page: Page) -> None:
     await expect(page.locator('tr[data-device="demo-light"]')).to_be_visible(timeout=SLOW_S * 1000)
 
 
-def make_resident(up: Up, password: str) -> str:
+async def make_resident(up: Up, password: str) -> str:
     """A resident of the demo's home; its name. (A token of its own: the shared platform's
     expire faster than `Up` renews its cached one.)"""
     name = unique_id("resident")
+    headers = {"Authorization": f"Bearer {up.login()}"}
+    # The launcher defines the demo's home just after the gateway is ready.
+    await eventually(
+        lambda: (
+            httpx.get(up.api + "/api/v1/locations/home", headers=headers, timeout=10).status_code
+            == 200
+        ),
+        timeout=30,
+    )
     created = httpx.post(
         up.api + "/api/v1/users",
         json={"username": name, "password": password, "role": "resident", "homes": ["home"]},
-        headers={"Authorization": f"Bearer {up.login()}"},
+        headers=headers,
         timeout=10,
     )
     assert created.status_code == 201, created.text
@@ -209,7 +218,7 @@ async def test_the_page_shows_the_demo_live_and_acts_on_it(
 async def test_a_refused_sign_in_shows_the_reason_in_the_form(
     shared_up: Up, browser: Browser
 ) -> None:
-    name = make_resident(shared_up, "right-password")
+    name = await make_resident(shared_up, "right-password")
     tab = await open_page(browser, shared_up)
     page, error = tab.page, tab.page.locator("#login-error")
 
@@ -273,7 +282,7 @@ async def test_the_page_keeps_its_sign_in_over_a_reload_until_signed_out(
 async def test_a_resident_sees_only_the_controls_its_role_may_use(
     shared_up: Up, browser: Browser
 ) -> None:
-    name = make_resident(shared_up, "resident-password")
+    name = await make_resident(shared_up, "resident-password")
     tab = await open_page(browser, shared_up)
     page = tab.page
 
