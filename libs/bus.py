@@ -23,14 +23,13 @@ from nats.js.api import (
     DeliverPolicy,
     DiscardPolicy,
     PubAck,
-    RawStreamMsg,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
 from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
 
-from libs import bus_grants, subjects
+from libs import bus_grants, service_status, subjects, tracing
 from libs.errors import StorageFull
 
 log = logging.getLogger(__name__)
@@ -258,6 +257,8 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
             await js.update_stream(config)
     for stream, consumer in CONSUMERS:
         await js.add_consumer(stream, consumer)
+    # Where each process writes its status (`GET /system/services`).
+    await service_status.provision(js, replicas)
 
 
 @contextlib.contextmanager
@@ -309,6 +310,7 @@ def headers(
     h = dict(extra)
     if msg_id:
         h[MSG_ID] = msg_id
+    traceparent = traceparent or tracing.current_traceparent()
     if traceparent:
         h[TRACEPARENT] = traceparent
     return h
@@ -379,29 +381,6 @@ def _pub_ack(msg: Msg) -> PubAck:
     if "error" in answer:
         APIError.from_error(answer["error"])  # raises the error's own class
     return PubAck.from_response(answer)
-
-
-async def unacked(js: JetStreamContext, stream: str, durable: str) -> list[RawStreamMsg]:
-    """What a consumer handed out and nobody acked (between its ack floor and what it last
-    delivered, on its filter), read from the stream by sequence. A worker that takes over
-    handles these first: the bus hands out newer messages before it redelivers them, and with
-    AckPolicy.ALL the ack of a newer one would ack them unseen. [] if there is no consumer."""
-    try:
-        info = await js.consumer_info(stream, durable)
-    except NotFoundError:
-        return []
-    floor = info.ack_floor.stream_seq if info.ack_floor else 0
-    delivered = info.delivered.stream_seq if info.delivered else 0
-    wanted = info.config.filter_subjects or [info.config.filter_subject or ">"]
-    found = []
-    for seq in range(floor + 1, delivered + 1):
-        try:
-            raw = await js.get_msg(stream, seq)
-        except NotFoundError:
-            continue  # gone with the stream's limits
-        if any(subjects.matches(f, raw.subject or "") for f in wanted):
-            found.append(raw)
-    return found
 
 
 async def dead_letter(js: JetStreamContext, msg: Msg, reason: str, consumer: str) -> None:

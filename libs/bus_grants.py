@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from libs import subjects
+from libs import service_status, subjects
 
 JS = "$JS.API"
 SERVICE_USERS = ("gateway", "actors", "rules", "recorder", "webhooks", "busauth", "operator")
@@ -104,8 +104,15 @@ def _kv(bucket: str) -> tuple[str, ...]:
     )
 
 
+def _status(name: str) -> tuple[str, ...]:
+    """Write (and delete, on a clean stop) its own entries in the status bucket, keyed
+    `<name>.<instance>` (`libs.service_status`); only the gateway reads them all."""
+    return (f"$KV.{STATUS}.{name}.>", f"{JS}.STREAM.INFO.KV_{STATUS}")
+
+
 LEASES = "leases"
 EPISODES = "rule_episodes"
+STATUS = service_status.BUCKET
 EVENTS, COMMANDS, SYSTEM, DEADLETTER = (
     subjects.EVENTS_STREAM,
     subjects.COMMANDS_STREAM,
@@ -127,6 +134,7 @@ def service_grants() -> dict[str, Grant]:
                 subjects.SYSTEM_ALL,
                 subjects.DEADLETTER_ALL,
                 f"{PROVISION_PREFIX}.>",
+                f"$KV.{STATUS}.gateway.>",
                 f"{JS}.>",
                 "$JS.ACK.>",
                 "$JS.FC.>",
@@ -147,6 +155,7 @@ def service_grants() -> dict[str, Grant]:
                 *_read_durable(EVENTS, "actors"),
                 *_read_stream(EVENTS),
                 *_kv(LEASES),
+                *_status("actors"),
             ),
             subscribe=(_inbox("svc", "actors"), subjects.DEVICE_REGISTRY_ALL),
         ),
@@ -166,6 +175,7 @@ def service_grants() -> dict[str, Grant]:
                 *_read_stream(EVENTS),
                 *_kv(EPISODES),
                 *_kv(LEASES),
+                *_status("rules"),
             ),
             subscribe=(
                 _inbox("svc", "rules"),
@@ -178,6 +188,7 @@ def service_grants() -> dict[str, Grant]:
             publish=(
                 subjects.DEADLETTER_ALL,
                 *(p for s in (EVENTS, COMMANDS, SYSTEM) for p in _recorder_reads(s)),
+                *_status("recorder"),
             ),
             subscribe=(_inbox("svc", "recorder"),),
         ),
@@ -187,6 +198,7 @@ def service_grants() -> dict[str, Grant]:
                 subjects.DEADLETTER_ALL,
                 *(p for s in ALL_STREAMS for p in (*_own_consumers(s), *_read_stream(s))),
                 *_kv(LEASES),
+                *_status("webhooks"),
             ),
             # The facts that say which home a subscription's messages belong to.
             subscribe=(
@@ -200,7 +212,7 @@ def service_grants() -> dict[str, Grant]:
         # Answers the server's questions about connecting clients; reads the facts that
         # revoke credentials.
         "busauth": Grant(
-            publish=_read_durable(SYSTEM, "busauth"),
+            publish=(*_read_durable(SYSTEM, "busauth"), *_status("busauth")),
             subscribe=("$SYS.REQ.USER.AUTH", _inbox("svc", "busauth")),
             responses=True,
         ),

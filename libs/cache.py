@@ -10,7 +10,7 @@ a value against the database before they trust it (it may be older after such a 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 import redis.asyncio as redis
 
@@ -108,12 +108,15 @@ class RedisCache:
         self._put_newer = self._redis.register_script(PUT_NEWER)
 
     async def get(self, device_id: str) -> bytes | None:
-        return await self._redis.get(KEY_PREFIX + device_id)
+        # Made without `decode_responses`: the client answers bytes (its stubs say bytes | str).
+        return cast(bytes | None, await self._redis.get(KEY_PREFIX + device_id))
 
     async def get_many(self, device_ids: list[str]) -> dict[str, bytes]:
         if not device_ids:
             return {}
-        values = await self._redis.mget([KEY_PREFIX + d for d in device_ids])
+        values = cast(
+            list[bytes | None], await self._redis.mget([KEY_PREFIX + d for d in device_ids])
+        )
         return {d: v for d, v in zip(device_ids, values, strict=True) if v is not None}
 
     async def put_newer(self, snapshots: Sequence[DeviceSnapshot]) -> int:

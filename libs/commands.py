@@ -11,11 +11,11 @@ from datetime import timedelta
 from typing import Any
 
 from nats.js import JetStreamContext
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import bus, subjects
 from libs import messages as m
-from libs.db.engine import upsert
+from libs.db.engine import HasDialect, upsert
 from libs.db.models import CommandRecord
 
 
@@ -85,12 +85,12 @@ async def record(sessions: async_sessionmaker[AsyncSession], *sent: m.Command) -
     that it fills in a stand-in row."""
     async with sessions.begin() as session:
         await session.execute(
-            record_statement(session.bind),  # type: ignore[arg-type]
+            record_statement(session.get_bind()),
             [row(command) for command in sent],
         )
 
 
-def record_statement(engine: AsyncEngine) -> Any:
+def record_statement(engine: HasDialect) -> Any:
     """The write of `record`, for rows made by `row`: also the recorder's, which records
     every command from the bus (a rule's command sent while the database was down is
     recorded when it is back)."""

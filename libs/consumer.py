@@ -30,7 +30,13 @@ it may), a decoder and a handler; this does the rest, top to bottom:
   with the back-off as delay and the bus redelivers it.
 - **Settle**: AckPolicy.ALL: one ack, of the batch's delivered message with the highest
   stream sequence; a redelivery of what was settled already is acked, not handled again.
-  EXPLICIT: ack, nak(delay) or term each message. Dead letters are published first.
+  EXPLICIT: ack, nak(delay) or term each message. Dead letters are published first. A
+  handler that works through its batch in order and may wait long in the middle (a webhook
+  endpoint's retry back-off) calls `Consumer.settle(up_to_seq)` for the prefix it finished:
+  settled at once, so a restart does not handle it again; a `Retry` afterwards handles the
+  rest only.
+- **Create**: `create=True` makes a missing consumer from the config; a callable decides
+  each time it is found missing (e.g. only while what it serves still exists).
 - **Stop**: the loop ends between batches (a batch being retried is left un-acked), the
   pull subscription goes, and the acks are flushed.
 - **Metrics**: delivered, acked, redelivered, recovered, dead-lettered (by reason kind),
@@ -54,7 +60,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, RawStreamMsg
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 
-from libs import bus, runtime, subjects
+from libs import bus, runtime
 from libs.errors import Unavailable
 from libs.pull import Gaps, Puller
 
@@ -169,6 +175,8 @@ class Nak:
 
 
 Verdict = Dead | Nak
+# Whether a consumer found missing may be created from its config (asked each time).
+MayCreate = bool | Callable[[], Awaitable[bool]]
 Decoder = Callable[[Delivery], T | None]
 Handler = Callable[[list[Item[T]]], Awaitable[Mapping[int, Verdict] | None]]
 DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, ValueError)
@@ -179,7 +187,7 @@ DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, ValueError)
 
 def backoff(attempt: int, first: float = BACKOFF_FIRST_S, most: float = BACKOFF_MAX_S) -> float:
     """The wait before the `attempt`-th retry (0-based): doubling from `first` up to `most`."""
-    return min(first * 2 ** min(attempt, 30), most)
+    return min(first * 2.0 ** min(attempt, 30), most)
 
 
 def missing(after: int, batch_seqs: Sequence[int]) -> range | None:
@@ -202,6 +210,16 @@ def unacked(info: ConsumerInfo) -> range:
 
 def filters(config: ConsumerConfig) -> list[str]:
     return list(config.filter_subjects or [config.filter_subject or ">"])
+
+
+@dataclass
+class _Batch:
+    """The batch a handler is working on: what is not settled yet, in stream order."""
+
+    open: list[Delivery]
+    verdicts: dict[int, Verdict]  # the decoder's (dead letters)
+    stop: asyncio.Event
+    through: int = 0  # the highest stream sequence `Consumer.settle` settled
 
 
 @dataclass
@@ -263,7 +281,7 @@ class Consumer(Generic[T]):
         *,
         batch: int = 100,
         wait: float = 1.0,
-        create: bool = False,
+        create: MayCreate = False,
         pending_every: float = PENDING_EVERY_S,
     ) -> None:
         if not config.durable_name:
@@ -284,6 +302,7 @@ class Consumer(Generic[T]):
         self._keep_alive_s = max((config.ack_wait or 30.0) / 3, 0.1)
         self._settled = 0  # AckPolicy.ALL: the highest stream sequence settled
         self.bound = asyncio.Event()  # set once the consumer is bound (for readiness)
+        self._handling: _Batch | None = None  # while a handler runs
         labels = (stream, self.durable)
         self._delivered = DELIVERED.labels(*labels)
         self._acked = ACKED.labels(*labels)
@@ -337,12 +356,14 @@ class Consumer(Generic[T]):
             try:
                 found.append(await self._js.consumer_info(self.stream, self.durable))
             except NotFoundError:
-                if not self._create:
+                may = self._create if isinstance(self._create, bool) else await self._create()
+                if not may:
                     if not told:
                         log.info("waiting for %s/%s to be provisioned", self.stream, self.durable)
                         told = True
                     raise
                 found.append(await self._js.add_consumer(self.stream, self._config))
+                log.info("%s/%s was missing: created from its config", self.stream, self.durable)
 
         if not await runtime.retry_until_stopped(attempt, stop, f"binding {self.durable}"):
             return None
@@ -358,6 +379,29 @@ class Consumer(Generic[T]):
 
         async def read() -> None:
             found.clear()
+            if self._filters == [">"]:
+                await read_each()
+                return
+            # The next message on each filter, not every sequence: a filter may match few of
+            # the stream's messages (a webhook subscription on one device of many).
+            seen: set[int] = set()
+            for f in self._filters:
+                seq = seqs.start
+                while seq < seqs.stop:
+                    try:
+                        raw = await self._js.get_msg(self.stream, seq, subject=f, next=True)
+                    except NotFoundError:
+                        break  # none on it from `seq` on
+                    at = raw.seq or seqs.stop
+                    if at >= seqs.stop:
+                        break
+                    if at not in skip and at not in seen:
+                        seen.add(at)
+                        found.append(Delivery.read(self.stream, raw))
+                    seq = at + 1
+            found.sort(key=lambda d: d.seq)
+
+        async def read_each() -> None:
             start = seqs.start
             if len(seqs) > CLAMP_ABOVE:
                 info = await self._js.stream_info(self.stream)
@@ -369,8 +413,7 @@ class Consumer(Generic[T]):
                     raw = await self._js.get_msg(self.stream, seq)
                 except NotFoundError:
                     continue
-                if any(subjects.matches(f, raw.subject or "") for f in self._filters):
-                    found.append(Delivery.read(self.stream, raw))
+                found.append(Delivery.read(self.stream, raw))
 
         if not await runtime.retry_until_stopped(
             read, stop, f"{self.durable}: reading by sequence"
@@ -426,37 +469,68 @@ class Consumer(Generic[T]):
         for d in deliveries:
             try:
                 value = self._decode(d)
+            except Undecodable as exc:  # the decoder's own words say what is wrong
+                verdicts[d.seq] = Dead(str(exc), "undecodable")
+                continue
             except DECODE_ERRORS as exc:
                 verdicts[d.seq] = Dead(f"cannot be decoded: {exc}", "undecodable")
                 continue
             if value is not None:
                 items.append(Item(d, value))
-        attempt = 0
-        while items:
-            try:
-                with self._seconds.time():
-                    said = await self._keeping_alive(self._handle(items), deliveries)
-                verdicts.update(said or {})
-                break
-            except (Retry, Unavailable) as exc:
-                delay = backoff(attempt)
-                attempt += 1
-                log.warning(
-                    "%s: %s; again in %.1f s", self.durable, exc or type(exc).__name__, delay
-                )
-                if not self._ack_all:
-                    naks: dict[int, Verdict] = {d.seq: Nak(delay) for d in deliveries}
-                    return await self._apply(plan(False, deliveries, naks | verdicts), stop)
-                if not await self._pause(delay, deliveries, stop):
-                    return False  # left un-acked: the next reader handles it
-        if not await self._apply(plan(self._ack_all, deliveries, verdicts), stop):
+        batch = self._handling = _Batch(list(deliveries), dict(verdicts), stop)
+        try:
+            attempt = 0
+            while items:
+                try:
+                    with self._seconds.time():
+                        said = await self._keeping_alive(self._handle(items), batch)
+                    verdicts.update(said or {})
+                    break
+                except (Retry, Unavailable) as exc:
+                    # What the handler settled before it gave up is done: the rest only.
+                    items = [i for i in items if i.delivery.seq > batch.through]
+                    if stop.is_set() and self._ack_all:
+                        return False  # left un-acked: the next reader handles it
+                    delay = backoff(attempt)
+                    attempt += 1
+                    log.warning(
+                        "%s: %s; again in %.1f s", self.durable, exc or type(exc).__name__, delay
+                    )
+                    if not self._ack_all:
+                        naks: dict[int, Verdict] = {d.seq: Nak(delay) for d in batch.open}
+                        return await self._apply(plan(False, batch.open, naks | verdicts), stop)
+                    if not await self._pause(delay, batch, stop):
+                        return False  # left un-acked: the next reader handles it
+            if not await self._apply(plan(self._ack_all, batch.open, verdicts), stop):
+                return False
+            if self._ack_all and batch.open:
+                self._settled = max(self._settled, max(d.seq for d in batch.open))
+            return True
+        finally:
+            self._handling = None
+
+    async def settle(self, up_to_seq: int, verdicts: Mapping[int, Verdict] | None = None) -> bool:
+        """For the handler while it runs: settle its batch's messages up to stream sequence
+        `up_to_seq` now (done, or by `verdicts` as if returned) rather than when it returns,
+        so that a restart does not handle them again. False if stopped while a dead letter
+        could not be published (then nothing was settled)."""
+        batch = self._handling
+        if batch is None:
+            raise RuntimeError("Consumer.settle() is for the handler, while it runs")
+        prefix = [d for d in batch.open if d.seq <= up_to_seq]
+        if not prefix:
+            return True
+        todo = plan(self._ack_all, prefix, batch.verdicts | dict(verdicts or {}))
+        if not await self._apply(todo, batch.stop):
             return False
+        batch.open = [d for d in batch.open if d.seq > up_to_seq]
+        batch.through = max(batch.through, up_to_seq)
         if self._ack_all:
-            self._settled = max(self._settled, max(d.seq for d in deliveries))
+            self._settled = max(self._settled, max(d.seq for d in prefix))
         return True
 
     async def _keeping_alive(
-        self, work: Awaitable[Mapping[int, Verdict] | None], deliveries: Sequence[Delivery]
+        self, work: Awaitable[Mapping[int, Verdict] | None], batch: _Batch
     ) -> Mapping[int, Verdict] | None:
         """Await `work`, telling the bus the batch is in progress every third of ack_wait."""
         task = asyncio.ensure_future(work)
@@ -465,21 +539,19 @@ class Consumer(Generic[T]):
                 done, _ = await asyncio.wait({task}, timeout=self._keep_alive_s)
                 if done:
                     return task.result()
-                await self._in_progress(deliveries)
+                await self._in_progress(batch.open)
         finally:
             if not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
 
-    async def _pause(
-        self, delay: float, deliveries: Sequence[Delivery], stop: asyncio.Event
-    ) -> bool:
+    async def _pause(self, delay: float, batch: _Batch, stop: asyncio.Event) -> bool:
         """Wait `delay` keeping the batch in progress; False if `stop` was set meanwhile."""
         loop = asyncio.get_running_loop()
         until = loop.time() + delay
         while (left := until - loop.time()) > 0:
-            await self._in_progress(deliveries)
+            await self._in_progress(batch.open)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), min(left, self._keep_alive_s))
             if stop.is_set():

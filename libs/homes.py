@@ -42,7 +42,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import messages as m
-from libs import subjects, webhooks
+from libs import subjects
 from libs.db.models import Device, Location, RuleRecord, Subscription
 from libs.principals import home_of
 
@@ -67,7 +67,7 @@ _SYSTEM = {
 WATCHED = (
     subjects.DEVICE_REGISTRY_ALL,
     subjects.RULES_CHANGED_ALL,
-    webhooks.SUBSCRIPTIONS_CHANGED_ALL,
+    subjects.SUBSCRIPTIONS_CHANGED_ALL,
     subjects.location_changed("*"),
 )
 RELOAD_EVERY_S = 60.0
@@ -144,7 +144,7 @@ class HomeIndex:
                     return
                 fact = m.registry_fact_decoder.decode(data)
                 if fact.device is not None:  # a deleted one keeps its home until a reload
-                    homes[DEVICE][object_id] = home_of(fact.device.get("location"))
+                    homes[DEVICE][object_id] = home_of(fact.device.location)
                 return
             if kind == RULE and not subject.endswith(".changed"):
                 return  # a firing, an alert: nothing changes
@@ -271,8 +271,8 @@ async def read_homes(sessions: async_sessionmaker[AsyncSession]) -> Homes:
         locations = (await session.execute(select(Location.id, Location.path))).all()
     return {
         DEVICE: {d: home_of(location) for d, location in devices},
-        RULE: dict(rules),  # type: ignore[arg-type]
-        SUBSCRIPTION: dict(subs),  # type: ignore[arg-type]
+        RULE: dict(rules),
+        SUBSCRIPTION: dict(subs),
         LOCATION: {loc: home_of(path) for loc, path in locations},
     }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -45,7 +46,35 @@ ZonedTime = Annotated[
 DeviceStateName = Literal["off", "active", "triggered"]
 Connection = Literal["online", "offline"]
 CommandStatus = Literal["pending", "delivered", "done", "failed", "expired"]
-RuleMode = Literal["single", "restart", "queued"]
+# What a rule's trace (`RuleFired`) records: a first run, a run after a delay, an end, ...
+TraceKind = Literal["fired", "continued", "cleared", "skipped", "error"]
+
+
+class Lifecycle(StrEnum):
+    """Where a device is in the registry: only an `active` one is commanded or applied."""
+
+    PENDING = "pending"
+    ACTIVE = "active"
+    REJECTED = "rejected"
+    DECOMMISSIONED = "decommissioned"
+
+
+class RegistryChange(StrEnum):
+    """What happened to a registry entry (`RegistryFact.change`)."""
+
+    CREATED = "created"
+    UPDATED = "updated"
+    DELETED = "deleted"
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+
+
+class RuleMode(StrEnum):
+    """What a rule does with a trigger that comes while its last run is still running."""
+
+    SINGLE = "single"  # the new trigger is skipped (traced)
+    RESTART = "restart"  # the running one is replaced
+    QUEUED = "queued"  # the new one runs after it
 
 
 def now() -> datetime:
@@ -185,15 +214,38 @@ class DeviceStateFact(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     time: datetime
 
 
+class RegistryEntry(msgspec.Struct, frozen=True):
+    """A device's registry entry as a registry fact carries it (what it is after the change).
+
+    Unknown fields are ignored and every field has a default, so that a fact written before
+    a field existed (or by a tool that sent a part) still decodes."""
+
+    id: str = ""
+    name: str = ""
+    kind: str = ""
+    location: str | None = None
+    lifecycle: Lifecycle = Lifecycle.ACTIVE
+    enabled: bool = True
+    metadata: dict[str, Any] = {}
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """The tags a rule's selector matches (`metadata.tags`)."""
+        tags = self.metadata.get("tags")
+        return tuple(str(t) for t in tags) if isinstance(tags, list) else ()
+
+
 class RegistryFact(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """`system.device.<id>.registry`: the registry changed (created, updated, ...)."""
 
     device_id: str
-    change: Literal["created", "updated", "deleted", "connected", "disconnected"]
+    change: RegistryChange
     actor: str
     correlation_id: str
     time: datetime
-    device: dict[str, Any] | None = None
+    device: RegistryEntry | None = None
 
 
 class ChangeFact(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -211,9 +263,12 @@ class ChangeFact(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         "credentials",
         "bridge",
         "provisioning",
+        "deadletter",
     ]
     id: str
-    change: Literal["created", "updated", "deleted", "redelivered", "revoked", "rotated"]
+    change: Literal[
+        "created", "updated", "deleted", "redelivered", "revoked", "rotated", "redriven"
+    ]
     actor: str
     correlation_id: str
     time: datetime
@@ -246,7 +301,7 @@ class RuleFired(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     rule_id: str
     episode_id: str
-    kind: Literal["fired", "continued", "cleared", "skipped", "error"]
+    kind: TraceKind
     device_id: str
     reason: str
     values: dict[str, AttributeValue]
@@ -508,7 +563,7 @@ class RuleSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     trigger: Trigger
     actions: Annotated[list[Action], msgspec.Meta(min_length=1, max_length=20)]
     conditions: list[Condition] = []
-    mode: RuleMode = "single"
+    mode: RuleMode = RuleMode.SINGLE
     enabled: bool = True
     id: Token | None = None
     home: Annotated[
@@ -530,7 +585,7 @@ class Rule(msgspec.Struct, frozen=True):
     enabled: bool
     version: int
     conditions: list[Condition] = []
-    mode: RuleMode = "single"
+    mode: RuleMode = RuleMode.SINGLE
     # Its devices are this home's only (`rule_logic.in_home`); None: any device (an admin's).
     home: str | None = None
 

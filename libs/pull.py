@@ -11,7 +11,7 @@ It also notices deliveries that never arrived. The bus numbers each delivery of 
 (its consumer sequence, redeliveries included); within one reader a jump means messages
 handed out on a connection that died before they came in. They stay un-acked until their ack
 wait ends, and with AckPolicy.ALL the ack of a newer message would ack them unseen, so the
-reader must read them from the stream first (`bus.unacked`) when `Gaps.take()` says so.
+reader must read them from the stream first (`libs.consumer` does) when `Gaps.take()` says so.
 """
 
 from __future__ import annotations

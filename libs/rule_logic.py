@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import cronsim
@@ -86,6 +87,26 @@ class DeviceInfo:
     location: str | None
     tags: tuple[str, ...] = ()
     enabled: bool = True
+    lifecycle: m.Lifecycle = m.Lifecycle.ACTIVE
+
+    @classmethod
+    def of(cls, entry: m.RegistryEntry) -> DeviceInfo:
+        """As a registry fact says the device is now."""
+        return cls(entry.kind, entry.location, entry.tags, entry.enabled, entry.lifecycle)
+
+    @classmethod
+    def row(
+        cls,
+        kind: str,
+        location: str | None,
+        metadata: Mapping[str, object] | None,
+        enabled: bool,
+        lifecycle: str,
+    ) -> DeviceInfo:
+        """As the registry table has it (`libs.db.models.Device`)."""
+        tags = (metadata or {}).get("tags")
+        tag_tuple = tuple(str(t) for t in tags) if isinstance(tags, list) else ()
+        return cls(kind, location, tag_tuple, enabled, m.Lifecycle(lifecycle))
 
 
 def in_home(home: str | None, info: DeviceInfo | None) -> bool:
@@ -167,7 +188,7 @@ def step(
     if holds(trigger, obs, active=episode is not None):
         if episode is not None:
             return episode, "hold"
-        values = (
+        values: dict[str, m.AttributeValue] = (
             {trigger.attribute: obs.attributes.get(trigger.attribute)}
             if isinstance(trigger, m.ThresholdTrigger)
             else {trigger.attribute: trigger.to}
@@ -192,7 +213,7 @@ def due(episode: Episode, now: datetime) -> bool:
     return not episode.fired and episode.deadline <= now
 
 
-def event_matches(trigger: m.EventTrigger, subject: str, data: Mapping | None) -> bool:
+def event_matches(trigger: m.EventTrigger, subject: str, data: Mapping[str, Any] | None) -> bool:
     if not subjects.matches(trigger.subject, subject):
         return False
     data = data or {}
@@ -251,11 +272,13 @@ class _HomeViews(Mapping[str, DeviceView]):
 def refusal(
     device_id: str, registry: Mapping[str, DeviceInfo], home: str | None = None
 ) -> str | None:
-    """Why an action of a rule of `home` may not go to this device (the rules service refuses
-    it, the dry run says it would), or None."""
+    """Why a rule of `home` may not command (or mark, or speak for) this device, or None when
+    it may: the one answer the rules service acts on and the dry run reports."""
     device = registry.get(device_id)
     if device is None or not in_home(home, device):
         return f"device {device_id} is not registered" + (f" in home {home}" if home else "")
+    if device.lifecycle != m.Lifecycle.ACTIVE:
+        return f"device {device_id} is {device.lifecycle}, not active"
     if not device.enabled:
         return f"device {device_id} is disconnected"
     return None
@@ -347,7 +370,7 @@ class Recorded:
     time: datetime
     device_id: str
     type: str
-    data: Mapping[str, object]
+    data: Mapping[str, m.AttributeValue]
 
 
 @dataclass(frozen=True)
@@ -404,7 +427,7 @@ def _simulate_episodes(
         if row.type not in m.ATTRIBUTE_EVENTS:
             continue
         before = views.get(row.device_id) or DeviceView("off", "online", {})
-        attributes = {**before.attributes, **row.data}  # type: ignore[dict-item]
+        attributes = {**before.attributes, **row.data}
         views[row.device_id] = DeviceView(before.state, "online", attributes)
         trigger = rule.trigger
         if isinstance(trigger, m.ThresholdTrigger) and not selects(
@@ -424,7 +447,8 @@ def _simulate_episodes(
 def _simulate_schedule(
     rule: m.Rule, trigger: m.ScheduleTrigger, since: datetime, until: datetime
 ) -> list[Firing]:
-    firings, at = [], next_occurrence(trigger, since)
+    firings: list[Firing] = []
+    at = next_occurrence(trigger, since)
     while at <= until and len(firings) < 10_000:
         firings.append(
             Firing(at, f"{rule.id}-schedule-{int(at.timestamp())}", "", f"cron {trigger.cron}")

@@ -1,4 +1,6 @@
-"""How every worker process starts and stops: settings, logs, signals, health, drain."""
+"""How every worker process starts and stops: settings, logs, signals, the bus, the
+database and the cache, health and metrics, its status on the bus, drain. A worker's
+`__main__` is `runtime.serve(name, work)`: `work` gets the opened `Process`."""
 
 from __future__ import annotations
 
@@ -8,15 +10,19 @@ import gc
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from libs import health, logs
+from libs import bus, health, logs, service_status
 from libs import settings as settings_mod
+from libs.cache import StateCache, make_cache
+from libs.db.engine import make_engine, make_sessionmaker
 from libs.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,33 +71,136 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-async def serve_health(settings: Settings, ready: health.ReadyCheck) -> asyncio.Server | None:
-    """Start the probe endpoint when SMARTHOME_HEALTH_PORT is set (Kubernetes sets it)."""
-    if not settings.health_port:
-        return None
-    server = await health.serve(settings.http_host, settings.health_port, ready)
-    log.info("health on %s:%s", settings.http_host, settings.health_port)
-    return server
+class Bound(Protocol):
+    """A worker whose `bound` is set while its consumers are bound (or it stands by, ready
+    to take over, as the worker defines it)."""
+
+    bound: asyncio.Event
 
 
 READY_CHECK_TIMEOUT_S = 2.0
 
 
-def bus_and_database(nc: NATS, engine: AsyncEngine) -> health.ReadyCheck:
-    """A worker's readiness: it can make progress, which takes the bus and the database.
-    (Not the cache: the actors go on without it.)"""
+@dataclass
+class Process:
+    """What a worker process holds open while it runs (`opened`), and whether it is ready:
+    the bus connected, the database reachable, and each consumer it was told of bound."""
 
-    async def ready() -> str | None:
-        if not nc.is_connected:
-            return "the bus is unreachable"
+    name: str
+    settings: Settings
+    stop: asyncio.Event
+    nc: NATS
+    js: JetStreamContext
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    cache: StateCache
+    _bound: list[tuple[str, asyncio.Event]] = field(default_factory=list, init=False)
+    _waiting: str | None = field(default=None, init=False)  # what it waits to be provisioned
+
+    def ready_when(self, *consumers: Bound | asyncio.Event) -> None:
+        """Be ready only while each of these is bound: a worker with a `bound` event, or
+        an event of the caller's. Until the first call the process is not ready."""
+        for consumer in consumers:
+            if isinstance(consumer, asyncio.Event):
+                self._bound.append(("its work", consumer))
+            else:
+                what = getattr(consumer, "durable", None) or type(consumer).__name__
+                self._bound.append((str(what), consumer.bound))
+
+    async def provisioned(self, needs: Sequence[tuple[str, str | None]]) -> bool:
+        """Wait until the gateway has provisioned `needs` (see `bus.wait_provisioned`), not
+        ready meanwhile; False if stopped first."""
+        if not needs:
+            return True
+        self._waiting = ", ".join(f"{s}/{d}" if d else s for s, d in needs)
         try:
-            async with asyncio.timeout(READY_CHECK_TIMEOUT_S), engine.connect() as connection:
-                await connection.execute(text("SELECT 1"))
+            return await bus.wait_provisioned(self.js, needs, self.stop)
+        finally:
+            self._waiting = None
+
+    async def ready(self) -> str | None:
+        """None when ready, else why not (the first reason found)."""
+        if not self.nc.is_connected:
+            return "the bus is unreachable"
+        if self._waiting:
+            return f"waiting for the gateway to provision {self._waiting}"
+        try:
+            async with asyncio.timeout(READY_CHECK_TIMEOUT_S), self.engine.connect() as db:
+                await db.execute(text("SELECT 1"))
         except Exception as exc:
             return f"the database is unreachable ({type(exc).__name__})"
+        if not self._bound:
+            return "its work has not started"
+        unbound = [what for what, event in self._bound if not event.is_set()]
+        if unbound:
+            return f"not bound yet: {', '.join(unbound)}"
         return None
 
-    return ready
+
+@contextlib.asynccontextmanager
+async def opened(name: str, settings: Settings, stop: asyncio.Event) -> AsyncIterator[Process]:
+    """Open the bus (as the service `name`, its credentials from the settings), the
+    database and the cache; while the block runs serve `/health/*` and `/metrics` on
+    SMARTHOME_HEALTH_PORT (when set) and write this process's status to the bus
+    (`libs.service_status`); close everything in reverse on the way out."""
+    engine = make_engine(settings.effective_database_url)
+    cache = make_cache(settings.redis_url)
+    try:
+        nc = await bus.connect(
+            settings.effective_nats_url,
+            name,
+            settings.nats_user,
+            settings.nats_password,
+            ca=settings.nats_tls_ca,
+        )
+        try:
+            js = nc.jetstream()
+            process = Process(
+                name, settings, stop, nc, js, engine, make_sessionmaker(engine), cache
+            )
+            async with _serving(process):
+                yield process
+        finally:
+            with contextlib.suppress(Exception):
+                await nc.drain()
+    finally:
+        await cache.close()
+        await engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def _serving(process: Process) -> AsyncIterator[None]:
+    settings = process.settings
+    server = None
+    if settings.health_port:
+        server = await health.serve(settings.http_host, settings.health_port, process.ready)
+        log.info("health and metrics on %s:%s", settings.http_host, settings.health_port)
+    me = service_status.identity(process.name, settings.http_host, settings.health_port)
+    reporter = service_status.Reporter(process.nc, me, process.ready)
+    done = asyncio.Event()
+    reporting = asyncio.create_task(reporter.run(done), name="status")
+    try:
+        yield
+    finally:
+        done.set()
+        await reporting
+        if server is not None:
+            server.close()
+
+
+Work = Callable[[Process], Awaitable[None]]
+
+
+def serve(name: str, work: Work, needs: Sequence[tuple[str, str | None]] = ()) -> None:
+    """A worker's `__main__`: open the process (`opened`), wait for what it reads to be
+    provisioned, then run `work` until SIGINT/SIGTERM sets `process.stop`."""
+
+    async def main(settings: Settings, stop: asyncio.Event) -> None:
+        async with opened(name, settings, stop) as process:
+            if await process.provisioned(needs):
+                await work(process)
+
+    run(name, main)
 
 
 async def retry_until_stopped(

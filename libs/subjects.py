@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from typing import NamedTuple
 
 EVENTS_STREAM = "EVENTS"
@@ -126,6 +127,56 @@ def notification(subscription_id: str) -> str:
 NOTIFICATIONS_ALL = "system.notify.*"
 
 
+def parse_notification(subject: str) -> str:
+    """The subscription id of `system.notify.<id>`; ValueError if it is not one."""
+    parts = subject.split(".")
+    if len(parts) != 3 or parts[:2] != ["system", "notify"] or not is_token(parts[2]):
+        raise ValueError(f"{subject!r} is not system.notify.<subscription_id>")
+    return parts[2]
+
+
+def subscription_changed(subscription_id: str) -> str:
+    """A webhook subscription was created, deleted or re-driven: the webhooks service
+    reloads it (`ChangeFact`, audited)."""
+    return f"system.subscription.{subscription_id}.changed"
+
+
+SUBSCRIPTIONS_CHANGED_ALL = "system.subscription.*.changed"
+
+
+def parse_subscription_changed(subject: str) -> str:
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[:2] != ["system", "subscription"] or parts[3] != "changed":
+        raise ValueError(f"{subject!r} is not system.subscription.<id>.changed")
+    return parts[2]
+
+
+def webhook_consumer(subscription_id: str) -> str:
+    """The durable consumer a webhook subscription reads its filter through."""
+    return f"webhook-{subscription_id}"
+
+
+def webhook_notify_consumer(subscription_id: str) -> str:
+    """The consumer of the notifications rules address to a webhook subscription (SYSTEM)."""
+    return f"webhook-{subscription_id}-notify"
+
+
+def check_filter(filter_subject: str) -> str:
+    """The stream a subscription's filter reads from; ValueError when it is not a filter under
+    one of the platform's streams (`events.*.telemetry`, `system.alert.>`)."""
+    if not is_filter(filter_subject):
+        raise ValueError(
+            f"{filter_subject!r} is not a subject filter: tokens of A-Z a-z 0-9 _ - separated "
+            "by dots, `*` for one token, `>` for the rest"
+        )
+    stream = stream_of(filter_subject)
+    if stream is None or "." not in filter_subject:
+        raise ValueError(
+            f"{filter_subject!r} must start with events., commands., system. or deadletter."
+        )
+    return stream
+
+
 def credentials_changed(device_id: str) -> str:
     """A device's bus credentials were issued, rotated or revoked (`ChangeFact`, audited):
     the busauth service closes a connection that used the old ones."""
@@ -168,6 +219,11 @@ def provisioning_token_changed(token_id: str) -> str:
 
 def deadletter(original_subject: str) -> str:
     return f"deadletter.{original_subject}"
+
+
+def deadletter_changed(seq: int) -> str:
+    """Dead letter `seq` was redriven (`ChangeFact`, audited)."""
+    return f"system.deadletter.{seq}.changed"
 
 
 def mqtt_topic(subject: str) -> str:
@@ -222,3 +278,100 @@ def matches(filter_subject: str, subject: str) -> bool:
         if i >= len(s_tokens) or (ft != "*" and ft != s_tokens[i]):
             return False
     return len(f_tokens) == len(s_tokens)
+
+
+class SubjectKind(StrEnum):
+    """What a subject carries (`classify`)."""
+
+    DEVICE_EVENT = "device_event"
+    COMMAND = "command"
+    DEVICE_STATE = "device_state"
+    DEVICE_REGISTRY = "device_registry"
+    DEVICE_REJECTED = "device_rejected"
+    RULE_FIRED = "rule_fired"
+    RULE_CHANGED = "rule_changed"
+    NOTIFICATION = "notification"
+    ALERT = "alert"
+    LOCATION_CHANGED = "location_changed"
+    SUBSCRIPTION_CHANGED = "subscription_changed"
+    USER_CHANGED = "user_changed"
+    API_KEY_CHANGED = "api_key_changed"
+    CREDENTIALS_CHANGED = "credentials_changed"
+    BRIDGE_CHANGED = "bridge_changed"
+    PROVISIONING_CHANGED = "provisioning_changed"
+    DEADLETTER_CHANGED = "deadletter_changed"
+    DEAD_LETTER = "dead_letter"
+    OTHER = "other"
+
+
+class Classified(NamedTuple):
+    """A subject taken apart: its kind and the id it names (a device, rule, subscription,
+    location, user, API key, bridge or provisioning token); `event_type` for a device
+    event; `original` for a dead letter (the subject it was on)."""
+
+    kind: SubjectKind
+    id: str = ""
+    event_type: str = ""
+    original: str = ""
+
+    @property
+    def is_change(self) -> bool:
+        """A user's change of a location, rule, subscription, user, API key, credentials,
+        bridge, provisioning token or dead letter (a `ChangeFact`, audited)."""
+        return self.kind in CHANGE_KINDS
+
+
+CHANGE_KINDS = frozenset(
+    {
+        SubjectKind.LOCATION_CHANGED,
+        SubjectKind.RULE_CHANGED,
+        SubjectKind.SUBSCRIPTION_CHANGED,
+        SubjectKind.USER_CHANGED,
+        SubjectKind.API_KEY_CHANGED,
+        SubjectKind.CREDENTIALS_CHANGED,
+        SubjectKind.BRIDGE_CHANGED,
+        SubjectKind.PROVISIONING_CHANGED,
+        SubjectKind.DEADLETTER_CHANGED,
+    }
+)
+# `system.<noun>.<id>.<verb>` facts, by (noun, verb).
+_SYSTEM_FACTS: dict[tuple[str, str], SubjectKind] = {
+    ("device", "state"): SubjectKind.DEVICE_STATE,
+    ("device", "registry"): SubjectKind.DEVICE_REGISTRY,
+    ("device", "rejected"): SubjectKind.DEVICE_REJECTED,
+    ("rule", "fired"): SubjectKind.RULE_FIRED,
+    ("rule", "changed"): SubjectKind.RULE_CHANGED,
+    ("subscription", "changed"): SubjectKind.SUBSCRIPTION_CHANGED,
+    ("user", "changed"): SubjectKind.USER_CHANGED,
+    ("apikey", "changed"): SubjectKind.API_KEY_CHANGED,
+    ("credentials", "changed"): SubjectKind.CREDENTIALS_CHANGED,
+    ("bridge", "changed"): SubjectKind.BRIDGE_CHANGED,
+    ("provisioning", "changed"): SubjectKind.PROVISIONING_CHANGED,
+    ("deadletter", "changed"): SubjectKind.DEADLETTER_CHANGED,
+}
+# `system.<noun>.<id>` facts.
+_SYSTEM_SHORT: dict[str, SubjectKind] = {
+    "notify": SubjectKind.NOTIFICATION,
+    "alert": SubjectKind.ALERT,
+    "location": SubjectKind.LOCATION_CHANGED,
+}
+
+
+def classify(subject: str) -> Classified:
+    """Tell what `subject` is; a subject of no known shape is `OTHER` (never an error)."""
+    head, _, rest = subject.partition(".")
+    if head == "deadletter" and rest:
+        return Classified(SubjectKind.DEAD_LETTER, original=rest)
+    parts = subject.split(".")
+    if not all(is_token(p) for p in parts[1:]):
+        return Classified(SubjectKind.OTHER)
+    match parts:
+        case ["events", device_id, event_type]:
+            return Classified(SubjectKind.DEVICE_EVENT, device_id, event_type)
+        case ["commands", device_id]:
+            return Classified(SubjectKind.COMMAND, device_id)
+        case ["system", noun, id_, verb] if (noun, verb) in _SYSTEM_FACTS:
+            return Classified(_SYSTEM_FACTS[noun, verb], id_)
+        case ["system", noun, id_] if noun in _SYSTEM_SHORT:
+            return Classified(_SYSTEM_SHORT[noun], id_)
+    return Classified(SubjectKind.OTHER)

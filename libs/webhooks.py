@@ -333,31 +333,6 @@ def retry_delay(
 # --- the durable consumer of a subscription ----------------------------------------------------
 
 
-def check_filter(filter_subject: str) -> str:
-    """The stream a subscription's filter reads from; ValueError when it is not a filter under
-    one of the platform's streams (`events.*.telemetry`, `system.alert.>`)."""
-    if not subjects.is_filter(filter_subject):
-        raise ValueError(
-            f"{filter_subject!r} is not a subject filter: tokens of A-Z a-z 0-9 _ - separated "
-            "by dots, `*` for one token, `>` for the rest"
-        )
-    stream = subjects.stream_of(filter_subject)
-    if stream is None or "." not in filter_subject:
-        raise ValueError(
-            f"{filter_subject!r} must start with events., commands., system. or deadletter."
-        )
-    return stream
-
-
-def consumer_name(subscription_id: str) -> str:
-    return f"webhook-{subscription_id}"
-
-
-def notify_consumer_name(subscription_id: str) -> str:
-    """The consumer of the notifications rules address to the subscription (SYSTEM stream)."""
-    return f"webhook-{subscription_id}-notify"
-
-
 # How many events a subscription's worker fetches at once in the one-event-per-request modes
 # (then POSTs one after the other, in order).
 FETCH_BATCH = 100
@@ -378,10 +353,9 @@ def consumer_config(
     batch_size: int | None = None,
     *,
     durable: str | None = None,
-    start_seq: int | None = None,
 ) -> ConsumerConfig:
     """Created with the subscription, so events published after it are kept for it even while
-    the webhooks service is down (`start_seq`: made again by the service, from where it was).
+    the webhooks service is down.
 
     The worker acks a prefix (AckPolicy.ALL) of what it delivered in order: one ack per batch.
     `max_ack_pending` bounds what is in flight per subscription: two fetches' worth, so that
@@ -390,10 +364,9 @@ def consumer_config(
     else), and no other subscription's."""
     window = fetch_size(batch_size)
     return ConsumerConfig(
-        durable_name=durable or consumer_name(subscription_id),
+        durable_name=durable or subjects.webhook_consumer(subscription_id),
         filter_subject=filter_subject,
-        deliver_policy=DeliverPolicy.NEW if start_seq is None else DeliverPolicy.BY_START_SEQUENCE,
-        opt_start_seq=start_seq,
+        deliver_policy=DeliverPolicy.NEW,
         ack_policy=AckPolicy.ALL,
         ack_wait=ack_wait_s,
         max_ack_pending=2 * window,
@@ -405,8 +378,6 @@ def notify_consumer_config(
     subscription_id: str,
     ack_wait_s: float,
     batch_size: int | None = None,
-    *,
-    start_seq: int | None = None,
 ) -> ConsumerConfig:
     """The notifications addressed to the subscription (`system.notify.<id>`), whatever its
     filter: delivered the same way, by a worker of their own."""
@@ -415,34 +386,8 @@ def notify_consumer_config(
         subjects.notification(subscription_id),
         ack_wait_s,
         batch_size,
-        durable=notify_consumer_name(subscription_id),
-        start_seq=start_seq,
+        durable=subjects.webhook_notify_consumer(subscription_id),
     )
-
-
-# --- subjects (to move into libs.subjects) -----------------------------------------------------
-
-SUBSCRIPTIONS_CHANGED_ALL = "system.subscription.*.changed"
-
-
-def subscription_changed(subscription_id: str) -> str:
-    """A subscription was created, deleted or re-driven: the webhooks service reloads it."""
-    return f"system.subscription.{subscription_id}.changed"
-
-
-def parse_subscription_changed(subject: str) -> str:
-    parts = subject.split(".")
-    if len(parts) != 4 or parts[:2] != ["system", "subscription"] or parts[3] != "changed":
-        raise ValueError(f"{subject!r} is not system.subscription.<id>.changed")
-    return parts[2]
-
-
-def parse_notification(subject: str) -> str:
-    """The subscription id of `system.notify.<id>`; ValueError if it is not one."""
-    parts = subject.split(".")
-    if len(parts) != 3 or parts[:2] != ["system", "notify"] or not subjects.is_token(parts[2]):
-        raise ValueError(f"{subject!r} is not system.notify.<subscription_id>")
-    return parts[2]
 
 
 # --- settings (read in libs.settings) ---------------------------------------------------

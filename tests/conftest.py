@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import text
@@ -21,6 +22,9 @@ from libs.db.engine import make_engine, make_sessionmaker
 from libs.db.migrate import upgrade
 from libs.principals import Role
 from libs.settings import Settings, async_database_url
+
+if TYPE_CHECKING:
+    from litestar.testing import AsyncTestClient
 
 
 @pytest.fixture(scope="session")
@@ -167,3 +171,13 @@ async def make_token(sessions):  # type: ignore[no-untyped-def]
         return await accounts.issue_api_key(sessions, f"tests-{role}", role, homes or [], "tests")
 
     return make
+
+
+@pytest.fixture(scope="module")
+async def client(settings: Settings, admin_token: str) -> AsyncIterator[AsyncTestClient]:
+    """The gateway in-process, as an administrator (one app per test module)."""
+    # Imported here: the unit tests need no gateway, and importing it costs a second.
+    from tests.api import api_client
+
+    async with api_client(settings, admin_token) as c:
+        yield c

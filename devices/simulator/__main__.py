@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import random
+import sys
 import time
 from collections import Counter
 from functools import partial
@@ -35,6 +36,7 @@ from libs import subjects
 log = logging.getLogger("simulator")
 
 TAKES_COMMANDS = ("light", "energy_meter")
+API_PREFIX = "/api/v1"
 REGISTER_IN_FLIGHT = 16  # registrations at once: the gateway is not a load test's target
 ACKS_IN_FLIGHT = 2000  # publishes not acknowledged yet, at most
 
@@ -67,7 +69,18 @@ def arguments() -> argparse.Namespace:
     if not subjects.is_token(args.prefix):
         p.error("--prefix: 1-128 characters of A-Z a-z 0-9 _ - (it names the bridge too)")
     args.location = args.location or args.prefix
+    args.api_url = api_root(args.api_url)
     return args
+
+
+def api_root(url: str) -> str:
+    """The gateway's root URL: `http://host:8000/api/v1` (the API's base, a natural guess)
+    names the same gateway as `http://host:8000`."""
+    return url.strip().rstrip("/").removesuffix(API_PREFIX).rstrip("/")
+
+
+class NotAGateway(RuntimeError):
+    """The API URL answers, but not as the gateway's root."""
 
 
 class Publisher:
@@ -147,11 +160,19 @@ async def _bridge(http: httpx.AsyncClient, bridge_id: str, location: str) -> str
 
 
 async def _gateway_ready(http: httpx.AsyncClient, stop: asyncio.Event) -> bool:
+    """Wait for the gateway to be ready (it may be starting); a URL that is not a gateway's
+    (its `/health/ready` is a 404) is an error at once, not a wait."""
     delay = 0.2
     while not stop.is_set():
         with contextlib.suppress(httpx.HTTPError):
-            if (await http.get("/health/ready")).status_code == 200:
+            status = (await http.get("/health/ready")).status_code
+            if status == 200:
                 return True
+            if status == 404:
+                raise NotAGateway(
+                    f"{http.base_url}health/ready answers 404: --api-url must be the "
+                    "gateway's root URL, e.g. http://127.0.0.1:8000"
+                )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), delay)
         delay = min(delay * 2, 5.0)
@@ -204,7 +225,11 @@ async def main(stop: asyncio.Event) -> None:
     args = arguments()
     devices = fleet(args.prefix, args.count, args.kinds, args.seed)
     began = time.monotonic()
-    password = await register_all(args, devices, stop)
+    try:
+        password = await register_all(args, devices, stop)
+    except NotAGateway as exc:
+        print(f"simulator: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     if password is None:
         return
     log.info("registered %d devices in %.1f s", len(devices), time.monotonic() - began)

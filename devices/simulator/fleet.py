@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 from libs import messages as m
 
@@ -35,14 +36,15 @@ class VirtualDevice:
             a["humidity_pct"] = _walk(self.rng, a["humidity_pct"], 0.5, 10.0, 90.0)
         elif self.kind == "energy_meter":
             a["power_w"] = _walk(self.rng, a["power_w"], 50.0, 0.0, 3000.0)
-            a["energy_wh"] = round(a["energy_wh"] + a["power_w"] * elapsed_s / 3600, 4)  # type: ignore[operator]
+            energy_wh = _number(a["energy_wh"]) + _number(a["power_w"]) * elapsed_s / 3600
+            a["energy_wh"] = round(energy_wh, 4)
         return dict(a)
 
-    def command(self, action: str, params: dict) -> str | None:
+    def command(self, action: str, params: dict[str, Any]) -> str | None:
         """Carry out a command; why it failed, or None."""
         if self.kind == "light" and action in ("turn_on", "turn_off", "toggle"):
             on = {"turn_on": True, "turn_off": False}.get(action, not self.attributes["on"])
-            self._light(on, self.attributes["brightness"])  # type: ignore[arg-type]
+            self._light(on, int(_number(self.attributes["brightness"])))
             return None
         if self.kind == "light" and action == "set_brightness":
             level = params.get("level")
@@ -72,5 +74,12 @@ def fleet(prefix: str, count: int, kinds: tuple[str, ...], seed: int) -> list[Vi
 def _walk(
     rng: random.Random, value: m.AttributeValue, step: float, low: float, high: float
 ) -> float:
-    current = float(value)  # type: ignore[arg-type]
+    current = _number(value)
     return round(min(high, max(low, current + rng.uniform(-step, step))), 2)
+
+
+def _number(value: m.AttributeValue) -> float:
+    """A numeric attribute the device itself set (never None or text)."""
+    if isinstance(value, int | float):
+        return float(value)
+    raise TypeError(f"not a number: {value!r}")

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, event, or_
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DataError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -27,23 +33,30 @@ def make_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True)
 
 
-def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker:
+def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
-def dialect_insert(engine: AsyncEngine, table: Any) -> Any:
+class HasDialect(Protocol):
+    """An engine or a connection, sync or async (`session.get_bind()`): what speaks which SQL."""
+
+    @property
+    def dialect(self) -> Dialect: ...
+
+
+def dialect_insert(engine: HasDialect, table: Any) -> Any:
     """INSERT for the engine's dialect, which has the ON CONFLICT clauses."""
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     return dialect.insert(table)
 
 
-def insert_ignoring_duplicates(engine: AsyncEngine, table: Any) -> Any:
+def insert_ignoring_duplicates(engine: HasDialect, table: Any) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING for the engine's dialect (idempotent batch writes)."""
     return dialect_insert(engine, table).on_conflict_do_nothing()
 
 
 def upsert(
-    engine: AsyncEngine,
+    engine: HasDialect,
     table: Any,
     key: str | tuple[str, ...],
     columns: tuple[str, ...] | None = None,

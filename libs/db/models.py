@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     JSON,
@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from libs.messages import DeviceSnapshot
+from libs.messages import Connection, DeviceSnapshot, DeviceStateName
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -92,9 +92,10 @@ class DeviceState(Base):
 
     __tablename__ = "device_states"
     device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    state: Mapped[str] = mapped_column(String(16), default="off")
-    mark: Mapped[str | None] = mapped_column(String(16), nullable=True)
-    connection: Mapped[str] = mapped_column(String(16), default="offline")
+    # Typed as the snapshot's vocabularies: the columns hold nothing else.
+    state: Mapped[DeviceStateName] = mapped_column(String(16), default="off")
+    mark: Mapped[Literal["triggered"] | None] = mapped_column(String(16), nullable=True)
+    connection: Mapped[Connection] = mapped_column(String(16), default="offline")
     attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     version: Mapped[int] = mapped_column(Integer, default=0)
@@ -105,9 +106,9 @@ class DeviceState(Base):
     def snapshot(self) -> DeviceSnapshot:
         return DeviceSnapshot(
             device_id=self.device_id,
-            state=self.state,  # type: ignore[arg-type]
-            mark=self.mark,  # type: ignore[arg-type]
-            connection=self.connection,  # type: ignore[arg-type]
+            state=self.state,
+            mark=self.mark,
+            connection=self.connection,
             attributes=self.attributes or {},
             last_seen=self.last_seen,
             version=self.version,
@@ -229,6 +230,28 @@ class AuditEntry(Base):
     source_seq: Mapped[int] = mapped_column(BigInteger)
     # The home the row is about, for rows about no device (a rule's, a location's change).
     home: Mapped[str | None] = mapped_column(String(128), index=True, nullable=True)
+    # What it acted on (`device:lamp`, `rule:r1`, `command:<id>`), why, and the event that
+    # caused it (a state change's event, a rule's trigger).
+    target: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    cause_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # When the recorder wrote it (retention goes by it: ids follow it, `time` need not).
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    # The hash chain (`libs.audit_chain`): set as the row is inserted (`libs.db.audit`);
+    # the database refuses UPDATE and DELETE but retention's (migration 0008).
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditCheckpoint(Base):
+    """Where retention cut the audit chain: the last row deleted and its hash, signed
+    (HMAC) with a key the database does not hold; the rows after it chain from `cut_hash`."""
+
+    __tablename__ = "audit_checkpoints"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    cut_id: Mapped[int] = mapped_column(BigInteger, unique=True)
+    cut_hash: Mapped[str] = mapped_column(String(64))
+    time: Mapped[datetime] = mapped_column(UTCDateTime)
+    signature: Mapped[str] = mapped_column(String(64))
 
 
 class Subscription(Base):
@@ -403,3 +426,7 @@ class OutboxMessage(Base):
     headers: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
+
+
+# Registers the hook that chains every AuditEntry as it is inserted (it imports the models).
+from libs.db import audit as _audit_chain  # noqa: E402, F401

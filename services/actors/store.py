@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Literal
+from typing import Any
 
 from prometheus_client import Counter
 from sqlalchemy import delete, literal_column, select, update
@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import commands
 from libs import messages as m
+from libs.actor_batch import Standing, standing
 from libs.cache import StateCache
 from libs.db.engine import insert_ignoring_duplicates, upsert
 from libs.db.models import CommandRecord, Device, DeviceState
@@ -74,19 +75,6 @@ def _newer_than_stored() -> Any:
     """A stored state is replaced by newer ones only (see `libs.cache.order`): a worker that
     lost its lease and commits late cannot move the truth backwards."""
     return DeviceState.__table__.c.last_seq < literal_column("excluded.last_seq")
-
-
-# Whether a registered device's events are applied: only an `active` one's are.
-Standing = Literal["active", "disconnected", "pending", "rejected"]
-
-
-def standing(lifecycle: str, enabled: bool) -> Standing | None:
-    """A registry entry's standing; None for a decommissioned device (as if unregistered)."""
-    if lifecycle == "decommissioned":
-        return None
-    if lifecycle in ("pending", "rejected"):
-        return lifecycle  # type: ignore[return-value]
-    return "active" if enabled else "disconnected"
 
 
 class StateStore:

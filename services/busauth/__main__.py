@@ -17,7 +17,6 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter, Histogram
 
 from libs import bus, bus_auth, bus_grants, runtime, subjects
-from libs.db.engine import make_engine, make_sessionmaker
 from libs.settings import Settings
 from services.busauth.authorizer import Admission, Authorizer, Refused, Revocations
 from services.busauth.kicker import Kicker
@@ -92,47 +91,31 @@ class Callout:
         LATENCY.observe(time.perf_counter() - began)
 
 
-async def main(settings: Settings, stop: asyncio.Event) -> None:
-    engine = make_engine(settings.effective_database_url)
-    sessions = make_sessionmaker(engine)
-    revocations = Revocations()
-    nc = await bus.connect(
-        settings.effective_nats_url,
-        "busauth",
-        settings.nats_user,
-        settings.nats_password,
-        ca=settings.nats_tls_ca,
-    )
+async def work(p: runtime.Process) -> None:
     system = await bus.connect(
-        settings.effective_nats_url,
+        p.settings.effective_nats_url,
         "busauth-system",
         bus_grants.SYSTEM_USER,
-        settings.nats_system_password,
-        ca=settings.nats_tls_ca,
+        p.settings.nats_system_password,
+        ca=p.settings.nats_tls_ca,
     )
-    js = nc.jetstream()
-    callout = Callout(nc, Authorizer(sessions, revocations), issuer_seed(settings))
-    sub = await nc.subscribe(
+    revocations = Revocations()
+    callout = Callout(p.nc, Authorizer(p.sessions, revocations), issuer_seed(p.settings))
+    answering = asyncio.Event()
+    p.ready_when(answering)
+    # Answering first: devices connect while the gateway may still be provisioning.
+    sub = await p.nc.subscribe(
         bus_auth.CALLOUT_SUBJECT, queue=bus_auth.CALLOUT_QUEUE, cb=callout.dispatch
     )
-
-    async def ready() -> str | None:
-        return None if nc.is_connected else "bus unreachable"
-
-    health = await runtime.serve_health(settings, ready)
+    answering.set()
     try:
-        need = [(subjects.SYSTEM_STREAM, bus.BUSAUTH_DURABLE)]
-        if await bus.wait_provisioned(js, need, stop):
-            await Kicker(nc, system, revocations, sessions).run(stop)
+        if await p.provisioned([(subjects.SYSTEM_STREAM, bus.BUSAUTH_DURABLE)]):
+            await Kicker(p.nc, system, revocations, p.sessions).run(p.stop)
     finally:
-        if health:
-            health.close()
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
-        for conn in (nc, system):
-            with contextlib.suppress(Exception):
-                await conn.drain()
-        await engine.dispose()
+        with contextlib.suppress(Exception):
+            await system.drain()
 
 
 def keygen() -> None:
@@ -145,4 +128,4 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["keygen"]:
         keygen()
     else:
-        runtime.run("busauth", main)
+        runtime.serve("busauth", work)

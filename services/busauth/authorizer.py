@@ -191,6 +191,7 @@ class Authorizer:
             .where(ProvisioningToken.id == token.id, ProvisioningToken.uses < token.max_uses)
             .values(uses=ProvisioningToken.uses + 1)
         )
+        # An UPDATE's result is a CursorResult, which execute()'s type (Result) does not say.
         if counted.rowcount != 1:  # type: ignore[attr-defined]
             raise Refused(f"provisioning token {token.id} is used up ({token.max_uses} uses)")
         session.add(

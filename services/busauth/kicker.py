@@ -48,7 +48,7 @@ def kicks_of(subject: str, data: bytes, revocations: Revocations) -> list[Kick]:
     parts = subject.split(".")
     if parts[:2] == ["system", "device"] and parts[-1] == "registry":
         fact = m.registry_fact_decoder.decode(data)
-        lifecycle = (fact.device or {}).get("lifecycle")
+        lifecycle = fact.device.lifecycle if fact.device else None
         if fact.change == "deleted" or lifecycle in REVOKING:
             revocations.add(fact.device_id, fact.time)
             why = "deleted" if fact.change == "deleted" else lifecycle

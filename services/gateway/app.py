@@ -30,6 +30,7 @@ from services.gateway.body import MAX_BODY_BYTES
 from services.gateway.browser import BrowserGuardMiddleware, security_headers
 from services.gateway.correlation import CorrelationMiddleware
 from services.gateway.credentials.controllers import CredentialController
+from services.gateway.deadletters.controllers import DeadLetterController
 from services.gateway.devices.controllers import DeviceController, provide_device_service
 from services.gateway.devices.discovery import Discovery
 from services.gateway.events.controllers import EventController
@@ -40,6 +41,7 @@ from services.gateway.openapi import OpenAPIDocumentConfig
 from services.gateway.resources import Shutdown, open_resources, provide_resources
 from services.gateway.rules.controllers import RuleController
 from services.gateway.subscriptions.controllers import SubscriptionController
+from services.gateway.system.controllers import SystemController, report_status
 from services.gateway.ui.controllers import UIController
 from services.gateway.users.controllers import ApiKeyController, UserController
 
@@ -147,6 +149,8 @@ def create_app(settings: Settings) -> Litestar:
             RuleController,
             AuditController,
             SubscriptionController,
+            DeadLetterController,
+            SystemController,
         ],
     )
     metrics = PrometheusConfig(
@@ -157,7 +161,7 @@ def create_app(settings: Settings) -> Litestar:
     )
     app = Litestar(
         route_handlers=[signing_in, api, HealthController, MetricsController, UIController],
-        lifespan=[resources],
+        lifespan=[resources, report_status],
         state=State({"shutdown": shutdown}),
         dependencies={
             "resources": Provide(provide_resources, sync_to_thread=False),
@@ -207,6 +211,11 @@ def create_app(settings: Settings) -> Litestar:
                     name="subscriptions",
                     description="Webhooks: signed, retried with back-off, dead letters re-drivable",
                 ),
+                Tag(
+                    name="deadletters",
+                    description="Messages the workers gave up on: inspect, send back",
+                ),
+                Tag(name="system", description="The platform's processes (administrators)"),
                 Tag(name="health", description="Probes"),
             ],
         ),

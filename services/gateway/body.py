@@ -33,7 +33,7 @@ class StrictBody(AbstractDTO[T], Generic[T]):
     config: ClassVar[DTOConfig] = DTOConfig()
     decoder: ClassVar[msgspec.json.Decoder[Any]]
 
-    def __class_getitem__(cls, annotation: Any) -> type[StrictBody[Any]]:  # type: ignore[override]
+    def __class_getitem__(cls, annotation: Any) -> type[StrictBody[Any]]:
         # Unlike other DTOs this one takes any msgspec type, unions included (`A | list[A]`).
         name = getattr(annotation, "__name__", None) or str(annotation)
         return type(

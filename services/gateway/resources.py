@@ -88,7 +88,9 @@ async def open_resources(settings: Settings, shutdown: Shutdown) -> AsyncIterato
                 await nc.drain()
             except Exception as exc:  # a bus that is gone has nothing to drain: just close
                 log.warning("nats drain failed: %s", exc)
-                await nc.close()
+                # Publishes buffered while the bus was away fail to flush: nothing to keep.
+                with contextlib.suppress(Exception):
+                    await nc.close()
     finally:
         await cache.close()
         await engine.dispose()

@@ -9,10 +9,11 @@ import getpass
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
-from libs import bus_auth, bus_grants, embedded_nats
+from libs import bus_auth, bus_grants, embedded_nats, service_status
 from libs import settings as settings_mod
 from libs.db.migrate import upgrade
 from libs.passwords import MIN_PASSWORD_LENGTH
@@ -27,6 +28,8 @@ SERVICES = ("busauth", "gateway", "actors", "rules", "recorder", "webhooks")
 BUS_DIR = "bus"  # in the data dir: the callout's issuer key, the services' bus passwords
 DEVICES = ("lightbulb", "energy_tracker")
 DEMO_DEVICE_ENV = {"SMARTHOME_DEVICE_LOCATION": demo.ROOM_PATH}
+LOOPBACK = "127.0.0.1"
+SERVICES_ROUTE = "/api/v1/system/services"
 
 
 class StartError(Exception):
@@ -55,7 +58,7 @@ def child_env(s: Settings, nats_url: str, http_port: int) -> dict[str, str]:
         "SMARTHOME_LOG_LEVEL": s.log_level,
         "PYTHONUNBUFFERED": "1",
     }
-    env.pop("SMARTHOME_HEALTH_PORT", None)  # one machine: only the gateway listens
+    env.pop("SMARTHOME_HEALTH_PORT", None)  # each worker gets a port of its own
     for identity in (bus_grants.ENV_USER, bus_grants.ENV_PASSWORD, bus_grants.ENV_SYSTEM_PASSWORD):
         env.pop(identity, None)  # each child gets its own (`_identity`), none another's
     return env
@@ -94,6 +97,7 @@ async def up(s: Settings, with_demo: bool, demo_for: float) -> int:
         log.info("database migrated (%s)", _redact(s.effective_database_url))
         admin_password, keys = await credentials.prepare(s)
         env = child_env(s, nats_url, http_port)
+        metrics: dict[str, str] = {}  # where each service's /metrics is
         packages = [("services", n) for n in SERVICES]
         packages += [("devices", n) for n in DEVICES] if with_demo else []
         for package, name in packages:
@@ -102,13 +106,16 @@ async def up(s: Settings, with_demo: bool, demo_for: float) -> int:
             child_vars = {**child_vars, **_identity(s, package, name)}
             if package == "devices":  # they register themselves, as an installer would
                 child_vars["SMARTHOME_API_TOKEN"] = keys[credentials.DEVICES_KEY]
+            else:
+                monitoring, metrics[name] = _monitoring(name, env["SMARTHOME_API_URL"])
+                child_vars.update(monitoring)
             children.append(Child(name, python_module(f"{package}.{name}"), child_vars, log_path))
             await children[-1].start()
         watchers = [asyncio.create_task(c.keep_running()) for c in children]
         watchers += [asyncio.create_task(c.watch_health()) for c in children if c.health_url]
         launcher_key = keys[credentials.LAUNCHER_KEY]
         if await _ready(env["SMARTHOME_API_URL"], launcher_key, with_demo, demo_for, stop):
-            _banner(env["SMARTHOME_API_URL"], nats_url, _mqtt_address(s, mqtt_port), s)
+            _banner(env["SMARTHOME_API_URL"], nats_url, _mqtt_address(s, mqtt_port), s, metrics)
             if admin_password:
                 _first_admin(admin_password)
         await stop.wait()
@@ -121,6 +128,18 @@ async def up(s: Settings, with_demo: bool, demo_for: float) -> int:
         await asyncio.gather(*watchers, return_exceptions=True)
     log.info("stopped cleanly")
     return 0
+
+
+def _monitoring(name: str, api_url: str) -> tuple[dict[str, str], str]:
+    """A service's environment for its status (`/system/services`) and where its metrics
+    are: a worker serves `/health/*` and `/metrics` on a free loopback port of its own;
+    the gateway serves them beside its API."""
+    env = {service_status.INSTANCE_ENV: socket.gethostname()}  # the same after a restart
+    if name == "gateway":
+        return env, f"{api_url}/metrics"
+    port = embedded_nats.free_port()
+    env |= {"SMARTHOME_HEALTH_PORT": str(port), "SMARTHOME_HTTP_HOST": LOOPBACK}
+    return env, f"http://{LOOPBACK}:{port}/metrics"
 
 
 async def _start_bus(s: Settings, port: int, mqtt_port: int) -> Child:
@@ -176,7 +195,7 @@ async def _ready(
     return True
 
 
-def _banner(api_url: str, nats_url: str, mqtt: str, s: Settings) -> None:
+def _banner(api_url: str, nats_url: str, mqtt: str, s: Settings, metrics: dict[str, str]) -> None:
     print(
         "\n"
         f"  smarthome is up\n"
@@ -185,9 +204,22 @@ def _banner(api_url: str, nats_url: str, mqtt: str, s: Settings) -> None:
         f"  NATS      {nats_url}\n"
         f"  MQTT      {mqtt}\n"
         f"  data      {s.data_dir.resolve()}  (logs in {s.data_dir.resolve() / 'logs'})\n"
+        f"  status    {api_url}{SERVICES_ROUTE}  (an administrator's token)\n"
+        f"{_metrics_lines(metrics)}"
         f"  Ctrl-C stops everything.\n",
         flush=True,
     )
+
+
+def _metrics_lines(metrics: dict[str, str]) -> str:
+    """`metrics   <service>  <url>`, one line each (the gateway's asks for a token)."""
+    width = max(map(len, metrics), default=0)
+    lines = []
+    for n, (name, url) in enumerate(metrics.items()):
+        note = "  (an administrator's token)" if name == "gateway" else ""
+        label = "metrics" if n == 0 else ""
+        lines.append(f"  {label:<10}{name:<{width}}  {url}{note}\n")
+    return "".join(lines)
 
 
 def _first_admin(password: str) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from libs import service_status
+
 log = logging.getLogger("smarthome")
 
 STOP_GRACE_S = 10.0
@@ -55,7 +57,8 @@ class Child:
         out = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it from here
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv,
-            env=self.env,
+            # How often it was started before: a service reports it (`/system/services`).
+            env={**self.env, service_status.RESTARTS_ENV: str(self.restarts)},
             stdout=out,
             stderr=out,
             stdin=asyncio.subprocess.DEVNULL,

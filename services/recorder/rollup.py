@@ -24,8 +24,10 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from libs import messages as m
+from libs import settings
+from libs.db import audit
 from libs.db.engine import dialect_insert, upsert
-from libs.db.models import AuditEntry, HistoryEntry, HourlyStatistic, RollupPending
+from libs.db.models import HistoryEntry, HourlyStatistic, RollupPending
 from services.recorder.hourly import HOUR, ROLLED_UP_TYPES, HourTally, hour_of
 from services.recorder.retention import delete_before
 
@@ -71,11 +73,17 @@ def pending_hours(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def rollup_forever(
-    sessions: async_sessionmaker[AsyncSession], keep: Keep, stop: asyncio.Event
+    sessions: async_sessionmaker[AsyncSession],
+    keep: Keep,
+    stop: asyncio.Event,
+    audit_key: bytes | None = None,
 ) -> None:
+    """`audit_key` signs the audit chain's retention checkpoints (`audit.checkpoint_key`);
+    without one, it is derived from the settings of this process's environment."""
+    key = audit_key if audit_key is not None else audit.checkpoint_key(settings.load())
     while not stop.is_set():
         try:
-            report = await run_round(sessions, keep, m.now(), stop)
+            report = await run_round(sessions, keep, m.now(), stop, key)
             if any(astuple(report)):
                 log.info(
                     "rolled up %d hours into %d statistics; deleted %d history, "
@@ -93,17 +101,19 @@ async def run_round(
     keep: Keep,
     now: datetime,
     stop: asyncio.Event | None = None,
+    audit_key: bytes | None = None,
 ) -> Report:
-    """Roll up what is pending, then delete what is past its keep."""
+    """Roll up what is pending, then delete what is past its keep (the audit log only with
+    `audit_key` to sign where its chain is cut)."""
     report = Report()
     report.hours, report.statistics = await roll_up(sessions, now, stop)
     report.history_deleted = await prune_history(sessions, keep.history_days, now)
     report.statistics_deleted = await delete_before(
         sessions, HourlyStatistic.hour, now - timedelta(days=keep.statistics_days)
     )
-    report.audit_deleted = await delete_before(
-        sessions, AuditEntry.time, now - timedelta(days=keep.audit_days)
-    )
+    if audit_key is not None:
+        cut = await audit.cut_before(sessions, audit_key, now - timedelta(days=keep.audit_days))
+        report.audit_deleted = cut.deleted
     return report
 
 

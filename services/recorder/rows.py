@@ -11,6 +11,7 @@ import msgspec
 from libs import commands, subjects
 from libs import messages as m
 from libs.principals import home_of
+from libs.subjects import SubjectKind
 
 # Heartbeats say only "still here": they update presence, not history.
 NOT_HISTORY = frozenset({"heartbeat", "presence_timeout"})
@@ -18,6 +19,7 @@ AUDITED_EVENTS = frozenset({"hello", "goodbye", "command_status"})
 AUDIT_TEXT = 200  # the audit table's actor and result columns
 AUDIT_ACTION = 128
 AUDIT_HOME = 128
+AUDIT_ID = 128
 
 
 @dataclass
@@ -39,10 +41,17 @@ def _audit(
     correlation_id: str | None,
     detail: dict[str, Any] | None = None,
     home: str | None = None,
+    *,
+    target: str | None = None,
+    reason: str | None = None,
+    cause_id: str | None = None,
 ) -> None:
     """`home`: what the row is about belongs to it (a location, a homed rule or subscription,
     a device as its registry entry says); the audit log shows it to that home's residents,
-    and the rows about a device to the residents of the home the device is in."""
+    and the rows about a device to the residents of the home the device is in. `target`:
+    what was acted on (the device by default); `cause_id`: the event that caused it."""
+    if target is None and device_id is not None:
+        target = f"device:{device_id}"
     rows.audit.append(
         {
             "time": time,
@@ -51,8 +60,11 @@ def _audit(
             "actor": actor[:AUDIT_TEXT],
             "action": action[:AUDIT_ACTION],
             "device_id": device_id,
+            "target": target[:AUDIT_TEXT] if target else None,
             "result": result[:AUDIT_TEXT],
+            "reason": reason,
             "correlation_id": correlation_id,
+            "cause_id": cause_id[:AUDIT_ID] if cause_id else None,
             "detail": detail or {},
             "stream": src[0],
             "source_seq": src[1],
@@ -94,6 +106,8 @@ def from_event(
             result,
             event.correlationid,
             detail,
+            reason=detail.get("detail"),
+            cause_id=event.id,
         )
 
 
@@ -110,15 +124,16 @@ def from_command(rows: Rows, data: bytes, src: tuple[str, int]) -> None:
         "pending",
         cmd.correlation_id,
         {"command_id": cmd.id, "action": cmd.action, "params": cmd.params},
+        target=f"command:{cmd.id}",
     )
 
 
 def from_system(rows: Rows, subject: str, data: bytes, src: tuple[str, int]) -> None:
     """Platform facts: state changes, registry changes, rejections, rule firings."""
-    parts = subject.split(".")
-    if parts[:2] == ["system", "device"] and len(parts) == 4:
-        _from_device_fact(rows, parts[3], data, src)
-    elif parts[:2] in (["system", "alert"], ["system", "notify"]):  # notify: to one webhook
+    what = subjects.classify(subject)
+    if what.kind in DEVICE_FACTS:
+        _from_device_fact(rows, what.kind, data, src)
+    elif what.kind in (SubjectKind.ALERT, SubjectKind.NOTIFICATION):  # notify: to one webhook
         alert = m.cloud_event_decoder.decode(data)
         body = alert.data or {}
         _audit(
@@ -132,8 +147,10 @@ def from_system(rows: Rows, subject: str, data: bytes, src: tuple[str, int]) -> 
             alert.correlationid,
             body,
             body.get("home"),  # a homed rule's (see services.rules.actions)
+            reason=_text(body.get("message")),
+            cause_id=alert.id,
         )
-    elif _is_change(parts):
+    elif what.is_change:
         fact = m.change_fact_decoder.decode(data)
         _audit(
             rows,
@@ -146,8 +163,9 @@ def from_system(rows: Rows, subject: str, data: bytes, src: tuple[str, int]) -> 
             fact.correlation_id,
             {"id": fact.id, fact.what: fact.detail},
             fact.home,
+            target=f"{fact.what}:{fact.id}",
         )
-    elif parts[:2] == ["system", "rule"] and len(parts) == 4 and parts[3] == "fired":
+    elif what.kind is SubjectKind.RULE_FIRED:
         fired = m.rule_fired_decoder.decode(data)
         rows.rule_runs.append(
             {
@@ -175,29 +193,22 @@ def from_system(rows: Rows, subject: str, data: bytes, src: tuple[str, int]) -> 
             fired.correlation_id,
             {"reason": fired.reason, "outcomes": msgspec.to_builtins(fired.outcomes)},
             fired.home,
+            reason=fired.reason,
+            cause_id=fired.trigger_event_id,
         )
 
 
-def _is_change(parts: list[str]) -> bool:
-    """`system.location.<id>`, `system.<rule|subscription|user|apikey>.<id>.changed`."""
-    if parts[:2] == ["system", "location"]:
-        return len(parts) == 3
-    return parts[1] in CHANGED_KINDS and len(parts) == 4 and parts[3] == "changed"
-
-
-CHANGED_KINDS = (
-    "rule",
-    "subscription",
-    "user",
-    "apikey",
-    "credentials",
-    "bridge",
-    "provisioning",
+DEVICE_FACTS = frozenset(
+    {SubjectKind.DEVICE_STATE, SubjectKind.DEVICE_REGISTRY, SubjectKind.DEVICE_REJECTED}
 )
 
 
-def _from_device_fact(rows: Rows, fact: str, data: bytes, src: tuple[str, int]) -> None:
-    if fact == "state":
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _from_device_fact(rows: Rows, fact: SubjectKind, data: bytes, src: tuple[str, int]) -> None:
+    if fact is SubjectKind.DEVICE_STATE:
         s = m.state_fact_decoder.decode(data)
         # Attribute-only changes are history (telemetry), not audit.
         if {"state", "connection", "mark"} & set(s.changed):
@@ -216,11 +227,13 @@ def _from_device_fact(rows: Rows, fact: str, data: bytes, src: tuple[str, int]) 
                 f"{s.previous_state}->{s.state} ({s.connection})",
                 s.correlation_id,
                 {"version": s.version, "changed": s.changed, "cause": s.cause_type},
+                reason=s.cause_type,
+                cause_id=s.cause_event_id,
             )
-    elif fact == "registry":
+    elif fact is SubjectKind.DEVICE_REGISTRY:
         r = m.registry_fact_decoder.decode(data)
         # The home it was in then: a device deleted or moved away stays in that home's log.
-        home = home_of((r.device or {}).get("location"))
+        home = home_of(r.device.location if r.device else None)
         _audit(
             rows,
             src,
@@ -232,16 +245,18 @@ def _from_device_fact(rows: Rows, fact: str, data: bytes, src: tuple[str, int]) 
             r.correlation_id,
             home=home,
         )
-    elif fact == "rejected":
-        r = m.rejected_fact_decoder.decode(data)
+    elif fact is SubjectKind.DEVICE_REJECTED:
+        rejected = m.rejected_fact_decoder.decode(data)
         _audit(
             rows,
             src,
-            r.time,
-            f"device:{r.device_id}",
+            rejected.time,
+            f"device:{rejected.device_id}",
             "event.rejected",
-            r.device_id,
-            r.reason,
-            r.correlation_id,
-            {"event_id": r.event_id, "event_type": r.event_type},
+            rejected.device_id,
+            rejected.reason,
+            rejected.correlation_id,
+            {"event_id": rejected.event_id, "event_type": rejected.event_type},
+            reason=rejected.reason,
+            cause_id=rejected.event_id,
         )

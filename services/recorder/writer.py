@@ -16,8 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from libs import bus, commands, subjects
 from libs.consumer import Consumer, Dead, Delivery, Item, Retry, Verdict
+from libs.db import audit
 from libs.db.engine import insert_ignoring_duplicates, refused
-from libs.db.models import AuditEntry, HistoryEntry, RuleRun
+from libs.db.models import HistoryEntry, RuleRun
 from services.recorder import rollup
 from services.recorder import rows as to_rows
 
@@ -105,13 +106,13 @@ class StreamRecorder:
         RECORDED.labels(self._stream, "recorded").inc(len(items))
 
     async def _write(self, rows: to_rows.Rows) -> None:
-        """Insert the batch (a redelivered message inserts nothing twice); raise what the
-        database refuses (`refused`), `Retry` while it is down."""
+        """Insert the batch (a redelivered message inserts nothing twice), its audit rows
+        appended to the chain in stream order; raise what the database refuses (`refused`),
+        `Retry` while it is down."""
         try:
             async with self._sessions.begin() as session:
                 for table, values in (
                     (HistoryEntry.__table__, rows.history),
-                    (AuditEntry.__table__, rows.audit),
                     (RuleRun.__table__, rows.rule_runs),
                 ):
                     if values:
@@ -123,6 +124,8 @@ class StreamRecorder:
                 if rows.commands:
                     record = commands.record_statement(self._engine)
                     await session.execute(record, list(rows.commands.values()))
+                # Last: the chain's lock is held from here to the commit.
+                await session.run_sync(audit.append, rows.audit)
         except Exception as exc:
             if refused(exc):
                 raise

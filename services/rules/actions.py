@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import msgspec
 from nats.js import JetStreamContext
@@ -14,21 +14,11 @@ from libs import messages as m
 from libs.rule_logic import DeviceInfo, Episode
 
 
-def plan_run(rule: m.Rule, start: int, now: datetime) -> tuple[int, datetime | None]:
-    """Where a run from action `start` stops: just after the first delay (resuming when it
-    has passed), or at the end."""
-    for index in range(start, len(rule.actions)):
-        action = rule.actions[index]
-        if isinstance(action, m.DelayAction):
-            return index + 1, now + timedelta(seconds=action.seconds)
-    return len(rule.actions), None
-
-
 class ActionRunner:
     def __init__(self, js: JetStreamContext, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._js = js
         self._sessions = sessions
-        # The registry as the engine last loaded it (reloaded on every registry change).
+        # The registry as the engine keeps it (a registry fact changes its entry).
         self.registry: Mapping[str, DeviceInfo] = {}
 
     async def run(
@@ -37,7 +27,7 @@ class ActionRunner:
         episode: Episode,
         actions: range,
         resume_at: datetime | None,
-        kind: str,
+        kind: m.TraceKind,
         reason: str,
     ) -> None:
         """Run `actions` (a `plan_run`), each with its own outcome, then leave the trace.
@@ -88,8 +78,8 @@ class ActionRunner:
         if isinstance(action, m.NotifyAction):
             subject = await self._notify(rule, episode, action, action_id)
             return m.ActionOutcome(_name(action), True, f"alert on {subject}"), None
-        target: str = action.device_id  # type: ignore[union-attr]
-        refusal = rule_logic.refusal(target, self.registry, rule.home)
+        assert not isinstance(action, m.DelayAction)  # a delay is not run (see `run`)
+        refusal = rule_logic.refusal(action.device_id, self.registry, rule.home)
         if refusal:
             return m.ActionOutcome(_name(action), False, refusal), None
         match action:
@@ -185,7 +175,7 @@ class ActionRunner:
         self,
         rule: m.Rule,
         episode: Episode,
-        kind: str,
+        kind: m.TraceKind,
         reason: str,
         outcomes: list[m.ActionOutcome],
         part: int = 0,
@@ -193,7 +183,7 @@ class ActionRunner:
         fired = m.RuleFired(
             rule_id=rule.id,
             episode_id=episode.id,
-            kind=kind,  # type: ignore[arg-type]
+            kind=kind,
             device_id=episode.device_id,
             reason=reason,
             values=episode.values,
@@ -207,23 +197,6 @@ class ActionRunner:
         if kind == "skipped":  # each skipped trigger is its own trace
             msg_id += f":{episode.trigger_event_id}"
         await bus.publish(self._js, subjects.rule_fired(rule.id), fired, msg_id=msg_id)
-
-    @staticmethod
-    def reason(rule: m.Rule, episode: Episode) -> str:
-        t = rule.trigger
-        values = ", ".join(f"{k} = {v!r}" for k, v in episode.values.items())
-        match t:
-            case m.ThresholdTrigger():
-                return f"{values} on {episode.device_id} held {_describe(t)} for {t.for_s:g}s"
-            case m.StateTrigger():
-                return f"{episode.device_id} {t.attribute} is {t.to} for {t.for_s:g}s"
-            case m.EventTrigger():
-                return (
-                    f"event {episode.trigger_event_id} of {episode.device_id} matched {t.subject}"
-                )
-            case m.ScheduleTrigger():
-                return f"cron {t.cron} ({t.timezone}) at {episode.deadline.isoformat()}"
-        return "fired"
 
 
 def _name(action: m.Action) -> str:
@@ -239,11 +212,3 @@ def _name(action: m.Action) -> str:
         case m.DelayAction():
             return f"delay {action.for_}"
     return type(action).__name__
-
-
-def _describe(t: m.ThresholdTrigger) -> str:
-    if t.equals is not None:
-        return f"= {t.equals!r}"
-    parts = [f"> {t.low:g}"] if t.low is not None else []
-    parts += [f"< {t.high:g}"] if t.high is not None else []
-    return " and ".join(parts)

@@ -15,6 +15,8 @@ import contextlib
 import logging
 import math
 import re
+import zlib
+from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -23,11 +25,38 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import bus, subjects
 from libs.lease import Members
-from services.rules.engine import Partition, RulesEngine
+from services.rules.engine import RulesEngine
+from services.rules.timers import TICK_S
 
 log = logging.getLogger(__name__)
 
 RETRY_S = 2.0  # how often a process without its share looks for a free partition
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """Partition `index` of `count`: the rules whose id hashes to it, and its bus names."""
+
+    index: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def owns(self, rule_id: str) -> bool:
+        return zlib.crc32(rule_id.encode()) % self.count == self.index
+
+    @property
+    def lease(self) -> str:
+        return f"rules-{self.index}"
+
+    @property
+    def facts_durable(self) -> str:
+        return bus.rules_facts_durable(self.index)
+
+    @property
+    def events_durable(self) -> str:
+        return bus.rules_events_durable(self.index)
 
 
 class Partitions:
@@ -43,14 +72,31 @@ class Partitions:
         self._members = Members(js, "rules", self.engines[0].lease.owner)
         self._share = count  # until the members are counted
         self.held: set[int] = set()
+        # Set while the consumers of every partition held are bound (standing by with none
+        # held, once provisioned, counts: the process is ready to take one).
+        self.bound = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         await provision(self._js, len(self.engines))
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._members.beat(stop))
-            tasks.create_task(self._count_members(stop))
-            for engine in self.engines:
-                tasks.create_task(self._own(engine, stop))
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._members.beat(stop))
+                tasks.create_task(self._count_members(stop))
+                tasks.create_task(self._track_bound(stop))
+                for engine in self.engines:
+                    tasks.create_task(self._own(engine, stop))
+        finally:
+            self.bound.clear()
+
+    async def _track_bound(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            held = [e for e in self.engines if e.partition.index in self.held]
+            if all(e.bound.is_set() for e in held):
+                self.bound.set()
+            else:
+                self.bound.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), TICK_S)
 
     async def reload_rules(self) -> None:
         for engine in self.engines:
@@ -89,7 +135,7 @@ class Partitions:
         try:
             await engine.serve(stop, lambda: self._too_many(index))
         except Exception as exc:  # the bus or the database went away: let another try
-            log.warning("partition %d stopped: %r", index, exc)
+            log.warning("partition %d stopped: %r", index, exc, exc_info=True)
         finally:
             self.held.discard(index)
 

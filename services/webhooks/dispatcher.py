@@ -19,13 +19,14 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from libs import webhooks
+from libs import subjects, webhooks
 from libs.homes import HomeIndex
 from libs.lease import Lease
+from services.webhooks.counter import DeliveredCounter
 from services.webhooks.notifications import NotificationCheck
 from services.webhooks.sender import Sender, make_session
 from services.webhooks.store import DeliveryStore, Target
-from services.webhooks.worker import DeliveredCounter, SourceWorker, sources
+from services.webhooks.worker import SourceWorker, sources
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class SubscriptionDelivery:
     def __init__(
         self,
         target: Target,
-        js: JetStreamContext,
+        nc: NATS,
         store: DeliveryStore,
         settings: webhooks.WebhookSettings,
         rng: random.Random,
@@ -56,7 +57,7 @@ class SubscriptionDelivery:
             self._session, settings, target.url, target.secret, allow_private_targets=private
         )
         self.workers = [
-            SourceWorker(target, source, js, store, sender, self._counter, settings, rng, homes)
+            SourceWorker(target, source, nc, store, sender, self._counter, settings, rng, homes)
             for source in sources(target)
         ]
 
@@ -97,12 +98,21 @@ class Dispatcher:
             str, tuple[SubscriptionDelivery, asyncio.Task[None], asyncio.Event]
         ] = {}
         self._changed = asyncio.Event()
+        # Readiness: set once it delivers (it holds the lease and has listed its
+        # subscriptions), and while it stands by behind another process's lease.
+        self.bound = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver while this process holds the lease; stand by while another one does."""
-        watch = await self._nc.subscribe(webhooks.SUBSCRIPTIONS_CHANGED_ALL, cb=self._on_change)
+        watch = await self._nc.subscribe(subjects.SUBSCRIPTIONS_CHANGED_ALL, cb=self._on_change)
         try:
-            while await self._lease.acquire(stop):
+            while not stop.is_set():
+                if not await self._lease.try_acquire():
+                    self.bound.set()  # a standby is ready: it takes over when the lease frees
+                    held = await self._lease.acquire(stop)
+                    self.bound.clear()
+                    if not held:
+                        return
                 async with asyncio.TaskGroup() as tasks:
                     tasks.create_task(self._lease.keep(stop))
                     tasks.create_task(self._dispatch(stop))
@@ -114,7 +124,7 @@ class Dispatcher:
 
     async def _on_change(self, msg: Msg) -> None:
         with contextlib.suppress(ValueError):
-            entry = self._workers.get(webhooks.parse_subscription_changed(msg.subject))
+            entry = self._workers.get(subjects.parse_subscription_changed(msg.subject))
             if entry:
                 entry[0].redrive()
         self._changed.set()
@@ -129,6 +139,7 @@ class Dispatcher:
                     periodic = loop.time() >= next_reload
                     try:
                         await self._reload(redrive=periodic)
+                        self.bound.set()
                         next_reload = loop.time() + RELOAD_EVERY_S
                     except Exception as exc:  # the database is down: try again shortly
                         log.warning("subscriptions reload failed: %s", exc)
@@ -137,6 +148,7 @@ class Dispatcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), 1.0)
         finally:
+            self.bound.clear()
             await self._stop_workers(list(self._workers))
 
     async def _reload(self, redrive: bool) -> None:
@@ -155,7 +167,7 @@ class Dispatcher:
                     self._workers[sid][0].redrive()
                 continue
             worker = SubscriptionDelivery(
-                target, self._js, self._store, self._settings, self._rng, self._homes
+                target, self._nc, self._store, self._settings, self._rng, self._homes
             )
             quit_ = asyncio.Event()
             task = asyncio.create_task(worker.run(quit_), name=f"webhook-{sid}")

@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection, Mapping
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig
 
-from libs import bus, subjects, webhooks
+from libs import bus, subjects
 from libs.consumer import Consumer, Dead, Delivery, Item, Retry, Verdict
 from services.webhooks.store import DeliveryStore
 
@@ -35,7 +35,7 @@ def _config() -> ConsumerConfig:
 
 def decode(msg: Delivery) -> str:
     """The subscription a notification is addressed to (ValueError: dead-lettered)."""
-    return webhooks.parse_notification(msg.subject)
+    return subjects.parse_notification(msg.subject)
 
 
 class NotificationCheck:

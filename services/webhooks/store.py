@@ -12,7 +12,7 @@ from datetime import datetime
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from libs import webhooks
+from libs import subjects, webhooks
 from libs.db.models import Delivery, Subscription
 from services.webhooks.attempts import Attempted, Previous
 
@@ -73,7 +73,7 @@ class DeliveryStore:
             r.id: Target(
                 r.id,
                 r.filter,
-                webhooks.check_filter(r.filter),
+                subjects.check_filter(r.filter),
                 r.url,
                 r.mode,
                 r.secret,

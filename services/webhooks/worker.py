@@ -1,18 +1,19 @@
-"""One source of one subscription (its filter, or the notifications addressed to it):
-fetch a batch → render → send, in order → ack the delivered prefix.
+"""One source of one subscription (its filter, or the notifications addressed to it): a
+handler on the consumer runtime (`libs.consumer`) that renders and sends its batch, in order.
 
 Each source has its own durable consumer (AckPolicy.ALL) and one request in flight: events go
 out in stream order, and a slow, failing or hanging endpoint holds back only its own
 subscription. The success path touches no database: a first-attempt success is counted (the
-counter is written about once a second) and acked with the rest of its batch. A failed
-attempt is recorded in `deliveries` and retried by this worker after a back-off, holding back
-the events behind it (kept in progress on the bus meanwhile); the record's `next_attempt_at`
-carries the schedule over a restart.
+counter is written about once a second) and settled with the rest of its batch. A failed
+attempt is recorded in `deliveries` and retried by this handler after a back-off, holding back
+the events behind it (the runtime keeps the batch in progress meanwhile); what went before it
+is settled first (`Consumer.settle`), and the record's `next_attempt_at` carries the schedule
+over a restart.
 
-After a stop or a crash the consumer may hold un-acked events, and would hand out newer ones
-before them: the next worker makes the consumer again from its ack floor, so that every event
-after the last acked one comes again, in order. An event delivered but not yet acked when the
-worker died is sent again (at least once; receivers de-duplicate on `webhook-id`).
+What a stopped or crashed worker left un-acked the runtime reads again by sequence when it
+binds, before anything newer, so events go out in order. An event delivered but not yet
+settled when the worker died is sent again (at least once; receivers de-duplicate on
+`webhook-id`).
 """
 
 from __future__ import annotations
@@ -26,17 +27,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
+from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter
 
+from libs import consumer, subjects, webhooks
 from libs import messages as m
-from libs import subjects, webhooks
+from libs.consumer import Consumer, Delivery, Retry
+from libs.errors import Unavailable
 from libs.homes import HomeIndex
-from libs.pull import Gaps
 from services.webhooks.attempts import Attempted, after_attempt
+from services.webhooks.counter import DeliveredCounter
 from services.webhooks.payload import BATCHED, Item, Payload, event_id, render, render_batch
 from services.webhooks.sender import Outcome, Sender, failed
 from services.webhooks.store import DeliveryStore, Event, Known, Target
@@ -45,11 +47,12 @@ log = logging.getLogger(__name__)
 
 ATTEMPTS = Counter("smarthome_webhook_attempts_total", "Webhook delivery attempts", ["outcome"])
 EVENTS = Counter("smarthome_webhook_events_total", "Events delivered by webhooks", ["source"])
-FETCH_TIMEOUT_S = 1.0
-# After an unexpected error (database or bus down): wait, then carry on.
+# After an unexpected error in a re-drive (database or bus down): wait, then carry on.
 ERROR_PAUSE_S = 2.0
-# Delivered events are acked at least this often, and at the end of every fetched batch.
+# Delivered events are settled at least this often, and at the end of every batch.
 ACK_EVERY_S = 1.0
+# How long the runtime waits for a batch to start (then it looks at `stop`).
+FETCH_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -63,44 +66,13 @@ class Source:
 
 def sources(target: Target) -> tuple[Source, Source]:
     return (
-        Source(webhooks.FROM_FILTER, target.stream, webhooks.consumer_name(target.id)),
+        Source(webhooks.FROM_FILTER, target.stream, subjects.webhook_consumer(target.id)),
         Source(
             webhooks.FROM_NOTIFY,
             subjects.SYSTEM_STREAM,
-            webhooks.notify_consumer_name(target.id),
+            subjects.webhook_notify_consumer(target.id),
         ),
     )
-
-
-class DeliveredCounter:
-    """A subscription's delivered events, written to its row about once a second."""
-
-    def __init__(self, store: DeliveryStore, subscription_id: str) -> None:
-        self._store = store
-        self._id = subscription_id
-        self._count = 0
-        self._at: datetime | None = None
-
-    def add(self, events: int) -> None:
-        self._count += events
-        self._at = m.now()
-
-    async def run(self, stop: asyncio.Event, every_s: float = 1.0) -> None:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), every_s)
-            await self.flush()
-
-    async def flush(self) -> None:
-        if not self._count or self._at is None:
-            return
-        count, at = self._count, self._at
-        try:
-            await self._store.count_delivered(self._id, count, at)
-        except Exception as exc:  # the database is down: kept, written with the next flush
-            log.warning("subscription %s: delivered counter not written: %s", self._id, exc)
-            return
-        self._count -= count
 
 
 class SourceWorker:
@@ -108,7 +80,7 @@ class SourceWorker:
         self,
         target: Target,
         source: Source,
-        js: JetStreamContext,
+        nc: NATS,
         store: DeliveryStore,
         sender: Sender,
         counter: DeliveredCounter,
@@ -120,7 +92,7 @@ class SourceWorker:
         self.source = source
         # What each message is about, for a subscription of one home (needed then only).
         self._homes = homes
-        self._js = js
+        self._js = nc.jetstream()
         self._store = store
         self._sender = sender
         self._counter = counter
@@ -130,162 +102,68 @@ class SourceWorker:
         self._batch_size = (
             (target.batch_size or webhooks.DEFAULT_BATCH_SIZE) if self._batched else 1
         )
-        self._fetch = webhooks.fetch_size(target.batch_size if self._batched else None)
         # Set when a user re-drove failed deliveries; also on start, for those that waited.
         self.redrive = asyncio.Event()
         self.redrive.set()
-        # Fetched and not settled yet, in stream order.
-        self._held: list[Msg] = []
-        # Records of events after the ack floor (read when bound, then kept up to date).
-        self._known: dict[int, Known] = {}
-        self._settled_seq = 0  # the stream sequence of the last event settled
-        self._ack_due: Msg | None = None  # the last settled event, when not acked yet
-        self._acked_at = 0.0
-        self._kept_alive_at = 0.0
-        self._backlog = 0  # messages waiting on the consumer, as the last one fetched said
-        self._gaps = Gaps()
+        # One request in flight per source: the handler's and the re-drives'.
+        self._sending = asyncio.Lock()
+        # Records of events not settled yet (read with the first batch, then kept up to date).
+        self._known: dict[int, Known] | None = None
+        self._stop = asyncio.Event()
+        self.consumer: Consumer[Item] = Consumer(
+            nc,
+            source.stream,
+            self._config(),
+            self._decode,
+            self._handle,
+            batch=webhooks.fetch_size(target.batch_size if self._batched else None),
+            wait=FETCH_WAIT_S,
+            create=self._may_create,
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set or the task is cancelled (the subscription went away)."""
-        sub: JetStreamContext.PullSubscription | None = None
-        try:
-            while not stop.is_set():
-                try:
-                    if sub is None:
-                        sub = await self._bind()
-                    if self.redrive.is_set():
-                        self.redrive.clear()
-                        await self._redrive(stop)
-                    if not self._held:
-                        try:
-                            msgs = await self._fetch_next(sub)
-                        except TimeoutError:  # nats-py raises asyncio.TimeoutError here
-                            continue
-                        if self._missed(msgs):
-                            await self._unbind(sub)  # bound again, from the ack floor
-                            sub = None
-                            continue
-                        await self._hold(msgs)
-                    await self._deliver_held(stop)
-                except Exception as exc:
-                    log.warning("subscription %s (%s): %s", self.target.id, self.source.name, exc)
-                    await self._unbind(sub)
-                    sub = None
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), ERROR_PAUSE_S)
-        finally:
-            await self._unbind(sub)
+        self._stop = stop
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._redrives(stop))
+            await self.consumer.run(stop)
 
     # --- the consumer ------------------------------------------------------------------------
 
-    def _config(self, start_seq: int | None = None) -> ConsumerConfig:
+    def _config(self) -> ConsumerConfig:
         ack_wait = self._settings.ack_wait_s
         batch = self.target.batch_size
         if self.source.name == webhooks.FROM_NOTIFY:
-            return webhooks.notify_consumer_config(
-                self.target.id, ack_wait, batch, start_seq=start_seq
-            )
-        return webhooks.consumer_config(
-            self.target.id, self.target.filter, ack_wait, batch, start_seq=start_seq
-        )
+            return webhooks.notify_consumer_config(self.target.id, ack_wait, batch)
+        return webhooks.consumer_config(self.target.id, self.target.filter, ack_wait, batch)
 
-    async def _bind(self) -> JetStreamContext.PullSubscription:
-        """Bind to the source's consumer: made again when the bus lost it, or from its ack
-        floor when a previous worker left events un-acked."""
-        stream, durable = self.source.stream, self.source.durable
-        try:
-            info = await self._js.consumer_info(stream, durable)
-        except NotFoundError:
-            # The gateway creates it with the row: missing, it was lost (or just deleted).
-            if not await self._store.exists(self.target.id):
-                raise RuntimeError("the subscription was deleted") from None
-            log.warning(
-                "subscription %s: its consumer %s was missing; made again (events published "
-                "in between were not kept)",
-                self.target.id,
-                durable,
-            )
-            info = await self._js.add_consumer(stream, self._config())
-        if info.num_ack_pending:
-            # Left un-acked by a worker that stopped or died: the consumer would hand out newer
-            # events before those. Made again from its ack floor, it hands them out in order.
-            start = info.ack_floor.stream_seq + 1
-            await self._js.delete_consumer(stream, durable)
-            info = await self._js.add_consumer(stream, self._config(start_seq=start))
-            log.info(
-                "subscription %s: %s resumes at stream sequence %d",
-                self.target.id,
-                durable,
-                start,
-            )
-        floor = info.ack_floor.stream_seq
-        self._gaps = Gaps()  # a consumer made again numbers its deliveries anew
-        self._known = await self._store.open_records(self.target.id, self.source.name, floor)
-        self._settled_seq = floor
-        return await self._js.pull_subscribe_bind(durable, stream=stream)
-
-    async def _unbind(self, sub: JetStreamContext.PullSubscription | None) -> None:
-        """Ack what was settled (waiting for the bus: the next bind reads the ack floor) and
-        let go of the rest, which the next bind hands out again."""
-        with contextlib.suppress(Exception):
-            await self._ack(sync=True)
-        self._held = []
-        self._ack_due = None
-        if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()  # a pull subscription left to drain() blocks it
-
-    async def _fetch_next(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
-        """What is waiting, up to the fetch size, without waiting for more: nats-py's fetch
-        of N waits until it has N or its timeout passes once it had to wait for the first,
-        which would hold back what came first. So: N only when N are known to be waiting (the
-        last message's `num_pending`), else the next one as soon as it comes, then those
-        that came with it."""
-        if self._backlog:
-            msgs = await sub.fetch(min(self._fetch, self._backlog), timeout=FETCH_TIMEOUT_S)
-        else:
-            msgs = await sub.fetch(1, timeout=FETCH_TIMEOUT_S)
-            more = min(self._fetch - 1, msgs[-1].metadata.num_pending or 0) if msgs else 0
-            if more:
-                with contextlib.suppress(TimeoutError):
-                    msgs += await sub.fetch(more, timeout=FETCH_TIMEOUT_S)
-        self._backlog = (msgs[-1].metadata.num_pending or 0) if msgs else 0
-        return msgs
-
-    def _missed(self, msgs: list[Msg]) -> bool:
-        """Events handed out on a connection that died before they came (see libs.pull): the
-        ack of a newer one would ack them undelivered."""
-        for msg in msgs:
-            self._gaps.note(msg)
-        if not self._gaps.take():
+    async def _may_create(self) -> bool:
+        """The gateway creates the consumer with the row: missing, it was lost (made again)
+        or the subscription was just deleted (the next reload stops this worker)."""
+        if not await self._store.exists(self.target.id):
             return False
-        log.info(
-            "subscription %s: %s deliveries never received", self.target.id, self.source.durable
+        log.warning(
+            "subscription %s: its consumer %s was missing; made again (events published "
+            "in between were not kept)",
+            self.target.id,
+            self.source.durable,
         )
         return True
 
-    async def _hold(self, msgs: list[Msg]) -> None:
-        self._kept_alive_at = time.monotonic()
-        for msg in msgs:
-            seq = msg.metadata.sequence.stream
-            if seq <= self._settled_seq:  # settled already, handed out again (a late ack)
-                await msg.ack()
-            elif self._addressed_elsewhere(msg) or await self._outside_home(msg):
-                if not self._held:  # nothing before it to deliver: settled as it is
-                    self._ack_due, self._settled_seq = msg, seq
-                # else: the ack of what is held after it covers it (AckPolicy.ALL)
-            else:
-                self._held.append(msg)
+    def _decode(self, d: Delivery) -> Item | None:
+        if self._addressed_elsewhere(d.subject):
+            return None  # settled as it is
+        return Item(d.stream, d.seq, d.subject, d.data, d.headers)
 
-    def _addressed_elsewhere(self, msg: Msg) -> bool:
+    def _addressed_elsewhere(self, subject: str) -> bool:
         """A rule's notification goes to the subscription it names, through that one's
         notify consumer: not to every subscription whose filter covers `system.>` (and not
         twice to the one it names)."""
         return self.source.name == webhooks.FROM_FILTER and subjects.matches(
-            subjects.NOTIFICATIONS_ALL, msg.subject
+            subjects.NOTIFICATIONS_ALL, subject
         )
 
-    async def _outside_home(self, msg: Msg) -> bool:
+    async def _outside_home(self, subject: str) -> bool:
         """A subscription of a home gets the messages about that home only, whatever its
         filter. An object the index has not heard of yet (its fact on the way) is asked of
         the database first: a message of the home is not dropped for being early. A rule's
@@ -295,74 +173,83 @@ class SourceWorker:
             return False
         if self._homes is None:
             return True  # nobody can tell whose it is: not this home's to see
-        if not self._homes.knows(msg.subject):
-            await self._homes.look_up(msg.subject)
-        return self._homes.home(msg.subject) != home
-
-    async def _keep_alive(self) -> None:
-        """Keep what is held in progress, so that the bus does not hand it out again."""
-        if time.monotonic() - self._kept_alive_at < self._settings.ack_wait_s / 3:
-            return
-        self._kept_alive_at = time.monotonic()
-        for msg in self._held:
-            await msg.in_progress()
-
-    async def _ack(self, sync: bool = False) -> None:
-        """Ack the last settled event, and with it (AckPolicy.ALL) every one before it."""
-        msg, self._ack_due = self._ack_due, None
-        self._acked_at = time.monotonic()
-        if msg is not None:
-            await (msg.ack_sync() if sync else msg.ack())
+        if not self._homes.knows(subject):
+            await self._homes.look_up(subject)
+        return self._homes.home(subject) != home
 
     # --- delivering ----------------------------------------------------------------------------
 
-    async def _deliver_held(self, stop: asyncio.Event) -> None:
-        while self._held and not stop.is_set():
-            chunk, known = self._next_request()
+    async def _handle(self, batch: list[consumer.Item[Item]]) -> None:
+        """Send the batch in order; a database or bus error is the runtime's `Retry` (the
+        rest of the batch is handled again after a back-off)."""
+        try:
+            await self._deliver([received.value for received in batch])
+        except (Retry, Unavailable):
+            raise
+        except Exception as exc:
+            raise Retry(f"subscription {self.target.id} ({self.source.name}): {exc!r}") from exc
+
+    async def _deliver(self, batch: list[Item]) -> None:
+        if self._known is None:
+            # The records of events from here on: retried or settled before a restart.
+            self._known = await self._store.open_records(
+                self.target.id, self.source.name, batch[0].seq - 1
+            )
+        held = [item for item in batch if not await self._outside_home(item.subject)]
+        settled_at = time.monotonic()
+        done = 0  # how many of `held` are settled
+        while done < len(held):
+            chunk, known = self._next_request(held[done:])
             if known is not None and (known.status != webhooks.PENDING or known.redriven):
                 # Settled before a restart, or re-driven by a user (sent by `_redrive`).
-                self._settle(chunk)
+                done += self._forget(chunk)
                 continue
             retry_at = known.next_attempt_at if known is not None else None
             if retry_at is not None and retry_at > m.now():
-                await self._ack()  # what went before it is done: say so before waiting
-                await self._wait_until(retry_at, stop)
-                continue  # looked at again: a re-drive or a stop may have come meanwhile
-            await self._keep_alive()
-            items = [self._item(msg) for msg in chunk]
-            payload = self._render(items)
-            outcome = await self._sender.send(payload)
-            if outcome.ok and known is None:
-                ATTEMPTS.labels(webhooks.DELIVERED).inc()
-                self._delivered(len(chunk))
-                self._settle(chunk)
-            else:
-                attempted = self._decide(known, outcome, self._settings.retry)
-                events = [Event(i.seq, event_id(i), i.subject) for i in items]
-                recorded = await self._store.record(
-                    self.target.id, self.source.name, events, payload.msg_id, attempted
-                )
-                self._known.update(recorded)
-                self._log(events, payload, attempted)
-                if attempted.status == webhooks.DELIVERED:
-                    self._delivered(len(chunk))
-                if attempted.status != webhooks.PENDING:  # delivered, or dead-lettered
-                    self._settle(chunk)
-            if time.monotonic() - self._acked_at >= ACK_EVERY_S:
-                await self._ack()
-        await self._ack()
+                # What went before it is done: settled before the wait, kept after a restart.
+                await self.consumer.settle(chunk[0].seq - 1)
+                settled_at = time.monotonic()
+                await self._wait_until(retry_at)
+                continue
+            async with self._sending:
+                if await self._attempt(chunk, known):
+                    done += self._forget(chunk)
+            if done and time.monotonic() - settled_at >= ACK_EVERY_S:
+                await self.consumer.settle(held[done - 1].seq)
+                settled_at = time.monotonic()
 
-    def _next_request(self) -> tuple[list[Msg], Known | None]:
-        """The held events the next request carries, and the record of the first one. In
-        batched mode: as many as the batch size allows, up to the next event with a record of
-        its own; a batch being retried goes again as it went (the same `webhook-id`)."""
-        first = self._held[0]
-        known = self._known.get(first.metadata.sequence.stream)
+    async def _attempt(self, chunk: list[Item], known: Known | None) -> bool:
+        """Send one request; whether its events are settled (delivered or dead-lettered)."""
+        payload = self._render(chunk)
+        outcome = await self._sender.send(payload)
+        if outcome.ok and known is None:
+            ATTEMPTS.labels(webhooks.DELIVERED).inc()
+            self._delivered(len(chunk))
+            return True
+        attempted = self._decide(known, outcome, self._settings.retry)
+        events = [Event(i.seq, event_id(i), i.subject) for i in chunk]
+        recorded = await self._store.record(
+            self.target.id, self.source.name, events, payload.msg_id, attempted
+        )
+        assert self._known is not None
+        self._known.update(recorded)
+        self._log(events, payload, attempted)
+        if attempted.status == webhooks.DELIVERED:
+            self._delivered(len(chunk))
+        return attempted.status != webhooks.PENDING
+
+    def _next_request(self, held: Sequence[Item]) -> tuple[list[Item], Known | None]:
+        """The events the next request carries, and the record of the first one. In batched
+        mode: as many as the batch size allows, up to the next event with a record of its
+        own; a batch being retried goes again as it went (the same `webhook-id`)."""
+        known_ = self._known or {}
+        first = held[0]
+        known = known_.get(first.seq)
         if not self._batched:
             return [first], known
         chunk = [first]
-        for msg in self._held[1 : self._batch_size]:
-            other = self._known.get(msg.metadata.sequence.stream)
+        for item in held[1 : self._batch_size]:
+            other = known_.get(item.seq)
             same = (
                 other is None
                 if known is None
@@ -371,45 +258,27 @@ class SourceWorker:
             )
             if not same:
                 break
-            chunk.append(msg)
+            chunk.append(item)
         return chunk, known
 
-    def _settle(self, chunk: Sequence[Msg]) -> None:
-        del self._held[: len(chunk)]
-        for msg in chunk:
-            self._known.pop(msg.metadata.sequence.stream, None)
-        self._ack_due = chunk[-1]
-        self._settled_seq = chunk[-1].metadata.sequence.stream
+    def _forget(self, chunk: Sequence[Item]) -> int:
+        """The records of a settled chunk are no longer needed; how many it held."""
+        if self._known is not None:
+            for item in chunk:
+                self._known.pop(item.seq, None)
+        return len(chunk)
 
     def _delivered(self, events: int) -> None:
         self._counter.add(events)
         EVENTS.labels(self.source.name).inc(events)
 
-    async def _wait_until(self, when: datetime, stop: asyncio.Event) -> None:
-        """Until `when` (the next attempt), keeping what is held in progress; a re-drive
-        asked meanwhile is sent while waiting."""
-        while not stop.is_set():
-            remaining = (when - m.now()).total_seconds()
-            if remaining <= 0:
-                return
-            await self._keep_alive()
-            woken = asyncio.ensure_future(self.redrive.wait())
-            stopped = asyncio.ensure_future(stop.wait())
-            await asyncio.wait(
-                [woken, stopped],
-                timeout=min(remaining, self._settings.ack_wait_s / 3),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            woken.cancel()
-            stopped.cancel()
-            if self.redrive.is_set() and not stop.is_set():
-                self.redrive.clear()
-                await self._redrive(stop)
-
-    def _item(self, msg: Msg) -> Item:
-        return Item(
-            self.source.stream, msg.metadata.sequence.stream, msg.subject, msg.data, msg.headers
-        )
+    async def _wait_until(self, when: datetime) -> None:
+        """Until `when` (the next attempt); a stop meanwhile leaves the rest un-acked."""
+        remaining = (when - m.now()).total_seconds()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), max(remaining, 0.0))
+        if self._stop.is_set():
+            raise Retry("stopping")
 
     def _render(self, items: Sequence[Item]) -> Payload:
         if self._batched:
@@ -419,6 +288,27 @@ class SourceWorker:
         return render(self.target.mode, item.subject, item.data, item.nats_headers, fallback)
 
     # --- re-drives -----------------------------------------------------------------------------
+
+    async def _redrives(self, stop: asyncio.Event) -> None:
+        """Send what users re-drove, whenever they do (and once on start)."""
+        while not stop.is_set():
+            woken = asyncio.ensure_future(self.redrive.wait())
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([woken, stopped], return_when=asyncio.FIRST_COMPLETED)
+            woken.cancel()
+            stopped.cancel()
+            if stop.is_set():
+                return
+            self.redrive.clear()
+            try:
+                await self._redrive(stop)
+            except Exception as exc:  # the database or the bus is down: again shortly
+                log.warning(
+                    "subscription %s (%s): re-drive: %s", self.target.id, self.source.name, exc
+                )
+                self.redrive.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), ERROR_PAUSE_S)
 
     async def _redrive(self, stop: asyncio.Event) -> None:
         """Send once more what a user re-drove from the dead-letter list, from the stream (in
@@ -456,13 +346,14 @@ class SourceWorker:
             if not items:
                 continue
             payload = self._render(items)
-            outcome = await self._sender.send(payload)
-            attempted = self._decide(chunk[0].known, outcome, None)
             sent = {item.seq for item in items}
             events = [r.event for r in chunk if r.event.seq in sent]
-            await self._store.record(
-                self.target.id, self.source.name, events, payload.msg_id, attempted
-            )
+            async with self._sending:
+                outcome = await self._sender.send(payload)
+                attempted = self._decide(chunk[0].known, outcome, None)
+                await self._store.record(
+                    self.target.id, self.source.name, events, payload.msg_id, attempted
+                )
             if attempted.status == webhooks.DELIVERED:
                 self._delivered(len(events))
             self._log(events, payload, attempted)

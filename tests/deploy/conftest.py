@@ -2,11 +2,15 @@
 
 No cluster is involved. helm comes from ops/ci/get-helm.sh (cached in .cache/helm/); when it
 cannot be had, every test that needs it fails with the script's reason: this gate never skips.
+promtool (the alerts' unit tests) comes from ops/ci/get-promtool.sh (Debian's package, cached in
+.cache/promtool/): where it cannot be had it is skipped, unless SMARTHOME_REQUIRE_PROMTOOL is
+set (CI, which installs it): then it fails.
 """
 
 from __future__ import annotations
 
 import filecmp
+import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -49,6 +53,18 @@ def helm() -> Path:
             f"{proc.returncode}):\n{proc.stderr}",
             pytrace=False,
         )
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def promtool() -> Path:
+    """Prometheus's promtool, fetched and cached by ops/ci/get-promtool.sh."""
+    proc = run(["bash", ROOT / "ops" / "ci" / "get-promtool.sh"])
+    if proc.returncode != 0 or not proc.stdout.strip():
+        why = f"ops/ci/get-promtool.sh exited {proc.returncode}: {proc.stderr.strip()}"
+        if os.environ.get("SMARTHOME_REQUIRE_PROMTOOL"):  # CI installs it: missing is a failure
+            pytest.fail(f"promtool is required and could not be obtained ({why})", pytrace=False)
+        pytest.skip(f"no promtool ({why})")
     return Path(proc.stdout.strip().splitlines()[-1])
 
 

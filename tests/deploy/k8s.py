@@ -15,10 +15,12 @@ Doc = dict[str, Any]
 
 POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 # Kinds that Kubernetes itself does not define; kubernetes-validate has no schema for them,
-# so the tests check them by cross-reference instead.
+# so the tests check them by cross-reference instead, and the Prometheus Operator's against
+# the schemas of monitoring_crds.py.
 CRD_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("keda.sh/v1alpha1", "ScaledObject"),
 }
 

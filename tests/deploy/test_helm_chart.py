@@ -154,6 +154,8 @@ def test_values_files_meet_the_schema(values_name: str) -> None:
         ({"secrets": {"metricsApiKey": "x" * 40}}, "a metrics key the migration refuses"),
         ({"gateway": {"trustedProxies": ["ingress-nginx"]}}, "a proxy that is no CIDR"),
         ({"gateway": {"allowedOrigins": ["home.example.com"]}}, "an origin without a scheme"),
+        ({"serviceMonitor": {"enabled": True}}, "the ServiceMonitor outside `monitoring`"),
+        ({"monitoring": {"dashboards": {"namespace": "Grafana"}}}, "a namespace that is no name"),
     ],
 )
 def test_the_schema_rejects_bad_values(

@@ -26,7 +26,7 @@ Rendered = tuple[str, list[Doc]]
 INGRESS_HOST = "smarthome.example.com"  # values-prod.yaml
 # Held by the app Secret and read by these processes only.
 CREDENTIALS = {
-    "SMARTHOME_JWT_SECRET": {"api"},
+    "SMARTHOME_JWT_SECRET": {"api", "services.recorder"},  # recorder: audit checkpoints
     "SMARTHOME_ADMIN_PASSWORD": {"migrate"},
     "SMARTHOME_METRICS_API_KEY": {"migrate"},
 }
@@ -110,7 +110,7 @@ def test_prometheus_scrapes_the_gateway_with_the_key_the_migration_registers(
 ) -> None:
     for values_name, args in {
         "prod": (),
-        "default": ("--set", "serviceMonitor.enabled=true"),
+        "default": ("--set", "monitoring.serviceMonitor.enabled=true"),
     }.items():
         docs = render(values_name, *args)
         (sm,) = k8s.by_kind(docs, "ServiceMonitor")

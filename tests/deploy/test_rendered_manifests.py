@@ -179,13 +179,13 @@ def served_paths(module: str) -> tuple[str, set[str]]:
             p for p in PROBE_PATHS if p in literals or {"/health", p[len("/health") :]} <= literals
         }
         return "SMARTHOME_HTTP_PORT", paths
-    # Workers serve libs/health.py's responder, started by libs.runtime.serve_health.
+    # Workers serve libs/health.py's responder, started by libs.runtime.serve.
     if kind_of(module) == "device":
         sources = device_sources()
     else:
         sources = k8s.python_sources(k8s.module_dir(module))
     text = "\n".join(p.read_text() for p in sources)
-    if "serve_health" in text or "health.serve" in text:
+    if "runtime.serve(" in text or "health.serve" in text:
         return "SMARTHOME_HEALTH_PORT", k8s.string_literals([HEALTH]) & PROBE_PATHS
     return "SMARTHOME_HEALTH_PORT", set()
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
 import socket
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -14,9 +15,10 @@ import paho.mqtt.client as mqtt
 import psutil
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.up import Up
-from tests.helpers import eventually
+from tests.helpers import eventually, eventually_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -202,16 +204,93 @@ def test_killed_child_is_restarted(tmp_path, ports) -> None:  # type: ignore[no-
             if "services.actors" in " ".join(p.cmdline())
         )
         actors.kill()
-        deadline = time.monotonic() + 30
         log = tmp_path / "launcher.err"
-        while "actors exited with code -9; restarting" not in log.read_text():
-            assert time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.1)
-        while not any(
-            "services.actors" in " ".join(p.cmdline()) and p.pid != actors.pid
-            for p in psutil.Process(up.proc.pid).children()
-        ):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+
+        def restart_logged() -> bool:
+            text = log.read_text()
+            assert "actors exited with code -9; restarting" in text, text[-2000:]
+            return True
+
+        def restarted() -> bool:
+            return any(
+                "services.actors" in " ".join(p.cmdline()) and p.pid != actors.pid
+                for p in psutil.Process(up.proc.pid).children()
+            )
+
+        eventually_sync(restart_logged, timeout=30, interval=0.1)
+        eventually_sync(restarted, timeout=30, interval=0.1)
     finally:
         assert up.stop()[0] == 0
+
+
+SERVICES = {"busauth", "gateway", "actors", "rules", "recorder", "webhooks"}
+
+
+async def printed_metrics(up: Up) -> dict[str, str]:
+    """The banner's `metrics` lines: each service's name and the address of its /metrics."""
+    await banner_line(up, "status")
+    assert up.proc.stdout is not None
+    found: dict[str, str] = {}
+    while True:
+        line = await asyncio.wait_for(asyncio.to_thread(up.proc.stdout.readline), 60)
+        assert line, "stdout closed in the banner"
+        if match := re.match(r"\s*(?:metrics\s+)?(\w+)\s+(http://\S+/metrics)", line.decode()):
+            found[match[1]] = match[2]
+        elif found:
+            return found
+
+
+async def test_every_process_serves_metrics_and_reports_its_status(tmp_path, ports) -> None:  # type: ignore[no-untyped-def]
+    up = Up(tmp_path, *ports, "--no-demo")
+    try:
+        printed = await printed_metrics(up)
+        assert set(printed) == SERVICES, printed
+
+        def parsed(name: str) -> set[str]:
+            headers = up.headers if name == "gateway" else {}  # the gateway's asks for a token
+            try:
+                page = httpx.get(printed[name], headers=headers, timeout=10)
+            except httpx.TransportError as exc:
+                raise AssertionError(f"{name}: {exc!r}") from exc
+            assert page.status_code == 200, (name, page.status_code)
+            return {family.name for family in text_string_to_metric_families(page.text)}
+
+        for name in SERVICES:
+            assert await eventually(lambda n=name: parsed(n), timeout=30), name
+
+        def all_ready() -> dict[str, dict]:
+            items = up.get("/api/v1/system/services").json()["items"]
+            listed = {i["name"]: i for i in items}
+            assert set(listed) == SERVICES and all(i["ready"] for i in items), items
+            return listed
+
+        listed = await eventually(all_ready, timeout=60, interval=0.5)
+        assert {n: i["metrics_url"] for n, i in listed.items()} == printed
+        assert {i["restarts"] for i in listed.values()} == {0}
+
+        installer = json.loads((tmp_path / "api-keys.json").read_text())["demo-devices"]
+        refused = httpx.get(
+            up.api + "/api/v1/system/services",
+            headers={"Authorization": f"Bearer {installer}"},
+            timeout=10,
+        )
+        assert refused.status_code == 403, refused.text
+
+        (actors,) = [
+            p
+            for p in psutil.Process(up.proc.pid).children()
+            if "services.actors" in " ".join(p.cmdline())
+        ]
+        actors.kill()
+
+        def restarted_and_ready() -> dict:
+            items = up.get("/api/v1/system/services").json()["items"]
+            again = [i for i in items if i["name"] == "actors" and i["restarts"] >= 1]
+            assert again and again[0]["ready"], items
+            return again[0]
+
+        back = await eventually(restarted_and_ready, timeout=60, interval=0.5)
+        assert back["state"] == "ready" and back["metrics_url"] == printed["actors"]
+    finally:
+        code, orphans = up.stop()
+    assert (code, orphans) == (0, [])

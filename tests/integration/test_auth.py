@@ -35,10 +35,9 @@ async def anonymous(settings: Settings) -> AsyncIterator[AsyncTestClient]:
 
 
 @pytest.fixture(scope="module")
-async def admin(settings: Settings, admin_token: str) -> AsyncIterator[AsyncTestClient]:
-    async with AsyncTestClient(create_app(settings)) as client:
-        client.headers.update(bearer(admin_token))
-        yield client
+def admin(client: AsyncTestClient) -> AsyncTestClient:
+    """The shared administrator's client (`tests/conftest.py`), named for what it is here."""
+    return client
 
 
 async def make_user(

@@ -19,6 +19,7 @@ from libs import bus, bus_grants, subjects
 from libs import messages as m
 from libs.db.models import BusCredential, Device
 from libs.passwords import digest, new_secret
+from tests.factories import add_devices, register_device
 from tests.helpers import eventually, unique_id
 from tests.processes import Service
 
@@ -50,13 +51,8 @@ async def register(sessions, js) -> Callable[..., Awaitable[Registered]]:  # typ
 
     async def make(lifecycle: str = "active", location: str | None = None) -> Registered:
         device = Registered(unique_id("dev"), new_secret("smd_"))
+        await add_devices(sessions, device.id, lifecycle=lifecycle, location=location)
         async with sessions.begin() as session:
-            session.add(
-                Device(
-                    id=device.id, name=device.id, kind="sensor", lifecycle=lifecycle,
-                    location=location,
-                )
-            )  # fmt: skip
             session.add(
                 BusCredential(
                     identity=device.id, secret_hash=digest(device.password), issued_by="test"
@@ -301,23 +297,14 @@ async def test_decommissioning_a_device_closes_its_connection(
 # --- over HTTP: registration, rotation -------------------------------------------------------
 
 
-@pytest.fixture
-async def api(settings, admin_token):  # type: ignore[no-untyped-def]
-    from tests.api import api_client
-
-    async with api_client(settings, admin_token) as client:
-        yield client
-
-
 async def test_registration_answers_credentials_once_that_work_on_the_bus(
-    busauth, nats_url, api, connection
+    busauth, nats_url, client, connection
 ) -> None:  # type: ignore[no-untyped-def]
     device_id = unique_id("dev")
-    r = await api.post("/api/v1/devices", json={"id": device_id, "name": "d", "kind": "sensor"})
-    assert r.status_code == 201, r.text
-    credentials = r.json()["credentials"]
+    registered = await register_device(client, id=device_id, name="d", kind="sensor")
+    credentials = registered["credentials"]
     assert credentials["username"] == device_id and len(credentials["password"]) > 40
-    assert "credentials" not in (await api.get(f"/api/v1/devices/{device_id}")).json()
+    assert "credentials" not in (await client.get(f"/api/v1/devices/{device_id}")).json()
 
     conn = connection()
     nc = await conn.open(nats_url, device_id, credentials["password"])
@@ -327,16 +314,16 @@ async def test_registration_answers_credentials_once_that_work_on_the_bus(
 
 
 async def test_rotation_over_http_closes_the_old_connection_within_10_seconds(
-    busauth, nats_url, api, connection
+    busauth, nats_url, client, connection
 ) -> None:  # type: ignore[no-untyped-def]
     device_id = unique_id("dev")
-    r = await api.post("/api/v1/devices", json={"id": device_id, "name": "d", "kind": "sensor"})
-    old = r.json()["credentials"]["password"]
+    registered = await register_device(client, id=device_id, name="d", kind="sensor")
+    old = registered["credentials"]["password"]
     conn = connection()
     await conn.open(nats_url, device_id, old)
 
     rotated_at = time.monotonic()
-    r = await api.post(f"/api/v1/devices/{device_id}/credentials")
+    r = await client.post(f"/api/v1/devices/{device_id}/credentials")
     assert r.status_code == 201, r.text
     new = r.json()["password"]
 

@@ -18,9 +18,9 @@ from litestar.testing import AsyncTestClient
 
 from libs import messages as m
 from libs.cache import KEY_PREFIX
-from libs.db.models import Device
 from libs.settings import Settings
 from tests.api import api_client
+from tests.factories import add_devices
 from tests.helpers import eventually, unique_id
 from tests.integration.test_actors import states
 from tests.integration.test_actors_resilience import quiet_env
@@ -38,13 +38,6 @@ def private_redis(tmp_path: Path):  # type: ignore[no-untyped-def]
     server.start()
     yield server
     server.stop()
-
-
-async def register(sessions, kind: str, count: int) -> list[str]:  # type: ignore[no-untyped-def]
-    devices = [unique_id(kind) for _ in range(count)]
-    async with sessions.begin() as session:
-        session.add_all([Device(id=d, name=d, kind=kind) for d in devices])
-    return devices
 
 
 async def cached(url: str, devices: list[str]) -> dict[str, m.DeviceSnapshot]:
@@ -120,7 +113,7 @@ async def test_a_restored_flushed_or_overwritten_cache_moves_no_state_backwards(
 ) -> None:  # type: ignore[no-untyped-def]
     client = watch.client
     kind = unique_id("cachefault")
-    devices = await register(sessions, kind, 5)
+    devices = await add_devices(sessions, kind=kind, count=5)
     env = {**quiet_env(service_env), "REDIS_URL": private_redis.url}
     actors = Service("services.actors", env, tmp_path).start()
     watch.start(kind, devices)
@@ -177,7 +170,7 @@ async def test_state_keeps_moving_while_the_cache_is_down(
     tmp_path: Path, service_env, js, sessions, private_redis: PrivateRedis, watch: Watch
 ) -> None:  # type: ignore[no-untyped-def]
     kind = unique_id("cachedown")
-    devices = await register(sessions, kind, 10)
+    devices = await add_devices(sessions, kind=kind, count=10)
     env = {**quiet_env(service_env), "REDIS_URL": private_redis.url}
     actors = Service("services.actors", env, tmp_path).start()
     ready = f"http://127.0.0.1:{actors.health_port}/health/ready"

@@ -182,3 +182,67 @@ async def _last(js, subject: str):  # type: ignore[no-untyped-def]
     with contextlib.suppress(NotFoundError):
         return await js.get_last_msg(subjects.DEADLETTER_STREAM, subject)
     return None
+
+
+async def test_a_prefix_the_handler_settled_is_not_handled_again_after_a_restart(  # type: ignore[no-untyped-def]
+    nc, js, stream
+) -> None:
+    """A handler that waits long in the middle of its batch (a webhook's retry back-off)
+    settles what it finished first: a restart during the wait starts after it."""
+    name, prefix = stream
+    config = ConsumerConfig(
+        durable_name="s",
+        filter_subject=f"{prefix}.>",
+        ack_policy=AckPolicy.ALL,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=30.0,
+    )
+    last = await publish_n(js, f"{prefix}.x", 4)
+    first: list[int] = []
+    waiting = asyncio.Event()
+
+    async def finish_two_then_wait(items: list[Item[dict[str, Any]]]) -> None:
+        first.extend(item.delivery.seq for item in items)
+        await stopping.settle(items[1].delivery.seq)
+        waiting.set()
+        await asyncio.Event().wait()  # the back-off: ended by the stop below
+
+    stopping = Consumer(nc, name, config, decode, finish_two_then_wait, create=True)
+    stop = asyncio.Event()
+    task = asyncio.create_task(stopping.run(stop))
+    await asyncio.wait_for(waiting.wait(), 10)
+    task.cancel()  # the dispatcher cancels a worker stuck in a delivery
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await eventually(lambda: _acked_up_to_floor(js, name, "s", last - 2))
+
+    worker = Worker()
+    async with running(Consumer(nc, name, config, decode, worker.handle)):
+        await eventually(lambda: worker.handled == [last - 1, last], timeout=10)
+    assert first == [last - 3, last - 2, last - 1, last]
+
+
+async def test_a_missing_consumer_is_created_only_when_the_worker_says_so(  # type: ignore[no-untyped-def]
+    nc, js, stream
+) -> None:
+    name, prefix = stream
+    config = ConsumerConfig(
+        durable_name="m", filter_subject=f"{prefix}.>", ack_policy=AckPolicy.ALL
+    )
+    asked: list[bool] = []
+
+    async def may_create() -> bool:
+        asked.append(True)
+        return len(asked) > 1  # not the first time it is found missing
+
+    worker = Worker()
+    consumer = Consumer(nc, name, config, decode, worker.handle, create=may_create)
+    async with running(consumer):
+        seq = await publish_n(js, f"{prefix}.x", 1)
+        await eventually(lambda: worker.handled == [seq], timeout=10)
+    assert len(asked) == 2
+
+
+async def _acked_up_to_floor(js, stream: str, durable: str, seq: int) -> bool:  # type: ignore[no-untyped-def]
+    info = await js.consumer_info(stream, durable)
+    return bool(info.ack_floor.stream_seq == seq)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -14,26 +13,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from libs import bus, subjects
 from libs import messages as m
 from libs.db.models import DeviceState, HistoryEntry
-from libs.settings import Settings
-from tests.api import api_client
+from tests.factories import register_device
 from tests.helpers import eventually, unique_id
 from tests.integration.test_rules import collected
 from tests.processes import Service
 
 DEVICES = "/api/v1/devices"
-
-
-@pytest.fixture(scope="module")
-async def client(settings: Settings, admin_token: str) -> AsyncIterator[AsyncTestClient]:
-    async with api_client(settings, admin_token) as client:
-        yield client
-
-
-async def register(client: AsyncTestClient, **fields: Any) -> dict[str, Any]:
-    body = {"id": unique_id(), "name": "Lamp", "kind": "light", **fields}
-    response = await client.post(DEVICES, json=body)
-    assert response.status_code == 201, response.text
-    return response.json()
 
 
 async def test_registry_round_trip(client: AsyncTestClient) -> None:
@@ -106,7 +91,7 @@ async def test_registry_round_trip(client: AsyncTestClient) -> None:
 
 
 async def test_registering_an_existing_id_is_a_conflict(client: AsyncTestClient) -> None:
-    device = await register(client)
+    device = await register_device(client)
 
     again = await client.post(DEVICES, json={"id": device["id"], "name": "Other", "kind": "light"})
 
@@ -127,10 +112,10 @@ async def test_an_id_is_generated_when_absent(client: AsyncTestClient) -> None:
 async def test_filters_by_kind_and_location_prefix(client: AsyncTestClient) -> None:
     kind = unique_id("kind")
     home = unique_id("home")
-    kitchen = await register(client, kind=kind, location=f"{home}/ground/kitchen")
-    hall = await register(client, kind=kind, location=f"{home}/ground/hall")
-    attic = await register(client, kind=kind, location=f"{home}/attic")
-    await register(client, kind=kind, location=f"{home}x/ground")  # same prefix, not a path
+    kitchen = await register_device(client, kind=kind, location=f"{home}/ground/kitchen")
+    hall = await register_device(client, kind=kind, location=f"{home}/ground/hall")
+    attic = await register_device(client, kind=kind, location=f"{home}/attic")
+    await register_device(client, kind=kind, location=f"{home}x/ground")  # same prefix, not a path
 
     async def ids(**params: str) -> set[str]:
         response = await client.get(DEVICES, params={"kind": kind, **params})
@@ -146,8 +131,8 @@ async def test_filters_by_runtime_state_and_connection(
     client: AsyncTestClient, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     kind = unique_id("kind")
-    online = await register(client, kind=kind)
-    silent = await register(client, kind=kind)
+    online = await register_device(client, kind=kind)
+    silent = await register_device(client, kind=kind)
     async with sessions.begin() as session:  # what the actors write
         session.add(
             DeviceState(
@@ -176,7 +161,7 @@ async def test_filters_by_runtime_state_and_connection(
 
 async def test_pages_through_every_device_once(client: AsyncTestClient) -> None:
     kind = unique_id("kind")
-    registered = {(await register(client, kind=kind))["id"] for _ in range(5)}
+    registered = {(await register_device(client, kind=kind))["id"] for _ in range(5)}
 
     seen: list[str] = []
     pages = 0
@@ -229,7 +214,7 @@ async def test_registry_changes_are_published_with_the_correlation_id(
 async def test_a_command_is_accepted_pending_and_can_be_followed(
     client: AsyncTestClient,
 ) -> None:
-    device = await register(client)
+    device = await register_device(client)
 
     sent = await client.post(
         f"{DEVICES}/{device['id']}/commands",
@@ -265,7 +250,7 @@ async def test_a_command_is_accepted_pending_and_can_be_followed(
 async def test_a_command_its_device_kind_lacks_is_refused_naming_the_field(
     client: AsyncTestClient, body: dict, field: str, reason: str
 ) -> None:
-    device = await register(client)
+    device = await register_device(client)
 
     refused = await client.post(f"{DEVICES}/{device['id']}/commands", json=body)
 
@@ -284,7 +269,7 @@ async def test_a_command_to_an_unknown_device_is_not_found(client: AsyncTestClie
 async def test_a_command_to_a_disconnected_device_is_a_conflict(
     client: AsyncTestClient,
 ) -> None:
-    device = await register(client)
+    device = await register_device(client)
     await client.post(f"{DEVICES}/{device['id']}/disconnect")
 
     refused = await client.post(f"{DEVICES}/{device['id']}/commands", json={"action": "turn_on"})
@@ -297,7 +282,7 @@ async def test_a_command_to_a_disconnected_device_is_a_conflict(
 
 
 async def test_a_command_of_another_device_is_not_found(client: AsyncTestClient) -> None:
-    first, second = await register(client), await register(client)
+    first, second = await register_device(client), await register_device(client)
     sent = await client.post(f"{DEVICES}/{first['id']}/commands", json={"action": "turn_on"})
 
     response = await client.get(f"{DEVICES}/{second['id']}/commands/{sent.json()['id']}")
@@ -308,7 +293,7 @@ async def test_a_command_of_another_device_is_not_found(client: AsyncTestClient)
 async def test_history_is_newest_last_filtered_and_paged(
     client: AsyncTestClient, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    device = await register(client)
+    device = await register_device(client)
     start = m.now() - timedelta(minutes=10)
     first_seq = uuid.uuid4().int % 10**12  # unique per (stream, seq), as the recorder's are
     async with sessions.begin() as session:  # what the recorder writes
@@ -371,7 +356,7 @@ async def test_statistics_of_an_unknown_device_are_not_found(client: AsyncTestCl
 async def test_bad_statistics_params_are_refused_naming_the_field(
     client: AsyncTestClient, params: dict[str, str], field: str
 ) -> None:
-    device = await register(client)
+    device = await register_device(client)
 
     response = await client.get(f"{DEVICES}/{device['id']}/statistics", params=params)
 

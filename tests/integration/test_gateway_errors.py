@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from litestar.testing import AsyncTestClient
 
-from libs.settings import Settings
-from tests.api import api_client
 from tests.helpers import unique_id
 
 DEVICES = "/api/v1/devices"
 JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture(scope="module")
-async def client(settings: Settings, admin_token: str) -> AsyncIterator[AsyncTestClient]:
-    async with api_client(settings, admin_token) as client:
-        yield client
 
 
 def assert_problem(response: Any, status: int, field: str | None = None) -> dict[str, Any]:

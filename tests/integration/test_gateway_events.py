@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 from litestar.testing import AsyncTestClient
+from nats.js import JetStreamContext
 
 from libs import messages as m
+from libs import replay, subjects
 from libs.settings import Settings
 from tests.api import api_client
 from tests.helpers import unique_id
@@ -189,3 +191,31 @@ async def test_replay_of_platform_facts(client: AsyncTestClient) -> None:
     [item] = page["items"]
     fact = m.registry_fact_decoder.decode(m.encoder.encode(item["event"]))
     assert (fact.device_id, fact.change) == (device_id, "created")
+
+
+async def test_a_bounded_read_passes_over_what_it_does_not_keep_and_leaves_no_consumer(
+    client: AsyncTestClient, js: JetStreamContext
+) -> None:
+    device_id = unique_id()
+    published = [
+        (await client.post(EVENTS, json=cloud_event(device_id, event_type=t))).json()["seq"]
+        for t in ("telemetry", "state", "telemetry", "state", "telemetry")
+    ]
+    before = {c.name for c in await js.consumers_info(subjects.EVENTS_STREAM)}
+
+    page = await replay.read(
+        js,
+        subjects.EVENTS_STREAM,
+        f"events.{device_id}.>",
+        limit=2,
+        keep=lambda subject: subject.endswith(".telemetry"),
+    )
+    rest = await replay.read(
+        js, subjects.EVENTS_STREAM, f"events.{device_id}.>", limit=10, after_seq=page.last_seen
+    )
+    after = {c.name for c in await js.consumers_info(subjects.EVENTS_STREAM)}
+
+    assert [s.seq for s in page.messages] == [published[0], published[2]]
+    assert page.last_seen == published[2] and page.more
+    assert [s.seq for s in rest.messages] == published[3:] and not rest.more
+    assert not {name for name in after - before if name.startswith("replay-")}

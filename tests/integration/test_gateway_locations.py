@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
-
 import pytest
 from litestar.testing import AsyncTestClient
 
 from libs import messages as m
 from libs import subjects
-from libs.settings import Settings
-from tests.api import api_client
+from tests.factories import define_location
 from tests.helpers import eventually, unique_id
 from tests.integration.test_rules import collected
 
@@ -19,28 +15,13 @@ LOCATIONS = "/api/v1/locations"
 DEVICES = "/api/v1/devices"
 
 
-@pytest.fixture(scope="module")
-async def client(settings: Settings, admin_token: str) -> AsyncIterator[AsyncTestClient]:
-    async with api_client(settings, admin_token) as client:
-        yield client
-
-
-async def define(client: AsyncTestClient, kind: str, parent: str | None = None) -> dict[str, Any]:
-    body = {"id": unique_id(kind), "name": f"The {kind}", "kind": kind}
-    if parent:
-        body["parent_id"] = parent
-    response = await client.post(LOCATIONS, json=body)
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
 async def test_a_home_its_floors_and_rooms_have_paths_and_list_in_path_order(
     client: AsyncTestClient,
 ) -> None:
-    home = await define(client, "home")
-    ground = await define(client, "floor", home["id"])
-    kitchen = await define(client, "room", ground["id"])
-    garage = await define(client, "room", home["id"])  # a room may skip the floor
+    home = await define_location(client, "home")
+    ground = await define_location(client, "floor", home["id"])
+    kitchen = await define_location(client, "room", ground["id"])
+    garage = await define_location(client, "room", home["id"])  # a room may skip the floor
 
     assert kitchen["path"] == f"{home['id']}/{ground['id']}/{kitchen['id']}"
     assert garage["path"] == f"{home['id']}/{garage['id']}"
@@ -54,8 +35,8 @@ async def test_a_home_its_floors_and_rooms_have_paths_and_list_in_path_order(
 
 
 async def test_locations_page_by_cursor_without_gaps(client: AsyncTestClient) -> None:
-    home = await define(client, "home")
-    floors = [await define(client, "floor", home["id"]) for _ in range(5)]
+    home = await define_location(client, "home")
+    floors = [await define_location(client, "floor", home["id"]) for _ in range(5)]
     seen: list[str] = []
     cursor = None
     while True:
@@ -80,8 +61,8 @@ async def test_locations_page_by_cursor_without_gaps(client: AsyncTestClient) ->
 async def test_a_location_in_the_wrong_place_is_refused_naming_parent_id(
     client: AsyncTestClient, kind: str, parent: str | None, reason: str
 ) -> None:
-    home = await define(client, "home")
-    floor = await define(client, "floor", home["id"])
+    home = await define_location(client, "home")
+    floor = await define_location(client, "floor", home["id"])
     parent_id = {"home": home["id"], "floor": floor["id"]}.get(parent or "", parent)
     body = {"name": "X", "kind": kind} | ({"parent_id": parent_id} if parent_id else {})
 
@@ -92,7 +73,7 @@ async def test_a_location_in_the_wrong_place_is_refused_naming_parent_id(
 
 
 async def test_bad_bodies_and_duplicates_are_refused(client: AsyncTestClient) -> None:
-    home = await define(client, "home")
+    home = await define_location(client, "home")
     again = await client.post(LOCATIONS, json={"id": home["id"], "name": "H", "kind": "home"})
     assert again.status_code == 409
     assert again.json()["errors"][0]["field"] == "$.id"
@@ -108,8 +89,8 @@ async def test_bad_bodies_and_duplicates_are_refused(client: AsyncTestClient) ->
 async def test_once_a_home_is_defined_its_devices_must_be_in_one_of_its_locations(
     client: AsyncTestClient,
 ) -> None:
-    home = await define(client, "home")
-    kitchen = await define(client, "room", home["id"])
+    home = await define_location(client, "home")
+    kitchen = await define_location(client, "room", home["id"])
 
     placed = await client.post(
         DEVICES, json={"name": "Lamp", "kind": "light", "location": kitchen["path"]}
@@ -133,8 +114,8 @@ async def test_once_a_home_is_defined_its_devices_must_be_in_one_of_its_location
 
 
 async def test_only_an_empty_location_can_be_deleted(client: AsyncTestClient) -> None:
-    home = await define(client, "home")
-    room = await define(client, "room", home["id"])
+    home = await define_location(client, "home")
+    room = await define_location(client, "room", home["id"])
     device = (
         await client.post(DEVICES, json={"name": "L", "kind": "light", "location": room["path"]})
     ).json()
@@ -153,7 +134,7 @@ async def test_only_an_empty_location_can_be_deleted(client: AsyncTestClient) ->
 
 
 async def test_every_change_is_a_fact_on_the_bus_for_the_audit(client: AsyncTestClient, js) -> None:  # type: ignore[no-untyped-def]
-    home = await define(client, "home")
+    home = await define_location(client, "home")
     renamed = await client.patch(f"{LOCATIONS}/{home['id']}", json={"name": "Cottage"})
     await client.delete(f"{LOCATIONS}/{home['id']}")
 

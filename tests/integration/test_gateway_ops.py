@@ -6,12 +6,10 @@ from __future__ import annotations
 import dataclasses
 import re
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
 import msgspec
-import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -47,12 +45,6 @@ OPERATIONS = {
     ("get", "/health/live"): "live",
     ("get", "/health/ready"): "ready",
 }
-
-
-@pytest.fixture(scope="module")
-async def client(settings: Settings, admin_token: str) -> AsyncIterator[AsyncTestClient]:
-    async with api_client(settings, admin_token) as client:
-        yield client
 
 
 async def test_live_and_ready(client: AsyncTestClient) -> None:

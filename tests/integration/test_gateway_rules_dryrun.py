@@ -570,3 +570,29 @@ async def test_an_invalid_trigger_is_refused_naming_the_field_and_the_reason(
     [error] = response.json()["errors"]
     assert error["field"] == field
     assert message in error["message"]
+
+
+async def test_a_dry_run_does_not_command_a_pending_device_as_the_engine_would_not(
+    client: AsyncTestClient,
+    sessions: async_sessionmaker[AsyncSession],
+    nc: NATS,
+    start: datetime,
+) -> None:
+    """The dry run and the rules service share one answer to "may this rule command this
+    device": a light waiting for approval is not commanded by either."""
+    meter, light = unique_id("meter"), await register(client, "light")
+    waiting = await client.patch(f"{DEVICES}/{light}", json={"lifecycle": "pending"})
+    assert waiting.status_code == 200, waiting.text
+    await record(sessions, meter, stretches(start, (60.0, 100)))
+    spec = threshold_rule(meter, light)
+    assert (await client.post(RULES, json=spec)).status_code == 201
+
+    response, sent = await dry_run_watching_commands(
+        client, nc, spec["id"], start, start + timedelta(minutes=10)
+    )
+
+    assert response.status_code == 200, response.text
+    [firing] = response.json()["firings"]
+    [command] = firing["would_send"]
+    assert command["skipped"] == f"device {light} is pending, not active"
+    await assert_nothing_sent(sent, sessions, light)

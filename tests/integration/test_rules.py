@@ -13,7 +13,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from libs import bus, subjects
 from libs import messages as m
 from libs.db.models import Device, RuleRecord
-from services.rules.engine import Partition
+from services.rules.partitions import Partition
 from tests.helpers import eventually, unique_id
 from tests.processes import Service
 from tests.proxy import Relay
@@ -142,7 +142,7 @@ async def _kinds(js, rule_id: str, want: list[str]):  # type: ignore[no-untyped-
     ("registry", "detail"),
     [
         ({"enabled": False}, "device {light} is disconnected"),
-        ({"lifecycle": "pending"}, "device {light} is not registered"),  # not approved yet
+        ({"lifecycle": "pending"}, "device {light} is pending, not active"),  # not approved yet
     ],
 )
 async def test_a_target_that_may_not_be_commanded_is_reported_and_not_commanded(

@@ -38,7 +38,7 @@ from tests.helpers import eventually, unique_id
 from tests.integration.test_gateway_rules_dryrun import record
 from tests.integration.test_gateway_sse import following
 from tests.integration.test_rules import collected, report
-from tests.integration.test_webhooks import Receiver, webhooks_service
+from tests.integration.webhooks_support import Receiver, webhooks_service
 from tests.processes import Service
 
 API = "/api/v1"

@@ -16,7 +16,7 @@ from services.gateway.subscriptions.schemas import SubscriptionCreate
 from services.gateway.subscriptions.service import SubscriptionService
 from services.webhooks.sender import Outcome, Sender, make_session
 from services.webhooks.store import DeliveryStore, Target
-from tests.integration.test_webhooks import (
+from tests.integration.webhooks_support import (
     LOOPBACK,
     PAYLOAD,
     RESIDENT,

@@ -1,15 +1,31 @@
 """The consumer runtime's pure decisions: back-off, what to read after lost deliveries, what
-a consumer left un-acked, and how a batch is settled by the worker's verdicts."""
+a consumer left un-acked, and how a batch is settled by the worker's verdicts; and a handler
+settling the prefix of its batch it finished (`Consumer.settle`), with stand-in messages."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
-from nats.js.api import ConsumerConfig
+from nats.js.api import AckPolicy, ConsumerConfig
 
-from libs.consumer import Dead, Delivery, Nak, backoff, filters, missing, plan, unacked
+from libs.consumer import (
+    Consumer,
+    Dead,
+    Delivery,
+    Item,
+    Nak,
+    Retry,
+    Verdict,
+    backoff,
+    filters,
+    missing,
+    plan,
+    unacked,
+)
 from libs.pull import Gaps
 
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
@@ -111,3 +127,88 @@ def test_a_reader_bound_after_deliveries_counts_from_the_last_one_made() -> None
     assert note(Gaps(last=10), 12)  # 11 was handed out on the way here and lost
     assert not note(Gaps(last=10), 11)
     assert not note(Gaps(), 12)  # not knowing, the first is taken as it comes
+
+
+# --- a handler settling what it finished ---------------------------------------------------------
+
+
+class SettlingMsg:
+    """A delivered message that writes down how it was settled."""
+
+    def __init__(self, seq: int, settled: list[tuple[str, int]]) -> None:
+        self.seq = seq
+        self._settled = settled
+
+    async def ack(self) -> None:
+        self._settled.append(("ack", self.seq))
+
+    async def nak(self, delay: float | None = None) -> None:
+        self._settled.append(("nak", self.seq))
+
+    async def term(self) -> None:
+        self._settled.append(("term", self.seq))
+
+    async def in_progress(self) -> None:
+        pass
+
+
+def runtime(policy: AckPolicy, handle: Any) -> Consumer[int]:
+    config = ConsumerConfig(durable_name="d", ack_policy=policy)
+    nc = SimpleNamespace(jetstream=lambda: None)
+    return Consumer(nc, "EVENTS", config, lambda d: d.seq, handle)  # type: ignore[arg-type]
+
+
+def batch_of(settled: list[tuple[str, int]], *seqs: int) -> list[Delivery]:
+    return [
+        Delivery("events.d.x", b"{}", None, "EVENTS", seq, NOW, 1, SettlingMsg(seq, settled))  # type: ignore[arg-type]
+        for seq in seqs
+    ]
+
+
+async def test_a_settled_prefix_is_acked_at_once_and_not_handled_again_after_a_retry() -> None:
+    settled: list[tuple[str, int]] = []
+    calls: list[list[int]] = []
+
+    async def handle(items: list[Item[int]]) -> None:
+        calls.append([i.value for i in items])
+        if len(calls) == 1:
+            await consumer.settle(2)
+            assert settled == [("ack", 2)]  # at once, not when the handler returns
+            raise Retry("the endpoint is failing")
+
+    consumer = runtime(AckPolicy.ALL, handle)
+    assert await consumer._process(batch_of(settled, 1, 2, 3, 4), asyncio.Event())
+    assert calls == [[1, 2, 3, 4], [3, 4]]
+    assert settled == [("ack", 2), ("ack", 4)]
+
+
+async def test_a_stop_after_a_settled_prefix_leaves_only_the_rest_unacked() -> None:
+    settled: list[tuple[str, int]] = []
+    stop = asyncio.Event()
+
+    async def handle(items: list[Item[int]]) -> None:
+        await consumer.settle(1)
+        stop.set()
+        raise Retry("stopping")
+
+    consumer = runtime(AckPolicy.ALL, handle)
+    assert not await consumer._process(batch_of(settled, 1, 2, 3), stop)
+    assert settled == [("ack", 1)]
+
+
+async def test_explicit_settles_the_prefix_message_by_message_with_its_verdicts() -> None:
+    settled: list[tuple[str, int]] = []
+
+    async def handle(items: list[Item[int]]) -> dict[int, Verdict]:
+        await consumer.settle(2, {2: Nak(1.0)})
+        return {3: Nak(1.0)}
+
+    consumer = runtime(AckPolicy.EXPLICIT, handle)
+    assert await consumer._process(batch_of(settled, 1, 2, 3, 4), asyncio.Event())
+    assert settled == [("ack", 1), ("nak", 2), ("ack", 4), ("nak", 3)]
+
+
+async def test_settle_is_for_a_handler_while_it_runs() -> None:
+    consumer = runtime(AckPolicy.ALL, None)
+    with pytest.raises(RuntimeError, match="while it runs"):
+        await consumer.settle(1)

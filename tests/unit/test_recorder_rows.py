@@ -115,3 +115,69 @@ def test_an_alert_with_long_texts_fits_the_audit_columns() -> None:
 
     [entry] = rows.audit
     assert (len(entry["actor"]), len(entry["result"])) == (200, 200)
+
+
+def test_an_audit_row_says_what_was_acted_on_why_and_which_event_caused_it() -> None:
+    state = m.DeviceStateFact(
+        device_id="lamp",
+        version=3,
+        state="off",
+        connection="offline",
+        attributes={},
+        last_seen=None,
+        changed=["connection"],
+        previous_state="off",
+        cause_event_id="evt-9",
+        cause_type="presence_timeout",
+        correlation_id="c-9",
+        time=m.now(),
+    )
+    fired = m.RuleFired(
+        rule_id="r1",
+        episode_id="e1",
+        kind="fired",
+        device_id="meter",
+        reason="power_w above 5 for 10s",
+        values={"power_w": 60.0},
+        outcomes=[],
+        trigger_event_id="evt-7",
+        correlation_id="c-7",
+        time=m.now(),
+    )
+    change = m.ChangeFact(
+        what="rule", id="r1", change="updated", actor="user:alice", correlation_id="c", time=m.now()
+    )
+    rows = Rows()
+
+    from_system(rows, subjects.device_state("lamp"), m.encode(state), ("SYSTEM", 1))
+    from_system(rows, subjects.rule_fired("r1"), m.encode(fired), ("SYSTEM", 2))
+    from_system(rows, subjects.rule_changed("r1"), m.encode(change), ("SYSTEM", 3))
+
+    assert [(a["actor"], a["target"], a["reason"], a["cause_id"]) for a in rows.audit] == [
+        ("platform:actors", "device:lamp", "presence_timeout", "evt-9"),
+        ("rule:r1", "device:meter", "power_w above 5 for 10s", "evt-7"),
+        ("user:alice", "rule:r1", None, None),
+    ]
+
+
+def test_a_command_names_who_sent_it_and_targets_the_command() -> None:
+    command = m.Command(
+        id="cmd-1",
+        device_id="lamp",
+        action="turn_off",
+        params={},
+        issued_at=m.now(),
+        expires_at=m.now(),
+        issued_by="user:alice",
+        correlation_id="c-1",
+    )
+    rows = Rows()
+
+    from_command(rows, m.encode(command), ("COMMANDS", 5))
+
+    [entry] = rows.audit
+    assert (entry["actor"], entry["target"], entry["device_id"]) == (
+        "user:alice",
+        "command:cmd-1",
+        "lamp",
+    )

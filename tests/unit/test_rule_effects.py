@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from libs import messages as m
-from services.rules.actions import plan_run
+from libs.episodes import plan_run
 from services.rules.effects import Effects
 
 

@@ -58,3 +58,89 @@ def test_stream_of_filter() -> None:
     assert subjects.stream_of("events.*.state") == "EVENTS"
     assert subjects.stream_of("system.>") == "SYSTEM"
     assert subjects.stream_of("other.>") is None
+
+
+@pytest.mark.parametrize(
+    ("subject", "expected"),
+    [
+        (
+            subjects.device_events("lamp-1", "telemetry"),
+            subjects.Classified(subjects.SubjectKind.DEVICE_EVENT, "lamp-1", "telemetry"),
+        ),
+        (subjects.commands("lamp-1"), (subjects.SubjectKind.COMMAND, "lamp-1", "", "")),
+        (subjects.device_state("lamp-1"), (subjects.SubjectKind.DEVICE_STATE, "lamp-1", "", "")),
+        (
+            subjects.device_registry("lamp-1"),
+            (subjects.SubjectKind.DEVICE_REGISTRY, "lamp-1", "", ""),
+        ),
+        (
+            subjects.device_rejected("lamp-1"),
+            (subjects.SubjectKind.DEVICE_REJECTED, "lamp-1", "", ""),
+        ),
+        (subjects.rule_fired("r1"), (subjects.SubjectKind.RULE_FIRED, "r1", "", "")),
+        (subjects.rule_changed("r1"), (subjects.SubjectKind.RULE_CHANGED, "r1", "", "")),
+        (subjects.notification("s1"), (subjects.SubjectKind.NOTIFICATION, "s1", "", "")),
+        (subjects.alert("a1"), (subjects.SubjectKind.ALERT, "a1", "", "")),
+        (
+            subjects.location_changed("home"),
+            (subjects.SubjectKind.LOCATION_CHANGED, "home", "", ""),
+        ),
+        (
+            "system.subscription.s1.changed",
+            (subjects.SubjectKind.SUBSCRIPTION_CHANGED, "s1", "", ""),
+        ),
+        (subjects.user_changed("u1"), (subjects.SubjectKind.USER_CHANGED, "u1", "", "")),
+        (subjects.api_key_changed("k1"), (subjects.SubjectKind.API_KEY_CHANGED, "k1", "", "")),
+        (
+            subjects.credentials_changed("d1"),
+            (subjects.SubjectKind.CREDENTIALS_CHANGED, "d1", "", ""),
+        ),
+        (subjects.bridge_changed("b1"), (subjects.SubjectKind.BRIDGE_CHANGED, "b1", "", "")),
+        (
+            subjects.provisioning_token_changed("t1"),
+            (subjects.SubjectKind.PROVISIONING_CHANGED, "t1", "", ""),
+        ),
+        (
+            subjects.deadletter_changed(42),
+            (subjects.SubjectKind.DEADLETTER_CHANGED, "42", "", ""),
+        ),
+        (
+            subjects.deadletter("events.lamp-1.telemetry"),
+            (subjects.SubjectKind.DEAD_LETTER, "", "", "events.lamp-1.telemetry"),
+        ),
+    ],
+)
+def test_classify_names_what_a_subject_carries(subject: str, expected: subjects.Classified) -> None:
+    assert subjects.classify(subject) == expected
+
+
+def test_classify_reads_a_dead_letters_original_subject() -> None:
+    dead = subjects.classify(subjects.deadletter(subjects.device_events("d1", "state")))
+    assert subjects.classify(dead.original).kind is subjects.SubjectKind.DEVICE_EVENT
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "",
+        "events.a",
+        "events.a.b.c",
+        "events.*.telemetry",
+        "commands.a.b",
+        "system.device.a.unknown",
+        "system.rule.r1",
+        "system.device..state",
+        "deadletter",
+        "provision.d1.nonce",
+        "_INBOX.svc.gateway",
+    ],
+)
+def test_classify_calls_other_shapes_other(subject: str) -> None:
+    assert subjects.classify(subject).kind is subjects.SubjectKind.OTHER
+
+
+def test_classify_tells_a_users_change_from_other_facts() -> None:
+    assert subjects.classify(subjects.rule_changed("r1")).is_change
+    assert subjects.classify(subjects.location_changed("home")).is_change
+    assert not subjects.classify(subjects.rule_fired("r1")).is_change
+    assert not subjects.classify(subjects.device_state("d1")).is_change

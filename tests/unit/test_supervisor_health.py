@@ -1,5 +1,6 @@
 """The launcher restarts a child whose health endpoint keeps failing after it answered healthy
-(nats-server after a failed disk write: it does not recover by itself), and only then."""
+(nats-server after a failed disk write: it does not recover by itself), and only then; each
+start tells the child how often it was started before (its status reports it)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from libs.service_status import RESTARTS_ENV
 from services.launcher.supervisor import Child
 from tests.helpers import eventually
 
@@ -93,3 +95,19 @@ async def test_a_short_failure_or_a_start_never_healthy_is_left_alone(
     await eventually(lambda: health.asked >= 35)
 
     assert child.restarts == 0
+
+
+async def test_each_start_tells_the_child_how_often_it_was_started_before(tmp_path: Path) -> None:
+    starts = tmp_path / "starts"
+    record = f"import os; open({str(starts)!r}, 'a').write(os.environ[{RESTARTS_ENV!r}] + ' ')"
+    dies = Child("dies", [sys.executable, "-c", record], dict(os.environ), tmp_path / "dies.log")
+    await dies.start()
+    keeping = asyncio.create_task(dies.keep_running())
+    try:
+        await eventually(lambda: starts.exists() and starts.read_text().split()[:2] == ["0", "1"])
+    finally:
+        await dies.stop()
+        keeping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeping
+    assert dies.restarts >= 1

@@ -290,13 +290,13 @@ def test_a_failed_status_is_kept_as_its_class(status: int, failure: str) -> None
     [("events.*.telemetry", "EVENTS"), ("system.alert.>", "SYSTEM"), ("commands.x", "COMMANDS")],
 )
 def test_filters_read_from_their_stream(filter_subject: str, stream: str) -> None:
-    assert webhooks.check_filter(filter_subject) == stream
+    assert subjects.check_filter(filter_subject) == stream
 
 
 @pytest.mark.parametrize("filter_subject", ["events..x", "events.a b", ">", "events", "x.>", ""])
 def test_bad_filters_are_refused(filter_subject: str) -> None:
     with pytest.raises(ValueError):
-        webhooks.check_filter(filter_subject)
+        subjects.check_filter(filter_subject)
 
 
 # --- the retry schedule ------------------------------------------------------------------------
@@ -473,20 +473,18 @@ def test_other_bus_messages_are_wrapped_as_cloud_events_in_a_batch() -> None:
 def test_a_subscription_consumer_acks_batches_and_bounds_what_is_in_flight() -> None:
     plain = webhooks.consumer_config("s1", "events.*.telemetry", 20.0)
     batched = webhooks.consumer_config("s1", "events.>", 20.0, batch_size=500)
-    resumed = webhooks.consumer_config("s1", "events.>", 20.0, start_seq=42)
     notify = webhooks.notify_consumer_config("s1", 20.0)
 
     assert plain.ack_policy == AckPolicy.ALL and plain.deliver_policy == DeliverPolicy.NEW
     assert plain.max_ack_pending == 2 * webhooks.FETCH_BATCH
     assert batched.max_ack_pending == 1000
-    assert resumed.deliver_policy == DeliverPolicy.BY_START_SEQUENCE
-    assert resumed.opt_start_seq == 42
+    assert plain.durable_name == subjects.webhook_consumer("s1") == "webhook-s1"
     assert notify.durable_name == "webhook-s1-notify"
     assert notify.filter_subject == subjects.notification("s1") == "system.notify.s1"
 
 
 def test_notification_subjects_name_their_subscription() -> None:
-    assert webhooks.parse_notification(subjects.notification("abc")) == "abc"
+    assert subjects.parse_notification(subjects.notification("abc")) == "abc"
     for subject in ("system.notify", "system.notify.a.b", "system.alert.abc"):
         with pytest.raises(ValueError, match=r"is not system\.notify\."):
-            webhooks.parse_notification(subject)
+            subjects.parse_notification(subject)

@@ -26,6 +26,8 @@ def _run(connection: Connection) -> None:
 
 async def _run_async() -> None:
     url = context.config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise RuntimeError("no sqlalchemy.url: run migrations through libs.db.migrate")
     engine = create_async_engine(url, poolclass=NullPool)
     async with engine.connect() as connection:
         await connection.run_sync(_run)

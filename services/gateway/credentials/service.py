@@ -129,7 +129,7 @@ class CredentialService:
             if row is None:
                 raise NotFound(missing)
             scope.visible(ctx.principal, home_of(row.location), missing)
-            if row.lifecycle != "active":
+            if row.lifecycle != m.Lifecycle.ACTIVE:
                 raise Conflict(
                     f"device {device_id!r} is {row.lifecycle}: only an active one has credentials"
                 )
@@ -152,7 +152,7 @@ class CredentialService:
         async with self._sessions.begin() as session:
             claim = await session.get(DeviceClaim, device_id)
             device = await session.get(DeviceRow, device_id)
-            if claim is None or device is None or device.lifecycle != "active":
+            if claim is None or device is None or device.lifecycle != m.Lifecycle.ACTIVE:
                 return False
             last = await session.get(BusCredential, device_id)
             recent = m.now() - timedelta(seconds=REDELIVER_AFTER_S)

@@ -102,7 +102,9 @@ class DeviceService:
             if await session.get(DeviceRow, device_id) is not None:
                 raise Conflict(f"device {device_id!r} already exists", field="$.id")
             await check_device_location(session, data.location)
-            row = _new_row(device_id, data.name, data.kind, "active", data.location, data.metadata)
+            row = _new_row(
+                device_id, data.name, data.kind, m.Lifecycle.ACTIVE, data.location, data.metadata
+            )
             await self._add(session, row, ctx.principal.actor, ctx.correlation_id)
             enrolled = await credentials.enroll(
                 session, self._js, device_id, data.location, data.bridge, ctx.principal.actor
@@ -119,13 +121,13 @@ class DeviceService:
         async with self._sessions() as session:
             found = await session.get(DeviceRow, device_id)
         if found is not None:
-            if found.lifecycle == "active":  # a claimed device still waiting: again
+            if found.lifecycle == m.Lifecycle.ACTIVE:  # a claimed device still waiting: again
                 await self._credentials().deliver_claim(device_id, DISCOVERY_ACTOR, again=True)
             return False
         async with self._sessions.begin() as session:
             if await session.get(DeviceRow, device_id) is not None:
                 return False
-            waiting = select(func.count()).where(DeviceRow.lifecycle == "pending")
+            waiting = select(func.count()).where(DeviceRow.lifecycle == m.Lifecycle.PENDING)
             if (await session.scalar(waiting) or 0) >= MAX_PENDING:
                 log.warning(
                     "%s said hello; %d devices already wait: not entered", device_id, MAX_PENDING
@@ -133,7 +135,7 @@ class DeviceService:
                 return False
             # A device that claimed its id with a token waits in the token's home.
             home = await credentials.claimed_home(session, device_id)
-            row = _new_row(device_id, name, kind, "pending", home)
+            row = _new_row(device_id, name, kind, m.Lifecycle.PENDING, home)
             await self._add(session, row, DISCOVERY_ACTOR, m.new_id())
         return True
 
@@ -206,7 +208,8 @@ class DeviceService:
             if changed:
                 row.updated_at = m.now()
                 _record(session, row, "updated", ctx.principal.actor, ctx.correlation_id)
-        if changed and changes.get("lifecycle") == "active":  # approved: if it claimed its id
+        # Approved: if it claimed its id.
+        if changed and changes.get("lifecycle") == m.Lifecycle.ACTIVE:
             await self._credentials().deliver_claim(device_id, ctx.principal.actor)
         return await self.get(device_id, ctx.principal)
 
@@ -238,7 +241,7 @@ class DeviceService:
             row = await self._row(session, device_id, ctx.principal)
         if not row.enabled:
             raise Conflict("device is disconnected")
-        if row.lifecycle == "decommissioned":
+        if row.lifecycle == m.Lifecycle.DECOMMISSIONED:
             raise Conflict("device is decommissioned")
         problem = capabilities.action_problem(row.kind, data.action, data.params)
         if problem is not None:  # refused here, not failed later by the device
@@ -416,11 +419,11 @@ def _record(
     """The registry fact of the change, in its transaction (published after the commit)."""
     fact = m.RegistryFact(
         device_id=row.id,
-        change=change,
+        change=m.RegistryChange(change),
         actor=actor,
         correlation_id=correlation_id,
         time=m.now(),
-        device=registry_fields(row),
+        device=m.RegistryEntry(**registry_fields(row)),
     )
     outbox.add(session, subjects.device_registry(row.id), fact)
 

@@ -1,7 +1,7 @@
 """Publishing CloudEvents to the bus, replaying stored messages, following them live.
 
-Replay uses an ephemeral pull consumer that exists for one request: it knows from its
-`num_pending` how many messages match, fetches at most `limit` of them and is deleted.
+Replay is a bounded read of the stream (`libs.replay`): at most `limit` messages, never
+waiting for more than are stored.
 Following shares one ordered push consumer per filter among every live subscriber of that
 filter (`SharedFeeds`): each message is copied into each subscriber's bounded queue. A
 subscriber that resumes from a sequence reads an ordered consumer of its own until it reaches
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -27,9 +26,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
+from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
 
-from libs import bus, subjects
+from libs import bus, replay, subjects
 from libs import messages as m
 from libs.errors import Invalid, Unavailable
 from libs.homes import Audience, HomeIndex
@@ -40,9 +39,6 @@ from services.gateway.resources import Shutdown, require_bus
 
 log = logging.getLogger(__name__)
 
-# A replay consumer the gateway failed to delete (crash) is removed by the server after this.
-REPLAY_IDLE_S = 30.0
-REPLAY_FETCH_TIMEOUT_S = 5.0
 FEED_CAPACITY = 1000
 # A shared feed wakes its followers at most this often: what arrives meanwhile goes out in the
 # same write. A message that finds the feed idle is handed on at once (after the others of
@@ -51,7 +47,6 @@ WAKE_INTERVAL_S = 0.005
 PUBLISH_TIMEOUT_S = 10.0
 # A replay for someone who sees only its homes' messages looks at this many at most per page.
 MAX_SCAN = 10_000
-SCAN_BATCH = 500
 ROUNDING = timedelta(microseconds=1)
 
 
@@ -581,67 +576,28 @@ class EventService:
             )
         if after_seq == last_seq:
             return EventPage(items=[], next_cursor=None)
-        config = ConsumerConfig(
-            name=f"replay-{m.new_id()}",
-            filter_subject=subject,
-            ack_policy=AckPolicy.NONE,
-            inactive_threshold=REPLAY_IDLE_S,
-            mem_storage=True,
-            num_replicas=1,
-        )
-        if after_seq is not None:
-            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
-            config.opt_start_seq = after_seq + 1
-        elif since is not None:
-            config.deliver_policy = DeliverPolicy.BY_START_TIME
+        keep = None if audience is None else audience.sees
+        if after_seq is None and since is not None:
             # Stream times are nanoseconds; the `time` we show is rounded to microseconds,
             # possibly up: a client that passes an item's time back must get that item.
-            config.opt_start_time = since - ROUNDING
-        else:
-            config.deliver_policy = DeliverPolicy.ALL
-        items, last_seen, more = await self._fetch(stream, config, limit, audience)
-        return EventPage(items=items, next_cursor=encode_cursor(last_seen) if more else None)
-
-    async def _fetch(
-        self, stream: str, config: ConsumerConfig, limit: int, audience: Audience | None
-    ) -> tuple[list[BusMessage], int, bool]:
-        """Up to `limit` messages (those the audience sees, among at most MAX_SCAN), the
-        sequence of the last one looked at, and whether more matched after it."""
-        assert config.name is not None
-        info = await self._js.add_consumer(stream, config)
-        try:
-            # num_pending: how many messages match from the start position; never wait for more.
-            matching = info.num_pending
-            scan = matching if audience is None else min(matching, max(limit, MAX_SCAN))
-            if min(limit, scan) == 0:
-                return [], 0, False
-            subscription = await self._js.pull_subscribe_bind(consumer=config.name, stream=stream)
-            items: list[BusMessage] = []
-            seen, last_seen = 0, 0
-            try:
-                while len(items) < limit and seen < scan:
-                    # Passing over others' messages, read more at once; what is read beyond
-                    # the page is read again by the next one (the cursor is the last taken).
-                    want = limit - len(items) if audience is None else max(limit, SCAN_BATCH)
-                    try:
-                        msgs = await subscription.fetch(
-                            min(want, scan - seen), timeout=REPLAY_FETCH_TIMEOUT_S
-                        )
-                    except nats.errors.TimeoutError:
-                        break  # removed since counted (age or size limits): answer what we have
-                    for msg in msgs:
-                        seen += 1
-                        last_seen = msg.metadata.sequence.stream
-                        if audience is None or audience.sees(msg.subject):
-                            items.append(_bus_message(msg))
-                            if len(items) == limit:
-                                break
-            finally:
-                await subscription.unsubscribe()
-            return items, last_seen, seen > 0 and matching > seen
-        finally:
-            with contextlib.suppress(nats.errors.Error):
-                await self._js.delete_consumer(stream, config.name)
+            since -= ROUNDING
+        page = await replay.read(
+            self._js,
+            stream,
+            subject,
+            limit=limit,
+            after_seq=after_seq,
+            since=since,
+            keep=keep,
+            scan=MAX_SCAN,
+        )
+        items = [
+            BusMessage(seq=s.seq, subject=s.subject, time=s.time, event=body(s.data))
+            for s in page.messages
+        ]
+        return EventPage(
+            items=items, next_cursor=encode_cursor(page.last_seen) if page.more else None
+        )
 
     async def follow(
         self,
@@ -700,13 +656,6 @@ def _resume_after(subscription: JetStreamContext.PushSubscription, seq: int) -> 
     jsi = getattr(getattr(subscription, "_sub", None), "_jsi", None)
     if jsi is not None and isinstance(getattr(jsi, "_sseq", None), int):
         jsi._sseq = max(jsi._sseq, seq)
-
-
-def _bus_message(msg: Msg) -> BusMessage:
-    meta = msg.metadata
-    return BusMessage(
-        seq=meta.sequence.stream, subject=msg.subject, time=meta.timestamp, event=body(msg.data)
-    )
 
 
 def body(data: bytes) -> Any:

@@ -212,7 +212,7 @@ def _view(row: LocationRow) -> Location:
     return Location(
         id=row.id,
         name=row.name,
-        kind=row.kind,  # type: ignore[arg-type]
+        kind=row.kind,  # type: ignore[arg-type]  # a LocationKind: written from LocationCreate
         parent_id=row.parent_id,
         path=row.path,
         created_at=row.created_at,

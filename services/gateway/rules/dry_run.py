@@ -290,7 +290,12 @@ async def _entries(
     kind: str | None = None,
 ) -> dict[str, rl.DeviceInfo]:
     statement = select(
-        DeviceRow.id, DeviceRow.kind, DeviceRow.location, DeviceRow.metadata_, DeviceRow.enabled
+        DeviceRow.id,
+        DeviceRow.kind,
+        DeviceRow.location,
+        DeviceRow.metadata_,
+        DeviceRow.enabled,
+        DeviceRow.lifecycle,
     )
     if home is not None:
         statement = statement.where(at_or_under(DeviceRow.location, home))
@@ -300,18 +305,13 @@ async def _entries(
         statement = statement.where(DeviceRow.kind == kind)
     rows = (await session.execute(statement)).all()
     return {
-        device_id: rl.DeviceInfo(kind_, location, _tags(meta), enabled)
-        for device_id, kind_, location, meta, enabled in rows
+        device_id: rl.DeviceInfo.row(kind_, location, meta, enabled, lifecycle)
+        for device_id, kind_, location, meta, enabled, lifecycle in rows
     }
 
 
 def _field(root: str | None, path: str) -> str | None:
     return f"{root}.{path}" if root else None
-
-
-def _tags(metadata: dict[str, Any] | None) -> tuple[str, ...]:
-    # As the rules service reads them.
-    return tuple((metadata or {}).get("tags", []) or ())
 
 
 def _history(
@@ -381,7 +381,7 @@ async def _presence_timeouts(
     ]
 
 
-def _home_devices(home: str) -> Select[tuple[str]]:
+def _home_devices(home: str) -> Select[str]:
     return select(DeviceRow.id).where(at_or_under(DeviceRow.location, home))
 
 

@@ -62,7 +62,7 @@ class SubscriptionService:
         Its URL may lead to a private, loopback or link-local address inside the allow-nets
         only when `admin` (the principal is an administrator); to a public one in any case.
         It receives the messages of its home only (`libs.homes`); a resident's has one."""
-        stream = _checked(webhooks.check_filter, data.filter, "$.filter")
+        stream = _checked(subjects.check_filter, data.filter, "$.filter")
         home = scope.home_for(ctx.principal, data.home, "$.home")
         if stream == subjects.DEADLETTER_STREAM and not ctx.principal.is_admin:
             raise Invalid("dead letters are for administrators", field="$.filter")
@@ -128,15 +128,15 @@ class SubscriptionService:
         require_bus(self._nc)
         async with self._sessions.begin() as session:
             row = await self._row(session, subscription_id, ctx.principal)
-            stream = webhooks.check_filter(row.filter)
+            stream = subjects.check_filter(row.filter)
             await session.execute(delete(Delivery).where(Delivery.subscription_id == row.id))
             await session.delete(row)
             await session.flush()
             with contextlib.suppress(NotFoundError):
-                await self._js.delete_consumer(stream, webhooks.consumer_name(row.id))
+                await self._js.delete_consumer(stream, subjects.webhook_consumer(row.id))
             with contextlib.suppress(NotFoundError):
                 await self._js.delete_consumer(
-                    subjects.SYSTEM_STREAM, webhooks.notify_consumer_name(row.id)
+                    subjects.SYSTEM_STREAM, subjects.webhook_notify_consumer(row.id)
                 )
             _signal(session, row, "deleted", ctx)
 
@@ -206,7 +206,7 @@ def _signal(
         detail["redelivered"] = redelivered
     record_change(
         session,
-        webhooks.subscription_changed(row.id),
+        subjects.subscription_changed(row.id),
         "subscription",
         row.id,
         change,

@@ -1,0 +1,144 @@
+"""Traces across the bus: OpenTelemetry, configured only by the standard `OTEL_*` variables.
+
+Off by default, and then free: no provider is installed, no span is made, and a message's
+`traceparent` header is passed on as it came (so a trace begun by a client still reaches
+the next hop). On when an exporter is named — `OTEL_EXPORTER_OTLP_ENDPOINT` or
+`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (OTLP over HTTP), or `OTEL_TRACES_EXPORTER=console` —
+unless `OTEL_SDK_DISABLED=true`. The service name, resource attributes and sampler come
+from `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_TRACES_SAMPLER[_ARG]` as the
+SDK reads them.
+
+W3C `traceparent` travels in NATS headers (`libs.bus.headers` puts the current one on every
+publish); a consumer starts one span per message as the child of the message's
+(`consumed`), and what the worker publishes because of it carries that span's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+
+TRACEPARENT = "traceparent"
+_provider: trace.TracerProvider | None = None
+_tracer: Tracer | None = None
+
+
+def exporter_configured(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether the environment names somewhere to send spans (and does not disable the SDK)."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if env.get("OTEL_TRACES_EXPORTER", "").strip().lower() in {"none"}:
+        return False
+    return bool(
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or env.get("OTEL_TRACES_EXPORTER", "").strip().lower() in {"otlp", "console"}
+    )
+
+
+def setup(service: str, env: Mapping[str, str] = os.environ) -> bool:
+    """Install the SDK's provider when an exporter is configured; True if tracing is on."""
+    if not exporter_configured(env):
+        return False
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        ConsoleSpanExporter,
+        SpanExporter,
+    )
+
+    # OTEL_SERVICE_NAME, when set, wins over the default: Resource.create merges it last.
+    resource = Resource.create({SERVICE_NAME: f"smarthome-{service}"})
+    provider = TracerProvider(resource=resource)
+    exporter: SpanExporter
+    if env.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "console":
+        exporter = ConsoleSpanExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    install(provider)
+    return True
+
+
+def install(provider: trace.TracerProvider | None) -> None:
+    """Trace with `provider` (None: tracing off). Tests install one with an in-memory
+    exporter; `setup` installs the configured one."""
+    global _provider, _tracer
+    _provider = provider
+    _tracer = provider.get_tracer("smarthome") if provider is not None else None
+
+
+def enabled() -> bool:
+    return _tracer is not None
+
+
+def provider() -> trace.TracerProvider | None:
+    """The provider `install` was given, for the gateway's HTTP instrumentation."""
+    return _provider
+
+
+def tracer() -> Tracer:
+    return _tracer or trace.get_tracer("smarthome")
+
+
+def parent(headers: Mapping[str, str] | None) -> Context:
+    """The trace context a message's headers carry (empty when they carry none)."""
+    return propagate.extract(headers or {})
+
+
+def traceparent_of(span: Span) -> str | None:
+    """The `traceparent` header value that makes the next hop a child of `span`."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier.get(TRACEPARENT)
+
+
+def current_traceparent() -> str | None:
+    """The `traceparent` of the current span, for a message published now (None when off
+    or outside any span)."""
+    if _tracer is None:
+        return None
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get(TRACEPARENT)
+
+
+def start_consumed(name: str, headers: Mapping[str, str] | None, **attributes: str) -> Span:
+    """A span for handling one consumed message, the child of the message's trace (the
+    caller ends it). Only when tracing is on."""
+    return tracer().start_span(
+        name, context=parent(headers), kind=SpanKind.CONSUMER, attributes=attributes
+    )
+
+
+def end(span: Span, error: str | None = None) -> None:
+    if error is not None:
+        span.set_status(Status(StatusCode.ERROR, error))
+    span.end()
+
+
+@contextmanager
+def span(name: str, **attributes: str) -> Iterator[Span | None]:
+    """A child of the current span while the block runs (nothing when tracing is off)."""
+    if _tracer is None:
+        yield None
+        return
+    with _tracer.start_as_current_span(name, attributes=attributes) as current:
+        yield current
+
+
+def trace_id() -> str | None:
+    """The current trace id as 32 hex digits, for log lines (None outside a trace)."""
+    if _tracer is None:
+        return None
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None

@@ -1,0 +1,1 @@
+"""Dead letters: the messages the workers gave up on, listed and sent back."""

@@ -1,0 +1,1 @@
+"""`/api/v1/system`: the platform's own processes and their status."""
