@@ -158,14 +158,20 @@ class PlatformLink:
                 await claimant.close()
 
     async def publish(
-        self, event_type: str, data: dict[str, Any] | None = None, correlation_id: str | None = None
+        self,
+        event_type: str,
+        data: dict[str, Any] | None = None,
+        correlation_id: str | None = None,
+        traceparent: str | None = None,
     ) -> None:
-        """Publish on our own subject and wait for JetStream's ack (then it is durable)."""
+        """Publish on our own subject and wait for JetStream's ack (then it is durable).
+        `traceparent`: the W3C trace context it continues (a command's, for its status)."""
         assert self.nc is not None
         event = m.make_event(self.device_id, event_type, data, correlation_id=correlation_id)
-        await self.nc.jetstream().publish(
-            event.nats_subject, m.encode(event), headers={"Nats-Msg-Id": event.id}
-        )
+        headers = {"Nats-Msg-Id": event.id}
+        if traceparent:
+            headers["traceparent"] = traceparent
+        await self.nc.jetstream().publish(event.nats_subject, m.encode(event), headers=headers)
 
     async def heartbeat(self, every: float, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -206,10 +212,12 @@ class PlatformLink:
             log.warning("unreadable command: %s", exc)
             return
         corr = command.correlation_id
+        # The status continues the command's trace (the platform's, as it came).
+        traceparent = (msg.headers or {}).get("traceparent")
 
         async def status(value: str, detail: str | None = None) -> None:
             data = {"command_id": command.id, "status": value, "detail": detail}
-            await self.publish("command_status", data, correlation_id=corr)
+            await self.publish("command_status", data, correlation_id=corr, traceparent=traceparent)
 
         if command.expires_at < m.now():
             await status("expired", "received after its expiry")

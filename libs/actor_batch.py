@@ -91,6 +91,7 @@ class Effects:
     facts: list[Fact] = field(default_factory=list)
     dead: dict[int, str] = field(default_factory=dict)
     outcomes: collections.Counter[Outcome] = field(default_factory=collections.Counter)
+    applied: collections.Counter[str] = field(default_factory=collections.Counter)  # by type
 
 
 State = Mapping[str, m.DeviceSnapshot]
@@ -133,6 +134,7 @@ def decide(
         if result.changed:
             out.facts.append(state_fact(after, current.state, result.changed, event, now))
         out.outcomes[Outcome.APPLIED] += 1
+        out.applied[event.type] += 1
     return new, out
 
 
@@ -156,6 +158,7 @@ def state_fact(
         cause_type=event.type,
         correlation_id=event.correlationid,
         time=now,
+        stale=new.stale,
     )
     return (
         subjects.device_state(new.device_id),

@@ -335,10 +335,12 @@ async def publish_many(
     messages: Sequence[tuple[str, msgspec.Struct | bytes, str | None]],
     *,
     timeout: float = 10.0,
+    traceparents: Sequence[str | None] | None = None,
 ) -> list[PubAck]:
     """Publish (subject, message, msg_id)s in order without waiting for each ack, then wait
     for all acks at most `timeout` (TimeoutError); a message the bus refuses raises its
-    error at once (`StorageFull` when its storage is full).
+    error at once (`StorageFull` when its storage is full). `traceparents`, when given,
+    holds each message's `traceparent` (None: the current one, as `headers` does).
 
     The acks come to an inbox of this call's own, not to nats-py's `publish_async`: that
     leaves the future of a refused message pending for ever (nats-io/nats.py#985), so a
@@ -361,8 +363,12 @@ async def publish_many(
     try:
         for n, (subject, message, msg_id) in enumerate(messages):
             payload = message if isinstance(message, bytes) else msgspec.json.encode(message)
+            traceparent = traceparents[n] if traceparents else None
             await nc.publish(
-                subject, payload, reply=f"{inbox}.{n}", headers=headers(msg_id) or None
+                subject,
+                payload,
+                reply=f"{inbox}.{n}",
+                headers=headers(msg_id, traceparent) or None,
             )
         with storage_refusals():
             return list(await asyncio.wait_for(asyncio.gather(*acks), timeout))

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Protocol, cast
 
 import redis.asyncio as redis
+from prometheus_client import Counter
 
 from libs import messages as m
 from libs.messages import DeviceSnapshot
@@ -20,6 +21,16 @@ from libs.messages import DeviceSnapshot
 KEY_PREFIX = "smarthome:device-state:"
 # A batch of writes is cut into scripts of this many keys: one script blocks Redis meanwhile.
 PUT_CHUNK = 500
+
+HITS = Counter("smarthome_cache_hits_total", "Device states read from the cache")
+MISSES = Counter(
+    "smarthome_cache_misses_total", "Device states asked of the cache that it did not hold"
+)
+
+
+def _counted(asked: int, found: int) -> None:
+    HITS.inc(found)
+    MISSES.inc(asked - found)
 
 
 def order(snapshot: DeviceSnapshot) -> tuple[int, int]:
@@ -49,10 +60,14 @@ class MemoryCache:
         self._order: dict[str, tuple[int, int]] = {}
 
     async def get(self, device_id: str) -> bytes | None:
-        return self._data.get(device_id)
+        value = self._data.get(device_id)
+        _counted(1, value is not None)
+        return value
 
     async def get_many(self, device_ids: list[str]) -> dict[str, bytes]:
-        return {d: self._data[d] for d in device_ids if d in self._data}
+        found = {d: self._data[d] for d in device_ids if d in self._data}
+        _counted(len(device_ids), len(found))
+        return found
 
     async def put_newer(self, snapshots: Sequence[DeviceSnapshot]) -> int:
         written = 0
@@ -109,7 +124,9 @@ class RedisCache:
 
     async def get(self, device_id: str) -> bytes | None:
         # Made without `decode_responses`: the client answers bytes (its stubs say bytes | str).
-        return cast(bytes | None, await self._redis.get(KEY_PREFIX + device_id))
+        value = cast(bytes | None, await self._redis.get(KEY_PREFIX + device_id))
+        _counted(1, value is not None)
+        return value
 
     async def get_many(self, device_ids: list[str]) -> dict[str, bytes]:
         if not device_ids:
@@ -117,7 +134,9 @@ class RedisCache:
         values = cast(
             list[bytes | None], await self._redis.mget([KEY_PREFIX + d for d in device_ids])
         )
-        return {d: v for d, v in zip(device_ids, values, strict=True) if v is not None}
+        found = {d: v for d, v in zip(device_ids, values, strict=True) if v is not None}
+        _counted(len(device_ids), len(found))
+        return found
 
     async def put_newer(self, snapshots: Sequence[DeviceSnapshot]) -> int:
         written = 0

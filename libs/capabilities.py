@@ -1,4 +1,5 @@
-"""Which actions each device kind accepts, and a minimal check of their params.
+"""Which actions each device kind accepts, a minimal check of their params, and how often
+each kind is expected to report its attributes.
 
 The one place that knows the vocabulary of the platform's device kinds: the gateway refuses a
 rule whose command a registered device could never carry out, and a device program can read
@@ -122,3 +123,26 @@ def check_action(kind: str, action: str, params: Mapping[str, Any]) -> str | Non
 
 def _article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+# --- how often attributes are reported ----------------------------------------------------
+
+# The longest silence, in seconds, after which an online device's attribute is `stale`. Only
+# attributes that devices of a kind send periodically are listed: a light reports `on` when
+# it changes, so its silence means nothing, while an energy meter that stops reporting its
+# draw is broken even if its heartbeats still come. Five minutes covers the usual meter
+# periods (10 s to 1 min) with several reports missed, so that a busy bus or a retried
+# connection does not make a healthy meter flap. A device whose period differs says so in
+# its registry entry (`report_intervals`, which also turns a default off with null).
+REPORT_INTERVALS: Mapping[str, Mapping[str, float]] = {
+    "energy_meter": {"power_w": 300.0, "energy_wh": 300.0},
+}
+
+
+def report_intervals(
+    kind: str, overrides: Mapping[str, float | None] | None = None
+) -> dict[str, float]:
+    """How long each attribute of a device may go unreported before it is stale: its kind's
+    defaults, then the registry entry's own (`null` there: never stale)."""
+    merged: dict[str, float | None] = {**REPORT_INTERVALS.get(kind, {}), **(overrides or {})}
+    return {name: seconds for name, seconds in merged.items() if seconds is not None}

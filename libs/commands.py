@@ -7,16 +7,31 @@ command does not wait for the database (and still goes out while it is down).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from datetime import timedelta
 from typing import Any
 
 from nats.js import JetStreamContext
+from prometheus_client import Counter
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import bus, subjects
 from libs import messages as m
 from libs.db.engine import HasDialect, upsert
 from libs.db.models import CommandRecord
+
+# Each status a command reaches, counted once where it is reached: `pending` by the process
+# that sends it (the gateway, the rules), `delivered`/`done`/`failed` as the actors apply the
+# device's report, `expired` by the actors' expiry sweep (`expire_overdue`).
+STATUSES = Counter("smarthome_commands_total", "Commands reaching each status", ["status"])
+# Statuses that wait for the device; past the expiry they read, and are swept to, `expired`.
+UNANSWERED = ("pending", "delivered")
+EXPIRE_EVERY_S = 15.0
+
+log = logging.getLogger(__name__)
 
 
 async def send(
@@ -52,7 +67,9 @@ def new(
 
 
 async def publish(js: JetStreamContext, command: m.Command) -> None:
-    await bus.publish(js, subjects.commands(command.device_id), command, msg_id=command.id)
+    ack = await bus.publish(js, subjects.commands(command.device_id), command, msg_id=command.id)
+    if not ack.duplicate:  # a command sent again (a rule re-run) is pending once
+        STATUSES.labels("pending").inc()
 
 
 # What the sender knows of a command. A device's status may reach the database before the
@@ -113,8 +130,41 @@ def row(command: m.Command) -> dict[str, Any]:
     }
 
 
+async def expire_overdue(sessions: async_sessionmaker[AsyncSession]) -> int:
+    """Mark `expired` the commands nobody answered before their expiry; how many. Several
+    processes may sweep at once: each row moves (and is counted) in one of them."""
+    table = CommandRecord.__table__.c
+    now = m.now()
+    async with sessions.begin() as session:
+        moved = await session.execute(
+            update(CommandRecord)
+            .where(
+                table.status.in_(UNANSWERED),
+                table.expires_at < now,
+                table.action != STAND_IN_ACTION,  # its expiry comes with the sender's record
+            )
+            .values(status="expired", detail="no answer before the expiry", updated_at=now)
+        )
+    count = int(getattr(moved, "rowcount", 0) or 0)
+    STATUSES.labels("expired").inc(count)
+    return count
+
+
+async def expire_forever(
+    sessions: async_sessionmaker[AsyncSession], stop: asyncio.Event, every_s: float = EXPIRE_EVERY_S
+) -> None:
+    """Sweep for expired commands until `stop` is set."""
+    while not stop.is_set():
+        try:
+            await expire_overdue(sessions)
+        except Exception as exc:  # the next sweep tries again; readers see the expiry anyway
+            log.warning("command expiry sweep failed: %r", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+
+
 def effective_status(record: CommandRecord) -> str:
     """A command nobody answered before its expiry reads as `expired`."""
-    if record.status in ("pending", "delivered") and record.expires_at < m.now():
+    if record.status in UNANSWERED and record.expires_at < m.now():
         return "expired"
     return record.status

@@ -41,6 +41,11 @@ it may), a decoder and a handler; this does the rest, top to bottom:
   pull subscription goes, and the acks are flushed.
 - **Metrics**: delivered, acked, redelivered, recovered, dead-lettered (by reason kind),
   pending (from consumer info every few seconds) and handling seconds.
+- **Traces** (`libs.tracing`): tracing on, one span per message, the child of the trace its
+  `traceparent` header names, ended when the message is settled (an error when it is
+  dead-lettered, nak'ed, retried or left un-acked); each `Item.traceparent` makes what the
+  worker publishes because of it a child of that span. Tracing off, `Item.traceparent` is
+  the message's own header as it came, and nothing else is done.
 """
 
 from __future__ import annotations
@@ -58,15 +63,17 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, RawStreamMsg
 from nats.js.errors import NotFoundError
+from opentelemetry.trace import Span, StatusCode
 from prometheus_client import Counter, Gauge, Histogram
 
-from libs import bus, runtime
+from libs import bus, runtime, tracing
 from libs.errors import Unavailable
 from libs.pull import Gaps, Puller
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+TRACEPARENT = tracing.TRACEPARENT
 
 LABELS = ("stream", "consumer")
 DELIVERED = Counter(
@@ -89,6 +96,11 @@ PENDING = Gauge(
     "Messages waiting on the consumer (consumer info)",
     LABELS,
 )
+ACK_PENDING = Gauge(
+    "smarthome_consumer_ack_pending_messages",
+    "Messages delivered and not yet acked (consumer info)",
+    LABELS,
+)
 HANDLE_SECONDS = Histogram(
     "smarthome_consumer_handle_seconds", "Time to handle one decoded batch", LABELS
 )
@@ -104,7 +116,8 @@ CLAMP_ABOVE = 256
 
 
 class Undecodable(ValueError):
-    """Raised by a decoder: the message can never be decoded (it is dead-lettered)."""
+    """Raised by a decoder: the message can never be decoded (it is dead-lettered, with
+    this exception's message as its reason)."""
 
 
 class Retry(Exception):
@@ -153,10 +166,14 @@ class Delivery:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Item(Generic[T]):
+class Item(msgspec.Struct, Generic[T], frozen=True):
+    """A decoded message for the handler. `traceparent`: the header to publish what follows
+    from it with (the child of its consume span; tracing off, the message's own). A Struct:
+    made once per message, and cheaper to make than a frozen dataclass."""
+
     delivery: Delivery
     value: T
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +225,15 @@ def unacked(info: ConsumerInfo) -> range:
     return range((floor or 0) + 1, (delivered or 0) + 1)
 
 
+def retried(spans: Mapping[int, Span], exc: BaseException) -> None:
+    """Mark the open messages' spans: their handling failed once (an error, even if a later
+    attempt succeeds)."""
+    reason = f"retried: {exc or type(exc).__name__}"
+    for span in spans.values():
+        span.add_event("retry", {"reason": reason})
+        span.set_status(StatusCode.ERROR, reason)
+
+
 def filters(config: ConsumerConfig) -> list[str]:
     return list(config.filter_subjects or [config.filter_subject or ">"])
 
@@ -220,6 +246,29 @@ class _Batch:
     verdicts: dict[int, Verdict]  # the decoder's (dead letters)
     stop: asyncio.Event
     through: int = 0  # the highest stream sequence `Consumer.settle` settled
+    spans: dict[int, Span] | None = None  # tracing on: each open message's, by sequence
+
+
+def end_spans(
+    spans: dict[int, Span],
+    deliveries: Sequence[Delivery],
+    verdicts: Mapping[int, Verdict],
+    unsettled: str | None = None,
+) -> None:
+    """End the spans of settled `deliveries` (or of ones left unsettled, saying why)."""
+    for d in deliveries:
+        span = spans.pop(d.seq, None)
+        if span is None:
+            continue
+        verdict = verdicts.get(d.seq)
+        if unsettled is not None:
+            tracing.end(span, unsettled)
+        elif isinstance(verdict, Dead):
+            tracing.end(span, f"dead-lettered: {verdict.reason}")
+        elif isinstance(verdict, Nak):
+            tracing.end(span, "nak'ed: redelivered later")
+        else:
+            tracing.end(span)
 
 
 @dataclass
@@ -309,6 +358,7 @@ class Consumer(Generic[T]):
         self._redelivered = REDELIVERED.labels(*labels)
         self._recovered = RECOVERED.labels(*labels)
         self._pending = PENDING.labels(*labels)
+        self._ack_pending = ACK_PENDING.labels(*labels)
         self._seconds = HANDLE_SECONDS.labels(*labels)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -466,6 +516,7 @@ class Consumer(Generic[T]):
         """Decode, handle (again while `Retry`), settle; False if stopped before settling."""
         verdicts: dict[int, Verdict] = {}
         items: list[Item[T]] = []
+        spans = self._spans(deliveries) if tracing.enabled() else None
         for d in deliveries:
             try:
                 value = self._decode(d)
@@ -475,9 +526,14 @@ class Consumer(Generic[T]):
             except DECODE_ERRORS as exc:
                 verdicts[d.seq] = Dead(f"cannot be decoded: {exc}", "undecodable")
                 continue
-            if value is not None:
-                items.append(Item(d, value))
-        batch = self._handling = _Batch(list(deliveries), dict(verdicts), stop)
+            if value is None:
+                continue
+            if spans is None:  # tracing off: the header passed on as it came
+                items.append(Item(d, value, d.headers.get(TRACEPARENT) if d.headers else None))
+            else:
+                items.append(Item(d, value, tracing.traceparent_of(spans[d.seq])))
+        batch = self._handling = _Batch(list(deliveries), dict(verdicts), stop, spans=spans)
+        settled = False
         try:
             attempt = 0
             while items:
@@ -489,6 +545,8 @@ class Consumer(Generic[T]):
                 except (Retry, Unavailable) as exc:
                     # What the handler settled before it gave up is done: the rest only.
                     items = [i for i in items if i.delivery.seq > batch.through]
+                    if spans:
+                        retried(spans, exc)
                     if stop.is_set() and self._ack_all:
                         return False  # left un-acked: the next reader handles it
                     delay = backoff(attempt)
@@ -498,16 +556,40 @@ class Consumer(Generic[T]):
                     )
                     if not self._ack_all:
                         naks: dict[int, Verdict] = {d.seq: Nak(delay) for d in batch.open}
-                        return await self._apply(plan(False, batch.open, naks | verdicts), stop)
+                        verdicts = naks | verdicts
+                        settled = await self._apply(plan(False, batch.open, verdicts), stop)
+                        return settled
                     if not await self._pause(delay, batch, stop):
                         return False  # left un-acked: the next reader handles it
             if not await self._apply(plan(self._ack_all, batch.open, verdicts), stop):
                 return False
+            settled = True
             if self._ack_all and batch.open:
                 self._settled = max(self._settled, max(d.seq for d in batch.open))
             return True
         finally:
             self._handling = None
+            if spans:
+                why = None if settled else "not settled: left to the next reader"
+                end_spans(spans, batch.open, verdicts, why)
+
+    def _spans(self, deliveries: Sequence[Delivery]) -> dict[int, Span]:
+        """Tracing on: a span for each message, the child of the trace it carries."""
+        return {
+            d.seq: tracing.start_consumed(
+                f"{self.stream} process",
+                d.headers,
+                {
+                    "messaging.system": "nats",
+                    "messaging.operation.type": "process",
+                    "messaging.destination.name": d.subject,
+                    "messaging.consumer.group.name": self.durable,
+                    "messaging.nats.stream.sequence": d.seq,
+                    "messaging.message.delivery_count": d.delivered,
+                },
+            )
+            for d in deliveries
+        }
 
     async def settle(self, up_to_seq: int, verdicts: Mapping[int, Verdict] | None = None) -> bool:
         """For the handler while it runs: settle its batch's messages up to stream sequence
@@ -520,9 +602,12 @@ class Consumer(Generic[T]):
         prefix = [d for d in batch.open if d.seq <= up_to_seq]
         if not prefix:
             return True
-        todo = plan(self._ack_all, prefix, batch.verdicts | dict(verdicts or {}))
+        said = batch.verdicts | dict(verdicts or {})
+        todo = plan(self._ack_all, prefix, said)
         if not await self._apply(todo, batch.stop):
             return False
+        if batch.spans:
+            end_spans(batch.spans, prefix, said)
         batch.open = [d for d in batch.open if d.seq > up_to_seq]
         batch.through = max(batch.through, up_to_seq)
         if self._ack_all:
@@ -603,5 +688,6 @@ class Consumer(Generic[T]):
             with contextlib.suppress(Exception):  # the bus is away: the gauge waits
                 info = await self._js.consumer_info(self.stream, self.durable)
                 self._pending.set(info.num_pending or 0)
+                self._ack_pending.set(info.num_ack_pending or 0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ended.wait(), self._pending_every)

@@ -6,8 +6,9 @@ replays recorded history through it, so that both derive `state` and `connection
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import msgspec
 
@@ -40,36 +41,74 @@ def derive_state(mark: str | None, attributes: dict[str, m.AttributeValue]) -> m
     return "active" if attributes else "off"
 
 
+def overdue(
+    intervals: Mapping[str, float], reported: Mapping[str, datetime], now: datetime
+) -> dict[str, datetime]:
+    """The attributes not reported for longer than their interval, with when they last were.
+
+    An attribute never reported is not overdue: silence is judged from a report on (a meter
+    without an `energy_wh` counter is not broken for lacking one)."""
+    return {
+        name: at
+        for name, at in reported.items()
+        if name in intervals and now - at > timedelta(seconds=intervals[name])
+    }
+
+
+def presence(connection: m.Connection, stale: list[str]) -> m.Presence:
+    """The connection an operator sees: `stale` when online with an attribute overdue."""
+    return "stale" if connection == "online" and stale else connection
+
+
 def apply(snapshot: DeviceSnapshot, event: CloudEvent, seq: int, received: datetime) -> Applied:
     """Apply one event of this device, received by the stream at `received` (its clock)."""
     attributes = dict(snapshot.attributes)
+    reported = dict(snapshot.reported)
+    stale = set(snapshot.stale)
     mark = snapshot.mark
     connection = snapshot.connection
     last_seen = snapshot.last_seen
     status: m.CommandStatusData | None = None
+    said: dict[str, m.AttributeValue] = {}
     try:
         match event.type:
             case "mark":
                 mark = msgspec.convert(event.data or {}, m.MarkData).state
             case "presence_timeout":
-                timeout = msgspec.convert(event.data or {}, m.PresenceTimeoutData, strict=False)
+                found = msgspec.convert(event.data or {}, m.PresenceTimeoutData, strict=False)
                 # A device that spoke after the check that found it silent stays online.
-                if last_seen is None or last_seen <= timeout.last_seen:
+                if found.last_seen is not None and (
+                    last_seen is None or last_seen <= found.last_seen
+                ):
                     connection = "offline"
+                if found.stale is not None:
+                    # An attribute reported after the check that found it overdue is fresh.
+                    stale = {
+                        name
+                        for name, at in found.stale.items()
+                        if name in reported and reported[name] <= at
+                    }
             case _:
                 if not event.source.startswith(PLATFORM_SOURCES):  # the device spoke
                     last_seen = received
                     connection = "offline" if event.type == "goodbye" else "online"
                 if event.type in m.ATTRIBUTE_EVENTS:
-                    attributes.update(m.decode_attributes(event.data))
+                    said = m.decode_attributes(event.data)
                 elif event.type == "hello":
                     hello = msgspec.convert(event.data or {}, m.HelloData)
-                    attributes.update(hello.attributes or {})
+                    said = dict(hello.attributes or {})
                 elif event.type == "command_status":
                     status = msgspec.convert(event.data or {}, m.CommandStatusData)
     except msgspec.ValidationError as exc:
         raise Unapplicable(f"{event.type} data: {exc}".replace("`$", "`$.data")) from exc
 
+    attributes.update(said)
+    if not event.source.startswith(PLATFORM_SOURCES):
+        # A rule's event setting an attribute is not the device reporting it.
+        reported.update(dict.fromkeys(said, received))
+        stale -= said.keys()
+    if connection == "offline":
+        stale = set()  # staleness is an online device's: offline says more
     state = derive_state(mark, attributes)
     changed = [
         name
@@ -78,6 +117,7 @@ def apply(snapshot: DeviceSnapshot, event: CloudEvent, seq: int, received: datet
             ("mark", snapshot.mark, mark),
             ("connection", snapshot.connection, connection),
             ("attributes", snapshot.attributes, attributes),
+            ("stale", snapshot.stale, sorted(stale)),
         )
         if before != after
     ]
@@ -90,5 +130,7 @@ def apply(snapshot: DeviceSnapshot, event: CloudEvent, seq: int, received: datet
         last_seen=last_seen,
         version=snapshot.version + (1 if changed else 0),
         last_seq=seq,
+        reported=reported,
+        stale=sorted(stale),
     )
     return Applied(new, changed, status)

@@ -21,7 +21,7 @@ from libs import subjects
 
 # `(?!\n)$`: Python's `$` also matches before a final newline, so `abc\n` would pass; the
 # look-ahead pins the end, and unlike `\Z` it is valid in the OpenAPI document's regex dialect.
-Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,128}(?!\n)$")]
+Token = Annotated[str, msgspec.Meta(pattern=rf"^{subjects.TOKEN}(?!\n)$")]
 # What a person names a thing: any text but control characters (Postgres refuses a NUL).
 Name = Annotated[
     str,
@@ -45,6 +45,9 @@ ZonedTime = Annotated[
 ]
 DeviceStateName = Literal["off", "active", "triggered"]
 Connection = Literal["online", "offline"]
+# A device's connection as an operator sees it: `stale` is online with at least one attribute
+# not reported for longer than expected (the gauge `smarthome_devices`, rule triggers).
+Presence = Literal["online", "offline", "stale"]
 CommandStatus = Literal["pending", "delivered", "done", "failed", "expired"]
 # What a rule's trace (`RuleFired`) records: a first run, a run after a delay, an end, ...
 TraceKind = Literal["fired", "continued", "cleared", "skipped", "error"]
@@ -147,9 +150,13 @@ class MarkData(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class PresenceTimeoutData(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """No heartbeat since `last_seen`: the device is offline unless it spoke since."""
+    """What the presence scan found. `last_seen`: no heartbeat since then, the device is
+    offline unless it spoke since. `stale`: the attributes overdue, each with the report time
+    it was judged by; an attribute reported since stays fresh, and one stale before but not
+    listed is fresh again (its expected interval changed)."""
 
-    last_seen: datetime
+    last_seen: datetime | None = None
+    stale: dict[str, datetime] | None = None
 
 
 class HelloData(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -212,6 +219,9 @@ class DeviceStateFact(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cause_type: str
     correlation_id: str | None
     time: datetime
+    # Attributes not reported for longer than expected (while online); `stale` in `changed`
+    # when this set changed.
+    stale: list[str] = []
 
 
 class RegistryEntry(msgspec.Struct, frozen=True):
@@ -406,7 +416,10 @@ class EventTrigger(msgspec.Struct, tag="event", forbid_unknown_fields=True, froz
 
 
 class StateTrigger(msgspec.Struct, tag="state", forbid_unknown_fields=True, frozen=True):
-    """A device's `state` or `connection` changing to a value (from a value), for a while."""
+    """A device's `state` or `connection` changing to a value (from a value), for a while.
+
+    `connection` `stale` holds while the device is online with an attribute overdue, and ends
+    when it reports again; `online` holds whether or not an attribute is overdue."""
 
     device_id: Token
     to: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
@@ -417,10 +430,13 @@ class StateTrigger(msgspec.Struct, tag="state", forbid_unknown_fields=True, froz
     for_: DurationValue = msgspec.field(default=0.0, name="for")
 
     def __post_init__(self) -> None:
-        allowed = (
-            ("off", "active", "triggered") if self.attribute == "state" else ("online", "offline")
-        )
         for name, value in (("to", self.to), ("from", self.from_)):
+            if self.attribute == "state":
+                allowed: tuple[str, ...] = ("off", "active", "triggered")
+            elif name == "to":
+                allowed = ("online", "offline", "stale")
+            else:  # a fact says whether a device is stale, not whether it was just before
+                allowed = ("online", "offline")
             if value is not None and value not in allowed:
                 raise ValueError(
                     f"`{name}` must be one of {', '.join(allowed)} for {self.attribute}"
@@ -623,6 +639,9 @@ class DeviceSnapshot(msgspec.Struct, frozen=True):
     last_seen: datetime | None = None
     version: int = 0
     last_seq: int = 0
+    # When each attribute was last reported (the stream's clock), and those overdue.
+    reported: dict[str, datetime] = {}
+    stale: list[str] = []
 
 
 snapshot_decoder = msgspec.json.Decoder(DeviceSnapshot)

@@ -59,6 +59,7 @@ class Observation:
     previous_state: str | None = None
     previous_connection: str | None = None
     cause_id: str | None = None
+    stale: bool = False  # an attribute overdue (`connection` `stale` while online)
 
     @classmethod
     def of(cls, fact: m.DeviceStateFact) -> Observation:
@@ -76,6 +77,7 @@ class Observation:
             fact.previous_state,
             before,
             fact.cause_event_id,
+            bool(fact.stale),
         )
 
 
@@ -162,8 +164,12 @@ def threshold_holds(
 
 
 def state_holds(trigger: m.StateTrigger, obs: Observation, active: bool) -> bool:
-    current = obs.state if trigger.attribute == "state" else obs.connection
-    if current != trigger.to:
+    if trigger.attribute == "connection" and trigger.to == "stale":
+        current_holds = obs.connection == "online" and obs.stale
+    else:
+        current = obs.state if trigger.attribute == "state" else obs.connection
+        current_holds = current == trigger.to
+    if not current_holds:
         return False
     if active or trigger.from_ is None:
         return True

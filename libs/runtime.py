@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from libs import bus, health, logs, service_status
+from libs import bus, health, logs, service_status, tracing
 from libs import settings as settings_mod
 from libs.cache import StateCache, make_cache
 from libs.db.engine import make_engine, make_sessionmaker
@@ -38,6 +38,7 @@ def run(
     except settings_mod.SettingsError as exc:
         sys.exit(f"smarthome {service}: {exc}")
     logs.setup(service, settings.log_level)
+    tracing.setup(service)  # by the OTEL_* variables: off (and free) unless an exporter is named
     freeze_startup_objects()
 
     async def supervise() -> None:

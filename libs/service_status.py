@@ -30,6 +30,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BadRequestError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from libs.health import ReadyCheck
 
@@ -55,9 +56,21 @@ class ServiceState(StrEnum):
     GONE = "gone"  # it stopped writing: dead, hung or cut off from the bus
 
 
+class ConsumerLag(msgspec.Struct, frozen=True):
+    """One durable consumer of a process, as its `/metrics` last showed it (the gauges
+    `smarthome_consumer_pending_messages` and `…_ack_pending_messages`, read from consumer
+    info): messages not yet delivered to it, and delivered but not yet acknowledged."""
+
+    stream: str
+    consumer: str
+    pending: int
+    ack_pending: int | None  # None: this process does not measure it
+
+
 class ServiceStatus(msgspec.Struct, frozen=True):
     """One process's own account of itself, as written to the bucket. Unknown fields are
-    ignored on reading: during a rolling upgrade a newer process may write more."""
+    ignored on reading: during a rolling upgrade a newer process may write more (and an
+    older one less: hence the defaults)."""
 
     name: str
     instance: str
@@ -70,6 +83,7 @@ class ServiceStatus(msgspec.Struct, frozen=True):
     every_s: float  # how often it is rewritten
     version: str
     metrics_url: str | None
+    consumers: list[ConsumerLag] = []
 
 
 _decoder = msgspec.json.Decoder(ServiceStatus)
@@ -112,6 +126,34 @@ def state_of(reason: str | None, was_ready: bool) -> ServiceState:
     if reason is None:
         return ServiceState.READY
     return ServiceState.NOT_READY if was_ready else ServiceState.STARTING
+
+
+PENDING_METRIC = "smarthome_consumer_pending_messages"
+ACK_PENDING_METRIC = "smarthome_consumer_ack_pending_messages"
+
+
+def consumer_lag(registry: CollectorRegistry = REGISTRY) -> list[ConsumerLag]:
+    """This process's consumers' lag, as its `/metrics` shows it now: the same gauges,
+    so that the status page and Prometheus never disagree."""
+    values: dict[str, dict[tuple[str, str], float]] = {PENDING_METRIC: {}, ACK_PENDING_METRIC: {}}
+    for family in registry.collect():
+        found = values.get(family.name)
+        if found is None:
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if "stream" in labels and "consumer" in labels:
+                found[(labels["stream"], labels["consumer"])] = sample.value
+    ack = values[ACK_PENDING_METRIC]
+    return [
+        ConsumerLag(
+            stream=stream,
+            consumer=consumer,
+            pending=int(pending),
+            ack_pending=int(ack[(stream, consumer)]) if (stream, consumer) in ack else None,
+        )
+        for (stream, consumer), pending in sorted(values[PENDING_METRIC].items())
+    ]
 
 
 # --- who this process is ------------------------------------------------------------------------
@@ -185,7 +227,7 @@ async def read_all(js: JetStreamContext, now: float | None = None) -> list[Servi
         while True:
             try:
                 # nats-py leaves its watcher's methods unannotated.
-                entry = await watcher.updates(timeout=READ_WAIT_S)  # type: ignore[no-untyped-call]
+                entry = await watcher.updates(timeout=READ_WAIT_S)  # type: ignore[no-untyped-call]  # nats-py: untyped
             except nats.errors.TimeoutError:
                 break
             if entry is None:  # the current values are all delivered
@@ -199,7 +241,7 @@ async def read_all(js: JetStreamContext, now: float | None = None) -> list[Servi
                 log.warning("unreadable status %s: %s", entry.key, exc)
     finally:
         with contextlib.suppress(Exception):
-            await watcher.stop()  # type: ignore[no-untyped-call]
+            await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py: untyped
     at = time.time() if now is None else now
     return sorted((seen(s, at) for s in found.values()), key=lambda s: (s.name, s.instance))
 
@@ -243,6 +285,7 @@ class Reporter:
             every_s=self._every,
             version=self.me.version,
             metrics_url=self.me.metrics_url,
+            consumers=consumer_lag(),
         )
 
     async def write(self) -> None:

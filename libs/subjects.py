@@ -16,10 +16,12 @@ COMMANDS_ALL = "commands.>"
 SYSTEM_ALL = "system.>"
 DEADLETTER_ALL = "deadletter.>"
 
-# One subject token: what a device id, an event type or a rule id may be.
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# One subject token: what a device id, an event type or a rule id may be. The one pattern:
+# libs.messages.Token and the gateway's schemas are built from it.
+TOKEN = r"[A-Za-z0-9_-]{1,128}"
+_TOKEN = re.compile(rf"^{TOKEN}$")
 # A subscription filter: tokens, `*` for one token, `>` for the rest.
-_FILTER_TOKEN = re.compile(r"^([A-Za-z0-9_-]{1,128}|\*)$")
+_FILTER_TOKEN = re.compile(rf"^({TOKEN}|\*)$")
 
 
 def is_token(value: str) -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Protocol
 
+from prometheus_client import Histogram
 from sqlalchemy import ColumnElement, event, or_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
@@ -15,8 +17,40 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+DB_SECONDS = Histogram(
+    "smarthome_db_seconds", "Time the database took to run a statement", ["operation"]
+)
+OPERATIONS = ("select", "insert", "update", "delete")
+_TIMERS = {op: DB_SECONDS.labels(op) for op in (*OPERATIONS, "other")}
+
+
+def operation(statement: str) -> str:
+    """The metric's label for a statement: its verb, or `other` (DDL, PRAGMA, WITH, ...)."""
+    verb = statement.lstrip()[:6].lower()
+    return verb if verb in OPERATIONS else "other"
+
+
+def _timed(engine: AsyncEngine) -> AsyncEngine:
+    """Time every statement the engine runs into `smarthome_db_seconds` (an executemany once)."""
+
+    @event.listens_for(engine.sync_engine, "before_cursor_execute")
+    def _start(_conn: Any, _cursor: Any, _statement: str, *_: Any) -> None:
+        _conn.info["smarthome_started"] = time.perf_counter()
+
+    @event.listens_for(engine.sync_engine, "after_cursor_execute")
+    def _stop(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        started = _conn.info.pop("smarthome_started", None)
+        if started is not None:
+            _TIMERS[operation(statement)].observe(time.perf_counter() - started)
+
+    return engine
+
 
 def make_engine(url: str) -> AsyncEngine:
+    return _timed(_make_engine(url))
+
+
+def _make_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": 30})
 

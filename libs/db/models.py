@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import msgspec
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -23,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from libs.messages import Connection, DeviceSnapshot, DeviceStateName
+from libs.messages import Connection, DeviceSnapshot, DeviceStateName, Rule, RuleSpec
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -83,6 +84,9 @@ class Device(Base):
     lifecycle: Mapped[str] = mapped_column(String(16), default="active")
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    # Seconds each attribute may go unreported before it is stale, over the kind's defaults
+    # (`libs.capabilities.report_intervals`); null turns a default off.
+    report_intervals: Mapped[dict[str, float | None]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now, onupdate=_now)
 
@@ -102,6 +106,10 @@ class DeviceState(Base):
     # The highest EVENTS stream sequence applied: a redelivery at or below it is skipped.
     last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    # When each attribute was last reported (ISO 8601 times, as `reported_times` writes them)
+    # and the attributes overdue: written with the rest of the state, read by presence.
+    reported: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    stale: Mapped[list[str]] = mapped_column(JSON, default=list)
 
     def snapshot(self) -> DeviceSnapshot:
         return DeviceSnapshot(
@@ -113,7 +121,14 @@ class DeviceState(Base):
             last_seen=self.last_seen,
             version=self.version,
             last_seq=self.last_seq,
+            reported={k: datetime.fromisoformat(v) for k, v in (self.reported or {}).items()},
+            stale=list(self.stale or []),
         )
+
+
+def reported_times(reported: dict[str, datetime]) -> dict[str, str]:
+    """`DeviceState.reported` as the JSON column holds it."""
+    return {name: at.isoformat() for name, at in reported.items()}
 
 
 class CommandRecord(Base):
@@ -142,6 +157,21 @@ class RuleRecord(Base):
     home: Mapped[str | None] = mapped_column(String(128), index=True, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now, onupdate=_now)
+
+    def to_rule(self) -> Rule:
+        """The rule as the engine, the actions and a dry run read it (one reading for all)."""
+        spec = msgspec.convert(self.spec, RuleSpec)
+        return Rule(
+            id=self.id,
+            name=self.name,
+            trigger=spec.trigger,
+            actions=spec.actions,
+            enabled=self.enabled and spec.enabled,
+            version=self.version,
+            conditions=spec.conditions,
+            mode=spec.mode,
+            home=self.home,
+        )
 
 
 class RuleRun(Base):

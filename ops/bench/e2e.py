@@ -75,7 +75,7 @@ from libs.db.models import Device
 from libs.settings import Settings
 
 # The histogram of the time the actors spend on each fetched batch (their /metrics).
-ACTORS_BATCH_METRIC = "smarthome_actor_batch_seconds"
+ACTORS_BATCH_METRIC = "smarthome_event_apply_seconds"
 LATENCY_RATE = 1000.0
 LATENCY_SECONDS = 10.0
 HTTP_SINGLE = 3000

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from libs import bus, runtime, subjects
+from libs import bus, commands, runtime, subjects
 from libs.lease import Lease
 from services.actors.presence import scan_forever
 from services.actors.store import StateStore
@@ -17,6 +17,7 @@ async def work(p: runtime.Process) -> None:
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(worker.run(p.stop))
         tasks.create_task(scan_forever(p.js, p.sessions, p.settings.heartbeat_timeout_s, p.stop))
+        tasks.create_task(commands.expire_forever(p.sessions, p.stop))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from libs import messages as m
 from libs.actor_batch import Standing, standing
 from libs.cache import StateCache
 from libs.db.engine import insert_ignoring_duplicates, upsert
-from libs.db.models import CommandRecord, Device, DeviceState
+from libs.db.models import CommandRecord, Device, DeviceState, reported_times
 from libs.messages import DeviceSnapshot
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ def to_row(s: DeviceSnapshot) -> dict:
         "version": s.version,
         "last_seq": s.last_seq,
         "updated_at": m.now(),
+        "reported": reported_times(s.reported),
+        "stale": s.stale,
     }
 
 

@@ -36,9 +36,9 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 from prometheus_client import Counter, Histogram
 
-from libs import bus, subjects
+from libs import bus, commands, subjects, tracing
 from libs import messages as m
-from libs.actor_batch import Effects, Incoming, decide, standing
+from libs.actor_batch import Effects, Fact, Incoming, decide, standing
 from libs.consumer import Consumer, Dead, Delivery, Item, Retry, Undecodable, Verdict
 from libs.lease import Lease
 from services.actors.store import StateStore
@@ -49,8 +49,18 @@ DURABLE = bus.ACTORS_DURABLE
 BATCH = bus.ACTORS_BATCH
 
 APPLIED = Counter("smarthome_actor_events_total", "Events handled by the actors", ["outcome"])
+EVENTS_APPLIED = Counter(
+    "smarthome_events_applied_total", "Events applied to a device's state, by type", ["type"]
+)
+# Every event of a batch is applied when the batch commits: timed once per batch.
 BATCH_SECONDS = Histogram(
-    "smarthome_actor_batch_seconds", "Time to decide one batch, store its facts and commit it"
+    "smarthome_event_apply_seconds",
+    "Time to apply a batch of events: decide, store its facts, commit its state",
+)
+# The label's values: the platform's event types; a device's own types are `custom` (a label
+# value per type a device makes up would grow without bound).
+KNOWN_TYPES = frozenset(
+    (*m.ATTRIBUTE_EVENTS, *m.PRESENCE_EVENTS, "mark", "presence_timeout", "command_status")
 )
 WRITE_SECONDS = Histogram("smarthome_actor_write_seconds", "Time to commit one batch's state")
 
@@ -78,6 +88,31 @@ def decode(delivery: Delivery) -> m.CloudEvent:
             f"but was published on {delivery.subject!r}"
         )
     return event
+
+
+class _Cause(msgspec.Struct):
+    """What a fact says of the event that caused it (a state fact, a rejection)."""
+
+    cause_event_id: str | None = None
+    event_id: str | None = None
+
+
+_cause = msgspec.json.Decoder(_Cause)
+
+
+def fact_traceparents(
+    facts: list[Fact], items: list[Item[m.CloudEvent]]
+) -> list[str | None] | None:
+    """Each fact's `traceparent`: its cause event's item's. None when no event carries one
+    (tracing off and no client trace: nothing read, the actors' usual case)."""
+    by_event = {i.value.id: i.traceparent for i in items if i.traceparent}
+    if not by_event:
+        return None
+    out: list[str | None] = []
+    for _, body, _ in facts:
+        cause = _cause.decode(body)
+        out.append(by_event.get(cause.cause_event_id or cause.event_id or ""))
+    return out
 
 
 class ActorWorker:
@@ -153,13 +188,20 @@ class ActorWorker:
     async def handle(self, items: list[Item[m.CloudEvent]]) -> dict[int, Verdict]:
         """Decide the batch, store its facts, commit its state; `Retry` while a dependency
         is down (the batch is decided again then, on the same committed state)."""
-        with BATCH_SECONDS.time():
+        with BATCH_SECONDS.time(), tracing.batch("actors apply", (i.traceparent for i in items)):
             async with self._writing:
-                effects = await self._decide(items)
-                await self._publish(effects)
-                await self._write(effects)
+                with tracing.span("actors decide"):
+                    effects = await self._decide(items)
+                with tracing.span("actors publish facts"):
+                    await self._publish(effects, items)
+                with tracing.span("actors write"):
+                    await self._write(effects)
         for outcome, count in effects.outcomes.items():
             APPLIED.labels(outcome).inc(count)
+        for event_type, count in effects.applied.items():
+            EVENTS_APPLIED.labels(event_type if event_type in KNOWN_TYPES else "custom").inc(count)
+        for _, status in effects.statuses:  # committed: each device report counted once
+            commands.STATUSES.labels(status.status).inc()
         return {seq: Dead(reason, "unapplicable") for seq, reason in effects.dead.items()}
 
     async def _decide(self, items: list[Item[m.CloudEvent]]) -> Effects:
@@ -176,13 +218,15 @@ class ActorWorker:
         _, effects = decide(state, batch, m.now())
         return effects
 
-    async def _publish(self, effects: Effects) -> None:
+    async def _publish(self, effects: Effects, items: list[Item[m.CloudEvent]]) -> None:
         """Store the facts before the state they describe is committed: a crash in between
-        leaves a redelivery that decides (and publishes, de-duplicated) the same again."""
+        leaves a redelivery that decides (and publishes, de-duplicated) the same again.
+        Each fact continues the trace of the event that caused it."""
         if not effects.facts:
             return
+        traceparents = fact_traceparents(effects.facts, items)
         try:
-            await bus.publish_many(self._js, effects.facts, timeout=10.0)
+            await bus.publish_many(self._js, effects.facts, timeout=10.0, traceparents=traceparents)
         except Exception as exc:
             raise Retry(f"fact publish failed, retrying: {exc!r}") from exc
 

@@ -20,6 +20,7 @@ from datetime import datetime
 
 import msgspec
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -149,7 +150,7 @@ class Kicker:
         inbox = self._system.new_inbox()
         answers: asyncio.Queue[bytes] = asyncio.Queue()
 
-        async def on_answer(msg):  # type: ignore[no-untyped-def]
+        async def on_answer(msg: Msg) -> None:
             answers.put_nowait(msg.data)
 
         sub = await self._system.subscribe(inbox, cb=on_answer)

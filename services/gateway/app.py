@@ -13,10 +13,11 @@ from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi.spec import Components, SecurityScheme, Tag
+from litestar.plugins import PluginProtocol
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from nats.aio.msg import Msg
 
-from libs import outbox, subjects
+from libs import outbox, subjects, tracing
 from libs.principals import Permission
 from libs.settings import Settings
 from services.gateway import connections, problems
@@ -99,6 +100,21 @@ def _login_limit(settings: Settings) -> DefineMiddleware:
     ).middleware
 
 
+def _tracing() -> list[PluginProtocol]:
+    """The HTTP spans (OpenTelemetry's ASGI instrumentation), when the OTEL_* variables name
+    an exporter (`libs.tracing`); nothing at all otherwise. A span's context is current while
+    the request runs: what it publishes carries its `traceparent`."""
+    tracing.setup("gateway")
+    if not tracing.enabled():
+        return []
+    from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+
+    config = OpenTelemetryConfig(
+        tracer_provider=tracing.provider(), exclude=["^/health/", "^/metrics"]
+    )
+    return [OpenTelemetryPlugin(config)]
+
+
 def create_app(settings: Settings) -> Litestar:
     """Build the app; the lifespan opens the database engine, NATS and the cache."""
 
@@ -179,6 +195,7 @@ def create_app(settings: Settings) -> Litestar:
             *_write_limit(settings),
         ],
         before_send=[security_headers],
+        plugins=_tracing(),
         exception_handlers=problems.exception_handlers(),
         openapi_config=OpenAPIDocumentConfig(
             title="smarthome",

@@ -164,7 +164,7 @@ async def roll_up_hour(
         async for device_id, time, data in history:
             tally.add(device_id, time, data)
         rows = tally.rows()
-        statement = upsert(session.bind, HourlyStatistic.__table__, STATISTIC_KEY)  # type: ignore[arg-type]
+        statement = upsert(session.get_bind(), HourlyStatistic.__table__, STATISTIC_KEY)
         for start in range(0, len(rows), WRITE_ROWS):
             await session.execute(statement, rows[start : start + WRITE_ROWS])
         await session.execute(

@@ -14,7 +14,7 @@ from prometheus_client import Counter
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from libs import bus, commands, subjects
+from libs import bus, commands, subjects, tracing
 from libs.consumer import Consumer, Dead, Delivery, Item, Retry, Verdict
 from libs.db import audit
 from libs.db.engine import insert_ignoring_duplicates, refused
@@ -101,8 +101,10 @@ class StreamRecorder:
         return verdicts
 
     async def _written(self, items: list[Item[to_rows.Rows]]) -> None:
-        """Write `items` (see `_write`) and count them once written."""
-        await self._write(merged(items))
+        """Write `items` (see `_write`) and count them once written (a span for the batch,
+        in the trace of its messages when they share one, else linked to each)."""
+        with tracing.batch("recorder write", (i.traceparent for i in items), stream=self._stream):
+            await self._write(merged(items))
         RECORDED.labels(self._stream, "recorded").inc(len(items))
 
     async def _write(self, rows: to_rows.Rows) -> None:

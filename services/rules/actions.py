@@ -7,11 +7,17 @@ from datetime import datetime
 
 import msgspec
 from nats.js import JetStreamContext
+from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from libs import bus, commands, rule_logic, subjects
+from libs import bus, commands, rule_logic, subjects, tracing
 from libs import messages as m
 from libs.rule_logic import DeviceInfo, Episode
+
+RUNS = Counter("smarthome_rule_runs_total", "Rule runs traced, by kind", ["kind"])
+ERRORS = Counter(
+    "smarthome_rule_errors_total", "Rule actions that failed (an error, or a refused device)"
+)
 
 
 class ActionRunner:
@@ -47,7 +53,8 @@ class ActionRunner:
                 )
                 continue
             try:
-                outcome, command = await self._run(rule, episode, index, action)
+                with tracing.span("rules action", rule=rule.id, action=_name(action)):
+                    outcome, command = await self._run(rule, episode, index, action)
             except Exception as exc:  # one failing action is traced; the engine goes on
                 outcome = m.ActionOutcome(_name(action), False, f"{type(exc).__name__}: {exc}")
             else:
@@ -196,7 +203,10 @@ class ActionRunner:
         msg_id = f"{kind}:{episode.id}:{part}"
         if kind == "skipped":  # each skipped trigger is its own trace
             msg_id += f":{episode.trigger_event_id}"
-        await bus.publish(self._js, subjects.rule_fired(rule.id), fired, msg_id=msg_id)
+        ack = await bus.publish(self._js, subjects.rule_fired(rule.id), fired, msg_id=msg_id)
+        if not ack.duplicate:  # a run traced again after a crash is counted once
+            RUNS.labels(kind).inc()
+            ERRORS.inc(sum(not outcome.ok for outcome in outcomes))
 
 
 def _name(action: m.Action) -> str:

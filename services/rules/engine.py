@@ -31,7 +31,7 @@ from nats.js.kv import KeyValue
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from libs import bus, episodes, subjects
+from libs import bus, episodes, subjects, tracing
 from libs import messages as m
 from libs.consumer import Consumer, Delivery, Item, Verdict
 from libs.lease import Lease
@@ -249,7 +249,11 @@ class RulesEngine:
                         self._decided.episodes, seq, self._decided.event_seq
                     )
                     continue
-                self._decide(episodes.on_fact(self._decided, seq, fact, watching, self._world, now))
+                # What the decision does (a command, a fired fact) continues the fact's trace.
+                with tracing.caused_by(item.traceparent, "rules decide", device=fact.device_id):
+                    self._decide(
+                        episodes.on_fact(self._decided, seq, fact, watching, self._world, now)
+                    )
             effects = self._effects.take()
         await _settle(effects)
         return {}
@@ -260,18 +264,19 @@ class RulesEngine:
             now = m.now()
             for item in items:
                 d = item.delivery
-                self._decide(
-                    episodes.on_event(
-                        self._decided,
-                        d.seq,
-                        d.subject,
-                        item.value,
-                        d.time,
-                        self._rules.on_events,
-                        self._world,
-                        now,
+                with tracing.caused_by(item.traceparent, "rules decide", subject=d.subject):
+                    self._decide(
+                        episodes.on_event(
+                            self._decided,
+                            d.seq,
+                            d.subject,
+                            item.value,
+                            d.time,
+                            self._rules.on_events,
+                            self._world,
+                            now,
+                        )
                     )
-                )
             effects = self._effects.take()
         await _settle(effects)
         return {}

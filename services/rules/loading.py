@@ -20,21 +20,6 @@ from libs.rule_logic import DeviceInfo, DeviceView, Episode, episode_decoder
 log = logging.getLogger(__name__)
 
 
-def rule_from_record(record: RuleRecord) -> m.Rule:
-    spec = msgspec.convert(record.spec, m.RuleSpec)
-    return m.Rule(
-        id=record.id,
-        name=record.name,
-        trigger=spec.trigger,
-        actions=spec.actions,
-        enabled=record.enabled and spec.enabled,
-        version=record.version,
-        conditions=spec.conditions,
-        mode=spec.mode,
-        home=record.home,
-    )
-
-
 class RuleBook:
     """The enabled rules, indexed by what wakes them: a state fact of a device no rule names
     and no selector can match costs a dictionary look-up."""
@@ -91,7 +76,7 @@ async def load_rules(
         if not owns(record.id):
             continue
         try:
-            rules[record.id] = rule_from_record(record)
+            rules[record.id] = record.to_rule()
         except (msgspec.ValidationError, ValueError) as exc:
             log.error("rule %s cannot be loaded: %s", record.id, exc)
     return RuleBook(rules)

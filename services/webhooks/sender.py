@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
-from libs import webhooks
+from libs import tracing, webhooks
 from libs.webhooks import Failure
 from services.webhooks.payload import Payload
 
@@ -127,6 +127,9 @@ class Sender:
         signed = webhooks.signature_headers(
             self._secret, payload.msg_id, int(time.time()), payload.body
         )
+        traceparent = tracing.current_traceparent()  # the receiver may continue the trace
+        if traceparent:
+            signed[tracing.TRACEPARENT] = traceparent
         try:
             async with asyncio.timeout(self._timeout):
                 async with self._session.post(

@@ -24,7 +24,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from nats.aio.client import Client as NATS
@@ -32,7 +32,7 @@ from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter
 
-from libs import consumer, subjects, webhooks
+from libs import consumer, subjects, tracing, webhooks
 from libs import messages as m
 from libs.consumer import Consumer, Delivery, Retry
 from libs.errors import Unavailable
@@ -45,7 +45,14 @@ from services.webhooks.store import DeliveryStore, Event, Known, Target
 
 log = logging.getLogger(__name__)
 
-ATTEMPTS = Counter("smarthome_webhook_attempts_total", "Webhook delivery attempts", ["outcome"])
+DELIVERIES = Counter(
+    "smarthome_webhook_deliveries_total",
+    "Webhook requests by result: delivered, retried (failed, tried again later), failed (no "
+    "more tries: a dead letter)",
+    ["result"],
+)
+# A delivery record's status after an attempt, as the counter's result names it.
+RESULTS = {webhooks.DELIVERED: "delivered", webhooks.PENDING: "retried", webhooks.FAILED: "failed"}
 EVENTS = Counter("smarthome_webhook_events_total", "Events delivered by webhooks", ["source"])
 # After an unexpected error in a re-drive (database or bus down): wait, then carry on.
 ERROR_PAUSE_S = 2.0
@@ -72,6 +79,17 @@ def sources(target: Target) -> tuple[Source, Source]:
             subjects.SYSTEM_STREAM,
             subjects.webhook_notify_consumer(target.id),
         ),
+    )
+
+
+def traced(received: consumer.Item[Item]) -> Item:
+    """The message, carrying in its headers the `traceparent` its delivery continues
+    (tracing on: its consume span's; off: its own, unchanged)."""
+    item, traceparent = received.value, received.traceparent
+    if traceparent is None or (item.nats_headers or {}).get(tracing.TRACEPARENT) == traceparent:
+        return item
+    return replace(
+        item, nats_headers={**(item.nats_headers or {}), tracing.TRACEPARENT: traceparent}
     )
 
 
@@ -183,7 +201,7 @@ class SourceWorker:
         """Send the batch in order; a database or bus error is the runtime's `Retry` (the
         rest of the batch is handled again after a back-off)."""
         try:
-            await self._deliver([received.value for received in batch])
+            await self._deliver([traced(received) for received in batch])
         except (Retry, Unavailable):
             raise
         except Exception as exc:
@@ -221,9 +239,12 @@ class SourceWorker:
     async def _attempt(self, chunk: list[Item], known: Known | None) -> bool:
         """Send one request; whether its events are settled (delivered or dead-lettered)."""
         payload = self._render(chunk)
-        outcome = await self._sender.send(payload)
+        # The request continues the trace of the (first) event it carries.
+        traceparent = (chunk[0].nats_headers or {}).get(tracing.TRACEPARENT)
+        with tracing.caused_by(traceparent, "webhooks deliver", subscription=str(self.target.id)):
+            outcome = await self._sender.send(payload)
         if outcome.ok and known is None:
-            ATTEMPTS.labels(webhooks.DELIVERED).inc()
+            DELIVERIES.labels("delivered").inc()
             self._delivered(len(chunk))
             return True
         attempted = self._decide(known, outcome, self._settings.retry)
@@ -366,7 +387,7 @@ class SourceWorker:
         return after_attempt(known.previous if known else None, outcome, m.now(), policy, self._rng)
 
     def _log(self, events: Sequence[Event], payload: Payload, attempted: Attempted) -> None:
-        ATTEMPTS.labels(attempted.status).inc()
+        DELIVERIES.labels(RESULTS[attempted.status]).inc()
         what = (
             f"seq={events[0].seq}"
             if len(events) == 1

@@ -14,9 +14,11 @@ import httpx
 import nats
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
+from prometheus_client.parser import text_string_to_metric_families
 
-from libs import embedded_nats, subjects
+from libs import bus, bus_grants, embedded_nats, subjects
 from libs import messages as m
+from services.launcher.cli import BUS_DIR, SERVICES
 from tests.e2e.up import ADMIN_PASSWORD, Up
 from tests.helpers import eventually, unique_id
 
@@ -35,6 +37,7 @@ FLAGS = [
 ]
 SLOW_S = 60  # the demo's rule holds for 3 s; the first start compiles and migrates
 SCREENSHOT = Path(__file__).resolve().parents[2] / "ops" / "ui.png"  # shown by the README
+STATUS_SCREENSHOT = SCREENSHOT.with_name("status.png")  # the status page, also in the README
 REFRESH_KEY = "smarthome.refresh_token"  # where the page keeps it (sessionStorage)
 SHORT_TOKEN_S = 6  # the shared platform's access tokens: renewed while a test watches
 
@@ -57,12 +60,19 @@ async def browser(chromium: Path) -> AsyncIterator[Browser]:
 
 
 @pytest.fixture(scope="module")
-async def shared_up(chromium: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Up]:
+def shared_nats_port() -> int:
+    return embedded_nats.free_port()
+
+
+@pytest.fixture(scope="module")
+async def shared_up(
+    chromium: Path, shared_nats_port: int, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Up]:
     """One platform for the tests that only sign in and look; its access tokens live a few
     seconds, so that the page has to renew them while a test watches."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SMARTHOME_ACCESS_TOKEN_TTL", str(SHORT_TOKEN_S))
-        up = Up(tmp_path_factory.mktemp("up"), embedded_nats.free_port(), embedded_nats.free_port())
+        up = Up(tmp_path_factory.mktemp("up"), embedded_nats.free_port(), shared_nats_port)
     try:
         await up.ready()
         yield up
@@ -351,3 +361,166 @@ async def _light_is(page: Page, on: bool) -> None:
     await expect(attributes).to_contain_text(
         f"on={'true' if on else 'false'}", timeout=SLOW_S * 1000
     )
+
+
+async def test_the_status_page_shows_the_platform_and_acts_on_dead_letters(
+    shared_up: Up, shared_nats_port: int, browser: Browser
+) -> None:
+    up, bus_url = shared_up, f"nats://127.0.0.1:{shared_nats_port}"
+    # A registered device sends an event nobody can read: the actors give up on it.
+    device = unique_id("broken")
+    created = _admin(up, "POST", "/api/v1/devices", {"id": device, "name": "B", "kind": "sensor"})
+    assert created.status_code == 201, created.text
+    credentials = created.json()["credentials"]
+    malformed = subjects.device_events(device, "telemetry")
+    await _publish_as_device(bus_url, device, credentials["password"], malformed, b'{"broken json')
+    # ... and a good event they gave up on while something was wrong (fixed since).
+    good = m.make_event(device, "telemetry", {"power_w": 42.0})
+    await _dead_letter_as_actors(bus_url, up.stderr.parent, good)
+
+    tab = await open_page(browser, up)
+    page = tab.page
+    await sign_in(page)
+    await signed_in_as_admin(page)
+    await page.get_by_role("link", name="status").click()
+    await expect(page.get_by_role("heading", name="Platform status")).to_be_focused()
+
+    # Every process of `smarthome up` is listed, ready.
+    for name in SERVICES:
+        row = page.locator(f'#services tr[data-service="{name}"]')
+        await expect(row.locator('[data-field="state"]')).to_have_text(
+            "ready", timeout=SLOW_S * 1000
+        )
+    await expect(page.locator('[data-tile="services"] dd')).to_have_text(
+        f"{len(SERVICES)} / {len(SERVICES)}"
+    )
+    # Each consumer's lag, as the processes' own /metrics show it.
+    await expect(page.locator("#lag tr[data-consumer]").first).to_be_visible()
+    listed = _admin(up, "GET", "/api/v1/system/services").json()["items"]
+    shown = {
+        (await r.get_attribute("data-stream"), await r.get_attribute("data-consumer"))
+        for r in await page.locator("#lag tr[data-consumer]").all()
+    }
+    reported = {(c["stream"], c["consumer"]) for s in listed for c in s["consumers"]}
+    assert shown == reported and shown, (shown, reported)
+    assert reported == await _consumers_in_metrics(up, listed)
+    await expect(page.locator('[data-tile="online"] dd')).not_to_have_text("0")
+    # The devices by presence, as the actors' gauge counts them.
+    actors_metrics = next(s["metrics_url"] for s in listed if s["name"] == "actors")
+
+    async def same_devices_as_the_gauge() -> bool:
+        await page.get_by_role("button", name="refresh", exact=True).click()
+        gauge = _devices_in_metrics(actors_metrics)
+        for presence in ("online", "offline", "stale"):
+            shown = await page.locator(f'[data-tile="{presence}"] dd').text_content()
+            assert shown == str(gauge[presence]), (presence, shown, gauge)
+        return True
+
+    await eventually(same_devices_as_the_gauge, timeout=30)
+
+    # Both dead letters, with their reasons.
+    letters = page.locator("#deadletters tr[data-deadletter]")
+    broken = letters.filter(has_text="invalid event").filter(has_text=malformed)
+    fixed = letters.filter(has_text="database was down")
+    await expect(broken).to_have_count(1, timeout=SLOW_S * 1000)
+    await expect(fixed).to_have_count(1)
+    await expect(page.locator('[data-tile="deadletters"] dd')).not_to_have_text("0")
+    if os.environ.get("SMARTHOME_UI_SCREENSHOT"):  # refresh the README's picture
+        await page.screenshot(path=STATUS_SCREENSHOT, full_page=True)
+
+    # Redrive of the fixed one: applied, and gone from the list.
+    await fixed.get_by_role("button", name="Redrive").click()
+    await expect(fixed).to_have_count(0)
+    await expect(page.locator("#notice")).to_contain_text(f"sent back to {good.nats_subject}")
+    await eventually(
+        lambda: (
+            _admin(up, "GET", f"/api/v1/devices/{device}").json()["attributes"].get("power_w")
+            == 42.0
+        )
+    )
+
+    # A redrive the API refuses (someone else sent it back first): the reason, in place.
+    await page.get_by_label("refresh every 5 s").uncheck()
+    seq = await broken.first.get_attribute("data-deadletter")
+    assert _admin(up, "POST", f"/api/v1/deadletters/{seq}/redrive").status_code == 200
+    await broken.get_by_role("button", name="Redrive").click()
+    problem = page.locator(f'tr[data-deadletter="{seq}"] [data-field="problem"]')
+    await expect(problem).to_contain_text(f"no dead letter has sequence {seq}")
+    await page.get_by_role("button", name=f"dismiss the refusal of dead letter {seq}").click()
+    await expect(page.locator(f'tr[data-deadletter="{seq}"]')).to_have_count(0)
+
+    # The audit log's chain, verified from its view.
+    await page.get_by_role("link", name="home").click()
+    await page.get_by_role("button", name="verify").click()
+    await expect(page.locator("#audit-verdict")).to_contain_text("ok: ", timeout=SLOW_S * 1000)
+    assert tab.problems == []
+
+
+async def _publish_as_device(
+    bus_url: str, device_id: str, password: str, subject: str, data: bytes
+) -> None:
+    nc = await nats.connect(
+        bus_url,
+        user=device_id,
+        password=password,
+        inbox_prefix=subjects.device_inbox(device_id),
+    )
+    try:
+        await nc.jetstream().publish(subject, data)
+    finally:
+        await nc.close()
+
+
+async def _dead_letter_as_actors(bus_url: str, data_dir: Path, event: m.CloudEvent) -> None:
+    """What the actors do with an event they cannot apply now (as `bus.dead_letter` does),
+    under their bus identity (the launcher keeps the services' passwords in the data dir)."""
+    passwords = bus_grants.ensure_service_passwords(data_dir / BUS_DIR)
+    nc = await bus.connect(bus_url, "ui-test", "actors", passwords["actors"].password)
+    try:
+        origin = ("EVENTS", 10**9 + secrets.randbelow(10**6))
+        await bus.dead_letter_stored(
+            nc.jetstream(),
+            event.nats_subject,
+            m.encode(event),
+            origin,
+            "database was down",
+            "actors-0",
+        )
+    finally:
+        await nc.close()
+
+
+async def _consumers_in_metrics(up: Up, services: list[dict]) -> set[tuple[str, str]]:
+    """The (stream, consumer) pairs of the lag gauge on every process's /metrics."""
+    found: set[tuple[str, str]] = set()
+    for service in services:
+        headers = {"Authorization": f"Bearer {up.login()}"} if service["name"] == "gateway" else {}
+        page = httpx.get(service["metrics_url"], headers=headers, timeout=10)
+        assert page.status_code == 200, (service["name"], page.status_code)
+        for family in text_string_to_metric_families(page.text):
+            if family.name == "smarthome_consumer_pending_messages":
+                found |= {(s.labels["stream"], s.labels["consumer"]) for s in family.samples}
+    return found
+
+
+def _devices_in_metrics(url: str) -> dict[str, int]:
+    """`smarthome_devices` summed over lifecycles, by presence."""
+    page = httpx.get(url, timeout=10)
+    assert page.status_code == 200, page.status_code
+    counts = {"online": 0, "offline": 0, "stale": 0}
+    for family in text_string_to_metric_families(page.text):
+        if family.name == "smarthome_devices":
+            for sample in family.samples:
+                counts[sample.labels["connection"]] += int(sample.value)
+    return counts
+
+
+def _admin(up: Up, method: str, path: str, body: object = None) -> httpx.Response:
+    """A call as the administrator with a token of its own: the shared platform's expire
+    faster than `Up` renews its cached one. No answer in time is an AssertionError, which
+    `eventually` retries."""
+    headers = {"Authorization": f"Bearer {up.login()}"}
+    try:
+        return httpx.request(method, up.api + path, json=body, headers=headers, timeout=10)
+    except httpx.TransportError as exc:
+        raise AssertionError(f"{method} {path}: {exc!r}") from exc

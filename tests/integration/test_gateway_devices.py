@@ -54,6 +54,10 @@ async def test_registry_round_trip(client: AsyncTestClient) -> None:
         "attributes": {},
         "last_seen": None,
         "version": 0,
+        # No attribute reported yet, none expected of a light on a schedule.
+        "report_intervals": {},
+        "reports": {},
+        "presence": "offline",
         # What the UI offers as buttons: the light kind's actions, with their params.
         "actions": [
             {"name": "turn_on", "params": []},

@@ -5,13 +5,19 @@ settling the prefix of its batch it finished (`Consumer.settle`), with stand-in 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
 
+from libs import tracing
 from libs.consumer import (
     Consumer,
     Dead,
@@ -212,3 +218,98 @@ async def test_settle_is_for_a_handler_while_it_runs() -> None:
     consumer = runtime(AckPolicy.ALL, None)
     with pytest.raises(RuntimeError, match="while it runs"):
         await consumer.settle(1)
+
+
+# --- traces -------------------------------------------------------------------------------------
+
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_PARENT = f"00-{CLIENT_TRACE}-00f067aa0ba902b7-01"
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    yield exporter
+    tracing.install(None)
+
+
+def seq_of(span: ReadableSpan) -> Any:
+    return (span.attributes or {})["messaging.nats.stream.sequence"]
+
+
+def carrying(settled: list[tuple[str, int]], seq: int, traceparent: str | None) -> Delivery:
+    headers = {"traceparent": traceparent} if traceparent else None
+    return Delivery("events.d.x", b"{}", headers, "EVENTS", seq, NOW, 1, SettlingMsg(seq, settled))  # type: ignore[arg-type]
+
+
+async def test_tracing_off_an_item_carries_its_messages_traceparent_unchanged() -> None:
+    tracing.install(None)
+    seen: list[str | None] = []
+
+    async def handle(items: list[Item[int]]) -> None:
+        seen.extend(i.traceparent for i in items)
+
+    consumer = runtime(AckPolicy.ALL, handle)
+    batch = [carrying([], 1, CLIENT_PARENT), carrying([], 2, None)]
+    assert await consumer._process(batch, asyncio.Event())
+    assert seen == [CLIENT_PARENT, None]
+
+
+async def test_tracing_on_each_message_has_a_span_in_its_trace_ended_once_settled(
+    spans: InMemorySpanExporter,
+) -> None:
+    settled: list[tuple[str, int]] = []
+    onward: list[str | None] = []
+
+    async def handle(items: list[Item[int]]) -> dict[int, Verdict]:
+        onward.extend(i.traceparent for i in items)
+        await consumer.settle(1)
+        assert [seq_of(s) for s in spans.get_finished_spans()] == [1]
+        return {2: Nak(1.0)}
+
+    consumer = runtime(AckPolicy.EXPLICIT, handle)
+    batch = [carrying(settled, 1, CLIENT_PARENT), carrying(settled, 2, None)]
+    assert await consumer._process(batch, asyncio.Event())
+
+    first, second = sorted(
+        spans.get_finished_spans(),
+        key=seq_of,
+    )
+    assert first.kind == SpanKind.CONSUMER and first.status.status_code == StatusCode.UNSET
+    assert format(first.context.trace_id, "032x") == CLIENT_TRACE  # type: ignore[union-attr]
+    assert first.parent is not None and format(first.parent.span_id, "016x") == "00f067aa0ba902b7"
+    assert second.parent is None  # no context came with it: a trace of its own
+    assert second.status.status_code == StatusCode.ERROR  # nak'ed
+    # What the worker publishes for each message is a child of its span.
+    assert [tp.split("-")[1:3] for tp in onward if tp] == [
+        [format(s.context.trace_id, "032x"), format(s.context.span_id, "016x")]  # type: ignore[union-attr]
+        for s in (first, second)
+    ]
+
+
+async def test_tracing_on_a_retried_batch_ends_its_spans_as_errors(
+    spans: InMemorySpanExporter,
+) -> None:
+    calls = 0
+
+    async def handle(items: list[Item[int]]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise Retry("the database is away")
+
+    consumer = runtime(AckPolicy.ALL, handle)
+    with_backoff = consumer._pause
+
+    async def no_wait(delay: float, batch: Any, stop: asyncio.Event) -> bool:
+        return await with_backoff(0.0, batch, stop)
+
+    consumer._pause = no_wait  # type: ignore[method-assign]
+    assert await consumer._process(batch_of([], 1, 2), asyncio.Event())
+    finished = spans.get_finished_spans()
+    assert len(finished) == 2
+    assert all(s.status.status_code == StatusCode.ERROR for s in finished)
+    assert all(any(e.name == "retry" for e in s.events) for s in finished)

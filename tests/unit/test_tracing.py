@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from libs import tracing
+from libs import logs, tracing
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_PARENT = f"00-{CLIENT_TRACE}-00f067aa0ba902b7-01"
@@ -91,3 +92,63 @@ def test_the_current_span_is_what_a_publish_carries_and_what_logs_name(
         assert header is not None
         assert header.split("-")[1] == tracing.trace_id()
     assert tracing.trace_id() is None  # outside the span
+
+
+def log_line(**event: Any) -> dict[str, Any]:
+    return dict(logs.add_trace_ids(None, "info", dict(event)))
+
+
+def test_a_log_line_inside_a_span_names_its_trace_and_span(spans: InMemorySpanExporter) -> None:
+    with tracing.span("rules decide") as current:
+        assert current is not None
+        line = log_line(event="fired", correlation_id="c-1")
+    context = current.get_span_context()
+    assert line == {
+        "event": "fired",
+        "correlation_id": "c-1",
+        "trace_id": format(context.trace_id, "032x"),
+        "span_id": format(context.span_id, "016x"),
+    }
+    assert log_line(event="idle") == {"event": "idle"}  # outside any span
+
+
+def test_tracing_off_a_log_line_names_the_trace_passed_on(spans: InMemorySpanExporter) -> None:
+    tracing.install(None)
+    assert log_line(event="idle") == {"event": "idle"}
+    with tracing.caused_by(CLIENT_PARENT, "rules decide"):
+        assert tracing.current_traceparent() == CLIENT_PARENT
+        line = log_line(event="fired")
+    assert line == {"event": "fired", "trace_id": CLIENT_TRACE, "span_id": "00f067aa0ba902b7"}
+    assert tracing.current_traceparent() is None
+
+
+def test_caused_by_makes_what_follows_a_child_of_the_message(spans: InMemorySpanExporter) -> None:
+    with tracing.caused_by(CLIENT_PARENT, "rules decide"):
+        onward = tracing.current_traceparent()
+    (decided,) = spans.get_finished_spans()
+    assert format(decided.context.trace_id, "032x") == CLIENT_TRACE  # type: ignore[union-attr]
+    assert onward is not None
+    assert onward.split("-")[2] == format(decided.context.span_id, "016x")  # type: ignore[union-attr]
+
+
+def test_a_batch_span_is_the_child_of_one_message_or_linked_to_many(
+    spans: InMemorySpanExporter,
+) -> None:
+    other = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with tracing.batch("actors apply", [CLIENT_PARENT, None, CLIENT_PARENT]):
+        pass
+    with tracing.batch("actors apply", [CLIENT_PARENT, other]):
+        pass
+    one, many = spans.get_finished_spans()
+    assert format(one.context.trace_id, "032x") == CLIENT_TRACE  # type: ignore[union-attr]
+    assert not one.links
+    assert many.parent is None
+    assert {format(link.context.trace_id, "032x") for link in many.links} == {
+        CLIENT_TRACE,
+        "0af7651916cd43dd8448eb211c80319c",
+    }
+
+
+def test_setup_happens_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracing, "_configured", True)
+    assert tracing.setup("gateway", {})  # the first call's provider stays

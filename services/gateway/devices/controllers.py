@@ -106,6 +106,10 @@ class DeviceController(Controller):
         guards=READ,
         operation_id="getDevice",
         summary="Get a device and its state",
+        description="`reports` says per attribute when it was last reported and whether it is "
+        "`stale`: not reported for longer than its expected interval (the kind's default, or "
+        "the entry's `report_intervals`) while the device is online; `presence` is `stale` "
+        "then.",
     )
     async def get_device(
         self,

@@ -9,7 +9,16 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from libs.messages import AttributeValue, CommandStatus, Connection, DeviceStateName, Name, Token
+from libs import subjects
+from libs.messages import (
+    AttributeValue,
+    CommandStatus,
+    Connection,
+    DeviceStateName,
+    Name,
+    Presence,
+    Token,
+)
 from services.gateway.credentials.schemas import BusCredentials
 
 Kind = Annotated[
@@ -20,7 +29,7 @@ Kind = Annotated[
 LocationPath = Annotated[
     str,
     msgspec.Meta(
-        pattern=r"^[A-Za-z0-9_-]{1,128}(/[A-Za-z0-9_-]{1,128}){0,7}(?!\n)$",
+        pattern=rf"^{subjects.TOKEN}(/{subjects.TOKEN}){{0,7}}(?!\n)$",
         max_length=512,
         examples=["home/ground/kitchen"],
     ),
@@ -29,6 +38,18 @@ Lifecycle = Literal["pending", "active", "rejected", "decommissioned"]
 Metadata = Annotated[
     dict[Annotated[str, msgspec.Meta(min_length=1, max_length=64)], Any],
     msgspec.Meta(max_length=100),
+]
+ReportIntervals = Annotated[
+    dict[
+        Annotated[str, msgspec.Meta(min_length=1, max_length=64)],
+        Annotated[float, msgspec.Meta(gt=0, le=7 * 86400)] | None,
+    ],
+    msgspec.Meta(
+        max_length=100,
+        description="seconds each attribute may go unreported before it is stale, over the "
+        "kind's defaults; null: never stale",
+        examples=[{"power_w": 60}],
+    ),
 ]
 
 
@@ -42,6 +63,7 @@ class DeviceCreate(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     metadata: Metadata = {}
     # The bridge that speaks for it on the bus (then it gets no credentials of its own).
     bridge: Token | None = None
+    report_intervals: ReportIntervals = {}
 
 
 class DeviceUpdate(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
@@ -52,6 +74,7 @@ class DeviceUpdate(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit
     location: LocationPath | UnsetType | None = UNSET
     lifecycle: Lifecycle | UnsetType = UNSET
     metadata: Metadata | UnsetType = UNSET
+    report_intervals: ReportIntervals | UnsetType = UNSET
 
 
 class ActionParam(msgspec.Struct, frozen=True):
@@ -69,6 +92,15 @@ class DeviceAction(msgspec.Struct, frozen=True):
 
     name: str
     params: list[ActionParam]
+
+
+class AttributeReport(msgspec.Struct, frozen=True):
+    """When an attribute was last reported, how long it may go unreported (null: no
+    expectation), and whether it is overdue while the device is online."""
+
+    last_reported: datetime
+    expected_interval_s: float | None
+    stale: bool
 
 
 class Device(msgspec.Struct, frozen=True):
@@ -91,6 +123,12 @@ class Device(msgspec.Struct, frozen=True):
     last_seen: datetime | None
     version: int
     actions: list[DeviceAction] | None
+    # The entry's own intervals, as set; `reports` shows those in force, defaults included.
+    report_intervals: dict[str, float | None]
+    # Per reported attribute; `stale` is also `presence`'s reason.
+    reports: dict[str, AttributeReport]
+    # `connection`, or `stale` when online with an attribute overdue.
+    presence: Presence
     # Its bus username and password, in the answer to its registration only (shown once).
     credentials: BusCredentials | UnsetType = UNSET
 

@@ -26,6 +26,7 @@ from libs.cache import StateCache, order
 from libs.db.engine import at_or_under
 from libs.db.models import CommandRecord, DeviceState, HistoryEntry, HourlyStatistic
 from libs.db.models import Device as DeviceRow
+from libs.device_state import presence
 from libs.errors import Conflict, Invalid, NotFound
 from libs.principals import Principal, home_of
 from services.gateway import scope
@@ -33,6 +34,7 @@ from services.gateway.auth.context import Context
 from services.gateway.credentials import service as credentials
 from services.gateway.devices.schemas import (
     ActionParam,
+    AttributeReport,
     CommandCreate,
     CommandView,
     Device,
@@ -105,6 +107,7 @@ class DeviceService:
             row = _new_row(
                 device_id, data.name, data.kind, m.Lifecycle.ACTIVE, data.location, data.metadata
             )
+            row.report_intervals = dict(data.report_intervals)
             await self._add(session, row, ctx.principal.actor, ctx.correlation_id)
             enrolled = await credentials.enroll(
                 session, self._js, device_id, data.location, data.bridge, ctx.principal.actor
@@ -445,6 +448,7 @@ def _new_row(
         lifecycle=lifecycle,
         enabled=True,
         metadata_=dict(metadata or {}),
+        report_intervals={},
         created_at=now,
         updated_at=now,
     )
@@ -471,6 +475,10 @@ def _with_state() -> Select[tuple[DeviceRow, DeviceState]]:
 
 
 def _device(row: DeviceRow, snapshot: m.DeviceSnapshot) -> Device:
+    intervals = capabilities.report_intervals(row.kind, row.report_intervals)
+    # What the actors last decided (after the presence scan), as the rules and the gauge
+    # see it; staleness is an online device's only.
+    stale = set(snapshot.stale) if snapshot.connection == "online" else set()
     return Device(
         **registry_fields(row),
         state=snapshot.state,
@@ -479,6 +487,12 @@ def _device(row: DeviceRow, snapshot: m.DeviceSnapshot) -> Device:
         last_seen=snapshot.last_seen,
         version=snapshot.version,
         actions=_actions(row.kind),
+        report_intervals=dict(row.report_intervals or {}),
+        reports={
+            name: AttributeReport(at, intervals.get(name), name in stale)
+            for name, at in sorted(snapshot.reported.items())
+        },
+        presence=presence(snapshot.connection, sorted(stale)),
     )
 
 

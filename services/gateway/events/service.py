@@ -101,7 +101,7 @@ class Delivered:
             return NotImplemented
         return (self.seq, self.subject, self.data) == (other.seq, other.subject, other.data)
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # equal by value, so not hashable (as dataclass(eq=True))
 
     def home(self, index: HomeIndex) -> str | None:
         """The home the message is about, classified the first time only (one split and one

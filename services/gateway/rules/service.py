@@ -145,7 +145,7 @@ class RuleService:
         """When the stored rule would have fired over the window; sends nothing."""
         async with self._sessions() as session:
             record = await self._record(session, rule_id, principal)
-            return await dry_run(session, _rule(record), window, rule_root=None)
+            return await dry_run(session, record.to_rule(), window, rule_root=None)
 
     async def test_spec(self, request: DryRunRequest, principal: Principal) -> DryRunResult:
         """When a rule body would have fired over the window; sends nothing, stores nothing.
@@ -294,21 +294,6 @@ async def _check_subscriptions(
                 f"webhook subscription {action.subscription_id!r} does not exist",
                 field=f"{root}.actions[{index}].subscription_id",
             )
-
-
-def _rule(record: RuleRecord) -> m.Rule:
-    spec = msgspec.convert(record.spec, m.RuleSpec)
-    return m.Rule(
-        id=record.id,
-        name=record.name,
-        trigger=spec.trigger,
-        actions=spec.actions,
-        enabled=record.enabled,
-        version=record.version,
-        conditions=spec.conditions,
-        mode=spec.mode,
-        home=record.home,
-    )
 
 
 def _stored(spec: m.RuleSpec, rule_id: str, home: str | None) -> dict:

@@ -272,12 +272,12 @@ def _delivery_view(row: Delivery) -> DeliveryView:
     return DeliveryView(
         id=row.id,
         subscription_id=row.subscription_id,
-        source=row.source,  # type: ignore[arg-type]
+        source=row.source,  # type: ignore[arg-type]  # a Source: the column holds only what the worker writes
         event_seq=row.event_seq,
         event_id=row.event_id,
         webhook_id=row.webhook_id,
         subject=row.subject,
-        status=row.status,  # type: ignore[arg-type]
+        status=row.status,  # type: ignore[arg-type]  # a DeliveryStatus, as the worker writes it
         attempts=row.attempts,
         last_status_code=row.last_status_code,
         last_error=row.last_error,

@@ -40,7 +40,8 @@ class SystemController(Controller):
         "the bus every few seconds; this lists the last one of each. `state` is `starting`, "
         "`ready`, `not_ready` (with `why_not_ready`) or `gone` when a process has not "
         "reported for three of its intervals; a gone one disappears a minute later, a "
-        "cleanly stopped one at once. `metrics_url` is where Prometheus scrapes it.",
+        "cleanly stopped one at once. `metrics_url` is where Prometheus scrapes it; "
+        "`consumers`, the lag of each of its durable consumers as its metrics showed it.",
     )
     async def services(self, system: NamedDependency[SystemService]) -> ServiceList:
         return ServiceList(items=await system.services())

@@ -6,7 +6,7 @@ from datetime import datetime
 
 import msgspec
 
-from libs.service_status import ServiceState
+from libs.service_status import ConsumerLag, ServiceState
 
 
 class ServiceProcess(msgspec.Struct, frozen=True):
@@ -23,6 +23,8 @@ class ServiceProcess(msgspec.Struct, frozen=True):
     version: str
     metrics_url: str | None  # the gateway's asks for an administrator's token
     last_seen: datetime
+    # Its consumers' lag as its `/metrics` showed it when it reported (none once gone).
+    consumers: list[ConsumerLag]
 
 
 class ServiceList(msgspec.Struct, frozen=True):

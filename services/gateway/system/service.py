@@ -36,6 +36,7 @@ def shown(status: ServiceStatus, now: float) -> ServiceProcess:
         version=status.version,
         metrics_url=status.metrics_url,
         last_seen=datetime.fromtimestamp(status.at, UTC),
+        consumers=[] if gone else status.consumers,
     )
 
 

@@ -13,38 +13,14 @@
 //   credential (not even a single-use stream ticket) ever goes into a URL.
 // - "sign out" revokes the sign-in (`/auth/logout`), forgets both tokens and reloads the page.
 
+import { el, notify, pill, report, setStatus } from "./dom.js";
 import {
   API, SignedOut, call, endedBecause, pages, problemText, resume, send, signIn, signOut,
 } from "./session.js";
+import { startStatus } from "./status.js";
 
 const FEED_MAX = 100;
 const AUDIT_MAX = 50;
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
-  for (const child of children) node.append(child instanceof Node ? child : String(child ?? ""));
-  return node;
-}
-
-function pill(text, kind = text) {
-  return el("span", { class: `pill ${kind}` }, text);
-}
-
-function setStatus(text) {
-  document.getElementById("status").textContent = text;
-}
-
-function notify(text, ok = false) {
-  const notice = document.getElementById("notice");
-  notice.textContent = text;
-  notice.className = `notice show${ok ? " ok" : ""}`;
-}
-
-function report(error) {
-  if (error instanceof SignedOut) return;  // the page is on its way to the sign-in form
-  notify(error.message);
-}
 
 // --- signing in and out -----------------------------------------------------------------------
 
@@ -56,6 +32,8 @@ function can(permission) {
 
 function showLogin(message = "") {
   document.getElementById("app").hidden = true;
+  document.getElementById("status-page").hidden = true;
+  document.getElementById("views").hidden = true;
   document.getElementById("login").hidden = false;
   document.getElementById("login-error").textContent = message;
   setStatus("");
@@ -105,6 +83,7 @@ async function start() {
   document.getElementById("api-reference").hidden = !can("administer");
   document.getElementById("login").hidden = true;
   document.getElementById("app").hidden = false;
+  startStatus(can("administer"));  // the views: `#status` shows the status page instead
   setStatus("connecting…");
   refreshDevices().catch((error) => setStatus(String(error.message)));
   refreshAudit().catch(console.warn);

@@ -17,6 +17,9 @@ PAGE = HERE / "index.html"
 ASSETS = {
     "app.js": "text/javascript; charset=utf-8",
     "session.js": "text/javascript; charset=utf-8",
+    "dom.js": "text/javascript; charset=utf-8",
+    "status.js": "text/javascript; charset=utf-8",
+    "deadletters.js": "text/javascript; charset=utf-8",
     "app.css": "text/css; charset=utf-8",
     "icon.svg": "image/svg+xml",
 }
