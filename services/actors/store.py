@@ -208,7 +208,7 @@ class StateStore:
             .values(status=status.status, detail=status.detail, updated_at=m.now())
         )
         if moved.rowcount == 0:  # not recorded yet, or already past this status
-            stand_in = insert_ignoring_duplicates(session.bind, CommandRecord.__table__)  # type: ignore[arg-type]
+            stand_in = insert_ignoring_duplicates(session.get_bind(), CommandRecord.__table__)
             await session.execute(stand_in, [commands.stand_in(device_id, status)])
 
     async def _upsert(self, session: AsyncSession, snapshots: list[DeviceSnapshot]) -> None:
@@ -216,7 +216,7 @@ class StateStore:
             if self._upsert_statement is None:
                 # Built once: constructing it costs more than executing it for a few rows.
                 self._upsert_statement = upsert(
-                    session.bind,  # type: ignore[arg-type]
+                    session.get_bind(),
                     DeviceState.__table__,
                     "device_id",
                     where=_newer_than_stored(),
