@@ -15,7 +15,8 @@ import os
 import secrets
 import signal
 import ssl
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -23,6 +24,7 @@ import nats
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from devices import probe
 from libs import messages as m
 from libs import subjects
 
@@ -69,6 +71,9 @@ class PlatformLink:
         self._handlers: dict[str, Handler] = {}
         # Its bus password: given (SMARTHOME_DEVICE_PASSWORD), or issued at registration.
         self.password: str | None = os.environ.get("SMARTHOME_DEVICE_PASSWORD") or None
+        # When JetStream last acknowledged one of our messages (wall clock): the readiness
+        # that the heartbeat file carries.
+        self.bus_acked_at: float | None = None
 
     def on_command(self, action: str, handler: Handler) -> None:
         self._handlers[action] = handler
@@ -172,6 +177,34 @@ class PlatformLink:
         if traceparent:
             headers["traceparent"] = traceparent
         await self.nc.jetstream().publish(event.nats_subject, m.encode(event), headers=headers)
+        self.bus_acked_at = time.time()
+
+    @contextlib.asynccontextmanager
+    async def heartbeat_file(self, every: float = 2.0) -> AsyncIterator[None]:
+        """While inside, rewrite the heartbeat file (`SMARTHOME_DEVICE_HEARTBEAT_FILE`) every
+        `every` seconds for Kubernetes' probes (devices/probe.py); removed on the way out.
+        Unset: nothing is written."""
+        path = probe.heartbeat_file()
+        if path is None:
+            yield
+            return
+
+        async def beat() -> None:
+            while True:
+                try:
+                    probe.write(path, probe.Heartbeat(time.time(), self.bus_acked_at))
+                except OSError as exc:  # the probe then sees it stale: a restart, with why
+                    log.warning("cannot write the heartbeat file %s: %s", path, exc)
+                await asyncio.sleep(every)
+
+        task = asyncio.create_task(beat())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            path.unlink(missing_ok=True)
 
     async def heartbeat(self, every: float, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -274,6 +274,7 @@ class ChangeFact(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         "bridge",
         "provisioning",
         "deadletter",
+        "channel",
     ]
     id: str
     change: Literal[
@@ -539,13 +540,23 @@ class SetStateAction(msgspec.Struct, tag="set_state", forbid_unknown_fields=True
 
 
 class NotifyAction(msgspec.Struct, tag="notify", forbid_unknown_fields=True, frozen=True):
-    """An alert: to one webhook subscription (`system.notify.<subscription_id>`, delivered
-    signed by the webhooks service) when named, else on `system.alert.<rule_id>` for whoever
-    subscribed to alerts."""
+    """An alert: to one webhook subscription or one notification channel (an e-mail, Slack or
+    ntfy message) when named (`system.notify.<id>`, delivered by the webhooks service), else
+    on `system.alert.<rule_id>` for whoever subscribed to alerts."""
 
     message: Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
     severity: Literal["info", "warning", "critical"] = "info"
     subscription_id: Token | None = None
+    channel: Token | None = None
+
+    def __post_init__(self) -> None:
+        if self.subscription_id is not None and self.channel is not None:
+            raise ValueError("name a subscription_id or a channel, not both")
+
+    @property
+    def addressee(self) -> str | None:
+        """The subscription or channel the alert goes to (`system.notify.<it>`)."""
+        return self.channel or self.subscription_id
 
 
 class PublishAction(msgspec.Struct, tag="publish", forbid_unknown_fields=True, frozen=True):
@@ -645,3 +656,48 @@ class DeviceSnapshot(msgspec.Struct, frozen=True):
 
 
 snapshot_decoder = msgspec.json.Decoder(DeviceSnapshot)
+
+
+# --- notification channels -------------------------------------------------------------------
+
+EmailAddress = Annotated[str, msgspec.Meta(pattern=r"^[^@\s]+@[^@\s]+$", max_length=254)]
+
+
+class EmailChannel(
+    msgspec.Struct, tag="email", tag_field="kind", forbid_unknown_fields=True, frozen=True
+):
+    """Each alert as an e-mail, over SMTP (`security`: STARTTLS, implicit TLS, or none)."""
+
+    host: Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
+    from_: EmailAddress = msgspec.field(name="from")
+    to: Annotated[list[EmailAddress], msgspec.Meta(min_length=1, max_length=20)]
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 587
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    username: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+    password: Annotated[str, msgspec.Meta(max_length=1024, description="write-only")] | None = None
+
+
+class SlackChannel(
+    msgspec.Struct, tag="slack", tag_field="kind", forbid_unknown_fields=True, frozen=True
+):
+    """Each alert POSTed to a Slack-compatible incoming webhook (`{"text": ...}`)."""
+
+    url: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1, max_length=2048, description="the webhook URL; write-only (its token)"
+        ),
+    ]
+
+
+class NtfyChannel(
+    msgspec.Struct, tag="ntfy", tag_field="kind", forbid_unknown_fields=True, frozen=True
+):
+    """Each alert published to an ntfy topic (`POST <server>/<topic>`)."""
+
+    topic: Token
+    server: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)] = "https://ntfy.sh"
+    token: Annotated[str, msgspec.Meta(max_length=1024, description="write-only")] | None = None
+
+
+ChannelConfig = EmailChannel | SlackChannel | NtfyChannel

@@ -3,6 +3,7 @@ by the device plugged into it, every `--interval` seconds."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import time
@@ -60,10 +61,18 @@ async def main(stop: asyncio.Event) -> None:
     link = PlatformLink(args.id, "energy_meter", "Demo energy tracker", args.api_url, args.nats_url)
     tracker = EnergyTracker(link)
     link.on_command("reset_energy", tracker.reset)
-    await link.register(args.location, stop)
-    if stop.is_set():
-        return
-    await link.connect()
+    async with link.heartbeat_file():
+        await link.register(args.location, stop)
+        if stop.is_set():
+            return
+        await link.connect()
+        await report(link, tracker, args, stop)
+
+
+async def report(
+    link: PlatformLink, tracker: EnergyTracker, args: argparse.Namespace, stop: asyncio.Event
+) -> None:
+    """Connected: say hello, then meter, report and take commands until asked to stop."""
     # A live stream does not end when asked to stop: cancelled instead.
     wire = asyncio.create_task(follow(args.api_url, args.metered_device, tracker.sense, stop))
     try:

@@ -56,19 +56,20 @@ async def main(stop: asyncio.Event) -> None:
     link.on_command("turn_off", lambda c: bulb.turn(c, False))
     link.on_command("toggle", lambda c: bulb.turn(c, not bulb.on))
     link.on_command("set_brightness", bulb.set_brightness)
-    await link.register(args.location, stop)
-    if stop.is_set():
-        return
-    await link.connect()
-    try:
-        await link.publish("hello", {"attributes": bulb.attributes})
-        await bulb.report()
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(link.heartbeat(args.heartbeat, stop))
-            tasks.create_task(link.take_commands(stop))
-            tasks.create_task(bulb.report_every(2.0, stop))
-    finally:
-        await link.close()
+    async with link.heartbeat_file():
+        await link.register(args.location, stop)
+        if stop.is_set():
+            return
+        await link.connect()
+        try:
+            await link.publish("hello", {"attributes": bulb.attributes})
+            await bulb.report()
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(link.heartbeat(args.heartbeat, stop))
+                tasks.create_task(link.take_commands(stop))
+                tasks.create_task(bulb.report_every(2.0, stop))
+        finally:
+            await link.close()
 
 
 if __name__ == "__main__":

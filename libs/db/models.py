@@ -339,6 +339,26 @@ class Delivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
+class Channel(Base):
+    """A notification channel: where a rule's `notify` action sends people its alert (e-mail,
+    Slack-compatible webhook, ntfy). `config` is a `libs.messages.ChannelConfig`, its secret
+    (SMTP password, webhook URL, ntfy token) included: never shown after creation."""
+
+    __tablename__ = "channels"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_by: Mapped[str] = mapped_column(String(200))
+    home: Mapped[str | None] = mapped_column(String(128), index=True, nullable=True)
+    # As a subscription's: may it reach private addresses inside the allow-nets?
+    private_targets: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    delivered_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    last_delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
 class User(Base):
     """A person who signs in: an Argon2id password hash, a role and the homes it may see."""
 

@@ -29,6 +29,7 @@ from services.gateway.auth.service import AuthService
 from services.gateway.auth.tokens import Tokens, signing_key
 from services.gateway.body import MAX_BODY_BYTES
 from services.gateway.browser import BrowserGuardMiddleware, security_headers
+from services.gateway.channels.controllers import ChannelController
 from services.gateway.correlation import CorrelationMiddleware
 from services.gateway.credentials.controllers import CredentialController
 from services.gateway.deadletters.controllers import DeadLetterController
@@ -38,7 +39,7 @@ from services.gateway.events.controllers import EventController
 from services.gateway.events.sse import ServerSendMiddleware
 from services.gateway.health.controllers import HealthController
 from services.gateway.locations.controllers import LocationController
-from services.gateway.openapi import OpenAPIDocumentConfig
+from services.gateway.openapi import NumberUnionPlugin, OpenAPIDocumentConfig
 from services.gateway.resources import Shutdown, open_resources, provide_resources
 from services.gateway.rules.controllers import RuleController
 from services.gateway.subscriptions.controllers import SubscriptionController
@@ -165,6 +166,7 @@ def create_app(settings: Settings) -> Litestar:
             RuleController,
             AuditController,
             SubscriptionController,
+            ChannelController,
             DeadLetterController,
             SystemController,
         ],
@@ -195,7 +197,7 @@ def create_app(settings: Settings) -> Litestar:
             *_write_limit(settings),
         ],
         before_send=[security_headers],
-        plugins=_tracing(),
+        plugins=[*_tracing(), NumberUnionPlugin()],
         exception_handlers=problems.exception_handlers(),
         openapi_config=OpenAPIDocumentConfig(
             title="smarthome",
@@ -227,6 +229,10 @@ def create_app(settings: Settings) -> Litestar:
                 Tag(
                     name="subscriptions",
                     description="Webhooks: signed, retried with back-off, dead letters re-drivable",
+                ),
+                Tag(
+                    name="channels",
+                    description="Notifications people read: e-mail, Slack-compatible, ntfy",
                 ),
                 Tag(
                     name="deadletters",

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from libs import messages as m
 from libs import outbox
 
-What = Literal["location", "rule", "subscription", "user", "apikey"]
+What = Literal["location", "rule", "subscription", "user", "apikey", "channel"]
 Change = Literal["created", "updated", "deleted", "redelivered", "revoked"]
 
 

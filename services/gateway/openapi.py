@@ -1,28 +1,56 @@
-"""The OpenAPI document, as Litestar writes it from the wire types, with one correction.
+"""The OpenAPI document: Litestar writes it from the wire types; two things it cannot say alone.
 
-`libs.messages.AttributeValue` is `float | int | bool | str | None`: msgspec needs both
-numbers so that `3` stays an int and `3.5` a float on the wire. Litestar writes a union as
-`oneOf`, and `3` is both a `number` and an `integer`: it matches two branches, so every
-integer attribute would be invalid against the document (and a client generator builds a
-union it cannot decode). Where a `oneOf` has both, the document keeps `number`, which is
-what JSON has. The types stay as they are; a Litestar schema plugin cannot take a union.
+- A union with both `int` and `float` (`libs.messages.AttributeValue`: msgspec keeps `3` an
+  int and `3.5` a float on the wire) is written `anyOf` by `NumberUnionPlugin`, a schema
+  plugin of the app. Litestar writes every union as `oneOf`, and `3` is both an `integer` and
+  a `number`: it would match two branches and be invalid against the document.
+- Every operation documents its errors with one `Problem` schema (`services.gateway.problems`),
+  a component that Litestar's own (regenerated from the handlers' types) does not hold.
+
+`tests/integration/test_api_contract.py` checks that no `oneOf` of the document overlaps.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union, get_args, get_origin
 
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.spec import OpenAPI
+from litestar.openapi.spec import OpenAPI, Reference, Schema
+from litestar.plugins import OpenAPISchemaPlugin
 
-NUMBER = {"type": "number"}
-INTEGER = {"type": "integer"}
+from services.gateway.problems import PROBLEM, PROBLEM_SCHEMA
+
+if TYPE_CHECKING:
+    from litestar._openapi.schema_generation import SchemaCreator
+    from litestar.typing import FieldDefinition
+
+
+class NumberUnionPlugin(OpenAPISchemaPlugin):
+    """Writes a union that holds both `int` and `float` as `anyOf` (its branches overlap).
+
+    Litestar gives a plugin the part of an optional union that is not None as a
+    `typing.Union`; a `X | Y` union it cannot give a plugin at all (it has no registry key for
+    one), so a union of numbers needs its `None` (as `AttributeValue` has) to be seen here."""
+
+    def is_plugin_supported_field(self, field_definition: FieldDefinition) -> bool:
+        if get_origin(field_definition.annotation) is not Union:
+            return False
+        branches = set(get_args(field_definition.annotation))
+        return int in branches and float in branches
+
+    def to_openapi_schema(
+        self, field_definition: FieldDefinition, schema_creator: SchemaCreator
+    ) -> Schema:
+        branches: list[Schema | Reference] = [
+            schema_creator.for_field_definition(inner) for inner in field_definition.inner_types
+        ]
+        return Schema(any_of=branches)
 
 
 @dataclass
 class OpenAPIDocumentConfig(OpenAPIConfig):
-    """`OpenAPIConfig` whose document writes a JSON number once (built when first asked)."""
+    """`OpenAPIConfig` whose document holds the `Problem` component (built when first asked)."""
 
     def to_openapi_schema(self) -> OpenAPI:
         document = super().to_openapi_schema()
@@ -33,18 +61,9 @@ class OpenAPIDocumentConfig(OpenAPIConfig):
 class _Document(OpenAPI):
     def to_schema(self) -> dict[str, Any]:
         schema = super().to_schema()
-        _one_number(schema)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        if PROBLEM in components:
+            raise RuntimeError(f"a wire type is named {PROBLEM}, the problem details' component")
+        components[PROBLEM] = PROBLEM_SCHEMA.to_schema()
+        schema["components"]["schemas"] = dict(sorted(components.items()))
         return schema
-
-
-def _one_number(node: Any) -> None:
-    """In place: a `oneOf` with a `number` and an `integer` branch keeps the `number`."""
-    if isinstance(node, dict):
-        branches = node.get("oneOf")
-        if isinstance(branches, list) and NUMBER in branches and INTEGER in branches:
-            branches.remove(INTEGER)
-        for value in node.values():
-            _one_number(value)
-    elif isinstance(node, list):
-        for value in node:
-            _one_number(value)

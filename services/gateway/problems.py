@@ -32,6 +32,7 @@ from litestar.openapi.spec import (
     OpenAPIMediaType,
     OpenAPIResponse,
     Operation,
+    Reference,
     RequestBody,
     Schema,
 )
@@ -216,10 +217,11 @@ def exception_handlers() -> ExceptionHandlersMap:
 # --- the OpenAPI side: every operation documents its errors as problem details -------------
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM = "Problem"  # its name in `components.schemas` (`services.gateway.openapi`)
 _STRING = Schema(type=OpenAPIType.STRING)
 PROBLEM_SCHEMA = Schema(
     type=OpenAPIType.OBJECT,
-    title="Problem",
+    title=PROBLEM,
     description="RFC 9457 problem details",
     required=["type", "title", "status", "detail", "errors"],
     properties={
@@ -248,10 +250,15 @@ PROBLEM_SCHEMA = Schema(
 
 
 def _documented(description: str) -> OpenAPIResponse:
-    # Inline: Litestar regenerates `components.schemas` from the handlers' own types.
+    # One component that every operation refers to: inline, a client generator makes one
+    # model per operation and status, with clashing names.
     return OpenAPIResponse(
         description=description,
-        content={PROBLEM_MEDIA_TYPE: OpenAPIMediaType(schema=PROBLEM_SCHEMA)},
+        content={
+            PROBLEM_MEDIA_TYPE: OpenAPIMediaType(
+                schema=Reference(ref=f"#/components/schemas/{PROBLEM}")
+            )
+        },
     )
 
 
@@ -263,9 +270,13 @@ class ProblemOperation(Operation):
     public: ClassVar[bool] = False  # needs no credential
     guarded: ClassVar[bool] = False  # a role, or a browser's foreign origin, may be refused
     writes: ClassVar[bool] = False  # counted by the write rate limit
+    text: ClassVar[tuple[str, ...]] = ()  # the media types of a text body it answers (`answers`)
 
     def __post_init__(self) -> None:
         responses = dict(self.responses or {})
+        for status, response in responses.items():  # a streamed export: text, not JSON
+            if self.text and status[0] == "2" and isinstance(response, OpenAPIResponse):
+                response.content = {kind: OpenAPIMediaType(schema=_STRING) for kind in self.text}
         for status, response in responses.items():  # a route's own, from `problem()`
             if status[0] in "45" and isinstance(response, OpenAPIResponse) and not response.content:
                 responses[status] = _documented(response.description)
@@ -308,12 +319,23 @@ def problem(description: str) -> ResponseSpec:
     return ResponseSpec(data_container=None, description=description, generate_examples=False)
 
 
+_ANSWERS = "answers"
+
+
+def answers(*media_types: str) -> dict[str, tuple[str, ...]]:
+    """A route that answers text in one of these media types, not JSON (a streamed export):
+    `@get(..., opt=answers("application/x-ndjson", "text/csv"))`."""
+    return {_ANSWERS: media_types}
+
+
 @functools.cache
-def _operation_class(*, public: bool, guarded: bool, writes: bool) -> type[ProblemOperation]:
+def _operation_class(
+    *, public: bool, guarded: bool, writes: bool, text: tuple[str, ...]
+) -> type[ProblemOperation]:
     return type(
         ProblemOperation.__name__,
         (ProblemOperation,),
-        {"public": public, "guarded": guarded, "writes": writes},
+        {"public": public, "guarded": guarded, "writes": writes, "text": text},
     )
 
 
@@ -331,4 +353,5 @@ def document_problems(app: Litestar, public: Sequence[str] = ()) -> None:
                     # A write is refused to a page of a foreign `Origin` (`browser`).
                     guarded=writes or bool(handler.resolve_guards()),
                     writes=writes,
+                    text=tuple(handler.opt.get(_ANSWERS, ())),
                 )

@@ -135,6 +135,7 @@ class ActionRunner:
             "message": action.message,
             "severity": action.severity,
             "values": episode.values,
+            "rule_name": rule.name,
         }
         if rule.home is not None:  # the recorder files the alert under it (the audit log)
             data["home"] = rule.home
@@ -146,10 +147,9 @@ class ActionRunner:
             correlation_id=episode.id,
             event_id=f"alert-{action_id}",
         )
+        # A named subscription or channel has its own consumer in the webhooks service.
         subject = (
-            subjects.notification(action.subscription_id)
-            if action.subscription_id
-            else subjects.alert(rule.id)
+            subjects.notification(action.addressee) if action.addressee else subjects.alert(rule.id)
         )
         await bus.publish(self._js, subject, alert, msg_id=alert.id)
         return subject

@@ -22,9 +22,10 @@ from nats.js import JetStreamContext
 from libs import subjects, webhooks
 from libs.homes import HomeIndex
 from libs.lease import Lease
+from services.webhooks.channels import ChannelSender
 from services.webhooks.counter import DeliveredCounter
 from services.webhooks.notifications import NotificationCheck
-from services.webhooks.sender import Sender, make_session
+from services.webhooks.sender import Sender, Sends, make_session
 from services.webhooks.store import DeliveryStore, Target
 from services.webhooks.worker import SourceWorker, sources
 
@@ -38,7 +39,8 @@ STOP_GRACE_S = 2.0
 
 class SubscriptionDelivery:
     """A subscription's workers, sharing its HTTP session (keep-alive connections to its
-    endpoint) and its delivered counter. Made by the dispatcher, inside the running loop."""
+    endpoint) and its delivered counter; or a notification channel's one worker, which sends
+    through the channel's kind. Made by the dispatcher, inside the running loop."""
 
     def __init__(
         self,
@@ -53,8 +55,18 @@ class SubscriptionDelivery:
         private = target.allow_private_targets
         self._session = make_session(settings, allow_private_targets=private)
         self._counter = DeliveredCounter(store, target.id)
-        sender = Sender(
-            self._session, settings, target.url, target.secret, allow_private_targets=private
+        sender: Sends = (
+            Sender(
+                self._session, settings, target.url, target.secret, allow_private_targets=private
+            )
+            if target.channel is None
+            else ChannelSender(
+                target.channel,
+                self._session,
+                settings,
+                allow_private_targets=private,
+                home=target.home,
+            )
         )
         self.workers = [
             SourceWorker(target, source, nc, store, sender, self._counter, settings, rng, homes)

@@ -10,6 +10,7 @@ import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -101,16 +102,23 @@ def make_session(
     )
 
 
+class Sends(Protocol):
+    """What delivers a rendered payload: a subscription's `Sender`, a notification channel's."""
+
+    async def send(self, payload: Payload) -> Outcome: ...
+
+
 class Sender:
     """POSTs to one subscription's URL with its secret, over the subscription's own session
-    (made by `make_session` with the same `allow_private_targets`)."""
+    (made by `make_session` with the same `allow_private_targets`). Without a secret (a
+    notification channel's Slack or ntfy endpoint) the requests go unsigned."""
 
     def __init__(
         self,
         session: aiohttp.ClientSession,
         settings: webhooks.WebhookSettings,
         url: str,
-        secret: str,
+        secret: str | None,
         *,
         allow_private_targets: bool,
     ) -> None:
@@ -124,8 +132,10 @@ class Sender:
         """POST `payload` signed with the secret; 2xx is a success, anything else a failure."""
         if self._refused:
             return failed(Failure.BLOCKED, self._refused)
-        signed = webhooks.signature_headers(
-            self._secret, payload.msg_id, int(time.time()), payload.body
+        signed = (
+            webhooks.signature_headers(self._secret, payload.msg_id, int(time.time()), payload.body)
+            if self._secret
+            else {}
         )
         traceparent = tracing.current_traceparent()  # the receiver may continue the trace
         if traceparent:

@@ -9,11 +9,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+import msgspec
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from libs import messages as m
 from libs import subjects, webhooks
-from libs.db.models import Delivery, Subscription
+from libs.db.models import Channel, Delivery, Subscription
 from services.webhooks.attempts import Attempted, Previous
 
 
@@ -33,6 +35,9 @@ class Target:
     allow_private_targets: bool = False
     # The home whose messages it gets (`libs.homes`); None: every message of its filter.
     home: str | None = None
+    # A notification channel's settings: it gets the notifications addressed to it only,
+    # rendered for people (`channels.py`), and has no filter of its own.
+    channel: m.ChannelConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -66,10 +71,13 @@ class DeliveryStore:
         self._sessions = sessions
 
     async def targets(self) -> dict[str, Target]:
-        """The enabled subscriptions (the gateway checked their filters when it stored them)."""
+        """The enabled subscriptions (the gateway checked their filters when it stored them)
+        and notification channels."""
         async with self._sessions() as session:
             rows = list(await session.scalars(select(Subscription).where(Subscription.enabled)))
-        return {
+            channels = list(await session.scalars(select(Channel).where(Channel.enabled)))
+        targets = {c.id: _channel_target(c) for c in channels}
+        return targets | {
             r.id: Target(
                 r.id,
                 r.filter,
@@ -87,8 +95,11 @@ class DeliveryStore:
         }
 
     async def exists(self, subscription_id: str) -> bool:
+        """Whether a subscription or a notification channel has this id."""
         async with self._sessions() as session:
-            return await session.get(Subscription, subscription_id) is not None
+            if await session.get(Subscription, subscription_id) is not None:
+                return True
+            return await session.get(Channel, subscription_id) is not None
 
     async def open_records(
         self, subscription_id: str, source: str, after_seq: int
@@ -166,13 +177,29 @@ class DeliveryStore:
             return {seq: _known(row) for seq, row in rows.items()}
 
     async def count_delivered(self, subscription_id: str, events: int, at: datetime) -> None:
-        """Add `events` delivered to the subscription's counter."""
+        """Add `events` delivered to the subscription's (or the channel's) counter."""
         async with self._sessions.begin() as session:
-            await session.execute(
-                update(Subscription)
-                .where(Subscription.id == subscription_id)
-                .values(delivered_count=Subscription.delivered_count + events, last_delivered_at=at)
-            )
+            for table in (Subscription, Channel):
+                await session.execute(
+                    update(table)
+                    .where(table.id == subscription_id)
+                    .values(delivered_count=table.delivered_count + events, last_delivered_at=at)
+                )
+
+
+def _channel_target(row: Channel) -> Target:
+    """A channel is delivered like a subscription that reads its notifications only."""
+    return Target(
+        row.id,
+        subjects.notification(row.id),
+        subjects.SYSTEM_STREAM,
+        "",
+        "structured",
+        "",
+        allow_private_targets=row.private_targets,
+        home=row.home,
+        channel=msgspec.convert(row.config, m.ChannelConfig),
+    )
 
 
 def _known(row: Delivery) -> Known:

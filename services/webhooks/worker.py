@@ -40,7 +40,7 @@ from libs.homes import HomeIndex
 from services.webhooks.attempts import Attempted, after_attempt
 from services.webhooks.counter import DeliveredCounter
 from services.webhooks.payload import BATCHED, Item, Payload, event_id, render, render_batch
-from services.webhooks.sender import Outcome, Sender, failed
+from services.webhooks.sender import Outcome, Sends, failed
 from services.webhooks.store import DeliveryStore, Event, Known, Target
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,16 @@ class Source:
     durable: str
 
 
-def sources(target: Target) -> tuple[Source, Source]:
+def sources(target: Target) -> tuple[Source, ...]:
+    """A subscription's filter and its notifications; a notification channel's notifications."""
+    notify = Source(
+        webhooks.FROM_NOTIFY, subjects.SYSTEM_STREAM, subjects.webhook_notify_consumer(target.id)
+    )
+    if target.channel is not None:
+        return (notify,)
     return (
         Source(webhooks.FROM_FILTER, target.stream, subjects.webhook_consumer(target.id)),
-        Source(
-            webhooks.FROM_NOTIFY,
-            subjects.SYSTEM_STREAM,
-            subjects.webhook_notify_consumer(target.id),
-        ),
+        notify,
     )
 
 
@@ -100,7 +102,7 @@ class SourceWorker:
         source: Source,
         nc: NATS,
         store: DeliveryStore,
-        sender: Sender,
+        sender: Sends,
         counter: DeliveredCounter,
         settings: webhooks.WebhookSettings,
         rng: random.Random,

@@ -227,3 +227,61 @@ def string_literals(sources: list[Path]) -> set[str]:
 def module_dir(module: str) -> Path:
     """Where `python -m <module>`'s source lives in the repository."""
     return ROOT.joinpath(*module.split("."))
+
+
+def module_sources(module: str) -> list[Path]:
+    """The source of `python -m <module>`: a package's files, or the module's one file."""
+    where = module_dir(module)
+    return python_sources(where) if where.is_dir() else [where.with_suffix(".py")]
+
+
+# --- network policies ----------------------------------------------------------------------
+
+
+def _port_matches(rule: Doc, port: int, port_name: str | None) -> bool:
+    """A rule's `ports` admit the destination's container port (by number or by name)."""
+    wanted = rule.get("ports")
+    if not wanted:
+        return True
+    return any(
+        p.get("protocol", "TCP") == "TCP" and p.get("port") in (port, port_name) for p in wanted
+    )
+
+
+def _peers_match(peers: list[Doc] | None, peer_labels: dict[str, str]) -> bool:
+    """`from`/`to` admit a pod of the same namespace with these labels (absent: anyone)."""
+    if not peers:
+        return True
+    return any(
+        "podSelector" in p
+        and "namespaceSelector" not in p
+        and selector_matches(p["podSelector"], peer_labels)
+        for p in peers
+    )
+
+
+def policy_allows(
+    policies: list[Doc],
+    direction: str,
+    pod_labels: dict[str, str],
+    peer_labels: dict[str, str],
+    port: int,
+    port_name: str | None = None,
+) -> bool:
+    """Whether the NetworkPolicies let a pod (`pod_labels`) talk to a peer of its namespace:
+    `Egress` from the pod to the peer's `port`, or `Ingress` to the pod's `port` from the peer.
+    A pod no policy of that type selects is not isolated in that direction."""
+    key, peers_key = ("egress", "to") if direction == "Egress" else ("ingress", "from")
+    isolating = [
+        p
+        for p in policies
+        if direction in p["spec"].get("policyTypes", [])
+        and selector_matches(p["spec"]["podSelector"], pod_labels)
+    ]
+    if not isolating:
+        return True
+    return any(
+        _peers_match(rule.get(peers_key), peer_labels) and _port_matches(rule, port, port_name)
+        for p in isolating
+        for rule in p["spec"].get(key) or []
+    )

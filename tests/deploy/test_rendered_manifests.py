@@ -38,15 +38,21 @@ REQUIRED_ENV = {
         "NATS_URL", "DATABASE_URL", "REDIS_URL", "SMARTHOME_DATA_DIR", "SMARTHOME_HTTP_HOST",
         "SMARTHOME_HEALTH_PORT",
     },
-    "device": {"NATS_URL", "SMARTHOME_API_URL", "SMARTHOME_DEVICE_ID", "SMARTHOME_API_TOKEN"},
+    "device": {
+        "NATS_URL", "SMARTHOME_API_URL", "SMARTHOME_DEVICE_ID", "SMARTHOME_API_TOKEN",
+        "SMARTHOME_DEVICE_LOCATION", "SMARTHOME_DEVICE_HEARTBEAT_FILE",
+    },
     "migrate": {
         "DATABASE_URL", "SMARTHOME_DATA_DIR", "SMARTHOME_ADMIN_PASSWORD",
         "SMARTHOME_METRICS_API_KEY",
     },
+    "demo-rule": {"SMARTHOME_API_URL", "SMARTHOME_API_TOKEN"},
 }  # fmt: skip
 # The migration Job runs `smarthome migrate`: the schema, the first administrator, the
 # Prometheus key (services/launcher/cli.py).
 MIGRATE_MODULE = "services.launcher"
+# The demo rule's hook Job stores the demo home and rule through the API (test_demo.py).
+DEMO_RULE_MODULE = "services.launcher.demo"
 
 
 def kind_of(module: str) -> str:
@@ -54,6 +60,8 @@ def kind_of(module: str) -> str:
         return "api"
     if module == MIGRATE_MODULE:
         return "migrate"
+    if module == DEMO_RULE_MODULE:
+        return "demo-rule"
     return "device" if module.startswith("devices.") else "worker"
 
 
@@ -74,6 +82,8 @@ def env_read_by(module: str) -> set[str]:
     """What a process reads: libs/settings.py for the services; for a device, what the devices'
     own code reads (and the settings too, should it ever load them)."""
     settings = k8s.env_names_read([SETTINGS])
+    if kind_of(module) == "demo-rule":  # an API client: no settings of the platform's
+        return k8s.env_names_read(k8s.module_sources(module))
     if kind_of(module) == "migrate":
         return settings | k8s.env_names_read(k8s.python_sources(k8s.module_dir(module)))
     if kind_of(module) != "device":
@@ -96,6 +106,11 @@ def app_containers(docs: list[Doc]) -> list[tuple[Doc, Doc, str]]:
 
 def env_map(docs: list[Doc], container: Doc) -> dict[str, str | None]:
     return {e["name"]: k8s.env_value(docs, e) for e in container.get("env", [])}
+
+
+def migrate_job(docs: list[Doc]) -> Doc:
+    (job,) = [j for j in k8s.by_kind(docs, "Job") if k8s.component(j) == "migrate"]
+    return job
 
 
 def test_each_deployment_runs_a_real_entry_point(rendered: Rendered) -> None:
@@ -180,11 +195,7 @@ def served_paths(module: str) -> tuple[str, set[str]]:
         }
         return "SMARTHOME_HTTP_PORT", paths
     # Workers serve libs/health.py's responder, started by libs.runtime.serve.
-    if kind_of(module) == "device":
-        sources = device_sources()
-    else:
-        sources = k8s.python_sources(k8s.module_dir(module))
-    text = "\n".join(p.read_text() for p in sources)
+    text = "\n".join(p.read_text() for p in k8s.python_sources(k8s.module_dir(module)))
     if "runtime.serve(" in text or "health.serve" in text:
         return "SMARTHOME_HEALTH_PORT", k8s.string_literals([HEALTH]) & PROBE_PATHS
     return "SMARTHOME_HEALTH_PORT", set()
@@ -197,12 +208,13 @@ def test_probes_hit_paths_and_ports_the_processes_serve(rendered: Rendered) -> N
         if workload["kind"] != "Deployment":
             continue
         who = k8s.ident(workload)
-        port_var, paths = served_paths(module)
-        if kind_of(module) == "device" and not paths:
-            # A device serves no HTTP (devices/platform_link.py): a probe would be made up.
-            if container.get("ports") or any(k.endswith("Probe") for k in container):
-                problems.append(f"{who}: probes or ports, but {module} serves nothing")
+        if kind_of(module) == "device":
+            # A device serves no HTTP: its probes read its heartbeat file (test_demo.py).
+            http = [k for k, v in container.items() if k.endswith("Probe") and "httpGet" in v]
+            if container.get("ports") or http:
+                problems.append(f"{who}: ports or HTTP probes, but {module} serves no HTTP")
             continue
+        port_var, paths = served_paths(module)
         env = env_map(docs, container)
         listen = env.get(port_var)
         for probe_kind in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -333,8 +345,10 @@ def test_references_between_objects_resolve(rendered: Rendered) -> None:
     for pdb in k8s.by_kind(docs, "PodDisruptionBudget"):
         if not selected(pdb["spec"]["selector"]):
             problems.append(f"{k8s.ident(pdb)} selects no pods")
+    # A Job's pods come and go (the migration, the demo rule): their policies wait for them.
+    jobs = {k8s.component(j) for j in k8s.by_kind(docs, "Job")} | {"migrate"}
     for np in k8s.by_kind(docs, "NetworkPolicy"):
-        if not selected(np["spec"]["podSelector"]) and k8s.component(np) != "migrate":
+        if not selected(np["spec"]["podSelector"]) and k8s.component(np) not in jobs:
             problems.append(f"{k8s.ident(np)} selects no pods")
     services = k8s.by_kind(docs, "Service")
     for sm in k8s.by_kind(docs, "ServiceMonitor"):
@@ -442,7 +456,7 @@ def test_the_migration_is_a_hook_that_runs_before_the_new_code(render: Render) -
         "prod": "pre-install,pre-upgrade",
     }.items():
         docs = render(values_name)
-        (job,) = k8s.by_kind(docs, "Job")
+        job = migrate_job(docs)
         assert k8s.annotations(job)["helm.sh/hook"] == phases, values_name
         container = job["spec"]["template"]["spec"]["containers"][0]
         assert container["command"] == ["python", "-m", MIGRATE_MODULE]
@@ -550,6 +564,8 @@ def test_release_renders_under_another_name(helm: Path, chart: Path) -> None:
 def test_device_arguments_are_ones_the_devices_take(render: Render) -> None:
     literals = k8s.string_literals(device_sources())
     for _, container, module in app_containers(render("dev")):
+        if kind_of(module) != "device":
+            continue
         for arg in container.get("args", []):
             if arg.startswith("--"):
                 assert arg in literals, f"python -m {module} has no option {arg}"
@@ -606,8 +622,7 @@ def test_the_demo_devices_sign_in_with_the_key_the_migration_registers(render: R
     an existing Secret, prod's: from the same key of it)."""
     for values_name, extra in (("dev", ()), ("prod", ("--set", "lightbulb.enabled=true"))):
         docs = render(values_name, *extra)
-        (job,) = k8s.by_kind(docs, "Job")
-        migrate_env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+        migrate_env = migrate_job(docs)["spec"]["template"]["spec"]["containers"][0]["env"]
         registered = next(e for e in migrate_env if e["name"] == "SMARTHOME_DEMO_API_KEY")
         key = k8s.env_value(docs, registered)
         if values_name == "dev":
@@ -621,9 +636,8 @@ def test_the_demo_devices_sign_in_with_the_key_the_migration_registers(render: R
             assert k8s.env_value(docs, token) == key, k8s.ident(workload)
 
     without_demo = render("default")
-    (job,) = k8s.by_kind(without_demo, "Job")
     assert "SMARTHOME_DEMO_API_KEY" not in env_map(
-        without_demo, job["spec"]["template"]["spec"]["containers"][0]
+        without_demo, migrate_job(without_demo)["spec"]["template"]["spec"]["containers"][0]
     )
     for secret in k8s.by_kind(without_demo, "Secret"):
         assert "demo-api-key" not in secret.get("data", {}), k8s.ident(secret)

@@ -207,3 +207,13 @@ def test_gateway_and_nats_are_forwarded(tilt: Tilt) -> None:
     settings = yaml.safe_load((CHART / "values.yaml").read_text())["settings"]
     assert f"8000:{settings['httpPort']}" in tilt.resources["gateway"]["port_forwards"]
     assert "4222:4222" in tilt.resources["nats"]["port_forwards"]
+
+
+def test_the_demo_rule_is_stored_by_the_charts_hook_job(tilt: Tilt) -> None:
+    """`tilt up` stores the demo rule as `helm install` does: with the chart's hook Job, which
+    Tilt applies as a plain Job once the migration (its API key) and the gateway are up."""
+    resource = tilt.resources["demo-rule"]
+    job = workloads(tilt)[resource["workload"]]
+    assert job["kind"] == "Job" and k8s.component(job) == "demo-rule", k8s.ident(job)
+    assert {"migrate", "gateway"} <= set(resource["resource_deps"])
+    assert "demo-rule" not in tilt.local_resources

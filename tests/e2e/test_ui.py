@@ -7,115 +7,32 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import nats
 import pytest
-from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, expect
 from prometheus_client.parser import text_string_to_metric_families
 
-from libs import bus, bus_grants, embedded_nats, subjects
+from libs import bus, bus_grants, subjects
 from libs import messages as m
 from services.launcher.cli import BUS_DIR, SERVICES
-from tests.e2e.up import ADMIN_PASSWORD, Up
+from tests.e2e.conftest import (
+    SHORT_TOKEN_S,
+    SLOW_S,
+    open_page,
+    sign_in,
+    signed_in_as_admin,
+)
+from tests.e2e.up import Up
 from tests.helpers import eventually, unique_id
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = Path(os.environ.get("SMARTHOME_CHROMIUM", "/usr/bin/chromium"))
-# The flags this machine's chromium needs as root and without a network beyond loopback.
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-SLOW_S = 60  # the demo's rule holds for 3 s; the first start compiles and migrates
 SCREENSHOT = Path(__file__).resolve().parents[2] / "ops" / "ui.png"  # shown by the README
 STATUS_SCREENSHOT = SCREENSHOT.with_name("status.png")  # the status page, also in the README
 REFRESH_KEY = "smarthome.refresh_token"  # where the page keeps it (sessionStorage)
-SHORT_TOKEN_S = 6  # the shared platform's access tokens: renewed while a test watches
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Path:
-    if not CHROMIUM.exists():
-        if os.environ.get("SMARTHOME_REQUIRE_BROWSER"):  # CI installs it: missing is a failure
-            pytest.fail(f"{CHROMIUM} is missing (apt-get install chromium)")
-        pytest.skip(f"no browser at {CHROMIUM}: apt-get install chromium to run the UI tests")
-    return CHROMIUM
-
-
-@pytest.fixture(scope="module")
-async def browser(chromium: Path) -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=str(chromium), args=FLAGS)
-        yield browser
-        await browser.close()
-
-
-@pytest.fixture(scope="module")
-def shared_nats_port() -> int:
-    return embedded_nats.free_port()
-
-
-@pytest.fixture(scope="module")
-async def shared_up(
-    chromium: Path, shared_nats_port: int, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Up]:
-    """One platform for the tests that only sign in and look; its access tokens live a few
-    seconds, so that the page has to renew them while a test watches."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("SMARTHOME_ACCESS_TOKEN_TTL", str(SHORT_TOKEN_S))
-        up = Up(tmp_path_factory.mktemp("up"), embedded_nats.free_port(), shared_nats_port)
-    try:
-        await up.ready()
-        yield up
-    finally:
-        up.stop()
-
-
-class Watched:
-    """A tab, with what went wrong in it: uncaught errors and CSP refusals (which chromium
-    reports on the console and nowhere else)."""
-
-    def __init__(self, page: Page) -> None:
-        self.page = page
-        self.problems: list[str] = []
-        page.on("pageerror", lambda exc: self.problems.append(f"page error: {exc}"))
-        page.on("console", self._console)
-
-    def _console(self, message: ConsoleMessage) -> None:
-        if "Content Security Policy" in message.text:
-            self.problems.append(f"CSP: {message.text}")
-
-
-async def open_page(browser: Browser, up: Up) -> Watched:
-    """A fresh tab (its own sessionStorage) on the UI, showing the sign-in form."""
-    context = await browser.new_context()
-    tab = Watched(await context.new_page())
-    await tab.page.goto(up.api + "/")
-    await expect(tab.page.get_by_role("heading", name="Sign in")).to_be_visible()
-    return tab
-
-
-async def sign_in(page: Page, username: str = "admin", password: str = ADMIN_PASSWORD) -> None:
-    """As a user does it: type into the labelled fields, press Enter."""
-    await page.get_by_label("User name").fill(username)
-    await page.get_by_label("Password").fill(password)
-    await page.get_by_label("Password").press("Enter")
-
-
-async def signed_in_as_admin(page: Page) -> None:
-    await expect(page.locator("#who")).to_have_text("admin · admin · every home")
-    await expect(page.locator("#login")).to_be_hidden()
-    await expect(page.locator("#status")).to_have_text("live", timeout=SLOW_S * 1000)
-    await expect(page.locator('tr[data-device="demo-light"]')).to_be_visible(timeout=SLOW_S * 1000)
 
 
 async def make_resident(up: Up, password: str) -> str:

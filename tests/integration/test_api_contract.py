@@ -1,6 +1,6 @@
 """The HTTP API keeps its contract: schemathesis drives every operation of
 `/schema/openapi.json`, as an administrator and as a resident; no answer is a 5xx, and every
-answer's status code and body are the ones the document gives for that operation.
+answer's status code, media type and body are the ones the document gives for that operation.
 
 The app runs in-process on schemathesis's ASGI transport (an event loop in a thread of its
 own; the app's lifespan opened once, against the session's NATS and database). The tests are
@@ -23,6 +23,7 @@ from litestar import Litestar
 from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
     response_schema_conformance,
     status_code_conformance,
 )
@@ -36,7 +37,12 @@ from tests.api import api_client, bearer
 from tests.helpers import unique_id
 
 SCHEMA_PATH = "/schema/openapi.json"
-CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
 # Where a generated webhook points: loopback, allowed for administrators here, and a port
 # nothing listens on, so that no delivery ever leaves this machine.
 WEBHOOK_URL = "http://127.0.0.1:9/hook"
@@ -274,3 +280,27 @@ def test_the_document_is_valid_openapi_3_1() -> None:
             jsonschema.Draft202012Validator.check_schema(component)
         except jsonschema.SchemaError as exc:
             raise AssertionError(f"components.schemas.{name}: {exc.message}") from None
+
+
+def test_no_value_matches_two_branches_of_a_one_of() -> None:
+    """`oneOf` holds when exactly one branch matches: an integer is also a `number`, so a
+    `oneOf` with both (or twice the same type) refuses the very values it describes."""
+    overlapping = [
+        (where, types)
+        for where, branches in _one_ofs(DOCUMENT, "#")
+        if len(types := [b["type"] for b in branches if isinstance(b.get("type"), str)])
+        != len(set(types))
+        or {"number", "integer"} <= set(types)
+    ]
+    assert overlapping == []
+
+
+def _one_ofs(node: Any, where: str) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    if isinstance(node, dict):
+        if isinstance(node.get("oneOf"), list):
+            yield where, node["oneOf"]
+        for key, value in node.items():
+            yield from _one_ofs(value, f"{where}/{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _one_ofs(value, f"{where}/{index}")

@@ -231,6 +231,11 @@ migration hook's own Secret and the release's) holds the same value on the first
 {{- if or .Values.lightbulb.enabled .Values.energyTracker.enabled }}true{{ end }}
 {{- end }}
 
+{{/* "true" when the demo rule's hook Job runs (templates/demo-rule-job.yaml), else empty. */}}
+{{- define "smarthome.demoRuleJob" -}}
+{{- if and .Values.demoRule.enabled .Values.gateway.enabled (include "smarthome.demoEnabled" .) }}true{{ end }}
+{{- end }}
+
 {{/*
 The Host names the gateway answers to (SMARTHOME_ALLOWED_HOSTS): the Ingress hosts (not a
 wildcard: name its hosts in gateway.allowedHosts), the gateway Service's names (the devices
@@ -321,6 +326,10 @@ for third-party hardware and read only their own few (devices/platform_link.py).
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_API_URL") }}
 - name: SMARTHOME_DEVICE_ID
   value: {{ .v.deviceId | quote }}
+- name: SMARTHOME_DEVICE_LOCATION
+  value: {{ .v.location | quote }}
+- name: SMARTHOME_DEVICE_HEARTBEAT_FILE
+  value: {{ include "smarthome.deviceHeartbeatFile" $root | quote }}
 {{ include "smarthome.envFromSecret" (dict "root" $root "name" "SMARTHOME_API_TOKEN" "key" $keys.demoApiKey) }}
 {{- else }}
 {{ include "smarthome.envFromSecret" (dict "root" $root "name" "DATABASE_URL" "key" $keys.databaseUrl) }}
@@ -375,6 +384,28 @@ gateway's verify checks them with the same. */}}
 {{- end }}
 {{- end }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_LOG_LEVEL") }}
+{{- end }}
+
+{{/*
+The heartbeat file a demo device rewrites while it runs (on its /tmp emptyDir), and its probes:
+(dict "root" $ "check" "live"|"ready" "timing" $.Values.probes.<kind>), the command
+`python -m devices.probe <check> <file> <max age>` (devices/probe.py).
+*/}}
+{{- define "smarthome.deviceHeartbeatFile" -}}/tmp/heartbeat.json{{- end }}
+
+{{- define "smarthome.deviceProbe" -}}
+{{- $d := .root.Values.probes.device -}}
+exec:
+  command:
+    - python
+    - -m
+    - devices.probe
+    - {{ .check }}
+    - {{ include "smarthome.deviceHeartbeatFile" .root }}
+    - {{ ternary $d.liveWithinSeconds $d.readyWithinSeconds (eq .check "live") | quote }}
+periodSeconds: {{ .timing.periodSeconds }}
+failureThreshold: {{ .timing.failureThreshold }}
+timeoutSeconds: {{ .timing.timeoutSeconds }}
 {{- end }}
 
 {{/* Checksums that roll the pods when their settings change. */}}

@@ -17,7 +17,7 @@ from services.gateway.audit.schemas import AuditPage, AuditVerdict, ExportFormat
 from services.gateway.audit.service import AuditFilters, AuditService
 from services.gateway.auth.guards import requires
 from services.gateway.pagination import CursorParam, SinceParam, limit_param, utc
-from services.gateway.problems import problem
+from services.gateway.problems import answers, problem
 from services.gateway.resources import Resources
 
 FILTERS = ("device_id", "correlation_id", "actor", "action", "since", "until")
@@ -78,6 +78,8 @@ class AuditController(Controller):
         "/export",
         guards=[requires(Permission.ADMINISTER)],
         operation_id="exportAudit",
+        opt=answers(*MEDIA_TYPES.values()),
+        response_description="The rows: NDJSON, or CSV with `format=csv`",
         summary="The audit log as NDJSON or CSV, streamed",
         description="Every row the list's filters select, oldest first, without paging: "
         "NDJSON (one list item per line) or CSV (a header row; `detail` as JSON).",

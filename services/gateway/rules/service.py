@@ -20,8 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import capabilities, subjects
 from libs import messages as m
+from libs.db.models import Channel, RuleRecord, RuleRun, Subscription
 from libs.db.models import Device as DeviceRow
-from libs.db.models import RuleRecord, RuleRun, Subscription
 from libs.errors import Conflict, Invalid, NotFound
 from libs.principals import Principal, home_of
 from services.gateway import scope
@@ -285,15 +285,22 @@ async def _check_subscriptions(
     session: AsyncSession, spec: m.RuleSpec, home: str | None, root: str
 ) -> None:
     for index, action in enumerate(spec.actions):
-        if not isinstance(action, m.NotifyAction) or not action.subscription_id:
+        if not isinstance(action, m.NotifyAction):
             continue
-        subscription = await session.get(Subscription, action.subscription_id)
-        # A homed rule's alerts go to its home's subscriptions: another one is as unknown.
-        if subscription is None or (home is not None and subscription.home != home):
-            raise Invalid(
-                f"webhook subscription {action.subscription_id!r} does not exist",
-                field=f"{root}.actions[{index}].subscription_id",
-            )
+        for model, key, what in (
+            (Subscription, action.subscription_id, "webhook subscription"),
+            (Channel, action.channel, "notification channel"),
+        ):
+            if not key:
+                continue
+            target = await session.get(model, key)
+            # A homed rule's alerts go to its home's subscriptions and channels: another
+            # home's (or a platform-wide one) is as unknown.
+            if target is None or (home is not None and target.home != home):
+                field = "subscription_id" if model is Subscription else "channel"
+                raise Invalid(
+                    f"{what} {key!r} does not exist", field=f"{root}.actions[{index}].{field}"
+                )
 
 
 def _stored(spec: m.RuleSpec, rule_id: str, home: str | None) -> dict:

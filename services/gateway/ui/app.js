@@ -17,6 +17,10 @@ import { el, notify, pill, report, setStatus } from "./dom.js";
 import {
   API, SignedOut, call, endedBecause, pages, problemText, resume, send, signIn, signOut,
 } from "./session.js";
+import { startAdmin } from "./admin.js";
+import { knownDevices, lifecycleControls, startDevices } from "./devices.js";
+import { startLocations } from "./locations.js";
+import { queueRulesRefresh, refreshRules, startRules } from "./rules.js";
 import { startStatus } from "./status.js";
 
 const FEED_MAX = 100;
@@ -84,6 +88,10 @@ async function start() {
   document.getElementById("login").hidden = true;
   document.getElementById("app").hidden = false;
   startStatus(can("administer"));  // the views: `#status` shows the status page instead
+  startRules(can("manage_rules"));
+  startDevices(can("manage_devices"), refreshDevices);
+  startLocations(can("manage_locations")).catch(report);
+  if (can("administer")) startAdmin(me.id).catch(report);
   setStatus("connecting…");
   refreshDevices().catch((error) => setStatus(String(error.message)));
   refreshAudit().catch(console.warn);
@@ -98,20 +106,6 @@ async function start() {
 // --- devices: the registry, each device's state, and its commands ---------------------------
 
 const paramValues = new Map();  // what was typed into a param box survives a refresh
-
-function lifecycleControls(device) {
-  // A device that said hello unregistered waits for approval; its events are refused till then.
-  if (!can("manage_devices")) return [];
-  return [["approve", "active"], ["reject", "rejected"]].map(([label, lifecycle]) => {
-    const button = el("button", { type: "button", "data-lifecycle": lifecycle }, label);
-    button.addEventListener("click", () => {
-      call("PATCH", `/devices/${encodeURIComponent(device.id)}`, { lifecycle })
-        .then(() => { notify(`${device.id}: ${label}d`, true); return refreshDevices(); })
-        .catch(report);
-    });
-    return button;
-  });
-}
 
 function commandControls(device) {
   if (!can("command")) return [];
@@ -152,7 +146,7 @@ function actionControls(device) {
         .then(() => { notify(`${device.id}: ${admin.dataset.admin}ed`, true); return refreshDevices(); })
         .catch(report);
     });
-    controls.push(admin);
+    controls.push(admin, ...lifecycleControls(device));
   }
   const history = el("button", { type: "button", "data-history": device.id }, "history");
   history.addEventListener("click", () => showHistory(device.id).catch(report));
@@ -245,6 +239,7 @@ async function showHistory(deviceId, scroll = true) {
 
 async function refreshDevices() {
   const rows = await pages("/devices");
+  knownDevices(rows);
   const body = document.getElementById("devices");
   body.replaceChildren(...rows.map((d) => el("tr", { "data-device": d.id },
     el("td", { class: "mono" }, d.id, " ", d.enabled ? "" : pill("disabled"),
@@ -285,74 +280,11 @@ async function sendCommand(deviceId, action, params) {
   detail.textContent = command.detail ?? "";
 }
 
-// --- rules: what each one watches, its last run, enable or disable it -----------------------
-
-function describeTrigger(trigger) {
-  const where = trigger.device_id ?? (trigger.selector ? JSON.stringify(trigger.selector) : "");
-  switch (trigger.type) {
-    case "threshold": {
-      const parts = [["above", ">"], ["below", "<"], ["equals", "="]]
-        .filter(([key]) => trigger[key] !== undefined && trigger[key] !== null)
-        .map(([key, sign]) => `${sign} ${trigger[key]}`);
-      const held = trigger.for ? ` for ${trigger.for}s` : "";
-      return `${where} ${trigger.attribute} ${parts.join(" and ")}${held}`;
-    }
-    case "event": return `event on ${trigger.subject}`;
-    case "state": return `${where} state${trigger.to ? ` → ${trigger.to}` : ""}`;
-    case "schedule": return `at ${trigger.cron}`;
-    default: return trigger.type ?? "";
-  }
-}
-
-async function lastRun(ruleId) {
-  const runs = await pages(`/rules/${encodeURIComponent(ruleId)}/runs`);
-  return runs.length ? runs[runs.length - 1] : null;
-}
-
-async function refreshRules() {
-  const rules = await pages("/rules");
-  const last = await Promise.all(rules.map((r) => lastRun(r.id).catch(() => null)));
-  const body = document.getElementById("rules");
-  body.replaceChildren(...rules.map((rule, i) => {
-    const run = last[i];
-    const controls = [];
-    if (can("manage_rules")) {
-      const toggle = el("button", { type: "button", "data-toggle": rule.id },
-        rule.enabled ? "disable" : "enable");
-      toggle.addEventListener("click", () => setEnabled(rule, !rule.enabled).catch(report));
-      controls.push(toggle);
-    }
-    return el("tr", { "data-rule": rule.id },
-      el("td", {}, rule.name, " ", rule.enabled ? "" : pill("disabled")),
-      el("td", { class: "mono" }, describeTrigger(rule.trigger)),
-      el("td", { "data-field": "last-run" }, run
-        ? el("span", { title: run.reason }, pill(run.kind, run.kind === "fired" ? "triggered" : run.kind),
-            " ", el("span", { class: "meta" }, new Date(run.time).toLocaleTimeString()))
-        : el("span", { class: "meta" }, "never")),
-      el("td", {}, ...controls));
-  }));
-  if (!rules.length) body.replaceChildren(el("tr", {}, el("td", { colspan: 4, class: "empty" }, "no rules")));
-}
-
-async function setEnabled(rule, enabled) {
-  const { version, created_at, updated_at, ...spec } = rule;  // PUT takes the spec alone
-  await call("PUT", `/rules/${encodeURIComponent(rule.id)}`, { ...spec, enabled });
-  notify(`rule ${rule.name}: ${enabled ? "enabled" : "disabled"}`, true);
-  await refreshRules();
-}
-
 let refreshQueued = false;
 function queueDeviceRefresh() {
   if (refreshQueued) return;
   refreshQueued = true;
   setTimeout(() => { refreshQueued = false; refreshDevices().catch(console.warn); }, 250);
-}
-
-let rulesQueued = false;
-function queueRulesRefresh() {
-  if (rulesQueued) return;
-  rulesQueued = true;
-  setTimeout(() => { rulesQueued = false; refreshRules().catch(console.warn); }, 250);
 }
 
 // --- live feed: Server-Sent Events read with fetch ---------------------------------------

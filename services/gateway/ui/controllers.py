@@ -20,6 +20,11 @@ ASSETS = {
     "dom.js": "text/javascript; charset=utf-8",
     "status.js": "text/javascript; charset=utf-8",
     "deadletters.js": "text/javascript; charset=utf-8",
+    "forms.js": "text/javascript; charset=utf-8",
+    "rules.js": "text/javascript; charset=utf-8",
+    "locations.js": "text/javascript; charset=utf-8",
+    "devices.js": "text/javascript; charset=utf-8",
+    "admin.js": "text/javascript; charset=utf-8",
     "app.css": "text/css; charset=utf-8",
     "icon.svg": "image/svg+xml",
 }

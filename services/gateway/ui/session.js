@@ -83,7 +83,15 @@ export async function send(url, init = {}) {
   return response;
 }
 
-/** A call to the API: its JSON answer, or an Error that says what the API refused. */
+/** What the API refused: `problem` is its problem details, `errors` naming the fields. */
+export class Refused extends Error {
+  constructor(message, problem) {
+    super(message);
+    this.problem = problem;
+  }
+}
+
+/** A call to the API: its JSON answer, or a Refused that says what the API refused. */
 export async function call(method, path, body) {
   const init = { method, headers: {} };
   if (body !== undefined) {
@@ -91,7 +99,10 @@ export async function call(method, path, body) {
     init.body = JSON.stringify(body);
   }
   const response = await send(API + path, init);
-  if (!response.ok) throw new Error(`${method} ${path}: ${await problemText(response)}`);
+  if (!response.ok) {
+    const problem = await response.clone().json().catch(() => ({}));
+    throw new Refused(`${method} ${path}: ${await problemText(response)}`, problem ?? {});
+  }
   return response.status === 204 ? null : response.json();
 }
 

@@ -1,0 +1,1 @@
+"""Notification channels: `/api/v1/channels`."""
