@@ -297,7 +297,7 @@ def plan(ack_all: bool, deliveries: Sequence[Delivery], verdicts: Mapping[int, V
             raise ValueError("Nak needs AckPolicy.EXPLICIT: with ALL a later ack covers it")
         delivered = [d for d in deliveries if d.msg is not None]
         if delivered:
-            out.ack.append(max(delivered, key=lambda d: d.seq).msg)  # type: ignore[arg-type]
+            out.ack.append(max(delivered, key=lambda d: d.seq).msg)  # type: ignore[arg-type]  # msg is set: filtered above
             out.acked = len(deliveries)
         return out
     for d in deliveries:

@@ -23,13 +23,15 @@ DEVICES = "/api/v1/devices"
 
 async def test_registry_round_trip(client: AsyncTestClient) -> None:
     device_id = unique_id()
+    # A home of its own: another test may have defined `home` with other floors.
+    location = f"{unique_id('home')}/ground/kitchen"
     created = await client.post(
         DEVICES,
         json={
             "id": device_id,
             "name": "Kitchen lamp",
             "kind": "light",
-            "location": "home/ground/kitchen",
+            "location": location,
             "metadata": {"vendor": "acme"},
         },
     )
@@ -42,7 +44,7 @@ async def test_registry_round_trip(client: AsyncTestClient) -> None:
         "id": device_id,
         "name": "Kitchen lamp",
         "kind": "light",
-        "location": "home/ground/kitchen",
+        "location": location,
         "lifecycle": "active",
         "enabled": True,
         "metadata": {"vendor": "acme"},

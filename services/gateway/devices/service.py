@@ -285,7 +285,7 @@ class DeviceService:
             device_id=record.device_id,
             action=record.action,
             params=record.params or {},
-            status=commands.effective_status(record),  # type: ignore[arg-type]
+            status=commands.effective_status(record),  # type: ignore[arg-type]  # a CommandStatus: the column holds only those
             detail=record.detail,
             issued_by=record.issued_by,
             correlation_id=record.correlation_id,
