@@ -26,11 +26,14 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamInfo,
+    SubjectTransform,
 )
 from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
 
 from libs import bus_grants, service_status, subjects, tracing
 from libs.errors import StorageFull
+from libs.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +142,35 @@ def _identity(user: str | None, password: str | None) -> dict[str, str]:
 # is published before its service first starts. Each worker handles a fetched batch as a
 # whole and acks it with one ack of its last message (AckPolicy.ALL): one ack per batch
 # instead of one per message, which the bus would otherwise store one by one.
-ACTORS_DURABLE = "actors"
 ACTORS_BATCH = 256
+# Partitions of a new install when SMARTHOME_ACTOR_PARTITIONS is not given.
+DEFAULT_PARTITIONS = 16
+# The one actors consumer before partitions (`events.>`): on an upgrade it is narrowed to the
+# events stored before the transform (`events.*.*`), which the actors drain, then delete.
+LEGACY_ACTORS_DURABLE = "actors"
+
+
+def actors_durable(partition: int) -> str:
+    return f"actors-{partition}"
+
+
+def actors_consumer(partition: int | None) -> ConsumerConfig:
+    """The actors' consumer of one partition (None: the legacy one of every event). At most
+    one batch un-acked: a dead worker's batch is redelivered before any newer event of the
+    same device, which keeps each device's events in order."""
+    return ConsumerConfig(
+        durable_name=LEGACY_ACTORS_DURABLE if partition is None else actors_durable(partition),
+        filter_subject=subjects.EVENTS_ALL
+        if partition is None
+        else subjects.events_partition(partition),
+        ack_policy=AckPolicy.ALL,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=10.0,
+        max_ack_pending=ACTORS_BATCH,
+        max_deliver=-1,
+    )
+
+
 RECORDER_SOURCES = {
     subjects.EVENTS_STREAM: subjects.EVENTS_ALL,
     subjects.COMMANDS_STREAM: subjects.COMMANDS_ALL,
@@ -170,20 +200,6 @@ BUSAUTH_FILTERS = [
 
 
 CONSUMERS: tuple[tuple[str, ConsumerConfig], ...] = (
-    (
-        subjects.EVENTS_STREAM,
-        # At most one batch un-acked: a dead worker's batch is redelivered before any newer
-        # event of the same device, which keeps each device's events in order.
-        ConsumerConfig(
-            durable_name=ACTORS_DURABLE,
-            filter_subject=subjects.EVENTS_ALL,
-            ack_policy=AckPolicy.ALL,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=10.0,
-            max_ack_pending=ACTORS_BATCH,
-            max_deliver=-1,
-        ),
-    ),
     *(
         (
             stream,
@@ -246,19 +262,75 @@ def rules_facts_consumer(partition: int) -> ConsumerConfig:
     )
 
 
-async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
+async def ensure_streams(
+    js: JetStreamContext, replicas: int = 1, partitions: int | None = None
+) -> None:
     """Create or update the streams and durable consumers: the gateway, which provisions
-    the bus, runs it at start (no other service may create streams)."""
+    the bus, runs it at start (no other service may create streams). `partitions`: how many
+    the device events are spread over (`SMARTHOME_ACTOR_PARTITIONS`); None: as the bus was
+    installed, or 16 on a new one."""
+    partitions = await _partitions(js, partitions) or DEFAULT_PARTITIONS
     for base in STREAMS:
         config = dataclasses.replace(base, num_replicas=replicas)
+        if config.name == subjects.EVENTS_STREAM:
+            await _narrow_legacy_actors(js)
+            config = partitioned_events(config, partitions)
         try:
             await js.add_stream(config)
         except BadRequestError:
             await js.update_stream(config)
+    for partition in range(partitions):
+        await js.add_consumer(subjects.EVENTS_STREAM, actors_consumer(partition))
     for stream, consumer in CONSUMERS:
         await js.add_consumer(stream, consumer)
     # Where each process writes its status (`GET /system/services`).
     await service_status.provision(js, replicas)
+
+
+def partitioned_events(config: StreamConfig, partitions: int) -> StreamConfig:
+    """The EVENTS stream taking `events.<device>.<type>` only, stored with its partition."""
+    source, destination = subjects.partitioned(partitions)
+    return dataclasses.replace(
+        config,
+        subjects=[subjects.EVENTS_PUBLISHED],
+        subject_transform=SubjectTransform(src=source, dest=destination),
+    )
+
+
+def stream_partitions(info: StreamInfo) -> int | None:
+    """How many partitions a stream's events are stored in (None: not partitioned)."""
+    transform = info.config.subject_transform
+    return subjects.transform_partitions(transform.dest or "") if transform else None
+
+
+async def _partitions(js: JetStreamContext, wanted: int | None) -> int | None:
+    """The partition count to provision: fixed at install, since moving a device to another
+    partition could apply its events out of order; a different setting is refused."""
+    try:
+        installed = stream_partitions(await js.stream_info(subjects.EVENTS_STREAM))
+    except NotFoundError:
+        return wanted
+    if installed is not None and wanted is not None and installed != wanted:
+        raise SettingsError(
+            f"SMARTHOME_ACTOR_PARTITIONS={wanted}, but the bus was installed with {installed} "
+            "partitions of device events; the count is fixed at install (set it back to "
+            f"{installed})"
+        )
+    return installed or wanted
+
+
+async def _narrow_legacy_actors(js: JetStreamContext) -> None:
+    """An upgrade from one actors consumer: before the stream stores partitioned subjects,
+    that consumer is narrowed to the unpartitioned ones stored until now, so that it never
+    delivers a partitioned event (the partitions' own consumers do)."""
+    try:
+        info = await js.consumer_info(subjects.EVENTS_STREAM, LEGACY_ACTORS_DURABLE)
+    except NotFoundError:
+        return
+    if info.config.filter_subject != subjects.EVENTS_PUBLISHED:
+        config = dataclasses.replace(info.config, filter_subject=subjects.EVENTS_PUBLISHED)
+        await js.add_consumer(subjects.EVENTS_STREAM, config)
+        log.info("narrowed %s to the events stored before partitions", LEGACY_ACTORS_DURABLE)
 
 
 @contextlib.contextmanager
@@ -394,7 +466,8 @@ async def dead_letter(js: JetStreamContext, msg: Msg, reason: str, consumer: str
     meta = msg.metadata
     traceparent = (msg.headers or {}).get(TRACEPARENT)
     origin = (meta.stream, meta.sequence.stream)
-    await dead_letter_stored(js, msg.subject, msg.data, origin, reason, consumer, traceparent)
+    subject = subjects.published(msg.subject)
+    await dead_letter_stored(js, subject, msg.data, origin, reason, consumer, traceparent)
 
 
 async def dead_letter_stored(

@@ -111,6 +111,7 @@ def _status(name: str) -> tuple[str, ...]:
 
 
 LEASES = "leases"
+ACTOR_LEASES = "actor_leases"
 EPISODES = "rule_episodes"
 STATUS = service_status.BUCKET
 EVENTS, COMMANDS, SYSTEM, DEADLETTER = (
@@ -152,9 +153,13 @@ def service_grants() -> dict[str, Grant]:
                 subjects.device_rejected("*"),
                 subjects.device_events("*", "presence_timeout"),
                 subjects.DEADLETTER_ALL,
-                *_read_durable(EVENTS, "actors"),
+                # Its partitions' consumers (`actors-<p>`, as many as installed: a token
+                # wildcard), and the one from before partitions, deleted once drained.
+                *_read_durable(EVENTS, "*"),
+                f"{JS}.CONSUMER.DELETE.{EVENTS}.actors",
                 *_read_stream(EVENTS),
                 *_kv(LEASES),
+                *_kv(ACTOR_LEASES),
                 *_status("actors"),
             ),
             subscribe=(_inbox("svc", "actors"), subjects.DEVICE_REGISTRY_ALL),

@@ -6,7 +6,8 @@ it may), a decoder and a handler; this does the rest, top to bottom:
     bind → recover what was left un-acked → fetch → decode → handle → ack / nak / term
 
 - **Fetch**: one strategy, `libs.pull.Puller` (one pull request open, messages handed out
-  as they arrive), with the batch size and the wait as arguments.
+  as they arrive), with the batch size and the wait as arguments, and a linger for a
+  worker that would rather wait a little for a bigger batch.
 - **Lost deliveries**: the bus numbers each delivery (its consumer sequence); a jump means
   deliveries handed out on a connection that died before they arrived. With AckPolicy.ALL
   the ack of a newer message would ack them unseen, so they are read from the stream by
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,7 +68,7 @@ from nats.js.errors import NotFoundError
 from opentelemetry.trace import Span, StatusCode
 from prometheus_client import Counter, Gauge, Histogram
 
-from libs import bus, runtime, tracing
+from libs import bus, runtime, subjects, tracing
 from libs.errors import Unavailable
 from libs.pull import Gaps, Puller
 
@@ -110,6 +112,8 @@ BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 5.0
 # A gap this long is first clamped to the stream's first sequence (limits, a purge).
 CLAMP_ABOVE = 256
+LINGER_TICK_S = 0.01
+LINGER_BURST = 16  # messages that came in one wake: a backlog, not a trickle
 
 
 # --- what a worker supplies and gets ----------------------------------------------------------
@@ -142,7 +146,7 @@ class Delivery:
     def of(cls, msg: Msg) -> Delivery:
         meta = msg.metadata
         return cls(
-            msg.subject,
+            subjects.published(msg.subject),
             msg.data,
             msg.headers,
             meta.stream,
@@ -155,7 +159,7 @@ class Delivery:
     @classmethod
     def read(cls, stream: str, raw: RawStreamMsg) -> Delivery:
         return cls(
-            raw.subject or "",
+            subjects.published(raw.subject or ""),
             raw.data or b"",
             raw.headers,
             stream,
@@ -330,6 +334,7 @@ class Consumer(Generic[T]):
         *,
         batch: int = 100,
         wait: float = 1.0,
+        linger: float = 0.0,
         create: MayCreate = False,
         pending_every: float = PENDING_EVERY_S,
     ) -> None:
@@ -344,6 +349,7 @@ class Consumer(Generic[T]):
         self._handle = handle
         self._batch = batch
         self._wait = wait
+        self._linger = linger
         self._create = create
         self._pending_every = pending_every
         self._ack_all = config.ack_policy != AckPolicy.EXPLICIT
@@ -382,7 +388,7 @@ class Consumer(Generic[T]):
                     if self._ack_all and not await self._recover(unacked(info), [], stop):
                         return
                     while not stop.is_set():
-                        msgs = await puller.fetch(self._batch, self._wait)
+                        msgs = await self._fetch(puller)
                         if msgs:
                             await self._batch_arrived(msgs, puller.gaps.take(), stop)
                 finally:
@@ -392,6 +398,25 @@ class Consumer(Generic[T]):
             await puller.stop()  # a pull subscription left to drain() blocks it
             with contextlib.suppress(Exception):
                 await self._nc.flush(timeout=2)  # the last acks
+
+    async def _fetch(self, puller: Puller) -> list[Msg]:
+        """What arrives within `wait`; with `linger`, also what arrives in the `linger`
+        seconds after the first message, up to the batch: at a steady trickle, fewer and
+        bigger batches for a worker whose every batch costs (a transaction, a commit)."""
+        msgs = await puller.fetch(self._batch, self._wait)
+        if not msgs or self._linger <= 0:
+            return msgs
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self._linger
+        more = msgs
+        while len(msgs) < self._batch and (left := until - loop.time()) > 0:
+            if len(more) < LINGER_BURST:
+                # A trickle: a wake per tick, not one per message (which costs more than
+                # the message). A burst (a backlog) is taken as it comes, without a pause.
+                await asyncio.sleep(min(left, LINGER_TICK_S))
+            more = await puller.fetch(self._batch - len(msgs), max(until - loop.time(), 0.001))
+            msgs += more
+        return msgs
 
     # --- binding and recovering ---------------------------------------------------------------
 
@@ -404,7 +429,9 @@ class Consumer(Generic[T]):
         async def attempt() -> None:
             nonlocal told
             try:
-                found.append(await self._js.consumer_info(self.stream, self.durable))
+                found.append(
+                    await self._refiltered(await self._js.consumer_info(self.stream, self.durable))
+                )
             except NotFoundError:
                 may = self._create if isinstance(self._create, bool) else await self._create()
                 if not may:
@@ -418,6 +445,19 @@ class Consumer(Generic[T]):
         if not await runtime.retry_until_stopped(attempt, stop, f"binding {self.durable}"):
             return None
         return found[-1]
+
+    async def _refiltered(self, info: ConsumerInfo) -> ConsumerInfo:
+        """The consumer as found, its filter brought to the config's where they differ (an
+        upgrade that changed how subjects are stored); it keeps its position."""
+        if filters(info.config) == filters(self._config):
+            return info
+        config = dataclasses.replace(
+            info.config,
+            filter_subject=self._config.filter_subject,
+            filter_subjects=self._config.filter_subjects,
+        )
+        log.info("%s/%s filters %s now", self.stream, self.durable, filters(self._config))
+        return await self._js.add_consumer(self.stream, config)
 
     async def _read(
         self, seqs: range, skip: set[int], stop: asyncio.Event

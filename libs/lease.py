@@ -23,17 +23,40 @@ from nats.js.kv import KeyValue
 log = logging.getLogger(__name__)
 
 BUCKET = "leases"
+# The actors' partition leases: a bucket of their own, for its shorter ttl (a KV bucket's ttl
+# is bucket-wide), so that a dead process's partitions are taken over within 5 s.
+ACTOR_BUCKET = "actor_leases"
+ACTOR_TTL_S = 3.0
 
 
 class Lease:
-    def __init__(self, js: JetStreamContext, key: str, ttl: float = 6.0) -> None:
+    def __init__(
+        self, js: JetStreamContext, key: str, ttl: float = 6.0, bucket_name: str = BUCKET
+    ) -> None:
         self._js = js
         self._key = key
         self._ttl = ttl
+        self._bucket_name = bucket_name
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._kv: KeyValue | None = None
         self._revision = 0
         self.held = asyncio.Event()
+
+    @property
+    def revision(self) -> int:
+        """The lease's KV revision as last written by this worker (taken or renewed): it
+        grows with every write to the bucket, so a later holder's is always higher."""
+        return self._revision
+
+    async def still_held(self) -> bool:
+        """Whether the bus still has this worker's last write of the lease (one read)."""
+        if self._kv is None or not self.held.is_set():
+            return False
+        try:
+            entry = await self._kv.get(self._key)
+        except Exception:
+            return False
+        return entry.revision == self._revision and entry.value == self.owner.encode()
 
     async def acquire(self, stop: asyncio.Event) -> bool:
         """Wait until this worker owns the lease (True) or `stop` is set (False)."""
@@ -61,7 +84,7 @@ class Lease:
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
-            self._kv = await bucket(self._js, self._ttl)
+            self._kv = await bucket(self._js, self._ttl, self._bucket_name)
         return self._kv
 
     async def keep(self, stop: asyncio.Event) -> None:
@@ -89,18 +112,24 @@ class Lease:
             log.info("lease %s released by %s", self._key, self.owner)
 
 
-async def bucket(js: JetStreamContext, ttl: float) -> KeyValue:
-    return await js.create_key_value(
-        KeyValueConfig(bucket=BUCKET, ttl=ttl, storage=StorageType.FILE)
-    )
+async def bucket(js: JetStreamContext, ttl: float, name: str = BUCKET) -> KeyValue:
+    return await js.create_key_value(KeyValueConfig(bucket=name, ttl=ttl, storage=StorageType.FILE))
 
 
 class Members:
     """The workers of one kind alive now, for sharing partitions fairly: each puts a key
     `<kind>-member.<id>` in the leases bucket every ttl/3; the bucket's ttl expires the dead."""
 
-    def __init__(self, js: JetStreamContext, kind: str, owner: str, ttl: float = 6.0) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        kind: str,
+        owner: str,
+        ttl: float = 6.0,
+        bucket_name: str = BUCKET,
+    ) -> None:
         self._js = js
+        self._bucket_name = bucket_name
         self._prefix = f"{kind}-member."
         # KV keys allow letters, digits and -_=/. only.
         self._key = self._prefix + re.sub(r"[^A-Za-z0-9_=-]", "_", owner)
@@ -109,7 +138,7 @@ class Members:
 
     async def beat(self, stop: asyncio.Event) -> None:
         """Say this worker is alive until `stop` is set; then leave at once."""
-        self._kv = await bucket(self._js, self._ttl)
+        self._kv = await bucket(self._js, self._ttl, self._bucket_name)
         while not stop.is_set():
             with contextlib.suppress(Exception):  # the bus is away: the ttl decides
                 await self._kv.put(self._key, b"")

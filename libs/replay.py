@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from libs import messages as m
+from libs import subjects
 
 # A replay consumer this process failed to delete (a crash) is removed by the server then.
 IDLE_S = 30.0
@@ -78,7 +79,7 @@ async def read(
     what it has."""
     config = start(after_seq, since)
     config.name = f"replay-{m.new_id()}"
-    config.filter_subject = subject
+    config.filter_subject = subjects.stored_filter(subject)
     config.ack_policy = AckPolicy.NONE
     config.inactive_threshold = IDLE_S
     config.mem_storage = True
@@ -126,10 +127,9 @@ async def _take(
                 seen += 1
                 meta = msg.metadata
                 last_seen = meta.sequence.stream
-                if keep is None or keep(msg.subject):
-                    taken.append(
-                        Stored(last_seen, msg.subject, meta.timestamp, msg.data, msg.headers)
-                    )
+                subject = subjects.published(msg.subject)
+                if keep is None or keep(subject):
+                    taken.append(Stored(last_seen, subject, meta.timestamp, msg.data, msg.headers))
                     if len(taken) == limit:
                         break
     finally:

@@ -177,7 +177,7 @@ async def _serving(process: Process) -> AsyncIterator[None]:
         server = await health.serve(settings.http_host, settings.health_port, process.ready)
         log.info("health and metrics on %s:%s", settings.http_host, settings.health_port)
     me = service_status.identity(process.name, settings.http_host, settings.health_port)
-    reporter = service_status.Reporter(process.nc, me, process.ready)
+    reporter = service_status.Reporter(process.nc, me, process.ready, settings.status_interval_s)
     done = asyncio.Event()
     reporting = asyncio.create_task(reporter.run(done), name="status")
     try:
@@ -192,13 +192,17 @@ async def _serving(process: Process) -> AsyncIterator[None]:
 Work = Callable[[Process], Awaitable[None]]
 
 
-def serve(name: str, work: Work, needs: Sequence[tuple[str, str | None]] = ()) -> None:
+Needs = Sequence[tuple[str, str | None]]
+
+
+def serve(name: str, work: Work, needs: Needs | Callable[[Settings], Needs] = ()) -> None:
     """A worker's `__main__`: open the process (`opened`), wait for what it reads to be
-    provisioned, then run `work` until SIGINT/SIGTERM sets `process.stop`."""
+    provisioned (`needs`, or what they are by the settings), then run `work` until
+    SIGINT/SIGTERM sets `process.stop`."""
 
     async def main(settings: Settings, stop: asyncio.Event) -> None:
         async with opened(name, settings, stop) as process:
-            if await process.provisioned(needs):
+            if await process.provisioned(needs(settings) if callable(needs) else needs):
                 await work(process)
 
     run(name, main)

@@ -75,6 +75,9 @@ class Settings:
     log_level: str = "INFO"
     admin_password: str | None = None
     heartbeat_timeout_s: float = 30.0
+    # How often each process rewrites its status (`libs.service_status`); a reader sees it
+    # gone after three missed writes.
+    status_interval_s: float = 5.0
     demo_rule_for_s: float = 10.0
     stream_replicas: int = 1
     nats_sync: str = "1s"
@@ -82,6 +85,11 @@ class Settings:
     # chosen at start from the free disk (`libs.embedded_nats.max_store`).
     nats_max_store: int | None = None
     rules_partitions: int = 1
+    # Device events are spread over this many partitions by device id (the EVENTS stream's
+    # subject transform), fixed at install; and how many actors processes `smarthome up`
+    # runs to share them.
+    actor_partitions: int = 16
+    actor_processes: int = 1
     rule_traces_keep: int = 100
     rule_traces_days: float = 30.0
     # The recorder's retention, in days (Home Assistant's purge_keep_days): raw history,
@@ -163,11 +171,14 @@ def load() -> Settings:
         log_level=level,
         admin_password=os.environ.get("SMARTHOME_ADMIN_PASSWORD") or None,
         heartbeat_timeout_s=_float("SMARTHOME_HEARTBEAT_TIMEOUT", 30.0),
+        status_interval_s=_positive("SMARTHOME_STATUS_INTERVAL_S", 5.0),
         demo_rule_for_s=_float("SMARTHOME_DEMO_RULE_FOR", 10.0),
         stream_replicas=_replicas(),
         nats_sync=_sync(),
         nats_max_store=_max_store(),
         rules_partitions=_rules_partitions(),
+        actor_partitions=_at_most("SMARTHOME_ACTOR_PARTITIONS", 16, 1024),
+        actor_processes=_at_most("SMARTHOME_ACTOR_PROCESSES", 1, 64),
         rule_traces_keep=int(_float("SMARTHOME_RULE_TRACES_KEEP", 100)),
         rule_traces_days=_float("SMARTHOME_RULE_TRACES_DAYS", 30.0),
         history_keep_days=_positive("SMARTHOME_HISTORY_KEEP_DAYS", 10.0),
@@ -250,6 +261,13 @@ def _rules_partitions() -> int:
     value = _at_least_one("SMARTHOME_RULES_PARTITIONS", 1)
     if value > 64:
         raise SettingsError(f"SMARTHOME_RULES_PARTITIONS={value} must be at most 64")
+    return value
+
+
+def _at_most(name: str, default: int, most: int) -> int:
+    value = _at_least_one(name, default)
+    if value > most:
+        raise SettingsError(f"{name}={value} must be at most {most}")
     return value
 
 

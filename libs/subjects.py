@@ -12,6 +12,10 @@ SYSTEM_STREAM = "SYSTEM"
 DEADLETTER_STREAM = "DEADLETTER"
 
 EVENTS_ALL = "events.>"
+# What the EVENTS stream takes: `events.<device_id>.<type>`, one token each. It stores them
+# as `events.<device_id>.<type>.<partition>` (its subject transform, `partitioned`): the
+# actors' partition consumers filter on the last token.
+EVENTS_PUBLISHED = "events.*.*"
 COMMANDS_ALL = "commands.>"
 SYSTEM_ALL = "system.>"
 DEADLETTER_ALL = "deadletter.>"
@@ -49,6 +53,44 @@ def is_filter(value: str) -> bool:
 def device_events(device_id: str, event_type: str = "*") -> str:
     """`events.<device_id>.<type>`; `*` matches every type."""
     return f"events.{device_id}.{event_type}"
+
+
+def partitioned(partitions: int) -> tuple[str, str]:
+    """The EVENTS stream's subject transform (source, destination): NATS's `partition()`
+    hashes the device id, so one device's events stay in one partition, in order."""
+    return (
+        EVENTS_PUBLISHED,
+        f"events.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{partition({partitions},1)}}}}",
+    )
+
+
+def transform_partitions(destination: str) -> int | None:
+    """How many partitions a stored transform's destination makes (None: not ours)."""
+    found = re.search(r"\{\{partition\((\d+),1\)\}\}$", destination)
+    return int(found.group(1)) if found else None
+
+
+def events_partition(partition: int) -> str:
+    """The stored subjects of one partition's events."""
+    return f"events.*.*.{partition}"
+
+
+def published(subject: str) -> str:
+    """A stored subject as it was published: `events.<device>.<type>.<p>` loses its
+    partition; any other subject is its own."""
+    if subject.startswith("events.") and subject.count(".") == 3:
+        return subject.rpartition(".")[0]
+    return subject
+
+
+def stored_filter(filter_subject: str) -> str:
+    """A filter on published event subjects as a JetStream filter on stored ones: an exact
+    `events.<a>.<b>` (either may be `*`) gains the partition token; `events.>` and others
+    match as they are."""
+    tokens = filter_subject.split(".")
+    if tokens[0] == "events" and len(tokens) == 3 and tokens[-1] != ">":
+        return filter_subject + ".*"
+    return filter_subject
 
 
 def device_events_all(device_id: str) -> str:

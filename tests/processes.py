@@ -64,7 +64,12 @@ class Service:
             return -9
 
     def tail(self, n: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
+        return self.log()[-n:]
+
+    def log(self) -> str:
+        """Everything it logged: what to search (a chatty process pushes a line out of
+        the tail before a test looks)."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 def _identity(module: str, env: dict[str, str]) -> dict[str, str]:

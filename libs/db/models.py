@@ -478,5 +478,17 @@ class OutboxMessage(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
 
 
+class ActorPartitionFence(Base):
+    """Who works a partition of the device events now: its lease's KV revision when taken.
+    Every state commit of the actors checks it in the same transaction, so a late write of
+    a holder whose lease was taken over is refused (`services.actors.fence`)."""
+
+    __tablename__ = "actor_partitions"
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    revision: Mapped[int] = mapped_column(BigInteger)
+    holder: Mapped[str] = mapped_column(String(256))
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+
+
 # Registers the hook that chains every AuditEntry as it is inserted (it imports the models).
 from libs.db import audit as _audit_chain  # noqa: E402, F401

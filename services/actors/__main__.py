@@ -1,24 +1,29 @@
-"""`python -m services.actors`: the device actors worker."""
+"""`python -m services.actors`: the device actors worker (a share of the partitions)."""
 
 from __future__ import annotations
 
 import asyncio
 
 from libs import bus, commands, runtime, subjects
-from libs.lease import Lease
+from libs.settings import Settings
+from services.actors.partitions import ActorPartitions
 from services.actors.presence import scan_forever
-from services.actors.store import StateStore
-from services.actors.worker import ActorWorker
 
 
 async def work(p: runtime.Process) -> None:
-    worker = ActorWorker(p.nc, StateStore(p.sessions, p.cache), Lease(p.js, "actors"))
-    p.ready_when(worker)
+    partitions = ActorPartitions(p.nc, p.sessions, p.cache, p.settings.actor_partitions)
+    p.ready_when(partitions)
     async with asyncio.TaskGroup() as tasks:
-        tasks.create_task(worker.run(p.stop))
+        tasks.create_task(partitions.run(p.stop))
         tasks.create_task(scan_forever(p.js, p.sessions, p.settings.heartbeat_timeout_s, p.stop))
         tasks.create_task(commands.expire_forever(p.sessions, p.stop))
 
 
+def needs(settings: Settings) -> list[tuple[str, str | None]]:
+    """Every partition's consumer: the gateway provisions them all at once."""
+    durables = (bus.actors_durable(i) for i in range(settings.actor_partitions))
+    return [(subjects.EVENTS_STREAM, d) for d in durables]
+
+
 if __name__ == "__main__":
-    runtime.serve("actors", work, needs=[(subjects.EVENTS_STREAM, bus.ACTORS_DURABLE)])
+    runtime.serve("actors", work, needs=needs)

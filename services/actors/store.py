@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import Counter
@@ -29,6 +30,9 @@ from libs.db.models import CommandRecord, Device, DeviceState, reported_times
 from libs.messages import DeviceSnapshot
 
 log = logging.getLogger(__name__)
+
+# Run first in the transaction of each state write; raises to refuse it (`fence.Fence.check`).
+Check = Callable[[AsyncSession], Awaitable[None]]
 
 # Devices whose state is kept in memory; past it, those least recently written are read
 # again from the database when next needed.
@@ -80,9 +84,15 @@ def _newer_than_stored() -> Any:
 
 
 class StateStore:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], cache: StateCache) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        cache: StateCache,
+        check: Check | None = None,
+    ) -> None:
         self._sessions = sessions
         self._cache = cache
+        self._check = check
         self._standing: dict[str, Standing | None] = {}  # None: known not to be registered
         self._upsert_statement: Any = None  # built on first use: it needs the dialect
         # The committed state of the devices activated under the current lease.
@@ -149,6 +159,8 @@ class StateStore:
     async def drop(self, device_id: str) -> None:
         """A deleted device leaves no state behind for a later device of the same id."""
         async with self._sessions.begin() as session:
+            if self._check is not None:
+                await self._check(session)
             await session.execute(delete(DeviceState).where(DeviceState.device_id == device_id))
         self._active.pop(device_id, None)
         self._cache_behind.discard(device_id)
@@ -159,8 +171,14 @@ class StateStore:
         snapshots: list[DeviceSnapshot],
         statuses: list[tuple[str, m.CommandStatusData]],
     ) -> None:
-        """Write snapshots and command statuses in one transaction, then the cache."""
+        """Write snapshots and command statuses in one transaction, then the cache. With a
+        check (a partition's fence), it runs first in that transaction, even with nothing to
+        write: a batch is acked only while its partition is still this worker's."""
+        if not snapshots and not statuses and self._check is None:
+            return
         async with self._sessions.begin() as session:
+            if self._check is not None:
+                await self._check(session)
             await self._upsert(session, snapshots)
             for device_id, status in statuses:
                 await self._status(session, device_id, status)

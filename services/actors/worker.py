@@ -17,12 +17,17 @@ applied. So:
 - each fact is published once per version: its message id is `state:<device>:<version>`,
   and a decision taken again on the same committed state gives the same versions, so a
   retry or a re-sent fact is dropped by the stream's de-duplication;
-- a device's events are applied in order: one worker holds the lease (`Lease(js,
-  "actors")`), the consumer runs only while it is held, and batches are handled one after
-  another.
+- a device's events are applied in order: they all go to one partition (the EVENTS
+  stream's subject transform hashes the device id), one process works a partition at a
+  time (its lease, `services.actors.partitions`), and its batches are handled one after
+  another;
+- a holder whose lease was taken over while it was paused writes nothing: each commit
+  checks the partition's fence (`services.actors.fence`) in its transaction, and a refused
+  one is not acked.
 
-Each device's state is read from the database once under a lease and then kept in memory
-(`StateStore`); the cache is written after each commit, never read.
+Each device's state is read from the database once after the partition is claimed and then
+kept in memory (`StateStore`, one per partition held); the cache is written after each
+commit, never read.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ import logging
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 from prometheus_client import Counter, Histogram
 
@@ -40,12 +44,11 @@ from libs import bus, commands, subjects, tracing
 from libs import messages as m
 from libs.actor_batch import Effects, Fact, Incoming, decide, standing
 from libs.consumer import Consumer, Dead, Delivery, Item, Retry, Undecodable, Verdict
-from libs.lease import Lease
+from services.actors.fence import Fence, Fenced
 from services.actors.store import StateStore
 
 log = logging.getLogger(__name__)
 
-DURABLE = bus.ACTORS_DURABLE
 BATCH = bus.ACTORS_BATCH
 
 APPLIED = Counter("smarthome_actor_events_total", "Events handled by the actors", ["outcome"])
@@ -63,14 +66,6 @@ KNOWN_TYPES = frozenset(
     (*m.ATTRIBUTE_EVENTS, *m.PRESENCE_EVENTS, "mark", "presence_timeout", "command_status")
 )
 WRITE_SECONDS = Histogram("smarthome_actor_write_seconds", "Time to commit one batch's state")
-
-
-def consumer_config() -> ConsumerConfig:
-    """The actors' consumer, as the gateway provisions it."""
-    for stream, config in bus.CONSUMERS:
-        if stream == subjects.EVENTS_STREAM and config.durable_name == DURABLE:
-            return config
-    raise LookupError(DURABLE)
 
 
 def decode(delivery: Delivery) -> m.CloudEvent:
@@ -115,87 +110,55 @@ def fact_traceparents(
     return out
 
 
-class ActorWorker:
-    def __init__(self, nc: NATS, store: StateStore, lease: Lease) -> None:
+class PartitionWorker:
+    """The actors of one partition of the device events (or of the legacy consumer being
+    drained): its consumer, its state memory (`StateStore`) and its fence."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        store: StateStore,
+        config: ConsumerConfig,
+        fence: Fence | None = None,
+    ) -> None:
         self._nc = nc
         self._js = nc.jetstream()
-        self._store = store
-        self._lease = lease
+        self.store = store
+        self._fence = fence
         self.consumer: Consumer[m.CloudEvent] = Consumer(
-            nc, subjects.EVENTS_STREAM, consumer_config(), decode, self.handle, batch=BATCH
+            nc, subjects.EVENTS_STREAM, config, decode, self.handle, batch=BATCH
         )
-        # Readiness: set while the consumer is bound, and while this worker stands by behind
-        # another one's lease, ready to take over (a standby never ready would hold up a
-        # rolling update); clear while it binds.
-        self.bound = asyncio.Event()
+        self.fenced = asyncio.Event()  # set when a write was refused: stop, let it go
+        self._stop: asyncio.Event | None = None
         # A batch's read-decide-write and a deleted device's drop, one at a time.
         self._writing = asyncio.Lock()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume while this worker holds the lease; stand by while another one does."""
-        try:
-            while not stop.is_set():
-                if not await self._lease.try_acquire():
-                    self.bound.set()
-                    held = await self._lease.acquire(stop)
-                    self.bound.clear()
-                    if not held:
-                        return
-                await self._while_held(stop)
-        finally:
-            self.bound.clear()
-            await self._lease.release()
-
-    async def _while_held(self, stop: asyncio.Event) -> None:
-        """Run the consumer until `stop` is set or the lease is lost."""
-        ended = asyncio.Event()
-
-        async def keep() -> None:
-            try:
-                await self._lease.keep(stop)
-            finally:
-                ended.set()
-
-        async def consume() -> None:
-            try:
-                await self.consumer.run(ended)
-            finally:
-                ended.set()
-
-        async def ready_once_bound() -> None:
-            bound = asyncio.ensure_future(self.consumer.bound.wait())
-            over = asyncio.ensure_future(ended.wait())
-            try:
-                await asyncio.wait((bound, over), return_when=asyncio.FIRST_COMPLETED)
-                if self.consumer.bound.is_set() and not ended.is_set():
-                    self.bound.set()
-            finally:
-                bound.cancel()
-                over.cancel()
-
-        # What was kept under an earlier lease may have been changed by another worker since.
-        self._store.activate()
-        registry = await self._nc.subscribe(subjects.DEVICE_REGISTRY_ALL, cb=self._on_registry)
-        try:
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(keep())
-                tasks.create_task(consume())
-                tasks.create_task(ready_once_bound())
-        finally:
-            self.bound.clear()
-            await registry.unsubscribe()
+        """Consume until `stop` is set; a write the fence refuses sets it."""
+        self._stop = stop
+        await self.consumer.run(stop)
 
     async def handle(self, items: list[Item[m.CloudEvent]]) -> dict[int, Verdict]:
         """Decide the batch, store its facts, commit its state; `Retry` while a dependency
         is down (the batch is decided again then, on the same committed state)."""
+        if self.fenced.is_set():
+            raise Retry("the partition was taken over")
         with BATCH_SECONDS.time(), tracing.batch("actors apply", (i.traceparent for i in items)):
             async with self._writing:
-                with tracing.span("actors decide"):
-                    effects = await self._decide(items)
-                with tracing.span("actors publish facts"):
-                    await self._publish(effects, items)
-                with tracing.span("actors write"):
-                    await self._write(effects)
+                try:
+                    with tracing.span("actors decide"):
+                        effects = await self._decide(items)
+                    with tracing.span("actors publish facts"):
+                        await self._publish(effects, items)
+                    with tracing.span("actors write"):
+                        await self._write(effects)
+                except Fenced as exc:
+                    # Not acked: the new holder handles the batch. The runtime, stopped,
+                    # leaves a batch it is told to retry un-acked.
+                    self.fenced.set()
+                    if self._stop is not None:
+                        self._stop.set()
+                    raise Retry(str(exc)) from exc
         for outcome, count in effects.outcomes.items():
             APPLIED.labels(outcome).inc(count)
         for event_type, count in effects.applied.items():
@@ -207,8 +170,8 @@ class ActorWorker:
     async def _decide(self, items: list[Item[m.CloudEvent]]) -> Effects:
         device_ids = sorted({item.value.subject for item in items})
         try:
-            state = await self._store.load(device_ids)
-            standings = await self._store.registry(device_ids)
+            state = await self.store.load(device_ids)
+            standings = await self.store.registry(device_ids)
         except Exception as exc:
             raise Retry(f"state read failed, retrying: {exc!r}") from exc
         batch = [
@@ -224,40 +187,49 @@ class ActorWorker:
         Each fact continues the trace of the event that caused it."""
         if not effects.facts:
             return
+        if self._fence is not None:  # a holder taken over would publish stale facts
+            await self._still_mine(self._fence)
         traceparents = fact_traceparents(effects.facts, items)
         try:
             await bus.publish_many(self._js, effects.facts, timeout=10.0, traceparents=traceparents)
         except Exception as exc:
             raise Retry(f"fact publish failed, retrying: {exc!r}") from exc
 
+    @staticmethod
+    async def _still_mine(fence: Fence) -> None:
+        try:
+            await fence.still_mine()
+        except Fenced:
+            raise
+        except Exception as exc:  # part of the write: the database is down
+            raise Retry(f"state write failed, retrying: fence unread: {exc!r}") from exc
+
     async def _write(self, effects: Effects) -> None:
-        if not effects.written and not effects.statuses:
-            return
+        """Commit the batch's state; with a fence, even with nothing to write (what is acked
+        next must still be this worker's to ack)."""
         try:
             with WRITE_SECONDS.time():
-                await self._store.save(list(effects.written.values()), effects.statuses)
+                await self.store.save(list(effects.written.values()), effects.statuses)
+        except Fenced:
+            raise
         except Exception as exc:
             raise Retry(f"state write failed, retrying: {exc!r}") from exc
 
-    async def _on_registry(self, msg: Msg) -> None:
+    def learn(self, fact: m.RegistryFact) -> None:
         """A registry change (connect, disconnect, delete): what the fact says it is now."""
-        try:
-            fact = m.registry_fact_decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return
-        deleted = fact.change == m.RegistryChange.DELETED
-        if deleted:
-            self._store.learn(fact.device_id, None)
+        if fact.change == m.RegistryChange.DELETED:
+            self.store.learn(fact.device_id, None)
         elif fact.device is not None:
-            self._store.learn(fact.device_id, standing(fact.device.lifecycle, fact.device.enabled))
+            self.store.learn(fact.device_id, standing(fact.device.lifecycle, fact.device.enabled))
         else:  # a fact without the entry: read it afresh next time
-            self._store.forget(fact.device_id)
-        if deleted:
-            async with self._writing:  # after the batch being written, if any
-                await self._drop(fact.device_id)
+            self.store.forget(fact.device_id)
 
-    async def _drop(self, device_id: str) -> None:
-        try:
-            await self._store.drop(device_id)
-        except Exception as exc:  # the state stays until the next delete; not worth a crash
-            log.warning("could not drop the state of %s: %r", device_id, exc)
+    async def drop(self, device_id: str) -> None:
+        """A deleted device's state goes, after the batch being written, if any."""
+        async with self._writing:
+            try:
+                await self.store.drop(device_id)
+            except Fenced:
+                self.fenced.set()
+            except Exception as exc:  # the state stays until the next delete: no crash
+                log.warning("could not drop the state of %s: %r", device_id, exc)

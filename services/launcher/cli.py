@@ -98,18 +98,18 @@ async def up(s: Settings, with_demo: bool, demo_for: float) -> int:
         admin_password, keys = await credentials.prepare(s)
         env = child_env(s, nats_url, http_port)
         metrics: dict[str, str] = {}  # where each service's /metrics is
-        packages = [("services", n) for n in SERVICES]
-        packages += [("devices", n) for n in DEVICES] if with_demo else []
-        for package, name in packages:
-            log_path = s.data_dir / "logs" / f"{name}.log"
+        packages = [("services", n, c) for n in SERVICES for c in copies(n, s)]
+        packages += [("devices", n, n) for n in DEVICES] if with_demo else []
+        for package, name, child in packages:
+            log_path = s.data_dir / "logs" / f"{child}.log"
             child_vars = env if package == "services" else {**env, **DEMO_DEVICE_ENV}
             child_vars = {**child_vars, **_identity(s, package, name)}
             if package == "devices":  # they register themselves, as an installer would
                 child_vars["SMARTHOME_API_TOKEN"] = keys[credentials.DEVICES_KEY]
             else:
-                monitoring, metrics[name] = _monitoring(name, env["SMARTHOME_API_URL"])
+                monitoring, metrics[child] = _monitoring(child, env["SMARTHOME_API_URL"])
                 child_vars.update(monitoring)
-            children.append(Child(name, python_module(f"{package}.{name}"), child_vars, log_path))
+            children.append(Child(child, python_module(f"{package}.{name}"), child_vars, log_path))
             await children[-1].start()
         watchers = [asyncio.create_task(c.keep_running()) for c in children]
         watchers += [asyncio.create_task(c.watch_health()) for c in children if c.health_url]
@@ -130,12 +130,23 @@ async def up(s: Settings, with_demo: bool, demo_for: float) -> int:
     return 0
 
 
-def _monitoring(name: str, api_url: str) -> tuple[dict[str, str], str]:
+def copies(name: str, s: Settings) -> list[str]:
+    """The processes of a service `up` runs, by name: `actors`, `actors-2`, ... as
+    `SMARTHOME_ACTOR_PROCESSES` says (they share the partitions of device events); one of
+    every other service."""
+    count = s.actor_processes if name == "actors" else 1
+    return [name] + [f"{name}-{n}" for n in range(2, count + 1)]
+
+
+def _monitoring(child: str, api_url: str) -> tuple[dict[str, str], str]:
     """A service's environment for its status (`/system/services`) and where its metrics
     are: a worker serves `/health/*` and `/metrics` on a free loopback port of its own;
-    the gateway serves them beside its API."""
-    env = {service_status.INSTANCE_ENV: socket.gethostname()}  # the same after a restart
-    if name == "gateway":
+    the gateway serves them beside its API. The instance is the host's name (the same
+    after a restart), with the copy's number for a service run more than once."""
+    _, dash, copy = child.rpartition("-")
+    instance = socket.gethostname() + (f"-{copy}" if dash and copy.isdigit() else "")
+    env = {service_status.INSTANCE_ENV: instance}
+    if child == "gateway":
         return env, f"{api_url}/metrics"
     port = embedded_nats.free_port()
     env |= {"SMARTHOME_HEALTH_PORT": str(port), "SMARTHOME_HTTP_HOST": LOOPBACK}

@@ -114,7 +114,7 @@ class EventReader:
     def _config(self, filters: list[str]) -> ConsumerConfig:
         return ConsumerConfig(
             durable_name=self._durable,
-            filter_subjects=filters,
+            filter_subjects=[subjects.stored_filter(f) for f in filters],
             ack_policy=AckPolicy.ALL,
             deliver_policy=DeliverPolicy.NEW,  # an updated consumer keeps its position
             ack_wait=30.0,

@@ -505,15 +505,47 @@ def test_dev_runs_one_of_everything_and_prod_is_highly_available(render: Render)
 
 
 def test_keda_scales_the_actors_on_consumer_lag(render: Render) -> None:
-    docs = render("prod", "--set", "actors.keda.enabled=true,actors.autoscaling.enabled=false")
+    """On every partition's consumer: the nats-jetstream scaler reads one, so one trigger
+    each at the threshold's share (the HPA takes the largest, at least the mean)."""
+    docs = render(
+        "prod",
+        "--set",
+        "actors.keda.enabled=true,actors.autoscaling.enabled=false,actors.partitions=4",
+    )
     (so,) = k8s.by_kind(docs, "ScaledObject")
-    (trigger,) = so["spec"]["triggers"]
-    assert trigger["type"] == "nats-jetstream"
-    assert trigger["metadata"]["stream"] == "EVENTS"
-    assert trigger["metadata"]["natsServerMonitoringEndpoint"].endswith(":8222")
+    triggers = so["spec"]["triggers"]
+    assert {t["type"] for t in triggers} == {"nats-jetstream"}
+    assert {t["metadata"]["stream"] for t in triggers} == {"EVENTS"}
+    assert [t["metadata"]["consumer"] for t in triggers] == [f"actors-{p}" for p in range(4)]
+    assert {t["metadata"]["lagThreshold"] for t in triggers} == {"250"}
+    assert all(t["metadata"]["natsServerMonitoringEndpoint"].endswith(":8222") for t in triggers)
+    assert so["spec"]["maxReplicaCount"] == 4  # more than the partitions would stand by
     assert {k8s.component(h) for h in k8s.by_kind(docs, "HorizontalPodAutoscaler")} == {"gateway"}
     actors = next(d for d in k8s.by_kind(docs, "Deployment") if k8s.component(d) == "actors")
     assert "replicas" not in actors["spec"]
+
+
+def test_keda_sums_the_actors_lag_in_prometheus_when_it_has_one(render: Render) -> None:
+    docs = render(
+        "prod",
+        "--set",
+        "actors.keda.enabled=true,actors.autoscaling.enabled=false,"
+        "actors.keda.prometheusServerAddress=http://prometheus:9090",
+    )
+    (so,) = k8s.by_kind(docs, "ScaledObject")
+    (trigger,) = so["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    query = trigger["metadata"]["query"]
+    assert query.startswith("sum(max by (consumer) (smarthome_consumer_pending_messages{")
+    assert 'consumer=~"actors-[0-9]+"' in query and 'stream="EVENTS"' in query
+    assert trigger["metadata"]["threshold"] == "1000"
+
+
+def test_the_actors_partition_count_reaches_every_service(render: Render) -> None:
+    docs = render("prod", "--set", "actors.partitions=8")
+    env = {module: env_map(docs, container) for _, container, module in app_containers(docs)}
+    assert env["services.gateway"]["SMARTHOME_ACTOR_PARTITIONS"] == "8"  # it provisions them
+    assert env["services.actors"]["SMARTHOME_ACTOR_PARTITIONS"] == "8"
 
 
 def test_stream_replicas_follow_the_cluster_when_the_code_can_say_so(render: Render) -> None:

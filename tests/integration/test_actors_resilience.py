@@ -15,6 +15,7 @@ from libs import messages as m
 from libs.db.engine import make_engine, make_sessionmaker
 from libs.db.migrate import upgrade
 from libs.settings import async_database_url
+from services.actors.partitions import partition_of
 from tests.helpers import eventually, unique_id
 from tests.integration.test_actors import register, send, states
 from tests.outage import PrivatePostgres, postgres_bin
@@ -86,23 +87,28 @@ async def test_standby_worker_takes_over_when_owner_is_killed(
     devices = [unique_id("fail") for _ in range(20)]
     await register(sessions, *devices)
     owner = Service("services.actors", quiet_env(service_env), data_dir).start()
-    await eventually(lambda: "acquired" in owner.tail(), timeout=10)
+    await eventually(lambda: "acquired" in owner.log(), timeout=10)
     standby = Service("services.actors", quiet_env(service_env), data_dir).start()
     try:
-        await eventually(lambda: "standing by" in standby.tail(), timeout=10)
+        await eventually(lambda: "standing by" in standby.log(), timeout=10)
         await publish_all(js, devices)
         await wait_until_some_applied(sessions, devices)
         owner.kill9()
         final = await wait_until_all_applied(sessions, devices)
-        assert "acquired" in standby.tail()
+        assert "acquired" in standby.log()
     finally:
         code = standby.stop()
     assert code == 0, standby.tail()
     assert_each_applied_once(final, devices)
 
 
-async def drained(js) -> bool:  # type: ignore[no-untyped-def]
-    info = await js.consumer_info(subjects.EVENTS_STREAM, bus.ACTORS_DURABLE)
+def durable_of(device: str) -> str:
+    """The actors' consumer of the device's partition (the session's bus: the default count)."""
+    return bus.actors_durable(partition_of(device, bus.DEFAULT_PARTITIONS))
+
+
+async def drained(js, durable: str) -> bool:  # type: ignore[no-untyped-def]
+    info = await js.consumer_info(subjects.EVENTS_STREAM, durable)
     return info.num_pending == 0 and info.num_ack_pending == 0
 
 
@@ -112,13 +118,14 @@ async def test_a_batch_left_unacked_by_a_dead_worker_is_applied_before_newer_eve
     device = unique_id("inflight")
     await register(sessions, device)
     worker = Service("services.actors", quiet_env(service_env), data_dir).start()
-    await eventually(lambda: drained(js), timeout=30)  # what other tests left on the bus
+    durable = durable_of(device)
+    await eventually(lambda: drained(js, durable), timeout=30)  # what other tests left
     assert worker.stop() == 0, worker.tail()
     for n in range(3):
         await send(js, device, "telemetry", {"n": n})
     # A worker fetches these three and dies before its ack: far fewer than a full batch, so
     # the bus goes on delivering newer events while these wait for their ack_wait.
-    dead = await js.pull_subscribe_bind(bus.ACTORS_DURABLE, stream=subjects.EVENTS_STREAM)
+    dead = await js.pull_subscribe_bind(durable, stream=subjects.EVENTS_STREAM)
     taken = await dead.fetch(3, timeout=5)
     await dead.unsubscribe()
     assert len(taken) == 3
@@ -159,7 +166,7 @@ async def test_a_worker_stopped_while_the_database_is_down_loses_nothing(
         pg.stop()
         # More than the bus hands out un-acked: the worker waits for its writer to make room.
         await publish_all(js, devices)
-        await eventually(lambda: "state write failed, retrying" in worker.tail(), timeout=20)
+        await eventually(lambda: "state write failed, retrying" in worker.log(), timeout=20)
         assert worker.stop() == 0, worker.tail()  # not killed after the grace period
 
         pg.start()
@@ -211,7 +218,7 @@ async def test_events_lost_with_a_connection_are_applied_once_in_order(
         await eventually(lambda: version_is(5), timeout=15)
         relay.drop()
         last = await publish(5, 5)
-        await eventually(lambda: _delivered(js, last), timeout=15)
+        await eventually(lambda: _delivered(js, durable_of(device), last), timeout=15)
         relay.cut()
         await publish(10, 5)
         final = await eventually(lambda: version_is(15), timeout=30)
@@ -222,6 +229,6 @@ async def test_events_lost_with_a_connection_are_applied_once_in_order(
     assert (final.version, final.attributes) == (15, {"n": 14})
 
 
-async def _delivered(js, last_seq: int) -> bool:  # type: ignore[no-untyped-def]
-    info = await js.consumer_info(subjects.EVENTS_STREAM, bus.ACTORS_DURABLE)
+async def _delivered(js, durable: str, last_seq: int) -> bool:  # type: ignore[no-untyped-def]
+    info = await js.consumer_info(subjects.EVENTS_STREAM, durable)
     return info.delivered.stream_seq >= last_seq

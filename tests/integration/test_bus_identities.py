@@ -193,7 +193,9 @@ async def test_a_device_may_speak_only_for_itself(
         f"$KV.{bus_grants.EPISODES}.x",
     )
     await eventually(lambda: _all_refused(conn, expected), timeout=5)
-    stored = await js.get_last_msg(subjects.EVENTS_STREAM, forged.nats_subject)
+    stored = await js.get_last_msg(
+        subjects.EVENTS_STREAM, subjects.stored_filter(forged.nats_subject)
+    )
     assert m.cloud_event_decoder.decode(stored.data).id == b_event.id  # not the forged one
     assert await _state(sessions, b.id) == b_before  # B's state unchanged
     await eventually(lambda: _state(sessions, a.id), timeout=10)  # A's own event applied

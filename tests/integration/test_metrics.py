@@ -24,6 +24,7 @@ from libs import messages as m
 from libs.cache import make_cache
 from libs.db.engine import operation
 from libs.db.models import CommandRecord, Device
+from services.actors.partitions import partition_of
 from tests.helpers import eventually, unique_id
 from tests.integration import webhooks_support
 from tests.integration.test_rules import add_devices, add_rule, report
@@ -198,7 +199,7 @@ async def test_actors_count_applied_events_by_type_and_command_statuses(
         correlation_id=m.new_id(),
     )
     await commands.record(sessions, command)
-    await eventually(lambda: caught_up(js, subjects.EVENTS_STREAM, bus.ACTORS_DURABLE), 30)
+    await eventually(lambda: caught_up(js, subjects.EVENTS_STREAM, "actors-"), 30)
     before = await scrape(actors)
 
     events = [
@@ -229,7 +230,8 @@ async def test_actors_count_applied_events_by_type_and_command_statuses(
     assert grew("smarthome_commands_total", status="done") == 1
     assert grew("smarthome_event_apply_seconds_count") >= 1
     assert grew("smarthome_db_seconds_count", operation="update") >= 1  # the command's status
-    consumer = {"stream": subjects.EVENTS_STREAM, "consumer": bus.ACTORS_DURABLE}
+    partition = partition_of(device, bus.DEFAULT_PARTITIONS)  # the session's stream's count
+    consumer = {"stream": subjects.EVENTS_STREAM, "consumer": bus.actors_durable(partition)}
     await eventually(
         lambda: _has(actors, "smarthome_consumer_ack_pending_messages", **consumer), timeout=15
     )
@@ -258,7 +260,7 @@ async def test_a_rule_run_and_its_failed_action_are_counted(
     await add_rule(sessions, nc, spec)
     rules = Service("services.rules", service_env, data_dir).start()
     try:
-        await eventually(lambda: "acquired" in rules.tail(), timeout=10)
+        await eventually(lambda: "acquired" in rules.log(), timeout=10)
         await eventually(lambda: caught_up(js, subjects.SYSTEM_STREAM, "rules-"), timeout=30)
         await eventually(
             lambda: caught_up(js, subjects.EVENTS_STREAM, "rules-events-", some=False), timeout=30

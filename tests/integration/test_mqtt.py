@@ -144,7 +144,9 @@ async def test_telemetry_over_mqtt_becomes_the_device_state(actors, js, mqtt_dev
     assert (seen[-1].state, seen[-1].connection) == ("active", "online")
     assert seen[-1].attributes == {"power_w": 60.0, "on": True}
     # The stream holds the envelope as sent; an MQTT publish carries no Nats-Msg-Id.
-    stored = await js.get_last_msg(subjects.EVENTS_STREAM, event.nats_subject)
+    stored = await js.get_last_msg(
+        subjects.EVENTS_STREAM, subjects.stored_filter(event.nats_subject)
+    )
     assert m.cloud_event_decoder.decode(stored.data) == event
     assert bus.MSG_ID not in (stored.headers or {})
 
@@ -180,8 +182,11 @@ async def test_a_resent_mqtt_event_is_stored_again_and_changes_nothing(
     )
     readings = [f for f in seen if f.cause_type == "telemetry"]
     assert [(f.cause_event_id, f.version) for f in readings] == [(first.id, 1), (second.id, 2)]
-    info = await js.stream_info(subjects.EVENTS_STREAM, subjects_filter=first.nats_subject)
-    assert info.state.subjects == {first.nats_subject: 3}
+    stored = subjects.stored_filter(first.nats_subject)
+    info = await js.stream_info(subjects.EVENTS_STREAM, subjects_filter=stored)
+    assert {subjects.published(s): n for s, n in info.state.subjects.items()} == {
+        first.nats_subject: 3
+    }
 
 
 async def test_a_command_reaches_the_mqtt_device_and_its_status_is_recorded(
@@ -241,7 +246,7 @@ async def test_a_malformed_mqtt_payload_is_dead_lettered_with_its_reason(
     assert letters[0].headers[bus.DL_REASON].startswith("invalid event: ")
     assert "type='state' but was published on" in letters[1].headers[bus.DL_REASON]
     assert json.loads(letters[1].data)["id"] == wrong_type.id
-    assert all(msg.headers[bus.DL_CONSUMER] == "actors" for msg in letters)
+    assert all(msg.headers[bus.DL_CONSUMER].startswith("actors-") for msg in letters)
 
 
 # --- the bus's identities over MQTT: the same credentials, the same rights -----------------
@@ -291,14 +296,14 @@ async def test_an_mqtt_device_may_speak_only_for_itself(actors, js, mqtt_device,
     )
 
     with pytest.raises(nats.js.errors.NotFoundError):
-        await js.get_last_msg(subjects.EVENTS_STREAM, forged.nats_subject)
+        await js.get_last_msg(subjects.EVENTS_STREAM, subjects.stored_filter(forged.nats_subject))
     async with sessions() as session:
         assert await session.get(DeviceState, b.device_id) is None  # B never heard of
 
 
 async def _stored(js, subject: str, event_id: str) -> bool:  # type: ignore[no-untyped-def]
     try:
-        stored = await js.get_last_msg(subjects.EVENTS_STREAM, subject)
+        stored = await js.get_last_msg(subjects.EVENTS_STREAM, subjects.stored_filter(subject))
     except nats.js.errors.NotFoundError:
         return False
     return m.cloud_event_decoder.decode(stored.data).id == event_id

@@ -91,7 +91,7 @@ async def test_database_outage_buffers_on_the_bus_and_catches_up(
         await eventually(lambda: all_at(sessions, devices, PER_DEVICE), timeout=30)
         pg.stop()
         await publish(js, devices, PER_DEVICE, PER_DEVICE)  # acknowledged by the bus
-        await eventually(lambda: "state write failed, retrying" in actors.tail(), timeout=20)
+        await eventually(lambda: "state write failed, retrying" in actors.log(), timeout=20)
         pg.start()
         await eventually(lambda: all_at(sessions, devices, 2 * PER_DEVICE), timeout=60)
         final = await states(sessions, devices)
@@ -145,7 +145,7 @@ async def test_a_rules_command_sent_while_the_database_is_down_is_recorded_when_
     rules = Service("services.rules", env, tmp_path).start()
     recorder = Service("services.recorder", env, tmp_path).start()
     try:
-        await eventually(lambda: "loaded" in rules.tail(), timeout=15)
+        await eventually(lambda: "loaded" in rules.log(), timeout=15)
         pg.stop()
         await report(js, meter, 60.0, 1)
         [fired] = await eventually(

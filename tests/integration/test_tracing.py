@@ -19,10 +19,8 @@ from opentelemetry.trace import SpanKind
 from libs import bus, subjects, tracing
 from libs import messages as m
 from libs.cache import make_cache
-from libs.lease import Lease
 from libs.settings import Settings
-from services.actors.store import StateStore
-from services.actors.worker import ActorWorker
+from services.actors.partitions import ActorPartitions, partition_of
 from services.rules.partitions import Partitions
 from tests.api import api_client
 from tests.helpers import eventually, unique_id
@@ -46,16 +44,22 @@ def spans() -> Iterator[InMemorySpanExporter]:
 
 
 @contextlib.asynccontextmanager
-async def actors(nc, sessions, redis_url: str | None) -> AsyncIterator[ActorWorker]:  # type: ignore[no-untyped-def]
-    """The actors' worker in this process, bound and consuming."""
+async def actors(nc, sessions, redis_url: str | None) -> AsyncIterator[ActorPartitions]:  # type: ignore[no-untyped-def]
+    """The actors in this process, every partition held and bound."""
     cache = make_cache(redis_url)
-    worker = ActorWorker(nc, StateStore(sessions, cache), Lease(nc.jetstream(), "actors"))
+    partitions = ActorPartitions(nc, sessions, cache, bus.DEFAULT_PARTITIONS)
     stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
+    task = asyncio.create_task(partitions.run(stop))
     try:
-        await eventually(lambda: worker.consumer.bound.is_set() or task.done(), timeout=30)
+        await eventually(
+            lambda: (
+                (len(partitions.workers) == partitions.count and partitions.bound.is_set())
+                or task.done()
+            ),
+            timeout=30,
+        )
         assert not task.done(), task
-        yield worker
+        yield partitions
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)
@@ -137,7 +141,7 @@ async def test_post_events_to_the_rules_command_is_one_trace(
         for s in finished
         if s.kind == SpanKind.CONSUMER and hex_trace(s) == trace
     }
-    assert bus.ACTORS_DURABLE in consumed, consumed
+    assert any(str(c).startswith("actors-") for c in consumed), consumed
     facts_durables = {bus.rules_facts_durable(i) for i in range(settings.rules_partitions)}
     assert consumed & facts_durables, consumed
     names = {s.name for s in finished if hex_trace(s) == trace}
@@ -154,7 +158,8 @@ async def test_tracing_off_the_actors_pass_the_clients_traceparent_on(
     tracing.install(None)
     device = unique_id("meter")
     await add_devices(sessions, device)
-    async with actors(nc, sessions, redis_url) as worker:
+    async with actors(nc, sessions, redis_url) as partitions:
+        worker = partitions.workers[partition_of(device, partitions.count)]
         seen: list[str | None] = []
         handle = worker.consumer._handle
 

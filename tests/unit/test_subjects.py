@@ -144,3 +144,42 @@ def test_classify_tells_a_users_change_from_other_facts() -> None:
     assert subjects.classify(subjects.location_changed("home")).is_change
     assert not subjects.classify(subjects.rule_fired("r1")).is_change
     assert not subjects.classify(subjects.device_state("d1")).is_change
+
+
+@pytest.mark.parametrize(
+    ("stored", "published"),
+    [
+        ("events.lamp-1.telemetry.7", "events.lamp-1.telemetry"),
+        ("events.lamp-1.telemetry", "events.lamp-1.telemetry"),  # stored before partitions
+        ("system.device.lamp-1.state", "system.device.lamp-1.state"),
+        ("commands.lamp-1", "commands.lamp-1"),
+    ],
+)
+def test_a_stored_event_subject_is_given_back_as_published(stored: str, published: str) -> None:
+    assert subjects.published(stored) == published
+
+
+@pytest.mark.parametrize(
+    ("published", "stored"),
+    [
+        ("events.*.power", "events.*.power.*"),
+        ("events.lamp-1.telemetry", "events.lamp-1.telemetry.*"),
+        ("events.lamp-1.>", "events.lamp-1.>"),
+        ("events.>", "events.>"),
+        ("system.device.*.state", "system.device.*.state"),
+    ],
+)
+def test_a_filter_on_published_events_matches_their_stored_subjects(
+    published: str, stored: str
+) -> None:
+    assert subjects.stored_filter(published) == stored
+    assert subjects.matches(stored, "events.lamp-1.power.3") is subjects.matches(
+        published, "events.lamp-1.power"
+    )
+
+
+def test_the_partition_count_is_read_back_from_the_transform() -> None:
+    source, destination = subjects.partitioned(16)
+    assert source == "events.*.*"
+    assert subjects.transform_partitions(destination) == 16
+    assert subjects.transform_partitions("events.{{wildcard(1)}}") is None

@@ -350,6 +350,7 @@ make a token good on one replica only. */}}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_HEARTBEAT_TIMEOUT") }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_STREAM_REPLICAS") }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_RULES_PARTITIONS") }}
+{{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_ACTOR_PARTITIONS") }}
 {{- if eq .c.name "recorder" }}
 {{- /* The audit chain's retention checkpoints are signed with a key derived from it; the
 gateway's verify checks them with the same. */}}

@@ -188,7 +188,7 @@ class LiveFeed:
         seq = stream_seq(msg)
         if seq <= self._last_seq:
             return
-        self.push(Delivered(seq, msg.subject, msg.data))
+        self.push(Delivered(seq, subjects.published(msg.subject), msg.data))
         tail = self._tail
         if self.catching_up and tail is not None and seq >= tail.position:
             # Caught up with the shared feed: it brings the next ones.
@@ -360,7 +360,7 @@ class _SharedTail:
         if seq <= previous:
             return  # a re-created ordered consumer that starts too early: seen already
         self.position = seq
-        delivered = Delivered(seq, msg.subject, msg.data)
+        delivered = Delivered(seq, subjects.published(msg.subject), msg.data)
         for feed in list(self.followers):
             if feed.pending:
                 continue
@@ -445,7 +445,7 @@ class SharedFeeds:
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=last + 1
             )
             subscription = await self.js.subscribe(
-                tail.subject,
+                subjects.stored_filter(tail.subject),
                 stream=stream,
                 cb=tail.on_message,
                 ordered_consumer=True,
@@ -630,7 +630,7 @@ class EventService:
                     deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1
                 )
                 subscription = await self._js.subscribe(
-                    subject,
+                    subjects.stored_filter(subject),
                     stream=stream,
                     cb=feed.on_message,
                     ordered_consumer=True,
