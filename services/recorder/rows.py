@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -28,6 +29,10 @@ class Rows:
     audit: list[dict[str, Any]] = field(default_factory=list)
     rule_runs: list[dict[str, Any]] = field(default_factory=list)
     commands: dict[str, dict[str, Any]] = field(default_factory=dict)  # by id: one write each
+
+    @property
+    def empty(self) -> bool:
+        return not (self.history or self.audit or self.rule_runs or self.commands)
 
 
 def _audit(
@@ -73,11 +78,18 @@ def _audit(
     )
 
 
+# A fleet publishes on a bounded set of subjects (devices and their types): each is checked
+# once while it stays among the latest (a few MB at most).
+SUBJECTS_CACHED = 32_768
+_parsed = functools.lru_cache(maxsize=SUBJECTS_CACHED)(subjects.parse_device_event)
+_classified = functools.lru_cache(maxsize=SUBJECTS_CACHED)(subjects.classify)
+
+
 def from_event(
     rows: Rows, subject: str, data: bytes, src: tuple[str, int], received: datetime
 ) -> None:
     """A device event: history, and an audit row for presence and command answers."""
-    device_id, event_type = subjects.parse_device_event(subject)
+    device_id, event_type = _parsed(subject)
     event = m.cloud_event_decoder.decode(data)
     if event_type not in NOT_HISTORY:
         rows.history.append(
@@ -130,7 +142,7 @@ def from_command(rows: Rows, data: bytes, src: tuple[str, int]) -> None:
 
 def from_system(rows: Rows, subject: str, data: bytes, src: tuple[str, int]) -> None:
     """Platform facts: state changes, registry changes, rejections, rule firings."""
-    what = subjects.classify(subject)
+    what = _classified(subject)
     if what.kind in DEVICE_FACTS:
         _from_device_fact(rows, what.kind, data, src)
     elif what.kind in (SubjectKind.ALERT, SubjectKind.NOTIFICATION):  # notify: to one webhook
