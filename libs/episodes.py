@@ -307,6 +307,8 @@ def _trigger(
 ) -> None:
     """A new instantaneous trigger (event): start it, or apply the rule's mode."""
     running = draft.get(key)
+    if running is not None and running.trigger_event_id == episode.trigger_event_id:
+        return  # its own trigger again: redelivered after a crash, before its ack
     if running is not None and running.running:
         if rule.mode == m.RuleMode.SINGLE:
             draft.effects.append(Skip(key, rule, episode, "already running (mode single)"))

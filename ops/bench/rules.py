@@ -3,6 +3,10 @@
     python ops/bench/rules.py [--rules 1000] [--facts 20000] [--rate 1000] [--seconds 10]
                               [--cross-every 50] [--database-url URL] [--redis-url URL]
                               [--nats-sync 1s|always|2m]
+    python ops/bench/rules.py --fleet 10000 [--rules 100] [--facts 10000] [--partitions 1]
+
+With `--fleet D`, a different run (`rules_fleet.py`): what registering D devices, and state
+facts no rule reads, cost the rules process; R may be 0 there.
 
 Everything runs against processes of its own: a nats-server from the wheel on a free
 port, a fresh database (SQLite in a temporary directory, or a database `bench_<random>`
@@ -603,7 +607,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"JetStream sync_interval: the platform's default ({Settings.nats_sync}), "
         "'always' (fsync each message) or an interval like '2m'",
     )
+    parser.add_argument(
+        "--fleet",
+        type=int,
+        default=0,
+        help="register this many devices no rule reads and measure the rules' CPU (rules_fleet.py)",
+    )
+    parser.add_argument(
+        "--partitions", type=int, default=1, help="with --fleet: SMARTHOME_RULES_PARTITIONS"
+    )
     args = parser.parse_args(argv)
+    if args.fleet > 0:
+        if args.rules < 0 or args.facts < 1:
+            parser.error("--rules must be at least 0 and --facts at least 1")
+        return args
     if args.rules < 1 or args.facts < 1 or args.cross_every < 1:
         parser.error("--rules, --facts and --cross-every must be at least 1")
     if not 0 < args.rate <= 10_000 or not 0 < args.seconds <= 60:
@@ -614,7 +631,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def amain(args: argparse.Namespace, tmp: Path) -> Results:
-    bench = Bench(args, tmp)
+    if args.fleet > 0:
+        from rules_fleet import FleetBench  # it builds on this module
+
+        bench: Bench = FleetBench(args, tmp)
+    else:
+        bench = Bench(args, tmp)
     try:
         return await bench.run()
     finally:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -35,12 +35,13 @@ from libs import bus, episodes, subjects, tracing
 from libs import messages as m
 from libs.consumer import Consumer, Delivery, Item, Verdict
 from libs.lease import Lease
-from libs.rule_logic import DeviceInfo, DeviceView
+from libs.rule_logic import DeviceView
 from services.rules import loading
 from services.rules.actions import ActionRunner
 from services.rules.effects import Effects
 from services.rules.events import FETCH_BATCH, EventReader
 from services.rules.loading import RuleBook
+from services.rules.registry import Registry
 from services.rules.timers import every_tick
 
 if TYPE_CHECKING:
@@ -52,11 +53,9 @@ EPISODES_BUCKET = "rule_episodes"
 EFFECT_TIMEOUT_S = 30.0
 # After a rule change signal, reload again after these waits until the change shows.
 CHANGE_RETRIES_S = (0.05, 0.2, 1.0)
+# The periodic catch-up reads the registry once for all the partitions of the process.
+REGISTRY_MAX_AGE_S = 10.0
 EVALUATIONS = Counter("smarthome_rule_evaluations_total", "Rule evaluations", ["outcome"])
-
-
-def decode_fact(delivery: Delivery) -> m.DeviceStateFact:
-    return m.state_fact_decoder.decode(delivery.data)
 
 
 class RulesEngine:
@@ -66,6 +65,7 @@ class RulesEngine:
         js: JetStreamContext,
         sessions: async_sessionmaker[AsyncSession],
         partition: Partition,
+        registry: Registry | None = None,
     ) -> None:
         self._nc = nc
         self._js = js
@@ -74,7 +74,9 @@ class RulesEngine:
         self.lease = Lease(js, partition.lease)
         self.bound = asyncio.Event()  # set while its consumers are bound (readiness)
         self._quit = asyncio.Event()  # set when this process stops evaluating the partition
-        self._registry: dict[str, DeviceInfo] = {}
+        # The process's registry, shared with the other partitions' engines.
+        self._shared = registry or Registry.shared(nc, sessions)
+        self._registry = self._shared.devices
         self._views: dict[str, DeviceView] = {}
         self._world = episodes.World(self._views, self._registry)
         self._actions = ActionRunner(js, sessions)
@@ -87,8 +89,6 @@ class RulesEngine:
         self._facts: Consumer[m.DeviceStateFact] | None = None
         self._lock = asyncio.Lock()  # facts, events and timers decide one at a time
         self._reloading = asyncio.Lock()
-        # Registry facts that came while the registry was being read: applied to what is read.
-        self._arrived: list[m.RegistryFact] | None = None
 
     # --- run -------------------------------------------------------------------------------
 
@@ -100,23 +100,23 @@ class RulesEngine:
         self._kv = await self._js.create_key_value(
             KeyValueConfig(bucket=EPISODES_BUCKET, storage=StorageType.FILE, history=1)
         )
-        watch = [
-            await self._nc.subscribe(subjects.RULES_CHANGED_ALL, cb=self._on_rule_change),
-            await self._nc.subscribe(subjects.DEVICE_REGISTRY_ALL, cb=self._on_registry),
-        ]
+        watch = await self._nc.subscribe(subjects.RULES_CHANGED_ALL, cb=self._on_rule_change)
+        detach: Callable[[], Awaitable[None]] | None = None
         try:
+            detach = await self._shared.attach()
             # Read after taking over: the last owner may have changed them.
             stored = await loading.load_episodes(self._kv, owns)
             log.info("resumed %d rule episodes", len(stored))
             self._decided = episodes.Book(stored)
-            self._views.clear()
-            self._views.update(await loading.load_views(self._sessions))
+            async with self._reloading:  # so that every view a condition reads is read
+                self._rules = RuleBook({})
+                self._views.clear()
             await self.reload_rules()
             self._facts = Consumer(
                 self._nc,
                 subjects.SYSTEM_STREAM,
                 bus.rules_facts_consumer(self.partition.index),
-                decode_fact,
+                self._decode_fact,
                 self._on_facts,
                 batch=FETCH_BATCH,
                 create=True,
@@ -133,9 +133,10 @@ class RulesEngine:
             self.bound.clear()
             self._effects.cancel()
             await self.lease.release()
-            for sub in watch:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await watch.unsubscribe()
+            if detach is not None:
+                await detach()
 
     async def _watch(self, stop: asyncio.Event, hand_over: Callable[[], bool]) -> None:
         """Quit (after the batch in hand is acked) on stop, a lost lease or a hand-over."""
@@ -158,7 +159,8 @@ class RulesEngine:
     # --- loading ---------------------------------------------------------------------------
 
     async def reload_rules(self) -> None:
-        """Read the partition's rules and the registry again (the periodic catch-up)."""
+        """Read the partition's rules again, and the registry unless another partition of
+        the process just did (the periodic catch-up)."""
         await self._reload(registry=True)
 
     async def _reload(self, registry: bool) -> None:
@@ -166,37 +168,22 @@ class RulesEngine:
         # put back what it read.
         async with self._reloading:
             if registry:
-                await self._reload_registry()
+                await self._shared.refresh(REGISTRY_MAX_AGE_S)
             rules = await loading.load_rules(self._sessions, self.partition.owns)
+            # The devices conditions start to read: their state facts were dropped so far.
+            before = self._rules.condition_devices
+            fresh = rules.condition_devices - before
+            views = await loading.load_views(self._sessions, fresh) if fresh else {}
             async with self._lock:
                 self._rules = rules
+                for device_id in before - rules.condition_devices:
+                    self._views.pop(device_id, None)
+                self._views.update(views)
                 self._events.want(rules.event_subjects)
                 self._decide(episodes.schedule(self._decided, rules.scheduled, m.now()))
                 effects = self._effects.take()
             await _settle(effects)
             log.info("partition %s: loaded %d rules", self.partition, len(rules.rules))
-
-    async def _reload_registry(self) -> None:
-        self._arrived = []
-        try:
-            read = await loading.load_registry(self._sessions)
-        finally:
-            arrived, self._arrived = self._arrived, None
-        for fact in arrived:
-            loading.apply_registry_fact(read, fact)
-        self._registry.clear()  # the same mapping: the world and the actions read it
-        self._registry.update(read)
-
-    async def _on_registry(self, msg: Msg) -> None:
-        """A registry change costs one entry: the fact says what the device is now."""
-        try:
-            fact = m.registry_fact_decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("%s: unreadable registry fact: %s", msg.subject, exc)
-            return
-        loading.apply_registry_fact(self._registry, fact)
-        if self._arrived is not None:
-            self._arrived.append(fact)
 
     async def _on_rule_change(self, msg: Msg) -> None:
         """Reload the rules on a change. A change may be signalled before its transaction
@@ -231,6 +218,19 @@ class RulesEngine:
 
     # --- deciding: the consumers' handlers and the clock -------------------------------------
 
+    def _decode_fact(self, delivery: Delivery) -> m.DeviceStateFact | None:
+        """The fact, or None (acked, not decoded) when no rule reads its device: most facts
+        of a big fleet. Its subject names the device; the registry, its kind and place."""
+        try:
+            device_id, _ = subjects.parse_system_device(delivery.subject)
+        except ValueError:
+            device_id = None
+        if device_id is not None and not self._rules.reads(
+            device_id, self._registry.get(device_id)
+        ):
+            return None
+        return m.state_fact_decoder.decode(delivery.data)
+
     async def _on_facts(self, items: list[Item[m.DeviceStateFact]]) -> Mapping[int, Verdict]:
         self._tell_recovered([i.delivery for i in items], "facts")
         async with self._lock:
@@ -239,11 +239,11 @@ class RulesEngine:
                 seq, fact = item.delivery.seq, item.value
                 if seq <= self._decided.fact_seq:
                     continue  # decided already (a redelivery after a recovery)
-                self._views[fact.device_id] = DeviceView(
-                    fact.state, fact.connection, fact.attributes
-                )
-                info = self._registry.get(fact.device_id)
-                watching = self._rules.watching(fact.device_id, info.kind if info else None)
+                if fact.device_id in self._rules.condition_devices:
+                    self._views[fact.device_id] = DeviceView(
+                        fact.state, fact.connection, fact.attributes
+                    )
+                watching = self._rules.watching(fact.device_id, self._registry.get(fact.device_id))
                 if not watching:  # most facts: no rule reads this device
                     self._decided = episodes.Book(
                         self._decided.episodes, seq, self._decided.event_seq

@@ -12,7 +12,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from libs import bus, subjects
 from libs import messages as m
-from libs.db.models import Device, RuleRecord
+from libs.db.models import Device, DeviceState, RuleRecord
 from services.rules.partitions import Partition
 from tests.helpers import eventually, unique_id
 from tests.processes import Service
@@ -63,12 +63,16 @@ async def report(js, device_id: str, power: float, version: int) -> None:  # typ
 async def collected(js, subject: str, decoder, settle: float = 0.0) -> list:  # type: ignore[no-untyped-def]
     """Every message stored on `subject` so far (the stream is the witness)."""
     stream = subjects.stream_of(subject)
-    info = await js.stream_info(stream, subjects_filter=subject)
-    count = (info.state.subjects or {}).get(subject, 0)
+    stored = subjects.stored_filter(subject)  # an event's subject gains its partition
+    info = await js.stream_info(stream, subjects_filter=stored)
+    count = sum((info.state.subjects or {}).values())
     if count == 0:
         return []
     sub = await js.subscribe(
-        subject, ordered_consumer=True, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        stored,
+        stream=stream,
+        ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
     )
     out = [decoder.decode((await sub.next_msg(timeout=5)).data) for _ in range(count)]
     await sub.unsubscribe()
@@ -272,6 +276,35 @@ async def test_conditions_that_fail_skip_the_actions_and_say_why(
     assert [r.kind for r in runs] == ["skipped"]
     assert f"{light} is unknown" in runs[0].reason
     assert await collected(js, subjects.commands(light), m.command_decoder) == []
+
+
+async def test_a_condition_added_later_reads_the_state_its_device_reported_before(
+    service_env, data_dir, nc, js, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    button, light = unique_id("button"), unique_id("light")
+    await add_devices(sessions, button, light)
+    rules = Service("services.rules", service_env, data_dir).start()
+    try:
+        await eventually(lambda: "acquired" in rules.tail(), timeout=10)
+        # As the actors do: the state stored, then its fact, which no rule reads yet.
+        async with sessions.begin() as session:
+            session.add(DeviceState(device_id=light, state="off", connection="online"))
+        await report(js, light, 0.0, 1)
+        spec = m.RuleSpec(
+            name="only when the light is online",
+            trigger=m.EventTrigger(subject=f"events.{button}.button"),
+            conditions=[m.StateCondition(device_id=light, connection="online")],
+            actions=[m.CommandAction(device_id=light, action="turn_on")],
+        )
+        rule_id = await add_rule(sessions, nc, spec)
+        await eventually(lambda: _reads_events_of(rules, button), timeout=10)
+        await press(js, button)
+        runs = await eventually(
+            lambda: collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder), timeout=15
+        )
+    finally:
+        rules.stop()
+    assert [r.kind for r in runs] == ["fired"], runs[0].reason
 
 
 async def _n(found, n: int):  # type: ignore[no-untyped-def]

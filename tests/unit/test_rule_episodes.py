@@ -7,6 +7,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -152,6 +153,20 @@ def test_mode_restart_replaces_the_run() -> None:
     [run] = runs(effects)
     assert run.episode.trigger_event_id == "press-2"
     assert book.episodes["e1.event"].trigger_event_id == "press-2"
+
+
+@pytest.mark.parametrize("mode", list(m.RuleMode))
+def test_a_trigger_redelivered_after_a_crash_is_not_a_new_one(mode: m.RuleMode) -> None:
+    """The run's episode was stored, the event not acked: after a restart the book holds
+    the episode but not the event's sequence, and the same event comes again."""
+    rule = event_rule(mode)
+    book, _, _ = ep.on_event(ep.Book(), 7, "events.button.pressed", press(1), T0, [rule], WORLD, T0)
+    restarted = ep.Book(book.episodes)
+    after, effects, _ = ep.on_event(
+        restarted, 7, "events.button.pressed", press(1), T0, [rule], WORLD, T0
+    )
+    assert effects == []
+    assert after.episodes == book.episodes
 
 
 def test_mode_queued_runs_the_next_trigger_after_the_run() -> None:

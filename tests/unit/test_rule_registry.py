@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import msgspec
+from hypothesis import given
+from hypothesis import strategies as st
 
 from libs import messages as m
 from libs import rule_logic as rl
@@ -84,7 +86,71 @@ def test_a_state_fact_reaches_only_the_rules_that_may_read_its_device() -> None:
         m.ThresholdTrigger(selector=m.Selector(tag="porch"), attribute="power_w", above=1),
     )
     book = RuleBook({r.id: r for r in (named, lights, tagged)})
-    assert book.watching("meter", "energy_meter") == [named, tagged]
-    assert book.watching("lamp", "light") == [tagged, lights]
-    assert book.watching("unknown", None) == [tagged]
-    assert RuleBook({"named": named}).watching("lamp", "light") == []
+    meter = rl.DeviceInfo("energy_meter", "home/hall", ("porch",))
+    assert book.watching("meter", meter) == [named, tagged]
+    assert book.watching("lamp", rl.DeviceInfo("light", None, ("porch",))) == [lights, tagged]
+    assert book.watching("lamp", rl.DeviceInfo("light", None)) == [lights]
+    assert book.watching("unknown", None) == []
+    assert RuleBook({"named": named}).watching("lamp", rl.DeviceInfo("light", None)) == []
+
+
+def test_a_fact_no_rule_reads_is_told_by_its_device_alone() -> None:
+    named = rule("named", m.ThresholdTrigger(device_id="meter", attribute="power_w", above=1))
+    upstairs = rule(
+        "upstairs",
+        m.ThresholdTrigger(
+            selector=m.Selector(location="home/up/"), attribute="temperature_c", above=30
+        ),
+    )
+    guarded = m.Rule(
+        id="guarded",
+        name="guarded",
+        trigger=m.EventTrigger(subject="events.door.*"),
+        conditions=[m.Not(condition=m.StateCondition(device_id="alarm", state="active"))],
+        actions=[m.CommandAction(device_id="lamp", action="turn_on")],
+        enabled=True,
+        version=1,
+    )
+    book = RuleBook({r.id: r for r in (named, upstairs, guarded)})
+    assert book.reads("meter", None)
+    assert book.reads("alarm", None)  # a condition reads its state
+    assert book.reads("t1", rl.DeviceInfo("thermometer", "home/up/bath"))
+    assert book.watching("t1", rl.DeviceInfo("thermometer", "home/up")) == [upstairs]
+    assert not book.reads("t2", rl.DeviceInfo("thermometer", "home/upper"))
+    assert not book.reads("t3", rl.DeviceInfo("thermometer", "home/down/up"))
+    assert not book.reads("t4", None)
+    assert book.condition_devices == {"alarm"}
+
+
+names = st.sampled_from(["a", "b", "c"])
+paths = st.lists(st.sampled_from(["a", "b", "", "a/b"]), max_size=3).map("/".join)
+selectors = (
+    st.tuples(
+        st.none() | names, st.none() | paths | paths.map(lambda p: p + "/"), st.none() | names
+    )
+    .filter(lambda t: t != (None, None, None))
+    .map(lambda t: m.Selector(*t))
+)
+infos = st.none() | st.builds(
+    rl.DeviceInfo, names, st.none() | paths, st.lists(names, max_size=3).map(tuple)
+)
+
+
+@given(chosen=st.lists(selectors, max_size=6), info=infos)
+def test_the_index_finds_every_rule_a_selector_picks_once(
+    chosen: list[m.Selector], info: rl.DeviceInfo | None
+) -> None:
+    rules = [
+        rule(f"r{i}", m.ThresholdTrigger(selector=sel, attribute="x", above=1))
+        for i, sel in enumerate(chosen)
+    ]
+    book = RuleBook({r.id: r for r in rules})
+    found = book.watching("d", info)
+    picked = [
+        r
+        for r in rules
+        if isinstance(r.trigger, m.ThresholdTrigger) and rl.selects(r.trigger, "d", info)
+    ]
+    assert len(found) == len({r.id for r in found})
+    assert {r.id for r in picked} <= {r.id for r in found}
+    assert book.reads("d", info) or not picked
