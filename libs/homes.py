@@ -5,12 +5,15 @@ A subject names the object it is about:
 
     events.<device>.<type>, commands.<device>, system.device.<device>.<fact>  → a device
     system.rule.<rule>.<fact>, system.alert.<rule>                          → a rule
-    system.notify.<subscription>, system.subscription.<subscription>.changed → a subscription
+    system.notify.<addressee>, system.subscription.<addressee>.changed     → an addressee
     system.location.<location>                                              → a location
 
-and `HomeIndex` holds each object's home in memory: a device's is the first segment of its
-location, a rule's and a subscription's the one they belong to, a location's the home it is
-in. Classifying a message is one split of its subject and one dict lookup (`home`): no I/O,
+An addressee is what a rule's `notify` action may name: a webhook subscription or a
+notification channel (one id space; the webhooks service delivers both).
+
+`HomeIndex` holds each object's home in memory: a device's is the first segment of its
+location, a rule's and an addressee's the one they belong to, a location's the home it is in.
+Classifying a message is one split of its subject and one dict lookup (`home`): no I/O,
 whatever the number of homes, objects or followers, and a live feed does it once per message
 for all its followers. A message about no home (a dead letter, a user's or an API key's
 change, a device without a location, an object the index does not know) is for
@@ -18,7 +21,7 @@ administrators only, who skip the classification entirely.
 
 The index is read from the database (`reload`) and kept current by the facts that change it,
 on core NATS as they are published (`start`): registry facts (`system.device.*.registry`)
-and the change facts of rules, subscriptions and locations. An object deleted keeps its home
+and the change facts of rules, addressees and locations. An object deleted keeps its home
 until the next reload, so that the fact of its deletion, and what was on its way, still reach
 its home. The owner reloads now and then (`keep_current`, or `refresh_if_stale` per use) to
 heal what a lost connection missed; between reloads an object the index has not heard of
@@ -38,18 +41,19 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
-from sqlalchemy import select
+from sqlalchemy import CompoundSelect, Select, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import messages as m
 from libs import subjects
-from libs.db.models import Device, Location, RuleRecord, Subscription
+from libs.db.models import Channel, Device, Location, RuleRecord, Subscription
 from libs.principals import home_of
 
 log = logging.getLogger(__name__)
 
 DEVICE: Final = "device"
 RULE: Final = "rule"
+# An addressee: a webhook subscription or a notification channel (see the module docstring).
 SUBSCRIPTION: Final = "subscription"
 LOCATION: Final = "location"
 KINDS = (DEVICE, RULE, SUBSCRIPTION, LOCATION)
@@ -268,11 +272,12 @@ async def read_homes(sessions: async_sessionmaker[AsyncSession]) -> Homes:
         devices = (await session.execute(select(Device.id, Device.location))).all()
         rules = (await session.execute(select(RuleRecord.id, RuleRecord.home))).all()
         subs = (await session.execute(select(Subscription.id, Subscription.home))).all()
+        channels = (await session.execute(select(Channel.id, Channel.home))).all()
         locations = (await session.execute(select(Location.id, Location.path))).all()
     return {
         DEVICE: {d: home_of(location) for d, location in devices},
         RULE: dict(rules),
-        SUBSCRIPTION: dict(subs),
+        SUBSCRIPTION: dict(subs) | dict(channels),
         LOCATION: {loc: home_of(path) for loc, path in locations},
     }
 
@@ -281,12 +286,16 @@ async def read_home(
     sessions: async_sessionmaker[AsyncSession], kind: str, object_id: str
 ) -> tuple[bool, str | None]:
     """(whether the object exists, its home), from the database."""
+    query: Select[str | None] | CompoundSelect[str | None]
     if kind == DEVICE:
         query = select(Device.location).where(Device.id == object_id)
     elif kind == RULE:
         query = select(RuleRecord.home).where(RuleRecord.id == object_id)
     elif kind == SUBSCRIPTION:
-        query = select(Subscription.home).where(Subscription.id == object_id)
+        query = union_all(
+            select(Subscription.home).where(Subscription.id == object_id),
+            select(Channel.home).where(Channel.id == object_id),
+        )
     else:
         query = select(Location.path).where(Location.id == object_id)
     async with sessions() as session:

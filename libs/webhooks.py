@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -296,6 +297,19 @@ def check_url(
             raise ValueError(f"{host} resolves to {reason} (SSRF protection)")
 
 
+def shown_url(url: str, *, path: bool = True) -> str:
+    """What answers, errors and the audit show of a URL: its scheme, host and port, and its
+    path unless `path` is false (a Slack-compatible webhook's path is its token); never its
+    user info, query or fragment (tokens hide there)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    with contextlib.suppress(ValueError):  # a port that is no number is left out
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path if path else "", "", ""))
+
+
 # --- retries ---------------------------------------------------------------------------------
 
 
@@ -365,7 +379,7 @@ def consumer_config(
     window = fetch_size(batch_size)
     return ConsumerConfig(
         durable_name=durable or subjects.webhook_consumer(subscription_id),
-        filter_subject=filter_subject,
+        filter_subject=subjects.stored_filter(filter_subject),
         deliver_policy=DeliverPolicy.NEW,
         ack_policy=AckPolicy.ALL,
         ack_wait=ack_wait_s,

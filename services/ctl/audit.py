@@ -79,15 +79,17 @@ def list_audit(
     since: Since = None,
     until: Until = None,
     limit: Annotated[int, typer.Option(help="At most this many rows.", min=1)] = 100,
+    newest_first: Annotated[
+        bool, typer.Option("--newest-first", help="The newest rows first (the latest `limit`).")
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Audit rows, oldest first."""
+    """Audit rows, oldest first (or newest first)."""
+    filters = _filters(device, correlation_id, actor, action, since, until)
+    # Not sent by default: a gateway that has no `order` refuses what it does not know.
+    order = "desc" if newest_first else None
     with session() as api:
-        items = list(
-            api.items(
-                "/audit", limit, **_filters(device, correlation_id, actor, action, since, until)
-            )
-        )
+        items = list(api.items("/audit", limit, **filters, order=order))
     listing(items, COLUMNS, as_json, "no audit rows")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -19,10 +20,36 @@ SERVICE_COLUMNS: list[Column] = [
     ("why not ready", "why_not_ready"),
     ("restarts", "restarts"),
     ("uptime s", "uptime_s"),
+    ("pending", lambda s: _total(s, "pending")),
+    ("ack pending", lambda s: _total(s, "ack_pending")),
     ("version", "version"),
+]
+CONSUMER_COLUMNS: list[Column] = [
+    ("service", "service"),
+    ("instance", "instance"),
+    ("stream", "stream"),
+    ("consumer", "consumer"),
+    ("pending", "pending"),
+    ("ack pending", "ack_pending"),
 ]
 DEFAULT_STALE_S = 600
 DEADLETTERS_COUNTED = 1000  # more is shown as "1000+"
+
+
+def _total(service: Mapping[str, Any], field: str) -> int | None:
+    """A process's lag over its consumers; None when it measures none."""
+    known = [c[field] for c in service.get("consumers") or [] if c.get(field) is not None]
+    return sum(known) if known else None
+
+
+def consumer_lag(services: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every process's consumers with their lag, one row each: messages not yet delivered
+    (`pending`) and delivered but not yet acknowledged (`ack_pending`)."""
+    return [
+        {"service": s.get("name"), "instance": s.get("instance"), **consumer}
+        for s in services
+        for consumer in s.get("consumers") or []
+    ]
 
 
 def _readiness(api: Api) -> dict[str, Any]:
@@ -70,7 +97,8 @@ def status(
     ] = DEFAULT_STALE_S,
     as_json: JsonFlag = False,
 ) -> None:
-    """The gateway's readiness, the services, dead letters, devices online/offline/stale."""
+    """The gateway's readiness, the services and their consumers' lag, dead letters, devices
+    online/offline/stale."""
     with session() as api:
         ready = _readiness(api)
         services, services_why = _optional(api, "/system/services")
@@ -78,12 +106,14 @@ def status(
         devices = _devices(api, stale_after)
     if isinstance(services, dict):
         services = services.get("items", services.get("services"))
+    consumers = consumer_lag(services) if services else []
     if as_json:
         emit_json(
             {
                 "url": api.target.url,
                 "gateway": ready,
                 "services": services,
+                "consumers": consumers,
                 "deadletters": deadletters,
                 "devices": devices,
                 "unavailable": {
@@ -101,6 +131,8 @@ def status(
     if services:
         known = all(k in services[0] for k in ("name", "state"))
         table(services, SERVICE_COLUMNS if known else columns_of(services), title="services")
+        if consumers:
+            table(consumers, CONSUMER_COLUMNS, title="consumer lag")
     else:
         note(
             f"services     unknown: {services_why}" if services_why else "services     none listed"

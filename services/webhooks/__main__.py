@@ -18,7 +18,7 @@ async def work(p: runtime.Process) -> None:
     try:
         await homes.start(p.nc, p.sessions, must_load=False)
         store = DeliveryStore(p.sessions)
-        dispatcher = Dispatcher(p.nc, p.js, store, hooks, Lease(p.js, LEASE_KEY), homes)
+        dispatcher = Dispatcher(p.nc, store, hooks, Lease(p.js, LEASE_KEY), homes)
         p.ready_when(dispatcher)
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(homes.keep_current(p.stop))

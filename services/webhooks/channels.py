@@ -5,7 +5,9 @@ retries with back-off, delivery records, re-drives); only rendering and sending 
 
 Every destination obeys the webhooks' address policy (`libs.webhooks.refused_range`): the
 HTTP ones through the checked resolver of the channel's session, the SMTP host by the check
-below before each connection. Failures are told in our own words, never the server's.
+below, whose SMTP session runs over a socket connected to the address that was checked
+(a second lookup could answer another: DNS rebinding). Failures are told in our own words,
+never the server's.
 """
 
 from __future__ import annotations
@@ -13,18 +15,20 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from collections.abc import Iterable, Sequence
 from email.message import EmailMessage
 from typing import Any
 
 import aiohttp
 import aiosmtplib
 import msgspec
+from aiohttp.abc import AbstractResolver
 
 from libs import messages as m
 from libs import webhooks
 from libs.webhooks import Failure
 from services.webhooks.payload import Payload
-from services.webhooks.sender import Outcome, Sender, failed
+from services.webhooks.sender import Outcome, Sender, failed, refused_address
 
 # ntfy's priorities (1-5) by the alert's severity.
 NTFY_PRIORITY = {"info": 3, "warning": 4, "critical": 5}
@@ -104,7 +108,8 @@ def ntfy_url(server: str) -> str:
 
 class ChannelSender:
     """Sends a channel's notifications (`worker.SourceWorker` hands it the rendered alert
-    event): POSTs over the channel's session for Slack and ntfy, an SMTP session for e-mail."""
+    event): POSTs over the channel's session for Slack and ntfy, an SMTP session for e-mail.
+    `resolver`: what looks the SMTP host up (tests); the system's resolver by default."""
 
     def __init__(
         self,
@@ -114,8 +119,12 @@ class ChannelSender:
         *,
         allow_private_targets: bool,
         home: str | None = None,
+        resolver: AbstractResolver | None = None,
     ) -> None:
         self._config = config
+        self._resolver = resolver
+        self._local_hostname: str | None = None
+        self._tls: ssl.SSLContext | None = None
         self._home = home
         self._settings = settings
         self._private = allow_private_targets
@@ -151,16 +160,25 @@ class ChannelSender:
         return await self._http.send(Payload(payload.msg_id, body, headers))
 
     async def _mail(self, config: m.EmailChannel, message: EmailMessage) -> Outcome:
-        refused = await self._refused(config.host, config.port)
-        if refused is not None:
-            return refused
         timeout = self._settings.timeout_s
         try:
             async with asyncio.timeout(timeout):
+                addresses = await self._addresses(config.host, config.port)
+                if isinstance(addresses, Outcome):
+                    return addresses
+                # What aiosmtplib would otherwise make after it took the socket: made first,
+                # nothing stands between the connection and the session taking it over.
+                local_hostname, tls = await self._session_defaults(config)
+                sock = await connect(addresses, config.port)
+                # The session runs over the socket connected to a checked address, never over
+                # a second lookup of the name, and owns it (its transport closes it); TLS
+                # still verifies the host's name.
                 await aiosmtplib.send(
                     message,
                     hostname=config.host,
-                    port=config.port,
+                    sock=sock,
+                    local_hostname=local_hostname,
+                    tls_context=tls,
                     username=config.username,
                     password=config.password,
                     use_tls=config.security == "tls",
@@ -173,25 +191,79 @@ class ChannelSender:
             return smtp_failure(exc)
         return Outcome(True, 250)
 
-    async def _refused(self, host: str, port: int) -> Outcome | None:
-        """Why the SMTP host may not be reached, as an outcome; None when it may."""
+    async def _session_defaults(self, config: m.EmailChannel) -> tuple[str, ssl.SSLContext | None]:
+        """This machine's name for EHLO and, when the channel uses TLS, a context verifying
+        the server's certificate and name: aiosmtplib's own defaults, made once."""
+        if self._local_hostname is None:
+            self._local_hostname = await asyncio.to_thread(socket.getfqdn)
+        if self._tls is None and config.security != "none":
+            self._tls = await asyncio.to_thread(ssl.create_default_context)
+        return self._local_hostname, self._tls
+
+    async def _addresses(self, host: str, port: int) -> list[str] | Outcome:
+        """The addresses of the SMTP host it may be connected to, in the resolver's order; an
+        outcome when there is none. Like a webhook's `CheckedResolver`, a name is reached only
+        at the addresses it resolves to that the policy allows."""
         nets = self._settings.allow_nets
         if webhooks.is_address(host):
-            reason = webhooks.refused_range(host, nets, allow_private_targets=self._private)
-            return None if reason is None else failed(Failure.BLOCKED, f"{host} is {reason}")
+            reason = refused_address(host, nets, allow_private_targets=self._private)
+            return [host] if reason is None else failed(Failure.BLOCKED, reason)
         try:
-            answers = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM
-            )
+            answers = await self._resolve(host, port)
         except (OSError, UnicodeError):
             return failed(Failure.DNS, "the host name does not resolve")
-        for *_, address in answers:
-            reason = webhooks.refused_range(
-                str(address[0]), nets, allow_private_targets=self._private
+        allowed, refused = allowed_addresses(answers, nets, allow_private_targets=self._private)
+        if not allowed:
+            return failed(
+                Failure.BLOCKED, f"{host} resolves to {refused[0] if refused else 'no address'}"
             )
-            if reason is not None:
-                return failed(Failure.BLOCKED, f"{host} resolves to {reason}")
-        return None
+        return allowed
+
+    async def _resolve(self, host: str, port: int) -> list[str]:
+        if self._resolver is not None:
+            answers = await self._resolver.resolve(host, port, socket.AF_UNSPEC)
+            return [answer["host"] for answer in answers]
+        found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return [str(sockaddr[0]) for *_, sockaddr in found]
+
+
+def allowed_addresses(
+    answers: Iterable[str], nets: Iterable[webhooks.IPNetwork], *, allow_private_targets: bool
+) -> tuple[list[str], list[str]]:
+    """(the addresses that may be connected to, in order and once each; why the others may
+    not)."""
+    nets = tuple(nets)
+    allowed: list[str] = []
+    refused: list[str] = []
+    for address in dict.fromkeys(answers):
+        reason = webhooks.refused_range(address, nets, allow_private_targets=allow_private_targets)
+        if reason is None:
+            allowed.append(address)
+        else:
+            refused.append(reason)
+    return allowed, refused
+
+
+async def connect(addresses: Sequence[str], port: int) -> socket.socket:
+    """A TCP connection to the first of `addresses` that accepts one; the last failure when
+    none does."""
+    loop = asyncio.get_running_loop()
+    error: OSError = OSError("no address to connect to")
+    for address in addresses:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, (address, port))
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:  # cancelled or timed out: the socket is not left open
+            sock.close()
+            raise
+        return sock
+    raise error
 
 
 def smtp_failure(exc: BaseException) -> Outcome:

@@ -17,7 +17,6 @@ import random
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 from libs import subjects, webhooks
 from libs.homes import HomeIndex
@@ -92,7 +91,6 @@ class Dispatcher:
     def __init__(
         self,
         nc: NATS,
-        js: JetStreamContext,
         store: DeliveryStore,
         settings: webhooks.WebhookSettings,
         lease: Lease,
@@ -100,7 +98,6 @@ class Dispatcher:
     ) -> None:
         self._nc = nc
         self._homes = homes
-        self._js = js
         self._store = store
         self._settings = settings
         self._lease = lease

@@ -1,8 +1,9 @@
-"""Notifications addressed to a webhook subscription that does not exist.
+"""Notifications addressed to a webhook subscription or notification channel that does not
+exist.
 
-A rule's `notify` action may name a subscription: the rules service publishes the alert on
-`system.notify.<subscription_id>`, and that subscription's own consumer delivers it (see
-`worker.py`). When no such subscription exists no consumer would ever read it: this reads
+A rule's `notify` action may name a subscription or a channel: the rules service publishes the
+alert on `system.notify.<id>`, and that subscription's (or channel's) own consumer delivers it
+(see `worker.py`). When neither exists no consumer would ever read it: this reads
 every notification (the durable `webhooks-notify`) and dead-letters those with the reason
 (`deadletter.system.notify.<id>`, inspectable and re-drivable like any dead letter).
 """
@@ -34,7 +35,8 @@ def _config() -> ConsumerConfig:
 
 
 def decode(msg: Delivery) -> str:
-    """The subscription a notification is addressed to (ValueError: dead-lettered)."""
+    """The subscription or channel a notification is addressed to (ValueError:
+    dead-lettered)."""
     return subjects.parse_notification(msg.subject)
 
 
@@ -55,7 +57,8 @@ class NotificationCheck:
         await self.consumer.run(stop)
 
     async def handle(self, items: list[Item[str]]) -> Mapping[int, Verdict]:
-        """Settle a notification whose subscription exists; dead-letter the others."""
+        """Settle a notification whose subscription or channel exists; dead-letter the
+        others."""
         verdicts: dict[int, Verdict] = {}
         for item in items:
             subscription_id = item.value
@@ -66,6 +69,6 @@ class NotificationCheck:
             except Exception as exc:  # the database is down: naked, again later
                 raise Retry(f"notifications: {exc!r}") from exc
             if not exists:
-                reason = f"webhook subscription {subscription_id!r} does not exist"
+                reason = f"subscription or channel {subscription_id!r} does not exist"
                 verdicts[item.delivery.seq] = Dead(reason, "no-subscription")
         return verdicts

@@ -169,6 +169,14 @@ def _refused_literal(
         host, _ = webhooks.parse_url(url)
     except ValueError as exc:
         return f"the URL {exc}"
+    return refused_address(host, nets, allow_private_targets=allow_private_targets)
+
+
+def refused_address(
+    host: str, nets: Iterable[webhooks.IPNetwork], *, allow_private_targets: bool
+) -> str | None:
+    """Why a host that is an IP address may not be reached (`<host> is <reason>`); None when
+    it may, or when it is a name (`CheckedResolver` checks what a name resolves to)."""
     if not webhooks.is_address(host):
         return None
     reason = webhooks.refused_range(host, nets, allow_private_targets=allow_private_targets)

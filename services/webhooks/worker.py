@@ -356,7 +356,8 @@ class SourceWorker:
                         attempted,
                     )
                     continue
-                subject = raw.subject or redriven.event.subject
+                # As it was published: the EVENTS stream stores it with its partition.
+                subject = subjects.published(raw.subject or redriven.event.subject)
                 items.append(
                     Item(
                         self.source.stream,

@@ -13,17 +13,20 @@ import json
 import os
 import stat
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from typer.testing import CliRunner, Result
 
-from libs import embedded_nats
+from libs import embedded_nats, service_status
 from libs import messages as m
 from libs.db.models import AuditEntry
 from libs.settings import Settings
@@ -332,7 +335,7 @@ async def test_a_refused_rule_names_its_field(operator_cli: Cli, tmp_path: Path)
     assert one_line(result.stderr).startswith("smarthome: 422: ")
 
 
-async def test_audit_is_listed_and_exported_with_progress(
+async def test_audit_is_listed_both_ways_and_exported_with_progress(
     operator_cli: Cli, sessions: async_sessionmaker[AsyncSession], tmp_path: Path
 ) -> None:
     device_id = unique_id("audited")
@@ -350,10 +353,14 @@ async def test_audit_is_listed_and_exported_with_progress(
             )  # fmt: skip
 
     listed = await operator_cli.json("audit", "ls", "--device", device_id)
+    latest = await operator_cli.json(
+        "audit", "ls", "--device", device_id, "--newest-first", "--limit", "2"
+    )
     exported = tmp_path / "audit.ndjson"
     export = await operator_cli("audit", "export", "--device", device_id, "-o", str(exported))
 
     assert [row["action"] for row in listed] == actions
+    assert [row["action"] for row in latest] == ["command.done", "command.sent"]
     assert export.exit_code == 0, export.output
     rows = [json.loads(line) for line in exported.read_text().splitlines()]
     assert [row["action"] for row in rows] == actions
@@ -368,6 +375,47 @@ async def test_status_says_how_the_platform_is(operator_cli: Cli) -> None:
     assert set(status["devices"]) == {"total", "online", "offline", "stale"}
     assert table.exit_code == 0, table.output
     assert "devices" in table.stdout and "dead letters" in table.stdout
+
+
+async def test_status_shows_each_services_consumer_lag(
+    operator_cli: Cli, js: JetStreamContext
+) -> None:
+    name, instance = unique_id("lagging"), "host-1"
+    lag = service_status.ConsumerLag(
+        stream="EVENTS", consumer=f"{name}-events", pending=4242, ack_pending=17
+    )
+    now = time.time()
+    report = service_status.ServiceStatus(
+        name=name, instance=instance, state=service_status.ServiceState.READY, ready=True,
+        why_not_ready=None, restarts=0, started_at=now, at=now, every_s=60.0,
+        version="test", metrics_url=None, consumers=[lag],
+    )  # fmt: skip
+    kv = await js.key_value(service_status.BUCKET)
+    key = service_status.key(name, instance)
+    await kv.put(key, msgspec.json.encode(report))  # what the process's Reporter writes
+    try:
+        status = await operator_cli.json("status")
+        shown = await operator_cli("status")
+    finally:
+        await kv.delete(key)
+
+    assert [c for c in status["consumers"] if c["service"] == name] == [
+        {
+            "service": name,
+            "instance": instance,
+            "stream": "EVENTS",
+            "consumer": f"{name}-events",
+            "pending": 4242,
+            "ack_pending": 17,
+        }
+    ]
+    assert shown.exit_code == 0, shown.output
+    (row,) = [line for line in shown.stdout.splitlines() if f"{name}-events" in line]
+    assert "4242" in row and "17" in row, shown.stdout
+    (service_row,) = [
+        line for line in shown.stdout.splitlines() if name in line and "-events" not in line
+    ]
+    assert "4242" in service_row, shown.stdout  # the process's own total
 
 
 async def test_one_command_lists_the_launcher_and_the_operator_commands(cli: Cli) -> None:

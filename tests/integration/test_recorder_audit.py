@@ -287,6 +287,49 @@ async def test_the_export_in_both_formats_matches_the_list(
     ] == [(i["id"], i["actor"], "user", i["hash"], i["detail"]) for i in items]
 
 
+async def test_the_list_pages_newest_first_when_asked_and_oldest_first_by_default(
+    client: AsyncTestClient, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    device, first = unique_id("lamp"), uuid.uuid4().int % 10**12
+    start = m.now() - timedelta(minutes=1)
+    # Two rows share a time: their ids order them, both ways.
+    times = [start, start + timedelta(seconds=1), start + timedelta(seconds=1)]
+    times += [start + timedelta(seconds=2), start + timedelta(seconds=3)]
+    ids = await add(
+        sessions, *(entry(first + n, device_id=device, time=t) for n, t in enumerate(times))
+    )
+
+    async def pages(**params: str) -> list[list[int]]:
+        got: list[list[int]] = []
+        cursor: str | None = None
+        while True:
+            query = {"device_id": device, "limit": "2", **params}
+            if cursor:
+                query["cursor"] = cursor
+            answer = await client.get(f"{API}/audit", params=query)
+            assert answer.status_code == 200, answer.text
+            got.append([i["id"] for i in answer.json()["items"]])
+            cursor = answer.json()["next_cursor"]
+            if cursor is None:
+                return got
+
+    newest = await pages(order="desc")
+    oldest = await pages()
+    ascending = await pages(order="asc")
+    first_page = await client.get(
+        f"{API}/audit", params={"device_id": device, "limit": "2", "order": "desc"}
+    )
+    mixed = await client.get(
+        f"{API}/audit", params={"device_id": device, "cursor": first_page.json()["next_cursor"]}
+    )
+
+    assert newest == [ids[:2:-1], ids[2:0:-1], ids[:1]]
+    assert oldest == ascending == [ids[:2], ids[2:4], ids[4:]]
+    # A cursor goes on in the order of the page that gave it, never read in the other one.
+    assert mixed.status_code == 422, mixed.text
+    assert [e["field"] for e in mixed.json()["errors"]] == ["cursor"]
+
+
 @pytest.mark.parametrize(
     "route, params, field",
     [
@@ -299,6 +342,7 @@ async def test_the_export_in_both_formats_matches_the_list(
         ("/audit", {"devce_id": "lamp"}, "devce_id"),
         ("/audit/export", {"who": "x"}, "who"),
         ("/audit", {"limit": "1001"}, "limit"),
+        ("/audit", {"order": "newest"}, "order"),
         ("/audit/export", {"format": "xml"}, "format"),
     ],
 )

@@ -361,7 +361,7 @@ async def test_a_notification_for_no_subscription_is_dead_lettered_with_the_reas
         dead = await eventually(dead_letter, timeout=15)
 
     assert dead.headers is not None
-    assert f"{nobody!r} does not exist" in dead.headers[bus.DL_REASON]
+    assert f"subscription or channel {nobody!r} does not exist" in dead.headers[bus.DL_REASON]
     assert dead.headers[bus.DL_CONSUMER] == bus.WEBHOOKS_NOTIFY_DURABLE
     assert m.cloud_event_decoder.decode(dead.data) == alert
 

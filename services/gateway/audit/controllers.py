@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from litestar import Controller, Request, get
 from litestar.di import NamedDependency, Provide
@@ -24,6 +24,13 @@ FILTERS = ("device_id", "correlation_id", "actor", "action", "since", "until")
 MEDIA_TYPES = {ExportFormat.NDJSON: "application/x-ndjson", ExportFormat.CSV: "text/csv"}
 
 Text = Annotated[str | None, QueryParameter(max_length=200)]
+OrderParam = Annotated[
+    Literal["asc", "desc"],
+    QueryParameter(
+        description="`asc` (default): oldest first; `desc`: newest first. A cursor pages on "
+        "in the order of the page that gave it"
+    ),
+]
 UntilParam = Annotated[
     datetime | None,
     QueryParameter(description="ISO 8601 time, exclusive; without a zone, UTC"),
@@ -69,10 +76,11 @@ class AuditController(Controller):
         until: UntilParam = None,
         cursor: CursorParam = None,
         limit: Annotated[int, limit_param(100, 1000)] = 100,
+        order: OrderParam = "asc",
     ) -> AuditPage:
-        _only(request, *FILTERS, "cursor", "limit")
+        _only(request, *FILTERS, "cursor", "limit", "order")
         filters = AuditFilters(device_id, correlation_id, actor, action, utc(since), utc(until))
-        return await audit.list(filters, limit, cursor, principal)
+        return await audit.list(filters, limit, cursor, principal, newest_first=order == "desc")
 
     @get(
         "/export",

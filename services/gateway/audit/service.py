@@ -6,10 +6,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from sqlalchemy import Select, and_, or_, select
@@ -33,6 +33,7 @@ from services.gateway.audit.schemas import (
 from services.gateway.pagination import decode_cursor, page
 
 EXPORT_CHUNK = 1000
+NewestFirst = Literal["desc"]
 CSV_COLUMNS = (
     "id",
     "time",
@@ -72,17 +73,33 @@ class AuditService:
         self._key = key
 
     async def list(
-        self, filters: AuditFilters, limit: int, cursor: str | None, principal: Principal
+        self,
+        filters: AuditFilters,
+        limit: int,
+        cursor: str | None,
+        principal: Principal,
+        newest_first: bool = False,
     ) -> AuditPage:
-        """Oldest first from `since` (inclusive) to `until` (exclusive); the cursor pages
-        forward in time. The rows about the principal's homes (`scope.audit`); asked for a
-        device it does not see, 404 as for one that is not registered."""
+        """Oldest first (or `newest_first`) from `since` (inclusive) to `until` (exclusive);
+        the cursor pages on in the same order. The rows about the principal's homes
+        (`scope.audit`); asked for a device it does not see, 404 as for one that is not
+        registered."""
         query = await self._query(filters, principal)
-        if cursor:
-            query = _after(query, decode_cursor(cursor, tuple[datetime, int]))
+        key: Callable[[AuditEntry], tuple[Any, ...]]
+        if newest_first:
+            query = query.order_by(AuditEntry.time.desc(), AuditEntry.id.desc())
+            if cursor:
+                time, last_id, _ = decode_cursor(cursor, tuple[datetime, int, NewestFirst])
+                query = _before(query, (time, last_id))
+            key = _newest_first_key
+        else:
+            query = query.order_by(AuditEntry.time, AuditEntry.id)
+            if cursor:
+                query = _after(query, decode_cursor(cursor, tuple[datetime, int]))
+            key = _oldest_first_key
         async with self._sessions() as session:
             rows = list(await session.scalars(query.limit(limit + 1)))
-        return page(rows, limit, key=lambda r: (r.time, r.id), view=item, into=AuditPage)
+        return page(rows, limit, key=key, view=item, into=AuditPage)
 
     async def export(
         self, filters: AuditFilters, format: ExportFormat, principal: Principal
@@ -90,7 +107,7 @@ class AuditService:
         """What `list` pages through, all of it, as NDJSON lines or CSV rows; read a chunk
         at a time (no transaction stays open while the client reads)."""
         query = await self._query(filters, principal)
-        return self._export(query, format)
+        return self._export(query.order_by(AuditEntry.time, AuditEntry.id), format)
 
     async def _export(self, query: Select[Any], format: ExportFormat) -> AsyncIterator[bytes]:
         if format is ExportFormat.CSV:
@@ -120,7 +137,8 @@ class AuditService:
         )
 
     async def _query(self, filters: AuditFilters, principal: Principal) -> Select[Any]:
-        query = select(AuditEntry).order_by(AuditEntry.time, AuditEntry.id)
+        """The rows the filters select, unordered."""
+        query = select(AuditEntry)
         query = scope.audit(principal, query)
         if filters.device_id and not principal.is_admin:
             async with self._sessions() as session:
@@ -149,6 +167,23 @@ def _after(query: Select[Any], key: tuple[datetime, int]) -> Select[Any]:
     return query.where(
         or_(AuditEntry.time > time, and_(AuditEntry.time == time, AuditEntry.id > last_id))
     )
+
+
+def _before(query: Select[Any], key: tuple[datetime, int]) -> Select[Any]:
+    time, last_id = key
+    return query.where(
+        or_(AuditEntry.time < time, and_(AuditEntry.time == time, AuditEntry.id < last_id))
+    )
+
+
+def _oldest_first_key(row: AuditEntry) -> tuple[datetime, int]:
+    return (row.time, row.id)
+
+
+def _newest_first_key(row: AuditEntry) -> tuple[datetime, int, NewestFirst]:
+    """A newest-first page's cursor says so: given with the other order, it is refused
+    (422) rather than read as a place in it."""
+    return (row.time, row.id, "desc")
 
 
 def item(row: AuditEntry) -> AuditItem:

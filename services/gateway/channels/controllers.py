@@ -6,7 +6,7 @@ from typing import Annotated
 
 from litestar import Controller, delete, get, post
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import FromPath, JSONBody
 from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
 from libs.principals import Permission, Principal
@@ -20,9 +20,9 @@ from services.gateway.channels.schemas import (
     ChannelDelivery,
     ChannelDeliveryPage,
     ChannelPage,
-    DeliveryStatus,
 )
 from services.gateway.channels.service import ChannelService
+from services.gateway.deliveries import StatusParam
 from services.gateway.pagination import CursorParam, limit_param
 from services.gateway.resources import Resources
 
@@ -113,9 +113,7 @@ class ChannelController(Controller):
         channels: NamedDependency[ChannelService],
         principal: NamedDependency[Principal],
         channel_id: FromPath[str],
-        status: Annotated[
-            DeliveryStatus | None, QueryParameter(description="pending, delivered or failed")
-        ] = None,
+        status: StatusParam = None,
         cursor: CursorParam = None,
         limit: Annotated[int, limit_param(50, 500)] = 50,
     ) -> ChannelDeliveryPage:

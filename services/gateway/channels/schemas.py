@@ -4,13 +4,12 @@ the API answers afterwards says only that a secret is set."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 
 from libs import messages as m
-
-DeliveryStatus = Literal["pending", "delivered", "failed"]
+from services.gateway.deliveries import DeliveryStatus
 
 
 class ChannelCreate(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

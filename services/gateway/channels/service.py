@@ -7,52 +7,36 @@ subscription ids share the `system.notify.<id>` space).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from urllib.parse import urlsplit
 
 import msgspec
-from nats.aio.client import Client as NATS
-from nats.js.errors import NotFoundError
-from sqlalchemy import delete, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs import messages as m
 from libs import subjects, webhooks
 from libs.db.models import Channel as ChannelRow
 from libs.db.models import Delivery
-from libs.errors import Conflict, Invalid, NotFound
+from libs.errors import Invalid
 from libs.principals import Principal
-from services.gateway import scope
+from services.gateway import deliveries, scope
 from services.gateway.auth.context import Context
-from services.gateway.changes import Change, record_change
+from services.gateway.changes import Change
 from services.gateway.channels.schemas import (
     Channel,
     ChannelCreate,
     ChannelDelivery,
     ChannelDeliveryPage,
     ChannelPage,
-    DeliveryStatus,
     EmailSettings,
     NtfySettings,
     SlackSettings,
 )
-from services.gateway.pagination import decode_cursor, keyset, page
+from services.gateway.deliveries import CHANNELS, AddresseeService, DeliveryStatus
+from services.gateway.pagination import page
 from services.gateway.resources import require_bus
 
 
-class ChannelService:
-    def __init__(
-        self,
-        sessions: async_sessionmaker[AsyncSession],
-        nc: NATS,
-        settings: webhooks.WebhookSettings,
-    ) -> None:
-        self._sessions = sessions
-        self._nc = nc
-        self._js = nc.jetstream()
-        self._settings = settings
-
+class ChannelService(AddresseeService):
     async def create(self, data: ChannelCreate, ctx: Context, *, admin: bool) -> Channel:
         """Store the channel and create its consumer. Its destination may be a private,
         loopback or link-local address inside the allow-nets only when `admin`, as a webhook
@@ -73,44 +57,31 @@ class ChannelService:
             delivered_count=0,
         )
         config = webhooks.notify_consumer_config(row.id, self._settings.ack_wait_s)
-        try:
-            async with self._sessions.begin() as session:
-                session.add(row)
-                await session.flush()
-                await self._js.add_consumer(subjects.SYSTEM_STREAM, config)
-                _signal(session, row, "created", ctx)
-        except BaseException:
-            # The row did not commit: a consumer without one would keep nothing useful.
-            with contextlib.suppress(Exception):
-                await self._js.delete_consumer(
-                    subjects.SYSTEM_STREAM, subjects.webhook_notify_consumer(row.id)
-                )
-            raise
+        await deliveries.create(
+            self._sessions,
+            self._js,
+            row,
+            [(subjects.SYSTEM_STREAM, config)],
+            lambda s: _signal(s, row, "created", ctx),
+        )
         return _view(row)
 
     async def get(self, channel_id: str, principal: Principal) -> Channel:
         async with self._sessions() as session:
-            return _view(await self._row(session, channel_id, principal))
+            return _view(await CHANNELS.find(session, channel_id, principal))
 
     async def list(self, limit: int, cursor: str | None, principal: Principal) -> ChannelPage:
-        query = keyset(select(ChannelRow), ChannelRow.id, limit, cursor)
-        query = scope.homed(principal, query, ChannelRow.home)
         async with self._sessions() as session:
-            rows = list(await session.scalars(query))
+            rows = await CHANNELS.listed(session, principal, limit, cursor)
         return page(rows, limit, key=lambda r: r.id, view=_view, into=ChannelPage)
 
     async def delete(self, channel_id: str, ctx: Context) -> None:
         """Remove the channel, its consumer and its delivery records."""
         require_bus(self._nc)
         async with self._sessions.begin() as session:
-            row = await self._row(session, channel_id, ctx.principal)
-            await session.execute(delete(Delivery).where(Delivery.subscription_id == row.id))
-            await session.delete(row)
-            await session.flush()
-            with contextlib.suppress(NotFoundError):
-                await self._js.delete_consumer(
-                    subjects.SYSTEM_STREAM, subjects.webhook_notify_consumer(row.id)
-                )
+            row = await CHANNELS.find(session, channel_id, ctx.principal)
+            consumer = (subjects.SYSTEM_STREAM, subjects.webhook_notify_consumer(row.id))
+            await deliveries.remove(session, self._js, row, [consumer])
             _signal(session, row, "deleted", ctx)
 
     async def deliveries(
@@ -122,48 +93,18 @@ class ChannelService:
         principal: Principal,
     ) -> ChannelDeliveryPage:
         """The channel's notifications that needed more than one attempt, oldest first."""
-        query = (
-            select(Delivery)
-            .where(Delivery.subscription_id == channel_id)
-            .order_by(Delivery.id)
-            .limit(limit + 1)
-        )
-        if status:
-            query = query.where(Delivery.status == status)
-        if cursor:
-            query = query.where(Delivery.id > decode_cursor(cursor, int))
         async with self._sessions() as session:
-            await self._row(session, channel_id, principal)
-            rows = list(await session.scalars(query))
+            rows = await CHANNELS.deliveries(session, channel_id, principal, status, limit, cursor)
         return page(rows, limit, key=lambda r: r.id, view=_delivery_view, into=ChannelDeliveryPage)
 
     async def redrive(self, channel_id: str, delivery_id: int, ctx: Context) -> ChannelDelivery:
         """Send a failed delivery once more (from the stream): it is `pending` until then."""
         require_bus(self._nc)
         async with self._sessions.begin() as session:
-            row = await self._row(session, channel_id, ctx.principal)
-            delivery = await session.get(Delivery, delivery_id)
-            if delivery is None or delivery.subscription_id != channel_id:
-                raise NotFound(f"channel {channel_id!r} has no delivery {delivery_id}")
-            if delivery.status != webhooks.FAILED:
-                raise Conflict(
-                    f"delivery {delivery_id} is {delivery.status}: only a failed one is re-driven"
-                )
-            delivery.status = webhooks.PENDING
-            delivery.next_attempt_at = None
-            await session.flush()
+            row = await CHANNELS.find(session, channel_id, ctx.principal)
+            delivery = await CHANNELS.redrive_one(session, channel_id, delivery_id)
             _signal(session, row, "redelivered", ctx, delivery_id)
             return _delivery_view(delivery)
-
-    async def _row(
-        self, session: AsyncSession, channel_id: str, principal: Principal
-    ) -> ChannelRow:
-        row = await session.get(ChannelRow, channel_id)
-        missing = f"channel {channel_id!r} does not exist"
-        if row is None:
-            raise NotFound(missing)
-        scope.visible(principal, row.home, missing)
-        return row
 
     async def _check(self, config: m.ChannelConfig, *, allow_private_targets: bool) -> None:
         """Refuse a destination a webhook could not reach, and a password sent in clear."""
@@ -177,28 +118,19 @@ class ChannelService:
                         field="$.config.security",
                     )
                 host = f"[{config.host}]" if ":" in config.host else config.host
-                url, field = f"https://{host}:{config.port}/", "$.config.host"
+                url, field = f"https://{host}:{config.port}", "$.config.host"
             case m.SlackChannel():
                 url, field = config.url, "$.config.url"
             case m.NtfyChannel():
                 url, field = config.server, "$.config.server"
-        try:
-            # getaddrinfo blocks: resolve in a thread.
-            await asyncio.to_thread(
-                webhooks.check_url,
-                url,
-                self._settings.allow_nets,
-                allow_private_targets=allow_private_targets,
-            )
-        except ValueError as exc:
-            raise Invalid(f"{_shown(url)!r}: {exc}", field=field) from None
-
-
-def _shown(url: str) -> str:
-    """What answers and the audit show of a URL: its scheme and host (a webhook URL's path
-    and query carry its token)."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or ''}"
+        await deliveries.check_url(
+            url,
+            self._settings,
+            allow_private_targets=allow_private_targets,
+            field=field,
+            # A Slack-compatible webhook's path is its token.
+            show_path=not isinstance(config, m.SlackChannel),
+        )
 
 
 def _settings(config: m.ChannelConfig) -> EmailSettings | SlackSettings | NtfySettings:
@@ -215,7 +147,7 @@ def _settings(config: m.ChannelConfig) -> EmailSettings | SlackSettings | NtfySe
         case m.SlackChannel():
             return SlackSettings(host=urlsplit(config.url).hostname or "")
         case m.NtfyChannel():
-            return NtfySettings(server=config.server, topic=config.topic)
+            return NtfySettings(server=webhooks.shown_url(config.server), topic=config.topic)
 
 
 def _secret_set(config: m.ChannelConfig) -> bool:
@@ -256,37 +188,14 @@ def _signal(
     ctx: Context,
     delivery_id: int | None = None,
 ) -> None:
-    """The webhooks service reloads the channel; the recorder audits the change (never its
-    secret). In the change's transaction: published after its commit."""
+    """The change as the audit tells it, never with its secret
+    (`deliveries.Addressees.announce`)."""
     settings = msgspec.to_builtins(_settings(_config(row)))
     detail = {"name": row.name, "kind": row.kind, "config": settings}
     if delivery_id is not None:
         detail["delivery"] = delivery_id
-    record_change(
-        session,
-        subjects.subscription_changed(row.id),
-        "channel",
-        row.id,
-        change,
-        actor=ctx.principal.actor,
-        correlation_id=ctx.correlation_id,
-        detail=detail,
-        home=row.home,
-    )
+    CHANNELS.announce(session, row, change, ctx, detail)
 
 
 def _delivery_view(row: Delivery) -> ChannelDelivery:
-    return ChannelDelivery(
-        id=row.id,
-        channel_id=row.subscription_id,
-        event_id=row.event_id,
-        subject=row.subject,
-        status=row.status,  # type: ignore[arg-type]  # a DeliveryStatus, as the worker writes it
-        attempts=row.attempts,
-        last_status_code=row.last_status_code,
-        last_error=row.last_error,
-        created_at=row.created_at,
-        last_attempt_at=row.last_attempt_at,
-        next_attempt_at=row.next_attempt_at,
-        delivered_at=row.delivered_at,
-    )
+    return ChannelDelivery(**deliveries.record_fields(row), channel_id=row.subscription_id)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from litestar import Controller, delete, get, post
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import FromPath, JSONBody
 from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
 from libs.principals import Permission, Principal
@@ -14,11 +14,11 @@ from libs.webhooks import WebhookSettings
 from services.gateway.auth.context import Context, provide_context
 from services.gateway.auth.guards import requires
 from services.gateway.body import StrictBody
+from services.gateway.deliveries import StatusParam
 from services.gateway.pagination import CursorParam, limit_param
 from services.gateway.resources import Resources
 from services.gateway.subscriptions.schemas import (
     DeliveryPage,
-    DeliveryStatus,
     Redelivery,
     Subscription,
     SubscriptionCreate,
@@ -128,9 +128,7 @@ class SubscriptionController(Controller):
         subscriptions: NamedDependency[SubscriptionService],
         principal: NamedDependency[Principal],
         subscription_id: FromPath[str],
-        status: Annotated[
-            DeliveryStatus | None, QueryParameter(description="pending, delivered or failed")
-        ] = None,
+        status: StatusParam = None,
         cursor: CursorParam = None,
         limit: Annotated[int, limit_param(50, 500)] = 50,
     ) -> DeliveryPage:

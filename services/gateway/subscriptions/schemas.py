@@ -9,9 +9,9 @@ from typing import Annotated, Literal
 import msgspec
 
 from libs.messages import Token
+from services.gateway.deliveries import DeliveryStatus
 
 Mode = Literal["structured", "binary", "batched"]
-DeliveryStatus = Literal["pending", "delivered", "failed"]
 DeliverySource = Literal["filter", "notify"]
 
 
