@@ -1,8 +1,10 @@
 // Users and API keys (administrators): list, add, remove. An API key's secret is shown once,
-// when it is created: the platform keeps only its hash. The section is built from an inert
+// when it is created: the platform keeps only its hash. The platform's own keys (made by the
+// launcher or `smarthome migrate`: the demo devices', Prometheus') are listed too, and revoked
+// after a confirm step, since what uses them stops working. The section is built from an inert
 // <template> for administrators only, so that nobody else's page holds its forms.
 
-import { el, emptyRow, notify, report } from "./dom.js";
+import { confirmButton, el, emptyRow, notify, pill, report } from "./dom.js";
 import { onSubmit } from "./forms.js";
 import { call, pages } from "./session.js";
 
@@ -37,6 +39,23 @@ async function refreshUsers(self) {
   if (!users.length) emptyRow(body, 4, "no users");
 }
 
+const PLATFORM = "platform:";  // `created_by` of the keys the platform made for itself
+
+function revokeControl(key) {
+  const revoke = async () => {
+    await call("DELETE", `/api-keys/${encodeURIComponent(key.id)}`);
+    notify(`API key ${key.name}: revoked`, true);
+    await refreshKeys();
+  };
+  if (!key.created_by.startsWith(PLATFORM)) {
+    return removeButton("revoke", `revoke API key ${key.name}`, revoke);
+  }
+  const remade = key.created_by === "platform:launcher"
+    ? "smarthome up makes a new one at its next start" : "set a new one in its Secret";
+  return confirmButton(`key:${key.id}`, "revoke", `revoke API key ${key.name}`,
+    `revoke the platform's key ${key.name}? What uses it stops working (${remade}).`, revoke);
+}
+
 async function refreshKeys() {
   const keys = (await pages("/api-keys")).filter((key) => !key.revoked_at);
   const body = $("api-keys");
@@ -45,12 +64,10 @@ async function refreshKeys() {
     el("td", {}, key.role),
     el("td", { class: "mono" }, key.homes.join(", ")),
     el("td", { class: "meta" }, key.expires_at ? new Date(key.expires_at).toLocaleString() : "never"),
-    el("td", {}, removeButton("revoke", `revoke API key ${key.name}`, async () => {
-      await call("DELETE", `/api-keys/${encodeURIComponent(key.id)}`);
-      notify(`API key ${key.name}: revoked`, true);
-      await refreshKeys();
-    })))));
-  if (!keys.length) emptyRow(body, 5, "no API keys");
+    el("td", { class: "mono", "data-field": "created-by" }, key.created_by, " ",
+      key.created_by.startsWith(PLATFORM) ? pill("platform", "triggered") : ""),
+    el("td", {}, revokeControl(key)))));
+  if (!keys.length) emptyRow(body, 6, "no API keys");
 }
 
 function showSecret(created) {

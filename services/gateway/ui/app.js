@@ -18,8 +18,9 @@ import {
   API, SignedOut, call, endedBecause, pages, problemText, resume, send, signIn, signOut,
 } from "./session.js";
 import { startAdmin } from "./admin.js";
-import { knownDevices, lifecycleControls, startDevices } from "./devices.js";
+import { editControl, knownDevices, lifecycleControls, startDevices } from "./devices.js";
 import { startLocations } from "./locations.js";
+import { showNotifications, startNotifications } from "./notifications.js";
 import { queueRulesRefresh, refreshRules, startRules } from "./rules.js";
 import { startStatus } from "./status.js";
 
@@ -37,6 +38,8 @@ function can(permission) {
 function showLogin(message = "") {
   document.getElementById("app").hidden = true;
   document.getElementById("status-page").hidden = true;
+  const notifications = document.getElementById("notifications-page");
+  if (notifications) notifications.hidden = true;
   document.getElementById("views").hidden = true;
   document.getElementById("login").hidden = false;
   document.getElementById("login-error").textContent = message;
@@ -87,7 +90,10 @@ async function start() {
   document.getElementById("api-reference").hidden = !can("administer");
   document.getElementById("login").hidden = true;
   document.getElementById("app").hidden = false;
-  startStatus(can("administer"));  // the views: `#status` shows the status page instead
+  const hooks = can("manage_subscriptions");
+  if (hooks) startNotifications(can("administer"));
+  // The views: `#status` shows the status page instead, `#notifications` webhooks and channels.
+  startStatus(can("administer"), hooks ? showNotifications : null);
   startRules(can("manage_rules"));
   startDevices(can("manage_devices"), refreshDevices);
   startLocations(can("manage_locations")).catch(report);
@@ -146,7 +152,7 @@ function actionControls(device) {
         .then(() => { notify(`${device.id}: ${admin.dataset.admin}ed`, true); return refreshDevices(); })
         .catch(report);
     });
-    controls.push(admin, ...lifecycleControls(device));
+    controls.push(admin, editControl(device), ...lifecycleControls(device));
   }
   const history = el("button", { type: "button", "data-history": device.id }, "history");
   history.addEventListener("click", () => showHistory(device.id).catch(report));

@@ -25,6 +25,10 @@ ASSETS = {
     "locations.js": "text/javascript; charset=utf-8",
     "devices.js": "text/javascript; charset=utf-8",
     "admin.js": "text/javascript; charset=utf-8",
+    "deliveries.js": "text/javascript; charset=utf-8",
+    "hooks.js": "text/javascript; charset=utf-8",
+    "channels.js": "text/javascript; charset=utf-8",
+    "notifications.js": "text/javascript; charset=utf-8",
     "app.css": "text/css; charset=utf-8",
     "icon.svg": "image/svg+xml",
 }

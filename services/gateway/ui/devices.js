@@ -1,10 +1,11 @@
 // Devices' registry: register one (its bus credentials shown once), approve or reject one that
-// said hello unregistered, decommission one. The table itself is drawn by app.js.
+// said hello unregistered, edit one (what PATCH changes: name, kind, location, report
+// intervals, metadata), decommission one. The table itself is drawn by app.js.
 
 import { el, notify, report } from "./dom.js";
-import { onSubmit, options } from "./forms.js";
+import { clearErrors, onSubmit, options } from "./forms.js";
 import { onLocations } from "./locations.js";
-import { call } from "./session.js";
+import { Refused, call } from "./session.js";
 
 let canManage = false;
 let changed = async () => {};  // redraws the devices table
@@ -74,6 +75,78 @@ async function register(form) {
   await changed();
 }
 
+// --- editing one ------------------------------------------------------------------------------
+
+let editing = null;  // the device being edited, as listed when its edit button was pressed
+const $ = (id) => document.getElementById(id);
+
+function jsonText(value) {
+  return value && Object.keys(value).length ? JSON.stringify(value) : "";
+}
+
+/** The edit button of a device's row: opens the edit form on it. */
+export function editControl(device) {
+  const button = el("button", { type: "button", "data-edit-device": device.id,
+    "aria-label": `edit device ${device.id}` }, "edit");
+  button.addEventListener("click", () => openEditor(device));
+  return button;
+}
+
+function openEditor(device) {
+  editing = device;
+  const form = $("device-edit");
+  clearErrors(form);
+  $("device-edit-title").textContent = `edit device ${device.id}`;
+  $("edit-name").value = device.name;
+  $("edit-kind").value = device.kind;
+  const where = $("edit-location");
+  if (device.location && ![...where.options].some((o) => o.value === device.location)) {
+    where.append(el("option", { value: device.location }, device.location));  // not (yet) defined
+  }
+  where.value = device.location ?? "";
+  $("edit-intervals").value = jsonText(device.report_intervals);
+  $("edit-metadata").value = jsonText(device.metadata);
+  form.hidden = false;
+  form.scrollIntoView({ block: "nearest" });
+  $("edit-name").focus();
+}
+
+function closeEditor() {
+  const id = editing?.id;
+  editing = null;
+  $("device-edit").hidden = true;
+  if (id) document.querySelector(`button[data-edit-device="${CSS.escape(id)}"]`)?.focus();
+}
+
+/** A JSON object typed into a field, or a refusal naming that field. */
+function objectIn(id, field) {
+  const text = $(id).value.trim();
+  if (!text) return {};
+  let value;
+  try { value = JSON.parse(text); } catch (error) {
+    throw fieldRefusal(field, `not JSON: ${error.message}`);
+  }
+  if (value === null || typeof value !== "object" || Array.isArray(value)) {
+    throw fieldRefusal(field, "a JSON object ({...}) is expected");
+  }
+  return value;
+}
+
+function fieldRefusal(field, message) {
+  return new Refused(`${field}: ${message}`, { detail: "not sent", errors: [{ field, message }] });
+}
+
+async function save() {
+  const body = { name: $("edit-name").value, kind: $("edit-kind").value.trim(),
+    location: $("edit-location").value || null,
+    report_intervals: objectIn("edit-intervals", "$.report_intervals"),
+    metadata: objectIn("edit-metadata", "$.metadata") };
+  const device = await call("PATCH", `/devices/${encodeURIComponent(editing.id)}`, body);
+  notify(`${device.id}: saved`, true);
+  closeEditor();
+  await changed();
+}
+
 /** After the sign-in: the register form for those who may manage devices. */
 export function startDevices(manage, refresh) {
   canManage = manage;
@@ -83,8 +156,13 @@ export function startDevices(manage, refresh) {
   if (!manage) return;
   const form = document.getElementById("device-form");
   onSubmit(form, () => register(form));
+  onSubmit($("device-edit"), save);
+  $("device-edit-cancel").addEventListener("click", closeEditor);
+  $("device-edit").addEventListener("keydown", (event) => { if (event.key === "Escape") closeEditor(); });
   onLocations((locations) => {
-    const select = document.getElementById("device-location");
-    options(select, [["", "— none —"], ...locations.map((l) => [l.path, l.path])], select.value);
+    for (const id of ["device-location", "edit-location"]) {
+      const select = document.getElementById(id);
+      options(select, [["", "— none —"], ...locations.map((l) => [l.path, l.path])], select.value);
+    }
   });
 }

@@ -1,9 +1,9 @@
 // Rules: what each one watches and its last run; create and edit one (a form for the common
 // trigger, "a device's attribute above / below / equal to a value for N seconds → command a
 // device", and the JSON the API takes for everything else); enable or disable it; dry-run it
-// over recorded history; list its runs.
+// over recorded history; list its runs; delete it (after a confirm step).
 
-import { el, emptyRow, notify, pill, report } from "./dom.js";
+import { confirmButton, el, emptyRow, notify, pill, report } from "./dom.js";
 import { clearErrors, onSubmit, showRefusal } from "./forms.js";
 import { Refused, call, pages } from "./session.js";
 
@@ -61,7 +61,9 @@ export async function refreshRules() {
           "aria-label": `${rule.enabled ? "disable" : "enable"} rule ${rule.name}` },
         () => setEnabled(rule, !rule.enabled)),
         button("edit", { "data-edit": rule.id, "aria-label": `edit rule ${rule.name}` },
-          async () => edit(await call("GET", `/rules/${encodeURIComponent(rule.id)}`))));
+          async () => edit(await call("GET", `/rules/${encodeURIComponent(rule.id)}`))),
+        confirmButton(`rule:${rule.id}`, "delete", `delete rule ${rule.name}`,
+          `delete rule ${rule.name}? It stops at once.`, () => remove(rule)));
     }
     controls.push(
       button("dry run", { "data-test": rule.id, "aria-label": `dry-run rule ${rule.name}` },
@@ -83,6 +85,13 @@ export async function refreshRules() {
 async function setEnabled(rule, enabled) {
   await call("PUT", `/rules/${encodeURIComponent(rule.id)}`, { ...specOf(rule), enabled });
   notify(`rule ${rule.name}: ${enabled ? "enabled" : "disabled"}`, true);
+  await refreshRules();
+}
+
+async function remove(rule) {
+  await call("DELETE", `/rules/${encodeURIComponent(rule.id)}`);
+  notify(`rule ${rule.name}: deleted`, true);
+  if (editing?.id === rule.id) closeEditor();
   await refreshRules();
 }
 

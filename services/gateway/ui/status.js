@@ -1,6 +1,7 @@
 // The status page (administrators): is the platform healthy right now? The processes and
 // their readiness (`/system/services`), each consumer's lag as its `/metrics` shows it, the
-// dead letters, and the devices online / offline / stale. Also the audit log's verify button.
+// dead letters, and the devices online / offline / stale. Also the audit log's verify button,
+// and which view the address shows (home, `#status`, `#notifications`).
 
 import { COUNTED, deadLetters, showDeadLetters } from "./deadletters.js";
 import { el, emptyRow, pill, report } from "./dom.js";
@@ -114,27 +115,43 @@ function autoRefresh(on) {
   timer = on ? setInterval(() => refreshStatus().catch(console.warn), EVERY_MS) : null;
 }
 
-/** Show the view the address names: `#status` (administrators), else the home view. */
+// The views besides the home view: the address's hash → the element shown, when permitted.
+const VIEWS = { "#status": "status-page", "#notifications": "notifications-page" };
+const LINKS = { "": "view-home", "#status": "view-status", "#notifications": "view-notifications" };
+let allowed = new Set([""]);
+let notificationsShown = () => {};
+
+/** Show the view the address names (`#status`, `#notifications`), when permitted; else the
+ * home view. */
 export function showView(event) {
-  const status = admin && location.hash === "#status";
-  document.getElementById("app").hidden = status;
-  document.getElementById("status-page").hidden = !status;
-  for (const [id, current] of [["view-home", !status], ["view-status", status]]) {
+  const view = allowed.has(location.hash) ? location.hash : "";
+  document.getElementById("app").hidden = view !== "";
+  for (const [hash, id] of Object.entries(VIEWS)) {
+    const page = document.getElementById(id);  // absent when not permitted
+    if (page) page.hidden = hash !== view;
+  }
+  for (const [hash, id] of Object.entries(LINKS)) {
     const link = document.getElementById(id);
-    if (current) link.setAttribute("aria-current", "page");
+    if (hash === view) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }
+  const status = view === "#status";
   autoRefresh(status && document.getElementById("status-auto").checked);
+  if (view === "#notifications") notificationsShown(Boolean(event));
   if (!status) return;
   refreshStatus().catch(report);
   if (event) document.getElementById("status-title").focus();  // followed a link: go there
 }
 
-/** After the sign-in: the views' links, and what only an administrator is shown. */
-export function startStatus(isAdmin) {
+/** After the sign-in: the views' links, and what only an administrator is shown;
+ * `onNotifications(followed)` (null: not permitted) fills the webhooks and channels view. */
+export function startStatus(isAdmin, onNotifications = null) {
   admin = isAdmin;
+  allowed = new Set(["", ...(admin ? ["#status"] : []), ...(onNotifications ? ["#notifications"] : [])]);
+  if (onNotifications) notificationsShown = onNotifications;
   document.getElementById("views").hidden = false;
   document.getElementById("view-status").hidden = !admin;
+  document.getElementById("view-notifications").hidden = !onNotifications;
   document.getElementById("audit-verify").hidden = !admin;
   window.addEventListener("hashchange", showView);
   document.getElementById("status-refresh").addEventListener("click",
