@@ -1,9 +1,10 @@
 """What each process says about itself, for `GET /api/v1/system/services`.
 
 Every process (the workers through `libs.runtime`, the gateway from its lifespan) rewrites
-its own entry in the JetStream KV bucket `services` every few seconds: key
-`<name>.<instance>`, value a `ServiceStatus`. The gateway reads the bucket. Nothing watches
-the processes but themselves, so it works the same under `smarthome up` and in Kubernetes.
+its own entry in the JetStream KV bucket `services` every `SMARTHOME_STATUS_INTERVAL_S` (5 s
+by default): key `<name>.<instance>`, value a `ServiceStatus`. The gateway reads the bucket.
+Nothing watches the processes but themselves, so it works the same under `smarthome up` and
+in Kubernetes.
 A process that dies stops writing: its entry is seen `gone` once it has missed
 `GONE_AFTER` writes, and the bucket's `max_age` removes it a minute later; a clean stop
 deletes it at once.
@@ -37,7 +38,6 @@ from libs.health import ReadyCheck
 log = logging.getLogger(__name__)
 
 BUCKET = "services"
-EVERY_S = 5.0  # how often a process rewrites its entry
 GONE_AFTER = 3  # missed writes after which it is seen gone
 KEEP_S = 60.0  # the bucket's max_age: a dead process's entry is removed after this
 READ_WAIT_S = 2.0
@@ -247,17 +247,18 @@ async def read_all(js: JetStreamContext, now: float | None = None) -> list[Servi
 
 
 class Reporter:
-    """Writes this process's status every `every` seconds until `stop`; a clean stop
-    deletes it. The bus being away (or the bucket not provisioned yet) only delays it:
-    nothing is written while disconnected (nats-py would buffer it, and a close while the
-    bus is still away fails on writing that buffer)."""
+    """Writes this process's status every `every` seconds (the settings'
+    `status_interval_s`) until `stop`; a clean stop deletes it. The bus being away (or the
+    bucket not provisioned yet) only delays it: nothing is written while disconnected
+    (nats-py would buffer it, and a close while the bus is still away fails on writing
+    that buffer)."""
 
     def __init__(
         self,
         nc: NATS,
         me: Identity,
         ready: ReadyCheck,
-        every: float = EVERY_S,
+        every: float,
     ) -> None:
         self._nc = nc
         self._js = nc.jetstream()

@@ -121,13 +121,27 @@ async def up(s: Settings, with_demo: bool, demo_for: float) -> int:
         await stop.wait()
     finally:
         log.info("stopping")
-        for child in reversed(children):
-            await child.stop()
+        for tier in stopping_order(children):
+            await asyncio.gather(*(child.stop() for child in tier))
         for w in watchers:
             w.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
     log.info("stopped cleanly")
     return 0
+
+
+# Started first, stopped last, one at a time: the bus's authority, then the gateway.
+STOPPED_LAST = ("gateway", "busauth")
+
+
+def stopping_order(children: list[Child]) -> list[list[Child]]:
+    """The reverse of the start, in tiers stopped together: the demo devices, then the
+    workers (each drains its own connection), then the gateway, then busauth."""
+    last = [[c] for name in STOPPED_LAST for c in children if c.name == name]
+    rest = [c for c in children if c.name not in STOPPED_LAST]
+    devices = [c for c in rest if c.name in DEVICES]
+    workers = [c for c in rest if c.name not in DEVICES]
+    return [tier for tier in (devices, workers, *last) if tier]
 
 
 def copies(name: str, s: Settings) -> list[str]:

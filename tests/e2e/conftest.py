@@ -1,5 +1,6 @@
 """Fixtures of the end-to-end tests, and what the browser tests share: Debian's chromium
-driven by Playwright, one `smarthome up` per module, a watched tab, the sign-in form."""
+driven by Playwright, one `smarthome up` for the whole package (the UI and CLI tests each
+make their own users, devices and rules on it), a watched tab, the sign-in form."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ SLOW_S = 60  # the demo's rule holds for 3 s; the first start compiles and migra
 SHORT_TOKEN_S = 6  # the shared platform's access tokens: renewed while a test watches
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def chromium() -> Path:
     if not CHROMIUM.exists():
         if os.environ.get("SMARTHOME_REQUIRE_BROWSER"):  # CI installs it: missing is a failure
@@ -44,7 +45,7 @@ def chromium() -> Path:
     return CHROMIUM
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 async def browser(chromium: Path) -> AsyncIterator[Browser]:
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=str(chromium), args=FLAGS)
@@ -52,25 +53,46 @@ async def browser(chromium: Path) -> AsyncIterator[Browser]:
         await browser.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(autouse=True)
+async def closes_its_tabs(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """A test's tabs are closed after it: left open on the shared platform, they would keep
+    renewing tokens and holding live streams (20 a user) for the tests that follow."""
+    yield
+    if "browser" in request.fixturenames:
+        browser: Browser = request.getfixturevalue("browser")
+        for context in browser.contexts:
+            await context.close()
+
+
+@pytest.fixture(scope="package")
 def shared_nats_port() -> int:
     return embedded_nats.free_port()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 async def shared_up(
-    chromium: Path, shared_nats_port: int, tmp_path_factory: pytest.TempPathFactory
+    shared_nats_port: int, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Up]:
-    """One platform for the tests that only sign in and look; its access tokens live a few
-    seconds, so that the page has to renew them while a test watches."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("SMARTHOME_ACCESS_TOKEN_TTL", str(SHORT_TOKEN_S))
-        up = Up(tmp_path_factory.mktemp("up"), embedded_nats.free_port(), shared_nats_port)
+    """One platform, with the demo, for every e2e test that does not test the launcher
+    itself: started by the first, stopped (cleanly, leaving no process behind) after the
+    last e2e test, not at the end of the session (it would load the rest of the run). Its
+    access tokens live a few seconds, so that the page has to renew them while a test
+    watches. A test leaves it as it found it (the demo's rule enabled, its devices
+    connected) and names what it makes with `unique_id`."""
+    extra = {
+        "SMARTHOME_ACCESS_TOKEN_TTL": str(SHORT_TOKEN_S),
+        # The status page shows each process as it last reported: every second, not five.
+        "SMARTHOME_STATUS_INTERVAL_S": "1",
+    }
+    data_dir = tmp_path_factory.mktemp("up")
+    up = Up(data_dir, embedded_nats.free_port(), shared_nats_port, extra_env=extra)
     try:
         await up.ready()
         yield up
     finally:
-        up.stop()
+        code, orphans = up.stop()
+    assert code == 0, up.stderr.read_text()[-3000:]
+    assert orphans == [], [p.cmdline() for p in orphans]
 
 
 class Watched:

@@ -18,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.up import Up
-from tests.helpers import eventually, eventually_sync
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -70,35 +70,6 @@ async def test_demo_turns_the_light_off_and_audit_tells_one_story(tmp_path, port
     assert code == 0, up.stderr.read_text()[-3000:]
     assert orphans == [], [p.cmdline() for p in orphans]
     assert "Traceback" not in up.stderr.read_text(), up.stderr.read_text()[-3000:]
-
-
-async def test_second_up_resumes_from_the_same_data(tmp_path, ports) -> None:  # type: ignore[no-untyped-def]
-    first = Up(tmp_path, *ports, "--no-demo")
-    try:
-        await first.ready()
-        r = first.post("/api/v1/devices", {"id": "kept", "name": "K", "kind": "sensor"})
-        assert r.status_code == 201, r.text
-        event = {
-            "id": "e-kept-1",
-            "source": "test",
-            "type": "telemetry",
-            "subject": "kept",
-            "specversion": "1.0",
-            "data": {"t": 21.5},
-        }
-        assert first.post("/api/v1/events", event).status_code == 202
-        await eventually(lambda: first.get("/api/v1/devices/kept").json()["version"] == 1)
-    finally:
-        assert first.stop()[0] == 0
-    second = Up(tmp_path, *ports, "--no-demo")
-    try:
-        await second.ready()
-        kept = second.get("/api/v1/devices/kept").json()
-        assert (kept["version"], kept["attributes"]) == (1, {"t": 21.5})
-        replay = second.get("/api/v1/events", subject="events.kept.>").json()["items"]
-        assert [i["event"]["id"] for i in replay] == ["e-kept-1"]
-    finally:
-        assert second.stop()[0] == 0
 
 
 def test_explicit_port_in_use_is_a_one_line_error(tmp_path, ports) -> None:  # type: ignore[no-untyped-def]
@@ -173,7 +144,11 @@ async def test_a_taken_default_mqtt_port_is_replaced_by_a_free_one_and_printed(
     assert (code, orphans) == (0, [])
 
 
-async def test_first_start_prints_a_generated_admin_password_once(tmp_path, ports) -> None:  # type: ignore[no-untyped-def]
+async def test_first_start_prints_a_generated_password_and_a_second_up_resumes(
+    tmp_path, ports
+) -> None:  # type: ignore[no-untyped-def]
+    """Two `up`s on one data directory (each costs a whole platform: one test): the first
+    prints a generated admin password once; the second keeps it, and the data."""
     first = Up(tmp_path, *ports, "--no-demo", admin_password=None)
     try:
         line = await banner_line(first, "First start")
@@ -181,6 +156,20 @@ async def test_first_start_prints_a_generated_admin_password_once(tmp_path, port
         assert first.login("admin", password)
         refused = httpx.get(first.api + "/api/v1/devices", timeout=10)
         assert refused.status_code == 401, refused.text
+        first.admin_password = password
+        await first.ready()
+        r = first.post("/api/v1/devices", {"id": "kept", "name": "K", "kind": "sensor"})
+        assert r.status_code == 201, r.text
+        event = {
+            "id": "e-kept-1",
+            "source": "test",
+            "type": "telemetry",
+            "subject": "kept",
+            "specversion": "1.0",
+            "data": {"t": 21.5},
+        }
+        assert first.post("/api/v1/events", event).status_code == 202
+        await eventually(lambda: first.get("/api/v1/devices/kept").json()["version"] == 1)
     finally:
         assert first.stop()[0] == 0
     assert password not in first.stderr.read_text()  # shown once, on the terminal only
@@ -188,39 +177,14 @@ async def test_first_start_prints_a_generated_admin_password_once(tmp_path, port
     try:
         await banner_line(second, "data")
         assert second.login("admin", password)  # kept; nothing new printed
+        second.admin_password = password
+        await second.ready()
+        kept = second.get("/api/v1/devices/kept").json()
+        assert (kept["version"], kept["attributes"]) == (1, {"t": 21.5})
+        replay = second.get("/api/v1/events", subject="events.kept.>").json()["items"]
+        assert [i["event"]["id"] for i in replay] == ["e-kept-1"]
     finally:
         assert second.stop()[0] == 0
-
-
-def test_killed_child_is_restarted(tmp_path, ports) -> None:  # type: ignore[no-untyped-def]
-    import asyncio
-
-    up = Up(tmp_path, *ports, "--no-demo")
-    try:
-        asyncio.run(up.ready())
-        actors = next(
-            p
-            for p in psutil.Process(up.proc.pid).children()
-            if "services.actors" in " ".join(p.cmdline())
-        )
-        actors.kill()
-        log = tmp_path / "launcher.err"
-
-        def restart_logged() -> bool:
-            text = log.read_text()
-            assert "actors exited with code -9; restarting" in text, text[-2000:]
-            return True
-
-        def restarted() -> bool:
-            return any(
-                "services.actors" in " ".join(p.cmdline()) and p.pid != actors.pid
-                for p in psutil.Process(up.proc.pid).children()
-            )
-
-        eventually_sync(restart_logged, timeout=30, interval=0.1)
-        eventually_sync(restarted, timeout=30, interval=0.1)
-    finally:
-        assert up.stop()[0] == 0
 
 
 SERVICES = {"busauth", "gateway", "actors", "rules", "recorder", "webhooks"}
@@ -240,8 +204,12 @@ async def printed_metrics(up: Up) -> dict[str, str]:
             return found
 
 
-async def test_every_process_serves_metrics_and_reports_its_status(tmp_path, ports) -> None:  # type: ignore[no-untyped-def]
-    up = Up(tmp_path, *ports, "--no-demo")
+async def test_every_process_serves_metrics_reports_its_status_and_is_restarted_if_killed(
+    tmp_path, ports
+) -> None:  # type: ignore[no-untyped-def]
+    # Each process reports itself every second (5 s by default): a restarted one is listed
+    # ready a second after it is, not five.
+    up = Up(tmp_path, *ports, "--no-demo", extra_env={"SMARTHOME_STATUS_INTERVAL_S": "1"})
     try:
         printed = await printed_metrics(up)
         assert set(printed) == SERVICES, printed
@@ -293,6 +261,12 @@ async def test_every_process_serves_metrics_and_reports_its_status(tmp_path, por
 
         back = await eventually(restarted_and_ready, timeout=60, interval=0.5)
         assert back["state"] == "ready" and back["metrics_url"] == printed["actors"]
+        log = (tmp_path / "launcher.err").read_text()
+        assert "actors exited with code -9; restarting" in log, log[-2000:]
+        assert any(
+            "services.actors" in " ".join(p.cmdline()) and p.pid != actors.pid
+            for p in psutil.Process(up.proc.pid).children()
+        )
     finally:
         code, orphans = up.stop()
     assert (code, orphans) == (0, [])

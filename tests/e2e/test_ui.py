@@ -36,10 +36,9 @@ REFRESH_KEY = "smarthome.refresh_token"  # where the page keeps it (sessionStora
 
 
 async def make_resident(up: Up, password: str) -> str:
-    """A resident of the demo's home; its name. (A token of its own: the shared platform's
-    expire faster than `Up` renews its cached one.)"""
+    """A resident of the demo's home; its name."""
     name = unique_id("resident")
-    headers = {"Authorization": f"Bearer {up.login()}"}
+    headers = up.headers
     # The launcher defines the demo's home just after the gateway is ready.
     await eventually(
         lambda: (
@@ -68,78 +67,77 @@ async def _renewed(page: Page, before: str | None) -> bool:
 
 
 async def test_the_page_shows_the_demo_live_and_acts_on_it(
-    tmp_path: Path, ports: tuple[int, int], browser: Browser
+    shared_up: Up, shared_nats_port: int, browser: Browser
 ) -> None:
-    up = Up(tmp_path, *ports)
-    try:
-        await up.ready()
-        tab = await open_page(browser, up)
-        page = tab.page
-        await sign_in(page)
-        await signed_in_as_admin(page)
+    up = shared_up
+    tab = await open_page(browser, up)
+    page = tab.page
+    await sign_in(page)
+    await signed_in_as_admin(page)
 
-        light = page.locator('tr[data-device="demo-light"]')
-        rule = page.locator('tr[data-rule="demo-light-timeout"]')
-        # The demo rule turns the light off, and the page shows it without a reload.
-        await expect(rule).to_contain_text("demo-meter power_w > ", timeout=SLOW_S * 1000)
-        await _light_is(page, on=False)
-        await expect(light.locator('[data-field="state"]')).to_have_text("off")
-        await expect(light).to_contain_text("home/living-room")  # the demo's room
-        await expect(rule.locator('[data-field="last-run"]')).not_to_have_text("never")
-        await expect(page.locator("#audit")).to_contain_text("rule.fired")
-        # The meter reads 0 W: the episode ends, and the meter's mark clears.
-        meter = page.locator('tr[data-device="demo-meter"]')
-        await expect(meter.locator('[data-field="attributes"]')).to_contain_text(
-            "power_w=0", timeout=SLOW_S * 1000
-        )
-        await expect(meter.locator('[data-field="state"]')).to_have_text("off")
-        # Its recorded power, drawn: up while the light was on, down since.
-        await meter.locator("button[data-history]").click()
-        power = page.locator('#history [data-chart="power_w (last hour)"]')
-        await expect(power).to_contain_text("min 0 · max 60", timeout=SLOW_S * 1000)
-        if os.environ.get("SMARTHOME_UI_SCREENSHOT"):  # refresh the README's picture
-            await page.screenshot(path=SCREENSHOT, full_page=True)
+    light = page.locator('tr[data-device="demo-light"]')
+    rule = page.locator('tr[data-rule="demo-light-timeout"]')
+    # The demo rule turns the light off, and the page shows it without a reload.
+    await expect(rule).to_contain_text("demo-meter power_w > ", timeout=SLOW_S * 1000)
+    await _light_is(page, on=False)
+    await expect(light.locator('[data-field="state"]')).to_have_text("off")
+    await expect(light).to_contain_text("home/living-room")  # the demo's room
+    await expect(rule.locator('[data-field="last-run"]')).not_to_have_text("never")
+    await expect(page.locator("#audit")).to_contain_text("rule.fired")
+    # The meter reads 0 W: the episode ends, and the meter's mark clears.
+    meter = page.locator('tr[data-device="demo-meter"]')
+    await expect(meter.locator('[data-field="attributes"]')).to_contain_text(
+        "power_w=0", timeout=SLOW_S * 1000
+    )
+    await expect(meter.locator('[data-field="state"]')).to_have_text("off")
+    # Its recorded power, drawn: up while the light was on, down since.
+    await meter.locator("button[data-history]").click()
+    power = page.locator('#history [data-chart="power_w (last hour)"]')
+    await expect(power).to_contain_text("min 0 · max 60", timeout=SLOW_S * 1000)
+    if os.environ.get("SMARTHOME_UI_SCREENSHOT"):  # refresh the README's picture
+        await page.screenshot(path=SCREENSHOT, full_page=True)
 
-        # A user turns it on again from the page and follows the command to its end.
-        await light.locator('button[data-action="turn_on"]').click()
-        command = page.locator("#commands li").first
-        await expect(command).to_contain_text("turn_on demo-light")
-        await expect(command).to_contain_text("done", timeout=SLOW_S * 1000)
-        await _light_is(page, on=True)
-        # The audit log names who sent it: the user signed in on this page.
-        await expect(page.locator("#audit")).to_contain_text("user:admin", timeout=SLOW_S * 1000)
-        # ... and the rule, still enabled, turns it off again once it held for 3 s.
-        await _light_is(page, on=False)
+    # A user turns it on again from the page and follows the command to its end.
+    await light.locator('button[data-action="turn_on"]').click()
+    command = page.locator("#commands li").first
+    await expect(command).to_contain_text("turn_on demo-light")
+    await expect(command).to_contain_text("done", timeout=SLOW_S * 1000)
+    await _light_is(page, on=True)
+    # The audit log names who sent it: the user signed in on this page.
+    await expect(page.locator("#audit")).to_contain_text("user:admin", timeout=SLOW_S * 1000)
+    # ... and the rule, still enabled, turns it off again once it held for 3 s.
+    await _light_is(page, on=False)
 
-        # A brightness out of range is refused, and the page says which field and why.
-        await light.locator('input[data-param="level"]').fill("150")
-        await light.locator('button[data-action="set_brightness"]').click()
-        await expect(page.locator("#notice")).to_contain_text("params.level")
+    # A brightness out of range is refused, and the page says which field and why.
+    await light.locator('input[data-param="level"]').fill("150")
+    await light.locator('button[data-action="set_brightness"]').click()
+    await expect(page.locator("#notice")).to_contain_text("params.level")
 
-        # Switched off from the page, the rule no longer turns the light off.
-        await rule.locator("button[data-toggle]").click()
-        await expect(rule).to_contain_text("disabled")
-        assert up.get("/api/v1/rules/demo-light-timeout").json()["enabled"] is False
+    # Switched off from the page, the rule no longer turns the light off; and on again (the
+    # platform is shared: left as found).
+    await rule.locator("button[data-toggle]").click()
+    await expect(rule).to_contain_text("disabled")
+    assert up.get("/api/v1/rules/demo-light-timeout").json()["enabled"] is False
+    await rule.locator("button[data-toggle]").click()
+    await expect(rule).not_to_contain_text("disabled")
+    assert up.get("/api/v1/rules/demo-light-timeout").json()["enabled"] is True
 
-        # The meter disconnected by an administrator, then connected again.
-        await meter.locator('button[data-admin="disconnect"]').click()
-        await expect(meter).to_contain_text("disabled")
-        assert up.get("/api/v1/devices/demo-meter").json()["enabled"] is False
-        await meter.locator('button[data-admin="connect"]').click()
-        await expect(meter.locator('button[data-admin="disconnect"]')).to_be_visible()
+    # The meter disconnected by an administrator, then connected again.
+    await meter.locator('button[data-admin="disconnect"]').click()
+    await expect(meter).to_contain_text("disabled")
+    assert up.get("/api/v1/devices/demo-meter").json()["enabled"] is False
+    await meter.locator('button[data-admin="connect"]').click()
+    await expect(meter.locator('button[data-admin="disconnect"]')).to_be_visible()
 
-        # A device nobody registered says hello: it waits on the page until approved.
-        await _say_hello(up, ports[1], "porch-sensor", {"name": "Porch sensor", "kind": "sensor"})
-        porch = page.locator('tr[data-device="porch-sensor"]')
-        await expect(porch).to_contain_text("pending", timeout=SLOW_S * 1000)
-        await porch.locator('button[data-lifecycle="active"]').click()
-        await expect(porch.locator("button[data-history]")).to_be_visible()
-        assert up.get("/api/v1/devices/porch-sensor").json()["lifecycle"] == "active"
-        assert tab.problems == []
-    finally:
-        code, orphans = up.stop()
-    assert code == 0, up.stderr.read_text()[-3000:]
-    assert orphans == []
+    # A device nobody registered says hello: it waits on the page until approved.
+    stranger = unique_id("porch-sensor")
+    await _say_hello(up, shared_nats_port, stranger, {"name": "Porch sensor", "kind": "sensor"})
+    porch = page.locator(f'tr[data-device="{stranger}"]')
+    await expect(porch).to_contain_text("pending", timeout=SLOW_S * 1000)
+    await porch.locator('button[data-lifecycle="active"]').click()
+    await expect(porch.locator("button[data-history]")).to_be_visible()
+    assert up.get(f"/api/v1/devices/{stranger}").json()["lifecycle"] == "active"
+    assert tab.problems == []
 
 
 async def test_a_refused_sign_in_shows_the_reason_in_the_form(
@@ -411,7 +409,7 @@ async def _consumers_in_metrics(up: Up, services: list[dict]) -> set[tuple[str, 
     """The (stream, consumer) pairs of the lag gauge on every process's /metrics."""
     found: set[tuple[str, str]] = set()
     for service in services:
-        headers = {"Authorization": f"Bearer {up.login()}"} if service["name"] == "gateway" else {}
+        headers = up.headers if service["name"] == "gateway" else {}
         page = httpx.get(service["metrics_url"], headers=headers, timeout=10)
         assert page.status_code == 200, (service["name"], page.status_code)
         for family in text_string_to_metric_families(page.text):
@@ -433,11 +431,9 @@ def _devices_in_metrics(url: str) -> dict[str, int]:
 
 
 def _admin(up: Up, method: str, path: str, body: object = None) -> httpx.Response:
-    """A call as the administrator with a token of its own: the shared platform's expire
-    faster than `Up` renews its cached one. No answer in time is an AssertionError, which
-    `eventually` retries."""
-    headers = {"Authorization": f"Bearer {up.login()}"}
+    """A call as the administrator (`Up` renews its token before the shared platform's short
+    ones expire). No answer in time is an AssertionError, which `eventually` retries."""
     try:
-        return httpx.request(method, up.api + path, json=body, headers=headers, timeout=10)
+        return httpx.request(method, up.api + path, json=body, headers=up.headers, timeout=10)
     except httpx.TransportError as exc:
         raise AssertionError(f"{method} {path}: {exc!r}") from exc

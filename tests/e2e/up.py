@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -24,9 +26,13 @@ class Up:
         nats_port: int,
         *args: str,
         admin_password: str | None = ADMIN_PASSWORD,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.api = f"http://127.0.0.1:{http_port}"
+        # The first administrator's: a generated one is read from the banner by the test.
+        self.admin_password = admin_password
         self._token: str | None = None
+        self._token_at = 0.0
         env = {
             k: v
             for k, v in os.environ.items()
@@ -44,6 +50,9 @@ class Up:
         env.pop("SMARTHOME_ADMIN_PASSWORD", None)
         if admin_password:
             env["SMARTHOME_ADMIN_PASSWORD"] = admin_password
+        env.update(extra_env or {})
+        # The cached token is renewed at half its life (a platform may give short-lived ones).
+        self._token_for_s = float(env.get("SMARTHOME_ACCESS_TOKEN_TTL") or 900) / 2
         self.stderr = data_dir / "launcher.err"
         with open(self.stderr, "ab") as err:
             self.proc = subprocess.Popen(
@@ -53,8 +62,11 @@ class Up:
                 stderr=err,
             )
 
-    def login(self, username: str = "admin", password: str = ADMIN_PASSWORD) -> str:
-        """An access token, signed in as a user would (the password grant)."""
+    def login(self, username: str = "admin", password: str | None = None) -> str:
+        """An access token, signed in as a user would (the password grant); by default the
+        first administrator's."""
+        password = password or self.admin_password
+        assert password, "the generated password is on the banner: set admin_password"
         r = httpx.post(
             self.api + "/api/v1/auth/token",
             data={"username": username, "password": password},
@@ -65,7 +77,9 @@ class Up:
 
     @property
     def headers(self) -> dict[str, str]:
-        if self._token is None:
+        """The administrator's, with a token signed in for the caller and kept while fresh."""
+        if self._token is None or time.monotonic() - self._token_at > self._token_for_s:
+            self._token_at = time.monotonic()
             self._token = self.login()
         return {"Authorization": f"Bearer {self._token}"}
 

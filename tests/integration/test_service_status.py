@@ -4,6 +4,7 @@ it stopped cleanly."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,6 +12,8 @@ import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
 from prometheus_client.parser import text_string_to_metric_families
 
 from libs import bus, service_status
@@ -21,6 +24,10 @@ from tests.helpers import eventually
 from tests.processes import Service
 
 SERVICES = "/api/v1/system/services"
+# The recorders here write their status twice a second (5 s by default), so that a killed
+# one is seen gone after its three missed writes: 1.5 s, not 15.
+STATUS_INTERVAL_S = 0.5
+FORGED_WAIT_S = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +72,14 @@ async def test_only_an_administrator_sees_the_services(
 async def test_a_killed_worker_turns_gone_and_a_stopped_one_disappears(
     client: AsyncTestClient, service_env: dict[str, str], data_dir: Any
 ) -> None:
-    killed = Service("services.recorder", service_env, data_dir).start()
-    assert killed.proc is not None
-    pid = killed.proc.pid
+    env = {**service_env, "SMARTHOME_STATUS_INTERVAL_S": str(STATUS_INTERVAL_S)}
+    killed = Service("services.recorder", env, data_dir)
+    stopped = Service("services.recorder", env, data_dir)
     try:
+        # Both at once: starting a process is most of this test's time.
+        await asyncio.gather(asyncio.to_thread(killed.start), asyncio.to_thread(stopped.start))
+        assert killed.proc is not None and stopped.proc is not None
+        pid = killed.proc.pid
 
         async def listed_ready() -> list[Any]:
             return [e for e in await entries(client, "recorder", pid) if e["ready"]]
@@ -84,22 +95,22 @@ async def test_a_killed_worker_turns_gone_and_a_stopped_one_disappears(
         async def gone() -> list[Any]:
             return [e for e in await entries(client, "recorder", pid) if e["state"] == "gone"]
 
-        (dead,) = await eventually(gone, timeout=3 * service_status.EVERY_S + 15)
+        # Seen gone well before the default interval's three writes (15 s) would allow.
+        (dead,) = await eventually(gone, timeout=service_status.GONE_AFTER * STATUS_INTERVAL_S + 10)
+        assert (dead["ready"], dead["uptime_s"]) == (False, None)
+        assert dead["why_not_ready"].startswith("no word from it for")
+
+        pid = stopped.proc.pid
+        await eventually(lambda: entries(client, "recorder", pid), timeout=20)
+        assert stopped.stop() == 0, stopped.tail()
+        assert await entries(client, "recorder", pid) == []
     finally:
         killed.stop()
-    assert (dead["ready"], dead["uptime_s"]) == (False, None)
-    assert dead["why_not_ready"].startswith("no word from it for")
-
-    stopped = Service("services.recorder", service_env, data_dir).start()
-    assert stopped.proc is not None
-    pid = stopped.proc.pid
-    await eventually(lambda: entries(client, "recorder", pid), timeout=20)
-    assert stopped.stop() == 0, stopped.tail()
-    assert await entries(client, "recorder", pid) == []
+        stopped.stop()
 
 
 async def test_a_service_writes_only_its_own_status(
-    nats_url: str, bus_passwords: dict[str, Any]
+    nats_url: str, bus_passwords: dict[str, Any], js: JetStreamContext
 ) -> None:
     recorder = await bus.connect(
         nats_url, "tests-recorder", "recorder", bus_passwords["recorder"].password
@@ -107,8 +118,12 @@ async def test_a_service_writes_only_its_own_status(
     try:
         kv = await recorder.jetstream().key_value(service_status.BUCKET)
         await kv.put("recorder.tests", b"{}")
+        # Refused by the bus, which answers nothing: waited on for a second, not nats-py's 5.
         with pytest.raises((NatsError, TimeoutError)):
-            await kv.put("gateway.forged", b"{}")
+            await asyncio.wait_for(kv.put("gateway.forged", b"{}"), FORGED_WAIT_S)
         await kv.delete("recorder.tests")
     finally:
         await recorder.close()
+    # ... and not stored late: the operator (who reads everything) finds no such entry.
+    with pytest.raises(KeyNotFoundError):
+        await (await js.key_value(service_status.BUCKET)).get("gateway.forged")

@@ -73,7 +73,7 @@ async def reporting(resources: Resources) -> AsyncIterator[None]:
 
     settings = resources.settings
     me = service_status.identity("gateway", settings.http_host, settings.http_port)
-    reporter = service_status.Reporter(resources.nc, me, ready)
+    reporter = service_status.Reporter(resources.nc, me, ready, settings.status_interval_s)
     done = asyncio.Event()
     task = asyncio.create_task(reporter.run(done), name="status")
     try:
