@@ -164,8 +164,15 @@ def alert(alert_id: str) -> str:
 
 
 def notification(subscription_id: str) -> str:
-    """A rule's `notify` action addressed to one webhook subscription (the webhooks service)."""
+    """A rule's `notify` action addressed to one webhook subscription or notification
+    channel (the webhooks service)."""
     return f"system.notify.{subscription_id}"
+
+
+def rule_notification(rule_id: str, addressee: str | None) -> str:
+    """Where a rule's `notify` action goes: the subscription or channel it names, else the
+    rule's alerts (whoever subscribed to them)."""
+    return notification(addressee) if addressee else alert(rule_id)
 
 
 NOTIFICATIONS_ALL = "system.notify.*"

@@ -148,9 +148,7 @@ class ActionRunner:
             event_id=f"alert-{action_id}",
         )
         # A named subscription or channel has its own consumer in the webhooks service.
-        subject = (
-            subjects.notification(action.addressee) if action.addressee else subjects.alert(rule.id)
-        )
+        subject = subjects.rule_notification(rule.id, action.addressee)
         await bus.publish(self._js, subject, alert, msg_id=alert.id)
         return subject
 

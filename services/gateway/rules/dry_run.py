@@ -158,17 +158,10 @@ def would_send(
                     )
                 )
             case m.NotifyAction():
-                # As the rules service sends it: to the subscription or channel it names
-                # (`system.notify.<id>`), else to whoever subscribed to the rule's alerts.
-                addressee = action.addressee
                 out.append(
                     WouldNotify(
                         at=at,
-                        subject=(
-                            subjects.notification(addressee)
-                            if addressee
-                            else subjects.alert(rule.id)
-                        ),
+                        subject=subjects.rule_notification(rule.id, action.addressee),
                         message=action.message,
                         severity=action.severity,
                     )
