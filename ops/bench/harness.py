@@ -16,19 +16,24 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import msgspec
 import psutil
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from libs import accounts
+from libs import accounts, bus, subjects
 from libs.db.engine import make_engine, make_sessionmaker
 from libs.db.migrate import upgrade
+from libs.lease import ACTOR_BUCKET
 from libs.principals import Role
 from libs.settings import async_database_url
 
@@ -100,6 +105,10 @@ class Child:
     def start(self, ready_url: str, timeout: float = 30.0) -> Child:
         """Start the process and block until `ready_url` answers 200."""
         self.spawn()
+        return self.wait_ready(ready_url, timeout)
+
+    def wait_ready(self, ready_url: str, timeout: float = 30.0) -> Child:
+        """Block until `ready_url` answers 200 (the process is spawned)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check_alive()
@@ -241,6 +250,261 @@ class CpuShare:
             f"{name} {(after[name] - self._before.get(name, 0.0)) / wall:.0%}" for name in after
         )
         return "CPU (% of one core): " + ", ".join(shares)
+
+
+# --- the platform's processes, sampled --------------------------------------------------
+
+# What a process of the platform is called here, after the module or program it runs.
+PROGRAMS = (
+    ("nats-server", "nats-server"),
+    ("devices.simulator", "simulator"),
+    ("services.cli", "launcher"),
+    ("services.launcher", "launcher"),
+)
+
+
+def program_name(cmdline: list[str]) -> str | None:
+    """`actors` for `python -m services.actors`, `nats-server`, `simulator`; None: not ours."""
+    joined = " ".join(cmdline)
+    for needle, name in PROGRAMS:
+        if needle in joined:
+            return name
+    for arg in cmdline:
+        if arg.startswith("services."):
+            return arg.removeprefix("services.")
+    return None
+
+
+@dataclass(frozen=True)
+class ProcessSample:
+    rss: int  # bytes
+    cpu: float  # % of one core since the previous sample
+
+
+class ProcessTree:
+    """Every process under a root (the launcher), each named after what it runs (`actors`,
+    `actors#2` for a second one, by order of appearance), with its RSS and CPU share
+    between two samples. The same psutil objects are kept from sample to sample, so that
+    `cpu_percent` measures the time between them."""
+
+    def __init__(self, root: int, extra: dict[str, int] | None = None) -> None:
+        self.root = psutil.Process(root)
+        self.extra = dict(extra or {})  # name → pid, outside the tree
+        self.labels: dict[int, str] = {}
+        self._procs: dict[int, psutil.Process] = {}
+        self._taken: dict[str, int] = {}
+        self._servers: set[str] = set()
+        self._server_procs: dict[int, psutil.Process] = {}
+
+    def add(self, name: str, pid: int) -> None:
+        """Also sample `pid` (outside the tree) as `name`; a later one of that name
+        replaces it."""
+        self.extra[name] = pid
+
+    def add_servers(self, *names: str) -> None:
+        """Also sample every process of these programs on the machine (`postgres`, all its
+        backends together): shared servers, so their figures include other clients' work."""
+        self._servers.update(names)
+
+    def pids(self, name: str) -> list[int]:
+        """The running processes named `name` (or `name#n`)."""
+        self._discover()
+        return [p for p in self._procs if self.labels[p].split("#")[0] == name]
+
+    def sample(self) -> dict[str, ProcessSample]:
+        fresh = self._discover()
+        out = {}
+        for pid, proc in list(self._procs.items()):
+            try:
+                with proc.oneshot():
+                    # One just found has no interval to measure its CPU over yet.
+                    cpu = 0.0 if pid in fresh else proc.cpu_percent()
+                    out[self.labels[pid]] = ProcessSample(proc.memory_info().rss, cpu)
+            except psutil.Error:
+                del self._procs[pid]  # gone: its label is not given again
+        out.update(self._sample_servers())
+        return out
+
+    def _sample_servers(self) -> dict[str, ProcessSample]:
+        if not self._servers:
+            return {}
+        for proc in psutil.process_iter(["name"]):
+            if proc.info["name"] in self._servers and proc.pid not in self._server_procs:
+                self._server_procs[proc.pid] = proc
+                with contextlib.suppress(psutil.Error):
+                    proc.cpu_percent()
+        totals: dict[str, tuple[int, float]] = {}
+        for pid, proc in list(self._server_procs.items()):
+            try:
+                name = proc.info["name"]
+                rss, cpu = proc.memory_info().rss, proc.cpu_percent()
+            except psutil.Error:
+                del self._server_procs[pid]
+                continue
+            before = totals.get(name, (0, 0.0))
+            totals[name] = (before[0] + rss, before[1] + cpu)
+        return {f"{name}*": ProcessSample(rss, cpu) for name, (rss, cpu) in totals.items()}
+
+    def _discover(self) -> set[int]:
+        """Label the processes not seen before: their pids."""
+        known = set(self._procs)
+        found: list[psutil.Process] = []
+        with contextlib.suppress(psutil.Error):
+            found = self.root.children(recursive=True)
+        for name, pid in self.extra.items():
+            if pid not in self.labels:
+                with contextlib.suppress(psutil.Error):
+                    self._label(psutil.Process(pid), name, exact=True)
+        for proc in found:
+            if proc.pid in self.labels:
+                continue
+            with contextlib.suppress(psutil.Error):
+                program = program_name(proc.cmdline())
+                if program is not None:
+                    self._label(proc, program)
+        return set(self._procs) - known
+
+    def _label(self, proc: psutil.Process, name: str, exact: bool = False) -> None:
+        """Name it; a second process of a program found in the tree is `name#2` (one that
+        was given its name keeps it: the bench's next simulator is `simulator` again)."""
+        n = self._taken.get(name, 0) + 1
+        self._taken[name] = n
+        self.labels[proc.pid] = name if n == 1 or exact else f"{name}#{n}"
+        self._procs[proc.pid] = proc
+        proc.cpu_percent()  # the first call starts its measure
+
+
+# --- the bus's consumers -----------------------------------------------------------------
+
+# The actors' durables: `actors` (one consumer of every event, before partitions) and
+# `actors-<p>` (one per partition, `libs.bus.actors_durable`): a bench counts both.
+ACTORS = "actors"
+LAG_STREAMS = (
+    subjects.EVENTS_STREAM,
+    subjects.COMMANDS_STREAM,
+    subjects.SYSTEM_STREAM,
+    subjects.DEADLETTER_STREAM,
+)
+
+
+def is_actors(durable: str) -> bool:
+    return durable == ACTORS or durable.startswith(ACTORS + "-")
+
+
+async def consumer_lags(
+    js: JetStreamContext, streams: tuple[str, ...] = LAG_STREAMS
+) -> dict[str, int]:
+    """Every durable consumer's lag (pending + delivered and not acked), by `STREAM/name`."""
+    lags = {}
+    for stream in streams:
+        try:
+            infos = await js.consumers_info(stream)
+        except NotFoundError:
+            continue
+        for info in infos:
+            if info.config.durable_name:  # not a client's ephemeral reader
+                pending = (info.num_pending or 0) + (info.num_ack_pending or 0)
+                lags[f"{stream}/{info.name}"] = pending
+    return lags
+
+
+def actors_lag(lags: dict[str, int]) -> int:
+    return sum(n for key, n in lags.items() if is_actors(key.partition("/")[2]))
+
+
+def lag_group(durable: str) -> str:
+    """`actors-3` → `actors`, `rules-events-1` → `rules`, `recorder-system` → `recorder`."""
+    if is_actors(durable):
+        return ACTORS
+    return durable.split("-")[0]
+
+
+async def wait_actors_drained(
+    js: JetStreamContext, timeout: float, alive: Callable[[], None] | None = None
+) -> None:
+    """Until every actors consumer of EVENTS has nothing pending or un-acked."""
+    deadline = time.monotonic() + timeout
+    seen = "no actors consumer yet"
+    while time.monotonic() < deadline:
+        if alive is not None:
+            alive()
+        lags = await consumer_lags(js, (subjects.EVENTS_STREAM,))
+        actors = {k: n for k, n in lags.items() if is_actors(k.partition("/")[2])}
+        if actors:
+            seen = f"{sum(actors.values()):,} pending or un-acked over {len(actors)} consumers"
+            if not any(actors.values()):
+                return
+        await asyncio.sleep(0.05)
+    raise BenchError(f"the actors did not drain EVENTS within {timeout:g}s ({seen})")
+
+
+async def actor_shares(js: JetStreamContext) -> dict[str, int]:
+    """How many partitions each actors process holds (by lease owner, `host:pid`); empty
+    when the actors are not partitioned (no lease bucket)."""
+    try:
+        kv = await js.key_value(ACTOR_BUCKET)
+        keys = await kv.keys()
+    except Exception:  # no bucket, or nats-py's NoKeysError for an empty one
+        return {}
+    held: dict[str, int] = {}
+    for key in keys:
+        if key.startswith(ACTORS + "-") and key.removeprefix(ACTORS + "-").isdigit():
+            with contextlib.suppress(Exception):  # expired meanwhile
+                owner = (await kv.get(key)).value or b""
+                held[owner.decode()] = held.get(owner.decode(), 0) + 1
+    return held
+
+
+async def wait_actors_settled(
+    js: JetStreamContext, processes: int, timeout: float = 30.0
+) -> dict[str, int]:
+    """Until `processes` actors processes hold every partition between them, none more
+    than its fair share (a joining process takes its share one hand-over at a time).
+    Nothing to wait for when the stream is not partitioned (one consumer, one worker)."""
+    partitions = bus.stream_partitions(await js.stream_info(subjects.EVENTS_STREAM))
+    if partitions is None:
+        return {}
+    fair = math.ceil(partitions / processes)
+    deadline = time.monotonic() + timeout
+    held = await actor_shares(js)
+    while time.monotonic() < deadline:
+        shared = len(held) == processes and sum(held.values()) == partitions
+        if shared and max(held.values()) <= fair:
+            return held
+        await asyncio.sleep(0.1)
+        held = await actor_shares(js)
+    raise BenchError(f"the actors did not share the partitions within {timeout:g}s: {held}")
+
+
+async def pause_actors(js: JetStreamContext, seconds: float) -> list[str]:
+    """Pause every actors consumer of EVENTS for up to `seconds` (the server holds their
+    deliveries; the processes keep their leases): the paused consumers' names."""
+    until = datetime.now(UTC) + timedelta(seconds=seconds)
+    stamp = until.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    names = [
+        info.name
+        for info in await js.consumers_info(subjects.EVENTS_STREAM)
+        if is_actors(info.name)
+    ]
+    for name in names:
+        await js.pause_consumer(subjects.EVENTS_STREAM, name, stamp)
+    return names
+
+
+async def resume_consumers(js: JetStreamContext, names: list[str]) -> None:
+    for name in names:
+        await js.resume_consumer(subjects.EVENTS_STREAM, name)
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (x, y) points (0 for fewer than two)."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    var = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
 
 
 # --- the database ----------------------------------------------------------------------
