@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import re
 import socket
@@ -40,6 +41,7 @@ class Lease:
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._kv: KeyValue | None = None
         self._revision = 0
+        self._written_at = -math.inf  # when the last write that succeeded was sent
         self.held = asyncio.Event()
 
     @property
@@ -47,6 +49,13 @@ class Lease:
         """The lease's KV revision as last written by this worker (taken or renewed): it
         grows with every write to the bucket, so a later holder's is always higher."""
         return self._revision
+
+    def surely_held(self) -> bool:
+        """Held, by this process's clock alone: the bus expires the lease no sooner than ttl
+        after our last write that it took, so within half of that nobody else can have
+        taken it. False after a pause (a stopped process's clock went on): ask the bus."""
+        since = asyncio.get_running_loop().time() - self._written_at
+        return self.held.is_set() and since < self._ttl / 2
 
     async def still_held(self) -> bool:
         """Whether the bus still has this worker's last write of the lease (one read)."""
@@ -74,10 +83,12 @@ class Lease:
     async def try_acquire(self) -> bool:
         """Take the lease if nobody holds it (one attempt)."""
         kv = await self._bucket()
+        sent = asyncio.get_running_loop().time()
         try:
             self._revision = await kv.create(self._key, self.owner.encode())
         except KeyWrongLastSequenceError:
             return False
+        self._written_at = sent
         self.held.set()
         log.info("lease %s acquired by %s", self._key, self.owner)
         return True
@@ -96,9 +107,11 @@ class Lease:
                 break
             try:
                 assert self._kv is not None
+                sent = asyncio.get_running_loop().time()
                 self._revision = await self._kv.update(
                     self._key, self.owner.encode(), last=self._revision
                 )
+                self._written_at = sent
             except Exception as exc:
                 log.warning("lease %s lost: %s", self._key, exc)
                 self.held.clear()

@@ -93,7 +93,10 @@ class Fence:
             self.refused()
 
     async def still_mine(self) -> None:
-        """Before publishing what a batch decided: raise `Fenced` if claimed by another."""
+        """Before publishing what a batch decided: raise `Fenced` if claimed by another.
+        The lease renewed recently is proof enough (no read); after a pause, the row says."""
+        if self._lease.surely_held():
+            return
         async with self._sessions() as session:
             found = await session.execute(
                 select(ActorPartitionFence.revision, ActorPartitionFence.holder).where(
