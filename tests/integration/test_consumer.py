@@ -114,7 +114,10 @@ async def test_ack_all_lost_deliveries_dead_letters_and_retries(
             relay.cut()
             await publish_n(js, subject, 2)
             await eventually(handled(8), timeout=15)
-            assert metric("smarthome_consumer_recovered_total", **labels) == 3
+            # Each once, in order. The 3 handed out on the dead connection were recovered; a
+            # busy machine may hand out one of the next 2 on it as well, before the cut shows.
+            assert worker.handled == list(range(1, 9))
+            assert 3 <= metric("smarthome_consumer_recovered_total", **labels) <= 5
 
             # Undecodable: dead-lettered with the reason, and the consumer goes on.
             bad = (await js.publish(f"{prefix}.bad", b"not json")).seq
