@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import os
 import secrets
-import shutil
 import signal
 import sys
 import tempfile
@@ -36,7 +35,16 @@ from functools import partial
 from pathlib import Path
 
 import nats
-from harness import BenchError, Child, Database, Results, percentile, print_table, service_env
+from harness import (
+    BenchError,
+    Child,
+    Database,
+    Results,
+    cancel_on_sigterm,
+    percentile,
+    run_bench,
+    service_env,
+)
 from nats.aio.client import Client as NATS
 
 from libs import bus, bus_auth, bus_grants, embedded_nats, subjects
@@ -324,9 +332,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def amain(args: argparse.Namespace, tmp: Path, results: Results) -> None:
     run = Run(args, tmp, results)
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    cancel_on_sigterm()
     try:
         await run.run()
     finally:
@@ -337,20 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="smarthome-bench-connect-"))
     results = Results()
-    try:
-        asyncio.run(amain(args, tmp, results))
-    except BenchError as exc:
-        print_table(results)
-        print(f"\nbench: {exc}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("bench: stopped", file=sys.stderr)
-        return 130
-    finally:
-        if not os.environ.get("BENCH_KEEP"):
-            shutil.rmtree(tmp, ignore_errors=True)
-    print_table(results)
-    return 0
+    keep = bool(os.environ.get("BENCH_KEEP"))
+    return run_bench(amain(args, tmp, results), tmp, results, keep=keep)
 
 
 if __name__ == "__main__":

@@ -48,14 +48,11 @@ import asyncio
 import contextlib
 import os
 import secrets
-import shutil
-import signal
 import sys
 import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import httpx
@@ -66,21 +63,20 @@ from harness import (
     BenchError,
     Child,
     CpuShare,
-    Database,
-    ProcessSampler,
     Results,
+    Stage,
     actors_lag,
+    cancel_on_sigterm,
     cause_decoder,
     consumer_lags,
     pause_actors,
     percentile,
-    print_table,
     resume_consumers,
+    run_bench,
     service_env,
     wait_actors_drained,
     wait_actors_settled,
 )
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -282,21 +278,16 @@ async def sign_in(client: httpx.AsyncClient, password: str) -> tuple[str, float]
     return str(response.json()["access_token"]), elapsed
 
 
-class Bench:
+class Bench(Stage):
     def __init__(self, args: argparse.Namespace, tmp: Path, results: Results) -> None:
+        super().__init__(tmp)
         self.args = args
-        self.tmp = tmp
         self.run_id = secrets.token_hex(3)
         self.device_ids = [f"bench-{self.run_id}-{i:04d}" for i in range(args.devices)]
         # (g) and (h): more devices, so that the 16 partitions get a fair share each.
         self.scale_ids = [f"bench-{self.run_id}-s{i:05d}" for i in range(args.scale_devices)]
         self.results = results
-        self.sampler = ProcessSampler()
-        self.children: list[Child] = []
-        self.database: Database | None = None
         self.registered = False
-        self.nc: NATS | None = None
-        self.env: dict[str, str] = {}
         self.next_counter = 0
         self.admin_password = secrets.token_urlsafe(16)
         self.api_key = ""
@@ -310,28 +301,15 @@ class Bench:
     # -- set-up and tear-down -------------------------------------------------------------
 
     async def setup(self) -> JetStreamContext:
-        port = embedded_nats.free_port()
-        nats_log = self.tmp / "nats-server.log"
         # With the platform's auth on: the services and the bench as their static users.
         auth = "" if self.args.no_bus_auth else bus_auth.embedded_authorization(self.tmp / "bus")
         self.passwords = bus_grants.ensure_service_passwords(self.tmp / "bus")
-        proc = await asyncio.to_thread(
-            partial(
-                embedded_nats.start,
-                self.tmp / "nats", port, nats_log, self.args.nats_sync, auth=auth,
-            )
-        )  # fmt: skip
-        nats_server = Child("nats-server", proc.args, {}, nats_log)
-        nats_server.proc = proc
-        self.children.append(nats_server)
-        self.sampler.watch("nats-server", proc.pid)
+        nats_url = await self.start_nats_server(self.args.nats_sync, auth=auth, children=True)
         # The load generator itself, without the services it started.
         self.sampler.watch("bench", os.getpid(), rss=False, children=False)
         self.sampler.start()
-        nats_url = f"nats://127.0.0.1:{port}"
 
-        self.database = await Database.create(self.args.database_url, self.tmp)
-        await self.database.migrate()
+        self.database = await self.open_database(self.args.database_url)
         await register_devices(self.database.url, self.device_ids + self.scale_ids)
         self.registered = True
         # The HTTP API wants a principal: the user `admin` (for the sign-ins and the access
@@ -356,22 +334,12 @@ class Bench:
         return js
 
     async def teardown(self) -> None:
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.nc.close(), 10)
-        for child in reversed(self.children):
-            await asyncio.to_thread(child.stop)
-        self.sampler.stop()
+        await super().teardown()
         if self.args.redis_url and self.registered:
             try:
                 await forget_cached_state(self.args.redis_url, self.device_ids + self.scale_ids)
             except Exception as exc:
                 print(f"bench: could not remove the cached states from Redis: {exc}")
-        if self.database is not None:
-            try:
-                await self.database.drop()
-            except Exception as exc:
-                print(f"bench: could not drop {self.database.url}: {exc}")
 
     def start_service(self, name: str, module: str) -> Child:
         """`python -m module`, waited on until `/health/ready` answers 200."""
@@ -780,10 +748,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def amain(args: argparse.Namespace, tmp: Path, results: Results) -> None:
     bench = Bench(args, tmp, results)
-    # SIGTERM stops the run like Ctrl-C does: through the tear-down below.
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    cancel_on_sigterm()
     try:
         await bench.run()
     finally:
@@ -794,19 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="smarthome-bench-"))
     results = Results()
-    try:
-        asyncio.run(amain(args, tmp, results))
-    except BenchError as exc:
-        print_table(results)  # what was measured before it stopped
-        print(f"\nbench: {exc}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("bench: stopped", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print_table(results)
-    return 0
+    return run_bench(amain(args, tmp, results), tmp, results)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ import contextlib
 import os
 import re
 import secrets
-import shutil
 import signal
 import sys
 import tempfile
@@ -50,20 +49,19 @@ from typing import Any, cast
 
 import httpx
 import msgspec
-import nats
 from harness import (
     MB,
     ROOT,
     BenchError,
     Child,
-    Database,
-    ProcessSampler,
     Results,
     Row,
+    Stage,
+    cancel_on_sigterm,
     percentile,
+    run_bench,
     service_env,
 )
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from libs import bus, embedded_nats
@@ -420,37 +418,23 @@ def print_table(results: Results) -> None:
 # --- the run -------------------------------------------------------------------------------
 
 
-class Bench:
+class Bench(Stage):
     def __init__(self, args: argparse.Namespace, tmp: Path, results: FanoutResults) -> None:
+        super().__init__(tmp)
         self.args = args
-        self.tmp = tmp
         self.results = results
         self.run_id = secrets.token_hex(3)
         self.devices = [f"fanout-{self.run_id}-{i}" for i in range(DEVICES)]
-        self.sampler = ProcessSampler()
-        self.children: list[Child] = []
         self.helpers: list[Helper] = []
-        self.nc: NATS | None = None
-        self.env: dict[str, str] = {}
         self.gateway_url = ""
         self.api_key = ""
 
     async def setup(self) -> None:
-        port = embedded_nats.free_port()
-        nats_log = self.tmp / "nats-server.log"
-        proc = await asyncio.to_thread(
-            embedded_nats.start, self.tmp / "nats", port, nats_log, self.args.nats_sync
-        )
-        nats_server = Child("nats-server", list(map(str, proc.args)), {}, nats_log)
-        nats_server.proc = proc
-        self.children.append(nats_server)
         # Each process alone, without its children.
-        self.sampler.watch("nats-server", proc.pid, children=False)
+        nats_url = await self.start_nats_server(self.args.nats_sync)
         self.sampler.watch("bench", os.getpid(), children=False)
         self.sampler.start()
-        nats_url = f"nats://127.0.0.1:{port}"
-        database = await Database.create(None, self.tmp)
-        await database.migrate()
+        database = await self.open_database(None)
         self.api_key = await database.admin_api_key()
 
         env = service_env(nats_url, database.url, self.tmp / "data", None)
@@ -463,8 +447,7 @@ class Bench:
             SMARTHOME_LOG_LEVEL="WARNING",
         )
         self.env = env
-        self.nc = await nats.connect(nats_url, name="bench")
-        await bus.ensure_streams(self.nc.jetstream())
+        await self.connect(nats_url)
 
     def start_service(self, name: str, module: str) -> Child:
         port = embedded_nats.free_port()
@@ -492,12 +475,7 @@ class Bench:
         for helper in reversed(self.helpers):
             with contextlib.suppress(Exception):
                 await helper.stop()
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.nc.close(), 10)
-        for child in reversed(self.children):
-            await asyncio.to_thread(child.stop)
-        self.sampler.stop()
+        await super().teardown()
 
     async def run(self) -> None:
         args = self.args
@@ -745,10 +723,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def amain(args: argparse.Namespace, tmp: Path, results: FanoutResults) -> None:
     bench = Bench(args, tmp, results)
-    task = asyncio.current_task()
-    assert task is not None
-    # SIGTERM stops the run like Ctrl-C does: through the tear-down below.
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    cancel_on_sigterm()
     try:
         async with asyncio.timeout(170):  # the whole run, set-up and tear-down aside
             await bench.run()
@@ -772,22 +747,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="smarthome-fanout-"))
     results = FanoutResults()
-    try:
-        run_loop(amain(args, tmp, results))
-    except BenchError as exc:
-        print_table(results)
-        print(f"\nbench: {exc}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("bench: stopped", file=sys.stderr)
-        return 130
-    finally:
-        if args.keep:
-            print(f"bench: logs and data kept in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-    print_table(results)
-    return 0
+    run = amain(args, tmp, results)
+    return run_bench(run, tmp, results, keep=args.keep, show=print_table, loop=run_loop)
 
 
 if __name__ == "__main__":

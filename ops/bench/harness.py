@@ -1,5 +1,6 @@
-"""What the benchmarks in ops/bench share: their child processes, the sampling of their
-memory and CPU, a throwaway database, percentiles and the printed table.
+"""What the benchmarks in ops/bench share: their child processes and their set-up and
+tear-down (`Stage`), the sampling of their memory and CPU, a throwaway database, the state
+facts they publish, percentiles, the printed table and the run as a whole (`run_bench`).
 
 A sibling module, not a package: the benchmarks are run as scripts
 (`python ops/bench/e2e.py`), whose directory is first on `sys.path`.
@@ -12,25 +13,32 @@ import contextlib
 import math
 import os
 import secrets
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
+import nats
 import psutil
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from libs import accounts, bus, subjects
+from libs import accounts, bus, embedded_nats, subjects
+from libs import messages as m
 from libs.db.engine import make_engine, make_sessionmaker
 from libs.db.migrate import upgrade
 from libs.lease import ACTOR_BUCKET
@@ -250,6 +258,85 @@ class CpuShare:
             f"{name} {(after[name] - self._before.get(name, 0.0)) / wall:.0%}" for name in after
         )
         return "CPU (% of one core): " + ", ".join(shares)
+
+
+# --- a run's own processes ----------------------------------------------------------------
+
+
+class Stage:
+    """What a benchmark starts and must stop: its own nats-server, the services it spawns,
+    a throwaway database and the bench's own connection; all that runs is sampled.
+    `teardown` stops what was reached, the last started first. A bench's class extends it."""
+
+    def __init__(self, tmp: Path, stop_grace: float = 20.0) -> None:
+        self.tmp = tmp
+        self.stop_grace = stop_grace
+        self.sampler = ProcessSampler()
+        self.children: list[Child] = []
+        self.database: Database | None = None
+        self.nc: NATS | None = None
+        self.env: dict[str, str] = {}
+
+    async def start_nats_server(self, sync: str, auth: str = "", children: bool = False) -> str:
+        """A nats-server of this run's own (its log in the run's directory): its URL."""
+        port = embedded_nats.free_port()
+        log = self.tmp / "nats-server.log"
+        start = partial(embedded_nats.start, self.tmp / "nats", port, log, sync, auth=auth)
+        proc = await asyncio.to_thread(start)
+        nats_server = Child("nats-server", list(proc.args), {}, log)  # type: ignore[arg-type]
+        nats_server.proc = proc
+        self.children.append(nats_server)
+        self.sampler.watch("nats-server", proc.pid, children=children)
+        return f"nats://127.0.0.1:{port}"
+
+    async def open_database(self, given: str | None) -> Database:
+        """A fresh database (`given`: a Postgres server; None: SQLite here), migrated."""
+        self.database = await Database.create(given, self.tmp)
+        await self.database.migrate()
+        return self.database
+
+    async def connect(self, nats_url: str) -> JetStreamContext:
+        """The bench's connection, the platform's streams provisioned (as the gateway does)."""
+        self.nc = await nats.connect(nats_url, name="bench")
+        js = self.nc.jetstream()
+        await bus.ensure_streams(js)
+        return js
+
+    def spawn_child(self, name: str, argv: list[str]) -> Child:
+        """A service with a probe port of its own (`child.port`), started and sampled; the
+        caller waits for it to be ready."""
+        port = embedded_nats.free_port()
+        env = {**self.env, "SMARTHOME_HEALTH_PORT": str(port)}
+        child = Child(name, argv, env, self.tmp / f"{name}.log", port)
+        self.children.append(child.spawn())
+        self.sampler.watch(name, child.pid, children=False)
+        return child
+
+    async def wait_ready(self, child: Child, port: int, timeout: float = 30.0) -> None:
+        """Until `child` answers 200 on its probe `port` (without blocking the loop)."""
+        url = f"http://127.0.0.1:{port}/health/ready"
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(timeout=1) as client:
+            while time.monotonic() < deadline:
+                child.check_alive()
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(url)).status_code == 200:
+                        return
+                await asyncio.sleep(0.05)
+        raise BenchError(f"{child.name} not ready within {timeout:g}s:\n{child.tail()}")
+
+    async def teardown(self) -> None:
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.close(), 10)
+        for child in reversed(self.children):
+            await asyncio.to_thread(child.stop, self.stop_grace)
+        self.sampler.stop()
+        if self.database is not None:
+            try:
+                await self.database.drop()
+            except Exception as exc:
+                print(f"bench: could not drop {self.database.url}: {exc}")
 
 
 # --- the platform's processes, sampled --------------------------------------------------
@@ -565,6 +652,34 @@ class Database:
             await admin.dispose()
 
 
+# --- messages --------------------------------------------------------------------------
+
+
+def attribute_fact(
+    device_id: str,
+    version: int,
+    attributes: dict[str, m.AttributeValue],
+    cause_event_id: str,
+    at: datetime,
+) -> m.DeviceStateFact:
+    """The state fact the actors publish for a device's telemetry that changed its
+    attributes and nothing else: what a bench fills SYSTEM with."""
+    return m.DeviceStateFact(
+        device_id=device_id,
+        version=version,
+        state="active",
+        connection="online",
+        attributes=attributes,
+        last_seen=at,
+        changed=["attributes"],
+        previous_state="active",
+        cause_event_id=cause_event_id,
+        cause_type="telemetry",
+        correlation_id=None,
+        time=at,
+    )
+
+
 # --- measures --------------------------------------------------------------------------
 
 
@@ -631,3 +746,41 @@ def print_table(results: Results) -> None:
     print()
     for note in sorted(results.notes, key=lambda note: note[:3]):
         print(note)
+
+
+# --- the run as a whole ------------------------------------------------------------------
+
+
+def cancel_on_sigterm() -> None:
+    """SIGTERM stops the run like Ctrl-C does: through the caller's tear-down."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+
+def run_bench(
+    run: Coroutine[Any, Any, object],
+    tmp: Path,
+    results: Results,
+    keep: bool = False,
+    show: Callable[[Results], None] = print_table,
+    loop: Callable[[Coroutine[Any, Any, object]], object] = asyncio.run,
+) -> int:
+    """Run a bench in its temporary directory `tmp` and print its table (also what was
+    measured before it failed); removes `tmp` unless told to keep it. The exit status."""
+    try:
+        loop(run)
+    except BenchError as exc:
+        show(results)  # what was measured before it stopped
+        print(f"\nbench: {exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("bench: stopped", file=sys.stderr)
+        return 130
+    finally:
+        if keep:
+            print(f"bench: logs and data kept in {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    show(results)
+    return 0

@@ -46,11 +46,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import os
 import secrets
-import shutil
 import sys
 import tempfile
 import time
@@ -58,23 +56,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import nats
 from harness import (
     MB,
     BenchError,
     Child,
-    Database,
-    ProcessSampler,
     Results,
-    print_table,
+    Stage,
+    attribute_fact,
+    run_bench,
     service_env,
 )
-from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 from sqlalchemy import func, select
 
-from libs import bus, embedded_nats, subjects
+from libs import bus, subjects
 from libs import messages as m
 from libs.db.engine import make_engine, make_sessionmaker
 from libs.db.models import HistoryEntry
@@ -160,20 +156,12 @@ def state_facts(device_ids: list[str], run_id: str, count: int) -> list[Outgoing
     out = []
     for n in range(count):
         device = device_ids[n % size]
-        fact = m.DeviceStateFact(
-            device_id=device,
-            version=n // size + 1,
-            state="active",
-            connection="online",
-            attributes={"power_w": 20.0 + n % 40, "energy_wh": n // size, "on": True},
-            last_seen=at,
-            changed=["attributes"],
-            previous_state="active",
-            cause_event_id=f"bench-{run_id}-{n}",
-            cause_type="telemetry",
-            correlation_id=None,
-            time=at,
-        )
+        attributes: dict[str, m.AttributeValue] = {
+            "power_w": 20.0 + n % 40,
+            "energy_wh": n // size,
+            "on": True,
+        }
+        fact = attribute_fact(device, n // size + 1, attributes, f"bench-{run_id}-{n}", at)
         out.append(Outgoing(subjects.device_state(device), m.encode(fact), f"bench:{run_id}:{n}"))
     return out
 
@@ -265,69 +253,33 @@ class Source:
         return bus.recorder_durable(self.stream)
 
 
-class Bench:
+class Bench(Stage):
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        super().__init__(tmp, stop_grace=60.0)  # a profile takes a while to write
         self.args = args
-        self.tmp = tmp
         self.run_id = secrets.token_hex(3)
         self.device_ids = [f"rec-{self.run_id}-{i:05d}" for i in range(args.devices)]
         self.results = Results()
-        self.sampler = ProcessSampler()
-        self.children: list[Child] = []
-        self.database: Database | None = None
-        self.nc: NATS | None = None
-        self.env: dict[str, str] = {}
 
-    # -- set-up and tear-down -------------------------------------------------------------
+    # -- set-up -------------------------------------------------------------------------
 
     async def setup(self) -> JetStreamContext:
-        port = embedded_nats.free_port()
-        nats_log = self.tmp / "nats-server.log"
-        proc = await asyncio.to_thread(
-            embedded_nats.start, self.tmp / "nats", port, nats_log, self.args.nats_sync
-        )
-        nats_server = Child("nats-server", list(proc.args), {}, nats_log)  # type: ignore[arg-type]
-        nats_server.proc = proc
-        self.children.append(nats_server)
-        self.sampler.watch("nats-server", proc.pid, children=False)
+        nats_url = await self.start_nats_server(self.args.nats_sync)
         self.sampler.start()
-        nats_url = f"nats://127.0.0.1:{port}"
-
-        self.database = await Database.create(self.args.database_url, self.tmp)
-        await self.database.migrate()
-        self.env = service_env(nats_url, self.database.url, self.tmp / "data", None)
-
-        self.nc = await nats.connect(nats_url, name="bench")
-        js = self.nc.jetstream()
-        await bus.ensure_streams(js)  # the recorder's consumers with them, as the gateway does
+        database = await self.open_database(self.args.database_url)
+        self.env = service_env(nats_url, database.url, self.tmp / "data", None)
+        js = await self.connect(nats_url)  # the recorder's consumers with the streams
         for stream in bus.RECORDER_SOURCES:
             await js.pause_consumer(stream, bus.recorder_durable(stream), PAUSED_UNTIL)
         return js
 
-    async def teardown(self) -> None:
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.nc.close(), 10)
-        for child in reversed(self.children):
-            await asyncio.to_thread(child.stop, 60.0)  # a profile takes a while to write
-        self.sampler.stop()
-        if self.database is not None:
-            try:
-                await self.database.drop()
-            except Exception as exc:
-                print(f"bench: could not drop {self.database.url}: {exc}")
-
     async def start_recorder(self) -> tuple[Child, int]:
-        port = embedded_nats.free_port()
-        env = {**self.env, "SMARTHOME_HEALTH_PORT": str(port)}
         argv = [sys.executable, "-m", "services.recorder"]
         if self.args.profile:
             argv = [sys.executable, "-c", PROFILED, self.args.profile]
-        child = Child("recorder", argv, env, self.tmp / "recorder.log", port)
-        self.children.append(child)
-        await asyncio.to_thread(child.start, f"http://127.0.0.1:{port}/health/ready", 60.0)
-        self.sampler.watch("recorder", child.pid, children=False)
-        return child, port
+        child = self.spawn_child("recorder", argv)
+        await self.wait_ready(child, child.port, 60.0)
+        return child, child.port
 
     # -- the figures ------------------------------------------------------------------------
 
@@ -592,13 +544,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def amain(args: argparse.Namespace, tmp: Path) -> Results:
-    bench = Bench(args, tmp)
+async def amain(bench: Bench) -> None:
     try:
-        return await bench.run()
-    except BenchError:
-        print_table(bench.results)  # what was measured before it stopped
-        raise
+        await bench.run()
     finally:
         await bench.teardown()
 
@@ -606,18 +554,8 @@ async def amain(args: argparse.Namespace, tmp: Path) -> Results:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="smarthome-bench-"))
-    try:
-        results = asyncio.run(amain(args, tmp))
-    except BenchError as exc:
-        print(f"\nbench: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: stopped", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print_table(results)
-    return 0
+    bench = Bench(args, tmp)
+    return run_bench(amain(bench), tmp, bench.results)
 
 
 if __name__ == "__main__":

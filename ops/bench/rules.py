@@ -59,19 +59,19 @@ from pathlib import Path
 
 import httpx
 import msgspec
-import nats
 from harness import (
     MB,
     BenchError,
     Child,
     CpuShare,
-    Database,
-    ProcessSampler,
     Results,
+    Stage,
+    attribute_fact,
     cause_decoder,
     percentile,
     print_table,
     service_env,
+    wait_actors_settled,
 )
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -79,7 +79,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from sqlalchemy import func, select
 
-from libs import bus, embedded_nats, subjects
+from libs import bus, subjects
 from libs import messages as m
 from libs.db.engine import make_engine, make_sessionmaker
 from libs.db.models import CommandRecord, Device, RuleRecord
@@ -198,20 +198,8 @@ def state_facts(home: Home, run_id: str, count: int) -> list[tuple[str, bytes, s
     size = len(home.meters)
     for n in range(count):
         meter = home.meters[n % size]
-        fact = m.DeviceStateFact(
-            device_id=meter,
-            version=n // size + 1,
-            state="active",
-            connection="online",
-            attributes={"power_w": below_line(n // size)},
-            last_seen=at,
-            changed=["attributes"],
-            previous_state="active",
-            cause_event_id=f"bench-{run_id}-{n}",
-            cause_type="telemetry",
-            correlation_id=None,
-            time=at,
-        )
+        attributes: dict[str, m.AttributeValue] = {"power_w": below_line(n // size)}
+        fact = attribute_fact(meter, n // size + 1, attributes, f"bench-{run_id}-{n}", at)
         out.append((subjects.device_state(meter), m.encode(fact), f"bench:{run_id}:{n}"))
     return out
 
@@ -258,82 +246,33 @@ async def publish_all(js: JetStreamContext, messages: list[tuple[str, bytes, str
 # --- the run ---------------------------------------------------------------------------
 
 
-class Bench:
+class Bench(Stage):
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        super().__init__(tmp)
         self.args = args
-        self.tmp = tmp
         self.run_id = secrets.token_hex(3)
         self.home = Home.make(self.run_id, args.rules)
         self.results = Results()
-        self.sampler = ProcessSampler()
-        self.children: list[Child] = []
-        self.database: Database | None = None
-        self.nc: NATS | None = None
-        self.env: dict[str, str] = {}
 
-    # -- set-up and tear-down -------------------------------------------------------------
+    # -- set-up -------------------------------------------------------------------------
 
     async def setup(self) -> JetStreamContext:
-        port = embedded_nats.free_port()
-        nats_log = self.tmp / "nats-server.log"
-        proc = await asyncio.to_thread(
-            embedded_nats.start, self.tmp / "nats", port, nats_log, self.args.nats_sync
-        )
-        nats_server = Child("nats-server", list(proc.args), {}, nats_log)  # type: ignore[arg-type]
-        nats_server.proc = proc
-        self.children.append(nats_server)
-        self.sampler.watch("nats-server", proc.pid, children=False)
+        nats_url = await self.start_nats_server(self.args.nats_sync)
         self.sampler.watch("bench", os.getpid(), children=False)
         self.sampler.start()
-        nats_url = f"nats://127.0.0.1:{port}"
-
-        self.database = await Database.create(self.args.database_url, self.tmp)
-        await self.database.migrate()
-        await self.home.store(self.database.url)
-
-        self.env = service_env(nats_url, self.database.url, self.tmp / "data", self.args.redis_url)
-
-        self.nc = await nats.connect(nats_url, name="bench")
-        js = self.nc.jetstream()
-        # The streams and the rules' durable (one partition, deliver NEW) exist before any
-        # fact is published; the rules service would create it only when it starts.
-        await bus.ensure_streams(js)
+        database = await self.open_database(self.args.database_url)
+        await self.home.store(database.url)
+        self.env = service_env(nats_url, database.url, self.tmp / "data", self.args.redis_url)
+        js = await self.connect(nats_url)
+        # The rules' durable (one partition, deliver NEW) exists before any fact is
+        # published; the rules service would create it only when it starts.
         await js.add_consumer(subjects.SYSTEM_STREAM, bus.rules_facts_consumer(0))
         return js
 
-    async def teardown(self) -> None:
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.nc.close(), 10)
-        for child in reversed(self.children):
-            await asyncio.to_thread(child.stop)
-        self.sampler.stop()
-        if self.database is not None:
-            try:
-                await self.database.drop()
-            except Exception as exc:
-                print(f"bench: could not drop {self.database.url}: {exc}")
-
     async def start_service(self, name: str, module: str) -> tuple[Child, int]:
         """`python -m module` with a probe port; returns at once (the caller waits)."""
-        port = embedded_nats.free_port()
-        env = {**self.env, "SMARTHOME_HEALTH_PORT": str(port)}
-        child = Child(name, [sys.executable, "-m", module], env, self.tmp / f"{name}.log")
-        self.children.append(child.spawn())
-        self.sampler.watch(name, child.pid, children=False)
-        return child, port
-
-    async def wait_ready(self, child: Child, port: int, timeout: float = 30.0) -> None:
-        url = f"http://127.0.0.1:{port}/health/ready"
-        deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient(timeout=1) as client:
-            while time.monotonic() < deadline:
-                child.check_alive()
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(url)).status_code == 200:
-                        return
-                await asyncio.sleep(0.05)
-        raise BenchError(f"{child.name} not ready within {timeout:g}s:\n{child.tail()}")
+        child = self.spawn_child(name, [sys.executable, "-m", module])
+        return child, child.port
 
     # -- the figures ------------------------------------------------------------------------
 
@@ -356,7 +295,7 @@ class Bench:
         await self.rules_drain(js, rules, rules_port, raw_rate)
         actors, actors_port = await self.start_service("actors", "services.actors")
         await self.wait_ready(actors, actors_port)
-        await actors.wait_for_log("lease actors acquired")
+        await wait_actors_settled(js, 1)  # every partition held
         await self.latency(js, self.nc, rules, actors)
 
         for name, peak in self.sampler.peaks.items():

@@ -30,7 +30,7 @@ import re
 import time
 
 import msgspec
-from harness import BenchError, Child, Results
+from harness import BenchError, Child, Results, attribute_fact
 from nats.js import JetStreamContext
 from rules import Bench, publish_all, state_facts
 
@@ -213,19 +213,7 @@ def fleet_facts(fleet: list[str], run_id: str) -> list[tuple[str, bytes, str]]:
     at = m.now()
     out = []
     for n, device in enumerate(fleet):
-        fact = m.DeviceStateFact(
-            device_id=device,
-            version=1,
-            state="active",
-            connection="online",
-            attributes={"temperature_c": 20.0 + n % 10},
-            last_seen=at,
-            changed=["attributes"],
-            previous_state="active",
-            cause_event_id=f"bench-{run_id}-fleet-{n}",
-            cause_type="telemetry",
-            correlation_id=None,
-            time=at,
-        )
+        attributes: dict[str, m.AttributeValue] = {"temperature_c": 20.0 + n % 10}
+        fact = attribute_fact(device, 1, attributes, f"bench-{run_id}-fleet-{n}", at)
         out.append((subjects.device_state(device), m.encode(fact), f"bench:{run_id}:f{n}"))
     return out

@@ -42,13 +42,12 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
 
 import redis.asyncio as redis
-from harness import MB, BenchError, Child, Database, actors_lag, percentile
+from harness import MB, BenchError, Child, Database, actors_lag, cancel_on_sigterm, percentile
 from nats.js import JetStreamContext
 from soak_platform import (
     LatencyProbe,
@@ -405,9 +404,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def amain(args: argparse.Namespace, tmp: Path) -> None:
     soak = Soak(args, tmp)
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    cancel_on_sigterm()
     try:
         await (soak.step() if args.step else soak.soak())
     finally:

@@ -3,7 +3,6 @@ transform), as provisioned by `bus.ensure_streams`; what reads it sees published
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 import pytest
@@ -14,6 +13,7 @@ from libs import bus, replay, subjects
 from libs import messages as m
 from libs.consumer import Consumer
 from libs.settings import SettingsError
+from tests.consumers import running
 from tests.helpers import eventually, unique_id
 
 
@@ -88,13 +88,8 @@ async def test_an_old_exact_filter_is_refiltered_by_the_runtime(js, nc) -> None:
     consumer = Consumer(nc, subjects.EVENTS_STREAM, config, lambda d: d.seq, handle)
     event = m.make_event(device, "power", {"power_w": 1.0})
     await bus.publish(js, event.nats_subject, event, msg_id=event.id)
-    stop = asyncio.Event()
-    task = asyncio.create_task(consumer.run(stop))
-    try:
+    async with running(consumer):
         await eventually(lambda: seen, timeout=10)
-    finally:
-        stop.set()
-        await task
     assert seen == [event.nats_subject]
     info = await js.consumer_info(subjects.EVENTS_STREAM, durable)
     assert info.config.filter_subject == f"events.{device}.power.*"

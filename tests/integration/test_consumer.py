@@ -12,22 +12,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from prometheus_client import REGISTRY
 
 from libs import bus, subjects
-from libs.consumer import Consumer, Delivery, Item, Retry, Undecodable
+from libs.consumer import Consumer, Item, Retry
 from libs.errors import Unavailable
-from tests.helpers import eventually, unique_id
+from tests.consumers import decode, running, scratch_stream
+from tests.helpers import eventually
 from tests.proxy import Relay
-
-
-def decode(d: Delivery) -> dict[str, Any]:
-    try:
-        return json.loads(d.data)  # type: ignore[no-any-return]
-    except ValueError as exc:
-        raise Undecodable(f"not JSON: {exc}") from exc
 
 
 @dataclass
@@ -47,28 +41,12 @@ class Worker:
 
 @pytest.fixture
 async def stream(js) -> AsyncIterator[tuple[str, str]]:  # type: ignore[no-untyped-def]
-    name = unique_id("TESTC").upper().replace("-", "_")
-    prefix = f"testc.{name.lower()}"
-    await js.add_stream(StreamConfig(name=name, subjects=[f"{prefix}.>"]))
-    yield name, prefix
-    with contextlib.suppress(NotFoundError):
-        await js.delete_stream(name)
+    async with scratch_stream(js, "TESTC") as made:
+        yield made
 
 
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-@contextlib.asynccontextmanager
-async def running(consumer: Consumer[Any]) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(consumer.run(stop))
-    try:
-        await asyncio.wait_for(consumer.bound.wait(), 10)
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
 
 
 async def publish_n(js, subject: str, n: int) -> int:  # type: ignore[no-untyped-def]

@@ -5,27 +5,22 @@ message); a batch that fills up is handed over at once, linger or not."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from libs.consumer import Consumer, Delivery, Item
+from libs.consumer import Consumer, Item
+from tests.consumers import decode, running, scratch_stream
 from tests.helpers import eventually, unique_id
 
 
 @pytest.fixture
 async def stream(js) -> AsyncIterator[tuple[str, str]]:  # type: ignore[no-untyped-def]
-    name = unique_id("TESTL").upper().replace("-", "_")
-    prefix = f"testl.{name.lower()}"
-    await js.add_stream(StreamConfig(name=name, subjects=[f"{prefix}.>"]))
-    yield name, prefix
-    with contextlib.suppress(NotFoundError):
-        await js.delete_stream(name)
+    async with scratch_stream(js, "TESTL") as made:
+        yield made
 
 
 def config() -> ConsumerConfig:
@@ -36,22 +31,6 @@ def config() -> ConsumerConfig:
         ack_wait=30.0,
         max_ack_pending=1000,
     )
-
-
-def decode(d: Delivery) -> Any:
-    return json.loads(d.data)
-
-
-@contextlib.asynccontextmanager
-async def running(consumer: Consumer[Any]) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(consumer.run(stop))
-    try:
-        await asyncio.wait_for(consumer.bound.wait(), 10)
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
 
 
 async def test_a_trickle_within_the_linger_is_handled_as_one_batch(nc, js, stream) -> None:  # type: ignore[no-untyped-def]
