@@ -4,6 +4,7 @@ max and last value. Pure: history rows in, statistics rows out."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,6 +18,13 @@ MAX_ATTRIBUTE = 128  # the column's length: longer names are not rolled up
 def hour_of(time: datetime) -> datetime:
     """The start of the UTC hour `time` falls in (an offset such as +05:30 is no whole hour)."""
     return time.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def hours_of(history: Iterable[Mapping[str, Any]]) -> list[datetime]:
+    """The UTC hours the rows' times fall in, each once, in order: `hour_of` of each, by epoch
+    arithmetic (a float floor division a row, not a datetime rebuilt: the recorder's hot path)."""
+    starts = {row["time"].timestamp() // 3600 for row in history}
+    return [datetime.fromtimestamp(start * 3600, UTC) for start in sorted(starts)]
 
 
 def number(value: Any) -> float | None:

@@ -28,7 +28,7 @@ from libs import settings
 from libs.db import audit
 from libs.db.engine import dialect_insert, upsert
 from libs.db.models import HistoryEntry, HourlyStatistic, RollupPending
-from services.recorder.hourly import HOUR, ROLLED_UP_TYPES, HourTally, hour_of
+from services.recorder.hourly import HOUR, ROLLED_UP_TYPES, HourTally, hour_of, hours_of
 from services.recorder.retention import delete_before
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def mark_pending(engine: AsyncEngine) -> Any:
 
 
 def pending_hours(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"hour": hour, "changes": 1} for hour in sorted({hour_of(r["time"]) for r in history})]
+    return [{"hour": hour, "changes": 1} for hour in hours_of(history)]
 
 
 async def rollup_forever(

@@ -18,8 +18,8 @@ from libs import bus, commands, subjects, tracing
 from libs.consumer import Consumer, Dead, Delivery, Item, Retry, Verdict
 from libs.db import audit
 from libs.db.engine import insert_ignoring_duplicates, refused
-from libs.db.models import HistoryEntry, RuleRun
-from services.recorder import rollup
+from libs.db.models import RuleRun
+from services.recorder import bulk
 from services.recorder import rows as to_rows
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,8 @@ class StreamRecorder:
         self._sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(engine)
         self._stream = stream
         # Built once (their cache keys with them), not per batch.
-        self._insert_history = insert_ignoring_duplicates(engine, HistoryEntry.__table__)
+        self._history = bulk.HistoryWriter(engine)
         self._insert_runs = insert_ignoring_duplicates(engine, RuleRun.__table__)
-        self._mark_pending = rollup.mark_pending(engine)
         self._record_commands = commands.record_statement(engine)
         self.consumer: Consumer[to_rows.Rows] = Consumer(
             nc,
@@ -137,13 +136,12 @@ class StreamRecorder:
             return
         try:
             async with self._sessions.begin() as session:
-                # One executemany a table; a redelivered message's rows are ignored.
+                # One statement a table (history: `bulk`); a redelivered message's rows are
+                # ignored, its history's hours marked pending again.
                 if rows.history:
-                    await session.execute(self._insert_history, rows.history)
+                    await self._history.write(session, rows.history)
                 if rows.rule_runs:
                     await session.execute(self._insert_runs, rows.rule_runs)
-                if rows.history:  # its hours' statistics are rolled up again
-                    await session.execute(self._mark_pending, rollup.pending_hours(rows.history))
                 if rows.commands:
                     await session.execute(self._record_commands, list(rows.commands.values()))
                 if rows.audit:  # last: the chain's lock is held from here to the commit

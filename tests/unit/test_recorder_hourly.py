@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from services.recorder.hourly import HourTally, hour_of, number
+from services.recorder.hourly import HourTally, hour_of, hours_of, number
 
 HOUR = datetime(2026, 3, 1, 14, tzinfo=UTC)
 
@@ -103,3 +103,19 @@ def test_the_hour_of_a_time_is_its_utc_hour() -> None:
 
     assert hour_of(datetime(2026, 3, 1, 20, 15, 7, 5, tzinfo=india)) == HOUR
     assert hour_of(at(59)) == HOUR
+
+
+def test_the_hours_of_rows_are_the_hour_of_each_once_in_order() -> None:
+    india = timezone(timedelta(hours=5, minutes=30))
+    times = [
+        at(59) + timedelta(seconds=59, microseconds=999_999),  # the last instant of the hour
+        HOUR + timedelta(hours=1),  # the first of the next
+        datetime(2026, 3, 1, 20, 15, 7, 5, tzinfo=india),  # 14:45 UTC
+        datetime(1969, 12, 31, 23, 30, tzinfo=UTC),  # before the epoch: floors, not truncates
+        HOUR - timedelta(microseconds=1),
+    ]
+    rows = [{"time": t} for t in times]
+
+    assert hours_of(rows) == sorted({hour_of(t) for t in times})
+    assert hours_of(rows)[0] == datetime(1969, 12, 31, 23, tzinfo=UTC)
+    assert all(h.tzinfo is UTC for h in hours_of(rows))

@@ -181,3 +181,40 @@ def test_a_command_names_who_sent_it_and_targets_the_command() -> None:
         "command:cmd-1",
         "lamp",
     )
+
+
+@pytest.mark.parametrize(
+    ("changed", "audited"),
+    [
+        (["temperature"], False),
+        (["temperature", "stale"], False),
+        ([], False),
+        (["state"], True),
+        (["temperature", "connection"], True),
+        (["mark"], True),
+    ],
+)
+def test_a_state_fact_is_audited_only_when_its_state_connection_or_mark_changed(
+    changed: list[str], audited: bool
+) -> None:
+    fact = m.DeviceStateFact(
+        device_id="lamp",
+        version=4,
+        state="active",
+        connection="online",
+        attributes={"temperature": 21.5},
+        last_seen=m.now(),
+        changed=changed,
+        previous_state="off",
+        cause_event_id="evt-4",
+        cause_type="telemetry",
+        correlation_id=None,
+        time=m.now(),
+    )
+    rows = Rows()
+    from_system(rows, subjects.device_state("lamp"), m.encode(fact), ("SYSTEM", 4))
+
+    assert len(rows.audit) == (1 if audited else 0)
+    assert not (rows.history or rows.rule_runs or rows.commands)
+    if audited:
+        assert rows.audit[0]["detail"] == {"version": 4, "changed": changed, "cause": "telemetry"}
