@@ -154,15 +154,24 @@ def actors_durable(partition: int) -> str:
     return f"actors-{partition}"
 
 
-def actors_consumer(partition: int | None) -> ConsumerConfig:
-    """The actors' consumer of one partition (None: the legacy one of every event). At most
-    one batch un-acked: a dead worker's batch is redelivered before any newer event of the
-    same device, which keeps each device's events in order."""
+def actors_consumer(partition: int) -> ConsumerConfig:
+    """The actors' consumer of one partition. At most one batch un-acked: a dead worker's
+    batch is redelivered before any newer event of the same device, which keeps each
+    device's events in order."""
+    return _actors_consumer(actors_durable(partition), subjects.events_partition(partition))
+
+
+def legacy_actors_consumer() -> ConsumerConfig:
+    """The one actors consumer from before partitions, as `ensure_streams` narrows it on an
+    upgrade: the events stored unpartitioned (the runtime brings a bound consumer's filter
+    to its config's, and `events.>` would take partitioned events too)."""
+    return _actors_consumer(LEGACY_ACTORS_DURABLE, subjects.EVENTS_PUBLISHED)
+
+
+def _actors_consumer(durable: str, filter_subject: str) -> ConsumerConfig:
     return ConsumerConfig(
-        durable_name=LEGACY_ACTORS_DURABLE if partition is None else actors_durable(partition),
-        filter_subject=subjects.EVENTS_ALL
-        if partition is None
-        else subjects.events_partition(partition),
+        durable_name=durable,
+        filter_subject=filter_subject,
         ack_policy=AckPolicy.ALL,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=10.0,

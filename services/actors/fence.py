@@ -2,13 +2,14 @@
 
 A holder claims its partition (`actor_partitions`: the lease's KV revision and its name) in a
 transaction of its own before it reads any of the partition's state, and every commit of
-its state runs `check` in the same transaction: an UPDATE of the claim's row that must match
-its own revision. A holder paused long enough for its lease to expire and be taken (GC, a
-stopped container, SIGSTOP) finds the row claimed by the new holder when it wakes: its
-write matches no row and is rolled back, nothing is acked, and it lets the partition go.
+its state locks the claim's row in the same transaction and finds it still naming its claim
+(`committer.Committer`, for the partitions of a group commit at once; `check`, for a
+deleted device's drop). A holder paused long enough for its lease to expire and be taken
+(GC, a stopped container, SIGSTOP) finds the row claimed by the new holder when it wakes:
+its write is not made, nothing is acked, and it lets the partition go.
 
-The row lock taken by the check orders the two: on Postgres, a claim waits for a commit
-that checked first (and the new holder then reads what it wrote); SQLite has one writer.
+The row lock orders the two: on Postgres, a claim waits for a commit that locked the row
+first (and the new holder then reads what it wrote); SQLite has one writer.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 from typing import Any, NoReturn, cast
 
 from prometheus_client import Counter
-from sqlalchemy import CursorResult, Update, select, update
+from sqlalchemy import CursorResult, Table, Update, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import messages as m
@@ -33,7 +34,18 @@ REFUSED = Counter(
     ["partition"],
 )
 
-_table = ActorPartitionFence.__table__
+_table = cast(Table, ActorPartitionFence.__table__)
+
+# Matches (and locks till commit) the partition's row only while it names this claim.
+_CHECK: Update = (
+    update(_table)
+    .where(
+        _table.c.partition == bindparam("at"),
+        _table.c.revision == bindparam("claimed"),
+        _table.c.holder == bindparam("by"),
+    )
+    .values(holder=_table.c.holder)
+)
 
 
 class Fenced(Exception):
@@ -77,17 +89,18 @@ class Fence:
             .values(revision=self._lease.revision, holder=self._lease.owner, claimed_at=m.now())
         )
 
+    @property
+    def claimed(self) -> tuple[int, str]:
+        """What the partition's row holds while this holder's claim stands."""
+        return self.revision, self._lease.owner
+
     async def check(self, session: AsyncSession) -> None:
-        """In the transaction of a state write, first: raise `Fenced` (the caller rolls back)
-        unless the partition is still claimed by this holder; lock the claim till commit."""
+        """In the transaction of a write of its own (a deleted device's drop), first: raise
+        `Fenced` (the caller rolls back) unless the partition is still claimed by this
+        holder; lock the claim till commit. (Batches are checked by `committer.Committer`.)"""
+        revision, holder = self.claimed
         kept = await session.execute(
-            update(ActorPartitionFence)
-            .where(
-                ActorPartitionFence.partition == self.partition,
-                ActorPartitionFence.revision == self.revision,
-                ActorPartitionFence.holder == self._lease.owner,
-            )
-            .values(holder=ActorPartitionFence.holder)
+            _CHECK, {"at": self.partition, "claimed": revision, "by": holder}
         )
         if _rows(kept) == 0:
             self.refused()

@@ -10,6 +10,9 @@ state memory and fence:
     lease taken → fence claimed (own transaction) → consumer bound → state read as needed
     → each commit checks the fence → lease lost, handed over or fenced → consumer stopped
 
+The partitions' commits go through one `Committer`: those ready at the same time share a
+transaction (and its fence statement).
+
 Before any partition is worked, the consumer of every event from before partitions (the
 legacy `actors`, narrowed by the gateway to the events stored unpartitioned) is drained and
 deleted, by one process holding its old lease (which also keeps out an old version still
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -37,6 +39,7 @@ from libs.cache import StateCache
 from libs.consumer import ACK_PENDING, PENDING
 from libs.lease import ACTOR_BUCKET, ACTOR_TTL_S, Lease
 from libs.partitions import Share
+from services.actors.committer import Committer
 from services.actors.fence import Fence
 from services.actors.store import StateStore
 from services.actors.worker import PartitionWorker
@@ -50,7 +53,8 @@ DRAIN_CHECK_S = 0.5
 
 def partition_of(device_id: str, count: int) -> int:
     """The partition NATS's `partition(count, 1)` puts a device's events in: FNV-1a (32 bit)
-    of the device id token, modulo the count."""
+    of the device id token, modulo the count. Routes a deleted device's drop to the one worker
+    whose writes it must follow (a test checks it against the server's)."""
     h = 0x811C9DC5
     for byte in device_id.encode():
         h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
@@ -78,6 +82,7 @@ class ActorPartitions:
         self._sessions = sessions
         self._cache = cache
         self.count = count
+        self.committer = Committer(sessions)  # every partition's writes, grouped
         leases = [
             Lease(self._js, bus.actors_durable(i), ACTOR_TTL_S, ACTOR_BUCKET) for i in range(count)
         ]
@@ -119,7 +124,7 @@ class ActorPartitions:
             if not await fence.claim():
                 log.info("partition %d: the lease was lost before it was claimed", index)
                 return
-            store = StateStore(self._sessions, self._cache, fence.check)
+            store = StateStore(self._sessions, self._cache, self.committer, fence)
             worker = PartitionWorker(self._nc, store, bus.actors_consumer(index), fence)
             self.workers[index] = worker
             log.info("working partition %d", index)
@@ -169,7 +174,9 @@ class ActorPartitions:
 
     async def _on_registry(self, msg: Msg) -> None:
         """What a registry fact says, to each partition's memory; a deleted device's state
-        is dropped by the worker of its partition (after the batch it is writing)."""
+        is dropped by the worker of its partition, after the batch it is writing (a drop by
+        any other worker would not be ordered with that partition's writes: a device deleted
+        and registered again at once could lose its new state)."""
         try:
             fact = m.registry_fact_decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError):
@@ -214,12 +221,8 @@ class ActorPartitions:
 
     async def _drain(self, lease: Lease, stop: asyncio.Event) -> None:
         log.info("draining the legacy actors consumer before working partitions")
-        # Its filter as the gateway narrowed it: the runtime brings a bound consumer's filter
-        # to the config's, and `events.>` would take partitioned events too.
-        config = dataclasses.replace(
-            bus.actors_consumer(None), filter_subject=subjects.EVENTS_PUBLISHED
-        )
-        worker = PartitionWorker(self._nc, StateStore(self._sessions, self._cache), config)
+        store = StateStore(self._sessions, self._cache, self.committer)
+        worker = PartitionWorker(self._nc, store, bus.legacy_actors_consumer())
         self.draining = worker
         done = asyncio.Event()
         drained = False

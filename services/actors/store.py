@@ -3,10 +3,13 @@ truth), and in the cache for the gateway.
 
 The virtual-actor model: a device's state is read from the database when the worker first
 needs it after taking the lease (`activate`), and kept in memory, with each committed write,
-for as long as the lease is held. The cache is never read here: a cache restored from an old
-snapshot, flushed, or written by another process can change nothing the actors decide. It is
-written after each commit, newer states only (`StateCache.put_newer`); while it cannot be
-written (Redis down) the actors go on and write what it missed once it answers again.
+for as long as the lease is held. Writes are committed by the process's `Committer`, with
+those of its other partitions ready at the same time.
+
+The cache is never read here: a cache restored from an old snapshot, flushed, or written by
+another process can change nothing the actors decide. It is written after each commit, newer
+states only (`StateCache.put_newer`); while it cannot be written (Redis down) the actors go
+on and write what it missed once it answers again.
 """
 
 from __future__ import annotations
@@ -14,25 +17,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 from prometheus_client import Counter
-from sqlalchemy import delete, literal_column, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from libs import commands
 from libs import messages as m
 from libs.actor_batch import Standing, standing
 from libs.cache import StateCache
-from libs.db.engine import insert_ignoring_duplicates, upsert
-from libs.db.models import CommandRecord, Device, DeviceState, reported_times
+from libs.db.models import Device, DeviceState
 from libs.messages import DeviceSnapshot
+from services.actors.committer import Committer
+from services.actors.fence import Fence
 
 log = logging.getLogger(__name__)
-
-# Run first in the transaction of each state write; raises to refuse it (`fence.Fence.check`).
-Check = Callable[[AsyncSession], Awaitable[None]]
 
 # Devices whose state is kept in memory; past it, those least recently written are read
 # again from the database when next needed.
@@ -52,49 +50,20 @@ CACHE_WRITES = Counter(
     ["outcome"],
 )
 
-# Which command status may follow which: a late `delivered` never undoes `done`.
-NEXT_STATUS = {
-    "delivered": ("pending",),
-    "done": ("pending", "delivered"),
-    "failed": ("pending", "delivered"),
-    "expired": ("pending", "delivered"),
-}
-
-
-def to_row(s: DeviceSnapshot) -> dict:
-    return {
-        "device_id": s.device_id,
-        "state": s.state,
-        "mark": s.mark,
-        "connection": s.connection,
-        "attributes": s.attributes,
-        "last_seen": s.last_seen,
-        "version": s.version,
-        "last_seq": s.last_seq,
-        "updated_at": m.now(),
-        "reported": reported_times(s.reported),
-        "stale": s.stale,
-    }
-
-
-def _newer_than_stored() -> Any:
-    """A stored state is replaced by newer ones only (see `libs.cache.order`): a worker that
-    lost its lease and commits late cannot move the truth backwards."""
-    return DeviceState.__table__.c.last_seq < literal_column("excluded.last_seq")
-
 
 class StateStore:
     def __init__(
         self,
         sessions: async_sessionmaker[AsyncSession],
         cache: StateCache,
-        check: Check | None = None,
+        committer: Committer,
+        fence: Fence | None = None,
     ) -> None:
         self._sessions = sessions
         self._cache = cache
-        self._check = check
+        self._committer = committer
+        self._fence = fence
         self._standing: dict[str, Standing | None] = {}  # None: known not to be registered
-        self._upsert_statement: Any = None  # built on first use: it needs the dialect
         # The committed state of the devices activated under the current lease.
         self._active: dict[str, DeviceSnapshot] = {}
         # Committed states the cache missed (it was down), and when to try it again.
@@ -159,8 +128,8 @@ class StateStore:
     async def drop(self, device_id: str) -> None:
         """A deleted device leaves no state behind for a later device of the same id."""
         async with self._sessions.begin() as session:
-            if self._check is not None:
-                await self._check(session)
+            if self._fence is not None:
+                await self._fence.check(session)
             await session.execute(delete(DeviceState).where(DeviceState.device_id == device_id))
         self._active.pop(device_id, None)
         self._cache_behind.discard(device_id)
@@ -171,17 +140,13 @@ class StateStore:
         snapshots: list[DeviceSnapshot],
         statuses: list[tuple[str, m.CommandStatusData]],
     ) -> None:
-        """Write snapshots and command statuses in one transaction, then the cache. With a
-        check (a partition's fence), it runs first in that transaction, even with nothing to
-        write: a batch is acked only while its partition is still this worker's."""
-        if not snapshots and not statuses and self._check is None:
+        """Commit snapshots and command statuses (with the other partitions' writes ready at
+        the same time: `Committer`), then write the cache. With a fence, the commit checks it
+        even with nothing to write (`Fenced`: nothing written): a batch is acked only while
+        its partition is still this worker's."""
+        if not snapshots and not statuses and self._fence is None:
             return
-        async with self._sessions.begin() as session:
-            if self._check is not None:
-                await self._check(session)
-            await self._upsert(session, snapshots)
-            for device_id, status in statuses:
-                await self._status(session, device_id, status)
+        await self._committer.commit(self._fence, snapshots, statuses)
         for snapshot in snapshots:
             self._keep(snapshot)
         await self._write_cache(snapshots)
@@ -211,32 +176,3 @@ class StateStore:
         self._cache_behind -= {s.device_id for s in batch}
         CACHE_WRITES.labels("stored").inc(stored)
         CACHE_WRITES.labels("skipped").inc(len(batch) - stored)
-
-    @staticmethod
-    async def _status(session: AsyncSession, device_id: str, status: m.CommandStatusData) -> None:
-        """Move the command's status forward; a status that comes before the command's record
-        (a rule publishes a command first) is kept in a stand-in row the record fills in."""
-        moved = await session.execute(
-            update(CommandRecord)
-            .where(
-                CommandRecord.id == status.command_id,
-                CommandRecord.device_id == device_id,
-                CommandRecord.status.in_(NEXT_STATUS[status.status]),
-            )
-            .values(status=status.status, detail=status.detail, updated_at=m.now())
-        )
-        if moved.rowcount == 0:  # not recorded yet, or already past this status
-            stand_in = insert_ignoring_duplicates(session.get_bind(), CommandRecord.__table__)
-            await session.execute(stand_in, [commands.stand_in(device_id, status)])
-
-    async def _upsert(self, session: AsyncSession, snapshots: list[DeviceSnapshot]) -> None:
-        if snapshots:
-            if self._upsert_statement is None:
-                # Built once: constructing it costs more than executing it for a few rows.
-                self._upsert_statement = upsert(
-                    session.get_bind(),
-                    DeviceState.__table__,
-                    "device_id",
-                    where=_newer_than_stored(),
-                )
-            await session.execute(self._upsert_statement, [to_row(s) for s in snapshots])

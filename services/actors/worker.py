@@ -1,6 +1,6 @@
 """The device actors: a thin shell around `libs.actor_batch.decide` on the consumer runtime.
 
-    decode (runtime) → decide (pure) → publish facts → write (store) → ack (runtime)
+    decode (runtime) → decide (pure) → publish facts → commit (grouped) → cache → ack (runtime)
 
 The runtime (`libs.consumer`) binds the durable consumer, reads back what a dead worker or
 a lost connection left un-acked, dead-letters what cannot be decoded, and acks a batch once
@@ -23,7 +23,12 @@ applied. So:
   another;
 - a holder whose lease was taken over while it was paused writes nothing: each commit
   checks the partition's fence (`services.actors.fence`) in its transaction, and a refused
-  one is not acked.
+  batch is neither written nor acked.
+
+A batch's state is committed with those of the process's other partitions ready at the same
+time, in one transaction (`services.actors.committer`): the worker waits for that commit
+before it acks, a write the fence refuses fails alone (the others commit), and a failed
+transaction fails every write in it (each worker retries its batch).
 
 Each device's state is read from the database once after the partition is claimed and then
 kept in memory (`StateStore`, one per partition held); the cache is written after each

@@ -7,6 +7,7 @@ actors processes; every device's `version` must move by exactly its number of ev
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -208,66 +209,70 @@ async def test_stored_events_carry_the_partition_the_actors_compute(pjs, actors)
         assert stored.subject == f"events.{device}.telemetry.{partition_of(device, 4)}"
 
 
-async def test_killed_actor_process_partitions_are_taken_over_and_each_event_applied_once(
-    pjs, sessions, actors
-) -> None:  # type: ignore[no-untyped-def]
-    await bus.ensure_streams(pjs, partitions=4)
-    group = actors(4)
-    devices = [unique_id("kill") for _ in range(20)]
+async def fault_under_load(pjs, sessions, group: Actors, partitions: int, fault) -> None:  # type: ignore[no-untyped-def]
+    """Two actors processes share `partitions` while events flow; `fault(first, second)`
+    happens under that load and returns once its outcome is seen. Then every device's events
+    must each have been applied once."""
+    await bus.ensure_streams(pjs, partitions=partitions)
+    devices = [unique_id("fault") for _ in range(24)]
     await register(sessions, *devices)
     first, second = await group.start_many(2)
     assert first.proc is not None and second.proc is not None
-    await shared(pjs, 4, {first.proc.pid, second.proc.pid}, 2)
+    await shared(pjs, partitions, {first.proc.pid, second.proc.pid}, partitions // 2)
 
     over = asyncio.Event()
     publishing = asyncio.create_task(publish_until(pjs, devices, over))
-    await some_applied(sessions, devices, 100)
-    survivor = second.proc.pid
-    first.kill9()
-    killed_at = time.monotonic()
-
-    async def taken_over() -> bool:
-        held, claimed = await holders(pjs, 4), await fences(sessions, 4)
-        return set(held.values()) == {survivor} == set(claimed.values()) and len(held) == 4
-
     try:
-        await eventually(taken_over, timeout=15)
+        await some_applied(sessions, devices, 100)
+        await fault(first, second)
+    except BaseException:
+        publishing.cancel()
+        raise
     finally:
         over.set()
-    took = time.monotonic() - killed_at
     rounds = await publishing
     final = await all_applied(sessions, devices, rounds)
+    assert_each_applied_once(final, devices, rounds)
+
+
+async def test_killed_actor_process_partitions_are_taken_over_and_each_event_applied_once(
+    pjs, sessions, actors
+) -> None:  # type: ignore[no-untyped-def]
+    took = 0.0
+
+    async def kill_first(first: Service, second: Service) -> None:
+        nonlocal took
+        survivor = second.proc.pid  # type: ignore[union-attr]
+        first.kill9()
+        killed_at = time.monotonic()
+
+        async def taken_over() -> bool:
+            held, claimed = await holders(pjs, 4), await fences(sessions, 4)
+            return set(held.values()) == {survivor} == set(claimed.values()) and len(held) == 4
+
+        await eventually(taken_over, timeout=15)
+        took = time.monotonic() - killed_at
+
+    await fault_under_load(pjs, sessions, actors(4), 4, kill_first)
     print(f"take-over of the killed process's partitions: {took:.2f} s")
     assert took < TAKEOVER_S, f"taken over in {took:.2f} s"
-    assert_each_applied_once(final, devices, rounds)
 
 
 async def test_a_joining_actor_process_takes_its_share_without_stopping_the_others(
     pjs, sessions, actors
 ) -> None:  # type: ignore[no-untyped-def]
     # 6 partitions: with 3 processes the share is 2, so each of the first two hands one over.
-    await bus.ensure_streams(pjs, partitions=6)
     group = actors(6)
-    devices = [unique_id("join") for _ in range(24)]
-    await register(sessions, *devices)
-    first, second = await group.start_many(2)
-    assert first.proc is not None and second.proc is not None
-    await shared(pjs, 6, {first.proc.pid, second.proc.pid}, 3)
 
-    joined = asyncio.Event()
-    publishing = asyncio.create_task(publish_until(pjs, devices, joined))
-    await some_applied(sessions, devices, 100)
-    try:
+    async def third_joins(first: Service, second: Service) -> None:
         third = await asyncio.to_thread(group.start)
-        assert third.proc is not None
-        await shared(pjs, 6, {first.proc.pid, second.proc.pid, third.proc.pid}, 2)
-    finally:
-        joined.set()
-    rounds = await publishing
-    final = await all_applied(sessions, devices, rounds)
-    assert_each_applied_once(final, devices, rounds)
+        pids = {s.proc.pid for s in (first, second, third)}  # type: ignore[union-attr]
+        await shared(pjs, 6, pids, 2)
+
+    await fault_under_load(pjs, sessions, group, 6, third_joins)
     # Nobody stopped: the first two still run and still work partitions.
-    assert first.proc.poll() is None and second.proc.poll() is None
+    first, second = group.started[:2]
+    assert first.proc.poll() is None and second.proc.poll() is None  # type: ignore[union-attr]
 
 
 async def test_a_paused_holder_s_late_write_is_refused_by_the_fence(pjs, sessions, actors) -> None:  # type: ignore[no-untyped-def]
@@ -310,7 +315,8 @@ async def test_an_upgrade_drains_the_legacy_consumer_then_works_partitions(
     # published, read by the one `actors` consumer, which holds some un-acked.
     for config in bus.STREAMS:
         await pjs.add_stream(config)
-    await pjs.add_consumer(subjects.EVENTS_STREAM, bus.actors_consumer(None))
+    before = dataclasses.replace(bus.legacy_actors_consumer(), filter_subject=subjects.EVENTS_ALL)
+    await pjs.add_consumer(subjects.EVENTS_STREAM, before)
     devices = [unique_id("upgrade") for _ in range(20)]
     await register(sessions, *devices)
     for n in range(10):
