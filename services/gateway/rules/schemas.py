@@ -109,7 +109,8 @@ class WouldSetState(_Send, frozen=True, kw_only=True, tag="set_state"):
 
 
 class WouldNotify(_Send, frozen=True, kw_only=True, tag="notify"):
-    """An alert on `system.alert.<rule_id>` (webhook subscriptions deliver it)."""
+    """An alert: on `system.notify.<id>` to the webhook subscription or notification channel
+    the action names (`subject` says which), else on `system.alert.<rule_id>`."""
 
     message: str
     severity: str
