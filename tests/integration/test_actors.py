@@ -271,9 +271,9 @@ async def test_the_puller_hands_out_each_event_as_it_arrives(nc, js) -> None:  #
     finally:
         await puller.stop()
         await js.delete_stream(stream)
-    assert [x.data for x in msgs] == [b"1"]
+    assert [msg.data for msg, _ in msgs] == [b"1"]
     assert waited < 2  # not the 10 s a pull waiting for a full batch would take
-    assert [x.data for x in more] == [b"2"]
+    assert [msg.data for msg, _ in more] == [b"2"]
 
 
 async def command_row(sessions, command_id: str) -> CommandRecord | None:  # type: ignore[no-untyped-def]

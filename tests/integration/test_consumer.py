@@ -1,6 +1,7 @@
 """The consumer runtime against a real server: deliveries lost with a connection handled once,
 an undecodable message dead-lettered with its reason, a dependency down backed off (AckPolicy
-.ALL: the batch kept; EXPLICIT: nak'ed and redelivered), and its metrics."""
+.ALL: the batch kept; EXPLICIT: nak'ed and redelivered), and its metrics; a long handler kept
+in progress; reply subjects read as nats-py reads them."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from prometheus_client import REGISTRY
 from libs import bus, subjects
 from libs.consumer import Consumer, Item, Retry
 from libs.errors import Unavailable
+from libs.pull import Puller, Reply
 from tests.consumers import decode, running, scratch_stream
 from tests.helpers import eventually
 from tests.proxy import Relay
@@ -102,6 +104,10 @@ async def test_ack_all_lost_deliveries_dead_letters_and_retries(
             dead = await eventually(lambda: _last(js, subjects.deadletter(f"{prefix}.bad")))
             assert dead.headers[bus.DL_REASON].startswith("not JSON: ")  # the decoder's words
             assert dead.headers[bus.DL_STREAM_SEQ] == str(bad)
+            # Counted once the publish is acked, which the test may see first.
+            await eventually(
+                lambda: metric("smarthome_deadletters_total", stream=name, reason="undecodable")
+            )
             assert metric("smarthome_deadletters_total", stream=name, reason="undecodable") == 1
 
             # The dependency is down twice: the batch is kept and handled once it is back.
@@ -227,3 +233,64 @@ async def test_a_missing_consumer_is_created_only_when_the_worker_says_so(  # ty
 async def _acked_up_to_floor(js, stream: str, durable: str, seq: int) -> bool:  # type: ignore[no-untyped-def]
     info = await js.consumer_info(stream, durable)
     return bool(info.ack_floor.stream_seq == seq)
+
+
+async def test_a_handler_longer_than_ack_wait_is_kept_in_progress(nc, js, stream) -> None:  # type: ignore[no-untyped-def]
+    name, prefix = stream
+    config = ConsumerConfig(
+        durable_name="k",
+        filter_subject=f"{prefix}.>",
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=1.0,
+    )
+    calls: list[int] = []
+
+    async def slow(items: list[Item[dict[str, Any]]]) -> None:
+        calls.extend(item.delivery.seq for item in items)
+        await asyncio.sleep(2.6)  # the work itself: over two ack waits
+
+    consumer = Consumer(nc, name, config, decode, slow, create=True)
+    async with running(consumer):
+        seq = await publish_n(js, f"{prefix}.x", 1)
+        await eventually(lambda: _acked_up_to(js, name, "k", seq), timeout=10)
+    info = await js.consumer_info(name, "k")
+    assert calls == [seq]
+    assert info.delivered.consumer_seq == 1  # told it was in progress: never handed out again
+
+
+async def test_reply_subjects_are_read_as_nats_py_reads_them(nc, js, stream) -> None:  # type: ignore[no-untyped-def]
+    """`Reply.of` against real deliveries: a large pending count, and a redelivery."""
+    name, prefix = stream
+    many = 1_500
+    for _ in range(many - 1):
+        await nc.publish(f"{prefix}.x", b"{}")
+    await js.publish(f"{prefix}.x", b"{}")  # stored after the others: one connection
+    await js.add_consumer(
+        name,
+        ConsumerConfig(durable_name="r", ack_policy=AckPolicy.EXPLICIT, max_ack_pending=10),
+    )
+    puller = Puller(nc, name, "r")
+    await puller.start()
+    try:
+        first = await puller.fetch(1, 5)
+        await first[0][0].nak()  # handed out again, delivered twice
+        got = [*first]
+        while not any(reply.delivered > 1 for _, reply in got[1:]):
+            got += await asyncio.wait_for(puller.fetch(10, 5), 10)
+    finally:
+        await puller.stop()
+    for msg, reply in got:
+        meta = msg.metadata
+        assert reply == (
+            meta.stream,
+            meta.sequence.stream,
+            meta.sequence.consumer,
+            meta.num_delivered,
+            reply.timestamp_ns,
+            meta.num_pending,
+        )
+    assert got[0][1].pending == many - 1
+    again = next(reply for _, reply in got[1:] if reply.delivered > 1)
+    assert (again.stream_seq, again.delivered) == (got[0][1].stream_seq, 2)
+    assert isinstance(again, Reply)

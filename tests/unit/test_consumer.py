@@ -11,6 +11,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from nats.aio.msg import Msg
+from nats.errors import NotJSMessageError
 from nats.js.api import AckPolicy, ConsumerConfig
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -32,7 +34,7 @@ from libs.consumer import (
     plan,
     unacked,
 )
-from libs.pull import Gaps
+from libs.pull import Gaps, Reply
 
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -117,7 +119,7 @@ def test_explicit_settles_each_delivered_message_by_its_verdict() -> None:
 
 def note(gaps: Gaps, *consumer_seqs: int) -> bool:
     for seq in consumer_seqs:
-        gaps.note(SimpleNamespace(metadata=SimpleNamespace(sequence=SimpleNamespace(consumer=seq))))  # type: ignore[arg-type]
+        gaps.note(seq)
     return gaps.take()
 
 
@@ -133,6 +135,58 @@ def test_a_reader_bound_after_deliveries_counts_from_the_last_one_made() -> None
     assert note(Gaps(last=10), 12)  # 11 was handed out on the way here and lost
     assert not note(Gaps(last=10), 11)
     assert not note(Gaps(), 12)  # not knowing, the first is taken as it comes
+
+
+# Reply subjects as a nats-server 2.x sent them: a first delivery with a large pending count,
+# the redelivery (after a nak) of stream sequence 1 as consumer sequence 3, and the form with
+# a domain and an account hash (nats-py reads both; a server with a domain sends the second).
+REPLIES = [
+    "$JS.ACK.CAP.c.1.1.1.1796584292542264099.100050",
+    "$JS.ACK.CAP.c.2.1.3.1796584292542264099.100049",
+    "$JS.ACK.hub.ACCHASH.EVENTS.recorder.3.123456789012.98765.1796584292550845044.7.abc",
+    "$JS.ACK.hub.ACCHASH.EVENTS.recorder.1.5.6.1796584292550850783.0",
+]
+
+
+def js_msg(reply: str) -> Msg:
+    return Msg(None, subject="events.d1.reading.3", reply=reply, data=b"{}")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("reply", REPLIES)
+def test_a_reply_subject_says_what_nats_py_reads_from_it(reply: str) -> None:
+    meta = Msg.Metadata._from_reply(reply)
+    got = Reply.of(js_msg(reply))
+    assert got == (
+        meta.stream,
+        meta.sequence.stream,
+        meta.sequence.consumer,
+        meta.num_delivered,
+        got.timestamp_ns,
+        meta.num_pending,
+    )
+    d = Delivery.of(js_msg(reply), got)
+    assert (d.stream, d.seq, d.delivered, d.time) == (
+        meta.stream,
+        meta.sequence.stream,
+        meta.num_delivered,
+        meta.timestamp,
+    )
+    assert d.subject == "events.d1.reading"  # as published: its partition gone
+
+
+def test_the_redelivered_one_and_the_large_pending_count() -> None:
+    first, again = (Reply.of(js_msg(r)) for r in REPLIES[:2])
+    assert (first.delivered, first.consumer_seq, first.pending) == (1, 1, 100_050)
+    assert (again.delivered, again.stream_seq, again.consumer_seq) == (2, 1, 3)
+    assert Delivery.of(js_msg(REPLIES[0])).time == datetime(
+        2026, 12, 6, 19, 11, 32, 542264, tzinfo=UTC
+    )
+
+
+@pytest.mark.parametrize("reply", ["", "_INBOX.x.y", "$JS.ACK.CAP.c.1.1"])
+def test_not_a_jetstream_delivery_is_refused_as_nats_py_refuses_it(reply: str) -> None:
+    with pytest.raises(NotJSMessageError):
+        Reply.of(js_msg(reply))
 
 
 # --- a handler settling what it finished ---------------------------------------------------------
