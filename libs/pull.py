@@ -61,23 +61,18 @@ class Reply(NamedTuple):
         reply = msg.reply
         if reply.startswith(ACK_PREFIX):
             tokens = reply.split(".")
-            if len(tokens) == 9:
+            count = len(tokens)
+            # The stream's token (0: neither form); the newer puts `<domain>.<account hash>`
+            # before it.
+            at = 2 if count == 9 else 4 if count >= 11 else 0
+            if at:
                 return cls(
-                    tokens[2],
-                    int(tokens[5]),
-                    int(tokens[6]),
-                    int(tokens[4]),
-                    int(tokens[7]),
-                    int(tokens[8]),
-                )
-            if len(tokens) >= 11:
-                return cls(
-                    tokens[4],
-                    int(tokens[7]),
-                    int(tokens[8]),
-                    int(tokens[6]),
-                    int(tokens[9]),
-                    int(tokens[10]),
+                    tokens[at],
+                    int(tokens[at + 3]),
+                    int(tokens[at + 4]),
+                    int(tokens[at + 2]),
+                    int(tokens[at + 5]),
+                    int(tokens[at + 6]),
                 )
         raise NotJSMessageError
 

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 
 import pytest
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from sqlalchemy import select
 
 from libs import bus, commands, subjects
 from libs import messages as m
 from libs.db.models import CommandRecord, Device, DeviceState
-from libs.pull import Puller
 from tests.helpers import eventually, unique_id
 from tests.processes import Service
 
@@ -249,31 +246,6 @@ async def _has_state(sessions, device: str) -> bool:  # type: ignore[no-untyped-
 
 async def _no_state(sessions, device: str) -> bool:  # type: ignore[no-untyped-def]
     return device not in await states(sessions, [device])
-
-
-async def test_the_puller_hands_out_each_event_as_it_arrives(nc, js) -> None:  # type: ignore[no-untyped-def]
-    stream, subject = unique_id("PULL").upper().replace("-", "_"), unique_id("pull")
-    await js.add_stream(StreamConfig(name=stream, subjects=[f"{subject}.>"]))
-    await js.add_consumer(
-        stream, ConsumerConfig(durable_name="d", ack_policy=AckPolicy.ALL, max_ack_pending=256)
-    )
-    puller = Puller(nc, stream, "d")
-    await puller.start()
-    try:
-        pulling = asyncio.create_task(puller.fetch(256, timeout=10))
-        await asyncio.sleep(0.2)  # the pull request waits on the server
-        started = time.monotonic()
-        await js.publish(f"{subject}.one", b"1")
-        msgs = await pulling
-        waited = time.monotonic() - started
-        await js.publish(f"{subject}.two", b"2")
-        more = await puller.fetch(255, timeout=10)  # the same request delivers it
-    finally:
-        await puller.stop()
-        await js.delete_stream(stream)
-    assert [msg.data for msg, _ in msgs] == [b"1"]
-    assert waited < 2  # not the 10 s a pull waiting for a full batch would take
-    assert [msg.data for msg, _ in more] == [b"2"]
 
 
 async def command_row(sessions, command_id: str) -> CommandRecord | None:  # type: ignore[no-untyped-def]
