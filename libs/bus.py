@@ -155,9 +155,9 @@ def actors_durable(partition: int) -> str:
 
 
 def actors_consumer(partition: int) -> ConsumerConfig:
-    """The actors' consumer of one partition. At most one batch un-acked: a dead worker's
-    batch is redelivered before any newer event of the same device, which keeps each
-    device's events in order."""
+    """The actors' consumer of one partition. At most a batch's worth un-acked (the batches
+    decided while the ones before commit): what a dead worker left is read back by sequence
+    before any newer event, which keeps each device's events in order."""
     return _actors_consumer(actors_durable(partition), subjects.events_partition(partition))
 
 

@@ -36,6 +36,15 @@ it may), a decoder and a handler; this does the rest, top to bottom:
   endpoint's retry back-off) calls `Consumer.settle(up_to_seq)` for the prefix it finished:
   settled at once, so a restart does not handle it again; a `Retry` afterwards handles the
   rest only.
+- **Settle later** (AckPolicy.ALL): a handler whose batch is decided but not yet durable (a
+  commit queued) returns a `Later` instead of its verdicts. The runtime hands out the next
+  batch at once and settles the deferred ones strictly in order as their outcomes end (one
+  ack for a run of them: the newest covers the older), keeping them in progress meanwhile.
+  A batch that follows a deferred one is deferred behind it, whatever it returns. A failed
+  outcome leaves it and every batch after it un-acked (their outcomes cancelled) and stops
+  the consumer: what was decided after it rested on it; the next reader decides again.
+  Redeliveries of what was handed over are neither handled again nor acked early; a stop
+  waits a little (`SETTLE_GRACE_S`) for what is deferred.
 - **Create**: `create=True` makes a missing consumer from the config; a callable decides
   each time it is found missing (e.g. only while what it serves still exists).
 - **Stop**: the loop ends between batches (a batch being retried is left un-acked), the
@@ -56,6 +65,7 @@ import contextlib
 import dataclasses
 import logging
 import operator
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -76,6 +86,7 @@ from libs.pull import Gaps, Puller, Reply
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+T_ = TypeVar("T_")
 TRACEPARENT = tracing.TRACEPARENT
 
 LABELS = ("stream", "consumer")
@@ -115,6 +126,8 @@ BACKOFF_MAX_S = 5.0
 CLAMP_ABOVE = 256
 LINGER_TICK_S = 0.01
 LINGER_BURST = 16  # messages that came in one wake: a backlog, not a trickle
+# How long a stop waits for deferred batches to settle before leaving them to the next reader.
+SETTLE_GRACE_S = 5.0
 
 
 # --- what a worker supplies and gets ----------------------------------------------------------
@@ -199,10 +212,23 @@ class Nak:
 
 
 Verdict = Dead | Nak
+Verdicts = Mapping[int, Verdict] | None
+
+
+class Later:
+    """A handler's answer for a batch decided but not yet durable (AckPolicy.ALL): settled
+    when `outcome` ends, with its verdicts; see "Settle later" in the module docstring."""
+
+    __slots__ = ("outcome",)
+
+    def __init__(self, outcome: Awaitable[Verdicts]) -> None:
+        self.outcome: asyncio.Future[Verdicts] = asyncio.ensure_future(outcome)
+
+
 # Whether a consumer found missing may be created from its config (asked each time).
 MayCreate = bool | Callable[[], Awaitable[bool]]
 Decoder = Callable[[Delivery], T | None]
-Handler = Callable[[list[Item[T]]], Awaitable[Mapping[int, Verdict] | None]]
+Handler = Callable[[list[Item[T]]], Awaitable[Verdicts | Later]]
 DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, ValueError)
 by_seq = operator.attrgetter("seq")
 
@@ -255,6 +281,23 @@ class _Batch:
     stop: asyncio.Event
     through: int = 0  # the highest stream sequence `Consumer.settle` settled
     spans: dict[int, Span] | None = None  # tracing on: each open message's, by sequence
+
+
+@dataclass(slots=True)
+class _Deferred:
+    """A batch handed over and not settled yet (AckPolicy.ALL)."""
+
+    open: list[Delivery]
+    verdicts: dict[int, Verdict]  # the decoder's
+    outcome: asyncio.Future[Verdicts]
+    spans: dict[int, Span] | None
+
+
+def _done() -> asyncio.Future[Verdicts]:
+    """An outcome that has ended: nothing to say."""
+    done: asyncio.Future[Verdicts] = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    return done
 
 
 def end_spans(
@@ -361,6 +404,12 @@ class Consumer(Generic[T]):
         self._filters = filters(config)
         self._keep_alive_s = max((config.ack_wait or 30.0) / 3, 0.1)
         self._settled = 0  # AckPolicy.ALL: the highest stream sequence settled
+        self._handed = 0  # ... handled: settled, or deferred (`Later`)
+        self._deferred: deque[_Deferred] = deque()
+        self._idle = asyncio.Event()  # set while nothing is deferred
+        self._idle.set()
+        self._queued = asyncio.Event()  # wakes the settler
+        self._broken: BaseException | None = None  # a deferred batch failed: stop
         self.bound = asyncio.Event()  # set once the consumer is bound (for readiness)
         self._handling: _Batch | None = None  # while a handler runs
         labels = (stream, self.durable)
@@ -379,7 +428,7 @@ class Consumer(Generic[T]):
         self._ack_all = info.config.ack_policy != AckPolicy.EXPLICIT
         self._filters = filters(info.config)
         self._keep_alive_s = max((info.config.ack_wait or 30.0) / 3, 0.1)
-        self._settled = info.ack_floor.stream_seq if info.ack_floor else 0
+        self._settled = self._handed = info.ack_floor.stream_seq if info.ack_floor else 0
         puller = Puller(self._nc, self.stream, self.durable)
         # A delivery after the last one the consumer made, not the next: lost on the way.
         puller.gaps = Gaps(info.delivered.consumer_seq if info.delivered else 0)
@@ -389,14 +438,16 @@ class Consumer(Generic[T]):
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._watch_pending(stop, ended))
+                settler = tasks.create_task(self._settle_deferred(stop))
                 try:
                     if self._ack_all and not await self._recover(unacked(info), [], stop):
                         return
-                    while not stop.is_set():
+                    while not stop.is_set() and self._broken is None:
                         msgs = await self._fetch(puller)
                         if msgs:
                             await self._batch_arrived(msgs, puller.gaps.take(), stop)
                 finally:
+                    await self._finish_deferred(settler)
                     ended.set()
         finally:
             self.bound.clear()
@@ -548,17 +599,21 @@ class Consumer(Generic[T]):
         if not self._ack_all:
             await self._process(deliveries, stop)
             return
-        # Settled already (a late ack, or read from the stream before): acked, not handled.
-        # (The ack of a fresh one covers them: their sequences are lower.)
-        settled = self._settled
-        fresh = [d for d in deliveries if d.seq > settled]
+        # Handled already (a late ack, or read from the stream before): not handled again.
+        # The settled ones are acked (the ack of a fresh one covers them too: their sequences
+        # are lower); the deferred ones are left to their batch's ack, not acked early.
+        handed = self._handed
+        fresh = [d for d in deliveries if d.seq > handed]
         if not fresh:
-            await self._apply(plan(True, deliveries, {}), stop)
+            settled = self._settled
+            old = [d for d in deliveries if d.seq <= settled]
+            if old:
+                await self._apply(plan(True, old, {}), stop)
             return
         seqs = None
         if missed:
             log.info("%s: deliveries never received; reading them from the stream", self.durable)
-            seqs = missing(self._settled, [d.seq for d in fresh])
+            seqs = missing(handed, [d.seq for d in fresh])
         await self._recover(seqs, fresh, stop)
 
     async def _process(self, deliveries: list[Delivery], stop: asyncio.Event) -> bool:
@@ -583,14 +638,18 @@ class Consumer(Generic[T]):
             else:
                 items.append(Item(d, value, tracing.traceparent_of(spans[d.seq])))
         batch = self._handling = _Batch(list(deliveries), dict(verdicts), stop, spans=spans)
-        settled = False
+        settled = deferred = False
+        later: Later | None = None
         try:
             attempt = 0
             while items:
                 try:
                     with self._seconds.time():
-                        said = await self._keeping_alive(self._handle(items), batch)
-                    verdicts.update(said or {})
+                        said = await self._keeping_alive(self._handle(items), lambda: batch.open)
+                    if isinstance(said, Later):
+                        later = said
+                    else:
+                        verdicts.update(said or {})
                     break
                 except (Retry, Unavailable) as exc:
                     # What the handler settled before it gave up is done: the rest only.
@@ -611,17 +670,110 @@ class Consumer(Generic[T]):
                         return settled
                     if not await self._pause(delay, batch, stop):
                         return False  # left un-acked: the next reader handles it
+            # Behind what is deferred (or settling, or failed): its ack would cover that.
+            if later is not None or not self._idle.is_set() or self._broken is not None:
+                deferred = settled = self._defer(batch, verdicts, later)
+                return settled
             if not await self._apply(plan(self._ack_all, batch.open, verdicts), stop):
                 return False
             settled = True
             if self._ack_all and batch.open:
                 self._settled = max(self._settled, max(map(by_seq, batch.open)))
+                self._handed = max(self._handed, self._settled)
             return True
         finally:
             self._handling = None
-            if spans:
+            if spans and not deferred:  # a deferred batch's end when it is settled
                 why = None if settled else "not settled: left to the next reader"
                 end_spans(spans, batch.open, verdicts, why)
+
+    # --- deferred batches (`Later`) -----------------------------------------------------------
+
+    def _defer(self, batch: _Batch, verdicts: dict[int, Verdict], later: Later | None) -> bool:
+        """Queue `batch` to be settled after those deferred before it (when `later` ends:
+        None, at once); False if refused: a deferred batch failed, and this one followed it."""
+        if not self._ack_all:
+            raise ValueError("Later needs AckPolicy.ALL: with EXPLICIT each message settles alone")
+        outcome = later.outcome if later is not None else _done()
+        if self._broken is not None or not batch.open:
+            outcome.cancel()
+            return self._broken is None
+        self._deferred.append(_Deferred(batch.open, verdicts, outcome, batch.spans))
+        self._handed = max(self._handed, max(map(by_seq, batch.open)))
+        self._idle.clear()
+        self._queued.set()
+        return True
+
+    async def _settle_deferred(self, stop: asyncio.Event) -> None:
+        """Settle deferred batches as their outcomes end, strictly in order: one ack for the
+        run of them that has ended (the newest covers the older), dead letters first."""
+        while True:
+            if not self._deferred:
+                self._idle.set()
+                self._queued.clear()
+                await self._queued.wait()
+                continue
+            try:
+                await self._keeping_alive(
+                    asyncio.shield(self._deferred[0].outcome), self._deferred_open
+                )
+                ended = [self._deferred.popleft()]
+                while self._deferred and self._deferred[0].outcome.done():
+                    ended.append(self._deferred.popleft())
+                said = [d.verdicts | dict(d.outcome.result() or {}) for d in ended]
+            except (Exception, asyncio.CancelledError) as exc:
+                task = asyncio.current_task()
+                if isinstance(exc, asyncio.CancelledError) and task and task.cancelling():
+                    raise  # the settler is stopped, not the outcome
+                log.warning(
+                    "%s: a deferred batch failed (%r): it and those after it are left to the "
+                    "next reader",
+                    self.durable,
+                    exc,
+                )
+                self._broken = exc
+                self._abandon_deferred(f"not settled: {exc!r}")
+                return
+            await self._settle_ended(ended, said, stop)
+
+    async def _settle_ended(
+        self, ended: list[_Deferred], said: list[dict[int, Verdict]], stop: asyncio.Event
+    ) -> None:
+        deliveries = [d for batch in ended for d in batch.open]
+        verdicts = {seq: v for each in said for seq, v in each.items()}
+        if not await self._apply(plan(True, deliveries, verdicts), stop):
+            self._broken = RuntimeError("stopped while dead-lettering")
+            self._abandon_deferred("not settled: left to the next reader")
+            return
+        self._settled = max(self._settled, max(map(by_seq, deliveries)))
+        for batch, verdict in zip(ended, said, strict=True):
+            if batch.spans:
+                end_spans(batch.spans, batch.open, verdict)
+
+    def _deferred_open(self) -> list[Delivery]:
+        return [d for batch in self._deferred for d in batch.open]
+
+    def _abandon_deferred(self, why: str) -> None:
+        """Leave every deferred batch un-acked (its outcome cancelled): the next reader
+        handles it again."""
+        while self._deferred:
+            batch = self._deferred.popleft()
+            batch.outcome.cancel()
+            if batch.spans:
+                end_spans(batch.spans, batch.open, {}, why)
+        self._handed = self._settled
+        self._idle.set()
+
+    async def _finish_deferred(self, settler: asyncio.Task[None]) -> None:
+        """At a stop: give what is deferred a moment to settle, then leave the rest."""
+        if self._deferred and self._broken is None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SETTLE_GRACE_S):
+                    await self._idle.wait()
+        settler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await settler
+        self._abandon_deferred("not settled: the consumer stopped first")
 
     def _spans(self, deliveries: Sequence[Delivery]) -> dict[int, Span]:
         """Tracing on: a span for each message, the child of the trace it carries."""
@@ -649,6 +801,9 @@ class Consumer(Generic[T]):
         batch = self._handling
         if batch is None:
             raise RuntimeError("Consumer.settle() is for the handler, while it runs")
+        await self._idle.wait()  # an ack now would cover what is deferred before the batch
+        if self._broken is not None:
+            return False
         prefix = [d for d in batch.open if d.seq <= up_to_seq]
         if not prefix:
             return True
@@ -665,9 +820,10 @@ class Consumer(Generic[T]):
         return True
 
     async def _keeping_alive(
-        self, work: Awaitable[Mapping[int, Verdict] | None], batch: _Batch
-    ) -> Mapping[int, Verdict] | None:
-        """Await `work`, telling the bus the batch is in progress every third of ack_wait.
+        self, work: Awaitable[T_], open_now: Callable[[], Sequence[Delivery]]
+    ) -> T_:
+        """Await `work`, telling the bus the messages `open_now` gives are in progress every
+        third of ack_wait.
         The pings come from a timer, not the work from a task of its own: most batches end
         long before the first ping, and a task per batch costs more than a timer."""
         loop = asyncio.get_running_loop()
@@ -677,7 +833,7 @@ class Consumer(Generic[T]):
         def ping() -> None:
             nonlocal timer
             pings[:] = [t for t in pings if not t.done()]
-            pings.append(loop.create_task(self._in_progress(batch.open)))
+            pings.append(loop.create_task(self._in_progress(open_now())))
             timer = loop.call_later(self._keep_alive_s, ping)
 
         timer = loop.call_later(self._keep_alive_s, ping)

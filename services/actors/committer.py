@@ -1,12 +1,11 @@
 """Group commit: the state writes of every partition an actors process works, ready at the
 same time, committed in one transaction.
 
-A partition's worker decides a batch, stores its facts, then hands its write here (`commit`)
-and waits for it. With 16 partitions and a few events per batch, a transaction each would
-cost more than the writes in it; instead, whichever worker finds the committer free commits
-at once what is queued (its own write, alone at a trickle), and the writes handed in
-meanwhile are committed together by the next one to take its turn (`asyncio.Lock` is
-first come, first served: no wake-up is lost).
+A partition's worker decides a batch, stores its facts, then hands its write here (`submit`)
+and goes on with its next batch; the batch is acked when the write's future ends (the
+runtime's `Later`). With 16 partitions and a few events per batch, a transaction each would
+cost more than the writes in it; instead one task commits what is queued, group after group:
+a lone write at once, and the writes handed in meanwhile together in the next group.
 
 In that one transaction:
 
@@ -15,18 +14,26 @@ In that one transaction:
   Postgres in the order of the partitions, which no two groups can then deadlock on) and
   returns the rows; a write whose row no longer names its holder is refused (`Fenced`, to its
   worker alone) and not written;
-- one upsert of every kept write's snapshots (two partitions never share a device, and a
-  partition never has two writes queued: its worker waits for its commit);
-- their command statuses.
+- the kept writes' deleted devices (a device deleted, `drops`), then one upsert of their
+  snapshots, the latest of each device (two partitions never share a device; one partition's
+  writes are queued in the order they were decided, each newer than the one before);
+- their command statuses, in order.
 
-A failed transaction (the database down) fails every write in it: each worker retries its
-batch, acking nothing.
+A worker's later batches are decided on the state its queued writes hold, so a write is never
+simply dropped: a transaction that fails because the database is away is tried again, its
+writes first, until it commits. One that fails on what it holds is split, each write
+committed alone; a write that still fails fails with the writes queued behind it of the same
+owner (its worker stops and its successor decides again from what is committed). A write is
+withdrawn by cancelling its future (its worker stopped), unless its transaction has begun.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
+from collections.abc import Iterable
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -35,10 +42,12 @@ from sqlalchemy import (
     Table,
     Update,
     bindparam,
+    delete,
     literal_column,
     select,
     update,
 )
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import commands
@@ -48,8 +57,14 @@ from libs.db.models import ActorPartitionFence, CommandRecord, DeviceState, repo
 from libs.messages import DeviceSnapshot
 from services.actors.fence import Fence, Fenced
 
+log = logging.getLogger(__name__)
+
 _fences = cast(Table, ActorPartitionFence.__table__)
 _commands = cast(Table, CommandRecord.__table__)
+_states = cast(Table, DeviceState.__table__)
+
+RETRY_FIRST_S = 0.25
+RETRY_MAX_S = 5.0
 
 # Which command status may follow which: a late `delivered` never undoes `done`.
 NEXT_STATUS = {
@@ -111,18 +126,47 @@ def _newer_than_stored() -> Any:
     return DeviceState.__table__.c.last_seq < literal_column("excluded.last_seq")
 
 
+def transient(exc: BaseException) -> bool:
+    """Whether a failed transaction may commit if tried again as it is: the database (or the
+    way to it) was away, not the writes wrong."""
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    return isinstance(exc, OSError | TimeoutError)
+
+
 @dataclasses.dataclass(eq=False)
 class Write:
-    """One batch's state: committed only while `fence` (None: unfenced) is its holder's."""
+    """One batch's state (and deleted devices): committed only while `fence` (None:
+    unfenced) is its holder's. `owner`: whose writes are queued in the order decided."""
 
+    owner: object
     fence: Fence | None
     snapshots: list[DeviceSnapshot]
     statuses: list[tuple[str, m.CommandStatusData]]
-    done: bool = False
-    error: BaseException | None = None
+    drops: list[str]
+    done: asyncio.Future[None]
 
     def settle(self, error: BaseException | None = None) -> None:
-        self.done, self.error = True, error
+        if self.done.done():  # withdrawn
+            return
+        if error is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(error)
+
+
+def latest(writes: Iterable[Write]) -> tuple[list[str], list[DeviceSnapshot]]:
+    """What a group writes: every device deleted in it, and each device's last snapshot
+    (queued after its deletion, if it was deleted and came back)."""
+    dropped: set[str] = set()
+    final: dict[str, DeviceSnapshot | None] = {}
+    for write in writes:
+        for device_id in write.drops:
+            dropped.add(device_id)
+            final[device_id] = None
+        for snapshot in write.snapshots:
+            final[snapshot.device_id] = snapshot
+    return sorted(dropped), [s for s in final.values() if s is not None]
 
 
 class Committer:
@@ -131,9 +175,26 @@ class Committer:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
         self._queue: list[Write] = []
-        self._turn = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
         self._upsert_statement: Any = None  # built on first use: it needs the dialect
         self.groups = 0  # transactions committed or tried (a test reads it)
+
+    def submit(
+        self,
+        owner: object,
+        fence: Fence | None,
+        snapshots: list[DeviceSnapshot],
+        statuses: list[tuple[str, m.CommandStatusData]],
+        drops: list[str] | None = None,
+    ) -> asyncio.Future[None]:
+        """Queue this write; its future ends once it is committed (`Fenced` if its fence
+        refused it, or the error it cannot be stored for). Cancel it to withdraw the write."""
+        loop = asyncio.get_running_loop()
+        write = Write(owner, fence, snapshots, statuses, drops or [], loop.create_future())
+        self._queue.append(write)
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._run())
+        return write.done
 
     async def commit(
         self,
@@ -141,45 +202,98 @@ class Committer:
         snapshots: list[DeviceSnapshot],
         statuses: list[tuple[str, m.CommandStatusData]],
     ) -> None:
-        """Commit this write, with those queued beside it; `Fenced` if its fence refused it,
-        or the transaction's error."""
-        write = Write(fence, snapshots, statuses)
-        self._queue.append(write)
-        async with self._turn:
-            if not write.done:  # not taken by the turn before: commit what is queued
-                group, self._queue = self._queue, []
+        """Submit and wait: one write whose writer waits for it."""
+        await self.submit(object(), fence, snapshots, statuses)
+
+    async def close(self) -> None:
+        """Stop committing: what is still queued stays unwritten (its batches un-acked)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for write in self._queue:
+            write.done.cancel()
+        self._queue = []
+
+    def _take(self) -> list[Write]:
+        group = [w for w in self._queue if not w.done.done()]  # not withdrawn
+        self._queue = []
+        return group
+
+    async def _run(self) -> None:
+        """Commit what is queued, group after group, until nothing is."""
+        attempt = 0
+        while group := self._take():
+            try:
                 await self._commit(group)
-        if write.error is not None:
-            raise write.error
+                attempt = 0
+                continue
+            except asyncio.CancelledError:  # closed: no writer is left waiting
+                for write in group:
+                    write.done.cancel()
+                raise
+            except Exception as exc:  # sorted below: again, or split
+                error = exc
+            if not transient(error):
+                await self._split(group, error)
+                continue
+            self._queue[:0] = [w for w in group if not w.done.done()]
+            delay = min(RETRY_FIRST_S * 2.0 ** min(attempt, 10), RETRY_MAX_S)
+            attempt += 1
+            log.warning("state write failed, retrying in %.2f s: %r", delay, error)
+            await asyncio.sleep(delay)
+
+    async def _split(self, group: list[Write], error: Exception) -> None:
+        """A group that failed on what it holds: each write alone, so that only the one
+        that cannot be stored fails (with its owner's writes queued behind it)."""
+        refused: dict[int, Exception] = {}  # by owner
+        for i, write in enumerate(group):
+            if write.done.done():
+                continue
+            if id(write.owner) in refused:  # decided on top of a refused one
+                write.settle(refused[id(write.owner)])
+                continue
+            try:
+                if len(group) == 1:
+                    raise error
+                await self._commit([write])
+            except Exception as exc:  # as in `_run`
+                if transient(exc):
+                    self._queue[:0] = [w for w in group[i:] if not w.done.done()]
+                    return
+                refused[id(write.owner)] = exc
+                self._fail(write, exc)
+
+    def _fail(self, write: Write, error: Exception) -> None:
+        log.error("state write refused by the database: %r", error)
+        write.settle(error)
+        for queued in self._queue:
+            if queued.owner is write.owner:  # decided on top of it
+                queued.settle(error)
 
     async def _commit(self, group: list[Write]) -> None:
         self.groups += 1
-        try:
-            async with self._sessions.begin() as session:
-                kept = await self._fenced(session, group)
-                await self._upsert(session, [s for w in kept for s in w.snapshots])
-                for write in kept:
-                    for device_id, status in write.statuses:
-                        await _status(session, device_id, status)
-        except BaseException as exc:  # cancelled too: no waiter is left without an answer
-            error = exc if isinstance(exc, Exception) else RuntimeError("commit interrupted")
-            for write in group:
-                if not write.done:
-                    write.settle(error)
-            raise
-        for write in group:
-            if not write.done:
-                write.settle()
+        async with self._sessions.begin() as session:
+            kept = await self._fenced(session, group)
+            dropped, snapshots = latest(kept)
+            if dropped:
+                await session.execute(delete(_states).where(_states.c.device_id.in_(dropped)))
+            await self._upsert(session, snapshots)
+            for write in kept:
+                for device_id, status in write.statuses:
+                    await _status(session, device_id, status)
+        for write in kept:
+            write.settle()
 
     @staticmethod
     async def _fenced(session: AsyncSession, group: list[Write]) -> list[Write]:
         """The writes to commit: the unfenced ones, and those whose partition's claim still
         names their holder (its row locked till commit); the others are settled `Fenced`."""
-        fences = [w.fence for w in group if w.fence is not None]
+        fences = {w.fence.partition: w.fence for w in group if w.fence is not None}
         if not fences:
             return group
         lock = _LOCK_CLAIMS[session.get_bind().dialect.name]
-        found = await session.execute(lock, {"partitions": [f.partition for f in fences]})
+        found = await session.execute(lock, {"partitions": sorted(fences)})
         claims = {p: (revision, holder) for p, revision, holder in found}
         kept = []
         for write in group:

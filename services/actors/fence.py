@@ -3,8 +3,8 @@
 A holder claims its partition (`actor_partitions`: the lease's KV revision and its name) in a
 transaction of its own before it reads any of the partition's state, and every commit of
 its state locks the claim's row in the same transaction and finds it still naming its claim
-(`committer.Committer`, for the partitions of a group commit at once; `check`, for a
-deleted device's drop). A holder paused long enough for its lease to expire and be taken
+(`committer.Committer`, for the partitions of a group commit at once, a deleted device's
+drop among them). A holder paused long enough for its lease to expire and be taken
 (GC, a stopped container, SIGSTOP) finds the row claimed by the new holder when it wakes:
 its write is not made, nothing is acked, and it lets the partition go.
 
@@ -18,7 +18,7 @@ import logging
 from typing import Any, NoReturn, cast
 
 from prometheus_client import Counter
-from sqlalchemy import CursorResult, Table, Update, bindparam, select, update
+from sqlalchemy import CursorResult, Table, Update, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import messages as m
@@ -35,17 +35,6 @@ REFUSED = Counter(
 )
 
 _table = cast(Table, ActorPartitionFence.__table__)
-
-# Matches (and locks till commit) the partition's row only while it names this claim.
-_CHECK: Update = (
-    update(_table)
-    .where(
-        _table.c.partition == bindparam("at"),
-        _table.c.revision == bindparam("claimed"),
-        _table.c.holder == bindparam("by"),
-    )
-    .values(holder=_table.c.holder)
-)
 
 
 class Fenced(Exception):
@@ -93,17 +82,6 @@ class Fence:
     def claimed(self) -> tuple[int, str]:
         """What the partition's row holds while this holder's claim stands."""
         return self.revision, self._lease.owner
-
-    async def check(self, session: AsyncSession) -> None:
-        """In the transaction of a write of its own (a deleted device's drop), first: raise
-        `Fenced` (the caller rolls back) unless the partition is still claimed by this
-        holder; lock the claim till commit. (Batches are checked by `committer.Committer`.)"""
-        revision, holder = self.claimed
-        kept = await session.execute(
-            _CHECK, {"at": self.partition, "claimed": revision, "by": holder}
-        )
-        if _rows(kept) == 0:
-            self.refused()
 
     async def still_mine(self) -> None:
         """Before publishing what a batch decided: raise `Fenced` if claimed by another.

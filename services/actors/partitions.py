@@ -111,6 +111,7 @@ class ActorPartitions:
             self.bound.clear()
             with contextlib.suppress(Exception):
                 await registry.unsubscribe()
+            await self.committer.close()  # every partition stopped: nothing left to ack
 
     # --- a partition held -------------------------------------------------------------------
 

@@ -2,9 +2,11 @@
 truth), and in the cache for the gateway.
 
 The virtual-actor model: a device's state is read from the database when the worker first
-needs it after taking the lease (`activate`), and kept in memory, with each committed write,
-for as long as the lease is held. Writes are committed by the process's `Committer`, with
-those of its other partitions ready at the same time.
+needs it after taking the lease (`activate`), and kept in memory for as long as the lease is
+held. A batch's state is kept in memory when it is handed to the process's `Committer` (the
+next batch is decided on it while it commits): the committer commits every write handed to
+it, in order, or fails it with those behind it, and then the worker stops and this memory
+goes with it.
 
 The cache is never read here: a cache restored from an old snapshot, flushed, or written by
 another process can change nothing the actors decide. It is written after each commit, newer
@@ -19,7 +21,7 @@ import logging
 import time
 
 from prometheus_client import Counter
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import messages as m
@@ -125,30 +127,34 @@ class StateStore:
     def forget(self, device_id: str) -> None:
         self._standing.pop(device_id, None)
 
-    async def drop(self, device_id: str) -> None:
-        """A deleted device leaves no state behind for a later device of the same id."""
-        async with self._sessions.begin() as session:
-            if self._fence is not None:
-                await self._fence.check(session)
-            await session.execute(delete(DeviceState).where(DeviceState.device_id == device_id))
-        self._active.pop(device_id, None)
+    def drop(self, device_id: str) -> asyncio.Future[None]:
+        """A deleted device leaves no state behind for a later device of the same id: from
+        now on it has none (the next batch decides on none), and its row is deleted after
+        the writes handed over before; the future ends with that (`Fenced`: refused)."""
+        self._keep(DeviceSnapshot(device_id=device_id))
         self._cache_behind.discard(device_id)
+        return self._committer.submit(self, self._fence, [], [], drops=[device_id])
+
+    async def uncache(self, device_id: str) -> None:
         await self._cache.delete(device_id)
 
-    async def save(
+    def hand(
         self,
         snapshots: list[DeviceSnapshot],
         statuses: list[tuple[str, m.CommandStatusData]],
-    ) -> None:
-        """Commit snapshots and command statuses (with the other partitions' writes ready at
-        the same time: `Committer`), then write the cache. With a fence, the commit checks it
-        even with nothing to write (`Fenced`: nothing written): a batch is acked only while
-        its partition is still this worker's."""
+    ) -> asyncio.Future[None] | None:
+        """Hand snapshots and command statuses to the committer and keep the snapshots in
+        memory now; the future ends once they are committed (`Fenced`: refused). With a
+        fence the commit checks it even with nothing to write: a batch is acked only while
+        its partition is still this worker's. None: nothing to commit."""
         if not snapshots and not statuses and self._fence is None:
-            return
-        await self._committer.commit(self._fence, snapshots, statuses)
+            return None
         for snapshot in snapshots:
             self._keep(snapshot)
+        return self._committer.submit(self, self._fence, snapshots, statuses)
+
+    async def committed(self, snapshots: list[DeviceSnapshot]) -> None:
+        """Tell the cache of these committed states (and of some it missed before)."""
         await self._write_cache(snapshots)
 
     async def _write_cache(self, snapshots: list[DeviceSnapshot]) -> None:

@@ -1,12 +1,15 @@
 """The device actors: a thin shell around `libs.actor_batch.decide` on the consumer runtime.
 
-    decode (runtime) → decide (pure) → publish facts → commit (grouped) → cache → ack (runtime)
+    decode (runtime) → decide (pure) → publish facts → hand the write over → next batch
+                                                       ↳ commit (grouped) → cache → ack (runtime)
 
 The runtime (`libs.consumer`) binds the durable consumer, reads back what a dead worker or
 a lost connection left un-acked, dead-letters what cannot be decoded, and acks a batch once
-its handler returns. The handler loads the batch's devices, lets `decide` say what follows,
-stores the facts, commits the state, and returns the dead letters for what can never be
-applied. So:
+its handler's answer ends. The handler loads the batch's devices, lets `decide` say what
+follows, stores the facts, hands the state to the committer and answers `Later`: the next
+batch is decided at once, on the state handed over (its facts go out without waiting for
+the commit before), and the batch is acked once committed, in order, with the dead letters
+for what can never be applied. So:
 
 - no event is lost: nothing is acked before its state is committed and its facts are
   stored; a dependency down is `Retry` (the runtime keeps the batch in progress and calls
@@ -23,12 +26,14 @@ applied. So:
   another;
 - a holder whose lease was taken over while it was paused writes nothing: each commit
   checks the partition's fence (`services.actors.fence`) in its transaction, and a refused
-  batch is neither written nor acked.
+  batch is neither written nor acked; nor is any batch after it (the runtime stops the
+  consumer, and this worker with its memory goes);
+- a batch decided on a write not yet committed is acked after that write: the committer
+  commits one worker's writes in order, tries a transaction the database was away for
+  again, and fails a write it cannot store with those behind it (then the worker stops).
 
-A batch's state is committed with those of the process's other partitions ready at the same
-time, in one transaction (`services.actors.committer`): the worker waits for that commit
-before it acks, a write the fence refuses fails alone (the others commit), and a failed
-transaction fails every write in it (each worker retries its batch).
+A batch's state is committed with those of the process's other partitions handed over at
+the same time, in one transaction (`services.actors.committer`).
 
 Each device's state is read from the database once after the partition is claimed and then
 kept in memory (`StateStore`, one per partition held); the cache is written after each
@@ -39,6 +44,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -48,7 +55,7 @@ from prometheus_client import Counter, Histogram
 from libs import bus, commands, subjects, tracing
 from libs import messages as m
 from libs.actor_batch import Effects, Fact, Incoming, decide, standing
-from libs.consumer import Consumer, Dead, Delivery, Item, Retry, Undecodable, Verdict
+from libs.consumer import Consumer, Dead, Delivery, Item, Later, Retry, Undecodable, Verdict
 from services.actors.fence import Fence, Fenced
 from services.actors.store import StateStore
 
@@ -65,12 +72,19 @@ BATCH_SECONDS = Histogram(
     "smarthome_event_apply_seconds",
     "Time to apply a batch of events: decide, store its facts, commit its state",
 )
+DECIDE_SECONDS = Histogram(
+    "smarthome_actor_decide_seconds",
+    "Time from a batch's hand-out to its facts stored and its write handed over (what a "
+    "partition's next batch waits for)",
+)
 # The label's values: the platform's event types; a device's own types are `custom` (a label
 # value per type a device makes up would grow without bound).
 KNOWN_TYPES = frozenset(
     (*m.ATTRIBUTE_EVENTS, *m.PRESENCE_EVENTS, "mark", "presence_timeout", "command_status")
 )
-WRITE_SECONDS = Histogram("smarthome_actor_write_seconds", "Time to commit one batch's state")
+WRITE_SECONDS = Histogram(
+    "smarthome_actor_write_seconds", "Time from a batch's write handed over to its commit"
+)
 
 
 def decode(delivery: Delivery) -> m.CloudEvent:
@@ -135,35 +149,55 @@ class PartitionWorker:
         )
         self.fenced = asyncio.Event()  # set when a write was refused: stop, let it go
         self._stop: asyncio.Event | None = None
-        # A batch's read-decide-write and a deleted device's drop, one at a time.
+        # A batch's read-decide-hand-over and a deleted device's drop, one at a time.
         self._writing = asyncio.Lock()
+        self._last: asyncio.Future[Any] | None = None  # the latest batch's `Later`
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; a write the fence refuses sets it."""
         self._stop = stop
         await self.consumer.run(stop)
 
-    async def handle(self, items: list[Item[m.CloudEvent]]) -> dict[int, Verdict]:
-        """Decide the batch, store its facts, commit its state; `Retry` while a dependency
-        is down (the batch is decided again then, on the same committed state)."""
+    async def handle(self, items: list[Item[m.CloudEvent]]) -> Later:
+        """Decide the batch, store its facts, hand its state over: `Later`, settled once
+        committed; `Retry` while a dependency is down (the batch is decided again then, on
+        the same state: nothing of it was kept)."""
         if self.fenced.is_set():
             raise Retry("the partition was taken over")
-        with BATCH_SECONDS.time(), tracing.batch("actors apply", (i.traceparent for i in items)):
+        started = time.perf_counter()
+        with tracing.batch("actors apply", (i.traceparent for i in items)):
             async with self._writing:
                 try:
                     with tracing.span("actors decide"):
                         effects = await self._decide(items)
                     with tracing.span("actors publish facts"):
                         await self._publish(effects, items)
-                    with tracing.span("actors write"):
-                        await self._write(effects)
                 except Fenced as exc:
-                    # Not acked: the new holder handles the batch. The runtime, stopped,
-                    # leaves a batch it is told to retry un-acked.
-                    self.fenced.set()
-                    if self._stop is not None:
-                        self._stop.set()
-                    raise Retry(str(exc)) from exc
+                    raise Retry(str(self._taken_over(exc))) from exc
+                snapshots = list(effects.written.values())
+                handed = self.store.hand(snapshots, effects.statuses)
+            DECIDE_SECONDS.observe(time.perf_counter() - started)
+            # Made here: its task's write span is a child of this batch's.
+            later = Later(self._committed(handed, snapshots, effects, started))
+        self._last = later.outcome
+        return later
+
+    async def _committed(
+        self,
+        handed: asyncio.Future[None] | None,
+        snapshots: list[m.DeviceSnapshot],
+        effects: Effects,
+        started: float,
+    ) -> dict[int, Verdict]:
+        """The batch's verdicts once its state is committed (then the cache is told)."""
+        if handed is not None:
+            with tracing.span("actors write"), WRITE_SECONDS.time():
+                try:
+                    await handed
+                except Fenced as exc:
+                    raise self._taken_over(exc) from None
+            await self.store.committed(snapshots)
+        BATCH_SECONDS.observe(time.perf_counter() - started)
         for outcome, count in effects.outcomes.items():
             APPLIED.labels(outcome).inc(count)
         for event_type, count in effects.applied.items():
@@ -171,6 +205,13 @@ class PartitionWorker:
         for _, status in effects.statuses:  # committed: each device report counted once
             commands.STATUSES.labels(status.status).inc()
         return {seq: Dead(reason, "unapplicable") for seq, reason in effects.dead.items()}
+
+    def _taken_over(self, exc: Fenced) -> Fenced:
+        """Stop: the partition is another's. What is not acked, its new holder handles."""
+        self.fenced.set()
+        if self._stop is not None:
+            self._stop.set()
+        return exc
 
     async def _decide(self, items: list[Item[m.CloudEvent]]) -> Effects:
         device_ids = sorted({item.value.subject for item in items})
@@ -209,17 +250,6 @@ class PartitionWorker:
         except Exception as exc:  # part of the write: the database is down
             raise Retry(f"state write failed, retrying: fence unread: {exc!r}") from exc
 
-    async def _write(self, effects: Effects) -> None:
-        """Commit the batch's state; with a fence, even with nothing to write (what is acked
-        next must still be this worker's to ack)."""
-        try:
-            with WRITE_SECONDS.time():
-                await self.store.save(list(effects.written.values()), effects.statuses)
-        except Fenced:
-            raise
-        except Exception as exc:
-            raise Retry(f"state write failed, retrying: {exc!r}") from exc
-
     def learn(self, fact: m.RegistryFact) -> None:
         """A registry change (connect, disconnect, delete): what the fact says it is now."""
         if fact.change == m.RegistryChange.DELETED:
@@ -230,11 +260,19 @@ class PartitionWorker:
             self.store.forget(fact.device_id)
 
     async def drop(self, device_id: str) -> None:
-        """A deleted device's state goes, after the batch being written, if any."""
+        """A deleted device's state goes: after the batches handed over before, and before
+        any decided after."""
         async with self._writing:
-            try:
-                await self.store.drop(device_id)
-            except Fenced:
-                self.fenced.set()
-            except Exception as exc:  # the state stays until the next delete: no crash
-                log.warning("could not drop the state of %s: %r", device_id, exc)
+            dropped = self.store.drop(device_id)
+            last = self._last
+        try:
+            await dropped
+        except Fenced:
+            self.fenced.set()
+            return
+        except Exception as exc:  # the state stays until the next delete: no crash
+            log.warning("could not drop the state of %s: %r", device_id, exc)
+            return
+        if last is not None:  # its cache write first: the deletion is the last word
+            await asyncio.wait([last])
+        await self.store.uncache(device_id)

@@ -14,7 +14,7 @@ from libs.db.models import ActorPartitionFence, CommandRecord
 from libs.lease import ACTOR_BUCKET, ACTOR_TTL_S, Lease
 from services.actors.committer import Committer
 from services.actors.fence import Fence, Fenced
-from tests.helpers import eventually, unique_id
+from tests.helpers import unique_id
 from tests.integration.test_actors import states
 
 
@@ -38,11 +38,10 @@ async def taken_over(sessions, fence: Fence) -> None:  # type: ignore[no-untyped
 
 
 async def in_one_group(committer: Committer, *writes) -> list:  # type: ignore[no-untyped-def]
-    """Commit these writes together: queued while the committer's turn is held, then let go."""
-    async with committer._turn:
-        tasks = [asyncio.create_task(committer.commit(*w)) for w in writes]
-        await eventually(lambda: len(committer._queue) == len(writes), timeout=5)
-    return await asyncio.gather(*tasks, return_exceptions=True)
+    """Commit these writes (owner, fence, snapshots, statuses[, drops]) together: handed
+    over at once, before the committer's task runs."""
+    done = [committer.submit(*w) for w in writes]
+    return await asyncio.gather(*done, return_exceptions=True)
 
 
 def snapshot(device: str, n: int) -> m.DeviceSnapshot:
@@ -64,7 +63,7 @@ async def test_a_group_commits_every_write_but_the_one_its_fence_refuses(js, ses
 
     def write(fence: Fence | None, i: int):  # type: ignore[no-untyped-def]
         status = m.CommandStatusData(command_id=commands[i], status="done")
-        return fence, [snapshot(devices[i], i + 1)], [(devices[i], status)]
+        return object(), fence, [snapshot(devices[i], i + 1)], [(devices[i], status)]
 
     outcomes = await in_one_group(committer, write(kept, 0), write(refused, 1), write(None, 2))
 
@@ -96,22 +95,52 @@ async def test_a_lone_write_commits_at_once_and_an_empty_fenced_one_checks_the_f
     assert (await states(sessions, [device]))[device].version == 1
 
 
-async def test_a_failed_transaction_fails_every_write_of_its_group_and_writes_none(
+async def test_a_write_the_database_refuses_fails_with_those_decided_on_it_and_alone(
     js, sessions
 ) -> None:  # type: ignore[no-untyped-def]
     fence = await claimed_fence(js, sessions)
-    devices = [unique_id("failed") for _ in range(2)]
+    devices = [unique_id("failed") for _ in range(3)]
     committer = Committer(sessions)
+    worker = object()  # a partition's worker: its second write was decided on its first
     unstorable = m.DeviceSnapshot(device_id=devices[1], attributes={"n": object()}, last_seq=1)  # type: ignore[dict-item]
 
     outcomes = await in_one_group(
-        committer, (fence, [snapshot(devices[0], 1)], []), (None, [unstorable], [])
+        committer,
+        (object(), fence, [snapshot(devices[0], 1)], []),
+        (worker, None, [unstorable], []),
+        (worker, None, [snapshot(devices[2], 1)], []),
     )
 
-    assert committer.groups == 1
-    assert all(isinstance(o, Exception) and not isinstance(o, Fenced) for o in outcomes)
-    assert outcomes[0] is outcomes[1]  # the transaction's error, to each
-    assert await states(sessions, devices) == {}
-    # The committer goes on: the good write alone commits now.
-    await committer.commit(fence, [snapshot(devices[0], 1)], [])
+    assert outcomes[0] is None  # another worker's write of the same group
+    assert isinstance(outcomes[1], Exception) and not isinstance(outcomes[1], Fenced)
+    assert outcomes[2] is outcomes[1]
     assert set(await states(sessions, devices)) == {devices[0]}
+    # The committer goes on.
+    await committer.commit(fence, [snapshot(devices[0], 2)], [])
+    assert (await states(sessions, [devices[0]]))[devices[0]].version == 2
+
+
+async def test_a_deleted_device_is_deleted_in_order_with_its_partitions_writes(
+    js, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    fence = await claimed_fence(js, sessions)
+    gone, back = unique_id("dropped"), unique_id("reregistered")
+    committer = Committer(sessions)
+    worker = object()
+    await committer.commit(fence, [snapshot(gone, 1), snapshot(back, 1)], [])
+
+    # In one group: each device's last word wins, a deletion and what came after it.
+    outcomes = await in_one_group(
+        committer,
+        (worker, fence, [snapshot(gone, 2), snapshot(back, 2)], []),
+        (worker, fence, [], [], [gone, back]),
+        (worker, fence, [snapshot(back, 1)], []),  # registered again: a fresh state
+    )
+
+    assert outcomes == [None, None, None]
+    assert {d: s.version for d, s in (await states(sessions, [gone, back])).items()} == {back: 1}
+    # Alone, with a fence taken over: refused, nothing deleted.
+    await taken_over(sessions, fence)
+    with pytest.raises(Fenced):
+        await committer.submit(worker, fence, [], [], [back])
+    assert set(await states(sessions, [back])) == {back}

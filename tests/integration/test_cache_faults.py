@@ -187,7 +187,8 @@ async def test_state_keeps_moving_while_the_cache_is_down(
             sent += 5
             await eventually(lambda n=sent: all_at(sessions, devices, n), timeout=5)
             async with httpx.AsyncClient() as http:
-                assert (await http.get(ready)).status_code == 200  # the cache is not required
+                answer = await http.get(ready)  # the cache is not required
+                assert answer.status_code == 200, (answer.text, actors.tail())
             gateway = await watch.client.get("/health/ready")
             assert (gateway.status_code, gateway.json()["status"]) == (200, "degraded")
             rounds += 1
