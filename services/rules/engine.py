@@ -51,8 +51,10 @@ log = logging.getLogger(__name__)
 
 EPISODES_BUCKET = "rule_episodes"
 EFFECT_TIMEOUT_S = 30.0
-# After a rule change signal, reload again after these waits until the change shows.
-CHANGE_RETRIES_S = (0.05, 0.2, 1.0)
+# After a rule change signal, reload again after these waits until the change shows: its
+# commit may lag the signal by seconds under load. They add up to about the periodic reload's
+# interval (`services.rules.__main__`), which catches up on whatever comes later still.
+CHANGE_RETRIES_S = (0.05, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
 # The periodic catch-up reads the registry once for all the partitions of the process.
 REGISTRY_MAX_AGE_S = 10.0
 EVALUATIONS = Counter("smarthome_rule_evaluations_total", "Rule evaluations", ["outcome"])
@@ -89,6 +91,8 @@ class RulesEngine:
         self._facts: Consumer[m.DeviceStateFact] | None = None
         self._lock = asyncio.Lock()  # facts, events and timers decide one at a time
         self._reloading = asyncio.Lock()
+        # Rule changes read again until they show (`_follow_change`), one task each.
+        self._following: set[asyncio.Task[None]] = set()
 
     # --- run -------------------------------------------------------------------------------
 
@@ -132,6 +136,8 @@ class RulesEngine:
             self._quit.set()
             self.bound.clear()
             self._effects.cancel()
+            for task in self._following:
+                task.cancel()
             await self.lease.release()
             with contextlib.suppress(Exception):
                 await watch.unsubscribe()
@@ -186,20 +192,30 @@ class RulesEngine:
             log.info("partition %s: loaded %d rules", self.partition, len(rules.rules))
 
     async def _on_rule_change(self, msg: Msg) -> None:
-        """Reload the rules on a change. A change may be signalled before its transaction
-        commits (a reload then reads the rule as it was): read again until the change shows."""
+        """Reload the rules on a change, in a task of its own: one that has not shown yet
+        must not hold up the signals after it (the subscription hands them over in turn)."""
         if not self._active():
             return
+        task = asyncio.create_task(self._follow_change(msg.subject, msg.data))
+        self._following.add(task)
+        task.add_done_callback(self._following.discard)
+
+    async def _follow_change(self, subject: str, data: bytes) -> None:
+        """A change may be signalled before its transaction commits (a reload then reads the
+        rule as it was): read again, less and less often, until the change shows."""
         try:
             await self._reload(registry=False)
             for wait in CHANGE_RETRIES_S:
-                if self._shows(msg.data) or not self._active():
+                if self._shows(data):
                     return
                 await asyncio.sleep(wait)
+                if not self._active():
+                    return
                 await self._reload(registry=False)
-            log.warning(
-                "%s: not in the database after %d reloads", msg.subject, len(CHANGE_RETRIES_S)
-            )
+            if not self._shows(data):
+                log.warning(
+                    "%s: not in the database after %d reloads", subject, len(CHANGE_RETRIES_S)
+                )
         except Exception as exc:  # the periodic reload catches up
             log.warning("rule reload failed: %s", exc)
 
