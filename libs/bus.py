@@ -155,9 +155,10 @@ def actors_durable(partition: int) -> str:
 
 
 def actors_consumer(partition: int) -> ConsumerConfig:
-    """The actors' consumer of one partition. At most a batch's worth un-acked (the batches
-    decided while the ones before commit): what a dead worker left is read back by sequence
-    before any newer event, which keeps each device's events in order."""
+    """The actors' consumer of one partition. Two batches' worth may be un-acked: the next
+    batch is decided while those before it commit (a drain's full batches too). What a dead
+    worker left is read back by sequence before any newer event, which keeps each device's
+    events in order."""
     return _actors_consumer(actors_durable(partition), subjects.events_partition(partition))
 
 
@@ -175,7 +176,7 @@ def _actors_consumer(durable: str, filter_subject: str) -> ConsumerConfig:
         ack_policy=AckPolicy.ALL,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=10.0,
-        max_ack_pending=ACTORS_BATCH,
+        max_ack_pending=2 * ACTORS_BATCH,
         max_deliver=-1,
     )
 
