@@ -24,7 +24,13 @@ from libs import capabilities, commands, outbox, subjects
 from libs import messages as m
 from libs.cache import StateCache, order
 from libs.db.engine import at_or_under
-from libs.db.models import CommandRecord, DeviceState, HistoryEntry, HourlyStatistic
+from libs.db.models import (
+    CommandRecord,
+    DeviceClaim,
+    DeviceState,
+    HistoryEntry,
+    HourlyStatistic,
+)
 from libs.db.models import Device as DeviceRow
 from libs.device_state import presence
 from libs.errors import Conflict, Invalid, NotFound
@@ -123,8 +129,16 @@ class DeviceService:
         when it is registered already or too many wait for approval."""
         async with self._sessions() as session:
             found = await session.get(DeviceRow, device_id)
+            # A claimed device still waiting for its credentials: again. Looked up here, so
+            # that the hellos of a bridge's registered devices (thousands when it connects)
+            # cost a read each, not a transaction.
+            claimed = (
+                found is not None
+                and found.lifecycle == m.Lifecycle.ACTIVE
+                and await session.get(DeviceClaim, device_id) is not None
+            )
         if found is not None:
-            if found.lifecycle == m.Lifecycle.ACTIVE:  # a claimed device still waiting: again
+            if claimed:
                 await self._credentials().deliver_claim(device_id, DISCOVERY_ACTOR, again=True)
             return False
         async with self._sessions.begin() as session:
