@@ -113,6 +113,14 @@ async def dead_letter(js: JetStreamContext, subject: str) -> RawStreamMsg | None
     return None
 
 
+async def nothing_settled(
+    js: JetStreamContext, stream: str, floor: int, acked: list[int], dead_subject: str
+) -> bool:
+    """No ack sent, the ack floor still at `floor`, no dead letter of `dead_subject` yet."""
+    held = await ack_floor(js, stream) <= floor and not acked
+    return held and await dead_letter(js, dead_subject) is None
+
+
 async def until(check: Callable[[], Awaitable[T]], timeout: float = 5.0) -> T:
     """`eventually` for an async check (typed: mypy infers nothing through its union)."""
     either: Callable[[], Awaitable[T] | T] = check
@@ -150,11 +158,7 @@ async def test_deferred_batches_are_settled_in_order_and_the_next_is_not_held_up
         # The second ends first: it waits for the first (its ack would cover it).
         worker.outcomes[second].set_result({second: Dead("refused on commit")})
 
-        async def nothing_settled() -> bool:
-            held = await ack_floor(js, name) < first and not acked
-            return held and await dead_letter(js, f"{prefix}.b") is None
-
-        await stays(nothing_settled)
+        await stays(lambda: nothing_settled(js, name, first - 1, acked, f"{prefix}.b"))
 
         # The first ends: both are settled, by one ack (the second's), its dead letter first.
         worker.outcomes[first].set_result(None)
@@ -222,11 +226,7 @@ async def test_a_batch_answered_at_once_is_settled_behind_a_deferred_one(
         third = await publish(js, f"{prefix}.c", {"now": None})
         await eventually(lambda: worker.batches == [[first], [second], [third]], timeout=5)
 
-        async def nothing_settled() -> bool:
-            held = await ack_floor(js, name) < first and not acked
-            return held and await dead_letter(js, f"{prefix}.b") is None
-
-        await stays(nothing_settled)
+        await stays(lambda: nothing_settled(js, name, first - 1, acked, f"{prefix}.b"))
 
         worker.outcomes[first].set_result(None)
         await until(lambda: acked_up_to(js, name, third), timeout=5)
