@@ -196,15 +196,6 @@ class Committer:
             self._task = loop.create_task(self._run())
         return write.done
 
-    async def commit(
-        self,
-        fence: Fence | None,
-        snapshots: list[DeviceSnapshot],
-        statuses: list[tuple[str, m.CommandStatusData]],
-    ) -> None:
-        """Submit and wait: one write whose writer waits for it."""
-        await self.submit(object(), fence, snapshots, statuses)
-
     async def close(self) -> None:
         """Stop committing: what is still queued stays unwritten (its batches un-acked)."""
         if self._task is not None:
@@ -246,6 +237,9 @@ class Committer:
     async def _split(self, group: list[Write], error: Exception) -> None:
         """A group that failed on what it holds: each write alone, so that only the one
         that cannot be stored fails (with its owner's writes queued behind it)."""
+        if len(group) == 1:
+            self._fail(group[0], error)
+            return
         refused: dict[int, Exception] = {}  # by owner
         for i, write in enumerate(group):
             if write.done.done():
@@ -254,8 +248,6 @@ class Committer:
                 write.settle(refused[id(write.owner)])
                 continue
             try:
-                if len(group) == 1:
-                    raise error
                 await self._commit([write])
             except Exception as exc:  # as in `_run`
                 if transient(exc):

@@ -75,8 +75,8 @@ async def test_a_group_commits_every_write_but_the_one_its_fence_refuses(js, ses
     assert [await status_of(sessions, c) for c in commands] == ["done", None, "done"]
     # The refused holder's next write is refused alone too; the kept one goes on.
     with pytest.raises(Fenced):
-        await committer.commit(refused, [snapshot(devices[1], 5)], [])
-    await committer.commit(kept, [snapshot(devices[0], 2)], [])
+        await committer.submit(object(), refused, [snapshot(devices[1], 5)], [])
+    await committer.submit(object(), kept, [snapshot(devices[0], 2)], [])
     assert (await states(sessions, [devices[0]]))[devices[0]].version == 2
 
 
@@ -86,12 +86,12 @@ async def test_a_lone_write_commits_at_once_and_an_empty_fenced_one_checks_the_f
     fence = await claimed_fence(js, sessions)
     device = unique_id("lone")
     committer = Committer(sessions)
-    await committer.commit(fence, [snapshot(device, 1)], [])
+    await committer.submit(object(), fence, [snapshot(device, 1)], [])
     assert committer.groups == 1
-    await committer.commit(fence, [], [])  # nothing to write: what is acked is still ours
+    await committer.submit(object(), fence, [], [])  # nothing to write: what is acked is still ours
     await taken_over(sessions, fence)
     with pytest.raises(Fenced):
-        await committer.commit(fence, [], [])
+        await committer.submit(object(), fence, [], [])
     assert (await states(sessions, [device]))[device].version == 1
 
 
@@ -116,7 +116,7 @@ async def test_a_write_the_database_refuses_fails_with_those_decided_on_it_and_a
     assert outcomes[2] is outcomes[1]
     assert set(await states(sessions, devices)) == {devices[0]}
     # The committer goes on.
-    await committer.commit(fence, [snapshot(devices[0], 2)], [])
+    await committer.submit(object(), fence, [snapshot(devices[0], 2)], [])
     assert (await states(sessions, [devices[0]]))[devices[0]].version == 2
 
 
@@ -127,7 +127,7 @@ async def test_a_deleted_device_is_deleted_in_order_with_its_partitions_writes(
     gone, back = unique_id("dropped"), unique_id("reregistered")
     committer = Committer(sessions)
     worker = object()
-    await committer.commit(fence, [snapshot(gone, 1), snapshot(back, 1)], [])
+    await committer.submit(object(), fence, [snapshot(gone, 1), snapshot(back, 1)], [])
 
     # In one group: each device's last word wins, a deletion and what came after it.
     outcomes = await in_one_group(
