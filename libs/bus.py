@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import ssl
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -424,24 +426,16 @@ async def publish_many(
     error at once (`StorageFull` when its storage is full). `traceparents`, when given,
     holds each message's `traceparent` (None: the current one, as `headers` does).
 
-    The acks come to an inbox of this call's own, not to nats-py's `publish_async`: that
-    leaves the future of a refused message pending for ever (nats-io/nats.py#985), so a
-    refusal would only show as a timeout."""
+    The acks come to an inbox of the connection's own (`_AckInbox`), not to nats-py's
+    `publish_async`: that leaves the future of a refused message pending for ever
+    (nats-io/nats.py#985), so a refusal would only show as a timeout."""
     if not messages:
         return []
     nc = js._nc  # the connection the context publishes on
-    inbox = nc.new_inbox()
-    acks = [asyncio.get_running_loop().create_future() for _ in messages]
-
-    async def on_ack(msg: Msg) -> None:
-        ack = acks[int(msg.subject.rpartition(".")[2])]
-        if not ack.done():
-            try:
-                ack.set_result(_pub_ack(msg))
-            except Exception as exc:  # the stream's refusal, for the caller
-                ack.set_exception(exc)
-
-    replies = await nc.subscribe(f"{inbox}.*", cb=on_ack)
+    inbox = _ack_inboxes.get(nc)
+    if inbox is None:
+        inbox = _ack_inboxes[nc] = _AckInbox(nc)
+    replies, acks = await inbox.expect(len(messages))
     try:
         for n, (subject, message, msg_id) in enumerate(messages):
             payload = message if isinstance(message, bytes) else msgspec.json.encode(message)
@@ -449,16 +443,63 @@ async def publish_many(
             await nc.publish(
                 subject,
                 payload,
-                reply=f"{inbox}.{n}",
+                reply=replies[n],
                 headers=headers(msg_id, traceparent) or None,
             )
         with storage_refusals():
-            return list(await asyncio.wait_for(asyncio.gather(*acks), timeout))
+            async with asyncio.timeout(timeout):
+                return list(await asyncio.gather(*acks))
     finally:
-        with contextlib.suppress(nats.errors.Error):  # a closed connection has no inbox left
-            await replies.unsubscribe()
+        inbox.forget(replies)
         for ack in acks:
             ack.cancel()
+
+
+class _AckInbox:
+    """One connection's reply subscription for `publish_many`'s acks, made once: a
+    subscription per call (a SUB, an UNSUB and a task each) cost the actors, which publish a
+    few facts a batch, a tenth of their CPU."""
+
+    def __init__(self, nc: NATS) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox() + "."
+        self._waiting: dict[str, asyncio.Future[PubAck]] = {}
+        self._count = 0
+        self._subscription: Subscription | None = None
+        self._subscribing = asyncio.Lock()
+
+    async def expect(self, count: int) -> tuple[list[str], list[asyncio.Future[PubAck]]]:
+        """Reply subjects for `count` messages, and the futures their acks will end."""
+        if self._subscription is None:
+            await self._subscribe()
+        loop = asyncio.get_running_loop()
+        first, self._count = self._count, self._count + count
+        replies = [f"{self._prefix}{n}" for n in range(first, first + count)]
+        acks = [loop.create_future() for _ in replies]
+        self._waiting.update(zip(replies, acks, strict=True))
+        return replies, acks
+
+    async def _subscribe(self) -> None:
+        async with self._subscribing:
+            if self._subscription is None:
+                wildcard = self._prefix + "*"
+                self._subscription = await self._nc.subscribe(wildcard, cb=self._ack)
+
+    def forget(self, replies: list[str]) -> None:
+        for reply in replies:
+            self._waiting.pop(reply, None)
+
+    async def _ack(self, msg: Msg) -> None:
+        ack = self._waiting.pop(msg.subject, None)
+        if ack is not None and not ack.done():
+            try:
+                ack.set_result(_pub_ack(msg))
+            except Exception as exc:  # the stream's refusal, for the caller
+                ack.set_exception(exc)
+
+
+# Per connection; a closed connection's goes with it.
+_ack_inboxes: weakref.WeakKeyDictionary[NATS, _AckInbox] = weakref.WeakKeyDictionary()
 
 
 def _pub_ack(msg: Msg) -> PubAck:

@@ -39,6 +39,7 @@ from libs.cache import StateCache
 from libs.consumer import ACK_PENDING, PENDING
 from libs.lease import ACTOR_BUCKET, ACTOR_TTL_S, Lease
 from libs.partitions import Share
+from services.actors.cache_writer import CacheWriter
 from services.actors.committer import Committer
 from services.actors.fence import Fence
 from services.actors.store import StateStore
@@ -80,7 +81,7 @@ class ActorPartitions:
         self._nc = nc
         self._js = nc.jetstream()
         self._sessions = sessions
-        self._cache = cache
+        self._cache = CacheWriter(cache)  # every partition's cache writes, grouped
         self.count = count
         self.committer = Committer(sessions)  # every partition's writes, grouped
         leases = [
@@ -120,6 +121,7 @@ class ActorPartitions:
         hand-over or a refused write; then let it go."""
         lease = self.share.leases[index]
         quit = asyncio.Event()
+        store: StateStore | None = None
         try:
             fence = Fence(self._sessions, index, lease)
             if not await fence.claim():
@@ -153,6 +155,8 @@ class ActorPartitions:
         finally:
             quit.set()
             self.workers.pop(index, None)
+            if store is not None:
+                store.let_go()
             await lease.release()
             forget_lag(bus.actors_durable(index))
             log.info("let partition %d go", index)

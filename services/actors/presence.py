@@ -19,11 +19,13 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from nats.js import JetStreamContext
 from prometheus_client import Gauge
-from sqlalchemy import select
+from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import bus, capabilities
@@ -33,6 +35,25 @@ from libs.device_state import overdue
 from libs.presence import device_counts
 
 log = logging.getLogger(__name__)
+
+# Online devices are judged this many at a time, read from a cursor: the event loop, which
+# the partitions' batches share, is never held for a whole fleet's rows at once.
+SCAN_CHUNK = 250
+
+_ONLINE = (
+    select(
+        DeviceState.device_id,
+        DeviceState.version,
+        DeviceState.reported,
+        DeviceState.stale,
+        Device.kind,
+        Device.report_intervals,
+        Device.lifecycle,
+        Device.enabled,
+    )
+    .join(Device, Device.id == DeviceState.device_id)
+    .where(DeviceState.connection == "online")
+)
 
 DEVICES = Gauge(
     "smarthome_devices",
@@ -73,29 +94,25 @@ async def scan_once(
                 )
             )
         ).all()
-        online = (
-            await session.execute(
-                select(
-                    DeviceState.device_id,
-                    DeviceState.version,
-                    DeviceState.reported,
-                    DeviceState.stale,
-                    Device.kind,
-                    Device.report_intervals,
-                    Device.lifecycle,
-                    Device.enabled,
-                )
-                .join(Device, Device.id == DeviceState.device_id)
-                .where(DeviceState.connection == "online")
-            )
-        ).all()
         counts = await device_counts(session)
+        events = [_timeout(device_id, seen) for device_id, seen in silent if seen is not None]
+        timed_out = {device_id for device_id, _ in silent}
+        online = await session.stream(_ONLINE.execution_options(yield_per=SCAN_CHUNK))
+        async for rows in online.partitions():
+            events += _staleness_changes(rows, timed_out, now)
     for (connection, lifecycle), n in counts.items():
         DEVICES.labels(connection, lifecycle).set(n)
+    for event in events:
+        await bus.publish(js, event.nats_subject, event, msg_id=event.id)
+    return len(events)
 
-    events = [_timeout(device_id, seen) for device_id, seen in silent if seen is not None]
-    timed_out = {device_id for device_id, _ in silent}
-    for row in online:
+
+def _staleness_changes(
+    rows: Sequence[Row[*tuple[Any, ...]]], timed_out: set[str], now: datetime
+) -> list[m.CloudEvent]:
+    """A staleness event for each of these online devices whose overdue attributes changed."""
+    events = []
+    for row in rows:
         if row.device_id in timed_out or row.lifecycle != m.Lifecycle.ACTIVE or not row.enabled:
             continue  # going offline says more; a device not applied is not judged
         intervals = capabilities.report_intervals(row.kind, row.report_intervals)
@@ -105,9 +122,7 @@ async def scan_once(
         found = overdue(intervals, reported, now)
         if sorted(found) != sorted(row.stale or []):
             events.append(_staleness(row.device_id, row.version, found))
-    for event in events:
-        await bus.publish(js, event.nats_subject, event, msg_id=event.id)
-    return len(events)
+    return events
 
 
 def _timeout(device_id: str, last_seen: datetime) -> m.CloudEvent:

@@ -2,62 +2,42 @@
 truth), and in the cache for the gateway.
 
 The virtual-actor model: a device's state is read from the database when the worker first
-needs it after taking the lease (`activate`), and kept in memory for as long as the lease is
-held. A batch's state is kept in memory when it is handed to the process's `Committer` (the
-next batch is decided on it while it commits): the committer commits every write handed to
-it, in order, or fails it with those behind it, and then the worker stops and this memory
-goes with it.
+needs it after its partition is taken (a store per lease), and kept in memory for as long as
+the lease is held. A batch's state is kept in memory when it is handed to the process's
+`Committer` (the next batch is decided on it while it commits): the committer commits every
+write handed to it, in order, or fails it with those behind it, and then the worker stops and
+this memory goes with it.
 
 The cache is never read here: a cache restored from an old snapshot, flushed, or written by
 another process can change nothing the actors decide. It is written after each commit, newer
-states only (`StateCache.put_newer`); while it cannot be written (Redis down) the actors go
-on and write what it missed once it answers again.
+states only, by the process's `CacheWriter`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 
-from prometheus_client import Counter
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import messages as m
 from libs.actor_batch import Standing, standing
-from libs.cache import StateCache
 from libs.db.models import Device, DeviceState
 from libs.messages import DeviceSnapshot
+from services.actors.cache_writer import CacheWriter
 from services.actors.committer import Committer
 from services.actors.fence import Fence
-
-log = logging.getLogger(__name__)
 
 # Devices whose state is kept in memory; past it, those least recently written are read
 # again from the database when next needed.
 MAX_ACTIVE = 100_000
-# A cache that does not answer is not asked again for this long: its outage costs the
-# actors nothing but a late cache.
-CACHE_TIMEOUT_S = 1.0
-CACHE_RETRY_S = 5.0
-# What the cache missed is written a little at a time, with the commits that follow: a long
-# outage's backlog does not hold up one commit (and its acks) for long.
-CACHE_REFILL = 1000
-
-CACHE_WRITES = Counter(
-    "smarthome_actor_cache_writes_total",
-    "Cache writes after a commit: stored, skipped (the cache holds a newer or equal state), "
-    "failed (the cache is down: written once it answers again)",
-    ["outcome"],
-)
 
 
 class StateStore:
     def __init__(
         self,
         sessions: async_sessionmaker[AsyncSession],
-        cache: StateCache,
+        cache: CacheWriter,
         committer: Committer,
         fence: Fence | None = None,
     ) -> None:
@@ -68,15 +48,6 @@ class StateStore:
         self._standing: dict[str, Standing | None] = {}  # None: known not to be registered
         # The committed state of the devices activated under the current lease.
         self._active: dict[str, DeviceSnapshot] = {}
-        # Committed states the cache missed (it was down), and when to try it again.
-        self._cache_behind: set[str] = set()
-        self._cache_retry_at = 0.0
-
-    def activate(self) -> None:
-        """A new lease: what was kept under an earlier one may have been changed by another
-        worker since; read every device afresh from the database."""
-        self._active.clear()
-        self._cache_behind.clear()
 
     async def load(self, device_ids: list[str]) -> dict[str, DeviceSnapshot]:
         """Snapshots for these devices, as last committed; a device never seen starts empty."""
@@ -99,7 +70,6 @@ class StateStore:
         if len(self._active) > MAX_ACTIVE:
             oldest = next(iter(self._active))
             del self._active[oldest]
-            self._cache_behind.discard(oldest)
 
     async def registry(self, device_ids: list[str]) -> dict[str, Standing]:
         """The standing of each registered device (absent: not registered, or decommissioned).
@@ -132,7 +102,7 @@ class StateStore:
         now on it has none (the next batch decides on none), and its row is deleted after
         the writes handed over before; the future ends with that (`Fenced`: refused)."""
         self._keep(DeviceSnapshot(device_id=device_id))
-        self._cache_behind.discard(device_id)
+        self._cache.discard(device_id)
         return self._committer.submit(self, self._fence, [], [], drops=[device_id])
 
     async def uncache(self, device_id: str) -> None:
@@ -154,31 +124,10 @@ class StateStore:
         return self._committer.submit(self, self._fence, snapshots, statuses)
 
     async def committed(self, snapshots: list[DeviceSnapshot]) -> None:
-        """Tell the cache of these committed states (and of some it missed before)."""
-        await self._write_cache(snapshots)
+        """Tell the cache of these committed states."""
+        await self._cache.write(self, snapshots)
 
-    async def _write_cache(self, snapshots: list[DeviceSnapshot]) -> None:
-        """Write these committed states and some of those the cache missed before; while the
-        cache fails, only note what it misses."""
-        written = {s.device_id for s in snapshots}
-        if time.monotonic() < self._cache_retry_at:
-            self._cache_behind |= written
-            return
-        backlog = [self._active[d] for d in self._cache_behind - written if d in self._active]
-        batch = snapshots + backlog[:CACHE_REFILL]
-        try:
-            async with asyncio.timeout(CACHE_TIMEOUT_S):
-                stored = await self._cache.put_newer(batch)
-        except Exception as exc:  # an accelerator: its outage must not stop the actors
-            if not self._cache_retry_at:
-                log.warning("state cache unavailable, going on without it: %r", exc)
-            self._cache_retry_at = time.monotonic() + CACHE_RETRY_S
-            self._cache_behind |= written
-            CACHE_WRITES.labels("failed").inc(len(snapshots))
-            return
-        if self._cache_retry_at:
-            log.info("state cache answers again; writing the %d states it missed", len(backlog))
-            self._cache_retry_at = 0.0
-        self._cache_behind -= {s.device_id for s in batch}
-        CACHE_WRITES.labels("stored").inc(stored)
-        CACHE_WRITES.labels("skipped").inc(len(batch) - stored)
+    def let_go(self) -> None:
+        """The partition is no longer this process's: what the cache missed of it is its
+        next holder's to write."""
+        self._cache.abandon(self)
