@@ -25,8 +25,10 @@ and the change facts of rules, addressees and locations. An object deleted keeps
 until the next reload, so that the fact of its deletion, and what was on its way, still reach
 its home. The owner reloads now and then (`keep_current`, or `refresh_if_stale` per use) to
 heal what a lost connection missed; between reloads an object the index has not heard of
-yet is hidden (never shown to the wrong home), and the webhooks ask the database for it
-(`look_up`) rather than drop its messages.
+yet is hidden (never shown to the wrong home) by `home`; a reader that can wait asks
+`home_of_message` instead (the gateway's live feeds), and the webhooks `look_up`: the home the
+message states when it is the fact that places the object, else the database's, so that a
+message is not dropped for arriving before the fact that taught the index its object.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ WATCHED = (
 RELOAD_EVERY_S = 60.0
 # An object the database did not know when asked is not asked for again for this long.
 UNKNOWN_FOR_S = 5.0
+# How long `home_of_message` waits for the database (a live feed waits behind it).
+LOOK_UP_TIMEOUT_S = 3.0
 
 Homes = dict[str, dict[str, str | None]]
 
@@ -95,6 +99,36 @@ def about(subject: str) -> tuple[str, str] | None:
         if kind is not None and len(tokens) == kind[1]:
             return kind[0], tokens[2]
     return None
+
+
+def stated_home(subject: str, data: bytes) -> tuple[str, str, str | None] | None:
+    """(kind, id, home) of the object a fact that places it states (see WATCHED); None for
+    any other message, a deletion that names no place, or a fact that cannot be read."""
+    key = about(subject)
+    if key is None:
+        return None
+    kind, object_id = key
+    try:
+        if kind == DEVICE:
+            if not subject.endswith(".registry"):
+                return None
+            fact = m.registry_fact_decoder.decode(data)
+            if fact.device is None:  # a deletion: the object keeps the home it had
+                return None
+            return kind, object_id, home_of(fact.device.location)
+        if kind in (RULE, SUBSCRIPTION) and not subject.endswith(".changed"):
+            return None  # a firing, an alert, a notification: they place nothing
+        return kind, object_id, m.change_fact_decoder.decode(data).home
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+class Unknown:
+    """What `HomeIndex.classify` answers when the index cannot tell yet (None is an answer:
+    the message is no home's)."""
+
+
+UNKNOWN: Final = Unknown()
 
 
 class HomeIndex:
@@ -119,6 +153,14 @@ class HomeIndex:
             return None
         return self._homes[key[0]].get(key[1])
 
+    def classify(self, subject: str) -> str | Unknown | None:
+        """`home`, or UNKNOWN for an object the index has not heard of (`home_of_message`
+        then tells): the same split and lookup."""
+        key = about(subject)
+        if key is None:
+            return None
+        return self._homes[key[0]].get(key[1], UNKNOWN)
+
     def knows(self, subject: str) -> bool:
         """Whether the index can tell the message's home (or that it is no object's)."""
         key = about(subject)
@@ -138,26 +180,10 @@ class HomeIndex:
 
     @staticmethod
     def _apply(homes: Homes, subject: str, data: bytes) -> None:
-        key = about(subject)
-        if key is None:
-            return
-        kind, object_id = key
-        try:
-            if kind == DEVICE:
-                if not subject.endswith(".registry"):
-                    return
-                fact = m.registry_fact_decoder.decode(data)
-                if fact.device is not None:  # a deleted one keeps its home until a reload
-                    homes[DEVICE][object_id] = home_of(fact.device.location)
-                return
-            if kind == RULE and not subject.endswith(".changed"):
-                return  # a firing, an alert: nothing changes
-            if kind == SUBSCRIPTION and not subject.endswith(".changed"):
-                return
-            change = m.change_fact_decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return
-        homes[kind][object_id] = change.home
+        stated = stated_home(subject, data)
+        if stated is not None:  # a deleted device keeps its home until a reload
+            kind, object_id, home = stated
+            homes[kind][object_id] = home
 
     async def start(
         self, nc: NATS, sessions: async_sessionmaker[AsyncSession], *, must_load: bool = True
@@ -247,6 +273,27 @@ class HomeIndex:
             self._homes[key[0]].setdefault(key[1], home)
         else:
             self._unknown[key] = time.monotonic() + UNKNOWN_FOR_S
+
+    async def home_of_message(
+        self, subject: str, data: bytes, timeout: float = LOOK_UP_TIMEOUT_S
+    ) -> str | None:
+        """The home of a message about an object the index has not heard of yet (`classify`
+        said UNKNOWN), for a reader that waits: the one the message states when it is the
+        fact that places the object (not learnt: the subscription brings it, and a replayed
+        fact may be old), else the database's. None (no home's: hidden) when neither tells
+        within `timeout`; a database that does not answer is not asked again for a while."""
+        stated = stated_home(subject, data)
+        if stated is not None:
+            return stated[2]
+        try:
+            async with asyncio.timeout(timeout):
+                await self.look_up(subject)
+        except Exception as exc:
+            log.warning("home of %s not looked up, hidden: %r", subject, exc)
+            key = about(subject)
+            if key is not None:
+                self._unknown[key] = time.monotonic() + UNKNOWN_FOR_S
+        return self.home(subject)
 
 
 class Audience:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,15 +21,17 @@ import httpx
 import msgspec
 import pytest
 import uvicorn
+from litestar import Litestar
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from websockets.asyncio.client import connect
 
-from libs import embedded_nats, subjects, webhooks
+from libs import embedded_nats, homes, subjects, webhooks
 from libs import messages as m
 from libs.principals import Principal, PrincipalKind, Role
 from libs.settings import Settings
+from services.gateway import scope
 from services.gateway.app import create_app
 from services.gateway.auth.context import Context
 from services.gateway.subscriptions.schemas import SubscriptionCreate
@@ -65,6 +68,7 @@ class World:
     installer: httpx.AsyncClient  # of home A
     ws_url: str
     resident_token: str
+    app: Litestar
 
     def home_of(self, device_id: str) -> str:
         return {self.lamp_a: self.home_a, self.lamp_b: self.home_b}[device_id]
@@ -95,15 +99,18 @@ async def world(settings: Settings, admin_token: str, make_token: Any) -> AsyncI
                 created = await a.post(DEVICES, json=lamp | {"location": f"{home}/living"})
                 assert created.status_code == 201, created.text
                 lamps.append(lamp["id"])
+            lamp_a, lamp_b = lamps
             yield World(
                 home_a,
                 home_b,
-                *lamps,
+                lamp_a,
+                lamp_b,
                 admin=a,
                 resident=r,
                 installer=i,
                 ws_url=f"ws://127.0.0.1:{port}{EVENTS}/ws",
                 resident_token=resident,
+                app=app,
             )
     finally:
         server.should_exit = True
@@ -509,6 +516,54 @@ async def test_a_residents_live_streams_carry_only_its_homes_messages(world: Wor
     assert frames["sse-events"] == readings
     assert frames["sse-system"] == system
     assert sorted(frames["ws"]) == sorted(readings + system)
+
+
+async def test_a_residents_live_stream_does_not_lose_what_its_home_index_learns_late(
+    world: World, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """The gateway learns an object's home from the object's fact on core NATS, which may
+    come after that fact (or the object's first event) on a live stream. Here the index hears
+    nothing while new objects of both homes appear: the resident still gets what is its
+    home's (the fact's own home, the database's), and nothing of the other home."""
+    admin = world.admin
+    async with (
+        following(world.resident, {"subject": "system.>"}) as system,
+        following(world.resident, {"subject": "events.>"}) as events,
+    ):
+        index = world.app.state[scope.HOME_INDEX].index  # started by a resident's stream
+        # No reload in flight (opening a stream starts one when the index is stale), then
+        # deaf: the index learns nothing until the end but what the feeds ask of it.
+        await eventually(lambda: time.monotonic() - index.loaded_at < homes.RELOAD_EVERY_S)
+        await index.stop()
+        try:
+            lamps = {}
+            for home in (world.home_b, world.home_a):
+                # The home itself: a location of it whether or not earlier tests defined it.
+                lamp = {"id": unique_id("lamp"), "name": "Lamp", "kind": "light", "location": home}
+                created = await admin.post(DEVICES, json=lamp)
+                assert created.status_code == 201, created.text
+                lamps[home] = lamp["id"]
+            lamp_a, lamp_b = lamps[world.home_a], lamps[world.home_b]
+            assert not index.knows(f"events.{lamp_a}.telemetry")
+            for lamp_id in (lamp_b, lamp_a):
+                assert (await admin.post(EVENTS, json=telemetry(lamp_id))).status_code == 202
+            rule_b = await admin.post(RULES, json=rule(lamp_b, home=world.home_b))
+            rule_a = await admin.post(RULES, json=rule(lamp_a, home=world.home_a))
+            assert rule_b.is_success and rule_a.is_success
+            assert not index.knows(subjects.rule_changed(rule_a.json()["id"]))
+            async with asyncio.timeout(READ_TIMEOUT_S):
+                system_seen = [(await system.next_event()).event for _ in range(2)]
+                events_seen = [(await events.next_event()).event]
+        finally:
+            assert index.nc is not None
+            await index.start(index.nc, sessions)
+
+    # Home B's were published first: any of them would come before these.
+    assert system_seen == [
+        subjects.device_registry(lamp_a),
+        subjects.rule_changed(rule_a.json()["id"]),
+    ]
+    assert events_seen == [f"events.{lamp_a}.telemetry"]
 
 
 async def test_a_residents_webhook_gets_only_its_homes_events(

@@ -7,7 +7,9 @@ filter (`SharedFeeds`): each message is copied into each subscriber's bounded qu
 subscriber that resumes from a sequence reads an ordered consumer of its own until it reaches
 the shared one, then switches to it (sequences decide: nothing twice, nothing missed). A
 subscriber that cannot keep up is cut off (it resumes from its last sequence) instead of
-growing memory.
+growing memory. A subscriber who sees only its homes' messages gets those `libs.homes` says are
+about one of them; a message is classified once, before it is handed on, and one about an
+object the index has not heard of yet waits for its home (with the messages behind it).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
 from libs import bus, replay, subjects
 from libs import messages as m
 from libs.errors import Invalid, Unavailable
-from libs.homes import Audience, HomeIndex
+from libs.homes import Audience, HomeIndex, Unknown
 from services.gateway.events.schemas import BusMessage, EventPage, Published
 from services.gateway.health.storage import BusStorage
 from services.gateway.pagination import decode_cursor, encode_cursor
@@ -71,11 +73,11 @@ def stream_for(subject: str) -> str:
     return stream
 
 
-class _Unknown:
+class _Unclassified:
     """Not classified yet (None is a home's answer: the message is no home's)."""
 
 
-_UNKNOWN = _Unknown()
+_UNCLASSIFIED = _Unclassified()
 
 
 class Delivered:
@@ -91,7 +93,7 @@ class Delivered:
         self.data = data
         self._sse: bytes | None = None
         self._ws_tail: bytes | None = None
-        self._home: str | _Unknown | None = _UNKNOWN
+        self._home: str | _Unclassified | None = _UNCLASSIFIED
 
     def __repr__(self) -> str:
         return f"Delivered(seq={self.seq!r}, subject={self.subject!r}, data={self.data!r})"
@@ -107,9 +109,25 @@ class Delivered:
         """The home the message is about, classified the first time only (one split and one
         lookup per message, whatever the number of followers who see only their homes)."""
         home = self._home
-        if isinstance(home, _Unknown):
+        if isinstance(home, _Unclassified):
             home = self._home = index.home(self.subject)
         return home
+
+    def classified(self, index: HomeIndex) -> bool:
+        """Classify it before it is handed on, with `home`'s one lookup; False when the
+        index has not heard of its object yet (`wait_for_home` then)."""
+        if isinstance(self._home, _Unclassified):
+            home = index.classify(self.subject)
+            if isinstance(home, Unknown):
+                return False
+            self._home = home
+        return True
+
+    async def wait_for_home(self, index: HomeIndex) -> None:
+        """Classify a message about an object the index has not heard of yet (the fact that
+        places it may be on its way to the index) by the home the message states or the
+        database's (`HomeIndex.home_of_message`), rather than pass it for no home's."""
+        self._home = await index.home_of_message(self.subject, self.data)
 
     def sse(self, encode: Callable[[Delivered], bytes]) -> bytes:
         """The message's SSE frame, made by `encode` the first time only."""
@@ -181,6 +199,10 @@ class LiveFeed:
     def last_seq(self) -> int:
         return self._last_seq
 
+    @property
+    def audience(self) -> Audience | None:
+        return self._audience
+
     async def on_message(self, msg: Msg) -> None:
         """The catch-up consumer's callback (or a private consumer's)."""
         if self._overflowed:
@@ -188,7 +210,12 @@ class LiveFeed:
         seq = stream_seq(msg)
         if seq <= self._last_seq:
             return
-        self.push(Delivered(seq, subjects.published(msg.subject), msg.data))
+        delivered = Delivered(seq, subjects.published(msg.subject), msg.data)
+        audience = self._audience
+        if audience is not None and not delivered.classified(audience.index):
+            # The consumer's next message waits behind this one (the callback is awaited).
+            await delivered.wait_for_home(audience.index)
+        self.push(delivered)
         tail = self._tail
         if self.catching_up and tail is not None and seq >= tail.position:
             # Caught up with the shared feed: it brings the next ones.
@@ -347,6 +374,10 @@ class _SharedTail:
     def __init__(self, subject: str) -> None:
         self.subject = subject
         self.followers: set[LiveFeed] = set()
+        # While a follower sees only its homes' messages: the index that classifies each
+        # message once, before it is handed on (`join`, `leave`).
+        self.index: HomeIndex | None = None
+        self._homed = 0
         self.subscription: JetStreamContext.PushSubscription | None = None
         # The last sequence the consumer has passed on (at first: the stream's last).
         self.position = 0
@@ -361,6 +392,11 @@ class _SharedTail:
             return  # a re-created ordered consumer that starts too early: seen already
         self.position = seq
         delivered = Delivered(seq, subjects.published(msg.subject), msg.data)
+        index = self.index
+        if index is not None and not delivered.classified(index):
+            # Awaited by the consumer: a message waiting for its home holds back the next
+            # ones (order), and a follower joining meanwhile starts after it (`position`).
+            await delivered.wait_for_home(index)
         for feed in list(self.followers):
             if feed.pending:
                 continue
@@ -378,6 +414,21 @@ class _SharedTail:
                 self._waking = loop.call_soon(self._wake_followers)
             else:
                 self._waking = loop.call_at(due, self._wake_followers)
+
+    def join(self, feed: LiveFeed) -> None:
+        self.followers.add(feed)
+        if feed.audience is not None:
+            self._homed += 1
+            self.index = feed.audience.index
+
+    def leave(self, feed: LiveFeed) -> None:
+        if feed not in self.followers:
+            return
+        self.followers.remove(feed)
+        if feed.audience is not None:
+            self._homed -= 1
+            if not self._homed:
+                self.index = None
 
     def _wake_followers(self) -> None:
         """One wake per follower for whatever arrived since the last one."""
@@ -424,7 +475,7 @@ class SharedFeeds:
         feed._tail = tail
         feed._feeds = self
         feed.pending = True  # takes nothing from the tail until `follow` says where it is
-        tail.followers.add(feed)
+        tail.join(feed)
         try:
             if starting:
                 # Shielded: another follower may be waiting for this one's start.
@@ -469,7 +520,7 @@ class SharedFeeds:
         tail, feed._tail = feed._tail, None
         if tail is None:
             return
-        tail.followers.discard(feed)
+        tail.leave(feed)
         if not tail.followers and tail.ready.done():
             await self._stop(tail)
 
