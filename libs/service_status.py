@@ -219,7 +219,8 @@ async def provision(js: JetStreamContext, replicas: int = 1) -> None:
 
 async def read_all(js: JetStreamContext, now: float | None = None) -> list[ServiceStatus]:
     """Every process's entry as seen now (gone ones included), by name and instance.
-    Raises BucketNotFoundError when the bus was not provisioned."""
+    Raises BucketNotFoundError when the bus was not provisioned, TimeoutError when the
+    entries did not all come within `READ_WAIT_S` of each other."""
     kv = await js.key_value(BUCKET)
     watcher = await kv.watchall()
     found: dict[str, ServiceStatus] = {}
@@ -228,8 +229,8 @@ async def read_all(js: JetStreamContext, now: float | None = None) -> list[Servi
             try:
                 # nats-py leaves its watcher's methods unannotated.
                 entry = await watcher.updates(timeout=READ_WAIT_S)  # type: ignore[no-untyped-call]  # nats-py: untyped
-            except nats.errors.TimeoutError:
-                break
+            except nats.errors.TimeoutError:  # not all delivered: a partial list would mislead
+                raise TimeoutError("the status bucket was not read to its end") from None
             if entry is None:  # the current values are all delivered
                 break
             if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
