@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from sqlalchemy import text
@@ -25,6 +26,13 @@ from libs.settings import Settings, async_database_url
 
 if TYPE_CHECKING:
     from litestar.testing import AsyncTestClient
+
+# A pytest-xdist worker starts with COLUMNS=80 and LINES=24 in its environment, a serial run
+# with neither. The CLI's console (services/ctl/output.py) reads COLUMNS once, at import: it
+# would print 80 columns whatever width a test asks for (tests/integration/test_ctl.py).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for name in ("COLUMNS", "LINES"):
+        os.environ.pop(name, None)
 
 
 @pytest.fixture(scope="session")
@@ -94,9 +102,24 @@ def database_url(data_dir: Path) -> Iterator[str]:
         asyncio.run(_drop_postgres_database(server, url))
 
 
+def _worker_redis_url(url: str, worker: str | None) -> str:
+    """The Redis database of this pytest-xdist worker: the one REDIS_URL names for the
+    first (or with no xdist), the next numbers for the others. The database number is the
+    product's own setting (the URL's path); keys are not prefixed per run, so two workers
+    caching a device of one id (`lamp-1`, the demo's) in one database would read each
+    other's states."""
+    index = int(worker.removeprefix("gw")) if worker else 0
+    if not index:
+        return url
+    parts = urlsplit(url)
+    db = int(parts.path.strip("/") or 0) + index
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str | None:
-    return os.environ.get("REDIS_URL") or None
+    url = os.environ.get("REDIS_URL")
+    return _worker_redis_url(url, os.environ.get("PYTEST_XDIST_WORKER")) if url else None
 
 
 @pytest.fixture(scope="session")
