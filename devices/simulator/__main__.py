@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import sys
@@ -208,17 +209,29 @@ async def _status(
 async def report_every(
     device: VirtualDevice, out: Publisher, interval: float, stop: asyncio.Event
 ) -> None:
-    """Telemetry every `interval`, starting at a random phase (not all at the same time)."""
-    wait = random.uniform(0, interval)
+    """Telemetry every `interval`, starting at a random phase (not all at the same time).
+    On an absolute schedule: a slow publish delays one reading, not every later one (waiting
+    `interval` after each publish let a busy bus move many devices' phases together, and the
+    fleet's load came in bursts)."""
     last = time.monotonic()
+    due = last + random.uniform(0, interval)
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), wait)
+            await asyncio.wait_for(stop.wait(), max(due - time.monotonic(), 0))
         if stop.is_set():
             return
         now = time.monotonic()
         await out.publish(device.id, "telemetry", device.reading(now - last))
-        last, wait = now, interval
+        last, due = now, next_due(due, now, interval)
+
+
+def next_due(due: float, now: float, interval: float) -> float:
+    """The reading after the one due at `due`, on the device's own phase; one later than
+    `interval` skips those it missed (no burst to catch up)."""
+    due += interval
+    if due < now:
+        due += interval * math.ceil((now - due) / interval)
+    return due
 
 
 async def main(stop: asyncio.Event) -> None:

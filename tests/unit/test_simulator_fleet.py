@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from devices.simulator.__main__ import next_due
 from devices.simulator.fleet import fleet
 
 
@@ -47,3 +48,11 @@ def test_a_light_answers_its_commands_and_refuses_others() -> None:
         light.command("set_brightness", {"level": 150}) == "params.level must be an integer 0-100"
     )
     assert light.command("open", {}) == "a light has no action 'open'"
+
+
+def test_readings_keep_their_phase_when_a_publish_is_slow() -> None:
+    # Due at 3 s, every 10 s: a publish that ends late moves neither the next reading nor
+    # the device's phase; one late by more than an interval skips what it missed.
+    assert next_due(3.0, now=3.4, interval=10.0) == 13.0
+    assert next_due(3.0, now=12.9, interval=10.0) == 13.0
+    assert next_due(3.0, now=27.5, interval=10.0) == 33.0
