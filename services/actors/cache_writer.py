@@ -85,7 +85,7 @@ class CacheWriter:
             try:
                 await self._put(batch)
             finally:
-                if call is not None and not call.done():
+                if call is not None:  # (set here only)
                     call.set_result(None)
 
     async def _put(self, batch: dict[str, _Entry]) -> None:

@@ -46,7 +46,8 @@ class StateStore:
         self._committer = committer
         self._fence = fence
         self._standing: dict[str, Standing | None] = {}  # None: known not to be registered
-        # The committed state of the devices activated under the current lease.
+        # Each device's latest state under this lease: committed, or handed to the
+        # committer (which commits it, or fails it and the worker stops).
         self._active: dict[str, DeviceSnapshot] = {}
 
     async def load(self, device_ids: list[str]) -> dict[str, DeviceSnapshot]:
