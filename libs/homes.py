@@ -26,9 +26,17 @@ until the next reload, so that the fact of its deletion, and what was on its way
 its home. The owner reloads now and then (`keep_current`, or `refresh_if_stale` per use) to
 heal what a lost connection missed; between reloads an object the index has not heard of
 yet is hidden (never shown to the wrong home) by `home`; a reader that can wait asks
-`home_of_message` instead (the gateway's live feeds), and the webhooks `look_up`: the home the
-message states when it is the fact that places the object, else the database's, so that a
-message is not dropped for arriving before the fact that taught the index its object.
+`home_of_message` instead (the gateway's live feeds and replay), and the webhooks `look_up`:
+the home the message states when it is the fact that places the object, else the
+database's, so that a message is not dropped for arriving before the fact that taught the
+index its object.
+
+A fact that places its object belongs to the home it states, whatever the index holds when
+the fact passes (`classify` leaves it to `home_of_message`): the index may not have applied
+it yet, and a replayed one may be old. A move's fact goes to the new home only (it says
+where in that home the object now is); the old home's residents are told nothing of it.
+Any other message goes by its object's current home, one from before a move too: when each
+placement began is not kept.
 """
 
 from __future__ import annotations
@@ -60,14 +68,15 @@ SUBSCRIPTION: Final = "subscription"
 LOCATION: Final = "location"
 KINDS = (DEVICE, RULE, SUBSCRIPTION, LOCATION)
 
-# (first token, second token) → (what the next token names, how many tokens the subject has).
-_SYSTEM = {
-    "device": (DEVICE, 4),
-    "rule": (RULE, 4),
-    "alert": (RULE, 3),
-    "notify": (SUBSCRIPTION, 3),
-    "subscription": (SUBSCRIPTION, 4),
-    "location": (LOCATION, 3),
+# `system.<second token>...` → (what the next token names, how many tokens the subject has,
+# which of them place it: the last token of those that do, or True for all, False for none).
+_SYSTEM: dict[str, tuple[str, int, str | bool]] = {
+    "device": (DEVICE, 4, "registry"),
+    "rule": (RULE, 4, "changed"),
+    "alert": (RULE, 3, False),
+    "notify": (SUBSCRIPTION, 3, False),
+    "subscription": (SUBSCRIPTION, 4, "changed"),
+    "location": (LOCATION, 3, True),
 }
 # The facts that change what the index holds.
 WATCHED = (
@@ -88,44 +97,49 @@ Homes = dict[str, dict[str, str | None]]
 def about(subject: str) -> tuple[str, str] | None:
     """The object a subject is about, as (kind, id); None when it is about no object that
     belongs to a home (a dead letter, a user, an API key, anything unknown)."""
+    found = _object(subject)
+    return None if found is None else (found[0], found[1])
+
+
+def _object(subject: str) -> tuple[str, str, bool] | None:
+    """(kind, id, whether the message is a fact that places it) of the object `subject` is
+    about; None as `about`."""
     tokens = subject.split(".")
     first = tokens[0]
     if first == "events":
-        return (DEVICE, tokens[1]) if len(tokens) == 3 else None
+        return (DEVICE, tokens[1], False) if len(tokens) == 3 else None
     if first == "commands":
-        return (DEVICE, tokens[1]) if len(tokens) == 2 else None
+        return (DEVICE, tokens[1], False) if len(tokens) == 2 else None
     if first == "system" and len(tokens) >= 3:
-        kind = _SYSTEM.get(tokens[1])
-        if kind is not None and len(tokens) == kind[1]:
-            return kind[0], tokens[2]
+        known = _SYSTEM.get(tokens[1])
+        if known is not None and len(tokens) == known[1]:
+            placing = known[2]
+            return known[0], tokens[2], placing is True or placing == tokens[-1]
     return None
 
 
 def stated_home(subject: str, data: bytes) -> tuple[str, str, str | None] | None:
     """(kind, id, home) of the object a fact that places it states (see WATCHED); None for
     any other message, a deletion that names no place, or a fact that cannot be read."""
-    key = about(subject)
-    if key is None:
-        return None
-    kind, object_id = key
+    found = _object(subject)
+    if found is None or not found[2]:
+        return None  # a reading, a firing, an alert, a notification: they place nothing
+    kind, object_id, _ = found
     try:
         if kind == DEVICE:
-            if not subject.endswith(".registry"):
-                return None
             fact = m.registry_fact_decoder.decode(data)
             if fact.device is None:  # a deletion: the object keeps the home it had
                 return None
             return kind, object_id, home_of(fact.device.location)
-        if kind in (RULE, SUBSCRIPTION) and not subject.endswith(".changed"):
-            return None  # a firing, an alert, a notification: they place nothing
         return kind, object_id, m.change_fact_decoder.decode(data).home
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
 
 
 class Unknown:
-    """What `HomeIndex.classify` answers when the index cannot tell yet (None is an answer:
-    the message is no home's)."""
+    """What `HomeIndex.classify` answers when the index alone cannot tell (None is an answer:
+    the message is no home's): the message places its object, or is about one the index has
+    not heard of yet."""
 
 
 UNKNOWN: Final = Unknown()
@@ -154,15 +168,19 @@ class HomeIndex:
         return self._homes[key[0]].get(key[1])
 
     def classify(self, subject: str) -> str | Unknown | None:
-        """`home`, or UNKNOWN for an object the index has not heard of (`home_of_message`
-        then tells): the same split and lookup."""
-        key = about(subject)
-        if key is None:
+        """`home`, or UNKNOWN (`home_of_message` then tells) for a fact that places its
+        object (it belongs to the home it states: the index may not have applied it yet, or
+        it is an old one replayed) and for an object the index has not heard of; the same
+        split and lookup."""
+        found = _object(subject)
+        if found is None:
             return None
-        return self._homes[key[0]].get(key[1], UNKNOWN)
+        if found[2]:
+            return UNKNOWN
+        return self._homes[found[0]].get(found[1], UNKNOWN)
 
     def knows(self, subject: str) -> bool:
-        """Whether the index can tell the message's home (or that it is no object's)."""
+        """Whether the index has heard of the message's object (or it is no object's)."""
         key = about(subject)
         return key is None or key[1] in self._homes[key[0]]
 
@@ -274,14 +292,20 @@ class HomeIndex:
         else:
             self._unknown[key] = time.monotonic() + UNKNOWN_FOR_S
 
+    def home_at_once(self, subject: str, data: bytes) -> str | None:
+        """The home of a message without asking the database: the one a fact that places
+        its object states, else the index's (None for an object it has not heard of)."""
+        stated = stated_home(subject, data)
+        return self.home(subject) if stated is None else stated[2]
+
     async def home_of_message(
         self, subject: str, data: bytes, timeout: float = LOOK_UP_TIMEOUT_S
     ) -> str | None:
-        """The home of a message about an object the index has not heard of yet (`classify`
-        said UNKNOWN), for a reader that waits: the one the message states when it is the
-        fact that places the object (not learnt: the subscription brings it, and a replayed
-        fact may be old), else the database's. None (no home's: hidden) when neither tells
-        within `timeout`; a database that does not answer is not asked again for a while."""
+        """The home of a message `classify` could not tell, for a reader that waits: the one
+        the message states when it is a fact that places its object (not learnt: the
+        subscription brings it, and a replayed fact may be old), else the database's. None
+        (no home's: hidden) when neither tells within `timeout`; a database that does not
+        answer is not asked again for a while."""
         stated = stated_home(subject, data)
         if stated is not None:
             return stated[2]
@@ -305,8 +329,21 @@ class Audience:
         self.index = index
         self.homes = homes
 
-    def sees(self, subject: str) -> bool:
-        return self.index.home(subject) in self.homes
+    def may_see(self, subject: str) -> bool:
+        """False for a message surely not for this audience; True for one it sees and for
+        one whose home takes reading it or asking the database (`sees_message` tells)."""
+        home = self.index.classify(subject)
+        return isinstance(home, Unknown) or self.sees_home(home)
+
+    async def sees_message(
+        self, subject: str, data: bytes, timeout: float = LOOK_UP_TIMEOUT_S
+    ) -> bool:
+        """Whether the message is about one of its homes, as a live feed classifies it
+        (`HomeIndex.home_of_message` when the index alone cannot tell)."""
+        home = self.index.classify(subject)
+        if isinstance(home, Unknown):
+            home = await self.index.home_of_message(subject, data, timeout)
+        return self.sees_home(home)
 
     def sees_home(self, home: str | None) -> bool:
         """For a home classified once and shared by many audiences (a live feed)."""

@@ -100,10 +100,38 @@ def test_an_audience_sees_its_homes_and_nothing_of_no_home() -> None:
             "events.unknown.telemetry",
             "deadletter.events.lamp-a.telemetry",
         )
-        if resident.sees(s)
+        if resident.may_see(s)
     ]
 
-    assert seen == ["events.lamp-a.telemetry"]
+    # The one the index has not heard of is kept for `sees_message` to ask about.
+    assert seen == ["events.lamp-a.telemetry", "events.unknown.telemetry"]
+
+
+async def seen_by(*audiences: homes.Audience, subject: str, data: bytes) -> tuple[bool, ...]:
+    return tuple([await audience.sees_message(subject, data) for audience in audiences])
+
+
+async def test_a_fact_that_places_its_object_belongs_to_the_home_it_states() -> None:
+    index = homes.HomeIndex()  # not told of the moves yet: lamp and r1 in home A
+    index.set(homes.DEVICE, "lamp", "home-a")
+    index.set(homes.RULE, "r1", "home-a")
+    in_a = homes.Audience(index, frozenset({"home-a"}))
+    in_b = homes.Audience(index, frozenset({"home-b"}))
+    reg, rule = subjects.device_registry("lamp"), subjects.rule_changed("r1")
+    lamp_moved = registry_fact("lamp", "updated", "home-b/hall")
+    rule_moved = change_fact("rule", "r1", "home-b")
+
+    assert index.classify(reg) is homes.UNKNOWN and index.classify(rule) is homes.UNKNOWN
+    assert index.classify("events.lamp.telemetry") == "home-a"  # no body read
+    index.set(homes.RULE, "changed", "home-a")
+    assert index.classify("system.alert.changed") == "home-a"  # its alert places nothing
+    assert index.home_at_once(reg, lamp_moved) == "home-b"
+    assert await seen_by(in_a, in_b, subject=reg, data=lamp_moved) == (False, True)
+    assert await seen_by(in_a, in_b, subject=rule, data=rule_moved) == (False, True)
+    assert await in_a.sees_message(subjects.rule_fired("r1"), rule_moved)  # places nothing
+    # One that cannot be read, or a deletion naming no place: the index's home.
+    assert index.home_at_once(reg, b"{broken") == "home-a"
+    assert index.home_at_once(reg, registry_fact("lamp", "deleted", "-")) == "home-a"
 
 
 # --- rules ----------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ subscriber that resumes from a sequence reads an ordered consumer of its own unt
 the shared one, then switches to it (sequences decide: nothing twice, nothing missed). A
 subscriber that cannot keep up is cut off (it resumes from its last sequence) instead of
 growing memory. A subscriber who sees only its homes' messages gets those `libs.homes` says are
-about one of them; a message is classified once, before it is handed on, and one about an
-object the index has not heard of yet waits for its home (with the messages behind it).
+about one of them; a message is classified once, before it is handed on: a fact that places
+its object by the home it states, one about an object the index has not heard of yet after
+waiting for its home (with the messages behind it). A replay classifies its page the same way.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
 from libs import bus, replay, subjects
 from libs import messages as m
 from libs.errors import Invalid, Unavailable
-from libs.homes import Audience, HomeIndex, Unknown
+from libs.homes import LOOK_UP_TIMEOUT_S, Audience, HomeIndex, Unknown
 from services.gateway.events.schemas import BusMessage, EventPage, Published
 from services.gateway.health.storage import BusStorage
 from services.gateway.pagination import decode_cursor, encode_cursor
@@ -109,13 +110,14 @@ class Delivered:
         """The home the message is about, classified the first time only (one split and one
         lookup per message, whatever the number of followers who see only their homes)."""
         home = self._home
-        if isinstance(home, _Unclassified):
-            home = self._home = index.home(self.subject)
+        if isinstance(home, _Unclassified):  # not `classified` before: no look-up now
+            home = self._home = index.home_at_once(self.subject, self.data)
         return home
 
     def classified(self, index: HomeIndex) -> bool:
         """Classify it before it is handed on, with `home`'s one lookup; False when the
-        index has not heard of its object yet (`wait_for_home` then)."""
+        index alone cannot tell: a fact that places its object, or an object the index has
+        not heard of yet (`wait_for_home` then)."""
         if isinstance(self._home, _Unclassified):
             home = index.classify(self.subject)
             if isinstance(home, Unknown):
@@ -124,9 +126,9 @@ class Delivered:
         return True
 
     async def wait_for_home(self, index: HomeIndex) -> None:
-        """Classify a message about an object the index has not heard of yet (the fact that
-        places it may be on its way to the index) by the home the message states or the
-        database's (`HomeIndex.home_of_message`), rather than pass it for no home's."""
+        """Classify a message the index alone cannot tell by the home it states (a fact that
+        places its object: a move's goes to the new home, whatever the index holds yet) or
+        the database's (`HomeIndex.home_of_message`), rather than pass it for no home's."""
         self._home = await index.home_of_message(self.subject, self.data)
 
     def sse(self, encode: Callable[[Delivered], bytes]) -> bytes:
@@ -613,7 +615,9 @@ class EventService:
 
         For an `audience` (someone who sees its homes' messages only) the others are passed
         over: a page then holds those of the next `MAX_SCAN` messages that it sees, perhaps
-        fewer than `limit`, and `next_cursor` goes on after the last message looked at."""
+        fewer than `limit` (a fact that places its object, or one about an object the index
+        has not heard of, takes a place in the read before `seen_by` tells whose it is), and
+        `next_cursor` goes on after the last message looked at."""
         stream = stream_for(subject)
         field = "since_seq"
         if cursor:
@@ -627,7 +631,7 @@ class EventService:
             )
         if after_seq == last_seq:
             return EventPage(items=[], next_cursor=None)
-        keep = None if audience is None else audience.sees
+        keep = None if audience is None else audience.may_see
         if after_seq is None and since is not None:
             # Stream times are nanoseconds; the `time` we show is rounded to microseconds,
             # possibly up: a client that passes an item's time back must get that item.
@@ -642,9 +646,10 @@ class EventService:
             keep=keep,
             scan=MAX_SCAN,
         )
+        stored = page.messages if audience is None else await seen_by(audience, page.messages)
         items = [
             BusMessage(seq=s.seq, subject=s.subject, time=s.time, event=body(s.data))
-            for s in page.messages
+            for s in stored
         ]
         return EventPage(
             items=items, next_cursor=encode_cursor(page.last_seen) if page.more else None
@@ -697,6 +702,20 @@ class EventService:
             await feed.close()
             raise
         return feed
+
+
+async def seen_by(audience: Audience, messages: list[replay.Stored]) -> list[replay.Stored]:
+    """Those of a page read with `Audience.may_see` that the audience sees, classified as a
+    live feed does: a fact that places its object by the home it states, an object the index
+    has not heard of by the database's, all within one look-up's time for the page (what is
+    not told by then is hidden, as on a live feed)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LOOK_UP_TIMEOUT_S
+    return [
+        s
+        for s in messages
+        if await audience.sees_message(s.subject, s.data, timeout=deadline - loop.time())
+    ]
 
 
 def _resume_after(subscription: JetStreamContext.PushSubscription, seq: int) -> None:
