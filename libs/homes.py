@@ -26,10 +26,10 @@ until the next reload, so that the fact of its deletion, and what was on its way
 its home. The owner reloads now and then (`keep_current`, or `refresh_if_stale` per use) to
 heal what a lost connection missed; between reloads an object the index has not heard of
 yet is hidden (never shown to the wrong home) by `home`; a reader that can wait asks
-`home_of_message` instead (the gateway's live feeds and replay), and the webhooks `look_up`:
-the home the message states when it is the fact that places the object, else the
-database's, so that a message is not dropped for arriving before the fact that taught the
-index its object.
+`home_of_message` instead (the gateway's live feeds and replay; the webhooks `home_of`, which
+retries a database error rather than hide): the home the message states when it is the fact
+that places the object, else the database's, so that a message is not dropped for arriving
+before the fact that taught the index its object.
 
 A fact that places its object belongs to the home it states, whatever the index holds when
 the fact passes (`classify` leaves it to `home_of_message`): the index may not have applied
@@ -298,20 +298,26 @@ class HomeIndex:
         stated = stated_home(subject, data)
         return self.home(subject) if stated is None else stated[2]
 
-    async def home_of_message(
-        self, subject: str, data: bytes, timeout: float = LOOK_UP_TIMEOUT_S
-    ) -> str | None:
-        """The home of a message `classify` could not tell, for a reader that waits: the one
-        the message states when it is a fact that places its object (not learnt: the
-        subscription brings it, and a replayed fact may be old), else the database's. None
-        (no home's: hidden) when neither tells within `timeout`; a database that does not
-        answer is not asked again for a while."""
+    async def home_of(self, subject: str, data: bytes) -> str | None:
+        """The home of a message `classify` could not tell: the one the message states when
+        it is a fact that places its object (not learnt: the subscription brings it, and a
+        replayed fact may be old), else the database's (None: no home's). A database error
+        is raised: for a reader that retries rather than hide (the webhooks)."""
         stated = stated_home(subject, data)
         if stated is not None:
             return stated[2]
+        await self.look_up(subject)
+        return self.home(subject)
+
+    async def home_of_message(
+        self, subject: str, data: bytes, timeout: float = LOOK_UP_TIMEOUT_S
+    ) -> str | None:
+        """`home_of` for a reader that waits behind it (a live feed, a replay): None (no
+        home's: hidden) when it cannot tell within `timeout`; a database that does not
+        answer is not asked again for a while."""
         try:
             async with asyncio.timeout(timeout):
-                await self.look_up(subject)
+                return await self.home_of(subject, data)
         except Exception as exc:
             log.warning("home of %s not looked up, hidden: %r", subject, exc)
             key = about(subject)

@@ -36,7 +36,7 @@ from libs import consumer, subjects, tracing, webhooks
 from libs import messages as m
 from libs.consumer import Consumer, Delivery, Retry
 from libs.errors import Unavailable
-from libs.homes import HomeIndex
+from libs.homes import HomeIndex, Unknown
 from services.webhooks.attempts import Attempted, after_attempt
 from services.webhooks.counter import DeliveredCounter
 from services.webhooks.payload import BATCHED, Item, Payload, event_id, render, render_batch
@@ -183,19 +183,23 @@ class SourceWorker:
             subjects.NOTIFICATIONS_ALL, subject
         )
 
-    async def _outside_home(self, subject: str) -> bool:
+    async def _outside_home(self, item: Item) -> bool:
         """A subscription of a home gets the messages about that home only, whatever its
-        filter. An object the index has not heard of yet (its fact on the way) is asked of
-        the database first: a message of the home is not dropped for being early. A rule's
-        notification addressed to it is its home's (the gateway checked the rule's home)."""
+        filter, told as the gateway's live feeds tell it (`HomeIndex.classify`): a fact that
+        places its object by the home it states (a move's goes to the new home only). A
+        rule's notification addressed to it is its home's (the gateway checked the rule's
+        home)."""
         home = self.target.home
         if home is None or self.source.name != webhooks.FROM_FILTER:
             return False
         if self._homes is None:
             return True  # nobody can tell whose it is: not this home's to see
-        if not self._homes.knows(subject):
-            await self._homes.look_up(subject)
-        return self._homes.home(subject) != home
+        home_of = self._homes.classify(item.subject)
+        if isinstance(home_of, Unknown):
+            # A fact that places its object, or one the index has not heard of yet: a
+            # database that does not answer is the handler's `Retry` (the message waits).
+            home_of = await self._homes.home_of(item.subject, item.data)
+        return home_of != home
 
     # --- delivering ----------------------------------------------------------------------------
 
@@ -215,7 +219,7 @@ class SourceWorker:
             self._known = await self._store.open_records(
                 self.target.id, self.source.name, batch[0].seq - 1
             )
-        held = [item for item in batch if not await self._outside_home(item.subject)]
+        held = [item for item in batch if not await self._outside_home(item)]
         settled_at = time.monotonic()
         done = 0  # how many of `held` are settled
         while done < len(held):
