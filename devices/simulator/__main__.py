@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import random
 import sys
@@ -31,6 +30,7 @@ from nats.js import JetStreamContext
 
 from devices.platform_link import api_headers, bus_tls, run
 from devices.simulator.fleet import KINDS, VirtualDevice, fleet
+from devices.simulator.schedule import Schedule
 from libs import messages as m
 from libs import subjects
 
@@ -40,6 +40,7 @@ TAKES_COMMANDS = ("light", "energy_meter")
 API_PREFIX = "/api/v1"
 REGISTER_IN_FLIGHT = 16  # registrations at once: the gateway is not a load test's target
 ACKS_IN_FLIGHT = 2000  # publishes not acknowledged yet, at most
+STOP_SEEN_S = 0.5
 
 
 def arguments() -> argparse.Namespace:
@@ -206,32 +207,22 @@ async def _status(
     await out.publish(device_id, "command_status", data, command.correlation_id)
 
 
-async def report_every(
-    device: VirtualDevice, out: Publisher, interval: float, stop: asyncio.Event
+async def report_all(
+    devices: list[VirtualDevice], out: Publisher, interval: float, stop: asyncio.Event
 ) -> None:
-    """Telemetry every `interval`, starting at a random phase (not all at the same time).
-    On an absolute schedule: a slow publish delays one reading, not every later one (waiting
-    `interval` after each publish let a busy bus move many devices' phases together, and the
-    fleet's load came in bursts)."""
-    last = time.monotonic()
-    due = last + random.uniform(0, interval)
+    """Telemetry of every device every `interval`, each at its own phase (`Schedule`)."""
+    loop = asyncio.get_running_loop()
+    schedule = Schedule(len(devices), interval, loop.time(), random.Random())
     while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), max(due - time.monotonic(), 0))
-        if stop.is_set():
-            return
-        now = time.monotonic()
-        await out.publish(device.id, "telemetry", device.reading(now - last))
-        last, due = now, next_due(due, now, interval)
-
-
-def next_due(due: float, now: float, interval: float) -> float:
-    """The reading after the one due at `due`, on the device's own phase; one later than
-    `interval` skips those it missed (no burst to catch up)."""
-    due += interval
-    if due < now:
-        due += interval * math.ceil((now - due) / interval)
-    return due
+        for i, elapsed in schedule.take_due(loop.time()):
+            device = devices[i]
+            await out.publish(device.id, "telemetry", device.reading(elapsed))
+        next_at = schedule.next_at()
+        if next_at is None:
+            await stop.wait()
+        elif (wait := next_at - loop.time()) > 0:
+            # Slept, not waited on `stop` (a task per wait): a stop is seen within STOP_SEEN_S.
+            await asyncio.sleep(min(wait, STOP_SEEN_S))
 
 
 async def main(stop: asyncio.Event) -> None:
@@ -266,9 +257,7 @@ async def main(stop: asyncio.Event) -> None:
                 cb = partial(answer, device, out, answered)
                 await nc.subscribe(subjects.commands(device.id), cb=cb)
             await out.publish(device.id, "hello", {"attributes": dict(device.attributes)})
-        async with asyncio.TaskGroup() as tasks:
-            for device in devices:
-                tasks.create_task(report_every(device, out, args.interval, stop))
+        await report_all(devices, out, args.interval, stop)
     finally:
         with contextlib.suppress(Exception):  # a bus that is gone does not hold the exit
             async with asyncio.timeout(10):

@@ -78,6 +78,7 @@ from libs.cache import KEY_PREFIX
 from libs.db.engine import make_engine
 
 P99_TARGET_MS = 20.0
+LATENCY_WINDOW_S = 5.0  # the p99 of each: a periodic cause shows as a pattern
 RSS_GROWTH_TARGET = 0.10
 RSS_BASELINE_AT = 0.2  # minute 2 of 10
 DRAIN_TIMEOUT_S = 300.0
@@ -215,6 +216,15 @@ class Soak:
                 f"events of {a.sample} sensors (target ≤ {P99_TARGET_MS:g} ms); "
                 f"{len(probe.sent) - len(lat)} without a fact",
             )
+            by_window = probe.p99_by_window(LATENCY_WINDOW_S)
+            print(
+                f"      p99 of each {LATENCY_WINDOW_S:g} s: "
+                + " ".join(f"{ms:.0f}" for ms in by_window)
+            )
+            if a.latency_csv:
+                with open(a.latency_csv, "w") as out:
+                    out.write("seen_s,latency_ms\n")
+                    out.writelines(f"{t:.4f},{ms:.3f}\n" for t, ms in probe.timeline())
         else:
             verdict("p99 event → state fact", False, "no state fact matched")
         growths = rss_growth(run, a.minutes)
@@ -391,6 +401,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-every", type=float, default=5.0, help="seconds between samples")
     p.add_argument("--sample", type=int, default=200, help="sensors whose latency is measured")
     p.add_argument("--actor-processes", type=int, default=1)
+    p.add_argument(
+        "--latency-csv", help="write each sampled event's time and latency (ms) to this file"
+    )
     p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
     p.add_argument("--step", action="store_true", help="find the highest sustained rate")

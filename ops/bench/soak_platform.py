@@ -29,6 +29,7 @@ from harness import (
     cause_decoder,
     consumer_lags,
     lag_group,
+    percentile,
     service_env,
     slope,
 )
@@ -230,9 +231,21 @@ class LatencyProbe:
             self.received.setdefault(cause, at)
 
     def latencies_ms(self) -> list[float]:
+        return sorted(ms for _, ms in self.timeline())
+
+    def timeline(self) -> list[tuple[float, float]]:
+        """(when the event was seen, its latency in ms) of each matched event, in time order."""
         return sorted(
-            (self.received[i] - t) * 1000 for i, t in self.sent.items() if i in self.received
+            (t, (self.received[i] - t) * 1000) for i, t in self.sent.items() if i in self.received
         )
+
+    def p99_by_window(self, width_s: float) -> list[float]:
+        """The p99 of each `width_s` of the timeline: a periodic cause shows as a pattern."""
+        windows: dict[int, list[float]] = {}
+        timeline = self.timeline()
+        for t, ms in timeline:
+            windows.setdefault(int((t - timeline[0][0]) // width_s), []).append(ms)
+        return [percentile(sorted(w), 99) for _, w in sorted(windows.items())]
 
 
 def sample_devices(prefix: str, devices: int, count: int) -> list[str]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from devices.simulator.__main__ import next_due
+import random
+
 from devices.simulator.fleet import fleet
+from devices.simulator.schedule import Schedule, next_due
 
 
 def test_kinds_are_taken_in_turn_and_a_seed_repeats_a_run() -> None:
@@ -56,3 +58,26 @@ def test_readings_keep_their_phase_when_a_publish_is_slow() -> None:
     assert next_due(3.0, now=3.4, interval=10.0) == 13.0
     assert next_due(3.0, now=12.9, interval=10.0) == 13.0
     assert next_due(3.0, now=27.5, interval=10.0) == 33.0
+
+
+def test_the_schedule_gives_each_device_its_own_phase_and_keeps_it() -> None:
+    schedule = Schedule(3, interval=10.0, now=100.0, rng=random.Random(4))
+    first = {}
+    for now in (x / 10 for x in range(1000, 1101)):  # 100.0 .. 110.0 s, every 0.1 s
+        for i, elapsed in schedule.take_due(now):
+            assert i not in first, "a device reported twice in its first interval"
+            first[i] = (now, elapsed)
+    assert sorted(first) == [0, 1, 2]
+    phases = {round(now, 1) for now, _ in first.values()}
+    assert len(phases) == 3, "every device at the same moment: no phases"
+    # A late look (at 125 s) gives each device once, with the time since its last reading,
+    # and its next reading stays on its phase (a whole number of intervals after its first).
+    late = dict(schedule.take_due(125.0))
+    assert sorted(late) == [0, 1, 2]
+    for i, elapsed in late.items():
+        assert elapsed == 125.0 - first[i][0]
+    assert schedule.take_due(125.0) == []
+    again = {}
+    for now in (x / 10 for x in range(1251, 1351)):  # 125.1 .. 135.0 s
+        again.update({i: now for i, _ in schedule.take_due(now)})
+    assert {i: round(again[i] - first[i][0], 1) for i in again} == {0: 30.0, 1: 30.0, 2: 30.0}
