@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # Online devices are judged this many at a time, read from a cursor: the event loop, which
 # the partitions' batches share, is never held for a whole fleet's rows at once.
-SCAN_CHUNK = 250
+SCAN_CHUNK = 50
 
 _ONLINE = (
     select(
