@@ -167,7 +167,9 @@ class Soak:
             f"({a.devices / a.interval:,.0f} events/s), {a.minutes:g} min"
         )
         sim = simulator(self.platform, prefix, a.devices, a.interval, a.minutes * 60, key)
-        run = await load_run(js, self.platform, sim, a.sample_every, a.interval, probe)
+        run = await load_run(
+            js, self.platform, sim, a.sample_every, a.interval, a.minutes * 60, probe
+        )
         drained = await drain(js, self.platform, DRAIN_TIMEOUT_S)
         assert self.platform.tree is not None
         last = run.samples[-1].t + drained
@@ -295,7 +297,9 @@ class Soak:
             while rate <= a.step_max:
                 interval = a.devices / rate
                 sim = simulator(self.platform, prefix, a.devices, interval, a.step_seconds, key)
-                run = await load_run(js, self.platform, sim, a.sample_every, interval)
+                run = await load_run(
+                    js, self.platform, sim, a.sample_every, interval, a.step_seconds
+                )
                 achieved = run.rate()
                 flat = run.lag_flat()
                 cpu = step_cpu(run)

@@ -299,9 +299,11 @@ async def load_run(
     sim: Child,
     every: float,
     interval: float,
+    seconds: float,
     probe: LatencyProbe | None = None,
 ) -> LoadRun:
-    """Start the simulator and sample until it exits (its registrations, then its load)."""
+    """Start the simulator and sample until it exits (its registrations, then its load for
+    `seconds`, then its goodbyes: a burst, outside the load window)."""
     assert platform.tree is not None
     await asyncio.to_thread(sim.spawn)
     platform.tree.add("simulator", sim.pid)
@@ -310,22 +312,31 @@ async def load_run(
     registered: float | None = None
     load_from = load_until = 0.0
     loading = False
+    ends = float("inf")  # of the load: the simulator's goodbyes may begin after it
     while sim.proc is not None and sim.proc.poll() is None:
         platform.check_alive()
         now = time.monotonic() - started
         if registered is None and "registered" in sim.tail(chars=100_000):
             registered = now
+            ends = now + seconds - every  # (seen up to `every` after it happened)
         if (
             registered is not None
             and not loading
+            and now <= ends
             and hellos_answered(samples, registered, now, interval, every)
         ):
             loading, load_from = True, now
             if probe is not None:
                 probe.counting = True
+        if loading and now > ends:
+            loading = False
+            if probe is not None:
+                probe.counting = False
         phase = "register" if registered is None else ("load" if loading else "hello")
+        phase = "goodbye" if now > ends else phase
         samples.append(await take_sample(js, platform.tree, now, phase))
-        load_until = now
+        if loading:
+            load_until = now
         await asyncio.sleep(max(0.0, every - (time.monotonic() - started - now)))
     if probe is not None:
         probe.counting = False
