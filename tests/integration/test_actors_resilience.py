@@ -119,20 +119,20 @@ async def test_a_batch_left_unacked_by_a_dead_worker_is_applied_before_newer_eve
     device = unique_id("inflight")
     await register(sessions, device)
     worker = Service("services.actors", quiet_env(service_env), data_dir).start()
-    durable = durable_of(device)
-    await eventually(lambda: drained(js, durable), timeout=30)  # what other tests left
-    assert worker.stop() == 0, worker.tail()
-    for n in range(3):
-        await send(js, device, "telemetry", {"n": n})
-    # A worker fetches these three and dies before its ack: far fewer than a full batch, so
-    # the bus goes on delivering newer events while these wait for their ack_wait.
-    dead = await js.pull_subscribe_bind(durable, stream=subjects.EVENTS_STREAM)
-    taken = await dead.fetch(3, timeout=5)
-    await dead.unsubscribe()
-    assert len(taken) == 3
+    try:  # (stopped whatever fails: a worker left running would hold the next test's leases)
+        durable = durable_of(device)
+        await eventually(lambda: drained(js, durable), timeout=30)  # what other tests left
+        assert worker.stop() == 0, worker.tail()
+        for n in range(3):
+            await send(js, device, "telemetry", {"n": n})
+        # A worker fetches these three and dies before its ack: far fewer than a full batch,
+        # so the bus goes on delivering newer events while these wait for their ack_wait.
+        dead = await js.pull_subscribe_bind(durable, stream=subjects.EVENTS_STREAM)
+        taken = await dead.fetch(3, timeout=5)
+        await dead.unsubscribe()
+        assert len(taken) == 3
 
-    worker.start()
-    try:
+        worker.start()
         await send(js, device, "telemetry", {"n": 3})
 
         async def all_four():  # type: ignore[no-untyped-def]
@@ -161,18 +161,19 @@ async def test_a_worker_stopped_while_the_database_is_down_loses_nothing(
         env = {**quiet_env(service_env), "DATABASE_URL": pg.url}
         env.pop("REDIS_URL", None)
         worker = Service("services.actors", env, tmp_path).start()
-        for device in devices:  # known to the worker: deciding needs no database read
-            await send(js, device, "telemetry", {"n": -1})
-        await eventually(lambda: all_at_version(sessions, devices, 1), timeout=20)
-        pg.stop()
-        # More than the bus hands out un-acked: the worker waits for its writer to make room.
-        await publish_all(js, devices)
-        await eventually(lambda: "state write failed, retrying" in worker.log(), timeout=20)
-        assert worker.stop() == 0, worker.tail()  # not killed after the grace period
+        try:  # (stopped whatever fails: a worker left running would hold the next's leases)
+            for device in devices:  # known to the worker: deciding needs no database read
+                await send(js, device, "telemetry", {"n": -1})
+            await eventually(lambda: all_at_version(sessions, devices, 1), timeout=20)
+            pg.stop()
+            # More than the bus hands out un-acked: the worker waits for its writer to make
+            # room.
+            await publish_all(js, devices)
+            await eventually(lambda: "state write failed, retrying" in worker.log(), timeout=20)
+            assert worker.stop() == 0, worker.tail()  # not killed after the grace period
 
-        pg.start()
-        worker.start()
-        try:
+            pg.start()
+            worker.start()
             await eventually(lambda: all_at_version(sessions, devices, PER_DEVICE + 1), timeout=60)
             final = await states(sessions, devices)
         finally:
