@@ -299,10 +299,14 @@ class HomeIndex:
         return self.home(subject) if stated is None else stated[2]
 
     async def home_of(self, subject: str, data: bytes) -> str | None:
-        """The home of a message `classify` could not tell: the one the message states when
-        it is a fact that places its object (not learnt: the subscription brings it, and a
-        replayed fact may be old), else the database's (None: no home's). A database error
-        is raised: for a reader that retries rather than hide (the webhooks)."""
+        """The home of a message for a reader that can wait: the index's (`classify`), or
+        when it alone cannot tell, the one the message states when it is a fact that places
+        its object (not learnt: the subscription brings it, and a replayed fact may be old),
+        else the database's (None: no home's). A database error is raised: for a reader
+        that retries rather than hide (the webhooks)."""
+        home = self.classify(subject)
+        if not isinstance(home, Unknown):
+            return home
         stated = stated_home(subject, data)
         if stated is not None:
             return stated[2]
@@ -345,11 +349,8 @@ class Audience:
         self, subject: str, data: bytes, timeout: float = LOOK_UP_TIMEOUT_S
     ) -> bool:
         """Whether the message is about one of its homes, as a live feed classifies it
-        (`HomeIndex.home_of_message` when the index alone cannot tell)."""
-        home = self.index.classify(subject)
-        if isinstance(home, Unknown):
-            home = await self.index.home_of_message(subject, data, timeout)
-        return self.sees_home(home)
+        (`HomeIndex.home_of_message`)."""
+        return self.sees_home(await self.index.home_of_message(subject, data, timeout))
 
     def sees_home(self, home: str | None) -> bool:
         """For a home classified once and shared by many audiences (a live feed)."""

@@ -36,7 +36,7 @@ from libs import consumer, subjects, tracing, webhooks
 from libs import messages as m
 from libs.consumer import Consumer, Delivery, Retry
 from libs.errors import Unavailable
-from libs.homes import HomeIndex, Unknown
+from libs.homes import HomeIndex
 from services.webhooks.attempts import Attempted, after_attempt
 from services.webhooks.counter import DeliveredCounter
 from services.webhooks.payload import BATCHED, Item, Payload, event_id, render, render_batch
@@ -194,12 +194,8 @@ class SourceWorker:
             return False
         if self._homes is None:
             return True  # nobody can tell whose it is: not this home's to see
-        home_of = self._homes.classify(item.subject)
-        if isinstance(home_of, Unknown):
-            # A fact that places its object, or one the index has not heard of yet: a
-            # database that does not answer is the handler's `Retry` (the message waits).
-            home_of = await self._homes.home_of(item.subject, item.data)
-        return home_of != home
+        # A database that does not answer is the handler's `Retry` (the message waits).
+        return await self._homes.home_of(item.subject, item.data) != home
 
     # --- delivering ----------------------------------------------------------------------------
 
