@@ -31,7 +31,7 @@ from nats.js.api import (
     StreamInfo,
     SubjectTransform,
 )
-from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from libs import bus_grants, service_status, subjects, tracing
 from libs.errors import StorageFull
@@ -51,6 +51,8 @@ DL_STREAM_SEQ = "Smarthome-Stream-Seq"
 # reached (10023 "insufficient resources"), an account's limit (10002), or a reservation
 # does not fit (10047). Refused at once, before the disk is full: nothing is stored.
 STORAGE_FULL_CODES = frozenset({10002, 10023, 10047})
+# 10047 on a stream's creation or update: the streams' budgets would exceed the limit.
+RESOURCES_EXCEEDED = 10047
 STORAGE_FULL = (
     "the event bus storage is full: nothing more is stored until space is freed "
     "(retention, a purge or a larger volume); try again later"
@@ -88,6 +90,28 @@ STREAMS: tuple[StreamConfig, ...] = (
         max_age=90 * DAY,
     ),
 )
+
+# Each stream's byte budget (`max_bytes`, discard old), as a share of JetStream's store on
+# each server (an R3 stream keeps a whole replica on each node: the same arithmetic): past
+# it a stream drops its oldest messages, like Kafka's `retention.bytes`, instead of the
+# full store refusing every message until the age limits free space. Whichever limit comes
+# first applies. EVENTS and SYSTEM grow alike (each reading becomes a state fact) and hold
+# nearly everything; commands and dead letters are few. The other 10 % is headroom for
+# what has no budget: the KV buckets (leases, status, fences, rule episodes), MQTT
+# sessions, and the store's own overhead. nats-server reserves each budget out of its
+# limit and refuses to create or change any stream while they reserve more than it.
+STREAM_STORE_SHARES: dict[str, float] = {
+    subjects.EVENTS_STREAM: 0.40,
+    subjects.SYSTEM_STREAM: 0.40,
+    subjects.COMMANDS_STREAM: 0.05,
+    subjects.DEADLETTER_STREAM: 0.05,
+}
+BUDGETED_SHARE = sum(STREAM_STORE_SHARES.values())
+
+
+def stream_budgets(max_store: int) -> dict[str, int]:
+    """Each stream's `max_bytes` in a store of `max_store` bytes (`STREAM_STORE_SHARES`)."""
+    return {name: int(max_store * share) for name, share in STREAM_STORE_SHARES.items()}
 
 
 async def connect(
@@ -275,28 +299,91 @@ def rules_facts_consumer(partition: int) -> ConsumerConfig:
 
 
 async def ensure_streams(
-    js: JetStreamContext, replicas: int = 1, partitions: int | None = None
+    js: JetStreamContext,
+    replicas: int = 1,
+    partitions: int | None = None,
+    max_store: int | None = None,
 ) -> None:
     """Create or update the streams and durable consumers: the gateway, which provisions
     the bus, runs it at start (no other service may create streams). `partitions`: how many
     the device events are spread over (`SMARTHOME_ACTOR_PARTITIONS`); None: as the bus was
-    installed, or 16 on a new one."""
+    installed, or 16 on a new one. `max_store`: JetStream's store on each server
+    (`SMARTHOME_NATS_MAX_STORE`), which the streams' byte budgets share; None: unknown, no
+    budgets (the age limits only)."""
     partitions = await _partitions(js, partitions) or DEFAULT_PARTITIONS
+    budgets = _budgets(max_store)
     for base in STREAMS:
         config = dataclasses.replace(base, num_replicas=replicas)
+        if config.name in budgets:
+            config = dataclasses.replace(
+                config, max_bytes=budgets[config.name], discard=DiscardPolicy.OLD
+            )
         if config.name == subjects.EVENTS_STREAM:
             await _narrow_legacy_actors(js)
             config = partitioned_events(config, partitions)
-        try:
-            await js.add_stream(config)
-        except BadRequestError:
-            await js.update_stream(config)
+        await _provision_stream(js, config, max_store)
     for partition in range(partitions):
         await js.add_consumer(subjects.EVENTS_STREAM, actors_consumer(partition))
     for stream, consumer in CONSUMERS:
         await js.add_consumer(stream, consumer)
     # Where each process writes its status (`GET /system/services`).
     await service_status.provision(js, replicas)
+
+
+def _budgets(max_store: int | None) -> dict[str, int]:
+    if max_store is None:
+        log.info(
+            "bus store size unknown (SMARTHOME_NATS_MAX_STORE unset): the streams have no "
+            "byte budgets; a full store refuses every message until the age limits free space"
+        )
+        return {}
+    budgets = stream_budgets(max_store)
+    log.info(
+        "stream byte budgets of a %d-byte store: %s",
+        max_store,
+        ", ".join(f"{name} {size}" for name, size in budgets.items()),
+    )
+    return budgets
+
+
+async def _provision_stream(
+    js: JetStreamContext, config: StreamConfig, max_store: int | None
+) -> None:
+    try:
+        await _create_or_update(js, config)
+    except APIError as exc:
+        if exc.err_code != RESOURCES_EXCEEDED:
+            raise
+        raise SettingsError(
+            f"the bus refuses to create or change stream {config.name}: the streams' byte "
+            "budgets reserve more than its storage limit, made for a larger store than "
+            f"SMARTHOME_NATS_MAX_STORE={max_store}. Give the bus its previous limit until the "
+            "gateway has started once (that lowers them), or lower it by under 10 % at a time"
+        ) from exc
+
+
+async def _create_or_update(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create a stream or update its config (a lowered budget trims it to the new limit).
+    An existing stream is updated, never added again: the server would count the budget of
+    the stream it has against its limit a second time (10047)."""
+    name = config.name
+    assert name is not None  # each of STREAMS is named
+    if not await _stream_exists(js, name):
+        try:
+            await js.add_stream(config)
+            return
+        except APIError:
+            if not await _stream_exists(js, name):
+                raise  # a refusal of the stream itself
+    await js.update_stream(config)  # (it may just have been made by another gateway)
+
+
+async def _stream_exists(js: JetStreamContext, name: str) -> bool:
+    try:
+        await js.stream_info(name)
+    except NotFoundError:
+        return False
+    return True
 
 
 def partitioned_events(config: StreamConfig, partitions: int) -> StreamConfig:

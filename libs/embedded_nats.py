@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -21,16 +22,42 @@ def binary() -> str:
     return found
 
 
-# With no SMARTHOME_NATS_MAX_STORE: the share of the free space JetStream may fill, beside
-# what it stores already; the database and the logs share the data directory's volume.
-AUTO_STORE_SHARE_OF_FREE = 0.5
+# With no SMARTHOME_NATS_MAX_STORE: the share of its volume JetStream may fill (what it
+# stores plus what is free); the database and the logs share the data directory's volume.
+AUTO_STORE_SHARE = 0.5
+
+
+def store_dir(data_dir: Path) -> Path:
+    """Where JetStream stores under the data dir (made if missing)."""
+    store = (data_dir / "jetstream").resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    return store
 
 
 def max_store(store: Path) -> int:
-    """JetStream's storage limit when none is set: what it stores already (it must still
-    load that) plus half of what is free on its volume, measured now, at start."""
+    """JetStream's storage limit when none is set: half of what it could have (what it
+    stores plus what is free on its volume), measured now, at start, and never less than
+    what it stores (it must still load that). Stable across starts: the streams, kept
+    within their budgets (`libs.bus.STREAM_STORE_SHARES`), do not grow it start by start
+    as "what it stores plus half the rest" would, until the database has no room left."""
     used = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
-    return used + int(shutil.disk_usage(store).free * AUTO_STORE_SHARE_OF_FREE)
+    return max(used, int((used + shutil.disk_usage(store).free) * AUTO_STORE_SHARE))
+
+
+def reserved(store: Path) -> int:
+    """What the streams stored under `store` reserve of the server's limit: the sum of
+    their byte budgets (`max_bytes` in each stream's `meta.inf`, as nats-server keeps it)."""
+    total = 0
+    for meta in store.glob("jetstream/*/streams/*/meta.inf"):
+        try:
+            config = json.loads(meta.read_bytes())
+        except (OSError, ValueError):
+            continue  # unreadable: the server says so when it loads it
+        if not isinstance(config, dict) or config.get("storage") != "file":
+            continue
+        budget = config.get("max_bytes")
+        total += budget if isinstance(budget, int) and budget > 0 else 0
+    return total
 
 
 def write_config(
@@ -49,8 +76,7 @@ def write_config(
     monitoring endpoint (`/healthz`) on loopback unless `monitor_port` is 0. `auth` is
     the `authorization` block (`libs.bus_auth.embedded_authorization`): users and the
     callout; the file is readable by this user only, since it holds their hashes."""
-    store = (data_dir / "jetstream").resolve()
-    store.mkdir(parents=True, exist_ok=True)
+    store = store_dir(data_dir)
     # Refused (JetStream error 10023, HTTP 507) at the limit instead of failing writes at
     # ENOSPC, which the server does not always recover from without a restart.
     limit = max_file_store if max_file_store is not None else max_store(store)

@@ -81,8 +81,10 @@ class Settings:
     demo_rule_for_s: float = 10.0
     stream_replicas: int = 1
     nats_sync: str = "1s"
-    # The embedded nats-server's JetStream storage limit in bytes (`max_file_store`); None:
-    # chosen at start from the free disk (`libs.embedded_nats.max_store`).
+    # JetStream's storage limit on each server in bytes (`max_file_store`), which the
+    # streams' byte budgets share; None: the embedded server's is chosen at start from the
+    # free disk (`libs.embedded_nats.max_store`) and the launcher passes the result on;
+    # an external bus's is unknown (no budgets).
     nats_max_store: int | None = None
     rules_partitions: int = 1
     # Device events are spread over this many partitions by device id (the EVENTS stream's
@@ -299,25 +301,29 @@ def _sync() -> str:
     return raw
 
 
-_SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]?)(?:iB|i|B)?", re.IGNORECASE)
+_SIZE = re.compile(
+    r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]?)(?P<binary>iB|i|B)?", re.IGNORECASE
+)
 
 
 def _max_store() -> int | None:
-    """SMARTHOME_NATS_MAX_STORE: how much the embedded nats-server may store (`10GB`,
-    `512MB`, bytes; binary units), or `auto` (the default): what it stores already plus
-    half the free space of its volume at start, the rest left to the database and logs.
-    Past it, publishing is refused (HTTP 507) before the disk is full, and goes on once
-    space is freed."""
+    """SMARTHOME_NATS_MAX_STORE: how much JetStream may store on each server, in bytes or
+    with a unit as nats-server and Kubernetes read it (`9Gi`, `10GB`, `512MiB`: binary;
+    `10G`, `500M`: decimal), or `auto` (the default): half of what the embedded server
+    could have on its volume at start (`libs.embedded_nats.max_store`), the rest left to the
+    database and logs. Each stream gets its share as a byte budget (`libs.bus.STREAM_STORE_SHARES`).
+    Past the whole limit publishing is refused (HTTP 507) before the disk is full, and goes
+    on once space is freed."""
     raw = (os.environ.get("SMARTHOME_NATS_MAX_STORE") or "auto").strip()
     if raw.lower() == "auto":
         return None
     match = _SIZE.fullmatch(raw)
     if match is None:
         raise SettingsError(
-            f"SMARTHOME_NATS_MAX_STORE={raw!r} must be 'auto' or a size like 10GB, 512MB"
+            f"SMARTHOME_NATS_MAX_STORE={raw!r} must be 'auto' or a size like 10GB, 9Gi, 512MB"
         )
-    exponent = " KMGT".index(match["unit"].upper() or " ")
-    size = int(float(match["number"]) * 1024**exponent)
+    base = 1024 if match["binary"] or not match["unit"] else 1000
+    size = int(float(match["number"]) * base ** " KMGT".index(match["unit"].upper() or " "))
     if size < 1024 * 1024:
         raise SettingsError(f"SMARTHOME_NATS_MAX_STORE={raw!r} must be at least 1MB")
     return size

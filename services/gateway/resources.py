@@ -80,7 +80,9 @@ async def open_resources(settings: Settings, shutdown: Shutdown) -> AsyncIterato
         nc = await _connect(settings, shutdown)
         try:
             js = nc.jetstream()
-            await bus.ensure_streams(js, settings.stream_replicas, settings.actor_partitions)
+            await bus.ensure_streams(
+                js, settings.stream_replicas, settings.actor_partitions, settings.nats_max_store
+            )
             yield Resources(engine, make_sessionmaker(engine), nc, js, cache, shutdown, settings)
         finally:
             # Drain delivers what is in flight (acks of our publishes) before closing.

@@ -7,13 +7,14 @@ import asyncio
 import contextlib
 import getpass
 import logging
+import math
 import os
 import signal
 import socket
 import sys
 from pathlib import Path
 
-from libs import bus_auth, bus_grants, embedded_nats, service_status
+from libs import bus, bus_auth, bus_grants, embedded_nats, service_status
 from libs import settings as settings_mod
 from libs.db.migrate import upgrade
 from libs.passwords import MIN_PASSWORD_LENGTH
@@ -47,7 +48,11 @@ def choose_port(name: str, port: int, explicit: bool) -> int:
     return free
 
 
-def child_env(s: Settings, nats_url: str, http_port: int) -> dict[str, str]:
+def child_env(
+    s: Settings, nats_url: str, http_port: int, max_store: int | None = None
+) -> dict[str, str]:
+    """What every child is told; `max_store`: the embedded bus's storage limit in bytes,
+    which the gateway shares out as the streams' byte budgets (None: as configured)."""
     env = {
         **os.environ,
         "NATS_URL": nats_url,
@@ -58,6 +63,8 @@ def child_env(s: Settings, nats_url: str, http_port: int) -> dict[str, str]:
         "SMARTHOME_LOG_LEVEL": s.log_level,
         "PYTHONUNBUFFERED": "1",
     }
+    if max_store is not None:  # `auto` resolved: the services budget for what is used
+        env["SMARTHOME_NATS_MAX_STORE"] = str(max_store)
     env.pop("SMARTHOME_HEALTH_PORT", None)  # each worker gets a port of its own
     for identity in (bus_grants.ENV_USER, bus_grants.ENV_PASSWORD, bus_grants.ENV_SYSTEM_PASSWORD):
         env.pop(identity, None)  # each child gets its own (`_identity`), none another's
@@ -90,13 +97,15 @@ async def up(s: Settings, with_demo: bool, demo_for: float) -> int:
         loop.add_signal_handler(sig, stop.set)
     children: list[Child] = []
     watchers: list[asyncio.Task[None]] = []
+    max_store = None  # an external bus's: as configured
     try:
         if nats_port is not None:
-            children.append(await _start_bus(s, nats_port, mqtt_port))
+            bus_child, max_store = await _start_bus(s, nats_port, mqtt_port)
+            children.append(bus_child)
         await asyncio.to_thread(upgrade, s.effective_database_url)
         log.info("database migrated (%s)", _redact(s.effective_database_url))
         admin_password, keys = await credentials.prepare(s)
-        env = child_env(s, nats_url, http_port)
+        env = child_env(s, nats_url, http_port, max_store)
         metrics: dict[str, str] = {}  # where each service's /metrics is
         packages = [("services", n, c) for n in SERVICES for c in copies(n, s)]
         packages += [("devices", n, n) for n in DEVICES] if with_demo else []
@@ -167,30 +176,60 @@ def _monitoring(child: str, api_url: str) -> tuple[dict[str, str], str]:
     return env, f"http://{LOOPBACK}:{port}/metrics"
 
 
-async def _start_bus(s: Settings, port: int, mqtt_port: int) -> Child:
+def bus_store(s: Settings) -> int:
+    """The embedded bus's storage limit for a start: SMARTHOME_NATS_MAX_STORE, or `auto`
+    measured now (`embedded_nats.max_store`)."""
+    if s.nats_max_store is not None:
+        return s.nats_max_store
+    return embedded_nats.max_store(embedded_nats.store_dir(s.data_dir))
+
+
+def server_store(data_dir: Path, wanted: int) -> int:
+    """The limit the server is given: `wanted`, unless the streams' budgets reserve that
+    much already (made for a larger store): nats-server refuses to create or change any
+    stream while they reserve more than its limit, so it keeps the store they were made
+    for until the gateway has lowered them to `wanted`'s; the next start gets `wanted`."""
+    reserved = embedded_nats.reserved(embedded_nats.store_dir(data_dir))
+    if reserved < wanted:  # a store lowered within the headroom the budgets leave
+        return wanted
+    made_for = math.ceil(reserved / bus.BUDGETED_SHARE)
+    log.warning(
+        "the streams' budgets were made for a %d-byte bus store: it keeps that size until "
+        "the gateway has lowered them to a %d-byte store's (the next start)",
+        made_for,
+        wanted,
+    )
+    return made_for
+
+
+async def _start_bus(s: Settings, port: int, mqtt_port: int) -> tuple[Child, int]:
+    """Start the embedded bus; with the storage limit it was started with, which the
+    services are told (`child_env`)."""
     # Its monitoring port, on loopback, for the launcher's health watch only.
     monitor_port = embedded_nats.free_port()
+    wanted: list[int] = []  # each start's: the config is written again at each
 
     def write_config() -> Path:
+        wanted.append(bus_store(s))
         return embedded_nats.write_config(
             s.data_dir,
             port,
             sync=s.nats_sync,
             mqtt_port=mqtt_port,
-            max_file_store=s.nats_max_store,
+            max_file_store=server_store(s.data_dir, wanted[-1]),
             monitor_port=monitor_port,
             auth=bus_auth.embedded_authorization(s.data_dir / BUS_DIR),
             tls=(s.nats_tls_cert, s.nats_tls_key) if s.nats_tls_cert and s.nats_tls_key else None,
         )
 
     argv = [embedded_nats.binary(), "-c", str(write_config())]
-    bus = Child("nats-server", argv, dict(os.environ), s.data_dir / "logs" / "nats-server.log")
-    bus.before_start = write_config
+    server = Child("nats-server", argv, dict(os.environ), s.data_dir / "logs" / "nats-server.log")
+    server.before_start = write_config
     # The full check: `?js-enabled-only=true` still answers ok while every write fails.
-    bus.health_url = f"http://127.0.0.1:{monitor_port}/healthz"
-    await bus.start()
+    server.health_url = f"http://127.0.0.1:{monitor_port}/healthz"
+    await server.start()
     await asyncio.to_thread(embedded_nats.wait_for_server, port, mqtt_port)
-    return bus
+    return server, wanted[-1]
 
 
 def _mqtt_address(s: Settings, mqtt_port: int) -> str:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from libs import settings as settings_mod
+
 from . import k8s
 from .conftest import RELEASE, Render
 from .k8s import ROOT, Doc
@@ -53,6 +55,7 @@ REQUIRED_ENV = {
 MIGRATE_MODULE = "services.launcher"
 # The demo rule's hook Job stores the demo home and rule through the API (test_demo.py).
 DEMO_RULE_MODULE = "services.launcher.demo"
+GATEWAY = "services.gateway"
 
 
 def kind_of(module: str) -> str:
@@ -646,6 +649,35 @@ def test_jetstream_refuses_new_messages_before_its_volume_is_full(rendered: Rend
     assert 0 < _bytes(found[1]) <= 0.95 * _bytes(volume), (
         f"[{values_name}] max_file_store {found[1]} leaves no headroom on a {volume} volume"
     )
+
+
+def test_the_gateway_budgets_the_streams_for_the_store_nats_is_given(
+    rendered: Rendered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway, which provisions the streams, shares JetStream's store out as their byte
+    budgets (libs/bus.py): it is told the size the NATS servers are given, and reads it as
+    they do. Budgets made for a larger store would be refused by the servers."""
+    values_name, docs = rendered
+    config = k8s.find(docs, "ConfigMap", f"{RELEASE}-nats-config")
+    assert config is not None
+    found = re.search(r'"max_file_store":\s*"?([^,\s"]+)', config["data"]["nats.conf"])
+    assert found, f"[{values_name}] the NATS config sets no max_file_store"
+    env = {module: env_map(docs, container) for _, container, module in app_containers(docs)}
+    given = env["services.gateway"].get("SMARTHOME_NATS_MAX_STORE")
+    assert given == found[1], f"[{values_name}] the gateway is told {given}, NATS {found[1]}"
+    assert given is not None
+    monkeypatch.setenv("SMARTHOME_NATS_MAX_STORE", given)
+    assert settings_mod.load().nats_max_store == _bytes(given)
+    others = [m for m, e in env.items() if "SMARTHOME_NATS_MAX_STORE" in e and m != GATEWAY]
+    assert not others, f"[{values_name}] only the provisioner needs it: {others}"
+
+
+def test_an_external_bus_gives_the_streams_no_budget(render: Render) -> None:
+    """Its store is unknown to the chart: no size is passed, and the streams keep the age
+    limits only."""
+    docs = render("default", "--set", "nats.enabled=false,externalNats.url=nats://bus:4222")
+    for _, container, module in app_containers(docs):
+        assert "SMARTHOME_NATS_MAX_STORE" not in env_map(docs, container), module
 
 
 def test_the_demo_devices_sign_in_with_the_key_the_migration_registers(render: Render) -> None:

@@ -1,6 +1,8 @@
 """A full bus refuses cleanly and heals: past JetStream's storage limit a publish answers
 507 at once with the reason, the gateway is unready, and once space is freed publishing
-goes on with no restart; nothing acknowledged is lost."""
+goes on with no restart; nothing acknowledged is lost. The platform's streams have byte
+budgets (a full one drops its oldest: test_stream_budgets.py), so here the store is filled
+by a stream outside them, as another tenant of the bus could."""
 
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ from pathlib import Path
 import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
+from nats.js.api import StorageType
 
-from libs import bus, subjects
+from libs import bus
 from libs import messages as m
 from libs.errors import StorageFull
 from libs.settings import Settings
@@ -25,6 +28,8 @@ from tests.outage import PrivateNats
 EVENTS = "/api/v1/events"
 LIMIT = 4 * 1024 * 1024
 FILLER = b"x" * 64 * 1024
+# A stream with no budget, beside the platform's.
+FILLER_STREAM = "FILLER"
 
 
 @pytest.fixture
@@ -41,7 +46,8 @@ def small_bus(tmp_path: Path):  # type: ignore[no-untyped-def]
 async def client(
     settings: Settings, admin_token: str, small_bus: PrivateNats
 ) -> AsyncIterator[AsyncTestClient]:
-    async with api_client(dataclasses.replace(settings, nats_url=small_bus.url), admin_token) as c:
+    budgeted = dataclasses.replace(settings, nats_url=small_bus.url, nats_max_store=LIMIT)
+    async with api_client(budgeted, admin_token) as c:
         yield c
 
 
@@ -64,7 +70,7 @@ def metric(text: str, name: str) -> float:
 async def test_a_full_bus_answers_507_at_once_and_publishing_resumes_after_space_is_freed(
     client: AsyncTestClient, small_bus: PrivateNats
 ) -> None:
-    device, filler = unique_id("full"), unique_id("filler")
+    device = unique_id("full")
     nc = await bus.connect(small_bus.url, "storage-test")
     js = nc.jetstream()
     accepted: list[dict] = []
@@ -76,7 +82,9 @@ async def test_a_full_bus_answers_507_at_once_and_publishing_resumes_after_space
             accepted.append(response.json())
         assert (await client.get("/health/ready")).status_code == 200
 
-        assert await fill(js, subjects.device_events(filler, "telemetry")) > 0
+        budget = (await js.stream_info("EVENTS")).config.max_bytes
+        await js.add_stream(name=FILLER_STREAM, subjects=["filler.>"], storage=StorageType.FILE)
+        assert await fill(js, "filler.x") > 0
         event = m.make_event(device, "telemetry", {"n": 3})
         started = time.monotonic()
         refused = await client.post(EVENTS, json=msgspec.to_builtins(event))
@@ -86,7 +94,7 @@ async def test_a_full_bus_answers_507_at_once_and_publishing_resumes_after_space
         unready = await client.get("/health/ready")
         metrics = (await client.get("/metrics")).text
 
-        await js.purge_stream(subjects.EVENTS_STREAM, subject=f"events.{filler}.>")
+        await js.purge_stream(FILLER_STREAM)
 
         async def ready_again() -> bool:
             return (await client.get("/health/ready")).status_code == 200
@@ -108,6 +116,7 @@ async def test_a_full_bus_answers_507_at_once_and_publishing_resumes_after_space
         assert response.headers["content-type"] == "application/problem+json"
         assert "storage is full" in response.json()["detail"]
         assert response.headers["Retry-After"]
+    assert budget == bus.stream_budgets(LIMIT)["EVENTS"]  # refused all the same
     assert took < 1.0  # refused at once, not after a publish timeout
     assert unready.status_code == 503
     assert "full" in unready.json()["detail"]

@@ -99,6 +99,19 @@ The CA file every smarthome pod trusts for the bus when the release's NATS serve
 {{- end }}
 {{- end }}
 
+{{- /*
+JetStream's store on each NATS server of the release (`nats.config.jetstream.fileStore.maxSize`,
+its `max_file_store`), as SMARTHOME_NATS_MAX_STORE: the gateway shares it out as the streams'
+byte budgets (libs/bus.py, STREAM_STORE_SHARES). Empty with an external bus: its store is
+unknown here, and the streams get no budgets.
+*/}}
+{{- define "smarthome.natsMaxStore" -}}
+{{- $js := (.Values.nats.config).jetstream | default dict }}
+{{- if and .Values.nats.enabled $js.enabled ($js.fileStore).enabled }}
+{{- ($js.fileStore).maxSize }}
+{{- end }}
+{{- end }}
+
 {{- define "smarthome.natsTlsCaMount" -}}
 {{- if include "smarthome.natsTlsCa" . }}
 - name: nats-ca
@@ -344,6 +357,10 @@ make a token good on one replica only. */}}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_ALLOWED_HOSTS") }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_ALLOWED_ORIGINS") }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_TRUSTED_PROXIES") }}
+{{- if include "smarthome.natsMaxStore" $root }}
+{{- /* It provisions the streams: their byte budgets are shares of the bus's store. */}}
+{{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_NATS_MAX_STORE") }}
+{{- end }}
 {{- else }}
 {{ include "smarthome.envFromConfig" (dict "root" $root "name" "SMARTHOME_HEALTH_PORT") }}
 {{- end }}
