@@ -11,11 +11,14 @@ from services.actors.presence import scan_forever
 
 
 async def work(p: runtime.Process) -> None:
-    partitions = ActorPartitions(p.nc, p.sessions, p.cache, p.settings.actor_partitions)
+    timeout_s = p.settings.heartbeat_timeout_s
+    partitions = ActorPartitions(
+        p.nc, p.sessions, p.cache, p.settings.actor_partitions, heartbeat_timeout_s=timeout_s
+    )
     p.ready_when(partitions)
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(partitions.run(p.stop))
-        tasks.create_task(scan_forever(p.js, p.sessions, p.settings.heartbeat_timeout_s, p.stop))
+        tasks.create_task(scan_forever(p.js, p.sessions, partitions, timeout_s, p.stop))
         tasks.create_task(commands.expire_forever(p.sessions, p.stop))
 
 

@@ -13,6 +13,10 @@ state memory and fence:
 The partitions' commits go through one `Committer`: those ready at the same time share a
 transaction (and its fence statement).
 
+Each partition held has its own presence tracker (`services.actors.presence`), fed by its
+store: the process's presence scan judges the devices of the partitions it holds, and only
+those, from memory; a partition taken over is read once by its new holder.
+
 Before any partition is worked, the consumer of every event from before partitions (the
 legacy `actors`, narrowed by the gateway to the events stored unpartitioned) is drained and
 deleted, by one process holding its old lease (which also keeps out an old version still
@@ -42,6 +46,7 @@ from libs.partitions import Share
 from services.actors.cache_writer import CacheWriter
 from services.actors.committer import Committer
 from services.actors.fence import Fence
+from services.actors.presence import PresenceTracker
 from services.actors.store import StateStore
 from services.actors.worker import PartitionWorker
 
@@ -77,12 +82,14 @@ class ActorPartitions:
         sessions: async_sessionmaker[AsyncSession],
         cache: StateCache,
         count: int,
+        heartbeat_timeout_s: float | None = None,
     ) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self._sessions = sessions
         self._cache = CacheWriter(cache)  # every partition's cache writes, grouped
         self.count = count
+        self._timeout_s = heartbeat_timeout_s  # None: presence is not judged here
         self.committer = Committer(sessions)  # every partition's writes, grouped
         leases = [
             Lease(self._js, bus.actors_durable(i), ACTOR_TTL_S, ACTOR_BUCKET) for i in range(count)
@@ -100,6 +107,9 @@ class ActorPartitions:
         # Readiness: set while the consumer of every partition held is bound (standing by
         # with none held counts: ready to take one), or the legacy one being drained is.
         self.bound = asyncio.Event()
+
+    def partition(self, device_id: str) -> int:
+        return partition_of(device_id, self.count)
 
     async def run(self, stop: asyncio.Event) -> None:
         registry = await self._nc.subscribe(subjects.DEVICE_REGISTRY_ALL, cb=self._on_registry)
@@ -127,7 +137,9 @@ class ActorPartitions:
             if not await fence.claim():
                 log.info("partition %d: the lease was lost before it was claimed", index)
                 return
-            store = StateStore(self._sessions, self._cache, self.committer, fence)
+            store = StateStore(
+                self._sessions, self._cache, self.committer, fence, self._presence(index)
+            )
             worker = PartitionWorker(self._nc, store, bus.actors_consumer(index), fence)
             self.workers[index] = worker
             log.info("working partition %d", index)
@@ -160,6 +172,12 @@ class ActorPartitions:
             await lease.release()
             forget_lag(bus.actors_durable(index))
             log.info("let partition %d go", index)
+
+    def _presence(self, index: int) -> PresenceTracker | None:
+        if self._timeout_s is None:
+            return None
+        count = self.count
+        return PresenceTracker(self._timeout_s, lambda d: partition_of(d, count) == index)
 
     async def _track_bound(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

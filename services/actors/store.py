@@ -8,6 +8,10 @@ the lease is held. A batch's state is kept in memory when it is handed to the pr
 write handed to it, in order, or fails it with those behind it, and then the worker stops and
 this memory goes with it.
 
+Each partition's store also tells its presence tracker (`services.actors.presence`) of every
+committed state and registry change, and keeps what the tracker judges by: each device's
+report intervals, read with its standing.
+
 The cache is never read here: a cache restored from an old snapshot, flushed, or written by
 another process can change nothing the actors decide. It is written after each commit, newer
 states only, by the process's `CacheWriter`.
@@ -16,17 +20,27 @@ states only, by the process's `CacheWriter`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from libs import capabilities
 from libs import messages as m
 from libs.actor_batch import Standing, standing
 from libs.db.models import Device, DeviceState
+from libs.device_state import presence
 from libs.messages import DeviceSnapshot
 from services.actors.cache_writer import CacheWriter
 from services.actors.committer import Committer
 from services.actors.fence import Fence
+
+if TYPE_CHECKING:
+    from services.actors.presence import PresenceTracker
+
+# What presence needs of a registry entry: id, lifecycle, enabled, kind, report intervals.
+_Entry = tuple[str, str, bool, str, dict[str, float | None]]
 
 # Devices whose state is kept in memory; past it, those least recently written are read
 # again from the database when next needed.
@@ -40,12 +54,18 @@ class StateStore:
         cache: CacheWriter,
         committer: Committer,
         fence: Fence | None = None,
+        presence: PresenceTracker | None = None,
     ) -> None:
         self._sessions = sessions
         self._cache = cache
         self._committer = committer
         self._fence = fence
+        self.presence = presence  # None: no presence judged here (the legacy drain)
         self._standing: dict[str, Standing | None] = {}  # None: known not to be registered
+        # Each device's report intervals (`capabilities.report_intervals`), read with its
+        # standing; a registry fact drops them (the fact does not carry them).
+        self._intervals: dict[str, Mapping[str, float]] = {}
+        self._shared: dict[object, Mapping[str, float]] = {}  # one mapping per distinct value
         # Each device's latest state under this lease: committed, or handed to the
         # committer (which commits it, or fails it and the worker stops).
         self._active: dict[str, DeviceSnapshot] = {}
@@ -80,23 +100,92 @@ class StateStore:
         """
         missing = [d for d in device_ids if d not in self._standing]
         if missing:
-            async with self._sessions() as session:
-                rows = await session.execute(
-                    select(Device.id, Device.lifecycle, Device.enabled).where(
-                        Device.id.in_(missing)
-                    )
-                )
-                self._standing.update({d: standing(life, on) for d, life, on in rows})
+            for d, life, on, kind, overrides in await self._entries(missing):
+                self._standing[d] = standing(life, on)
+                self._intervals[d] = self._merged(kind, overrides)
         return {d: s for d in device_ids if (s := self._standing.get(d)) is not None}
+
+    async def profiles(
+        self, device_ids: list[str]
+    ) -> dict[str, tuple[Standing | None, Mapping[str, float] | None]]:
+        """What presence judges these devices by: standing and report intervals (None: not
+        registered), from memory, else read (one statement for those missing)."""
+        missing = [d for d in device_ids if d not in self._standing or d not in self._intervals]
+        if missing:
+            for d, life, on, kind, overrides in await self._entries(missing):
+                self.remember(d, standing(life, on), kind, overrides)
+        return {d: (self._standing.get(d), self._intervals.get(d)) for d in device_ids}
+
+    def remember(
+        self,
+        device_id: str,
+        read: Standing | None,
+        kind: str,
+        overrides: Mapping[str, float | None] | None,
+    ) -> tuple[Standing | None, Mapping[str, float]]:
+        """A registry entry read for presence: its intervals; its standing unless a registry
+        fact told one already (the fact is the newer word)."""
+        held = self._standing.setdefault(device_id, read)
+        intervals = self._intervals[device_id] = self._merged(kind, overrides)
+        return held, intervals
+
+    async def _entries(self, device_ids: list[str]) -> list[_Entry]:
+        """The registry entries of these devices: standing and intervals, one statement."""
+        async with self._sessions() as session:
+            rows = await session.execute(
+                select(
+                    Device.id,
+                    Device.lifecycle,
+                    Device.enabled,
+                    Device.kind,
+                    Device.report_intervals,
+                ).where(Device.id.in_(device_ids))
+            )
+            return [(d, life, on, kind, intervals) for d, life, on, kind, intervals in rows]
+
+    def _merged(
+        self, kind: str, overrides: Mapping[str, float | None] | None
+    ) -> Mapping[str, float]:
+        """The intervals of this kind and overrides, shared by every device that has them
+        (a fleet has few distinct ones)."""
+        key = (kind, tuple(sorted((overrides or {}).items())))
+        found = self._shared.get(key)
+        if found is None:
+            found = self._shared[key] = capabilities.report_intervals(kind, overrides)
+        return found
 
     def learn(self, device_id: str, standing: Standing | None) -> None:
         """What a registry fact says (None: deleted). Not read from the database: the gateway
         publishes the fact before its transaction commits, and a read now could find the
-        entry as it was, and keep it."""
+        entry as it was, and keep it. Its report intervals (the fact does not carry them) are
+        read again when presence next judges it: at once, if it is of this partition."""
         self._standing[device_id] = standing
+        self._changed(device_id)
 
     def forget(self, device_id: str) -> None:
         self._standing.pop(device_id, None)
+        self._changed(device_id)
+
+    def _changed(self, device_id: str) -> None:
+        self._intervals.pop(device_id, None)
+        if self.presence is not None:
+            self.presence.counts_moved = True  # its lifecycle may be counted elsewhere now
+            if self.presence.owns(device_id):
+                self.presence.wake(device_id)
+
+    async def peek(self, device_ids: list[str]) -> dict[str, DeviceSnapshot]:
+        """The latest state of these devices (absent: none), from memory, else read (one
+        statement for those missing). Not kept: a read here racing a batch's read and
+        hand-over could keep an older state over the batch's."""
+        found = {d: self._active[d] for d in device_ids if d in self._active}
+        missing = [d for d in device_ids if d not in found]
+        if missing:
+            async with self._sessions() as session:
+                rows = await session.scalars(
+                    select(DeviceState).where(DeviceState.device_id.in_(missing))
+                )
+                found.update({r.device_id: r.snapshot() for r in rows})
+        return found
 
     def drop(self, device_id: str) -> asyncio.Future[None]:
         """A deleted device leaves no state behind for a later device of the same id: from
@@ -120,12 +209,32 @@ class StateStore:
         its partition is still this worker's. None: nothing to commit."""
         if not snapshots and not statuses and self._fence is None:
             return None
+        moved = self.presence is not None and any(self._moves(s) for s in snapshots)
         for snapshot in snapshots:
             self._keep(snapshot)
-        return self._committer.submit(self, self._fence, snapshots, statuses)
+        handed = self._committer.submit(self, self._fence, snapshots, statuses)
+        if moved:  # counted again once committed (the count reads the database)
+            handed.add_done_callback(self._counts_moved)
+        return handed
+
+    def _moves(self, snapshot: DeviceSnapshot) -> bool:
+        """Whether the device's presence (online, offline, stale) changes with this state."""
+        old = self._active.get(snapshot.device_id)
+        if old is None:
+            return True
+        before = presence(old.connection, old.stale)
+        return before != presence(snapshot.connection, snapshot.stale)
+
+    def _counts_moved(self, _: asyncio.Future[None]) -> None:
+        if self.presence is not None:
+            self.presence.counts_moved = True
 
     async def committed(self, snapshots: list[DeviceSnapshot]) -> None:
-        """Tell the cache of these committed states."""
+        """Tell presence and the cache of these committed states."""
+        if self.presence is not None:
+            for snapshot in snapshots:
+                d = snapshot.device_id
+                self.presence.update(snapshot, self._standing.get(d), self._intervals.get(d))
         await self._cache.write(self, snapshots)
 
     def let_go(self) -> None:
