@@ -3,6 +3,7 @@ M minutes, sampled every few seconds; prints a table and PASS/FAIL per criterion
 
     python ops/bench/soak.py [--devices 10000] [--interval 10] [--minutes 10]
                              [--actor-processes 1] [--database-url URL] [--redis-url URL]
+                             [--nats-max-store 1GB] [--latency-csv FILE]
     python ops/bench/soak.py --step [--devices 2000] [--step-seconds 120]
                              [--step-start 500] [--step-factor 1.5] [--step-processes 1,2]
 
@@ -127,7 +128,8 @@ class Soak:
         self.database = await Database.create(self.args.database_url, run_dir)
         await self.database.migrate()
         key = await self.database.admin_api_key()
-        self.platform = Platform(run_dir, self.database.url, self.args.redis_url, actors)
+        a = self.args
+        self.platform = Platform(run_dir, self.database.url, a.redis_url, actors, a.nats_max_store)
         js = await self.platform.start()
         return js, key
 
@@ -246,7 +248,7 @@ class Soak:
         verdict(
             "history rows = events acknowledged",
             rows == acked,
-            f"{rows:,} history rows of EVENTS, {acked:,} events in the stream, "
+            f"{rows:,} history rows of EVENTS, {acked:,} events stored by the stream, "
             f"{sim_acked if sim_acked is not None else '?'} acknowledged to the simulator",
         )
 
@@ -410,6 +412,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
+    p.add_argument(
+        "--nats-max-store",
+        help="the bus's store (SMARTHOME_NATS_MAX_STORE, e.g. 1GB): its streams' byte budgets "
+        "are shares of it, so that they fill and drop their oldest within the run",
+    )
     p.add_argument("--step", action="store_true", help="find the highest sustained rate")
     p.add_argument("--step-seconds", type=float, default=120.0)
     p.add_argument("--step-start", type=float, default=500.0, help="events/s of the first step")

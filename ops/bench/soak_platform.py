@@ -56,7 +56,14 @@ event_id_decoder = msgspec.json.Decoder(EventId)
 class Platform:
     """`smarthome up --no-demo` in a directory of its own, on free ports."""
 
-    def __init__(self, tmp: Path, database_url: str, redis_url: str | None, actors: int) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        database_url: str,
+        redis_url: str | None,
+        actors: int,
+        max_store: str | None = None,
+    ) -> None:
         self.tmp = tmp
         self.data = tmp / "data"
         self.http_port = embedded_nats.free_port()
@@ -74,6 +81,8 @@ class Platform:
             SMARTHOME_ACTOR_PROCESSES=str(actors),
             SMARTHOME_LOGINS_PER_MINUTE="1000",
         )
+        if max_store:  # the streams' byte budgets are its shares: reached within the run
+            self.env["SMARTHOME_NATS_MAX_STORE"] = max_store
         # The devices are not heart-beating: their readings every interval keep them online.
         self.env.pop("SMARTHOME_HEARTBEAT_TIMEOUT", None)
         argv = [sys.executable, "-m", "services.cli", "up", "--no-demo"]
@@ -191,7 +200,9 @@ class Sample:
 
 
 async def stream_count(js: JetStreamContext, stream: str) -> int:
-    return (await js.stream_info(stream)).state.messages
+    """The messages the stream has stored since it was made, those its byte budget has
+    dropped since included (`--nats-max-store`): its last sequence (a fresh stream)."""
+    return (await js.stream_info(stream)).state.last_seq
 
 
 async def take_sample(js: JetStreamContext, tree: ProcessTree, t: float, phase: str) -> Sample:
