@@ -71,18 +71,13 @@ class StateStore:
         self._active: dict[str, DeviceSnapshot] = {}
 
     async def load(self, device_ids: list[str]) -> dict[str, DeviceSnapshot]:
-        """Snapshots for these devices, as last committed; a device never seen starts empty."""
-        found = {d: self._active[d] for d in device_ids if d in self._active}
-        missing = [d for d in device_ids if d not in found]
-        if missing:
-            async with self._sessions() as session:
-                rows = await session.scalars(
-                    select(DeviceState).where(DeviceState.device_id.in_(missing))
-                )
-                read = {r.device_id: r.snapshot() for r in rows}
-            for d in missing:
-                found[d] = read.get(d) or DeviceSnapshot(device_id=d)
-                self._keep(found[d])
+        """Snapshots for these devices, as last committed; a device never seen starts empty.
+        What is read is kept."""
+        missing = [d for d in device_ids if d not in self._active]
+        found = await self.peek(device_ids)
+        for d in missing:
+            found[d] = found.get(d) or DeviceSnapshot(device_id=d)
+            self._keep(found[d])
         return {d: found[d] for d in device_ids}
 
     def _keep(self, snapshot: DeviceSnapshot) -> None:
@@ -155,10 +150,10 @@ class StateStore:
         return found
 
     def learn(self, device_id: str, standing: Standing | None) -> None:
-        """What a registry fact says (None: deleted). Not read from the database: the gateway
-        publishes the fact before its transaction commits, and a read now could find the
-        entry as it was, and keep it. Its report intervals (the fact does not carry them) are
-        read again when presence next judges it: at once, if it is of this partition."""
+        """What a registry fact says (None: deleted), taken from the fact: no database read
+        per registry change (the fact comes from the gateway's outbox once its change is
+        committed). Its report intervals (the fact does not carry them) are read again when
+        presence next judges the device: at once, if it is of this partition."""
         self._standing[device_id] = standing
         self._changed(device_id)
 
