@@ -50,9 +50,8 @@ DL_STREAM_SEQ = "Smarthome-Stream-Seq"
 # JetStream's refusals of a message for want of storage: the server's `max_file_store` is
 # reached (10023 "insufficient resources"), an account's limit (10002), or a reservation
 # does not fit (10047). Refused at once, before the disk is full: nothing is stored.
-STORAGE_FULL_CODES = frozenset({10002, 10023, 10047})
-# 10047 on a stream's creation or update: the streams' budgets would exceed the limit.
-RESOURCES_EXCEEDED = 10047
+RESOURCES_EXCEEDED = 10047  # also on a stream's creation or update: the budgets exceed it
+STORAGE_FULL_CODES = frozenset({10002, 10023, RESOURCES_EXCEEDED})
 STORAGE_FULL = (
     "the event bus storage is full: nothing more is stored until space is freed "
     "(retention, a purge or a larger volume); try again later"

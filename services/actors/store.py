@@ -96,8 +96,7 @@ class StateStore:
         missing = [d for d in device_ids if d not in self._standing]
         if missing:
             for d, life, on, kind, overrides in await self._entries(missing):
-                self._standing[d] = standing(life, on)
-                self._intervals[d] = self._merged(kind, overrides)
+                self.remember(d, standing(life, on), kind, overrides)
         return {d: s for d in device_ids if (s := self._standing.get(d)) is not None}
 
     async def profiles(
