@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
+import msgspec
 from prometheus_client import Histogram
 from sqlalchemy import ColumnElement, event, or_
 from sqlalchemy.dialects import postgresql, sqlite
@@ -50,9 +51,21 @@ def make_engine(url: str) -> AsyncEngine:
     return _timed(_make_engine(url))
 
 
+_json_encoder = msgspec.json.Encoder()
+
+
+def _json_text(value: Any) -> str:
+    return _json_encoder.encode(value).decode()
+
+
+# JSON columns through msgspec, not the standard library: the same values, compact, several
+# times faster (the actors write three JSON columns per device state, the gateway reads them).
+_JSON: dict[str, Any] = {"json_serializer": _json_text, "json_deserializer": msgspec.json.decode}
+
+
 def _make_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(url, connect_args={"timeout": 30}, **_JSON)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -64,7 +77,7 @@ def _make_engine(url: str) -> AsyncEngine:
             cur.close()
 
         return engine
-    return create_async_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True)
+    return create_async_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True, **_JSON)
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
