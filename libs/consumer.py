@@ -50,7 +50,7 @@ it may), a decoder and a handler; this does the rest, top to bottom:
 - **Stop**: the loop ends between batches (a batch being retried is left un-acked), the
   pull subscription goes, and the acks are flushed.
 - **Metrics**: delivered, acked, redelivered, recovered, dead-lettered (by reason kind),
-  pending (from consumer info every few seconds) and handling seconds.
+  handling seconds, and from consumer info every few seconds: pending and the ack floor.
 - **Traces** (`libs.tracing`): tracing on, one span per message, the child of the trace its
   `traceparent` header names, ended when the message is settled (an error when it is
   dead-lettered, nak'ed, retried or left un-acked); each `Item.traceparent` makes what the
@@ -113,6 +113,13 @@ PENDING = Gauge(
 ACK_PENDING = Gauge(
     "smarthome_consumer_ack_pending_messages",
     "Messages delivered and not yet acked (consumer info)",
+    LABELS,
+)
+# Against the stream's newest sequence: how far back the consumer's backlog reaches, and so
+# how near it is to what a stream at its byte budget drops (the gateway's stream gauges).
+ACK_FLOOR = Gauge(
+    "smarthome_consumer_ack_floor_stream_seq",
+    "The stream sequence the consumer has acknowledged everything up to (consumer info)",
     LABELS,
 )
 HANDLE_SECONDS = Histogram(
@@ -451,6 +458,7 @@ class Consumer(Generic[T]):
         self._recovered = RECOVERED.labels(*labels)
         self._pending = PENDING.labels(*labels)
         self._ack_pending = ACK_PENDING.labels(*labels)
+        self._ack_floor = ACK_FLOOR.labels(*labels)
         self._seconds = HANDLE_SECONDS.labels(*labels)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -920,5 +928,6 @@ class Consumer(Generic[T]):
                 info = await self._js.consumer_info(self.stream, self.durable)
                 self._pending.set(info.num_pending or 0)
                 self._ack_pending.set(info.num_ack_pending or 0)
+                self._ack_floor.set(info.ack_floor.stream_seq if info.ack_floor else 0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ended.wait(), self._pending_every)

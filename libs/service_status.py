@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -252,7 +253,9 @@ class Reporter:
     `status_interval_s`) until `stop`; a clean stop deletes it. The bus being away (or the
     bucket not provisioned yet) only delays it: nothing is written while disconnected
     (nats-py would buffer it, and a close while the bus is still away fails on writing
-    that buffer)."""
+    that buffer). `measure`: what else the process reads from the bus on the same schedule,
+    after each write while connected (the gateway: its streams' gauges); it handles its own
+    errors."""
 
     def __init__(
         self,
@@ -260,12 +263,14 @@ class Reporter:
         me: Identity,
         ready: ReadyCheck,
         every: float,
+        measure: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self.me = me
         self._ready = ready
         self._every = every
+        self._measure = measure
         self.started_at = time.time()
         self._was_ready = False
         self._kv: KeyValue | None = None
@@ -303,6 +308,8 @@ class Reporter:
             if not self._warned:
                 log.info("status not written (%s); trying again", type(exc).__name__)
                 self._warned = True
+        if self._measure is not None:
+            await self._measure()
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()

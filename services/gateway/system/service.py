@@ -1,5 +1,12 @@
 """The platform's processes as they report themselves on the bus (`libs.service_status`),
-and the gateway's own report."""
+and the gateway's own report: its status, and with it its streams' gauges.
+
+The gateway provisions the streams, so it is the one that measures them: each replica reads
+every stream's info on its status schedule (`SMARTHOME_STATUS_INTERVAL_S`) and reports what
+it holds against its byte budget. Every replica reports the same values: read them with
+`max`, never summed. With a consumer's acked-through sequence (`libs.consumer`) they tell
+how close its backlog is to the oldest messages a full stream drops.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +19,9 @@ from datetime import UTC, datetime
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError
+from prometheus_client import Gauge
 
-from libs import service_status
+from libs import bus, service_status
 from libs.errors import Unavailable
 from libs.service_status import ServiceState, ServiceStatus
 from services.gateway.health.service import HealthService
@@ -21,6 +29,20 @@ from services.gateway.resources import Resources
 from services.gateway.system.schemas import ServiceProcess
 
 READ_TIMEOUT_S = 5.0
+STREAM_INFO_TIMEOUT_S = 2.0
+
+STREAM_MESSAGES = Gauge(
+    "smarthome_stream_messages", "Messages a stream holds (stream info)", ["stream"]
+)
+STREAM_BYTES = Gauge("smarthome_stream_bytes", "Bytes a stream holds (stream info)", ["stream"])
+STREAM_MAX_BYTES = Gauge(
+    "smarthome_stream_max_bytes",
+    "A stream's byte budget, past which it drops its oldest messages (0: none)",
+    ["stream"],
+)
+STREAM_LAST_SEQ = Gauge(
+    "smarthome_stream_last_seq", "The sequence of the newest message a stream stored", ["stream"]
+)
 
 
 def shown(status: ServiceStatus, now: float) -> ServiceProcess:
@@ -59,9 +81,28 @@ class SystemService:
         return [shown(s, now) for s in statuses]
 
 
+async def measure_streams(js: JetStreamContext) -> None:
+    """Set the stream gauges from each platform stream's info. A stream that does not
+    answer (the bus away or slow) keeps its last values until it does."""
+
+    async def measure(name: str) -> None:
+        try:
+            async with asyncio.timeout(STREAM_INFO_TIMEOUT_S):
+                info = await js.stream_info(name)
+        except (TimeoutError, nats.errors.Error):
+            return
+        STREAM_MESSAGES.labels(name).set(info.state.messages)
+        STREAM_BYTES.labels(name).set(info.state.bytes)
+        STREAM_MAX_BYTES.labels(name).set(max(info.config.max_bytes or 0, 0))  # -1: none
+        STREAM_LAST_SEQ.labels(name).set(info.state.last_seq)
+
+    await asyncio.gather(*(measure(config.name) for config in bus.STREAMS if config.name))
+
+
 @contextlib.asynccontextmanager
 async def reporting(resources: Resources) -> AsyncIterator[None]:
-    """Write the gateway's own status while it runs (its readiness: the bus stores)."""
+    """Write the gateway's own status while it runs (its readiness: the bus stores), and
+    measure the streams on the same schedule."""
     health = HealthService(resources)
 
     async def ready() -> str | None:
@@ -73,7 +114,13 @@ async def reporting(resources: Resources) -> AsyncIterator[None]:
 
     settings = resources.settings
     me = service_status.identity("gateway", settings.http_host, settings.http_port)
-    reporter = service_status.Reporter(resources.nc, me, ready, settings.status_interval_s)
+    reporter = service_status.Reporter(
+        resources.nc,
+        me,
+        ready,
+        settings.status_interval_s,
+        measure=lambda: measure_streams(resources.js),
+    )
     done = asyncio.Event()
     task = asyncio.create_task(reporter.run(done), name="status")
     try:
