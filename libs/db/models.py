@@ -89,6 +89,10 @@ class Device(Base):
     report_intervals: Mapped[dict[str, float | None]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now, onupdate=_now)
+    # When it came to the home it is in: its registration, or its last move to another home
+    # (or out of any). Who sees it for that home sees nothing recorded about it before
+    # (`services.gateway.scope.since_home`); null: always (registered before the column).
+    home_since: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class DeviceState(Base):

@@ -4,7 +4,8 @@ An administrator (`homes` None) sees everything; anyone else sees the objects of
 a device whose location is in one of them (a device without a location is in no home), a
 location under one of them, a rule, a subscription or an audit row that names one of them
 (an audit row also when its device is in one). An object outside answers 404 with the words
-a missing one gets (`visible`), never 403: nobody learns what another home holds.
+a missing one gets (`visible`), never 403: nobody learns what another home holds. A device
+moved from another home brings along nothing it recorded there (`since_home`).
 
 The services call these on every list, read, write, command, history, statistics, audit
 query, rule run and dry run; the live messages go through `libs.homes` the same way.
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 
 from litestar.datastructures import State
 from nats.aio.client import Client as NATS
-from sqlalchemy import ColumnElement, Select, false, or_, select
+from sqlalchemy import ColumnElement, Select, exists, false, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs.db.engine import at_or_under
@@ -76,14 +77,36 @@ def homed(principal: Principal, query: S, home: Any) -> S:
     return query if condition is None else query.where(condition)
 
 
+def since_home(principal: Principal, query: S, device: DeviceRow, time: Any) -> S:
+    """`query` (over what was recorded about `device`, at its `time` column) narrowed to what
+    the principal sees: for anyone else than an administrator, what was recorded since the
+    device came to the home it is in, never what it recorded in a home it was in before."""
+    if principal.homes is None or device.home_since is None:
+        return query
+    return query.where(_since(time, device.home_since))
+
+
 def audit(principal: Principal, query: S) -> S:
     """Audit rows about the principal's homes: filed under one (a rule's, a location's, a
-    registry change's home) or about a device in one now."""
-    if principal.homes is None:
-        return query
+    registry change's home) or about a device in one now, since it came there (as
+    `since_home`)."""
     filed = in_homes(principal, AuditEntry.home)
-    devices_now = select(DeviceRow.id).where(under_homes(principal, DeviceRow.location))
-    return query.where(or_(filed, AuditEntry.device_id.in_(devices_now)))
+    in_one_now = under_homes(principal, DeviceRow.location)
+    if filed is None or in_one_now is None:  # an administrator
+        return query
+    devices_now = exists().where(
+        DeviceRow.id == AuditEntry.device_id,
+        in_one_now,
+        or_(DeviceRow.home_since.is_(None), _since(AuditEntry.time, DeviceRow.home_since)),
+    )
+    return query.where(or_(filed, devices_now))
+
+
+def _since(time: Any, home_since: Any) -> ColumnElement[bool]:
+    """Recorded while the device was in its home: at or after it came there. The hour of a
+    move (a statistic's `hour` is its start) holds both homes' readings: it is out."""
+    condition: ColumnElement[bool] = time >= home_since
+    return condition
 
 
 async def own_devices(

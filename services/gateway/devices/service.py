@@ -217,6 +217,7 @@ class DeviceService:
                 scope.own_location(ctx.principal, changes["location"], "$.location")
                 await check_device_location(session, changes["location"])
             changed = False
+            moved_home = home_of(changes.get("location", row.location)) != home_of(row.location)
             for field, value in changes.items():
                 attribute = "metadata_" if field == "metadata" else field
                 if getattr(row, attribute) != value:
@@ -224,6 +225,8 @@ class DeviceService:
                     changed = True
             if changed:
                 row.updated_at = m.now()
+                if moved_home:  # what it recorded before is not the new home's to see
+                    row.home_since = row.updated_at
                 _record(session, row, "updated", ctx.principal.actor, ctx.correlation_id)
         # Approved: if it claimed its id.
         if changed and changes.get("lifecycle") == m.Lifecycle.ACTIVE:
@@ -290,9 +293,13 @@ class DeviceService:
         self, device_id: str, command_id: str, principal: Principal
     ) -> CommandView:
         async with self._sessions() as session:
-            await self._row(session, device_id, principal)
-            record = await session.get(CommandRecord, command_id)
-        if record is None or record.device_id != device_id:
+            row = await self._row(session, device_id, principal)
+            issued = select(CommandRecord).where(
+                CommandRecord.id == command_id, CommandRecord.device_id == device_id
+            )
+            issued = scope.since_home(principal, issued, row, CommandRecord.issued_at)
+            record = await session.scalar(issued)
+        if record is None:
             raise NotFound(f"device {device_id!r} has no command {command_id!r}")
         return CommandView(
             id=record.id,
@@ -338,7 +345,8 @@ class DeviceService:
                 or_(entry.time > time, and_(entry.time == time, entry.id > last_id))
             )
         async with self._sessions() as session:
-            await self._row(session, device_id, principal)
+            row = await self._row(session, device_id, principal)
+            statement = scope.since_home(principal, statement, row, entry.time)
             rows = list(await session.scalars(statement))
         return page(
             rows,
@@ -380,7 +388,8 @@ class DeviceService:
                 or_(stat.hour > hour, and_(stat.hour == hour, stat.attribute > attribute))
             )
         async with self._sessions() as session:
-            await self._row(session, device_id, principal)
+            row = await self._row(session, device_id, principal)
+            statement = scope.since_home(principal, statement, row, stat.hour)
             rows = list(await session.scalars(statement))
         return page(
             rows, limit, key=lambda r: (r.hour, r.attribute), view=_statistic, into=StatisticsPage
@@ -465,6 +474,8 @@ def _new_row(
         report_intervals={},
         created_at=now,
         updated_at=now,
+        # An id registered again may find its earlier life's records: not this one's.
+        home_since=now,
     )
 
 
