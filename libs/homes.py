@@ -35,8 +35,15 @@ A fact that places its object belongs to the home it states, whatever the index 
 the fact passes (`classify` leaves it to `home_of_message`): the index may not have applied
 it yet, and a replayed one may be old. A move's fact goes to the new home only (it says
 where in that home the object now is); the old home's residents are told nothing of it.
-Any other message goes by its object's current home, one from before a move too: when each
-placement began is not kept.
+Any other message goes by its object's current home, except a device's from before it came
+there: the index keeps when each device's placement began (its `home_since`, or the time of
+the registry fact that registered it or moved it to another home), and a reader that has
+the message's body (`home_of`, `home_at_once`) finds such a message no home's: what the
+device recorded in its previous home is not its new home's to see, and which home that was
+is not kept. A message is dated as the recorder files it (`recorded_at`): its own time (an
+event's `time`, a command's `issued_at`, a fact's `time`), else the time the stream stored
+it when the reader has that; one with neither goes by the current home (a live message is
+new). `classify` reads no body: a live feed's messages, new ones, are not dated.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Final
 
 import msgspec
@@ -92,6 +100,19 @@ UNKNOWN_FOR_S = 5.0
 LOOK_UP_TIMEOUT_S = 3.0
 
 Homes = dict[str, dict[str, str | None]]
+# device id → when its current placement began (its `home_since`); absent: always.
+Placed = dict[str, datetime]
+
+
+class _Dated(msgspec.Struct):
+    """The time a device's message carries (an event, a command, a fact); the rest of the
+    body is skipped, not read."""
+
+    time: datetime | None = None
+    issued_at: datetime | None = None
+
+
+_dated_decoder = msgspec.json.Decoder(_Dated)
 
 
 def about(subject: str) -> tuple[str, str] | None:
@@ -121,6 +142,12 @@ def _object(subject: str) -> tuple[str, str, bool] | None:
 def stated_home(subject: str, data: bytes) -> tuple[str, str, str | None] | None:
     """(kind, id, home) of the object a fact that places it states (see WATCHED); None for
     any other message, a deletion that names no place, or a fact that cannot be read."""
+    stated = _stated(subject, data)
+    return None if stated is None else stated[:3]
+
+
+def _stated(subject: str, data: bytes) -> tuple[str, str, str | None, m.RegistryFact | None] | None:
+    """`stated_home` and, for a device, the registry fact read."""
     found = _object(subject)
     if found is None or not found[2]:
         return None  # a reading, a firing, an alert, a notification: they place nothing
@@ -130,10 +157,24 @@ def stated_home(subject: str, data: bytes) -> tuple[str, str, str | None] | None
             fact = m.registry_fact_decoder.decode(data)
             if fact.device is None:  # a deletion: the object keeps the home it had
                 return None
-            return kind, object_id, home_of(fact.device.location)
-        return kind, object_id, m.change_fact_decoder.decode(data).home
+            return kind, object_id, home_of(fact.device.location), fact
+        return kind, object_id, m.change_fact_decoder.decode(data).home, None
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
+
+
+def recorded_at(data: bytes) -> datetime | None:
+    """The time a device's message carries, which the recorder files it under: an event's
+    `time`, a command's `issued_at`, a fact's `time`; None when it has none."""
+    try:
+        dated = _dated_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return _utc(dated.time or dated.issued_at)
+
+
+def _utc(at: datetime | None) -> datetime | None:
+    return at.replace(tzinfo=UTC) if at is not None and at.tzinfo is None else at
 
 
 class Unknown:
@@ -150,6 +191,7 @@ class HomeIndex:
 
     def __init__(self) -> None:
         self._homes: Homes = {kind: {} for kind in KINDS}
+        self._placed: Placed = {}
         self._unknown: dict[tuple[str, str], float] = {}  # asked for, not found: until when
         self._since_reload: list[tuple[str, bytes]] | None = None  # facts during a reload
         self._sessions: async_sessionmaker[AsyncSession] | None = None
@@ -187,6 +229,27 @@ class HomeIndex:
     def set(self, kind: str, object_id: str, home: str | None) -> None:
         self._homes[kind][object_id] = home
 
+    def before_placement(self, subject: str, data: bytes, stored: datetime | None = None) -> bool:
+        """Whether the message is a device's from before its current placement began (see
+        the module docstring): dated by its own time, else `stored` (the stream's); False
+        when neither tells, and for a fact that places the device (it goes where it says)."""
+        found = _object(subject)
+        if found is None or found[0] != DEVICE or found[2]:
+            return False
+        since = self._placed.get(found[1])
+        if since is None:
+            return False  # placed always (before the index kept when), or not known
+        at = recorded_at(data) or _utc(stored)
+        return at is not None and at < since
+
+    def _unless_before(
+        self, home: str | None, subject: str, data: bytes, stored: datetime | None
+    ) -> str | None:
+        """`home`, or None (no home's) for a message from before the placement in it."""
+        if home is None or self.before_placement(subject, data, stored):
+            return None
+        return home
+
     # --- keeping it current -------------------------------------------------------------
 
     def learn(self, subject: str, data: bytes) -> None:
@@ -194,14 +257,23 @@ class HomeIndex:
         fact that cannot be read, changes nothing."""
         if self._since_reload is not None:
             self._since_reload.append((subject, data))
-        self._apply(self._homes, subject, data)
+        self._apply(self._homes, self._placed, subject, data)
 
     @staticmethod
-    def _apply(homes: Homes, subject: str, data: bytes) -> None:
-        stated = stated_home(subject, data)
-        if stated is not None:  # a deleted device keeps its home until a reload
-            kind, object_id, home = stated
-            homes[kind][object_id] = home
+    def _apply(homes: Homes, placed: Placed, subject: str, data: bytes) -> None:
+        stated = _stated(subject, data)
+        if stated is None:  # a deleted device keeps its home until a reload
+            return
+        kind, object_id, home, fact = stated
+        known = homes[kind]
+        if fact is not None and fact.device is not None:
+            # Registered (again: its earlier life's messages are not this one's), moved to
+            # another home, or not heard of (the database's is read at the next reload).
+            anew = object_id not in known or known[object_id] != home
+            if anew or fact.change == m.RegistryChange.CREATED:
+                # The row's `home_since` is its `updated_at` of that change, to the microsecond.
+                placed[object_id] = _utc(fact.device.updated_at) or fact.time
+        known[object_id] = home
 
     async def start(
         self, nc: NATS, sessions: async_sessionmaker[AsyncSession], *, must_load: bool = True
@@ -243,10 +315,10 @@ class HomeIndex:
         assert self._sessions is not None, "start() first"
         self._since_reload = []
         try:
-            homes = await read_homes(self._sessions)
+            homes, placed = await read_homes(self._sessions)
             for subject, data in self._since_reload:
-                self._apply(homes, subject, data)
-            self._homes = homes
+                self._apply(homes, placed, subject, data)
+            self._homes, self._placed = homes, placed
             self._unknown.clear()
             self.loaded_at = time.monotonic()
         finally:
@@ -286,48 +358,65 @@ class HomeIndex:
         if self._unknown.get(key, 0.0) > time.monotonic():
             return
         assert self._sessions is not None, "start() first"
-        found, home = await read_home(self._sessions, *key)
+        since = None
+        if key[0] == DEVICE:
+            found, home, since = await read_device(self._sessions, key[1])
+        else:
+            found, home = await read_home(self._sessions, *key)
         if found:
             self._homes[key[0]].setdefault(key[1], home)
+            if since is not None:
+                self._placed.setdefault(key[1], since)
         else:
             self._unknown[key] = time.monotonic() + UNKNOWN_FOR_S
 
     def home_at_once(self, subject: str, data: bytes) -> str | None:
         """The home of a message without asking the database: the one a fact that places
-        its object states, else the index's (None for an object it has not heard of)."""
-        stated = stated_home(subject, data)
-        return self.home(subject) if stated is None else stated[2]
-
-    async def home_of(self, subject: str, data: bytes) -> str | None:
-        """The home of a message for a reader that can wait: the index's (`classify`), or
-        when it alone cannot tell, the one the message states when it is a fact that places
-        its object (not learnt: the subscription brings it, and a replayed fact may be old),
-        else the database's (None: no home's). A database error is raised: for a reader
-        that retries rather than hide (the webhooks)."""
-        home = self.classify(subject)
-        if not isinstance(home, Unknown):
-            return home
+        its object states, else the index's (None for an object it has not heard of, and
+        for a device's message from before its placement there)."""
         stated = stated_home(subject, data)
         if stated is not None:
             return stated[2]
-        await self.look_up(subject)
-        return self.home(subject)
+        return self._unless_before(self.home(subject), subject, data, None)
+
+    async def home_of(
+        self, subject: str, data: bytes, stored: datetime | None = None
+    ) -> str | None:
+        """The home of a message for a reader that can wait: the index's (`classify`), or
+        when it alone cannot tell, the one the message states when it is a fact that places
+        its object (not learnt: the subscription brings it, and a replayed fact may be old),
+        else the database's (None: no home's); None too for a device's message from before
+        its placement there (dated by its own time, else `stored`, the stream's). A
+        database error is raised: for a reader that retries rather than hide (the
+        webhooks)."""
+        home = self.classify(subject)
+        if isinstance(home, Unknown):
+            stated = stated_home(subject, data)
+            if stated is not None:
+                return stated[2]
+            await self.look_up(subject)
+            home = self.home(subject)
+        return self._unless_before(home, subject, data, stored)
 
     async def home_of_message(
-        self, subject: str, data: bytes, timeout: float = LOOK_UP_TIMEOUT_S
+        self,
+        subject: str,
+        data: bytes,
+        timeout: float = LOOK_UP_TIMEOUT_S,
+        stored: datetime | None = None,
     ) -> str | None:
         """`home_of` for a reader that waits behind it (a live feed, a replay): None (no
         home's: hidden) when it cannot tell within `timeout`; a database that does not
         answer is not asked again for a while."""
         try:
             async with asyncio.timeout(timeout):
-                return await self.home_of(subject, data)
+                return await self.home_of(subject, data, stored)
         except Exception as exc:
             log.warning("home of %s not looked up, hidden: %r", subject, exc)
             key = about(subject)
             if key is not None:
                 self._unknown[key] = time.monotonic() + UNKNOWN_FOR_S
-        return self.home(subject)
+        return self._unless_before(self.home(subject), subject, data, stored)
 
 
 class Audience:
@@ -346,41 +435,50 @@ class Audience:
         return isinstance(home, Unknown) or self.sees_home(home)
 
     async def sees_message(
-        self, subject: str, data: bytes, timeout: float = LOOK_UP_TIMEOUT_S
+        self,
+        subject: str,
+        data: bytes,
+        timeout: float = LOOK_UP_TIMEOUT_S,
+        stored: datetime | None = None,
     ) -> bool:
         """Whether the message is about one of its homes, as a live feed classifies it
-        (`HomeIndex.home_of_message`)."""
-        return self.sees_home(await self.index.home_of_message(subject, data, timeout))
+        (`HomeIndex.home_of_message`; `stored`: when the stream stored it, if known)."""
+        home = await self.index.home_of_message(subject, data, timeout, stored)
+        return self.sees_home(home)
 
     def sees_home(self, home: str | None) -> bool:
         """For a home classified once and shared by many audiences (a live feed)."""
         return home is not None and home in self.homes
 
 
-async def read_homes(sessions: async_sessionmaker[AsyncSession]) -> Homes:
-    """Every object's home, from the database."""
+async def read_homes(sessions: async_sessionmaker[AsyncSession]) -> tuple[Homes, Placed]:
+    """Every object's home, and when each device's placement there began, from the
+    database."""
     async with sessions() as session:
-        devices = (await session.execute(select(Device.id, Device.location))).all()
+        devices = (
+            await session.execute(select(Device.id, Device.location, Device.home_since))
+        ).all()
         rules = (await session.execute(select(RuleRecord.id, RuleRecord.home))).all()
         subs = (await session.execute(select(Subscription.id, Subscription.home))).all()
         channels = (await session.execute(select(Channel.id, Channel.home))).all()
         locations = (await session.execute(select(Location.id, Location.path))).all()
-    return {
-        DEVICE: {d: home_of(location) for d, location in devices},
+    homes: Homes = {
+        DEVICE: {d: home_of(location) for d, location, _ in devices},
         RULE: dict(rules),
         SUBSCRIPTION: dict(subs) | dict(channels),
         LOCATION: {loc: home_of(path) for loc, path in locations},
     }
+    return homes, {d: since for d, _, since in devices if since is not None}
 
 
 async def read_home(
     sessions: async_sessionmaker[AsyncSession], kind: str, object_id: str
 ) -> tuple[bool, str | None]:
     """(whether the object exists, its home), from the database."""
-    query: Select[str | None] | CompoundSelect[str | None]
     if kind == DEVICE:
-        query = select(Device.location).where(Device.id == object_id)
-    elif kind == RULE:
+        return (await read_device(sessions, object_id))[:2]
+    query: Select[str | None] | CompoundSelect[str | None]
+    if kind == RULE:
         query = select(RuleRecord.home).where(RuleRecord.id == object_id)
     elif kind == SUBSCRIPTION:
         query = union_all(
@@ -394,4 +492,15 @@ async def read_home(
     if row is None:
         return False, None
     value = row[0]
-    return True, home_of(value) if kind in (DEVICE, LOCATION) else value
+    return True, home_of(value) if kind == LOCATION else value
+
+
+async def read_device(
+    sessions: async_sessionmaker[AsyncSession], device_id: str
+) -> tuple[bool, str | None, datetime | None]:
+    """(whether the device is registered, its home, when its placement there began), from
+    the database."""
+    query = select(Device.location, Device.home_since).where(Device.id == device_id)
+    async with sessions() as session:
+        row = (await session.execute(query)).first()
+    return (False, None, None) if row is None else (True, home_of(row[0]), row[1])

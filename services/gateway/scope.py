@@ -5,7 +5,8 @@ a device whose location is in one of them (a device without a location is in no 
 location under one of them, a rule, a subscription or an audit row that names one of them
 (an audit row also when its device is in one). An object outside answers 404 with the words
 a missing one gets (`visible`), never 403: nobody learns what another home holds. A device
-moved from another home brings along nothing it recorded there (`since_home`).
+moved from another home brings along nothing it recorded there (`since_home`; over many
+devices `in_home_since`: the audit log, a home's rule's dry run).
 
 The services call these on every list, read, write, command, history, statistics, audit
 query, rule run and dry run; the live messages go through `libs.homes` the same way.
@@ -83,7 +84,7 @@ def since_home(principal: Principal, query: S, device: DeviceRow, time: Any) -> 
     device came to the home it is in, never what it recorded in a home it was in before."""
     if principal.homes is None or device.home_since is None:
         return query
-    return query.where(_since(time, device.home_since))
+    return query.where(recorded_since(time, device.home_since))
 
 
 def audit(principal: Principal, query: S) -> S:
@@ -95,18 +96,22 @@ def audit(principal: Principal, query: S) -> S:
     if filed is None or in_one_now is None:  # an administrator
         return query
     devices_now = exists().where(
-        DeviceRow.id == AuditEntry.device_id,
-        in_one_now,
-        or_(DeviceRow.home_since.is_(None), _since(AuditEntry.time, DeviceRow.home_since)),
+        DeviceRow.id == AuditEntry.device_id, in_one_now, in_home_since(AuditEntry.time)
     )
     return query.where(or_(filed, devices_now))
 
 
-def _since(time: Any, home_since: Any) -> ColumnElement[bool]:
+def recorded_since(time: Any, home_since: Any) -> ColumnElement[bool]:
     """Recorded while the device was in its home: at or after it came there. The hour of a
     move (a statistic's `hour` is its start) holds both homes' readings: it is out."""
     condition: ColumnElement[bool] = time >= home_since
     return condition
+
+
+def in_home_since(time: Any) -> ColumnElement[bool]:
+    """`recorded_since` against the `devices` row of the query (joined or correlated): at
+    or after the device came to its home, or at any time when that is not known (null)."""
+    return or_(DeviceRow.home_since.is_(None), recorded_since(time, DeviceRow.home_since))
 
 
 async def own_devices(

@@ -40,6 +40,7 @@ from tests.api import bearer
 from tests.helpers import eventually, unique_id
 from tests.integration.test_gateway_rules_dryrun import record
 from tests.integration.test_gateway_sse import following
+from tests.integration.test_moved_device_privacy import home_since
 from tests.integration.test_rules import collected, report
 from tests.integration.webhooks_support import Receiver, webhooks_service
 from tests.processes import Service
@@ -364,9 +365,12 @@ async def test_a_homed_rule_neither_hears_nor_acts_beyond_its_home(
 async def test_a_homed_rules_dry_run_reads_only_its_homes_history(
     world: World, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    start = m.now() - timedelta(minutes=30)
+    # Recorded since the lamps came to their homes: a homed rule replays nothing from before.
+    came = [await home_since(sessions, lamp) for lamp in (world.lamp_a, world.lamp_b)]
+    assert None not in came
+    start = max(t for t in came if t is not None)
     await record(sessions, world.lamp_b, [(start, {"power_w": 60.0})])
-    await record(sessions, world.lamp_a, [(start + timedelta(minutes=1), {"power_w": 60.0})])
+    await record(sessions, world.lamp_a, [(m.now(), {"power_w": 60.0})])
     body = {
         "rule": rule(world.lamp_a, actions=[{"type": "notify", "message": "on"}])
         | {"trigger": LIGHTS_ON},

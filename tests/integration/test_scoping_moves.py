@@ -14,11 +14,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import homes, subjects
+from libs import messages as m
 from libs.principals import Role
 from services.gateway import scope
 from tests.api import bearer
@@ -160,3 +162,32 @@ async def test_a_residents_replay_asks_the_database_for_an_object_the_index_has_
 
     assert seen_by_a == [f"events.{lamp_a}.telemetry"]
     assert seen_by_b == [f"events.{lamp_b}.telemetry"]
+
+
+async def test_a_feed_resumed_from_before_a_move_brings_the_new_home_nothing_of_the_old(
+    world: World, resident_b: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    """A live feed resumed from an old sequence reads the stream back with a consumer of its
+    own: the lamp's reading from its time in A is not B's; its reading since the move is."""
+    start = (await js.stream_info(subjects.EVENTS_STREAM)).state.last_seq
+    lamp = await new_lamp(world, world.home_a)
+    index = await gateway_index(world, world.resident)
+    await reading(world, lamp, 1.0)
+    await move(world, lamp, world.home_b)
+    await eventually(lambda: index.home(f"events.{lamp}.telemetry") == world.home_b)
+    await reading(world, lamp, 2.0)
+
+    params = {"subject": f"events.{lamp}.>", "since_seq": str(start)}
+    async with following(resident_b, params) as in_b, following(world.admin, params) as all_:
+        async with asyncio.timeout(READ_TIMEOUT_S):
+            first_in_b = (await in_b.next_event()).json["data"]
+            seen_by_admin = [(await all_.next_event()).json["data"] for _ in range(2)]
+
+    assert seen_by_admin == [{"power_w": 1.0}, {"power_w": 2.0}]
+    assert first_in_b == {"power_w": 2.0}
+
+
+async def reading(world: World, lamp: str, power_w: float) -> None:
+    event = msgspec.to_builtins(m.make_event(lamp, "telemetry", {"power_w": power_w}))
+    published = await world.admin.post(EVENTS, json=event)
+    assert published.status_code == 202, published.text

@@ -217,7 +217,14 @@ class LiveFeed:
         if audience is not None and not delivered.classified(audience.index):
             # The consumer's next message waits behind this one (the callback is awaited).
             await delivered.wait_for_home(audience.index)
-        self.push(delivered)
+        if audience is not None and audience.index.before_placement(
+            delivered.subject, msg.data, _stored_at(msg)
+        ):
+            # Read back from the stream: a device's message from before it came to the
+            # home it is in is not that home's (the shared feed's, new ones, always are).
+            self._last_seq = seq
+        else:
+            self.push(delivered)
         tail = self._tail
         if self.catching_up and tail is not None and seq >= tail.position:
             # Caught up with the shared feed: it brings the next ones.
@@ -714,8 +721,18 @@ async def seen_by(audience: Audience, messages: list[replay.Stored]) -> list[rep
     return [
         s
         for s in messages
-        if await audience.sees_message(s.subject, s.data, timeout=deadline - loop.time())
+        if await audience.sees_message(
+            s.subject, s.data, timeout=deadline - loop.time(), stored=s.time
+        )
     ]
+
+
+def _stored_at(msg: Msg) -> datetime | None:
+    """When the stream stored a message read from it (None: not a JetStream delivery)."""
+    try:
+        return msg.metadata.timestamp
+    except nats.errors.NotJSMessageError:
+        return None
 
 
 def _resume_after(subscription: JetStreamContext.PushSubscription, seq: int) -> None:

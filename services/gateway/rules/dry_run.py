@@ -13,6 +13,10 @@ What is replayed is the `history` table, read between `since` (inclusive) and `u
 - event: the rows whose subject `events.<device_id>.<type>` the pattern matches;
 - schedule: none, the cron alone says when it fires.
 
+A rule of a home reads its home's devices only, each from when it came to the home
+(`scope.in_home_since`): what the rule saw of it live, never what it recorded in a home it was
+in before, whoever runs the dry run (an administrator's of that rule too).
+
 The replay starts knowing nothing at `since` (values reported before it are not carried in;
 for a state trigger, a device's first row says what it is, and `from` needs a change seen
 after it) and stops at the present: an episode whose deadline has not come yet has not fired.
@@ -28,7 +32,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
-from sqlalchemy import Select, select
+from sqlalchemy import ColumnElement, Select, exists, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs import device_state, subjects
@@ -38,6 +42,7 @@ from libs.db.engine import at_or_under
 from libs.db.models import AuditEntry, HistoryEntry
 from libs.db.models import Device as DeviceRow
 from libs.errors import Invalid
+from services.gateway import scope
 from services.gateway.rules.schemas import (
     DryRunFiring,
     DryRunResult,
@@ -326,7 +331,7 @@ def _history(
         .limit(MAX_ROWS + 1)
     )
     if rule.home is not None:  # a homed rule reads its home's devices only
-        statement = statement.where(h.device_id.in_(_home_devices(rule.home)))
+        statement = statement.where(_in_home(rule.home, h.device_id, h.time))
     trigger = rule.trigger
     if isinstance(trigger, m.ThresholdTrigger):
         if trigger.device_id is not None:
@@ -372,7 +377,7 @@ async def _presence_timeouts(
         .limit(MAX_ROWS + 1)
     )
     if rule.home is not None:
-        statement = statement.where(a.device_id.in_(_home_devices(rule.home)))
+        statement = statement.where(_in_home(rule.home, a.device_id, a.time))
     rows = await session.execute(statement)
     return [
         rl.Recorded(time, device_id, PRESENCE_TIMEOUT, {})
@@ -381,8 +386,13 @@ async def _presence_timeouts(
     ]
 
 
-def _home_devices(home: str) -> Select[str]:
-    return select(DeviceRow.id).where(at_or_under(DeviceRow.location, home))
+def _in_home(home: str, device_id: Any, time: Any) -> ColumnElement[bool]:
+    """Recorded (at `time`) about a device of `home` since it came there."""
+    return exists().where(
+        DeviceRow.id == device_id,
+        at_or_under(DeviceRow.location, home),
+        scope.in_home_since(time),
+    )
 
 
 def _condition_devices(conditions: Iterable[m.Condition]) -> set[str]:

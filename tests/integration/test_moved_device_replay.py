@@ -1,0 +1,253 @@
+"""A device moved to another home: that home's residents replay (`GET /api/v1/events`) none of
+the events and commands it had in the old one, whether the gateway's index of homes learnt
+the move from its fact or read it from the database; an administrator replays all of them,
+and a move within one home hides nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import msgspec
+import pytest
+from litestar.testing import AsyncTestClient
+from nats.js import JetStreamContext
+
+from libs import messages as m
+from libs import subjects
+from libs.homes import HomeIndex
+from libs.principals import Role
+from libs.settings import Settings
+from tests.api import api_client, bearer
+from tests.helpers import eventually, unique_id
+
+API = "/api/v1"
+DEVICES = f"{API}/devices"
+EVENTS = f"{API}/events"
+Headers = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Homes:
+    """Homes A and B, and the headers of a resident of each."""
+
+    a: str
+    b: str
+    resident_a: Headers
+    resident_b: Headers
+
+
+@pytest.fixture(scope="module")
+async def homes(make_token: Any) -> Homes:
+    a, b = unique_id("home"), unique_id("home")
+    resident_a = bearer(await make_token(Role.RESIDENT, [a]))
+    resident_b = bearer(await make_token(Role.RESIDENT, [b]))
+    return Homes(a, b, resident_a, resident_b)
+
+
+@dataclass(frozen=True)
+class Start:
+    """The last sequences of the streams before a test's messages."""
+
+    events: int
+    commands: int
+
+
+@pytest.fixture
+async def start(js: JetStreamContext) -> Start:
+    events = (await js.stream_info(subjects.EVENTS_STREAM)).state.last_seq
+    commands = (await js.stream_info(subjects.COMMANDS_STREAM)).state.last_seq
+    return Start(events, commands)
+
+
+async def register(client: AsyncTestClient, location: str) -> str:
+    lamp = unique_id("lamp")
+    body = {"id": lamp, "name": "Lamp", "kind": "light", "location": location}
+    created = await client.post(DEVICES, json=body)
+    assert created.status_code == 201, created.text
+    return lamp
+
+
+async def move(client: AsyncTestClient, lamp: str, location: str) -> None:
+    moved = await client.patch(f"{DEVICES}/{lamp}", json={"location": location})
+    assert moved.status_code == 200, moved.text
+
+
+async def report(client: AsyncTestClient, lamp: str, power_w: float) -> None:
+    """A reading of the lamp (dated now, as a device dates its events)."""
+    event = msgspec.to_builtins(m.make_event(lamp, "telemetry", {"power_w": power_w}))
+    published = await client.post(EVENTS, json=event)
+    assert published.status_code == 202, published.text
+
+
+async def send(client: AsyncTestClient, lamp: str) -> str:
+    sent = await client.post(f"{DEVICES}/{lamp}/commands", json={"action": "turn_on"})
+    assert sent.status_code == 202, sent.text
+    return str(sent.json()["id"])
+
+
+async def replayed(
+    client: AsyncTestClient, headers: Headers | None, **params: Any
+) -> list[dict[str, Any]]:
+    """The bodies of every page of a replay."""
+    bodies: list[dict[str, Any]] = []
+    query: dict[str, Any] = {"limit": 2, **params}
+    while True:
+        answer = await client.get(EVENTS, params=query, headers=headers)
+        assert answer.status_code == 200, answer.text
+        page = answer.json()
+        bodies += [item["event"] for item in page["items"]]
+        if not page["next_cursor"]:
+            return bodies
+        query = {"limit": 2, "subject": params["subject"], "cursor": page["next_cursor"]}
+
+
+async def powers(
+    client: AsyncTestClient, lamp: str, headers: Headers | None, start: Start
+) -> list[float]:
+    subject = subjects.device_events(lamp, ">")
+    bodies = await replayed(client, headers, subject=subject, since_seq=start.events)
+    return [body["data"]["power_w"] for body in bodies]
+
+
+async def commands(
+    client: AsyncTestClient, lamp: str, headers: Headers | None, start: Start
+) -> list[str]:
+    subject = subjects.commands(lamp)
+    bodies = await replayed(client, headers, subject=subject, since_seq=start.commands)
+    return [body["id"] for body in bodies]
+
+
+async def first_seen(replay: Callable[[], Awaitable[list[float]]]) -> list[float]:
+    """The first replay that holds something (once the index has the lamp where it is)."""
+    return await eventually(replay)
+
+
+async def test_the_new_homes_resident_replays_nothing_the_device_had_in_the_old_home(
+    client: AsyncTestClient, homes: Homes, start: Start
+) -> None:
+    """The gateway's index of homes is running when the lamp moves: it learns the move, and
+    when it began, from the move's fact."""
+    registered = m.now()
+    lamp = await register(client, f"{homes.a}/living")
+    await report(client, lamp, 1.0)
+    in_a = await send(client, lamp)
+    assert await powers(client, lamp, homes.resident_a, start) == [1.0]  # A's, while there
+
+    await move(client, lamp, f"{homes.b}/hall")
+    await report(client, lamp, 2.0)
+    in_b = await send(client, lamp)
+    # Once the index has the move, B's resident replays the lamp's messages of home B.
+    b = homes.resident_b
+    seen_by_b = await first_seen(lambda: powers(client, lamp, b, start))
+
+    assert seen_by_b == [2.0]
+    assert await commands(client, lamp, b, start) == [in_b]
+    from_a_time = await replayed(
+        client, b, subject=subjects.device_events(lamp, ">"), since=registered.isoformat()
+    )
+    assert [body["data"]["power_w"] for body in from_a_time] == [2.0]
+    assert await powers(client, lamp, None, start) == [1.0, 2.0]
+    assert await commands(client, lamp, None, start) == [in_a, in_b]
+    # The lamp is no longer A's: what it had there is an administrator's to see only.
+    assert await powers(client, lamp, homes.resident_a, start) == []
+
+
+async def test_an_index_read_after_the_move_hides_the_old_homes_messages_too(
+    client: AsyncTestClient, homes: Homes, start: Start, settings: Settings, admin_token: str
+) -> None:
+    """A gateway started after the move reads when the lamp came to B from the database."""
+    lamp = await register(client, f"{homes.a}/living")
+    await report(client, lamp, 1.0)
+    in_a = await send(client, lamp)
+    await move(client, lamp, f"{homes.b}/hall")
+    await report(client, lamp, 2.0)
+    in_b = await send(client, lamp)
+
+    # Another gateway in-process: its index of homes is read from the database now.
+    async with api_client(settings, admin_token) as gateway:
+        seen_by_b = await powers(gateway, lamp, homes.resident_b, start)
+        sent_in_b = await commands(gateway, lamp, homes.resident_b, start)
+        everything = await commands(gateway, lamp, None, start)
+
+    assert seen_by_b == [2.0]
+    assert sent_in_b == [in_b]
+    assert everything == [in_a, in_b]
+
+
+async def test_a_move_within_one_home_hides_nothing_of_a_replay(
+    client: AsyncTestClient, homes: Homes, start: Start
+) -> None:
+    lamp = await register(client, f"{homes.a}/living")
+    await report(client, lamp, 1.0)
+    a = homes.resident_a
+    assert await first_seen(lambda: powers(client, lamp, a, start)) == [1.0]
+
+    await move(client, lamp, f"{homes.a}/kitchen")
+    await report(client, lamp, 2.0)
+
+    assert await powers(client, lamp, a, start) == [1.0, 2.0]
+
+
+# --- the index alone ---------------------------------------------------------------------------
+
+
+def placing(lamp: str, change: str, location: str, at: datetime) -> bytes:
+    """The registry fact of a change placing the lamp at `location`, as the gateway sends it."""
+    entry = m.RegistryEntry(id=lamp, location=location, created_at=at, updated_at=at)
+    return m.encode(
+        m.RegistryFact(
+            device_id=lamp,
+            change=m.RegistryChange(change),
+            actor="user:alice",
+            correlation_id="c",
+            time=at,
+            device=entry,
+        )
+    )
+
+
+def reading(lamp: str, at: datetime | None) -> bytes:
+    return m.encode(msgspec.structs.replace(m.make_event(lamp, "telemetry"), time=at))
+
+
+def test_the_index_dates_a_moved_devices_messages_from_the_move() -> None:
+    index = HomeIndex()
+    lamp, reg = "lamp", subjects.device_registry("lamp")
+    events, command = subjects.device_events(lamp, "telemetry"), subjects.commands(lamp)
+    hour = timedelta(hours=1)
+    now = m.now()
+    in_a, in_b = reading(lamp, now - 3 * hour), reading(lamp, now)
+    sent_in_a = m.encode(
+        m.Command(
+            id="c1",
+            device_id=lamp,
+            action="turn_on",
+            params={},
+            issued_at=now - 3 * hour,
+            expires_at=now - 3 * hour,
+            issued_by="user:alice",
+            correlation_id="c",
+        )
+    )
+    undated = reading(lamp, None)
+
+    index.learn(reg, placing(lamp, "created", "home-a/living", now - 4 * hour))
+    index.learn(reg, placing(lamp, "updated", "home-a/kitchen", now - 2 * hour))
+    within_a = index.home_at_once(events, in_a)  # a move within A hides nothing
+    index.learn(reg, placing(lamp, "updated", "home-b/hall", now - hour))
+
+    assert within_a == "home-a"
+    assert index.home_at_once(events, in_a) is None  # A's: no home's now (admins only)
+    assert index.home_at_once(command, sent_in_a) is None
+    assert index.home_at_once(events, in_b) == "home-b"
+    # Undated: by when the stream stored it, when the reader has that; else as a live one.
+    assert index.before_placement(events, undated, stored=now - 3 * hour)
+    assert not index.before_placement(events, undated, stored=now)
+    assert index.home_at_once(events, undated) == "home-b"
+    # A device registered again brings nothing of its earlier life, in the same home too.
+    index.learn(reg, placing(lamp, "created", "home-b/hall", now + hour))
+    assert index.home_at_once(events, in_b) is None
