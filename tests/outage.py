@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import redis
@@ -90,6 +92,22 @@ class PrivateNats:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(10)
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.terminate()
+        self.proc.wait(10)
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, root: Path, max_file_store: int | None = None) -> Iterator[PrivateNats]:
+        """A server of the test's own while the block runs (a store of `max_file_store`)."""
+        server = cls(root, max_file_store)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
 
 
 class PrivateRedis:

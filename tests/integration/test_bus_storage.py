@@ -34,12 +34,8 @@ FILLER_STREAM = "FILLER"
 
 @pytest.fixture
 def small_bus(tmp_path: Path):  # type: ignore[no-untyped-def]
-    server = PrivateNats(tmp_path / "nats", max_file_store=LIMIT)
-    server.start()
-    yield server
-    assert server.proc is not None
-    server.proc.terminate()
-    server.proc.wait(10)
+    with PrivateNats.running(tmp_path / "nats", LIMIT) as server:
+        yield server
 
 
 @pytest.fixture

@@ -19,33 +19,18 @@ from nats.js import JetStreamContext
 from libs import messages as m
 from libs import subjects
 from libs.homes import HomeIndex
-from libs.principals import Role
 from libs.settings import Settings
-from tests.api import api_client, bearer
+from tests.api import api_client
 from tests.helpers import eventually, unique_id
+from tests.integration import test_moved_device_privacy
+from tests.integration.test_moved_device_privacy import Homes
 
 API = "/api/v1"
 DEVICES = f"{API}/devices"
 EVENTS = f"{API}/events"
 Headers = dict[str, str]
 
-
-@dataclass(frozen=True)
-class Homes:
-    """Homes A and B, and the headers of a resident of each."""
-
-    a: str
-    b: str
-    resident_a: Headers
-    resident_b: Headers
-
-
-@pytest.fixture(scope="module")
-async def homes(make_token: Any) -> Homes:
-    a, b = unique_id("home"), unique_id("home")
-    resident_a = bearer(await make_token(Role.RESIDENT, [a]))
-    resident_b = bearer(await make_token(Role.RESIDENT, [b]))
-    return Homes(a, b, resident_a, resident_b)
+homes = test_moved_device_privacy.homes  # the two homes and a resident of each
 
 
 @dataclass(frozen=True)

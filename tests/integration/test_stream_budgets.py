@@ -28,18 +28,10 @@ BLOB = "x" * 16 * 1024
 BATCH = 50  # about 800 kB a request, under the gateway's 1 MB body limit
 
 
-def _stop(server: PrivateNats) -> None:
-    assert server.proc is not None
-    server.proc.terminate()
-    server.proc.wait(10)
-
-
 @pytest.fixture
 def small_bus(tmp_path: Path) -> Iterator[PrivateNats]:
-    server = PrivateNats(tmp_path / "nats", max_file_store=STORE)
-    server.start()
-    yield server
-    _stop(server)
+    with PrivateNats.running(tmp_path / "nats", STORE) as server:
+        yield server
 
 
 @pytest.fixture
@@ -131,7 +123,7 @@ async def test_with_no_known_store_the_streams_have_no_budget(
 
 async def _restart_and_provision(server: PrivateNats, limit: int, max_store: int) -> None:
     """The bus started again with `limit`, then the gateway's provisioning for `max_store`."""
-    _stop(server)
+    server.stop()
     server.max_file_store = limit
     server.start()
     nc = await bus.connect(server.url, "budget-test")

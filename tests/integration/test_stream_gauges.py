@@ -33,12 +33,8 @@ GAUGES = ("messages", "bytes", "last_seq", "max_bytes")
 
 @pytest.fixture
 def small_bus(tmp_path: Path) -> Iterator[PrivateNats]:
-    server = PrivateNats(tmp_path / "nats", max_file_store=STORE)
-    server.start()
-    yield server
-    assert server.proc is not None
-    server.proc.terminate()
-    server.proc.wait(10)
+    with PrivateNats.running(tmp_path / "nats", STORE) as server:
+        yield server
 
 
 @pytest.fixture
