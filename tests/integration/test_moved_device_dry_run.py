@@ -9,11 +9,9 @@ The history and audit rows are written as the recorder writes them, around the m
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -21,10 +19,10 @@ from libs import messages as m
 from libs import subjects
 from libs.db.models import AuditEntry
 from libs.db.models import Device as DeviceRow
-from libs.principals import Role
-from tests.api import bearer
 from tests.helpers import unique_id
+from tests.integration import test_moved_device_privacy
 from tests.integration.test_gateway_rules_dryrun import at, record, window
+from tests.integration.test_moved_device_privacy import Homes
 
 RULES = "/api/v1/rules"
 DEVICES = "/api/v1/devices"
@@ -32,19 +30,7 @@ Headers = dict[str, str]
 MINUTE = timedelta(minutes=1)
 
 
-@dataclass(frozen=True)
-class Homes:
-    """Homes A and B, and the headers of home B's resident."""
-
-    a: str
-    b: str
-    resident_b: Headers
-
-
-@pytest.fixture(scope="module")
-async def homes(make_token: Any) -> Homes:
-    a, b = unique_id("home"), unique_id("home")
-    return Homes(a, b, bearer(await make_token(Role.RESIDENT, [b])))
+homes = test_moved_device_privacy.homes  # the two homes and a resident of each
 
 
 async def moved_lamp(

@@ -21,12 +21,11 @@ from libs import subjects
 from libs.homes import HomeIndex
 from libs.settings import Settings
 from tests.api import api_client
-from tests.helpers import eventually, unique_id
+from tests.helpers import eventually
 from tests.integration import test_moved_device_privacy
-from tests.integration.test_moved_device_privacy import Homes
+from tests.integration.test_moved_device_privacy import Homes, move, register, report, send
 
 API = "/api/v1"
-DEVICES = f"{API}/devices"
 EVENTS = f"{API}/events"
 Headers = dict[str, str]
 
@@ -46,32 +45,6 @@ async def start(js: JetStreamContext) -> Start:
     events = (await js.stream_info(subjects.EVENTS_STREAM)).state.last_seq
     commands = (await js.stream_info(subjects.COMMANDS_STREAM)).state.last_seq
     return Start(events, commands)
-
-
-async def register(client: AsyncTestClient, location: str) -> str:
-    lamp = unique_id("lamp")
-    body = {"id": lamp, "name": "Lamp", "kind": "light", "location": location}
-    created = await client.post(DEVICES, json=body)
-    assert created.status_code == 201, created.text
-    return lamp
-
-
-async def move(client: AsyncTestClient, lamp: str, location: str) -> None:
-    moved = await client.patch(f"{DEVICES}/{lamp}", json={"location": location})
-    assert moved.status_code == 200, moved.text
-
-
-async def report(client: AsyncTestClient, lamp: str, power_w: float) -> None:
-    """A reading of the lamp (dated now, as a device dates its events)."""
-    event = msgspec.to_builtins(m.make_event(lamp, "telemetry", {"power_w": power_w}))
-    published = await client.post(EVENTS, json=event)
-    assert published.status_code == 202, published.text
-
-
-async def send(client: AsyncTestClient, lamp: str) -> str:
-    sent = await client.post(f"{DEVICES}/{lamp}/commands", json={"action": "turn_on"})
-    assert sent.status_code == 202, sent.text
-    return str(sent.json()["id"])
 
 
 async def replayed(
