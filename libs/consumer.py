@@ -456,9 +456,7 @@ class Consumer(Generic[T]):
         self._acked = ACKED.labels(*labels)
         self._redelivered = REDELIVERED.labels(*labels)
         self._recovered = RECOVERED.labels(*labels)
-        self._pending = PENDING.labels(*labels)
-        self._ack_pending = ACK_PENDING.labels(*labels)
-        self._ack_floor = ACK_FLOOR.labels(*labels)
+        self._labels = labels
         self._seconds = HANDLE_SECONDS.labels(*labels)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -491,6 +489,7 @@ class Consumer(Generic[T]):
                     ended.set()
         finally:
             self.bound.clear()
+            self._forget_gauges()
             await puller.stop()  # a pull subscription left to drain() blocks it
             with contextlib.suppress(Exception):
                 await self._nc.flush(timeout=2)  # the last acks
@@ -922,12 +921,22 @@ class Consumer(Generic[T]):
 
     # --- the pending gauge --------------------------------------------------------------------
 
+    def _forget_gauges(self) -> None:
+        """The consumer info gauges go with the run: a partition taken over by another
+        process is reported by that one only (a stale series would read as a backlog)."""
+        for gauge in (PENDING, ACK_PENDING, ACK_FLOOR):
+            with contextlib.suppress(KeyError):
+                gauge.remove(*self._labels)
+
     async def _watch_pending(self, stop: asyncio.Event, ended: asyncio.Event) -> None:
+        labels = self._labels
         while not stop.is_set() and not ended.is_set():
             with contextlib.suppress(Exception):  # the bus is away: the gauge waits
                 info = await self._js.consumer_info(self.stream, self.durable)
-                self._pending.set(info.num_pending or 0)
-                self._ack_pending.set(info.num_ack_pending or 0)
-                self._ack_floor.set(info.ack_floor.stream_seq if info.ack_floor else 0)
+                if ended.is_set():
+                    return  # its gauges are gone with the run: not made again
+                PENDING.labels(*labels).set(info.num_pending or 0)
+                ACK_PENDING.labels(*labels).set(info.num_ack_pending or 0)
+                ACK_FLOOR.labels(*labels).set(info.ack_floor.stream_seq if info.ack_floor else 0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ended.wait(), self._pending_every)

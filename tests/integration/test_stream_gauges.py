@@ -161,8 +161,14 @@ async def test_a_stalled_consumers_ack_floor_stays_where_its_backlog_begins(
 
             await eventually(lambda: backlog() == 4)
             stalled_floor = sample("smarthome_consumer_ack_floor_stream_seq", labels)
+        # Stopped (its partition another's, say): it reports nothing, not its last values.
+        after_stop = [
+            sample(f"smarthome_consumer_{gauge}", labels)
+            for gauge in ("pending_messages", "ack_pending_messages", "ack_floor_stream_seq")
+        ]
 
     assert worker.handled == [1, 2, 3]
     assert kept_up == 0
     # The stream's newest less the ack floor: the 4 messages of its backlog, none acked.
     assert last - (stalled_floor or 0) == 4
+    assert after_stop == [None, None, None]
