@@ -125,11 +125,13 @@ class Delivered:
             self._home = home
         return True
 
-    async def wait_for_home(self, index: HomeIndex) -> None:
+    async def wait_for_home(self, index: HomeIndex, stored: datetime | None = None) -> None:
         """Classify a message the index alone cannot tell by the home it states (a fact that
         places its object: a move's goes to the new home, whatever the index holds yet) or
-        the database's (`HomeIndex.home_of_message`), rather than pass it for no home's."""
-        self._home = await index.home_of_message(self.subject, self.data)
+        the database's (`HomeIndex.home_of_message`), rather than pass it for no home's; a
+        device's message from before it came to its home (dated by its body, else `stored`)
+        is no home's."""
+        self._home = await index.home_of_message(self.subject, self.data, stored=stored)
 
     def sse(self, encode: Callable[[Delivered], bytes]) -> bytes:
         """The message's SSE frame, made by `encode` the first time only."""
@@ -214,17 +216,13 @@ class LiveFeed:
             return
         delivered = Delivered(seq, subjects.published(msg.subject), msg.data)
         audience = self._audience
-        if audience is not None and not delivered.classified(audience.index):
-            # The consumer's next message waits behind this one (the callback is awaited).
-            await delivered.wait_for_home(audience.index)
-        if audience is not None and audience.index.before_placement(
-            delivered.subject, msg.data, _stored_at(msg)
-        ):
-            # Read back from the stream: a device's message from before it came to the
-            # home it is in is not that home's (the shared feed's, new ones, always are).
-            self._last_seq = seq
-        else:
-            self.push(delivered)
+        if audience is not None:
+            # Read back from the stream, so placed by its body and the time it was stored: a
+            # device's message from before it came to its home is no home's (the shared
+            # feed's, new ones, need not be dated). The consumer's next message waits behind
+            # this one (the callback is awaited).
+            await delivered.wait_for_home(audience.index, _stored_at(msg))
+        self.push(delivered)
         tail = self._tail
         if self.catching_up and tail is not None and seq >= tail.position:
             # Caught up with the shared feed: it brings the next ones.
