@@ -4,7 +4,7 @@ max and last value. Pure: history rows in, statistics rows out."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -38,9 +38,10 @@ def number(value: Any) -> float | None:
     return result if math.isfinite(result) else None
 
 
-@dataclass
+@dataclass(slots=True)
 class Summary:
-    """One attribute's values so far; `last` is the value at the latest time."""
+    """One attribute's values so far; `last` is the value at the latest time. Slotted: an
+    hour of a large fleet holds one per device and attribute."""
 
     count: int
     total: float
@@ -87,9 +88,14 @@ class HourTally:
             else:
                 summary.add(value, time)
 
-    def rows(self) -> list[dict[str, Any]]:
-        """The `statistics` rows of this hour."""
-        return [
+    def __len__(self) -> int:
+        """How many statistics rows the hour has."""
+        return len(self._summaries)
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """The `statistics` rows of this hour, made as they are written (a row dict costs
+        several times its summary: not all at once)."""
+        return (
             {
                 "device_id": device_id,
                 "hour": self.hour,
@@ -102,4 +108,4 @@ class HourTally:
                 "last_time": s.last_time,
             }
             for (device_id, attribute), s in self._summaries.items()
-        ]
+        )

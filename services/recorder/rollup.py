@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from dataclasses import astuple, dataclass
 from datetime import datetime, timedelta
@@ -165,14 +166,14 @@ async def roll_up_hour(
             tally.add(device_id, time, data)
         rows = tally.rows()
         statement = upsert(session.get_bind(), HourlyStatistic.__table__, STATISTIC_KEY)
-        for start in range(0, len(rows), WRITE_ROWS):
-            await session.execute(statement, rows[start : start + WRITE_ROWS])
+        while chunk := list(itertools.islice(rows, WRITE_ROWS)):
+            await session.execute(statement, chunk)
         await session.execute(
             delete(RollupPending).where(
                 RollupPending.hour == hour, RollupPending.changes == changes
             )
         )
-    return len(rows)
+    return len(tally)
 
 
 def _history_of(hour: datetime) -> Any:

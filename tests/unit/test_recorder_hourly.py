@@ -79,7 +79,7 @@ def test_an_hour_without_numbers_has_no_statistics() -> None:
     tally.add("lamp", at(1), {})
     tally.add("lamp", at(2), {"on": True})
 
-    assert tally.rows() == []
+    assert list(tally.rows()) == []
 
 
 @pytest.mark.parametrize(
