@@ -21,6 +21,8 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from libs import kv as kv_read
+
 log = logging.getLogger(__name__)
 
 BUCKET = "leases"
@@ -165,7 +167,7 @@ class Members:
         if self._kv is None:
             return 1
         try:
-            keys = await self._kv.keys()
-        except Exception:  # nats-py raises NoKeysError for an empty bucket
+            keys = await kv_read.keys(self._kv, self._prefix + ">")
+        except Exception:  # the bus is away: this one, at least
             return 1
-        return max(1, sum(k.startswith(self._prefix) for k in keys))
+        return max(1, len(keys))

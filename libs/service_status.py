@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import msgspec
-import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BadRequestError
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KeyValue
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from libs import kv as kv_read
 from libs.health import ReadyCheck
 
 log = logging.getLogger(__name__)
@@ -223,27 +223,18 @@ async def read_all(js: JetStreamContext, now: float | None = None) -> list[Servi
     Raises BucketNotFoundError when the bus was not provisioned, TimeoutError when the
     entries did not all come within `READ_WAIT_S` of each other."""
     kv = await js.key_value(BUCKET)
-    watcher = await kv.watchall()
-    found: dict[str, ServiceStatus] = {}
     try:
-        while True:
-            try:
-                # nats-py leaves its watcher's methods unannotated.
-                entry = await watcher.updates(timeout=READ_WAIT_S)  # type: ignore[no-untyped-call]  # nats-py: untyped
-            except nats.errors.TimeoutError:  # not all delivered: a partial list would mislead
-                raise TimeoutError("the status bucket was not read to its end") from None
-            if entry is None:  # the current values are all delivered
-                break
-            if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-                found.pop(entry.key, None)
-                continue
-            try:
-                found[entry.key] = decode(entry.value)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                log.warning("unreadable status %s: %s", entry.key, exc)
-    finally:
-        with contextlib.suppress(Exception):
-            await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py: untyped
+        current = await kv_read.entries(kv, wait=READ_WAIT_S)
+    except TimeoutError:  # not all delivered: a partial list would mislead
+        raise TimeoutError("the status bucket was not read to its end") from None
+    found: dict[str, ServiceStatus] = {}
+    for entry in current:
+        if not entry.value:
+            continue
+        try:
+            found[entry.key] = decode(entry.value)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("unreadable status %s: %s", entry.key, exc)
     at = time.time() if now is None else now
     return sorted((seen(s, at) for s in found.values()), key=lambda s: (s.name, s.instance))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import msgspec
 from nats.js.errors import KeyNotFoundError
@@ -13,6 +13,7 @@ from nats.js.kv import KeyValue
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from libs import kv as kv_read
 from libs import messages as m
 from libs.db.models import Device, DeviceState, RuleRecord
 from libs.rule_logic import DeviceInfo, DeviceView, Episode, episode_decoder
@@ -196,11 +197,7 @@ async def load_views(
 async def load_episodes(kv: KeyValue, owns: Callable[[str], bool]) -> dict[str, Episode]:
     """The episodes of the rules this partition `owns` (keys are `<rule id>.<what>`)."""
     episodes: dict[str, Episode] = {}
-    try:
-        keys: Iterable[str] = await kv.keys()
-    except Exception:  # an empty bucket has no keys (nats-py raises NoKeysError)
-        keys = []
-    for key in keys:
+    for key in await kv_read.keys(kv):
         if not owns(key.split(".", 1)[0]):
             continue
         with contextlib.suppress(KeyNotFoundError):
