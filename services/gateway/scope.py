@@ -6,7 +6,8 @@ location under one of them, a rule, a subscription or an audit row that names on
 (an audit row also when its device is in one). An object outside answers 404 with the words
 a missing one gets (`visible`), never 403: nobody learns what another home holds. A device
 moved from another home brings along nothing it recorded there (`since_home`; over many
-devices `in_home_since`: the audit log, a home's rule's dry run).
+devices `in_home_since`: the audit log, a home's rule's dry run; of its runtime state,
+`state_since_home`).
 
 The services call these on every list, read, write, command, history, statistics, audit
 query, rule run and dry run; the live messages go through `libs.homes` the same way.
@@ -17,13 +18,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
+import msgspec
 from litestar.datastructures import State
 from nats.aio.client import Client as NATS
 from sqlalchemy import ColumnElement, Select, exists, false, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from libs import messages as m
 from libs.db.engine import at_or_under
 from libs.db.models import AuditEntry
 from libs.db.models import Device as DeviceRow
@@ -106,6 +110,34 @@ def recorded_since(time: Any, home_since: Any) -> ColumnElement[bool]:
     move (a statistic's `hour` is its start) holds both homes' readings: it is out."""
     condition: ColumnElement[bool] = time >= home_since
     return condition
+
+
+def is_recorded_since(at: datetime | None, home_since: datetime | None) -> bool:
+    """`recorded_since` for a time in hand (a state's report time, its `last_seen`), or at
+    any time when the device's coming is not known (null); an undated one is not (what it
+    reported before may have been reported in the home it was in)."""
+    return home_since is None or (at is not None and at >= home_since)
+
+
+def state_since_home(
+    principal: Principal, snapshot: m.DeviceSnapshot, device: DeviceRow
+) -> m.DeviceSnapshot:
+    """The device's runtime state as the principal sees it: the actors keep one state across
+    homes, so for anyone else than an administrator, of a device moved since its registration,
+    the attributes (and their report times) it reported since it came to its home, and its
+    `last_seen` if since then. A device never moved has had no other home: all of its state
+    is its home's (a discovered device's hello came just before its registration)."""
+    since = device.home_since
+    if principal.homes is None or since is None or since <= device.created_at:
+        return snapshot
+    reported = {name: at for name, at in snapshot.reported.items() if is_recorded_since(at, since)}
+    return msgspec.structs.replace(
+        snapshot,
+        attributes={name: v for name, v in snapshot.attributes.items() if name in reported},
+        reported=reported,
+        stale=[name for name in snapshot.stale if name in reported],
+        last_seen=snapshot.last_seen if is_recorded_since(snapshot.last_seen, since) else None,
+    )
 
 
 def in_home_since(time: Any) -> ColumnElement[bool]:

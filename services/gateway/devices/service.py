@@ -3,7 +3,9 @@
 The registry (`devices` table) is written here only; every change is published as a
 `RegistryFact` on `system.device.<id>.registry`, through the outbox (`libs.outbox`): written
 in the change's transaction, published after its commit. Runtime state is read, never written: the
-actors own it (the `device_states` table, and the cache written after it).
+actors own it (the `device_states` table, and the cache written after it), one state across
+the homes a device was in, of which a resident sees what it reported in its home
+(`scope.state_since_home`).
 """
 
 from __future__ import annotations
@@ -175,7 +177,7 @@ class DeviceService:
         row, state = found
         scope.visible(principal, home_of(row.location), missing)
         snapshots = await self._snapshots({device_id: state})
-        return _device(row, snapshots[device_id])
+        return _device(row, scope.state_since_home(principal, snapshots[device_id], row))
 
     async def list(
         self, filters: DeviceFilters, limit: int, cursor: str | None, principal: Principal
@@ -200,7 +202,9 @@ class DeviceService:
             rows,
             limit,
             key=lambda r: r[0].id,
-            view=lambda r: _device(r[0], snapshots[r[0].id]),
+            view=lambda r: _device(
+                r[0], scope.state_since_home(principal, snapshots[r[0].id], r[0])
+            ),
             into=DevicePage,
         )
 
