@@ -5,7 +5,7 @@ this, then publishes the facts, writes the state and acks; this module says what
 
 - an event of a device that may not report (not registered, pending, rejected, or
   disconnected by an administrator: only `mark` passes then) is refused: a `rejected`
-  fact, the state untouched;
+  fact, the state untouched; a `moved` (to another home) of a registered device is not;
 - an event at or below its device's `last_seq` was applied before (a crash between the
   commit and the ack): nothing changes, but the device's latest fact is sent again, since
   the crash may have come before it reached the bus (its id makes a second copy harmless);
@@ -61,6 +61,10 @@ def refusal(event_type: str, standing: Standing | None) -> str | None:
     """Why an event of a device of this standing is not applied; None when it is."""
     if standing is None:
         return "device is not registered"
+    if event_type == m.MOVED:
+        # The platform's, not the device reporting: whatever its standing, it must not come
+        # back to service in its new home with what it reported in the old one.
+        return None
     if standing == Standing.PENDING:
         return "device is waiting for an administrator to approve it"
     if standing == Standing.REJECTED:
@@ -153,7 +157,8 @@ def state_fact(
         attributes=new.attributes,
         last_seen=new.last_seen,
         changed=changed,
-        previous_state=previous_state,
+        # A moved device had no state in its new home: a rule `from` one is not met by it.
+        previous_state=None if event.type == m.MOVED else previous_state,
         cause_event_id=event.id,
         cause_type=event.type,
         correlation_id=event.correlationid,

@@ -88,6 +88,13 @@ def apply(snapshot: DeviceSnapshot, event: CloudEvent, seq: int, received: datet
                         for name, at in found.stale.items()
                         if name in reported and reported[name] <= at
                     }
+            case m.MOVED if event.source.startswith(PLATFORM_SOURCES):
+                msgspec.convert(event.data or {}, m.MovedData)
+                # In its new home it starts afresh: what it reported (and when) in the old
+                # one is not that home's. Its connection, `last_seen` (what its presence is
+                # judged by; residents see it from the move on: `scope.state_since_home`) and
+                # a rule's mark stay: it is no more and no less connected for being moved.
+                attributes, reported, stale = {}, {}, set()
             case _:
                 if not event.source.startswith(PLATFORM_SOURCES):  # the device spoke
                     last_seen = received

@@ -159,6 +159,17 @@ class PresenceTimeoutData(msgspec.Struct, forbid_unknown_fields=True, frozen=Tru
     stale: dict[str, datetime] | None = None
 
 
+# A device placed in another home: it starts afresh there (`MovedData`).
+MOVED = "moved"
+
+
+class MovedData(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The gateway moved the device to another home (event type `moved`, published with the
+    registry change): what it reported in its old home is not its new home's state."""
+
+    home: str | None  # None: placed in no home
+
+
 class HelloData(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     firmware: str | None = None
     attributes: Attributes | None = None

@@ -80,7 +80,7 @@ DECIDE_SECONDS = Histogram(
 # The label's values: the platform's event types; a device's own types are `custom` (a label
 # value per type a device makes up would grow without bound).
 KNOWN_TYPES = frozenset(
-    (*m.ATTRIBUTE_EVENTS, *m.PRESENCE_EVENTS, "mark", "presence_timeout", "command_status")
+    (*m.ATTRIBUTE_EVENTS, *m.PRESENCE_EVENTS, "mark", "presence_timeout", "command_status", m.MOVED)
 )
 WRITE_SECONDS = Histogram(
     "smarthome_actor_write_seconds", "Time from a batch's write handed over to its commit"

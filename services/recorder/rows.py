@@ -13,8 +13,9 @@ from libs import messages as m
 from libs.principals import home_of
 from libs.subjects import SubjectKind
 
-# Heartbeats say only "still here": they update presence, not history.
-NOT_HISTORY = frozenset({"heartbeat", "presence_timeout"})
+# Heartbeats say only "still here": they update presence, not history. A move is audited
+# through its registry fact.
+NOT_HISTORY = frozenset({"heartbeat", "presence_timeout", m.MOVED})
 AUDITED_EVENTS = frozenset({"hello", "goodbye", "command_status"})
 AUDIT_TEXT = 200  # the audit table's actor and result columns
 AUDIT_ACTION = 128
@@ -252,7 +253,7 @@ def _from_device_fact(rows: Rows, fact: SubjectKind, data: bytes, src: tuple[str
         s = m.state_fact_decoder.decode(data)
         actor = (
             "platform:actors"
-            if s.cause_type in ("mark", "presence_timeout")
+            if s.cause_type in ("mark", "presence_timeout", m.MOVED)
             else f"device:{s.device_id}"
         )
         _audit(

@@ -66,7 +66,7 @@ async def replayed(
 async def powers(
     client: AsyncTestClient, lamp: str, headers: Headers | None, start: Start
 ) -> list[float]:
-    subject = subjects.device_events(lamp, ">")
+    subject = subjects.device_events(lamp, "telemetry")
     bodies = await replayed(client, headers, subject=subject, since_seq=start.events)
     return [body["data"]["power_w"] for body in bodies]
 
@@ -107,7 +107,11 @@ async def test_the_new_homes_resident_replays_nothing_the_device_had_in_the_old_
     from_a_time = await replayed(
         client, b, subject=subjects.device_events(lamp, ">"), since=registered.isoformat()
     )
-    assert [body["data"]["power_w"] for body in from_a_time] == [2.0]
+    # Its coming to B (the `moved` event) and what it reported there; nothing from A.
+    assert [(body["type"], body["data"]) for body in from_a_time] == [
+        (m.MOVED, {"home": homes.b}),
+        ("telemetry", {"power_w": 2.0}),
+    ]
     assert await powers(client, lamp, None, start) == [1.0, 2.0]
     assert await commands(client, lamp, None, start) == [in_a, in_b]
     # The lamp is no longer A's: what it had there is an administrator's to see only.

@@ -3,8 +3,9 @@
 The registry (`devices` table) is written here only; every change is published as a
 `RegistryFact` on `system.device.<id>.registry`, through the outbox (`libs.outbox`): written
 in the change's transaction, published after its commit. Runtime state is read, never written: the
-actors own it (the `device_states` table, and the cache written after it), one state across
-the homes a device was in, of which a resident sees what it reported in its home
+actors own it (the `device_states` table, and the cache written after it). A move to another
+home also publishes the device's `moved` event, with which the actors start its state afresh;
+until they applied it, a resident sees only what the device reported in its home
 (`scope.state_since_home`).
 """
 
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 RegistryChange = Literal["created", "updated", "deleted", "connected", "disconnected"]
 DISCOVERY_ACTOR = "platform:discovery"
 MAX_PENDING = 1000  # devices waiting for approval: a flood of hellos fills no more
+# A platform source (`libs.device_state.PLATFORM_SOURCES`): the device did not speak.
+MOVE_SOURCE = "service/gateway"
 
 
 @dataclass(frozen=True)
@@ -229,9 +232,10 @@ class DeviceService:
                     changed = True
             if changed:
                 row.updated_at = m.now()
-                if moved_home:  # what it recorded before is not the new home's to see
-                    row.home_since = row.updated_at
                 _record(session, row, "updated", ctx.principal.actor, ctx.correlation_id)
+                if moved_home:  # what it recorded before is not the new home's (to see, or state)
+                    row.home_since = row.updated_at
+                    _announce_move(session, row, ctx.correlation_id)
         # Approved: if it claimed its id.
         if changed and changes.get("lifecycle") == m.Lifecycle.ACTIVE:
             await self._credentials().deliver_claim(device_id, ctx.principal.actor)
@@ -456,6 +460,25 @@ def _record(
         device=m.RegistryEntry(**registry_fields(row)),
     )
     outbox.add(session, subjects.device_registry(row.id), fact)
+
+
+def _announce_move(session: AsyncSession, row: DeviceRow, correlation_id: str) -> None:
+    """The device's `moved` event, in the move's transaction (published after the commit,
+    after its registry fact): on the device's own subject, so that the actors apply it in
+    order with its readings and its state starts afresh in its new home. Dated at the
+    placement, so that it is the new home's (`libs.homes`)."""
+    moved = m.MovedData(home=home_of(row.location))
+    event = m.CloudEvent(
+        id=m.new_id(),
+        source=MOVE_SOURCE,
+        type=m.MOVED,
+        subject=row.id,
+        specversion="1.0",
+        time=row.home_since,
+        data=msgspec.to_builtins(moved),
+        correlationid=correlation_id,
+    )
+    outbox.add(session, event.nats_subject, event)
 
 
 def _new_row(
