@@ -45,6 +45,7 @@ def main() -> None:
     logs.setup("gateway", settings.log_level)
     app = create_app(settings)
     runtime.freeze_startup_objects()
+    runtime.give_back_large_blocks()
     config = uvicorn.Config(
         app,
         host=settings.http_host,
