@@ -20,6 +20,7 @@ states only, by the process's `CacheWriter`.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,13 @@ if TYPE_CHECKING:
 # What presence needs of a registry entry: id, lifecycle, enabled, kind, report intervals.
 _Entry = tuple[str, str, bool, str, dict[str, float | None]]
 
+# A standing in memory comes from the registry facts, a moment after each change is
+# committed: an event sent right after an approval (or a reconnect, a registration) could be
+# refused on the old one. So a device whose remembered standing refuses its events is read
+# again before they are, at most this often (one that sends fast while pending costs no read a
+# message).
+RECHECK_S = 1.0
+
 # Devices whose state is kept in memory; past it, those least recently written are read
 # again from the database when next needed.
 MAX_ACTIVE = 100_000
@@ -62,6 +70,8 @@ class StateStore:
         self._fence = fence
         self.presence = presence  # None: no presence judged here (the legacy drain)
         self._standing: dict[str, Standing | None] = {}  # None: known not to be registered
+        self._rechecked: dict[str, float] = {}  # refused standings: when last read (monotonic)
+        self._learned = 0  # registry facts taken: a read older than one does not overrule it
         # Each device's report intervals (`capabilities.report_intervals`), read with its
         # standing; a registry fact drops them (the fact does not carry them).
         self._intervals: dict[str, Mapping[str, float]] = {}
@@ -93,11 +103,27 @@ class StateStore:
         Known devices are answered from memory, kept up to date by the registry facts
         (`learn`). Unknown ones are asked for every time (they may register any moment).
         """
+        now = time.monotonic()
+        doubted = [d for d in device_ids if self._refused_before(d, now)]
         missing = [d for d in device_ids if d not in self._standing]
-        if missing:
-            for d, life, on, kind, overrides in await self._entries(missing):
+        if missing or doubted:
+            learned = self._learned
+            for d, life, on, kind, overrides in await self._entries(missing + doubted):
+                if d in self._rechecked and learned == self._learned:  # no fact meanwhile
+                    self._standing[d] = standing(life, on)
                 self.remember(d, standing(life, on), kind, overrides)
         return {d: s for d in device_ids if (s := self._standing.get(d)) is not None}
+
+    def _refused_before(self, device_id: str, now: float) -> bool:
+        """Whether the device is known and its standing refuses events, not read again for
+        `RECHECK_S` (then it is marked read now)."""
+        if device_id not in self._standing or self._standing[device_id] == Standing.ACTIVE:
+            self._rechecked.pop(device_id, None)
+            return False
+        if now - self._rechecked.get(device_id, -RECHECK_S) < RECHECK_S:
+            return False
+        self._rechecked[device_id] = now
+        return True
 
     async def profiles(
         self, device_ids: list[str]
@@ -154,10 +180,12 @@ class StateStore:
         committed). Its report intervals (the fact does not carry them) are read again when
         presence next judges the device: at once, if it is of this partition."""
         self._standing[device_id] = standing
+        self._learned += 1
         self._changed(device_id)
 
     def forget(self, device_id: str) -> None:
         self._standing.pop(device_id, None)
+        self._learned += 1
         self._changed(device_id)
 
     def _changed(self, device_id: str) -> None:
