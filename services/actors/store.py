@@ -101,7 +101,9 @@ class StateStore:
         """The standing of each registered device (absent: not registered, or decommissioned).
 
         Known devices are answered from memory, kept up to date by the registry facts
-        (`learn`). Unknown ones are asked for every time (they may register any moment).
+        (`learn`); those whose standing refuses their events are read again first (at most
+        every `RECHECK_S`). Unknown ones are asked for every time (they may register any
+        moment).
         """
         now = time.monotonic()
         doubted = [d for d in device_ids if self._refused_before(d, now)]

@@ -467,17 +467,9 @@ def _announce_move(session: AsyncSession, row: DeviceRow, correlation_id: str) -
     after its registry fact): on the device's own subject, so that the actors apply it in
     order with its readings and its state starts afresh in its new home. Dated at the
     placement, so that it is the new home's (`libs.homes`)."""
-    moved = m.MovedData(home=home_of(row.location))
-    event = m.CloudEvent(
-        id=m.new_id(),
-        source=MOVE_SOURCE,
-        type=m.MOVED,
-        subject=row.id,
-        specversion="1.0",
-        time=row.home_since,
-        data=msgspec.to_builtins(moved),
-        correlationid=correlation_id,
-    )
+    data = msgspec.to_builtins(m.MovedData(home=home_of(row.location)))
+    event = m.make_event(row.id, m.MOVED, data, source=MOVE_SOURCE, correlation_id=correlation_id)
+    event = msgspec.structs.replace(event, time=row.home_since)
     outbox.add(session, event.nats_subject, event)
 
 
