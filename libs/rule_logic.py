@@ -241,6 +241,7 @@ class DeviceView:
     state: str
     connection: str
     attributes: Mapping[str, m.AttributeValue]
+    version: int = 0  # the device's state version it shows (an older one never replaces it)
 
 
 def home_views(

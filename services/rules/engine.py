@@ -31,16 +31,16 @@ from nats.js.kv import KeyValue
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from libs import bus, episodes, subjects, tracing
+from libs import episodes, subjects, tracing
 from libs import messages as m
-from libs.consumer import Consumer, Delivery, Item, Verdict
+from libs.consumer import Delivery, Item, Verdict
 from libs.lease import Lease
 from libs.rule_logic import DeviceView
 from services.rules import loading
 from services.rules.actions import ActionRunner
 from services.rules.effects import Effects
-from services.rules.events import FETCH_BATCH, EventReader
 from services.rules.loading import RuleBook
+from services.rules.readers import Reader
 from services.rules.registry import Registry
 from services.rules.timers import every_tick
 
@@ -87,8 +87,26 @@ class RulesEngine:
         self._decided = episodes.Book()
         self._kv: KeyValue | None = None
         self._effects = Effects()
-        self._events = EventReader(nc, partition.events_durable, self._on_events)
-        self._facts: Consumer[m.DeviceStateFact] | None = None
+        self._events = Reader(
+            nc,
+            subjects.EVENTS_STREAM,
+            partition.events_durable,
+            "events",
+            _decode_event,
+            self._on_events,
+            everything=subjects.EVENTS_ALL,
+            stored=subjects.stored_filter,
+        )
+        self._facts = Reader(
+            nc,
+            subjects.SYSTEM_STREAM,
+            partition.facts_durable,
+            "facts",
+            self._decode_fact,
+            self._on_facts,
+            everything=subjects.DEVICE_STATES_ALL,
+        )
+        self._viewed: set[str] = set()  # condition devices whose views were read
         self._lock = asyncio.Lock()  # facts, events and timers decide one at a time
         self._reloading = asyncio.Lock()
         # Rule changes read again until they show (`_follow_change`), one task each.
@@ -112,26 +130,19 @@ class RulesEngine:
             stored = await loading.load_episodes(self._kv, owns)
             log.info("resumed %d rule episodes", len(stored))
             self._decided = episodes.Book(stored)
-            async with self._reloading:  # so that every view a condition reads is read
-                self._rules = RuleBook({})
-                self._views.clear()
-            await self.reload_rules()
-            self._facts = Consumer(
-                self._nc,
-                subjects.SYSTEM_STREAM,
-                bus.rules_facts_consumer(self.partition.index),
-                self._decode_fact,
-                self._on_facts,
-                batch=FETCH_BATCH,
-                create=True,
-            )
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.lease.keep(self._quit))
                 tasks.create_task(self._watch(stop, hand_over))
-                tasks.create_task(every_tick(self._quit, self._tick))
-                tasks.create_task(every_tick(self._quit, self._track_bound))
+                # The readers run first: a reload (this one, or a rule change's) waits for
+                # them to fit its rules.
                 tasks.create_task(self._facts.run(self._quit))
                 tasks.create_task(self._events.run(self._quit))
+                async with self._reloading:  # so that every view a condition reads is read
+                    self._views.clear()
+                    self._viewed.clear()
+                await self.reload_rules()
+                tasks.create_task(every_tick(self._quit, self._tick))
+                tasks.create_task(every_tick(self._quit, self._track_bound))
         finally:
             self._quit.set()
             self.bound.clear()
@@ -154,7 +165,7 @@ class RulesEngine:
         await every_tick(self._quit, look)
 
     async def _track_bound(self) -> None:
-        if self._facts is not None and self._facts.bound.is_set() and self._events.bound:
+        if self._facts.bound and self._events.bound:
             self.bound.set()
         else:
             self.bound.clear()
@@ -176,20 +187,39 @@ class RulesEngine:
             if registry:
                 await self._shared.refresh(REGISTRY_MAX_AGE_S)
             rules = await loading.load_rules(self._sessions, self.partition.owns)
-            # The devices conditions start to read: their state facts were dropped so far.
-            before = self._rules.condition_devices
-            fresh = rules.condition_devices - before
+            # The devices conditions start to read: their facts were not read so far. Their
+            # views are read before the rules apply (so that the conditions find them) and
+            # again once the facts consumer reads them (so that no fact falls in between).
+            fresh = rules.condition_devices - self._viewed
             views = await loading.load_views(self._sessions, fresh) if fresh else {}
             async with self._lock:
                 self._rules = rules
-                for device_id in before - rules.condition_devices:
-                    self._views.pop(device_id, None)
-                self._views.update(views)
-                self._events.want(rules.event_subjects)
+                for device_id in self._views.keys() - rules.condition_devices:
+                    del self._views[device_id]
+                self._viewed &= rules.condition_devices
+                self._keep_views(views)
                 self._decide(episodes.schedule(self._decided, rules.scheduled, m.now()))
                 effects = self._effects.take()
             await _settle(effects)
+            await self._facts.want(rules.fact_subjects, self._quit)
+            if fresh:
+                views = await loading.load_views(self._sessions, fresh)
+                async with self._lock:
+                    self._keep_views(views)
+                    self._viewed |= fresh
+            # Events last: an event rule's conditions find their views.
+            await self._events.want(rules.event_subjects, self._quit)
             log.info("partition %s: loaded %d rules", self.partition, len(rules.rules))
+
+    def _keep_views(self, views: Mapping[str, DeviceView]) -> None:
+        """Views read from the database, unless a fact already told of a newer state (facts
+        come in order, and replace a view whatever its version)."""
+        for device_id, view in views.items():
+            known = self._views.get(device_id)
+            if device_id in self._rules.condition_devices and (
+                known is None or known.version <= view.version
+            ):
+                self._views[device_id] = view
 
     async def _on_rule_change(self, msg: Msg) -> None:
         """Reload the rules on a change, in a task of its own: one that has not shown yet
@@ -257,7 +287,7 @@ class RulesEngine:
                     continue  # decided already (a redelivery after a recovery)
                 if fact.device_id in self._rules.condition_devices:
                     self._views[fact.device_id] = DeviceView(
-                        fact.state, fact.connection, fact.attributes
+                        fact.state, fact.connection, fact.attributes, fact.version
                     )
                 watching = self._rules.watching(fact.device_id, self._registry.get(fact.device_id))
                 if not watching:  # most facts: no rule reads this device
@@ -338,6 +368,14 @@ class RulesEngine:
             case episodes.Delete(key):
                 with contextlib.suppress(KeyNotFoundError):
                     await self._kv.delete(key)
+
+
+def _decode_event(delivery: Delivery) -> m.CloudEvent | None:
+    """An event, or None for a malformed one: the actors dead-letter it, not the rules."""
+    try:
+        return m.cloud_event_decoder.decode(delivery.data)
+    except ValueError:  # msgspec's DecodeError and ValidationError
+        return None
 
 
 async def _settle(effects: list[asyncio.Task[None]]) -> None:

@@ -15,12 +15,16 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs import kv as kv_read
 from libs import messages as m
+from libs import subjects
 from libs.db.models import Device, DeviceState, RuleRecord
 from libs.rule_logic import DeviceInfo, DeviceView, Episode, episode_decoder
 
 log = logging.getLogger(__name__)
 
 VIEWS_CHUNK = 500  # device ids in one `IN (...)`
+# Past this many devices named by the rules, the partition reads every state fact (and drops
+# the others before decoding them) rather than ask the bus for a filter this long.
+MOST_FILTERED_DEVICES = 256
 
 
 class RuleBook:
@@ -102,6 +106,16 @@ class RuleBook:
             for tag in dict.fromkeys(info.tags):  # a tag given twice selects once
                 found += self._by_tag.get(tag, ())
         return found
+
+    @property
+    def fact_subjects(self) -> list[str]:
+        """The state facts the partition must read: none when no rule reads any (most of a
+        big fleet's facts then never reach the rules), the named devices', or all of them
+        (a selector may match any device, whatever it becomes)."""
+        named = self.by_device.keys() | self.condition_devices
+        if self.by_selector or len(named) > MOST_FILTERED_DEVICES:
+            return [subjects.DEVICE_STATES_ALL]
+        return sorted(subjects.device_state(d) for d in named)
 
     @property
     def event_subjects(self) -> list[str]:
@@ -190,7 +204,9 @@ async def load_views(
                 DeviceState.device_id.in_(ids[start : start + VIEWS_CHUNK])
             )
             for r in (await session.scalars(query)).all():
-                views[r.device_id] = DeviceView(r.state, r.connection, r.attributes or {})
+                views[r.device_id] = DeviceView(
+                    r.state, r.connection, r.attributes or {}, r.version
+                )
     return views
 
 

@@ -106,10 +106,9 @@ class Partitions:
 
 
 async def provision(js: JetStreamContext, count: int) -> None:
-    """Create the partitions' fact consumers; delete those of partitions that no longer
-    exist (the setting went down), so that the bus does not keep facts for nobody."""
-    for index in range(count):
-        await js.add_consumer(subjects.SYSTEM_STREAM, bus.rules_facts_consumer(index))
+    """Delete the consumers of partitions that no longer exist (the setting went down), so
+    that the bus does not keep facts for nobody. A partition's own consumers are made by
+    its engine, filtered to what its rules read (`services.rules.readers`)."""
     # (Before partitions, the one set of consumers was named `rules` and `rules-events`.)
     stale = {
         subjects.SYSTEM_STREAM: re.compile(r"rules(?:-(\d+))?$"),

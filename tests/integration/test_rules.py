@@ -98,7 +98,7 @@ async def test_for_timer_survives_kill9_and_fires_once_at_its_deadline(
     rule_id = await add_rule(sessions, nc, rule_spec(meter, light, for_s=4.0))
     rules = Service("services.rules", service_env, data_dir).start()
     try:
-        await eventually(lambda: "acquired" in rules.tail(), timeout=10)
+        await eventually(lambda: _reads_facts_of(rules, meter), timeout=10)
         started = m.now()
         await report(js, meter, 60.0, 1)
         await eventually(lambda: _has_episode(js, rule_id, meter), timeout=10)
@@ -125,7 +125,7 @@ async def test_episode_ends_and_clears_the_mark(service_env, data_dir, nc, js, s
     rule_id = await add_rule(sessions, nc, rule_spec(meter, light, for_s=0))
     rules = Service("services.rules", service_env, data_dir).start()
     try:
-        await eventually(lambda: "acquired" in rules.tail(), timeout=10)
+        await eventually(lambda: _reads_facts_of(rules, meter), timeout=10)
         for version, power in enumerate([60.0, 61.0, 62.0], start=1):
             await report(js, meter, power, version)
         await report(js, meter, 0.0, 4)
@@ -158,7 +158,7 @@ async def test_a_target_that_may_not_be_commanded_is_reported_and_not_commanded(
     rule_id = await add_rule(sessions, nc, rule_spec(meter, light, for_s=0))
     rules = Service("services.rules", service_env, data_dir).start()
     try:
-        await eventually(lambda: "acquired" in rules.tail(), timeout=10)
+        await eventually(lambda: _reads_facts_of(rules, meter), timeout=10)
         await report(js, meter, 60.0, 1)
         fired = await eventually(
             lambda: collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder), timeout=15
@@ -180,7 +180,7 @@ async def test_standby_rules_process_takes_over_pending_timer(
     owner = Service("services.rules", service_env, data_dir).start()
     standby = Service("services.rules", service_env, data_dir)
     try:
-        await eventually(lambda: "acquired" in owner.tail(), timeout=10)
+        await eventually(lambda: _reads_facts_of(owner, meter), timeout=10)
         standby.start()
         await eventually(lambda: "standing by" in standby.tail(), timeout=10)
         await report(js, meter, 60.0, 1)
@@ -311,6 +311,16 @@ async def _n(found, n: int):  # type: ignore[no-untyped-def]
     items = await found
     assert len(items) >= n, f"{len(items)} of {n}: {items}"
     return items
+
+
+def _reads_facts_of(rules: Service, device_id: str) -> bool:
+    """The rules service has its facts consumer on this device's state facts, or on all of
+    them (made with the rules, deliver-new: facts before it are not the rules' business)."""
+    wanted = (subjects.device_state(device_id), subjects.DEVICE_STATES_ALL)
+    return any(
+        "reading facts on" in line and any(w in line for w in wanted)
+        for line in rules.tail(20000).splitlines()
+    )
 
 
 def _reads_events_of(rules: Service, device_id: str) -> bool:
@@ -472,7 +482,7 @@ async def test_facts_lost_with_a_connection_are_evaluated_once_in_order(
         return (await js.stream_info(subjects.SYSTEM_STREAM)).state.last_seq
 
     try:
-        await eventually(lambda: "acquired" in rules.tail(), timeout=10)
+        await eventually(lambda: _reads_facts_of(rules, meter), timeout=10)
         await crossings(3)
         await eventually(lambda: _n(_runs(js, rule_id), 6), timeout=15)
         relay.drop()

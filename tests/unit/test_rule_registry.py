@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from libs import messages as m
 from libs import rule_logic as rl
-from services.rules.loading import RuleBook, apply_registry_fact
+from services.rules.loading import MOST_FILTERED_DEVICES, RuleBook, apply_registry_fact
 
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 
@@ -120,6 +120,37 @@ def test_a_fact_no_rule_reads_is_told_by_its_device_alone() -> None:
     assert not book.reads("t3", rl.DeviceInfo("thermometer", "home/down/up"))
     assert not book.reads("t4", None)
     assert book.condition_devices == {"alarm"}
+
+
+def test_the_rules_read_the_facts_of_the_devices_they_name_or_all_for_a_selector() -> None:
+    named = rule("named", m.ThresholdTrigger(device_id="meter", attribute="power_w", above=1))
+    guarded = m.Rule(
+        id="guarded",
+        name="guarded",
+        trigger=m.ScheduleTrigger(cron="0 7 * * *"),
+        conditions=[m.StateCondition(device_id="alarm", state="active")],
+        actions=[m.CommandAction(device_id="lamp", action="turn_on")],
+        enabled=True,
+        version=1,
+    )
+    lights = rule(
+        "lights",
+        m.ThresholdTrigger(selector=m.Selector(kind="light"), attribute="power_w", above=1),
+    )
+    assert RuleBook({}).fact_subjects == []
+    assert RuleBook({"named": named}).fact_subjects == ["system.device.meter.state"]
+    assert RuleBook({"named": named, "guarded": guarded}).fact_subjects == [
+        "system.device.alarm.state",
+        "system.device.meter.state",
+    ]
+    assert RuleBook({"named": named, "lights": lights}).fact_subjects == ["system.device.*.state"]
+    many = {
+        f"r{n}": rule(f"r{n}", m.ThresholdTrigger(device_id=f"m{n}", attribute="w", above=1))
+        for n in range(MOST_FILTERED_DEVICES + 1)
+    }
+    assert RuleBook(many).fact_subjects == ["system.device.*.state"]
+    many.popitem()
+    assert len(RuleBook(many).fact_subjects) == MOST_FILTERED_DEVICES
 
 
 names = st.sampled_from(["a", "b", "c"])
