@@ -11,7 +11,9 @@ this, then publishes the facts, writes the state and acks; this module says what
   the crash may have come before it reached the bus (its id makes a second copy harmless);
 - any other event is applied in stream order (`libs.device_state.apply`): a state fact for
   each change, with the message id `state:<device>:<version>`, so that a decision taken
-  again on the same state publishes nothing new;
+  again on the same state publishes nothing new; and beside it, when its state,
+  connection or mark changed (`AUDITED_CHANGES`), the same fact as a transition (message id
+  `transition:<device>:<version>`), the one the recorder audits;
 - an event whose data can never be applied is dead-lettered with the reason.
 """
 
@@ -28,6 +30,14 @@ from libs import subjects
 from libs.device_state import Unapplicable, apply
 
 Fact = tuple[str, bytes, str]  # subject, body, message id (as `bus.publish_many` takes them)
+
+# A state fact is a transition (audited: `services.recorder.rows`) when one of these changed;
+# most change attributes only (telemetry), which is history, not audit.
+AUDITED_CHANGES = frozenset({"state", "connection", "mark"})
+
+
+def is_transition(changed: Sequence[str]) -> bool:
+    return not AUDITED_CHANGES.isdisjoint(changed)
 
 
 class Standing(StrEnum):
@@ -136,7 +146,10 @@ def decide(
         if result.command_status:
             out.statuses.append((device_id, result.command_status))
         if result.changed:
-            out.facts.append(state_fact(after, current.state, result.changed, event, now))
+            fact = state_fact(after, current.state, result.changed, event, now)
+            out.facts.append(fact)
+            if is_transition(result.changed):
+                out.facts.append(transition_fact(fact, after))
         out.outcomes[Outcome.APPLIED] += 1
         out.applied[event.type] += 1
     return new, out
@@ -169,6 +182,17 @@ def state_fact(
         subjects.device_state(new.device_id),
         m.encode(fact),
         f"state:{new.device_id}:{new.version}",
+    )
+
+
+def transition_fact(state: Fact, new: m.DeviceSnapshot) -> Fact:
+    """The state fact `state` (of `new`) on the transition subject: its bytes, and an id of
+    its own that a decision taken again on the same state gives again."""
+    _, body, _ = state
+    return (
+        subjects.device_transition(new.device_id),
+        body,
+        f"transition:{new.device_id}:{new.version}",
     )
 
 

@@ -206,10 +206,27 @@ def _actors_consumer(durable: str, filter_subject: str) -> ConsumerConfig:
     )
 
 
-RECORDER_SOURCES = {
-    subjects.EVENTS_STREAM: subjects.EVENTS_ALL,
-    subjects.COMMANDS_STREAM: subjects.COMMANDS_ALL,
-    subjects.SYSTEM_STREAM: subjects.SYSTEM_ALL,
+# What the recorder records of SYSTEM (`services.recorder.rows.from_system`): every platform
+# fact but the state facts, one per applied event, of which it audits only those that
+# changed state, connection or mark: those it reads as their transitions. A kind missing
+# here is never delivered to it (tests/unit/test_recorder_filters.py checks the two agree).
+RECORDER_SYSTEM_KINDS = frozenset(
+    {
+        subjects.SubjectKind.DEVICE_TRANSITION,
+        subjects.SubjectKind.DEVICE_REGISTRY,
+        subjects.SubjectKind.DEVICE_REJECTED,
+        subjects.SubjectKind.RULE_FIRED,
+        subjects.SubjectKind.ALERT,
+        subjects.SubjectKind.NOTIFICATION,
+        *subjects.CHANGE_KINDS,
+    }
+)
+RECORDER_SYSTEM_FILTERS = tuple(sorted(subjects.kind_filter(k) for k in RECORDER_SYSTEM_KINDS))
+# Each stream's filters of what the recorder reads.
+RECORDER_SOURCES: dict[str, tuple[str, ...]] = {
+    subjects.EVENTS_STREAM: (subjects.EVENTS_ALL,),
+    subjects.COMMANDS_STREAM: (subjects.COMMANDS_ALL,),
+    subjects.SYSTEM_STREAM: RECORDER_SYSTEM_FILTERS,
 }
 RECORDER_BATCH = 500
 
@@ -234,21 +251,26 @@ BUSAUTH_FILTERS = [
 ]
 
 
+def recorder_consumer(stream: str) -> ConsumerConfig:
+    """The recorder's consumer of `stream`. An installed one of other filters (SYSTEM's
+    `system.>` before the transitions) is updated to these by `ensure_streams`, in place:
+    it keeps its position (what it acked stays acked, what it has not read yet it reads,
+    on its new filters)."""
+    filters = RECORDER_SOURCES[stream]
+    one = len(filters) == 1
+    return ConsumerConfig(
+        durable_name=recorder_durable(stream),
+        filter_subject=filters[0] if one else None,
+        filter_subjects=None if one else list(filters),
+        ack_policy=AckPolicy.ALL,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=30.0,
+        max_ack_pending=RECORDER_BATCH * 2,
+    )
+
+
 CONSUMERS: tuple[tuple[str, ConsumerConfig], ...] = (
-    *(
-        (
-            stream,
-            ConsumerConfig(
-                durable_name=recorder_durable(stream),
-                filter_subject=filter_subject,
-                ack_policy=AckPolicy.ALL,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=30.0,
-                max_ack_pending=RECORDER_BATCH * 2,
-            ),
-        )
-        for stream, filter_subject in RECORDER_SOURCES.items()
-    ),
+    *((stream, recorder_consumer(stream)) for stream in RECORDER_SOURCES),
     (
         subjects.SYSTEM_STREAM,
         ConsumerConfig(
@@ -287,6 +309,9 @@ def rules_events_durable(partition: int) -> str:
 
 
 def rules_facts_consumer(partition: int) -> ConsumerConfig:
+    """A rules partition's facts consumer reading every state fact (a benchmark's, or an
+    old install's): the partition re-filters it to what its rules read when it starts
+    (`services.rules.readers`)."""
     return ConsumerConfig(
         durable_name=rules_facts_durable(partition),
         filter_subject=subjects.DEVICE_STATES_ALL,
@@ -323,6 +348,8 @@ async def ensure_streams(
         await _provision_stream(js, config, max_store)
     for partition in range(partitions):
         await js.add_consumer(subjects.EVENTS_STREAM, actors_consumer(partition))
+    # Each made, or updated in place where its config changed (keeping its position): a
+    # `recorder-system` installed on `system.>` takes its filters (`RECORDER_SYSTEM_FILTERS`).
     for stream, consumer in CONSUMERS:
         await js.add_consumer(stream, consumer)
     # Where each process writes its status (`GET /system/services`).

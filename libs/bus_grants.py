@@ -146,10 +146,12 @@ def service_grants() -> dict[str, Grant]:
                 subjects.device_events("*", "hello"),
             ),
         ),
-        # Device state: reads EVENTS, publishes state and refusal facts, presence timeouts.
+        # Device state: reads EVENTS, publishes state facts (and transitions, the ones the
+        # recorder audits), refusal facts, presence timeouts.
         "actors": Grant(
             publish=(
                 subjects.device_state("*"),
+                subjects.device_transition("*"),
                 subjects.device_rejected("*"),
                 subjects.device_events("*", "presence_timeout"),
                 subjects.DEADLETTER_ALL,

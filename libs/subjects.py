@@ -105,6 +105,12 @@ def device_state(device_id: str) -> str:
     return f"system.device.{device_id}.state"
 
 
+def device_transition(device_id: str) -> str:
+    """A state fact whose `changed` holds state, connection or mark (`DeviceStateFact`, the
+    same bytes as the state fact beside it): the ones the recorder audits."""
+    return f"system.device.{device_id}.transition"
+
+
 def device_registry(device_id: str) -> str:
     return f"system.device.{device_id}.registry"
 
@@ -115,6 +121,7 @@ def device_rejected(device_id: str) -> str:
 
 
 DEVICE_STATES_ALL = "system.device.*.state"
+DEVICE_TRANSITIONS_ALL = "system.device.*.transition"
 DEVICE_REGISTRY_ALL = "system.device.*.registry"
 
 
@@ -337,6 +344,7 @@ class SubjectKind(StrEnum):
     DEVICE_EVENT = "device_event"
     COMMAND = "command"
     DEVICE_STATE = "device_state"
+    DEVICE_TRANSITION = "device_transition"
     DEVICE_REGISTRY = "device_registry"
     DEVICE_REJECTED = "device_rejected"
     RULE_FIRED = "rule_fired"
@@ -388,6 +396,7 @@ CHANGE_KINDS = frozenset(
 # `system.<noun>.<id>.<verb>` facts, by (noun, verb).
 _SYSTEM_FACTS: dict[tuple[str, str], SubjectKind] = {
     ("device", "state"): SubjectKind.DEVICE_STATE,
+    ("device", "transition"): SubjectKind.DEVICE_TRANSITION,
     ("device", "registry"): SubjectKind.DEVICE_REGISTRY,
     ("device", "rejected"): SubjectKind.DEVICE_REJECTED,
     ("rule", "fired"): SubjectKind.RULE_FIRED,
@@ -406,6 +415,21 @@ _SYSTEM_SHORT: dict[str, SubjectKind] = {
     "alert": SubjectKind.ALERT,
     "location": SubjectKind.LOCATION_CHANGED,
 }
+
+
+SYSTEM_KINDS = frozenset((*_SYSTEM_FACTS.values(), *_SYSTEM_SHORT.values()))
+
+
+def kind_filter(kind: SubjectKind) -> str:
+    """The filter of every subject of a system fact's kind (`system.device.*.registry`,
+    `system.alert.*`): exactly the subjects `classify` gives that kind."""
+    for (noun, verb), known in _SYSTEM_FACTS.items():
+        if known is kind:
+            return f"system.{noun}.*.{verb}"
+    for noun, known in _SYSTEM_SHORT.items():
+        if known is kind:
+            return f"system.{noun}.*"
+    raise ValueError(f"{kind} is not a system fact's kind")
 
 
 def classify(subject: str) -> Classified:

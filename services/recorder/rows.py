@@ -10,6 +10,7 @@ import msgspec
 
 from libs import commands, subjects
 from libs import messages as m
+from libs.actor_batch import is_transition
 from libs.principals import home_of
 from libs.subjects import SubjectKind
 
@@ -21,17 +22,6 @@ AUDIT_TEXT = 200  # the audit table's actor and result columns
 AUDIT_ACTION = 128
 AUDIT_HOME = 128
 AUDIT_ID = 128
-# A device's state fact is audited when one of these changed; most change attributes only.
-AUDITED_CHANGES = frozenset({"state", "connection", "mark"})
-
-
-class _Changed(msgspec.Struct):
-    """What a state fact changed, read alone (the other fields skipped, not built)."""
-
-    changed: list[str]
-
-
-_changed_decoder = msgspec.json.Decoder(_Changed)
 
 
 class Rows(msgspec.Struct):
@@ -166,7 +156,10 @@ def from_command(rows: Rows, data: bytes, src: tuple[str, int]) -> None:
 
 
 def from_system(rows: Rows, subject: str, data: bytes, src: tuple[str, int]) -> None:
-    """Platform facts: state changes, registry changes, rejections, rule firings."""
+    """Platform facts: transitions (state changes), registry changes, rejections, rule
+    firings, alerts, notifications, users' changes. Nothing of a state fact (its consumer
+    does not receive them: `libs.bus.RECORDER_SYSTEM_KINDS`): the one audited is its
+    transition."""
     kind = _kind(subject)
     if kind in DEVICE_FACTS:
         _from_device_fact(rows, kind, data, src)
@@ -236,7 +229,7 @@ def from_system(rows: Rows, subject: str, data: bytes, src: tuple[str, int]) -> 
 
 
 DEVICE_FACTS = frozenset(
-    {SubjectKind.DEVICE_STATE, SubjectKind.DEVICE_REGISTRY, SubjectKind.DEVICE_REJECTED}
+    {SubjectKind.DEVICE_TRANSITION, SubjectKind.DEVICE_REGISTRY, SubjectKind.DEVICE_REJECTED}
 )
 
 
@@ -245,12 +238,12 @@ def _text(value: Any) -> str | None:
 
 
 def _from_device_fact(rows: Rows, fact: SubjectKind, data: bytes, src: tuple[str, int]) -> None:
-    if fact is SubjectKind.DEVICE_STATE:
-        # Attribute-only changes are history (telemetry), not audit: such a fact (most of
-        # them, one per event) is read no further than its `changed`.
-        if AUDITED_CHANGES.isdisjoint(_changed_decoder.decode(data).changed):
-            return
+    if fact is SubjectKind.DEVICE_TRANSITION:
+        # The actors publish one beside each state fact that changed state, connection or
+        # mark; attribute-only changes are history (telemetry), not audit.
         s = m.state_fact_decoder.decode(data)
+        if not is_transition(s.changed):
+            return
         actor = (
             "platform:actors"
             if s.cause_type in ("mark", "presence_timeout", m.MOVED)

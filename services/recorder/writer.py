@@ -132,7 +132,7 @@ class StreamRecorder:
         """Insert the batch (a redelivered message inserts nothing twice), its audit rows
         appended to the chain in stream order; raise what the database refuses (`refused`),
         `Retry` while it is down."""
-        if rows.empty:  # state facts of attributes only, say: no transaction for nothing
+        if rows.empty:  # a stale transition, say: no transaction for nothing
             return
         try:
             async with self._sessions.begin() as session:

@@ -49,8 +49,10 @@ def test_an_applied_change_is_a_new_version_with_its_fact() -> None:
     assert (after.version, after.last_seq, after.attributes) == (1, 7, {"power_w": 5.0})
     assert after.connection == "online" and after.last_seen == T0 + timedelta(milliseconds=7)
     assert effects.written == {"d1": after}
-    [(subject, body, msg_id)] = effects.facts
+    # Its first reading also brought it online: the same fact as a transition (audited).
+    [(subject, body, msg_id), transition] = effects.facts
     assert (subject, msg_id) == (subjects.device_state("d1"), "state:d1:1")
+    assert transition == (subjects.device_transition("d1"), body, "transition:d1:1")
     fact = msgspec.json.decode(body, type=m.DeviceStateFact)
     assert (fact.version, fact.cause_event_id, fact.time) == (1, "e-d1-7", NOW)
     assert effects.outcomes == {ab.Outcome.APPLIED: 1}
@@ -74,7 +76,7 @@ def test_events_of_one_device_are_applied_in_stream_order() -> None:
     batch = [incoming("d1", 5, {"n": 5}), incoming("d1", 4, {"n": 4})]
     state, effects = ab.decide({}, batch, NOW)
     assert state["d1"].attributes == {"n": 5} and state["d1"].last_seq == 5
-    assert fact_ids(effects) == ["state:d1:1", "state:d1:2"]
+    assert fact_ids(effects) == ["state:d1:1", "transition:d1:1", "state:d1:2"]
 
 
 def test_an_event_applied_before_a_crash_is_not_applied_again_but_its_fact_is_resent() -> None:

@@ -149,7 +149,7 @@ def test_an_audit_row_says_what_was_acted_on_why_and_which_event_caused_it() -> 
     )
     rows = Rows()
 
-    from_system(rows, subjects.device_state("lamp"), m.encode(state), ("SYSTEM", 1))
+    from_system(rows, subjects.device_transition("lamp"), m.encode(state), ("SYSTEM", 1))
     from_system(rows, subjects.rule_fired("r1"), m.encode(fired), ("SYSTEM", 2))
     from_system(rows, subjects.rule_changed("r1"), m.encode(change), ("SYSTEM", 3))
 
@@ -194,7 +194,7 @@ def test_a_command_names_who_sent_it_and_targets_the_command() -> None:
         (["mark"], True),
     ],
 )
-def test_a_state_fact_is_audited_only_when_its_state_connection_or_mark_changed(
+def test_a_transition_is_audited_when_its_state_connection_or_mark_changed_a_state_fact_never(
     changed: list[str], audited: bool
 ) -> None:
     fact = m.DeviceStateFact(
@@ -213,6 +213,8 @@ def test_a_state_fact_is_audited_only_when_its_state_connection_or_mark_changed(
     )
     rows = Rows()
     from_system(rows, subjects.device_state("lamp"), m.encode(fact), ("SYSTEM", 4))
+    assert rows.empty  # its transition, if any, is the one audited
+    from_system(rows, subjects.device_transition("lamp"), m.encode(fact), ("SYSTEM", 5))
 
     assert len(rows.audit) == (1 if audited else 0)
     assert not (rows.history or rows.rule_runs or rows.commands)

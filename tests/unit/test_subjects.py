@@ -70,6 +70,10 @@ def test_stream_of_filter() -> None:
         (subjects.commands("lamp-1"), (subjects.SubjectKind.COMMAND, "lamp-1", "", "")),
         (subjects.device_state("lamp-1"), (subjects.SubjectKind.DEVICE_STATE, "lamp-1", "", "")),
         (
+            subjects.device_transition("lamp-1"),
+            (subjects.SubjectKind.DEVICE_TRANSITION, "lamp-1", "", ""),
+        ),
+        (
             subjects.device_registry("lamp-1"),
             (subjects.SubjectKind.DEVICE_REGISTRY, "lamp-1", "", ""),
         ),

@@ -301,6 +301,7 @@ function queueDeviceRefresh() {
 let lastEventId = null;
 
 function showFact(id, subject, data) {
+  if (/^system\.device\.[^.]+\.transition$/.test(subject)) return;  // its state fact shows it
   const feed = document.getElementById("feed");
   if (feed.firstElementChild?.classList.contains("empty")) feed.replaceChildren();
   let pretty = data;
