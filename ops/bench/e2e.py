@@ -681,7 +681,8 @@ class Bench(Stage):
         r.notes.append(
             f"(h) published in {published:.2f} s ({acked / published:,.0f}/s, {failed} failed), "
             f"applied by the actors {applied:.2f} s after the first publish; every consumer "
-            f"(recorder: history of the events and of their facts; rules) drained after "
+            f"(recorder: history of the events, audit of the transitions; rules: the facts "
+            f"and events their rules read) drained after "
             f"{everything + applied:.2f} s; {cpu.summary()}; load average "
             f"{os.getloadavg()[0]:.2f}"
         )

@@ -342,7 +342,7 @@ class Bench(Stage):
             while got < len(facts) and time.monotonic() < deadline:
                 msgs = await puller.fetch(FETCH_BATCH, timeout=1.0)
                 if msgs:
-                    await msgs[-1].ack()  # AckPolicy.ALL: the batch
+                    await msgs[-1][0].ack()  # AckPolicy.ALL: the batch
                 got += len(msgs)
             await self.nc.flush()  # every ack has reached the server
             elapsed = time.perf_counter() - started
