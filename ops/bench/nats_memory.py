@@ -12,8 +12,11 @@ as the gateway does. The load is what the server sees per event at steady state:
 (`events.<device>.<type>` with a Nats-Msg-Id, in batches like the gateway's) at `--rate`
 over `--devices` devices; 16 actors pull their partitions in batches of 256, publish one
 state fact per event on SYSTEM (`state:<device>:<version>` as msg id) and ack the batch by
-its last message (AckPolicy.ALL); the recorder pulls EVENTS and SYSTEM in batches of 500,
-a rules partition the facts in batches of 1000, each acked likewise.
+its last message (AckPolicy.ALL); the recorder pulls EVENTS in batches of 500 (and SYSTEM on
+its filters: transitions and the other platform facts, none in this load), acked likewise.
+With `--rules-facts` a rules partition also reads every state fact in batches of 1000, as one
+holding a selector rule does (since stop 20 a partition whose rules read no facts has no
+facts consumer).
 
 Every `--sample-every` seconds: the server's RSS (psutil), its `/varz` mem, the Go heap
 (runtime.MemStats from `/debug/pprof/heap`: in use, idle, released to the OS, next GC),
@@ -102,6 +105,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--facts-dup-window", type=float, default=None, metavar="SECONDS")
     p.add_argument("--events-dup-window", type=float, default=None, metavar="SECONDS")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument(
+        "--rules-facts", action="store_true", help="a rules partition reading every state fact"
+    )
     return p.parse_args()
 
 
@@ -130,9 +136,11 @@ def start_server(tmp: Path, args: argparse.Namespace) -> tuple[Child, int, int, 
 
 
 async def provision(js: JetStreamContext, args: argparse.Namespace) -> None:
-    """As the gateway does, then the one rules partition's facts consumer, then the levers."""
+    """As the gateway does, then the one rules partition's facts consumer if asked, then
+    the levers."""
     await bus.ensure_streams(js)
-    await js.add_consumer(subjects.SYSTEM_STREAM, bus.rules_facts_consumer(0))
+    if args.rules_facts:
+        await js.add_consumer(subjects.SYSTEM_STREAM, bus.rules_facts_consumer(0))
     windows = {
         subjects.SYSTEM_STREAM: args.facts_dup_window,
         subjects.EVENTS_STREAM: args.events_dup_window,
@@ -350,11 +358,12 @@ async def drive(
                     pull_loop(js, stream, bus.recorder_durable(stream), bus.RECORDER_BATCH, stop)
                 )
             )
-        workers.append(
-            tasks.create_task(
-                pull_loop(js, subjects.SYSTEM_STREAM, bus.rules_facts_durable(0), 1000, stop)
+        if args.rules_facts:
+            workers.append(
+                tasks.create_task(
+                    pull_loop(js, subjects.SYSTEM_STREAM, bus.rules_facts_durable(0), 1000, stop)
+                )
             )
-        )
         workers.append(tasks.create_task(publish_events(js, load, args.rate, stop)))
         print_header()
         start = time.monotonic()
