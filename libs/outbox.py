@@ -56,11 +56,13 @@ def add(
     message: msgspec.Struct | bytes,
     *,
     headers: Mapping[str, str] | None = None,
+    msg_id: str | None = None,
 ) -> str:
     """Write `message` for `subject` into the outbox in `session`'s transaction: it is
-    published after that commits, never if it rolls back. Returns its id (its msg id)."""
+    published after that commits, never if it rolls back. Returns its id, its msg id:
+    `msg_id` when given (a device event's own id, as devices publish theirs), else new."""
     row = OutboxMessage(
-        id=m.new_id(),
+        id=msg_id or m.new_id(),
         subject=subject,
         payload=message if isinstance(message, bytes) else msgspec.json.encode(message),
         headers=dict(headers) if headers else None,

@@ -19,8 +19,8 @@ from litestar.testing import AsyncTestClient
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from libs import bus, subjects
 from libs import messages as m
-from libs import subjects
 from tests.helpers import eventually
 from tests.integration import test_actors, test_moved_device_privacy
 from tests.integration.test_moved_device_privacy import Homes, move, register, report
@@ -68,7 +68,7 @@ async def facts(nc: NATS, lamp_in_a: str) -> AsyncIterator[StateFacts]:
 
 
 async def test_a_moved_device_starts_afresh_in_its_new_home(
-    client: AsyncTestClient, homes: Homes, lamp_in_a: str, facts: StateFacts
+    client: AsyncTestClient, homes: Homes, lamp_in_a: str, facts: StateFacts, nc: NATS
 ) -> None:
     lamp = lamp_in_a
     before_move = len(facts.seen)
@@ -77,6 +77,11 @@ async def test_a_moved_device_starts_afresh_in_its_new_home(
 
     moved = await eventually(lambda: facts.first_after(before_move), timeout=APPLIED_S)
     assert (moved.cause_type, moved.attributes, moved.stale) == (m.MOVED, {}, [])
+    # Its event was published with its own id as the bus's message id, as a device's are.
+    stored = subjects.stored_filter(subjects.device_events(lamp, m.MOVED))
+    event = await nc.jetstream().get_last_msg(subjects.EVENTS_STREAM, stored)
+    assert event.headers is not None
+    assert event.headers[bus.MSG_ID] == moved.cause_event_id
     after_move = facts.seen.index(moved) + 1
     device = await applied(client, lamp, {})
     assert device["reports"] == {}

@@ -470,7 +470,7 @@ def _announce_move(session: AsyncSession, row: DeviceRow, correlation_id: str) -
     data = msgspec.to_builtins(m.MovedData(home=home_of(row.location)))
     event = m.make_event(row.id, m.MOVED, data, source=MOVE_SOURCE, correlation_id=correlation_id)
     event = msgspec.structs.replace(event, time=row.home_since)
-    outbox.add(session, event.nats_subject, event)
+    outbox.add(session, event.nats_subject, event, msg_id=event.id)
 
 
 def _new_row(
