@@ -133,12 +133,7 @@ class Reader(Generic[T]):
                 await self._js.add_consumer(self._stream, self._config(list(wanted)))
             except BadRequestError:  # overlapping patterns the server refuses: read them all
                 await self._js.add_consumer(self._stream, self._config([self._everything]))
-        log.info(
-            "%s: reading %s on %s",
-            self._durable,
-            self._what,
-            ", ".join(wanted) or "nothing (no rule needs them)",
-        )
+        log.info("%s: reading %s on %s", self._durable, self._what, _listed(wanted))
 
     def _config(self, filters: list[str]) -> ConsumerConfig:
         return ConsumerConfig(
@@ -149,6 +144,14 @@ class Reader(Generic[T]):
             ack_wait=30.0,
             max_ack_pending=1000,
         )
+
+
+def _listed(wanted: tuple[str, ...], most: int = 10) -> str:
+    """The subjects for the log: a few, and how many in all (a rule may name hundreds)."""
+    if not wanted:
+        return "nothing (no rule needs them)"
+    shown = ", ".join(wanted[:most])
+    return shown if len(wanted) <= most else f"{shown}, … ({len(wanted)} in all)"
 
 
 async def _first(*events: asyncio.Event, task: asyncio.Task[None] | None = None) -> None:

@@ -207,7 +207,7 @@ async def test_a_rule_that_fires_sends_its_message_by_email(
         rules = Service("services.rules", service_env, data_dir).start()
         try:
             async with webhooks_service(service_env, data_dir):
-                await eventually(lambda: _reads_events_of(rules, button), timeout=10)
+                await eventually(lambda: _reads_events_of(js, button), timeout=10)
                 await press(js, button)
                 await eventually(lambda: inbox.messages, timeout=20)
         finally:

@@ -9,6 +9,7 @@ from datetime import timedelta
 import msgspec
 import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from libs import bus, subjects
 from libs import messages as m
@@ -98,7 +99,7 @@ async def test_for_timer_survives_kill9_and_fires_once_at_its_deadline(
     rule_id = await add_rule(sessions, nc, rule_spec(meter, light, for_s=4.0))
     rules = Service("services.rules", service_env, data_dir).start()
     try:
-        await eventually(lambda: _reads_facts_of(rules, meter), timeout=10)
+        await eventually(lambda: _reads_facts_of(js, meter), timeout=10)
         started = m.now()
         await report(js, meter, 60.0, 1)
         await eventually(lambda: _has_episode(js, rule_id, meter), timeout=10)
@@ -125,7 +126,7 @@ async def test_episode_ends_and_clears_the_mark(service_env, data_dir, nc, js, s
     rule_id = await add_rule(sessions, nc, rule_spec(meter, light, for_s=0))
     rules = Service("services.rules", service_env, data_dir).start()
     try:
-        await eventually(lambda: _reads_facts_of(rules, meter), timeout=10)
+        await eventually(lambda: _reads_facts_of(js, meter), timeout=10)
         for version, power in enumerate([60.0, 61.0, 62.0], start=1):
             await report(js, meter, power, version)
         await report(js, meter, 0.0, 4)
@@ -158,7 +159,7 @@ async def test_a_target_that_may_not_be_commanded_is_reported_and_not_commanded(
     rule_id = await add_rule(sessions, nc, rule_spec(meter, light, for_s=0))
     rules = Service("services.rules", service_env, data_dir).start()
     try:
-        await eventually(lambda: _reads_facts_of(rules, meter), timeout=10)
+        await eventually(lambda: _reads_facts_of(js, meter), timeout=10)
         await report(js, meter, 60.0, 1)
         fired = await eventually(
             lambda: collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder), timeout=15
@@ -180,7 +181,7 @@ async def test_standby_rules_process_takes_over_pending_timer(
     owner = Service("services.rules", service_env, data_dir).start()
     standby = Service("services.rules", service_env, data_dir)
     try:
-        await eventually(lambda: _reads_facts_of(owner, meter), timeout=10)
+        await eventually(lambda: _reads_facts_of(js, meter), timeout=10)
         standby.start()
         await eventually(lambda: "standing by" in standby.tail(), timeout=10)
         await report(js, meter, 60.0, 1)
@@ -228,7 +229,7 @@ async def test_delay_between_actions_survives_kill9(
     rule_id = await add_rule(sessions, nc, spec)
     rules = Service("services.rules", service_env, data_dir).start()
     try:
-        await eventually(lambda: _reads_events_of(rules, button), timeout=10)
+        await eventually(lambda: _reads_events_of(js, button), timeout=10)
         await press(js, button, "short")  # does not match
         await press(js, button)
         first = await eventually(
@@ -266,7 +267,7 @@ async def test_conditions_that_fail_skip_the_actions_and_say_why(
     rule_id = await add_rule(sessions, nc, spec)
     rules = Service("services.rules", service_env, data_dir).start()
     try:
-        await eventually(lambda: _reads_events_of(rules, button), timeout=10)
+        await eventually(lambda: _reads_events_of(js, button), timeout=10)
         await press(js, button)
         runs = await eventually(
             lambda: collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder), timeout=15
@@ -297,7 +298,7 @@ async def test_a_condition_added_later_reads_the_state_its_device_reported_befor
             actions=[m.CommandAction(device_id=light, action="turn_on")],
         )
         rule_id = await add_rule(sessions, nc, spec)
-        await eventually(lambda: _reads_events_of(rules, button), timeout=10)
+        await eventually(lambda: _reads_events_of(js, button), timeout=10)
         await press(js, button)
         runs = await eventually(
             lambda: collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder), timeout=15
@@ -313,23 +314,26 @@ async def _n(found, n: int):  # type: ignore[no-untyped-def]
     return items
 
 
-def _reads_facts_of(rules: Service, device_id: str) -> bool:
-    """The rules service has its facts consumer on this device's state facts, or on all of
-    them (made with the rules, deliver-new: facts before it are not the rules' business)."""
-    wanted = (subjects.device_state(device_id), subjects.DEVICE_STATES_ALL)
-    return any(
-        "reading facts on" in line and any(w in line for w in wanted)
-        for line in rules.tail(20000).splitlines()
-    )
+async def _reads_facts_of(js, device_id: str) -> bool:  # type: ignore[no-untyped-def]
+    """The rules' facts consumer takes this device's state facts, or all of them (made for
+    the rules, deliver-new: facts before it are not the rules' business)."""
+    filters = await _filters(js, subjects.SYSTEM_STREAM, bus.rules_facts_durable(0))
+    return bool({subjects.device_state(device_id), subjects.DEVICE_STATES_ALL} & set(filters))
 
 
-def _reads_events_of(rules: Service, device_id: str) -> bool:
-    """The rules service has its events consumer on this device's subjects (made with the
-    rule, deliver-new: events before it are not the rule's business)."""
-    return any(
-        "reading events on" in line and f"events.{device_id}." in line
-        for line in rules.tail(20000).splitlines()
-    )
+async def _reads_events_of(js, device_id: str) -> bool:  # type: ignore[no-untyped-def]
+    """The rules' events consumer takes this device's events (made for the rule,
+    deliver-new: events before it are not the rule's business)."""
+    filters = await _filters(js, subjects.EVENTS_STREAM, bus.rules_events_durable(0))
+    return any(f.startswith(f"events.{device_id}.") or f == subjects.EVENTS_ALL for f in filters)
+
+
+async def _filters(js, stream: str, durable: str) -> list[str]:  # type: ignore[no-untyped-def]
+    try:
+        config = (await js.consumer_info(stream, durable)).config
+    except NotFoundError:
+        return []
+    return config.filter_subjects or [config.filter_subject or ">"]
 
 
 def held_partitions(service: Service) -> set[int]:
@@ -417,7 +421,7 @@ async def test_a_trigger_during_a_run_follows_the_rules_mode(
     rule_id = await add_rule(sessions, nc, spec)
     rules = Service("services.rules", service_env, data_dir).start()
     try:
-        await eventually(lambda: _reads_events_of(rules, button), timeout=10)
+        await eventually(lambda: _reads_events_of(js, button), timeout=10)
         await press(js, button)
         await press(js, button)
         # The last trace is the last run's turn_off: every command before it has been sent.
@@ -482,7 +486,7 @@ async def test_facts_lost_with_a_connection_are_evaluated_once_in_order(
         return (await js.stream_info(subjects.SYSTEM_STREAM)).state.last_seq
 
     try:
-        await eventually(lambda: _reads_facts_of(rules, meter), timeout=10)
+        await eventually(lambda: _reads_facts_of(js, meter), timeout=10)
         await crossings(3)
         await eventually(lambda: _n(_runs(js, rule_id), 6), timeout=15)
         relay.drop()
