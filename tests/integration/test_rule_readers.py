@@ -12,9 +12,22 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from libs import subjects
-from libs.consumer import Item, Verdict
+from libs.consumer import Handler, Item, Verdict
 from services.rules.readers import Reader
 from tests.helpers import eventually, unique_id
+
+
+def facts_reader(nc: NATS, durable: str, handle: Handler[str]) -> Reader[str]:
+    """A reader of state facts as a rules partition's, handing each fact's subject on."""
+    return Reader(
+        nc,
+        subjects.SYSTEM_STREAM,
+        durable,
+        "facts",
+        lambda d: d.subject,
+        handle,
+        everything=subjects.DEVICE_STATES_ALL,
+    )
 
 
 async def test_a_reader_asks_the_bus_for_what_its_rules_read_and_nothing_else(
@@ -31,15 +44,7 @@ async def test_a_reader_asks_the_bus_for_what_its_rules_read_and_nothing_else(
     async def publish(device_id: str) -> None:
         await js.publish(subjects.device_state(device_id), b"{}")
 
-    reader = Reader(
-        nc,
-        subjects.SYSTEM_STREAM,
-        durable,
-        "facts",
-        lambda d: d.subject,
-        handle,
-        everything=subjects.DEVICE_STATES_ALL,
-    )
+    reader = facts_reader(nc, durable, handle)
     quit = asyncio.Event()
     running = asyncio.create_task(reader.run(quit))
     try:
@@ -85,15 +90,7 @@ async def test_a_reader_told_before_it_runs_waits_for_it_and_one_told_to_quit_re
     async def handle(items: list[Item[str]]) -> Mapping[int, Verdict]:
         return {}
 
-    reader = Reader(
-        nc,
-        subjects.SYSTEM_STREAM,
-        durable,
-        "facts",
-        lambda d: d.subject,
-        handle,
-        everything=subjects.DEVICE_STATES_ALL,
-    )
+    reader = facts_reader(nc, durable, handle)
     quit = asyncio.Event()
     wanting = asyncio.create_task(reader.want([subjects.device_state("x")], quit))
     await asyncio.sleep(0)
