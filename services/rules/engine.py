@@ -216,9 +216,7 @@ class RulesEngine:
         come in order, and replace a view whatever its version)."""
         for device_id, view in views.items():
             known = self._views.get(device_id)
-            if device_id in self._rules.condition_devices and (
-                known is None or known.version <= view.version
-            ):
+            if known is None or known.version <= view.version:
                 self._views[device_id] = view
 
     async def _on_rule_change(self, msg: Msg) -> None:

@@ -85,15 +85,16 @@ class Reader(Generic[T]):
         return self._wanted == () or (self._consumer is not None and self._consumer.bound.is_set())
 
     async def run(self, quit: asyncio.Event) -> None:
+        config: ConsumerConfig | None = None  # the consumer as provisioned; None: none
         try:
             while not quit.is_set():
                 self._changed.clear()
                 wanted = self._wanted
                 if wanted is not None and wanted != self._applied:
-                    await self._provision(wanted)
+                    config = await self._provision(wanted)
                     self._settle(wanted)
-                if wanted:
-                    await self._read(wanted, quit)
+                if config is not None:
+                    await self._read(config, quit)
                 else:
                     await _first(quit, self._changed)
         finally:  # the next run waits to be told, and provisions anew what it finds
@@ -105,12 +106,12 @@ class Reader(Generic[T]):
         self._moved.set()  # wakes who waits now; who waits next waits for the next
         self._moved = asyncio.Event()
 
-    async def _read(self, wanted: tuple[str, ...], quit: asyncio.Event) -> None:
+    async def _read(self, config: ConsumerConfig, quit: asyncio.Event) -> None:
         stop = asyncio.Event()
         self._consumer = Consumer(
             self._nc,
             self._stream,
-            self._config(list(wanted)),
+            config,
             self._decode,
             self._handle,
             batch=FETCH_BATCH,
@@ -123,17 +124,21 @@ class Reader(Generic[T]):
             stop.set()
             await reading  # the batch in hand is acked first
 
-    async def _provision(self, wanted: tuple[str, ...]) -> None:
-        """Create, re-filter or delete the durable consumer to fit `wanted`."""
+    async def _provision(self, wanted: tuple[str, ...]) -> ConsumerConfig | None:
+        """Create, re-filter or delete the durable consumer to fit `wanted`; its config
+        (what the runtime binds with: the one the server took), None when deleted."""
+        log.info("%s: reading %s on %s", self._durable, self._what, _listed(wanted))
         if not wanted:
             with contextlib.suppress(NotFoundError):
                 await self._js.delete_consumer(self._stream, self._durable)
-        else:
-            try:
-                await self._js.add_consumer(self._stream, self._config(list(wanted)))
-            except BadRequestError:  # overlapping patterns the server refuses: read them all
-                await self._js.add_consumer(self._stream, self._config([self._everything]))
-        log.info("%s: reading %s on %s", self._durable, self._what, _listed(wanted))
+            return None
+        config = self._config(list(wanted))
+        try:
+            await self._js.add_consumer(self._stream, config)
+        except BadRequestError:  # overlapping patterns the server refuses: read them all
+            config = self._config([self._everything])
+            await self._js.add_consumer(self._stream, config)
+        return config
 
     def _config(self, filters: list[str]) -> ConsumerConfig:
         return ConsumerConfig(

@@ -104,3 +104,40 @@ async def test_a_reader_told_before_it_runs_waits_for_it_and_one_told_to_quit_re
     # Stopped: a reload still waiting, or one that comes late, is let go.
     await asyncio.wait_for(reader.want([subjects.device_state("y")], quit), 1)
     await js.delete_consumer(subjects.SYSTEM_STREAM, durable)
+
+
+async def test_filters_the_server_refuses_are_read_as_every_event_and_miss_none(
+    nc: NATS, js: JetStreamContext
+) -> None:
+    """`events.<door>.*` is stored as `events.<door>.*.*` (the partition token), which covers
+    `events.<door>.opened.x`: the server refuses the two as filters, so the reader reads every
+    event, and binds with that (not with the filters refused)."""
+    durable, door = unique_id("reader"), unique_id("door")
+    handled: list[str] = []
+
+    async def handle(items: list[Item[str]]) -> Mapping[int, Verdict]:
+        handled.extend(i.value for i in items)
+        return {}
+
+    reader = Reader(
+        nc,
+        subjects.EVENTS_STREAM,
+        durable,
+        "events",
+        lambda d: d.subject,
+        handle,
+        everything=subjects.EVENTS_ALL,
+        stored=subjects.stored_filter,
+    )
+    quit = asyncio.Event()
+    running = asyncio.create_task(reader.run(quit))
+    try:
+        await reader.want([f"events.{door}.*", f"events.{door}.opened.x"], quit)
+        info = await js.consumer_info(subjects.EVENTS_STREAM, durable)
+        assert info.config.filter_subjects == [subjects.EVENTS_ALL]
+        await js.publish(f"events.{door}.opened", b"{}")
+        assert await eventually(lambda: any(s.startswith(f"events.{door}.") for s in handled))
+    finally:
+        quit.set()
+        await running
+        await js.delete_consumer(subjects.EVENTS_STREAM, durable)
