@@ -260,6 +260,41 @@ class CpuShare:
         return "CPU (% of one core): " + ", ".join(shares)
 
 
+class MachineShare:
+    """Over a phase: how busy the whole machine was (% of all its CPUs) and the CPU of the
+    shared servers beside the run (Postgres's and Redis's processes, whoever their client),
+    in % of one core: what the watched processes' shares leave out."""
+
+    SERVERS = ("postgres", "redis-server")
+
+    def __init__(self) -> None:
+        self._before = psutil.cpu_times()
+        self._servers = self._server_seconds()
+        self._started = time.perf_counter()
+
+    def summary(self) -> str:
+        after = psutil.cpu_times()
+        wall = time.perf_counter() - self._started
+        total = sum(after) - sum(self._before)
+        idle = (after.idle + after.iowait) - (self._before.idle + self._before.iowait)
+        busy = 1 - idle / total if total else 0.0
+        servers = self._server_seconds()
+        shares = ", ".join(
+            f"{name} {(servers.get(name, 0.0) - self._servers.get(name, 0.0)) / wall:.0%}"
+            for name in self.SERVERS
+        )
+        return f"machine {busy:.0%} busy ({psutil.cpu_count()} CPUs); servers: {shares}"
+
+    @classmethod
+    def _server_seconds(cls) -> dict[str, float]:
+        used: dict[str, float] = {}
+        for proc in psutil.process_iter(["name", "cpu_times"]):
+            name, times = proc.info["name"], proc.info["cpu_times"]
+            if name in cls.SERVERS and times is not None:
+                used[name] = used.get(name, 0.0) + times.user + times.system
+        return used
+
+
 # --- a run's own processes ----------------------------------------------------------------
 
 
