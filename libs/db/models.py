@@ -110,7 +110,8 @@ class DeviceState(Base):
     # The highest EVENTS stream sequence applied: a redelivery at or below it is skipped.
     last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
-    # When each attribute was last reported (ISO 8601 times, as `reported_times` writes them)
+    # When each attribute was last reported (ISO 8601 times: the actors' datetimes as the
+    # JSON serializer writes them)
     # and the attributes overdue: written with the rest of the state, read by presence.
     reported: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     stale: Mapped[list[str]] = mapped_column(JSON, default=list)
@@ -128,11 +129,6 @@ class DeviceState(Base):
             reported={k: datetime.fromisoformat(v) for k, v in (self.reported or {}).items()},
             stale=list(self.stale or []),
         )
-
-
-def reported_times(reported: dict[str, datetime]) -> dict[str, str]:
-    """`DeviceState.reported` as the JSON column holds it."""
-    return {name: at.isoformat() for name, at in reported.items()}
 
 
 class CommandRecord(Base):

@@ -55,7 +55,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from libs import commands
 from libs import messages as m
 from libs.db.engine import insert_ignoring_duplicates, upsert
-from libs.db.models import ActorPartitionFence, CommandRecord, DeviceState, reported_times
+from libs.db.models import ActorPartitionFence, CommandRecord, DeviceState
 from libs.messages import DeviceSnapshot
 from services.actors.fence import Fence, Fenced
 
@@ -128,7 +128,9 @@ def to_row(s: DeviceSnapshot) -> dict:
         "version": s.version,
         "last_seq": s.last_seq,
         "updated_at": m.now(),
-        "reported": reported_times(s.reported),
+        # Datetimes: the JSON serializer (msgspec) writes them as ISO 8601, 20x faster than
+        # `isoformat` each; read back by `datetime.fromisoformat`.
+        "reported": s.reported,
         "stale": s.stale,
     }
 

@@ -90,12 +90,13 @@ WRITE_SECONDS = Histogram(
 def decode(delivery: Delivery) -> m.CloudEvent:
     """The envelope, checked against its subject; `Undecodable` (dead-lettered) if bad."""
     try:
-        device_id, event_type = subjects.parse_device_event(delivery.subject)
         event = m.cloud_event_decoder.decode(delivery.data)
     except (msgspec.DecodeError, ValueError) as exc:
         APPLIED.labels("dead_letter").inc()
         raise Undecodable(f"invalid event: {exc}") from exc
-    if (event.subject, event.type) != (device_id, event_type):
+    # Its subject and type are tokens (decoded so): a subject that is not theirs, or not
+    # `events.<token>.<token>` at all, differs from the one they make.
+    if delivery.subject != event.nats_subject:
         APPLIED.labels("dead_letter").inc()
         raise Undecodable(
             f"invalid event: envelope says subject={event.subject!r} type={event.type!r} "
