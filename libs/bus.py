@@ -179,12 +179,12 @@ def actors_durable(partition: int) -> str:
     return f"actors-{partition}"
 
 
-def actors_consumer(partition: int) -> ConsumerConfig:
-    """The actors' consumer of one partition. Two batches' worth may be un-acked: the next
-    batch is decided while those before it commit (a drain's full batches too). What a dead
-    worker left is read back by sequence before any newer event, which keeps each device's
-    events in order."""
-    return _actors_consumer(actors_durable(partition), subjects.events_partition(partition))
+def actors_consumer(partition: int, first: bool = True) -> ConsumerConfig:
+    """The actors' consumer of one partition (of a stream storing the partition `first`, or
+    last: `partition_first`). Two batches' worth may be un-acked: the next batch is decided
+    while those before it commit (a drain's full batches too). What a dead worker left is
+    read back by sequence before any newer event, which keeps each device's events in order."""
+    return _actors_consumer(actors_durable(partition), subjects.events_partition(partition, first))
 
 
 def legacy_actors_consumer() -> ConsumerConfig:
@@ -335,6 +335,7 @@ async def ensure_streams(
     (`SMARTHOME_NATS_MAX_STORE`), which the streams' byte budgets share; None: unknown, no
     budgets (the age limits only)."""
     partitions = await _partitions(js, partitions) or DEFAULT_PARTITIONS
+    first = await partition_first(js)
     budgets = _budgets(max_store)
     for base in STREAMS:
         config = dataclasses.replace(base, num_replicas=replicas)
@@ -344,10 +345,10 @@ async def ensure_streams(
             )
         if config.name == subjects.EVENTS_STREAM:
             await _narrow_legacy_actors(js)
-            config = partitioned_events(config, partitions)
+            config = partitioned_events(config, partitions, first)
         await _provision_stream(js, config, max_store)
     for partition in range(partitions):
-        await js.add_consumer(subjects.EVENTS_STREAM, actors_consumer(partition))
+        await js.add_consumer(subjects.EVENTS_STREAM, actors_consumer(partition, first))
     # Each made, or updated in place where its config changed (keeping its position): a
     # `recorder-system` installed on `system.>` takes its filters (`RECORDER_SYSTEM_FILTERS`).
     for stream, consumer in CONSUMERS:
@@ -412,9 +413,10 @@ async def _stream_exists(js: JetStreamContext, name: str) -> bool:
     return True
 
 
-def partitioned_events(config: StreamConfig, partitions: int) -> StreamConfig:
-    """The EVENTS stream taking `events.<device>.<type>` only, stored with its partition."""
-    source, destination = subjects.partitioned(partitions)
+def partitioned_events(config: StreamConfig, partitions: int, first: bool = True) -> StreamConfig:
+    """The EVENTS stream taking `events.<device>.<type>` only, stored with its partition
+    (`first`, or last: `subjects.partitioned`)."""
+    source, destination = subjects.partitioned(partitions, first)
     return dataclasses.replace(
         config,
         subjects=[subjects.EVENTS_PUBLISHED],
@@ -426,6 +428,28 @@ def stream_partitions(info: StreamInfo) -> int | None:
     """How many partitions a stream's events are stored in (None: not partitioned)."""
     transform = info.config.subject_transform
     return subjects.transform_partitions(transform.dest or "") if transform else None
+
+
+async def partition_first(js: JetStreamContext) -> bool:
+    """Whether the EVENTS stream stores the partition first (`libs.subjects`): so on a new
+    install (no stream, or one not partitioned yet: the gateway partitions it so); an
+    install from before stop 21 stores it last and keeps that layout (its consumers' filters
+    and its stored subjects follow it: no migration)."""
+    try:
+        transform = (await js.stream_info(subjects.EVENTS_STREAM)).config.subject_transform
+    except NotFoundError:
+        return True
+    destination = transform.dest if transform else None
+    if not destination or subjects.transform_partitions(destination) is None:
+        return True
+    return subjects.transform_partition_first(destination)
+
+
+async def stored_filter(js: JetStreamContext, filter_subject: str) -> str:
+    """`subjects.stored_filter` in the layout of this bus's EVENTS stream (read from it)."""
+    if not filter_subject.startswith("events."):
+        return filter_subject
+    return subjects.stored_filter(filter_subject, await partition_first(js))
 
 
 async def _partitions(js: JetStreamContext, wanted: int | None) -> int | None:

@@ -20,8 +20,8 @@ import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from libs import bus, subjects
 from libs import messages as m
-from libs import subjects
 
 # A replay consumer this process failed to delete (a crash) is removed by the server then.
 IDLE_S = 30.0
@@ -79,7 +79,7 @@ async def read(
     what it has."""
     config = start(after_seq, since)
     config.name = f"replay-{m.new_id()}"
-    config.filter_subject = subjects.stored_filter(subject)
+    config.filter_subject = await bus.stored_filter(js, subject)
     config.ack_policy = AckPolicy.NONE
     config.inactive_threshold = IDLE_S
     config.mem_storage = True

@@ -13,9 +13,18 @@ DEADLETTER_STREAM = "DEADLETTER"
 
 EVENTS_ALL = "events.>"
 # What the EVENTS stream takes: `events.<device_id>.<type>`, one token each. It stores them
-# as `events.<device_id>.<type>.<partition>` (its subject transform, `partitioned`): the
-# actors' partition consumers filter on the last token.
+# with their partition (its subject transform, `partitioned`) first, after a mark no device
+# id has: `events.~.<partition>.<device_id>.<type>`. A partition's consumer then filters on a
+# prefix (`events.~.<p>.>`), which nats-server finds by walking that branch of a block's
+# subject index; a filter that begins with wildcards (`events.*.*.<p>`) makes it walk the
+# whole index for each event it delivers (ops/bench/partition_filters.py: 4-11x the cost at
+# 1,000-3,000 devices). Installs made before stop 21 store `events.<device_id>.<type>.
+# <partition>` ("partition last") and keep it: each function below takes the layout, which
+# `libs.bus.partition_first` reads off the stream. Neither layout's filters match the other's
+# subjects (`~` is no token; 5 tokens against 4).
 EVENTS_PUBLISHED = "events.*.*"
+PARTITION_MARK = "~"
+_MARKED = f"events.{PARTITION_MARK}."
 COMMANDS_ALL = "commands.>"
 SYSTEM_ALL = "system.>"
 DEADLETTER_ALL = "deadletter.>"
@@ -55,42 +64,67 @@ def device_events(device_id: str, event_type: str = "*") -> str:
     return f"events.{device_id}.{event_type}"
 
 
-def partitioned(partitions: int) -> tuple[str, str]:
+def partitioned(partitions: int, first: bool = True) -> tuple[str, str]:
     """The EVENTS stream's subject transform (source, destination): NATS's `partition()`
-    hashes the device id, so one device's events stay in one partition, in order."""
-    return (
-        EVENTS_PUBLISHED,
-        f"events.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{partition({partitions},1)}}}}",
-    )
+    hashes the device id, so one device's events stay in one partition, in order. `first`:
+    the partition stored first (new installs), else last (installs from before stop 21)."""
+    part = f"{{{{partition({partitions},1)}}}}"
+    if first:
+        return (
+            EVENTS_PUBLISHED,
+            f"events.{PARTITION_MARK}.{part}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}",
+        )
+    return EVENTS_PUBLISHED, f"events.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{part}"
 
 
 def transform_partitions(destination: str) -> int | None:
     """How many partitions a stored transform's destination makes (None: not ours)."""
-    found = re.search(r"\{\{partition\((\d+),1\)\}\}$", destination)
-    return int(found.group(1)) if found else None
+    found = re.search(r"\{\{partition\((\d+),1\)\}\}", destination)
+    if not found:
+        return None
+    count = int(found.group(1))
+    ours = (partitioned(count, first=True)[1], partitioned(count, first=False)[1])
+    return count if destination in ours else None
 
 
-def events_partition(partition: int) -> str:
+def transform_partition_first(destination: str) -> bool:
+    """Whether a stored transform's destination stores the partition first."""
+    return destination.startswith(_MARKED)
+
+
+def events_partition(partition: int, first: bool = True) -> str:
     """The stored subjects of one partition's events."""
+    if first:
+        return f"events.{PARTITION_MARK}.{partition}.>"
     return f"events.*.*.{partition}"
 
 
 def published(subject: str) -> str:
-    """A stored subject as it was published: `events.<device>.<type>.<p>` loses its
-    partition; any other subject is its own."""
+    """A stored subject as it was published: `events.~.<p>.<device>.<type>` and
+    `events.<device>.<type>.<p>` lose their partition; any other subject is its own."""
+    if subject.startswith(_MARKED):
+        tokens = subject.split(".")
+        return f"events.{tokens[3]}.{tokens[4]}" if len(tokens) == 5 else subject
     if subject.startswith("events.") and subject.count(".") == 3:
         return subject.rpartition(".")[0]
     return subject
 
 
-def stored_filter(filter_subject: str) -> str:
-    """A filter on published event subjects as a JetStream filter on stored ones: an exact
-    `events.<a>.<b>` (either may be `*`) gains the partition token; `events.>` and others
-    match as they are."""
+def stored_filter(filter_subject: str, first: bool = True) -> str:
+    """A filter on published event subjects as a JetStream filter on stored ones (the
+    layout: `first`): `events.<a>.<b>` (either may be `*`) and `events.<a>.>` gain the
+    partition token; `events.>`, `events.*.>` and other subjects match as they are."""
     tokens = filter_subject.split(".")
-    if tokens[0] == "events" and len(tokens) == 3 and tokens[-1] != ">":
-        return filter_subject + ".*"
-    return filter_subject
+    if tokens[0] != "events" or len(tokens) != 3:
+        return filter_subject
+    device, rest = tokens[1], tokens[2]
+    if rest == ">":
+        return (
+            f"events.{PARTITION_MARK}.*.{device}.>" if first and device != "*" else filter_subject
+        )
+    if first:
+        return f"events.{PARTITION_MARK}.*.{device}.{rest}"
+    return filter_subject + ".*"
 
 
 def device_events_all(device_id: str) -> str:

@@ -367,9 +367,11 @@ def consumer_config(
     batch_size: int | None = None,
     *,
     durable: str | None = None,
+    partition_first: bool = True,
 ) -> ConsumerConfig:
     """Created with the subscription, so events published after it are kept for it even while
-    the webhooks service is down.
+    the webhooks service is down. `partition_first`: the EVENTS stream's layout
+    (`libs.bus.partition_first`), which its filter on stored subjects follows.
 
     The worker acks a prefix (AckPolicy.ALL) of what it delivered in order: one ack per batch.
     `max_ack_pending` bounds what is in flight per subscription: two fetches' worth, so that
@@ -379,7 +381,7 @@ def consumer_config(
     window = fetch_size(batch_size)
     return ConsumerConfig(
         durable_name=durable or subjects.webhook_consumer(subscription_id),
-        filter_subject=subjects.stored_filter(filter_subject),
+        filter_subject=subjects.stored_filter(filter_subject, partition_first),
         deliver_policy=DeliverPolicy.NEW,
         ack_policy=AckPolicy.ALL,
         ack_wait=ack_wait_s,

@@ -140,7 +140,10 @@ class ActorPartitions:
             store = StateStore(
                 self._sessions, self._cache, self.committer, fence, self._presence(index)
             )
-            worker = PartitionWorker(self._nc, store, bus.actors_consumer(index), fence)
+            # The stream's layout (an install's own, fixed): the consumer's filter as the
+            # gateway made it, or the runtime would re-filter it at bind.
+            config = bus.actors_consumer(index, await bus.partition_first(self._js))
+            worker = PartitionWorker(self._nc, store, config, fence)
             self.workers[index] = worker
             log.info("working partition %d", index)
 

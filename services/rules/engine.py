@@ -31,7 +31,7 @@ from nats.js.kv import KeyValue
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from libs import episodes, subjects, tracing
+from libs import bus, episodes, subjects, tracing
 from libs import messages as m
 from libs.consumer import Delivery, Item, Verdict
 from libs.lease import Lease
@@ -76,6 +76,7 @@ class RulesEngine:
         self.lease = Lease(js, partition.lease)
         self.bound = asyncio.Event()  # set while its consumers are bound (readiness)
         self._quit = asyncio.Event()  # set when this process stops evaluating the partition
+        self._partition_first = True  # EVENTS' layout (`bus.partition_first`), read in serve
         # The process's registry, shared with the other partitions' engines.
         self._shared = registry or Registry.shared(nc, sessions)
         self._registry = self._shared.devices
@@ -95,7 +96,7 @@ class RulesEngine:
             _decode_event,
             self._on_events,
             everything=subjects.EVENTS_ALL,
-            stored=subjects.stored_filter,
+            stored=self._stored_event,
         )
         self._facts = Reader(
             nc,
@@ -114,11 +115,15 @@ class RulesEngine:
 
     # --- run -------------------------------------------------------------------------------
 
+    def _stored_event(self, subject: str) -> str:
+        return subjects.stored_filter(subject, self._partition_first)
+
     async def serve(self, stop: asyncio.Event, hand_over: Callable[[], bool]) -> None:
         """Evaluate the partition while its lease is held (the caller took it), until `stop`
         is set, the lease is lost, or `hand_over()` says another process should take it."""
         self._quit.clear()
         owns = self.partition.owns
+        self._partition_first = await bus.partition_first(self._js)
         self._kv = await self._js.create_key_value(
             KeyValueConfig(bucket=EPISODES_BUCKET, storage=StorageType.FILE, history=1)
         )

@@ -18,7 +18,7 @@ import random
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from libs import subjects, webhooks
+from libs import bus, subjects, webhooks
 from libs.homes import HomeIndex
 from libs.lease import Lease
 from services.webhooks.channels import ChannelSender
@@ -49,6 +49,7 @@ class SubscriptionDelivery:
         settings: webhooks.WebhookSettings,
         rng: random.Random,
         homes: HomeIndex | None = None,
+        partition_first: bool = True,
     ) -> None:
         self.target = target
         private = target.allow_private_targets
@@ -68,7 +69,18 @@ class SubscriptionDelivery:
             )
         )
         self.workers = [
-            SourceWorker(target, source, nc, store, sender, self._counter, settings, rng, homes)
+            SourceWorker(
+                target,
+                source,
+                nc,
+                store,
+                sender,
+                self._counter,
+                settings,
+                rng,
+                homes,
+                partition_first=partition_first,
+            )
             for source in sources(target)
         ]
 
@@ -163,6 +175,7 @@ class Dispatcher:
     async def _reload(self, redrive: bool) -> None:
         """Start a worker per new subscription, stop those of deleted or changed ones."""
         targets = await self._store.targets()
+        first = await bus.partition_first(self._nc.jetstream())  # the filters' layout
         gone = [
             sid
             for sid, (worker, task, _) in self._workers.items()
@@ -176,7 +189,7 @@ class Dispatcher:
                     self._workers[sid][0].redrive()
                 continue
             worker = SubscriptionDelivery(
-                target, self._nc, self._store, self._settings, self._rng, self._homes
+                target, self._nc, self._store, self._settings, self._rng, self._homes, first
             )
             quit_ = asyncio.Event()
             task = asyncio.create_task(worker.run(quit_), name=f"webhook-{sid}")

@@ -107,9 +107,12 @@ class SourceWorker:
         settings: webhooks.WebhookSettings,
         rng: random.Random,
         homes: HomeIndex | None = None,
+        *,
+        partition_first: bool = True,
     ) -> None:
         self.target = target
         self.source = source
+        self._partition_first = partition_first  # EVENTS' layout: its filter as stored
         # What each message is about, for a subscription of one home (needed then only).
         self._homes = homes
         self._js = nc.jetstream()
@@ -155,7 +158,13 @@ class SourceWorker:
         batch = self.target.batch_size
         if self.source.name == webhooks.FROM_NOTIFY:
             return webhooks.notify_consumer_config(self.target.id, ack_wait, batch)
-        return webhooks.consumer_config(self.target.id, self.target.filter, ack_wait, batch)
+        return webhooks.consumer_config(
+            self.target.id,
+            self.target.filter,
+            ack_wait,
+            batch,
+            partition_first=self._partition_first,
+        )
 
     async def _may_create(self) -> bool:
         """The gateway creates the consumer with the row: missing, it was lost (made again)

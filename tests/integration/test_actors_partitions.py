@@ -20,7 +20,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError
 from sqlalchemy import select
 
-from libs import bus, subjects
+from libs import bus, replay, subjects
 from libs import messages as m
 from libs.db.models import ActorPartitionFence
 from libs.lease import ACTOR_BUCKET
@@ -205,8 +205,9 @@ async def test_stored_events_carry_the_partition_the_actors_compute(pjs, actors)
     devices = [unique_id("hash") for _ in range(16)]
     await publish_round(pjs, devices, 0)
     for device in devices:
-        stored = await pjs.get_last_msg(subjects.EVENTS_STREAM, f"events.{device}.telemetry.*")
-        assert stored.subject == f"events.{device}.telemetry.{partition_of(device, 4)}"
+        stored_filter = subjects.stored_filter(subjects.device_events(device, "telemetry"))
+        stored = await pjs.get_last_msg(subjects.EVENTS_STREAM, stored_filter)
+        assert stored.subject == f"events.~.{partition_of(device, 4)}.{device}.telemetry"
 
 
 async def fault_under_load(pjs, sessions, group: Actors, partitions: int, fault) -> None:  # type: ignore[no-untyped-def]
@@ -337,3 +338,38 @@ async def test_an_upgrade_drains_the_legacy_consumer_then_works_partitions(
     with pytest.raises(NotFoundError):
         await pjs.consumer_info(subjects.EVENTS_STREAM, bus.LEGACY_ACTORS_DURABLE)
     assert sum("drained and deleted the legacy" in s.tail(50_000) for s in group.started) == 1
+
+
+async def test_an_install_storing_the_partition_last_keeps_its_layout(
+    pjs, sessions, actors
+) -> None:  # type: ignore[no-untyped-def]
+    """An install from before stop 21 stores `events.<device>.<type>.<partition>`: the new
+    gateway keeps that layout (no migration), and the actors, the replays and the filters
+    follow it."""
+    for config in bus.STREAMS:
+        if config.name == subjects.EVENTS_STREAM:
+            config = bus.partitioned_events(config, 4, first=False)
+        await pjs.add_stream(config)
+    for partition in range(4):
+        await pjs.add_consumer(subjects.EVENTS_STREAM, bus.actors_consumer(partition, False))
+    devices = [unique_id("before") for _ in range(12)]
+    await register(sessions, *devices)
+    await publish_round(pjs, devices, 0)
+
+    await bus.ensure_streams(pjs, partitions=4)  # the new gateway
+    assert not await bus.partition_first(pjs)
+    info = await pjs.consumer_info(subjects.EVENTS_STREAM, bus.actors_durable(2))
+    assert info.config.filter_subject == "events.*.*.2"
+    for n in range(1, 5):
+        await publish_round(pjs, devices, n)
+    await actors(4).start_many(1)
+    final = await all_applied(sessions, devices, 5)
+    assert_each_applied_once(final, devices, 5)
+
+    device = devices[0]
+    stored = await pjs.get_last_msg(
+        subjects.EVENTS_STREAM, await bus.stored_filter(pjs, f"events.{device}.telemetry")
+    )
+    assert stored.subject == f"events.{device}.telemetry.{partition_of(device, 4)}"
+    page = await replay.read(pjs, subjects.EVENTS_STREAM, f"events.{device}.>", limit=10)
+    assert [s.subject for s in page.messages] == [f"events.{device}.telemetry"] * 5

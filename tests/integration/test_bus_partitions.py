@@ -31,9 +31,12 @@ async def test_one_devices_events_are_stored_in_one_partition(js) -> None:  # ty
         event = m.make_event(device, event_type, {})
         ack = await bus.publish(js, event.nats_subject, event, msg_id=event.id)
         stored.append(await stored_subject(js, ack.seq))
-    assert {s.rpartition(".")[0].rpartition(".")[0] for s in stored} == {f"events.{device}"}
-    assert len({s.rpartition(".")[2] for s in stored}) == 1
-    assert 0 <= int(stored[0].rpartition(".")[2]) < partitions
+    # `events.~.<partition>.<device>.<type>`: one partition, the device's.
+    assert {s.split(".")[:2] == ["events", "~"] for s in stored} == {True}
+    assert {s.split(".")[3] for s in stored} == {device}
+    assert len({s.split(".")[2] for s in stored}) == 1
+    assert 0 <= int(stored[0].split(".")[2]) < partitions
+    assert await bus.partition_first(js)
     assert [subjects.published(s) for s in stored] == [
         f"events.{device}.telemetry",
         f"events.{device}.heartbeat",
@@ -92,4 +95,4 @@ async def test_an_old_exact_filter_is_refiltered_by_the_runtime(js, nc) -> None:
         await eventually(lambda: seen, timeout=10)
     assert seen == [event.nats_subject]
     info = await js.consumer_info(subjects.EVENTS_STREAM, durable)
-    assert info.config.filter_subject == f"events.{device}.power.*"
+    assert info.config.filter_subject == f"events.~.*.{device}.power"

@@ -165,8 +165,7 @@ async def test_a_client_that_goes_away_leaves_no_consumer_behind(
     subject = f"events.{unique_id()}.>"
 
     async def consumers() -> list[str]:
-        infos = await js.consumers_info(subjects.EVENTS_STREAM)
-        return [i.name for i in infos if i.config.filter_subject == subject]
+        return await _consumers(js, subject)
 
     async with following(http, {"subject": subject}):
         assert len(await consumers()) == 1
@@ -225,8 +224,10 @@ async def test_a_stopping_gateway_ends_its_streams(nc: NATS, js: JetStreamContex
 
 
 async def _consumers(js: JetStreamContext, subject: str) -> list[str]:
+    """The consumers following `subject` (filtered on its stored form)."""
+    stored = subjects.stored_filter(subject)
     infos = await js.consumers_info(subjects.EVENTS_STREAM)
-    return [i.name for i in infos if i.config.filter_subject == subject]
+    return [i.name for i in infos if i.config.filter_subject == stored]
 
 
 def _shared_feeds(app: Litestar) -> SharedFeeds:

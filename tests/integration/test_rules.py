@@ -325,7 +325,8 @@ async def _reads_events_of(js, device_id: str) -> bool:  # type: ignore[no-untyp
     """The rules' events consumer takes this device's events (made for the rule,
     deliver-new: events before it are not the rule's business)."""
     filters = await _filters(js, subjects.EVENTS_STREAM, bus.rules_events_durable(0))
-    return any(f.startswith(f"events.{device_id}.") or f == subjects.EVENTS_ALL for f in filters)
+    mine = subjects.stored_filter(f"events.{device_id}.>").removesuffix(">")  # events.~.*.<d>.
+    return any(f.startswith(mine) or f == subjects.EVENTS_ALL for f in filters)
 
 
 async def _filters(js, stream: str, durable: str) -> list[str]:  # type: ignore[no-untyped-def]

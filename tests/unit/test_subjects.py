@@ -153,7 +153,9 @@ def test_classify_tells_a_users_change_from_other_facts() -> None:
 @pytest.mark.parametrize(
     ("stored", "published"),
     [
-        ("events.lamp-1.telemetry.7", "events.lamp-1.telemetry"),
+        ("events.~.7.lamp-1.telemetry", "events.lamp-1.telemetry"),
+        ("events.~.7.7.7", "events.7.7"),  # a device and a type like partitions
+        ("events.lamp-1.telemetry.7", "events.lamp-1.telemetry"),  # partition last
         ("events.lamp-1.telemetry", "events.lamp-1.telemetry"),  # stored before partitions
         ("system.device.lamp-1.state", "system.device.lamp-1.state"),
         ("commands.lamp-1", "commands.lamp-1"),
@@ -164,26 +166,50 @@ def test_a_stored_event_subject_is_given_back_as_published(stored: str, publishe
 
 
 @pytest.mark.parametrize(
-    ("published", "stored"),
+    ("published", "first", "last"),
     [
-        ("events.*.power", "events.*.power.*"),
-        ("events.lamp-1.telemetry", "events.lamp-1.telemetry.*"),
-        ("events.lamp-1.>", "events.lamp-1.>"),
-        ("events.>", "events.>"),
-        ("system.device.*.state", "system.device.*.state"),
+        ("events.*.power", "events.~.*.*.power", "events.*.power.*"),
+        ("events.lamp-1.telemetry", "events.~.*.lamp-1.telemetry", "events.lamp-1.telemetry.*"),
+        ("events.lamp-1.*", "events.~.*.lamp-1.*", "events.lamp-1.*.*"),
+        ("events.lamp-1.>", "events.~.*.lamp-1.>", "events.lamp-1.>"),
+        ("events.*.>", "events.*.>", "events.*.>"),
+        ("events.>", "events.>", "events.>"),
+        ("system.device.*.state", "system.device.*.state", "system.device.*.state"),
     ],
 )
-def test_a_filter_on_published_events_matches_their_stored_subjects(
-    published: str, stored: str
+def test_a_filter_on_published_events_matches_their_stored_subjects_in_either_layout(
+    published: str, first: str, last: str
 ) -> None:
-    assert subjects.stored_filter(published) == stored
-    assert subjects.matches(stored, "events.lamp-1.power.3") is subjects.matches(
-        published, "events.lamp-1.power"
-    )
+    assert subjects.stored_filter(published) == first
+    assert subjects.stored_filter(published, first=False) == last
+    for event in ("events.lamp-1.power", "events.lamp-2.telemetry", "events.7.power"):
+        device, kind = event.split(".")[1:]
+        expected = subjects.matches(published, event)
+        assert subjects.matches(first, f"events.~.3.{device}.{kind}") is expected
+        assert subjects.matches(last, f"events.{device}.{kind}.3") is expected
+        # Neither layout's filter takes the other's subjects (`~` is no device id).
+        if first != published:
+            assert not subjects.matches(first, f"events.{device}.{kind}.3")
+        if last != published:
+            assert not subjects.matches(last, f"events.~.3.{device}.{kind}")
 
 
-def test_the_partition_count_is_read_back_from_the_transform() -> None:
+def test_a_partitions_filter_takes_its_own_events_only_in_either_layout() -> None:
+    assert subjects.matches(subjects.events_partition(3), "events.~.3.lamp-1.telemetry")
+    assert not subjects.matches(subjects.events_partition(3), "events.~.4.lamp-1.telemetry")
+    assert not subjects.matches(subjects.events_partition(3), "events.lamp-1.telemetry.3")
+    last = subjects.events_partition(3, first=False)
+    assert subjects.matches(last, "events.lamp-1.telemetry.3")
+    assert not subjects.matches(last, "events.~.3.lamp-1.telemetry")
+
+
+def test_the_partition_count_and_layout_are_read_back_from_the_transform() -> None:
     source, destination = subjects.partitioned(16)
     assert source == "events.*.*"
     assert subjects.transform_partitions(destination) == 16
+    assert subjects.transform_partition_first(destination)
+    _, before = subjects.partitioned(8, first=False)
+    assert subjects.transform_partitions(before) == 8
+    assert not subjects.transform_partition_first(before)
     assert subjects.transform_partitions("events.{{wildcard(1)}}") is None
+    assert subjects.transform_partitions("other.{{partition(16,1)}}.{{wildcard(1)}}") is None

@@ -503,7 +503,7 @@ class SharedFeeds:
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=last + 1
             )
             subscription = await self.js.subscribe(
-                subjects.stored_filter(tail.subject),
+                await bus.stored_filter(self.js, tail.subject),
                 stream=stream,
                 cb=tail.on_message,
                 ordered_consumer=True,
@@ -691,7 +691,7 @@ class EventService:
                     deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1
                 )
                 subscription = await self._js.subscribe(
-                    subjects.stored_filter(subject),
+                    await bus.stored_filter(self._js, subject),
                     stream=stream,
                     cb=feed.on_message,
                     ordered_consumer=True,

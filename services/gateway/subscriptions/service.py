@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from libs import bus, subjects, webhooks
 from libs import messages as m
-from libs import subjects, webhooks
 from libs.db.models import Delivery
 from libs.db.models import Subscription as SubscriptionRow
 from libs.errors import Invalid
@@ -78,8 +78,14 @@ class SubscriptionService(AddresseeService):
             delivered_count=0,
         )
         ack_wait = self._settings.ack_wait_s
+        first = await bus.partition_first(self._js)
         consumers = (
-            (stream, webhooks.consumer_config(row.id, row.filter, ack_wait, batch_size)),
+            (
+                stream,
+                webhooks.consumer_config(
+                    row.id, row.filter, ack_wait, batch_size, partition_first=first
+                ),
+            ),
             (subjects.SYSTEM_STREAM, webhooks.notify_consumer_config(row.id, ack_wait, batch_size)),
         )
         await deliveries.create(
