@@ -1,8 +1,9 @@
 """Which partitions of the device events this actors process works: a fair share, by leases.
 
-The EVENTS stream stores each event with its partition (`events.<device>.<type>.<p>`, the
-stream's subject transform hashing the device id), and each partition has its own durable
-consumer (`actors-<p>`). Every actors process takes a fair share of the partitions' leases
+The EVENTS stream stores each event with its partition (`events.~.<p>.<device>.<type>`, or
+`events.<device>.<type>.<p>` on installs from before stop 21: `libs.subjects`; the stream's
+subject transform hashing the device id), and each partition has its own durable consumer
+(`actors-<p>`). Every actors process takes a fair share of the partitions' leases
 (`libs.partitions.Share`, in a bucket of their own whose short ttl lets a dead process's
 partitions be taken within 5 s) and works each partition it holds with its own consumer,
 state memory and fence:
