@@ -65,6 +65,7 @@ import contextlib
 import dataclasses
 import logging
 import operator
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -124,6 +125,14 @@ ACK_FLOOR = Gauge(
 )
 HANDLE_SECONDS = Histogram(
     "smarthome_consumer_handle_seconds", "Time to handle one decoded batch", LABELS
+)
+# How old the data is when it is worked on (the lag in time, not in messages): the bus's
+# share of a message's latency (stored → handed out) against the handler's (handle_seconds).
+DELIVERY_AGE = Histogram(
+    "smarthome_consumer_delivery_age_seconds",
+    "Age of a batch's oldest message (since the stream stored it) when handed to the handler",
+    LABELS,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 
 PENDING_EVERY_S = 5.0
@@ -458,6 +467,7 @@ class Consumer(Generic[T]):
         self._recovered = RECOVERED.labels(*labels)
         self._labels = labels
         self._seconds = HANDLE_SECONDS.labels(*labels)
+        self._age = DELIVERY_AGE.labels(*labels)
 
     async def run(self, stop: asyncio.Event) -> None:
         info = await self._bind(stop)
@@ -677,6 +687,8 @@ class Consumer(Generic[T]):
             else:
                 items.append(Item(d, value, tracing.traceparent_of(spans[d.seq])))
         batch = self._handling = _Batch(list(deliveries), dict(verdicts), stop, spans=spans)
+        if items:  # in stream order: the first is the oldest
+            self._age.observe(max(0.0, time.time() - items[0].delivery.time.timestamp()))
         settled = deferred = False
         later: Later | None = None
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -296,3 +297,40 @@ async def test_reply_subjects_are_read_as_nats_py_reads_them(nc, js, stream) -> 
     again = next(reply for _, reply in got[1:] if reply.delivered > 1)
     assert (again.stream_seq, again.delivered) == (got[0][1].stream_seq, 2)
     assert isinstance(again, Reply)
+
+
+async def test_a_batch_s_delivery_age_is_how_long_its_oldest_message_waited(js, nc, stream) -> None:  # type: ignore[no-untyped-def]
+    """`smarthome_consumer_delivery_age_seconds`: from the stream's storing of a batch's oldest
+    message to its hand-out; here the consumer starts after the messages are stored, so each
+    waited at least from its publish to the start, and at most until it was handled."""
+    name, prefix = stream
+    config = ConsumerConfig(
+        durable_name="aged", filter_subject=f"{prefix}.>", ack_policy=AckPolicy.ALL
+    )
+    labels = {"stream": name, "consumer": "aged"}
+    published = time.time()
+    await publish_n(js, f"{prefix}.a", 3)
+    stored_for = await _waited_since(time.time(), 0.2)  # each acked, so stored, before
+    handled_at: list[float] = []
+
+    async def handle(items: list[Item[dict[str, Any]]]) -> None:
+        handled_at.append(time.time())
+
+    consumer = Consumer(nc, name, config, decode, handle, create=True)
+    async with running(consumer):
+        await eventually(lambda: handled_at)
+    batches = metric("smarthome_consumer_delivery_age_seconds_count", **labels)
+    age = metric("smarthome_consumer_delivery_age_seconds_sum", **labels)
+    assert batches == len(handled_at) >= 1
+    assert stored_for <= age <= (handled_at[-1] - published) * batches
+
+
+async def _waited_since(since: float, seconds: float) -> float:
+    """Wait until `seconds` have passed since `since` (a condition with a deadline, not a
+    sleep: the age under test is this wait); how long it was."""
+
+    async def waited() -> float | None:
+        passed = time.time() - since
+        return passed if passed >= seconds else None
+
+    return await eventually(waited)
