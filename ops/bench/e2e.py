@@ -199,6 +199,21 @@ async def stream_messages(js: JetStreamContext, stream: str) -> int:
     return (await js.stream_info(stream)).state.messages
 
 
+async def scrape(port: int, names: tuple[str, ...]) -> dict[str, float]:
+    """The samples `names` (unlabelled) of a service's `/metrics`; {} when it does not answer."""
+    try:
+        async with httpx.AsyncClient(timeout=2) as client:
+            exposition = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    except httpx.HTTPError:
+        return {}
+    values = {}
+    for line in exposition.splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            values[name] = float(value)
+    return values
+
+
 @dataclass(frozen=True)
 class BatchStats:
     """The actors' own count of fetched batches and the seconds spent handling them."""
@@ -209,16 +224,7 @@ class BatchStats:
     @classmethod
     async def read(cls, port: int) -> BatchStats | None:
         """From the actors' `/metrics`; None when they do not say (the figure is optional)."""
-        try:
-            async with httpx.AsyncClient(timeout=2) as client:
-                exposition = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-        except httpx.HTTPError:
-            return None
-        values = {}
-        for line in exposition.splitlines():
-            name, _, value = line.partition(" ")
-            if name in (f"{ACTORS_BATCH_METRIC}_count", f"{ACTORS_BATCH_METRIC}_sum"):
-                values[name] = float(value)
+        values = await scrape(port, (f"{ACTORS_BATCH_METRIC}_count", f"{ACTORS_BATCH_METRIC}_sum"))
         if len(values) != 2:
             return None
         return cls(values[f"{ACTORS_BATCH_METRIC}_count"], values[f"{ACTORS_BATCH_METRIC}_sum"])
@@ -253,17 +259,7 @@ class WaitStats:
 
     @classmethod
     async def read(cls, port: int) -> WaitStats:
-        try:
-            async with httpx.AsyncClient(timeout=2) as client:
-                exposition = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-        except httpx.HTTPError:
-            return cls({})
-        values = {}
-        for line in exposition.splitlines():
-            name, _, value = line.partition(" ")
-            if name in cls.METRICS:
-                values[name] = float(value)
-        return cls(values)
+        return cls(await scrape(port, cls.METRICS))
 
     def since(self, before: WaitStats) -> str:
         d = {k: v - before.values.get(k, 0.0) for k, v in self.values.items()}
@@ -698,14 +694,12 @@ class Bench(Stage):
         pending = actors_lag(await consumer_lags(js, (subjects.EVENTS_STREAM,)))
         before = self.sampler.cpu_seconds()
         machine = MachineShare()
-        waits = [await WaitStats.read(a.port) for a in actors if a.port]
+        waits = {a.name: await WaitStats.read(a.port) for a in actors}
         began = time.perf_counter()
         await wait_drained(js, actors, timeout=max(120.0, pending / 200))
         wall = time.perf_counter() - began
-        afters = [await WaitStats.read(a.port) for a in actors if a.port]
         waited = "; ".join(
-            f"{a.name}: {after.since(before)}"
-            for a, before, after in zip([a for a in actors if a.port], waits, afters, strict=True)
+            [f"{a.name}: {(await WaitStats.read(a.port)).since(waits[a.name])}" for a in actors]
         )
         after = self.sampler.cpu_seconds()
         shares = {
