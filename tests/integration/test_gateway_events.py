@@ -13,7 +13,7 @@ from libs import messages as m
 from libs import replay, subjects
 from libs.settings import Settings
 from tests.api import api_client
-from tests.helpers import unique_id
+from tests.helpers import eventually, unique_id
 
 EVENTS = "/api/v1/events"
 
@@ -186,9 +186,14 @@ async def test_replay_of_platform_facts(client: AsyncTestClient) -> None:
     device_id = unique_id()
     await client.post("/api/v1/devices", json={"id": device_id, "name": "x", "kind": "light"})
 
-    page = (await client.get(EVENTS, params={"subject": f"system.device.{device_id}.*"})).json()
+    async def stored() -> list[dict[str, Any]] | None:
+        params = {"subject": f"system.device.{device_id}.*"}
+        items: list[dict[str, Any]] = (await client.get(EVENTS, params=params)).json()["items"]
+        return items or None
 
-    [item] = page["items"]
+    # The registry fact is relayed from the gateway's outbox after the commit: under the
+    # suite's load it may not be stored yet when the POST returns.
+    [item] = await eventually(stored)
     fact = m.registry_fact_decoder.decode(m.encoder.encode(item["event"]))
     assert (fact.device_id, fact.change) == (device_id, "created")
 
