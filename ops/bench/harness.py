@@ -401,6 +401,23 @@ def program_name(cmdline: list[str]) -> str | None:
 class ProcessSample:
     rss: int  # bytes
     cpu: float  # % of one core since the previous sample
+    # % of one core its threads were ready to run and got no CPU (Linux's schedstat): a
+    # process slow for want of a CPU, not for its own work. 0 where it is not kept.
+    wait: float = 0.0
+
+
+def cpu_wait_s(pid: int) -> float:
+    """Seconds the threads of `pid` have waited for a CPU while ready to run (0 when the
+    kernel keeps no count, or the process is gone)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with (
+                contextlib.suppress(OSError, IndexError, ValueError),
+                open(f"/proc/{pid}/task/{tid}/schedstat") as f,
+            ):
+                total += int(f.read().split()[1])
+    return total / 1e9
 
 
 class ProcessTree:
@@ -417,6 +434,7 @@ class ProcessTree:
         self._taken: dict[str, int] = {}
         self._servers: set[str] = set()
         self._server_procs: dict[int, psutil.Process] = {}
+        self._waited: dict[int, tuple[float, float]] = {}  # pid → (when, CPU wait then)
 
     def add(self, name: str, pid: int) -> None:
         """Also sample `pid` (outside the tree) as `name`; a later one of that name
@@ -436,14 +454,20 @@ class ProcessTree:
     def sample(self) -> dict[str, ProcessSample]:
         fresh = self._discover()
         out = {}
+        now = time.monotonic()
         for pid, proc in list(self._procs.items()):
             try:
                 with proc.oneshot():
                     # One just found has no interval to measure its CPU over yet.
                     cpu = 0.0 if pid in fresh else proc.cpu_percent()
-                    out[self.labels[pid]] = ProcessSample(proc.memory_info().rss, cpu)
+                    rss = proc.memory_info().rss
             except psutil.Error:
                 del self._procs[pid]  # gone: its label is not given again
+                continue
+            waited, (then, before) = cpu_wait_s(pid), self._waited.get(pid, (now, 0.0))
+            self._waited[pid] = (now, waited)
+            wait = 100 * (waited - before) / (now - then) if pid not in fresh and now > then else 0
+            out[self.labels[pid]] = ProcessSample(rss, cpu, wait)
         out.update(self._sample_servers())
         return out
 

@@ -20,12 +20,14 @@ The load is the existing simulator (`python -m devices.simulator`): a bridge tha
 its devices over HTTP with an administrator's API key and publishes as that bridge, one
 reading per device every `--interval` seconds, each at its own phase. Every `--sample-every`
 seconds the bench reads: the lag (pending + un-acked) of every durable consumer, the RSS and
-CPU of every process of the platform (psutil), the events the EVENTS stream holds (each one
-acknowledged to the simulator) and the dead letters. Event → state fact latency: the bench
-subscribes (core NATS) to the telemetry and the state facts of `--sample` sensors and matches
-each fact to its event by `cause_event_id`; both times are taken by the bench on arrival. A
-reading that leaves both of a sensor's values as they were (random walks rounded to 0.01:
-about 1 in 4,000) makes no fact: the few events printed as "without a fact" are expected.
+CPU of every process of the platform (psutil) and the time its threads were ready to run and
+got no CPU (Linux's schedstat: on a busy machine, what a process's latency waits on), the
+events the EVENTS stream holds (each one acknowledged to the simulator) and the dead letters.
+Event → state fact latency: the bench subscribes (core NATS) to the telemetry and the state
+facts of `--sample` sensors and matches each fact to its event by `cause_event_id`; both
+times are taken by the bench on arrival. A reading that leaves both of a sensor's values as
+they were (random walks rounded to 0.01: about 1 in 4,000) makes no fact: the few events
+printed as "without a fact" are expected.
 
 The load window (where latency is counted and the criteria are read) begins once the burst
 after the registrations is over: every device says hello first and the gateway looks each one
@@ -196,11 +198,21 @@ class Soak:
             f"{run.load_from:.0f}-{run.load_until:.0f} s at {run.rate():,.0f} events/s; "
             f"drained {drained:.1f} s after the simulator stopped"
         )
+        if len(run.window()) < 2:
+            raise BenchError(
+                f"no load window to judge: the hellos lasted past the end of the load (give "
+                f"more than --minutes {a.minutes:g}, or sample more often than every "
+                f"{a.sample_every:g} s)"
+            )
         registering = [s for s in run.samples if s.phase == "register"]
         print(
             f"CPU % while registering (mean of {len(registering)} samples): {mean_cpu(registering)}"
         )
         print(f"CPU % under load (mean of {len(run.window())} samples): {mean_cpu(run.window())}")
+        print(
+            "CPU wait % under load (ready to run, no CPU free; % of one core): "
+            f"{mean_cpu(run.window(), wait=True)}"
+        )
         growth = run.lag_growth()
         verdict(
             "lag flat",
@@ -339,11 +351,14 @@ def step_cpu(run: LoadRun) -> str:
     return mean_cpu(run.window())
 
 
-def mean_cpu(window: list[Sample]) -> str:
-    """Each process's mean CPU % (of one core) over some samples."""
+def mean_cpu(window: list[Sample], wait: bool = False) -> str:
+    """Each process's mean CPU % (of one core) over some samples (`wait`: the time it
+    waited for a CPU instead)."""
     names = sorted({n for s in window for n in s.procs})
     means = {
-        n: sum(s.procs[n].cpu for s in window if n in s.procs) / max(1, len(window)) for n in names
+        n: sum(s.procs[n].wait if wait else s.procs[n].cpu for s in window if n in s.procs)
+        / max(1, len(window))
+        for n in names
     }
     return ", ".join(f"{n} {v:.0f}" for n, v in means.items() if v >= 0.5)
 
