@@ -20,7 +20,7 @@ from nats.js import JetStreamContext
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from libs import bus, health, logs, service_status, tracing
+from libs import bus, health, logs, loop_health, service_status, tracing
 from libs import settings as settings_mod
 from libs.cache import StateCache, make_cache
 from libs.db.engine import make_engine, make_sessionmaker
@@ -48,7 +48,11 @@ def run(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await main(settings, stop)
+        lag = asyncio.create_task(loop_health.watch_loop())
+        try:
+            await main(settings, stop)
+        finally:
+            lag.cancel()
 
     with contextlib.suppress(KeyboardInterrupt):
         run_loop(supervise())
@@ -84,6 +88,7 @@ def freeze_startup_objects() -> None:
     gc.freeze()
     young, older, _ = gc.get_threshold()
     gc.set_threshold(young, older, GC_FULL_AFTER)
+    loop_health.install()  # from here on, each collection's pause is measured
 
 
 # glibc raises its mmap threshold to the size of a large block once one is freed (up to 32 MiB)

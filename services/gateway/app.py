@@ -17,7 +17,7 @@ from litestar.plugins import PluginProtocol
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from nats.aio.msg import Msg
 
-from libs import outbox, subjects, tracing
+from libs import loop_health, outbox, subjects, tracing
 from libs.principals import Permission
 from libs.settings import Settings
 from services.gateway import connections, problems
@@ -141,9 +141,11 @@ def create_app(settings: Settings) -> Litestar:
             relaying = asyncio.create_task(relay.run(), name="outbox-relay")
             discovery = Discovery(opened.nc, provide_device_service(opened))
             await discovery.start()
+            lag = asyncio.create_task(loop_health.watch_loop(), name="loop-lag")
             try:
                 yield
             finally:
+                lag.cancel()
                 await keys_changed.unsubscribe()
                 await discovery.stop()
                 await relay.stop(relaying)

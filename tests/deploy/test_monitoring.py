@@ -52,6 +52,8 @@ EXTERNAL = {
     "nats_varz_jetstream_config_max_storage": "prometheus-nats-exporter (-varz, -prefix=nats)",
 }
 METRIC_TYPES = {"Counter", "Gauge", "Histogram", "Summary", "Info", "Enum"}
+# A custom collector's families (read on scrape), as the metric types they expose.
+FAMILY_TYPES = {"CounterMetricFamily": "Counter", "GaugeMetricFamily": "Gauge"}
 SERIES_SUFFIXES = {
     "counter": ("_total", "_created"),
     "gauge": ("",),
@@ -127,6 +129,7 @@ def code_metrics() -> dict[str, str]:
                     continue
                 func = node.func
                 kind = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+                kind = FAMILY_TYPES.get(kind, kind)
                 if kind not in METRIC_TYPES:
                     continue
                 arg = node.args[0] if node.args else None
