@@ -81,6 +81,7 @@ from harness import (
     resume_consumers,
     run_bench,
     service_env,
+    set_actors_ack_pending,
     wait_actors_drained,
     wait_actors_settled,
 )
@@ -638,13 +639,28 @@ class Bench(Stage):
         """(g) N events drained by 1, 2, 4 actors processes, `--scale-rounds` times in
         turn: each count's rate is the median of its rounds, and 2 against 1 the median of
         each round's ratio (its two drains a minute apart: a drift of the machine's speed
-        between runs, 30 % and more on this VM, cancels out)."""
-        rates: dict[int, list[float]] = {count: [] for count in self.args.actor_processes}
+        between runs, 30 % and more on this VM, cancels out). With more than one
+        `--ack-pending-batches`, each is drained in turn within every round (an A/B on the
+        same machine in the same minutes) and reported apart."""
+        settings = self.args.ack_pending_batches
+        told = {b: f", {b} batches un-acked" if len(settings) > 1 else "" for b in settings}
+        rates: dict[tuple[int, int], list[float]] = {
+            (b, count): [] for b in settings for count in self.args.actor_processes
+        }
         for round_no in range(1, self.args.scale_rounds + 1):
-            for count in self.args.actor_processes:
-                rate, note = await self.scale_drain(js, count)
-                rates[count].append(rate)
-                self.results.notes.append(f"(g) round {round_no}, {count} actors {note}")
+            for batches in settings:
+                await set_actors_ack_pending(js, batches * bus.ACTORS_BATCH)
+                for count in self.args.actor_processes:
+                    rate, note = await self.scale_drain(js, count)
+                    rates[batches, count].append(rate)
+                    self.results.notes.append(
+                        f"(g) round {round_no}{told[batches]}, {count} actors {note}"
+                    )
+        for batches in settings:
+            by_count = {c: r for (b, c), r in rates.items() if b == batches}
+            self.report_scaling(by_count, told[batches])
+
+    def report_scaling(self, rates: dict[int, list[float]], told: str) -> None:
         one = statistics.median(rates[1]) if rates.get(1) else None
         for count, measured in rates.items():
             rate = statistics.median(measured)
@@ -657,7 +673,7 @@ class Bench(Stage):
                 target, ok = f"≥ {SCALE_TWO_TARGET:g}x one", ratio >= SCALE_TWO_TARGET
             rounds = f" (median of {len(measured)})" if len(measured) > 1 else ""
             self.results.add(
-                f"(g) drain by {count} actors processes{rounds}",
+                f"(g) drain by {count} actors processes{told}{rounds}",
                 f"{rate:,.0f} events/s{times}",
                 target,
                 ok,
@@ -818,6 +834,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=3,
         help="(g): the drains of every count, in turn, this many times (medians reported)",
+    )
+    parser.add_argument(
+        "--ack-pending-batches",
+        type=lambda v: [int(n) for n in v.split(",")],
+        default=[2],
+        help="(g): the batches each actors consumer may have un-acked (the platform's: 2); "
+        "e.g. 2,3 drains each in turn, every round",
     )
     parser.add_argument(
         "--platform-events", type=int, default=60_000, help="(h): events published; 0: no (h)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import os
 import secrets
@@ -635,6 +636,15 @@ async def pause_actors(js: JetStreamContext, seconds: float) -> list[str]:
     for name in names:
         await js.pause_consumer(subjects.EVENTS_STREAM, name, stamp)
     return names
+
+
+async def set_actors_ack_pending(js: JetStreamContext, messages: int) -> None:
+    """Let every actors consumer of EVENTS hand out `messages` un-acked (its position kept;
+    a running process's next pull asks for what the new limit leaves)."""
+    for info in await js.consumers_info(subjects.EVENTS_STREAM):
+        if is_actors(info.name) and info.config.max_ack_pending != messages:
+            config = dataclasses.replace(info.config, max_ack_pending=messages)
+            await js.add_consumer(subjects.EVENTS_STREAM, config)  # an update: it exists
 
 
 async def resume_consumers(js: JetStreamContext, names: list[str]) -> None:
