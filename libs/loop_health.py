@@ -77,18 +77,12 @@ class _GcTimer:
             self._pauses[info["generation"]].observe(time.perf_counter() - self._began)
 
 
-_installed: list[object] = []
-
-
 def install() -> None:
     """Time the collector's pauses and report the CPU wait (once per process)."""
-    if _installed:
+    if any(isinstance(callback, _GcTimer) for callback in gc.callbacks):
         return
-    timer = _GcTimer()
-    gc.callbacks.append(timer)
-    collector = _CpuWait()
-    REGISTRY.register(collector)
-    _installed.extend((timer, collector))
+    gc.callbacks.append(_GcTimer())
+    REGISTRY.register(_CpuWait())
 
 
 async def watch_loop(tick: float = TICK_S) -> None:

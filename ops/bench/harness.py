@@ -38,7 +38,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from libs import accounts, bus, embedded_nats, subjects
+from libs import accounts, bus, embedded_nats, loop_health, subjects
 from libs import messages as m
 from libs.db.engine import make_engine, make_sessionmaker
 from libs.db.migrate import upgrade
@@ -410,15 +410,10 @@ class ProcessSample:
 def cpu_wait_s(pid: int) -> float:
     """Seconds the threads of `pid` have waited for a CPU while ready to run (0 when the
     kernel keeps no count, or the process is gone)."""
-    total = 0
     with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with (
-                contextlib.suppress(OSError, IndexError, ValueError),
-                open(f"/proc/{pid}/task/{tid}/schedstat") as f,
-            ):
-                total += int(f.read().split()[1])
-    return total / 1e9
+        threads = Path(f"/proc/{pid}/task").iterdir()
+        return sum(loop_health.cpu_wait_seconds(t / "schedstat") or 0.0 for t in threads)
+    return 0.0
 
 
 class ProcessTree:
