@@ -92,6 +92,9 @@ class Settings:
     # runs to share them.
     actor_partitions: int = 16
     actor_processes: int = 1
+    # The CPU priority (nice) `smarthome up` gives the work that can wait (`services.launcher.
+    # cli.BACKGROUND`): on a busy machine the live path runs first.
+    background_nice: int = 10
     rule_traces_keep: int = 100
     rule_traces_days: float = 30.0
     # The recorder's retention, in days (Home Assistant's purge_keep_days): raw history,
@@ -181,6 +184,7 @@ def load() -> Settings:
         rules_partitions=_rules_partitions(),
         actor_partitions=_at_most("SMARTHOME_ACTOR_PARTITIONS", 16, 1024),
         actor_processes=_at_most("SMARTHOME_ACTOR_PROCESSES", 1, 64),
+        background_nice=_nice("SMARTHOME_BACKGROUND_NICE", 10),
         rule_traces_keep=int(_float("SMARTHOME_RULE_TRACES_KEEP", 100)),
         rule_traces_days=_float("SMARTHOME_RULE_TRACES_DAYS", 30.0),
         history_keep_days=_positive("SMARTHOME_HISTORY_KEEP_DAYS", 10.0),
@@ -271,6 +275,14 @@ def _at_most(name: str, default: int, most: int) -> int:
     if value > most:
         raise SettingsError(f"{name}={value} must be at most {most}")
     return value
+
+
+def _nice(name: str, default: int) -> int:
+    """A niceness to add, 0 (as the launcher) to 19 (the lowest priority)."""
+    value = _float(name, default)
+    if value != int(value) or not 0 <= value <= 19:
+        raise SettingsError(f"{name}={value:g} must be a whole number from 0 to 19")
+    return int(value)
 
 
 def _non_negative(name: str, default: float) -> float:

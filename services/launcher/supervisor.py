@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
+import os
 import signal
 import sys
 import time
@@ -29,10 +31,13 @@ HEALTH_EVERY_S = 5.0
 UNHEALTHY_FOR_S = 30.0
 
 
-def _die_with_parent() -> None:
-    """Children get SIGTERM if the launcher itself dies (even by kill -9): no orphans."""
+def _in_child(nice: int) -> None:
+    """Children get SIGTERM if the launcher itself dies (even by kill -9): no orphans. And
+    `nice` more niceness than the launcher (every thread of theirs inherits it)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if nice:
+        os.nice(nice)
 
 
 @dataclass
@@ -49,6 +54,8 @@ class Child:
     # Run before each start (the bus writes its config again: its storage limit follows
     # the free disk).
     before_start: Callable[[], object] | None = None
+    # Added to the launcher's niceness: work that can wait yields the CPU on a busy machine.
+    nice: int = 0
 
     async def start(self) -> None:
         if self.before_start is not None:
@@ -62,7 +69,7 @@ class Child:
             stdout=out,
             stderr=out,
             stdin=asyncio.subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=functools.partial(_in_child, self.nice),
         )
         out.close()
         self.started_at = time.monotonic()
