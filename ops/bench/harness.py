@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import secrets
@@ -98,6 +99,7 @@ class Child:
     ) -> None:
         self.name = name
         self.port = port
+        self.nice = 0  # added to this process's niceness
         self.argv = argv
         self.env = env
         self.log = log
@@ -107,7 +109,12 @@ class Child:
         """Start the process and return at once (the caller waits for it)."""
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                self.argv, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+                self.argv,
+                env=self.env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=functools.partial(os.nice, self.nice) if self.nice else None,
             )
         return self
 

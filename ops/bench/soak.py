@@ -81,6 +81,9 @@ from libs.cache import KEY_PREFIX
 from libs.db.engine import make_engine
 
 P99_TARGET_MS = 20.0
+# The simulator stands in for devices that are elsewhere (each its own small computer): it
+# yields this machine's CPU to the platform, as the launcher's background work does.
+SIMULATOR_NICE = 10
 LATENCY_WINDOW_S = 5.0  # the p99 of each: a periodic cause shows as a pattern
 RSS_GROWTH_TARGET = 0.10
 RSS_BASELINE_AT = 0.2  # minute 2 of 10
@@ -168,9 +171,12 @@ class Soak:
         await probe.subscribe(self.platform.nc, sample_devices(prefix, a.devices, a.sample))
         self.header(
             f"soak: {a.devices:,} devices, one reading per {a.interval:g} s "
-            f"({a.devices / a.interval:,.0f} events/s), {a.minutes:g} min"
+            f"({a.devices / a.interval:,.0f} events/s), {a.minutes:g} min; simulator at nice "
+            f"{a.simulator_nice}"
         )
-        sim = simulator(self.platform, prefix, a.devices, a.interval, a.minutes * 60, key)
+        sim = simulator(
+            self.platform, prefix, a.devices, a.interval, a.minutes * 60, key, a.simulator_nice
+        )
         run = await load_run(
             js, self.platform, sim, a.sample_every, a.interval, a.minutes * 60, probe
         )
@@ -422,6 +428,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-every", type=float, default=5.0, help="seconds between samples")
     p.add_argument("--sample", type=int, default=200, help="sensors whose latency is measured")
     p.add_argument("--actor-processes", type=int, default=1)
+    p.add_argument(
+        "--simulator-nice",
+        type=int,
+        default=SIMULATOR_NICE,
+        help="niceness added to the simulator's in the soak (0: it competes with the platform; "
+        "--step runs it as the platform, to reach its rates)",
+    )
     p.add_argument(
         "--latency-csv", help="write each sampled event's time and latency (ms) to this file"
     )

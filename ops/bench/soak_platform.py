@@ -155,9 +155,16 @@ class Platform:
 
 
 def simulator(
-    platform: Platform, prefix: str, devices: int, interval: float, seconds: float, key: str
+    platform: Platform,
+    prefix: str,
+    devices: int,
+    interval: float,
+    seconds: float,
+    key: str,
+    nice: int = 0,
 ) -> Child:
-    """The simulator as its own process: registers its devices, then reports for `seconds`."""
+    """The simulator as its own process: registers its devices, then reports for `seconds`,
+    at `nice` more niceness than the bench."""
     argv = [
         sys.executable, "-m", "devices.simulator", "--count", str(devices),
         "--interval", f"{interval:g}", "--duration", f"{seconds:g}", "--prefix", prefix,
@@ -165,7 +172,9 @@ def simulator(
     ]  # fmt: skip
     env = {**os.environ, "SMARTHOME_API_TOKEN": key, "SMARTHOME_LOG_LEVEL": "INFO"}
     log = platform.tmp / f"simulator-{prefix}-{time.monotonic_ns()}.log"
-    return Child("simulator", argv, env, log)
+    child = Child("simulator", argv, env, log)
+    child.nice = nice
+    return child
 
 
 def simulator_acked(child: Child) -> int | None:
