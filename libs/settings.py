@@ -94,7 +94,7 @@ class Settings:
     actor_processes: int = 1
     # The CPU priority (nice) `smarthome up` gives the work that can wait (`services.launcher.
     # cli.BACKGROUND`): on a busy machine the live path runs first.
-    background_nice: int = 10
+    background_nice: int = 19
     rule_traces_keep: int = 100
     rule_traces_days: float = 30.0
     # The recorder's retention, in days (Home Assistant's purge_keep_days): raw history,
@@ -184,7 +184,7 @@ def load() -> Settings:
         rules_partitions=_rules_partitions(),
         actor_partitions=_at_most("SMARTHOME_ACTOR_PARTITIONS", 16, 1024),
         actor_processes=_at_most("SMARTHOME_ACTOR_PROCESSES", 1, 64),
-        background_nice=_nice("SMARTHOME_BACKGROUND_NICE", 10),
+        background_nice=_nice("SMARTHOME_BACKGROUND_NICE", 19),
         rule_traces_keep=int(_float("SMARTHOME_RULE_TRACES_KEEP", 100)),
         rule_traces_days=_float("SMARTHOME_RULE_TRACES_DAYS", 30.0),
         history_keep_days=_positive("SMARTHOME_HISTORY_KEEP_DAYS", 10.0),

@@ -158,7 +158,8 @@ def stopping_order(children: list[Child]) -> list[list[Child]]:
 # written. On a machine short of CPU they yield it (`SMARTHOME_BACKGROUND_NICE`) to the live
 # path (the bus, the actors, the rules, the gateway), whose tail latency is what a user sees:
 # in the 10-minute soak at 1,000 events/s on 2 cores, p99 event → state fact 32.7 ms with
-# all alike, 22.7 ms with the recorder (and the load generator) at nice 10.
+# all alike, 22.7-24.3 ms with the recorder (and the load generator) at nice 10, 12.1 at 19.
+# Under a long saturation it falls behind (its lag shows it) and catches up when CPU frees.
 BACKGROUND = frozenset({"recorder"})
 
 

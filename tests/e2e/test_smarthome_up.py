@@ -270,7 +270,7 @@ async def test_every_process_serves_metrics_reports_its_status_and_is_restarted_
     assert refused.status_code == 403, refused.text
 
     # The recorder's work (history, audit) can wait in the bus: it yields the CPU to the
-    # live path (SMARTHOME_BACKGROUND_NICE, 10 by default); every other service runs as `up`.
+    # live path (SMARTHOME_BACKGROUND_NICE, 19 by default); every other service runs as `up`.
     launcher = psutil.Process(up.proc.pid)
     niceness = {
         p.cmdline()[-1].removeprefix("services."): p.nice()
@@ -278,7 +278,7 @@ async def test_every_process_serves_metrics_reports_its_status_and_is_restarted_
         if p.cmdline()[-1].startswith("services.")
     }
     assert set(niceness) == SERVICES, niceness
-    assert niceness.pop("recorder") == min(19, launcher.nice() + 10)
+    assert niceness.pop("recorder") == min(19, launcher.nice() + 19)
     assert set(niceness.values()) == {launcher.nice()}, niceness
 
     (actors,) = [

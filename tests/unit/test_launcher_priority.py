@@ -19,8 +19,8 @@ from services.launcher.supervisor import Child
 
 async def _niceness_of_child(tmp_path: Path, nice: int) -> int:
     log = tmp_path / "child.log"
-    child = Child("probe", [sys.executable, "-c", "import os; print(os.nice(0))"], {}, log)
-    child.nice = nice
+    argv = [sys.executable, "-c", "import os; print(os.nice(0))"]
+    child = Child("probe", argv, {}, log, nice=nice)
     await child.start()
     assert child.proc is not None
     assert await child.proc.wait() == 0, log.read_text()
@@ -39,15 +39,15 @@ async def test_a_child_without_nice_runs_as_the_launcher(tmp_path: Path) -> None
 def test_only_the_recorder_is_background_and_zero_turns_it_off() -> None:
     s = Settings(data_dir=Path("/tmp/unused"))
     assert {name: nice_of(name, s) for name in SERVICES} == {
-        name: 10 if name == "recorder" else 0 for name in SERVICES
+        name: 19 if name == "recorder" else 0 for name in SERVICES
     }
     alike = dataclasses.replace(s, background_nice=0)
     assert {nice_of(name, alike) for name in SERVICES} == {0}
 
 
 def test_the_setting_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SMARTHOME_BACKGROUND_NICE", "19")
-    assert settings.load().background_nice == 19
+    monkeypatch.setenv("SMARTHOME_BACKGROUND_NICE", "5")
+    assert settings.load().background_nice == 5
 
 
 @pytest.mark.parametrize("raw", ["20", "-1", "2.5", "low"])
