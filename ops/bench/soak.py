@@ -83,7 +83,7 @@ from libs.db.engine import make_engine
 P99_TARGET_MS = 20.0
 # The simulator stands in for devices that are elsewhere (each its own small computer): it
 # yields this machine's CPU to the platform, as the launcher's background work does.
-SIMULATOR_NICE = 10
+SIMULATOR_NICE = 19
 LATENCY_WINDOW_S = 5.0  # the p99 of each: a periodic cause shows as a pattern
 RSS_GROWTH_TARGET = 0.10
 RSS_BASELINE_AT = 0.2  # minute 2 of 10
