@@ -21,7 +21,7 @@ import { startAdmin } from "./admin.js";
 import { editControl, knownDevices, lifecycleControls, startDevices } from "./devices.js";
 import { startLocations } from "./locations.js";
 import { showNotifications, startNotifications } from "./notifications.js";
-import { queueRulesRefresh, refreshRules, startRules } from "./rules.js";
+import { noteRuleFact, queueRulesRefresh, refreshRules, startRules } from "./rules.js";
 import { startStatus } from "./status.js";
 
 const FEED_MAX = 100;
@@ -312,7 +312,10 @@ function showFact(id, subject, data) {
     el("pre", { class: "mono" }, pretty)));
   while (feed.children.length > FEED_MAX) feed.lastElementChild.remove();
   if (subject.startsWith("system.device.")) queueDeviceRefresh();
-  if (subject.startsWith("system.rule.")) queueRulesRefresh();
+  if (subject.startsWith("system.rule.")) {
+    noteRuleFact(subject, data);
+    queueRulesRefresh();
+  }
 }
 
 function dispatch(frame) {

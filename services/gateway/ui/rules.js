@@ -36,9 +36,29 @@ function specOf(rule) {
   return spec;
 }
 
+// The last run each rule's live `fired` fact told of: shown at once. The runs the API lists are
+// the recorder's record of those facts, written when it gets to them (under `smarthome up` it
+// yields the CPU to the live path: on a busy machine, seconds later).
+const liveRuns = new Map();
+
+/** A fact of the live feed: a rule's run, if it is one. */
+export function noteRuleFact(subject, data) {
+  const ruleId = /^system\.rule\.([^.]+)\.fired$/.exec(subject)?.[1];
+  if (!ruleId) return;
+  try {
+    const { kind, time, reason } = JSON.parse(data);
+    if (kind && time) liveRuns.set(ruleId, { kind, time, reason });
+  } catch { /* not a run: nothing to show */ }
+}
+
+function newer(a, b) {
+  if (!a || !b) return a ?? b ?? null;
+  return Date.parse(b.time) > Date.parse(a.time) ? b : a;
+}
+
 async function lastRun(ruleId) {
   const runs = await pages(`/rules/${encodeURIComponent(ruleId)}/runs`);
-  return runs.length ? runs[runs.length - 1] : null;
+  return newer(runs.length ? runs[runs.length - 1] : null, liveRuns.get(ruleId));
 }
 
 function button(label, attrs, action) {
