@@ -83,7 +83,9 @@ async def test_the_page_shows_the_demo_live_and_acts_on_it(
     await expect(light.locator('[data-field="state"]')).to_have_text("off")
     await expect(light).to_contain_text("home/living-room")  # the demo's room
     await expect(rule.locator('[data-field="last-run"]')).not_to_have_text("never")
-    await expect(page.locator("#audit")).to_contain_text("rule.fired")
+    # The audit is the recorder's record, written when it gets to it: on a busy machine it
+    # yields the CPU to the live path (SMARTHOME_BACKGROUND_NICE), seconds behind.
+    await expect(page.locator("#audit")).to_contain_text("rule.fired", timeout=SLOW_S * 1000)
     # The meter reads 0 W: the episode ends, and the meter's mark clears.
     meter = page.locator('tr[data-device="demo-meter"]')
     await expect(meter.locator('[data-field="attributes"]')).to_contain_text(
@@ -239,7 +241,7 @@ async def test_the_page_runs_under_the_csp_without_a_violation(
     meter = page.locator('tr[data-device="demo-meter"]')
     await meter.locator("button[data-history]").click()  # the charts: SVG drawn by script
     await expect(page.locator("#history svg").first).to_be_visible(timeout=SLOW_S * 1000)
-    await expect(page.locator("#audit li").first).to_be_visible()
+    await expect(page.locator("#audit li").first).to_be_visible(timeout=SLOW_S * 1000)
     async with page.expect_download() as download:  # fetched with the token, saved as a file
         await page.get_by_role("button", name="API reference").click()
     assert (await download.value).suggested_filename == "openapi.json"
