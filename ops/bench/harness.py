@@ -95,11 +95,17 @@ class Child:
     """A process of the run: started here, stopped by SIGTERM (SIGKILL after a grace)."""
 
     def __init__(
-        self, name: str, argv: list[str], env: dict[str, str], log: Path, port: int = 0
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        log: Path,
+        port: int = 0,
+        nice: int = 0,  # added to this process's niceness
     ) -> None:
         self.name = name
         self.port = port
-        self.nice = 0  # added to this process's niceness
+        self.nice = nice
         self.argv = argv
         self.env = env
         self.log = log

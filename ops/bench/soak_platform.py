@@ -172,9 +172,7 @@ def simulator(
     ]  # fmt: skip
     env = {**os.environ, "SMARTHOME_API_TOKEN": key, "SMARTHOME_LOG_LEVEL": "INFO"}
     log = platform.tmp / f"simulator-{prefix}-{time.monotonic_ns()}.log"
-    child = Child("simulator", argv, env, log)
-    child.nice = nice
-    return child
+    return Child("simulator", argv, env, log, nice=nice)
 
 
 def simulator_acked(child: Child) -> int | None:
