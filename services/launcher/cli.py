@@ -164,8 +164,14 @@ BACKGROUND = frozenset({"recorder"})
 
 
 def nice_of(name: str, s: Settings) -> int:
-    """The niceness `up` adds for a service (0: as the launcher)."""
-    return s.background_nice if name in BACKGROUND else 0
+    """The niceness `up` adds for a service (0: as the launcher). None on SQLite: one write
+    lock for the whole database, and a recorder starved of CPU while it holds the lock holds
+    up every writer behind it (the actors' commits, so their acks and, two batches on, a
+    partition's facts): a priority inversion. Postgres locks rows; its writers never wait
+    on the recorder."""
+    if name not in BACKGROUND or s.effective_database_url.startswith("sqlite"):
+        return 0
+    return s.background_nice
 
 
 def copies(name: str, s: Settings) -> list[str]:

@@ -269,8 +269,9 @@ async def test_every_process_serves_metrics_reports_its_status_and_is_restarted_
     )
     assert refused.status_code == 403, refused.text
 
-    # The recorder's work (history, audit) can wait in the bus: it yields the CPU to the
-    # live path (SMARTHOME_BACKGROUND_NICE, 19 by default); every other service runs as `up`.
+    # On SQLite (the embedded default, here) every service runs at `up`'s priority: the
+    # recorder yields the CPU (SMARTHOME_BACKGROUND_NICE) on Postgres only, where it holds no
+    # lock that the live path's writes wait on.
     launcher = psutil.Process(up.proc.pid)
     niceness = {
         p.cmdline()[-1].removeprefix("services."): p.nice()
@@ -278,7 +279,6 @@ async def test_every_process_serves_metrics_reports_its_status_and_is_restarted_
         if p.cmdline()[-1].startswith("services.")
     }
     assert set(niceness) == SERVICES, niceness
-    assert niceness.pop("recorder") == min(19, launcher.nice() + 19)
     assert set(niceness.values()) == {launcher.nice()}, niceness
 
     (actors,) = [

@@ -36,13 +36,23 @@ async def test_a_child_without_nice_runs_as_the_launcher(tmp_path: Path) -> None
     assert await _niceness_of_child(tmp_path, 0) == os.nice(0)
 
 
+POSTGRES = "postgresql://smarthome@db.example/smarthome"  # read, never connected to
+
+
 def test_only_the_recorder_is_background_and_zero_turns_it_off() -> None:
-    s = Settings(data_dir=Path("/tmp/unused"))
+    s = Settings(data_dir=Path("/tmp/unused"), database_url=POSTGRES)
     assert {name: nice_of(name, s) for name in SERVICES} == {
         name: 19 if name == "recorder" else 0 for name in SERVICES
     }
     alike = dataclasses.replace(s, background_nice=0)
     assert {nice_of(name, alike) for name in SERVICES} == {0}
+
+
+def test_on_sqlite_the_recorder_runs_as_the_others() -> None:
+    # One write lock for the database: a starved recorder holding it would stall the actors.
+    s = Settings(data_dir=Path("/tmp/unused"), background_nice=19)
+    assert s.effective_database_url.startswith("sqlite")
+    assert {nice_of(name, s) for name in SERVICES} == {0}
 
 
 def test_the_setting_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
