@@ -6,13 +6,14 @@ reload, signs out, says why a sign-in is refused, and runs under the gateway's C
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from pathlib import Path
 
 import httpx
 import nats
 import pytest
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Browser, Page, Route, expect
 from prometheus_client.parser import text_string_to_metric_families
 
 from libs import bus, bus_grants, subjects
@@ -140,6 +141,58 @@ async def test_the_page_shows_the_demo_live_and_acts_on_it(
     await expect(porch.locator("button[data-history]")).to_be_visible()
     assert up.get(f"/api/v1/devices/{stranger}").json()["lifecycle"] == "active"
     assert tab.problems == []
+
+
+async def test_the_rules_table_shows_a_run_the_recorder_has_not_written_yet(
+    shared_up: Up, browser: Browser
+) -> None:
+    """The recorder writes a rule's runs when it gets to them (on a busy machine with
+    Postgres it yields the CPU to the live path: seconds behind): the rules table takes a
+    rule's last run from its live fired fact too. Here the page is kept from seeing the
+    record move (its `/runs` answer stays as it was), as a recorder far behind would."""
+    up = shared_up
+    tab = await open_page(browser, up)
+    page = tab.page
+    await sign_in(page)
+    await signed_in_as_admin(page)
+    last_run = page.locator('tr[data-rule="demo-light-timeout"] [data-field="last-run"]')
+    await expect(last_run).not_to_have_text("never", timeout=SLOW_S * 1000)
+    await _light_is(page, on=False)
+    # The episode ends once the meter reads 0 W: the rule fires again on the next one.
+    meter = page.locator('tr[data-device="demo-meter"] [data-field="attributes"]')
+    await expect(meter).to_contain_text("power_w=0", timeout=SLOW_S * 1000)
+    shown = await last_run.text_content()
+    recorded = _recorded_runs(up, "demo-light-timeout")
+
+    async def as_recorded(route: Route) -> None:
+        await route.fulfill(json={"items": recorded, "next_cursor": None})
+
+    await page.route("**/api/v1/rules/demo-light-timeout/runs*", as_recorded)
+    await page.locator('tr[data-device="demo-light"] button[data-action="turn_on"]').click()
+    await _light_is(page, on=True)
+    await _light_is(page, on=False)  # the rule held for 3 s and turned it off
+    # Newer than the record: it fired (and, once the meter read 0 W, cleared) just now.
+    await expect(last_run).not_to_have_text(shown or "")
+    await expect(last_run).to_have_text(re.compile(r"^(fired|cleared) "))
+    await page.unroute("**/api/v1/rules/demo-light-timeout/runs*")
+    # ... a run the recorder writes too.
+    await eventually(
+        lambda: len(_recorded_runs(up, "demo-light-timeout")) > len(recorded), timeout=SLOW_S
+    )
+    assert tab.problems == []
+
+
+def _recorded_runs(up: Up, rule_id: str) -> list[dict]:
+    """Every run of the rule the recorder has written, oldest first."""
+    runs: list[dict] = []
+    cursor = None
+    while True:
+        params = {"limit": 500} | ({"cursor": cursor} if cursor else {})
+        answer = up.get(f"/api/v1/rules/{rule_id}/runs", **params)
+        assert answer.status_code == 200, answer.text
+        runs += answer.json()["items"]
+        if not (cursor := answer.json()["next_cursor"]):
+            return runs
 
 
 async def test_a_refused_sign_in_shows_the_reason_in_the_form(
