@@ -11,6 +11,7 @@ import ssl
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import msgspec
 import nats
@@ -35,6 +36,7 @@ from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from libs import bus_grants, service_status, subjects, tracing
 from libs.errors import StorageFull
+from libs.loops import OnOneLoop
 from libs.settings import SettingsError
 
 log = logging.getLogger(__name__)
@@ -583,16 +585,56 @@ async def publish_many(
                 reply=replies[n],
                 headers=headers(msg_id, traceparent) or None,
             )
+        acks.time_out_in(timeout)
         with storage_refusals():
-            async with asyncio.timeout(timeout):
-                return list(await asyncio.gather(*acks))
+            return await acks.done
     finally:
         inbox.forget(replies)
-        for ack in acks:
-            ack.cancel()
+        acks.close()
 
 
-class _AckInbox:
+class _Acks:
+    """The acks of one `publish_many` call, in order: one future for them all (a future an
+    ack, gathered, and an `asyncio.timeout` cost a tenth of the call at a trickle)."""
+
+    __slots__ = ("_acks", "_left", "_loop", "_timer", "done")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
+        self._loop = loop
+        self.done: asyncio.Future[list[PubAck]] = loop.create_future()
+        self._acks: list[PubAck | None] = [None] * count
+        self._left = count
+        self._timer: asyncio.TimerHandle | None = None
+
+    def arrived(self, n: int, msg: Msg) -> None:
+        """The answer to the `n`-th message: the last ack ends `done`; a refusal, at once."""
+        if self.done.done():
+            return
+        try:
+            self._acks[n] = _pub_ack(msg)
+        except Exception as exc:  # the stream's refusal, for the caller
+            self.done.set_exception(exc)
+            return
+        self._left -= 1
+        if not self._left:
+            self.done.set_result(cast(list[PubAck], self._acks))
+
+    def time_out_in(self, seconds: float) -> None:
+        """`done` ends in a TimeoutError if the acks have not all come by then."""
+        self._timer = self._loop.call_later(seconds, self._time_out, seconds)
+
+    def _time_out(self, after: float) -> None:
+        if not self.done.done():
+            missing = f"{self._left} of {len(self._acks)} acks did not come in {after:g} s"
+            self.done.set_exception(TimeoutError(missing))
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.done.cancel()  # (ended already, unless the caller was cancelled)
+
+
+class _AckInbox(OnOneLoop):
     """One connection's reply subscription for `publish_many`'s acks, made once: a
     subscription per call (a SUB, an UNSUB and a task each) cost the actors, which publish a
     few facts a batch, a tenth of their CPU."""
@@ -600,20 +642,19 @@ class _AckInbox:
     def __init__(self, nc: NATS) -> None:
         self._nc = nc
         self._prefix = nc.new_inbox() + "."
-        self._waiting: dict[str, asyncio.Future[PubAck]] = {}
+        self._waiting: dict[str, tuple[_Acks, int]] = {}
         self._count = 0
         self._subscription: Subscription | None = None
         self._subscribing = asyncio.Lock()
 
-    async def expect(self, count: int) -> tuple[list[str], list[asyncio.Future[PubAck]]]:
-        """Reply subjects for `count` messages, and the futures their acks will end."""
+    async def expect(self, count: int) -> tuple[list[str], _Acks]:
+        """Reply subjects for `count` messages, and what their acks will end."""
         if self._subscription is None:
             await self._subscribe()
-        loop = asyncio.get_running_loop()
         first, self._count = self._count, self._count + count
         replies = [f"{self._prefix}{n}" for n in range(first, first + count)]
-        acks = [loop.create_future() for _ in replies]
-        self._waiting.update(zip(replies, acks, strict=True))
+        acks = _Acks(self._loop, count)
+        self._waiting.update((reply, (acks, n)) for n, reply in enumerate(replies))
         return replies, acks
 
     async def _subscribe(self) -> None:
@@ -627,12 +668,10 @@ class _AckInbox:
             self._waiting.pop(reply, None)
 
     async def _ack(self, msg: Msg) -> None:
-        ack = self._waiting.pop(msg.subject, None)
-        if ack is not None and not ack.done():
-            try:
-                ack.set_result(_pub_ack(msg))
-            except Exception as exc:  # the stream's refusal, for the caller
-                ack.set_exception(exc)
+        waiting = self._waiting.pop(msg.subject, None)
+        if waiting is not None:
+            acks, n = waiting
+            acks.arrived(n, msg)
 
 
 # Per connection; a closed connection's goes with it.

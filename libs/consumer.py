@@ -82,6 +82,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from libs import bus, runtime, subjects, tracing
 from libs.errors import Unavailable
+from libs.loops import OnOneLoop
 from libs.pull import Gaps, Puller, Reply
 
 log = logging.getLogger(__name__)
@@ -309,9 +310,9 @@ class _Deferred:
     spans: dict[int, Span] | None
 
 
-def _done() -> asyncio.Future[Verdicts]:
+def _done(loop: asyncio.AbstractEventLoop) -> asyncio.Future[Verdicts]:
     """An outcome that has ended: nothing to say."""
-    done: asyncio.Future[Verdicts] = asyncio.get_running_loop().create_future()
+    done: asyncio.Future[Verdicts] = loop.create_future()
     done.set_result(None)
     return done
 
@@ -395,10 +396,12 @@ class _Pinger:
 
     __slots__ = ("_every", "_loop", "_ping", "_pings", "_timer")
 
-    def __init__(self, every: float, ping: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, every: float, ping: Callable[[], Awaitable[None]]
+    ) -> None:
         self._every = every
         self._ping = ping
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop
         self._pings: list[asyncio.Future[None]] = []
         self._timer: asyncio.TimerHandle | None = self._loop.call_later(every, self._due)
 
@@ -417,7 +420,7 @@ class _Pinger:
             await asyncio.gather(*self._pings, return_exceptions=True)
 
 
-class Consumer(Generic[T]):
+class Consumer(OnOneLoop, Generic[T]):
     """Run `durable` on `stream` until `stop` is set: see the module docstring."""
 
     def __init__(
@@ -511,7 +514,7 @@ class Consumer(Generic[T]):
         msgs = await puller.fetch(self._batch, self._wait)
         if not msgs or self._linger <= 0:
             return msgs
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         until = loop.time() + self._linger
         more = msgs
         while len(msgs) < self._batch and (left := until - loop.time()) > 0:
@@ -745,7 +748,7 @@ class Consumer(Generic[T]):
         None, at once); False if refused: a deferred batch failed, and this one followed it."""
         if not self._ack_all:
             raise ValueError("Later needs AckPolicy.ALL: with EXPLICIT each message settles alone")
-        outcome = later.outcome if later is not None else _done()
+        outcome = later.outcome if later is not None else _done(self._loop)
         if self._broken is not None or not batch.open:
             outcome.cancel()
             return self._broken is None
@@ -875,7 +878,7 @@ class Consumer(Generic[T]):
     ) -> T_:
         """Await `work`, telling the bus the messages `open_now` gives are in progress every
         third of ack_wait (`_Pinger`)."""
-        pinger = _Pinger(self._keep_alive_s, lambda: self._in_progress(open_now()))
+        pinger = _Pinger(self._loop, self._keep_alive_s, lambda: self._in_progress(open_now()))
         try:
             return await work
         finally:
@@ -883,7 +886,7 @@ class Consumer(Generic[T]):
 
     async def _pause(self, delay: float, batch: _Batch, stop: asyncio.Event) -> bool:
         """Wait `delay` keeping the batch in progress; False if `stop` was set meanwhile."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         until = loop.time() + delay
         while (left := until - loop.time()) > 0:
             await self._in_progress(batch.open)

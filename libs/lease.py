@@ -15,6 +15,7 @@ import math
 import os
 import re
 import socket
+import time
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
@@ -56,7 +57,7 @@ class Lease:
         """Held, by this process's clock alone: the bus expires the lease no sooner than ttl
         after our last write that it took, so within half of that nobody else can have
         taken it. False after a pause (a stopped process's clock went on): ask the bus."""
-        since = asyncio.get_running_loop().time() - self._written_at
+        since = time.monotonic() - self._written_at
         return self.held.is_set() and since < self._ttl / 2
 
     async def still_held(self) -> bool:
@@ -85,7 +86,7 @@ class Lease:
     async def try_acquire(self) -> bool:
         """Take the lease if nobody holds it (one attempt)."""
         kv = await self._bucket()
-        sent = asyncio.get_running_loop().time()
+        sent = time.monotonic()
         try:
             self._revision = await kv.create(self._key, self.owner.encode())
         except KeyWrongLastSequenceError:
@@ -109,7 +110,7 @@ class Lease:
                 break
             try:
                 assert self._kv is not None
-                sent = asyncio.get_running_loop().time()
+                sent = time.monotonic()
                 self._revision = await self._kv.update(
                     self._key, self.owner.encode(), last=self._revision
                 )

@@ -32,6 +32,8 @@ from nats.aio.subscription import Subscription
 from nats.errors import NotJSMessageError
 from nats.js.api import DEFAULT_PREFIX, Header
 
+from libs.loops import OnOneLoop
+
 # A pull request lives this long on the server; the next is sent when it has ended (all
 # its messages delivered, expired, or refused), so a request lost with a connection is
 # replaced within this time.
@@ -77,7 +79,7 @@ class Reply(NamedTuple):
         raise NotJSMessageError
 
 
-class Puller:
+class Puller(OnOneLoop):
     """One open pull request at a time on `stream`/`durable`, for at most `room` messages
     (the room the consumer's `max_ack_pending` leaves), handed out as they come."""
 
@@ -114,14 +116,13 @@ class Puller:
         elif status != HEARTBEAT:
             self._open = 0  # the request has ended
             if status not in ENDED:
-                loop = asyncio.get_running_loop()
-                self._next_request_at = loop.time() + REFUSED_BACKOFF_S
+                self._next_request_at = self._loop.time() + REFUSED_BACKOFF_S
         self._wake()
 
     async def fetch(self, room: int, timeout: float) -> list[tuple[Msg, Reply]]:
         """What has arrived, each message with its reply parsed; waits at most `timeout`
         for the first message ([] if none)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         deadline = loop.time() + timeout
         while not self._arrived:
             now = loop.time()

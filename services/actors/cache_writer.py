@@ -18,6 +18,7 @@ import time
 from prometheus_client import Counter
 
 from libs.cache import StateCache
+from libs.loops import OnOneLoop
 from libs.messages import DeviceSnapshot
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ CACHE_WRITES = Counter(
 _Entry = tuple[object, DeviceSnapshot]
 
 
-class CacheWriter:
+class CacheWriter(OnOneLoop):
     """One actors process's cache writes (see the module)."""
 
     def __init__(self, cache: StateCache) -> None:
@@ -57,7 +58,7 @@ class CacheWriter:
         others waiting; returns once written, or noted as missed if the cache is down."""
         if not snapshots:  # (a batch that changed no state): no call would end its wait
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         for snapshot in snapshots:
             self._pending[snapshot.device_id] = (owner, snapshot)
         if self._call is None:

@@ -56,6 +56,7 @@ from libs import commands
 from libs import messages as m
 from libs.db.engine import insert_ignoring_duplicates, upsert
 from libs.db.models import ActorPartitionFence, CommandRecord, DeviceState
+from libs.loops import OnOneLoop
 from libs.messages import DeviceSnapshot
 from services.actors.fence import Fence, Fenced
 
@@ -184,7 +185,7 @@ def latest(writes: Iterable[Write]) -> tuple[list[str], list[DeviceSnapshot]]:
     return sorted(dropped), [s for s in final.values() if s is not None]
 
 
-class Committer:
+class Committer(OnOneLoop):
     """The one committer of an actors process (`ActorPartitions`): see the module."""
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
@@ -205,7 +206,7 @@ class Committer:
     ) -> asyncio.Future[None]:
         """Queue this write; its future ends once it is committed (`Fenced` if its fence
         refused it, or the error it cannot be stored for). Cancel it to withdraw the write."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         write = Write(owner, fence, snapshots, statuses, drops or [], loop.create_future())
         self._queue.append(write)
         if self._task is None or self._task.done():
@@ -229,7 +230,7 @@ class Committer:
 
     async def _run(self) -> None:
         """Commit what is queued, group after group, until nothing is."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         attempt = 0
         while True:
             if (wait := self._next_group_at - loop.time()) > 0:

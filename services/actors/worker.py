@@ -56,6 +56,7 @@ from libs import bus, commands, subjects, tracing
 from libs import messages as m
 from libs.actor_batch import Effects, Fact, Incoming, decide, standing
 from libs.consumer import Consumer, Dead, Delivery, Item, Later, Retry, Undecodable, Verdict
+from libs.loops import OnOneLoop
 from services.actors.fence import Fence, Fenced
 from services.actors.store import StateStore
 
@@ -130,7 +131,7 @@ def fact_traceparents(
     return out
 
 
-class PartitionWorker:
+class PartitionWorker(OnOneLoop):
     """The actors of one partition of the device events (or of the legacy consumer being
     drained): its consumer, its state memory (`StateStore`) and its fence."""
 
@@ -178,8 +179,10 @@ class PartitionWorker:
                 snapshots = list(effects.written.values())
                 handed = self.store.hand(snapshots, effects.statuses)
             DECIDE_SECONDS.observe(time.perf_counter() - started)
-            # Made here: its task's write span is a child of this batch's.
-            later = Later(self._committed(handed, snapshots, effects, started))
+            # Made here: its task's write span is a child of this batch's. On the loop looked
+            # up once (`Later` would look it up again: `libs.loops`).
+            committed = self._committed(handed, snapshots, effects, started)
+            later = Later(self._loop.create_task(committed))
         self._last = later.outcome
         return later
 

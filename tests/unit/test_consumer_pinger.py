@@ -37,7 +37,7 @@ def test_a_batch_that_ends_before_its_first_ping_leaves_no_cycle(no_collector: N
 
     async def batches() -> None:
         for _ in range(100):
-            pinger = _Pinger(30.0, ping)
+            pinger = _Pinger(asyncio.get_running_loop(), 30.0, ping)
             await asyncio.sleep(0)  # the batch's work
             await pinger.stop()
 
@@ -59,7 +59,7 @@ def test_a_long_batch_is_pinged_every_period_until_stopped(no_collector: None) -
     async def long_batch() -> float:
         loop = asyncio.get_running_loop()
         began = loop.time()
-        pinger = _Pinger(0.05, ping)
+        pinger = _Pinger(asyncio.get_running_loop(), 0.05, ping)
         await asyncio.wait_for(three.wait(), 5.0)
         await pinger.stop()
         stopped = len(times)
