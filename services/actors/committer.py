@@ -51,6 +51,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
 from libs import commands
 from libs import messages as m
@@ -289,41 +290,28 @@ class Committer(OnOneLoop):
     async def _commit(self, group: list[Write]) -> None:
         self.groups += 1
         GROUPS.inc()
-        async with self._sessions.begin() as session:
-            kept = await self._fenced(session, group)
-            dropped, snapshots = latest(kept)
-            if dropped:
-                await session.execute(delete(_states).where(_states.c.device_id.in_(dropped)))
-            await self._upsert(session, snapshots)
-            for write in kept:
-                for device_id, status in write.statuses:
-                    await _status(session, device_id, status)
+        # The transaction in one greenlet (`run_sync`): each awaited call of an async session
+        # runs in a greenlet of its own (made, switched to, its frame stack mapped and
+        # unmapped), five a group this way, at the soak's rate 250 a second.
+        async with self._sessions() as session:
+            kept = await session.run_sync(self._write, group)
         for write in kept:
             write.settle()
 
-    @staticmethod
-    async def _fenced(session: AsyncSession, group: list[Write]) -> list[Write]:
-        """The writes to commit: the unfenced ones, and those whose partition's claim still
-        names their holder (its row locked till commit); the others are settled `Fenced`."""
-        fences = {w.fence.partition: w.fence for w in group if w.fence is not None}
-        if not fences:
-            return group
-        lock = _LOCK_CLAIMS[session.get_bind().dialect.name]
-        found = await session.execute(lock, {"partitions": sorted(fences)})
-        claims = {p: (revision, holder) for p, revision, holder in found}
-        kept = []
-        for write in group:
-            fence = write.fence
-            if fence is not None and claims.get(fence.partition) != fence.claimed:
-                try:
-                    fence.refused()
-                except Fenced as exc:
-                    write.settle(exc)
-                continue
-            kept.append(write)
+    def _write(self, session: Session, group: list[Write]) -> list[Write]:
+        """The group's transaction; the writes it kept (the fenced ones are settled)."""
+        with session.begin():
+            kept = _fenced(session, group)
+            dropped, snapshots = latest(kept)
+            if dropped:
+                session.execute(delete(_states).where(_states.c.device_id.in_(dropped)))
+            self._upsert(session, snapshots)
+            for write in kept:
+                for device_id, status in write.statuses:
+                    _status(session, device_id, status)
         return kept
 
-    async def _upsert(self, session: AsyncSession, snapshots: list[DeviceSnapshot]) -> None:
+    def _upsert(self, session: Session, snapshots: list[DeviceSnapshot]) -> None:
         if not snapshots:
             return
         if self._upsert_statement is None:
@@ -331,13 +319,35 @@ class Committer(OnOneLoop):
             self._upsert_statement = upsert(
                 session.get_bind(), DeviceState.__table__, "device_id", where=_newer_than_stored()
             )
-        await session.execute(self._upsert_statement, [to_row(s) for s in snapshots])
+        session.execute(self._upsert_statement, [to_row(s) for s in snapshots])
 
 
-async def _status(session: AsyncSession, device_id: str, status: m.CommandStatusData) -> None:
+def _fenced(session: Session, group: list[Write]) -> list[Write]:
+    """The writes to commit: the unfenced ones, and those whose partition's claim still
+    names their holder (its row locked till commit); the others are settled `Fenced`."""
+    fences = {w.fence.partition: w.fence for w in group if w.fence is not None}
+    if not fences:
+        return group
+    lock = _LOCK_CLAIMS[session.get_bind().dialect.name]
+    found = session.execute(lock, {"partitions": sorted(fences)})
+    claims = {p: (revision, holder) for p, revision, holder in found}
+    kept = []
+    for write in group:
+        fence = write.fence
+        if fence is not None and claims.get(fence.partition) != fence.claimed:
+            try:
+                fence.refused()
+            except Fenced as exc:
+                write.settle(exc)
+            continue
+        kept.append(write)
+    return kept
+
+
+def _status(session: Session, device_id: str, status: m.CommandStatusData) -> None:
     """Move the command's status forward; a status that comes before the command's record
     (a rule publishes a command first) is kept in a stand-in row the record fills in."""
-    moved = await session.execute(
+    moved = session.execute(
         _MOVE_STATUS,
         {
             "command_id": status.command_id,
@@ -350,4 +360,4 @@ async def _status(session: AsyncSession, device_id: str, status: m.CommandStatus
     )
     if moved.rowcount == 0:  # type: ignore[attr-defined]  # not recorded, or already past it
         stand_in = insert_ignoring_duplicates(session.get_bind(), _commands)
-        await session.execute(stand_in, [commands.stand_in(device_id, status)])
+        session.execute(stand_in, [commands.stand_in(device_id, status)])
