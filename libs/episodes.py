@@ -190,6 +190,7 @@ def on_event(
                 at,
                 trigger_event_id=event.id,
                 values=dict(event.data or {}),
+                rule_version=rule.version,
             )
             _trigger(draft, f"{rule.id}.event", rule, episode, world, now)
     return draft.decision(book, event_seq=seq)
@@ -205,6 +206,24 @@ def on_tick(book: Book, rules: Mapping[str, m.Rule], world: World, now: datetime
             draft.forget(key)
         elif rule.enabled and due(episode, now):
             _advance(draft, key, rule, draft.get(key) or episode, world, now)
+    return draft.decision(book)
+
+
+def retire(book: Book, rules: Mapping[str, m.Rule]) -> Decision:
+    """End the episodes of rules deleted, switched off or changed since they began: such a
+    rule starts afresh (a fired episode is cleared, saying why; the next fact that meets its
+    trigger starts a new one). Kept, a fired episode of a rule switched off and on again
+    would wait for its trigger to stop holding while it was on, which a device whose value
+    no longer changes never shows: the rule would not fire again."""
+    draft = _Draft(book.episodes)
+    for key, episode in book.episodes.items():
+        rule = rules.get(episode.rule_id)
+        if rule is None:
+            draft.forget(key)
+        elif not rule.enabled:
+            _end(draft, key, rule, episode, "the rule was disabled")
+        elif episode.rule_version and episode.rule_version != rule.version:
+            _end(draft, key, rule, episode, "the rule was changed")
     return draft.decision(book)
 
 
@@ -357,7 +376,13 @@ def _finish(
         if episode.queued:
             device_id, event_id = episode.queued[0].split("|", 1)
             nxt = Episode(
-                rule.id, device_id, now, now, trigger_event_id=event_id, queued=episode.queued[1:]
+                rule.id,
+                device_id,
+                now,
+                now,
+                trigger_event_id=event_id,
+                queued=episode.queued[1:],
+                rule_version=rule.version,
             )
             draft.save(key, nxt)
             _advance(draft, key, rule, nxt, world, now)
@@ -367,10 +392,13 @@ def _finish(
         draft.save(key, msgspec.structs.replace(episode, resume_at=None))
 
 
-def _end(draft: _Draft, key: str, rule: m.Rule, episode: Episode) -> None:
-    """The trigger no longer holds: clear marks; delayed actions still pending are dropped."""
+def _end(
+    draft: _Draft, key: str, rule: m.Rule, episode: Episode, why: str = "trigger no longer holds"
+) -> None:
+    """The trigger no longer holds (or the rule was switched off or changed): clear marks;
+    delayed actions still pending are dropped."""
     if episode.fired:
-        note = "trigger no longer holds"
+        note = why
         if episode.running:
             note += f"; {len(rule.actions) - episode.next_action} delayed action(s) cancelled"
         draft.effects.append(Clear(key, rule, episode, note))
@@ -378,4 +406,4 @@ def _end(draft: _Draft, key: str, rule: m.Rule, episode: Episode) -> None:
 
 
 def _cron_episode(rule: m.Rule, trigger: m.ScheduleTrigger, at: datetime) -> Episode:
-    return Episode(rule.id, "", at, at, values={"cron": trigger.cron})
+    return Episode(rule.id, "", at, at, values={"cron": trigger.cron}, rule_version=rule.version)

@@ -34,6 +34,9 @@ class Episode(msgspec.Struct, frozen=True):
     next_action: int = 0
     resume_at: datetime | None = None
     queued: list[str] = []
+    # The rule's version it began under (0: stored before versions were kept); a rule
+    # changed since, or switched off, ends it (`episodes.retire`).
+    rule_version: int = 0
 
     @property
     def id(self) -> str:
@@ -206,6 +209,7 @@ def step(
             deadline=at + timedelta(seconds=trigger.for_s),
             trigger_event_id=obs.cause_id,
             values=values,
+            rule_version=rule.version,
         )
         return started, "start"
     if episode is not None:

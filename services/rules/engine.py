@@ -203,6 +203,7 @@ class RulesEngine:
                     del self._views[device_id]
                 self._viewed &= rules.condition_devices
                 self._keep_views(views)
+                self._decide(episodes.retire(self._decided, rules.rules))
                 self._decide(episodes.schedule(self._decided, rules.scheduled, m.now()))
                 effects = self._effects.take()
             await _settle(effects)

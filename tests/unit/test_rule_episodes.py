@@ -206,6 +206,45 @@ def test_a_rule_gone_forgets_its_episodes() -> None:
     assert (book.episodes, effects) == ({}, [ep.Delete("r1.meter")])
 
 
+def test_a_rule_switched_off_and_on_again_fires_again_on_its_next_trigger() -> None:
+    # Fired and still held when switched off: the readings that would end it (the meter at
+    # 0 W) come while the rule is off, and a value that no longer changes makes no new fact.
+    rule = threshold_rule(for_s=0)
+    book, _, _ = ep.on_fact(ep.Book(), 1, fact(60, T0), [rule], WORLD, T0)
+    off = msgspec.structs.replace(rule, enabled=False, version=2)
+
+    book, effects, _ = ep.retire(book, {"r1": off})
+
+    [clear] = [e for e in effects if isinstance(e, ep.Clear)]
+    assert clear.note == "the rule was disabled"
+    assert ep.Delete("r1.meter") in effects and book.episodes == {}
+    on = msgspec.structs.replace(rule, version=3)
+    assert ep.retire(book, {"r1": on}).effects == []
+    at = T0 + timedelta(seconds=30)
+    fired = ep.on_fact(book, 2, fact(60, at), [on], WORLD, at)
+    assert [r.kind for r in runs(fired.effects)] == ["fired"]
+
+
+def test_a_rule_changed_since_its_episode_began_starts_afresh() -> None:
+    rule = threshold_rule(for_s=10)
+    book, _, _ = ep.on_fact(ep.Book(), 1, fact(60, T0), [rule], WORLD, T0)
+    assert ep.retire(book, {"r1": rule}).effects == []  # unchanged: kept
+    edited = msgspec.structs.replace(rule, version=2)
+
+    book, effects, _ = ep.retire(book, {"r1": edited})
+
+    assert effects == [ep.Delete("r1.meter")]  # not fired yet: nothing to clear
+    assert book.episodes == {}
+
+
+def test_an_episode_stored_before_versions_were_kept_is_not_retired() -> None:
+    rule = threshold_rule(for_s=10)
+    book, _, _ = ep.on_fact(ep.Book(), 1, fact(60, T0), [rule], WORLD, T0)
+    old = {k: msgspec.structs.replace(e, rule_version=0) for k, e in book.episodes.items()}
+    edited = msgspec.structs.replace(rule, version=5)
+    assert ep.retire(ep.Book(old), {"r1": edited}).effects == []
+
+
 def test_a_homed_rule_ignores_a_device_of_another_home() -> None:
     rule = msgspec.structs.replace(threshold_rule(for_s=0), home="home-a")
     world = ep.World({}, {"meter": rl.DeviceInfo("energy_meter", "home-b/kitchen")})
