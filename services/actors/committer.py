@@ -292,7 +292,8 @@ class Committer(OnOneLoop):
         GROUPS.inc()
         # The transaction in one greenlet (`run_sync`): each awaited call of an async session
         # runs in a greenlet of its own (made, switched to, its frame stack mapped and
-        # unmapped), five a group this way, at the soak's rate 250 a second.
+        # unmapped), five a group when awaited call by call: at the soak's 1,000 events/s
+        # the actors mapped 225 stacks a second that way, 93 this way (`perf trace -s`).
         async with self._sessions() as session:
             kept = await session.run_sync(self._write, group)
         for write in kept:

@@ -36,7 +36,7 @@ async def test_a_child_without_nice_runs_as_the_launcher(tmp_path: Path) -> None
     assert await _niceness_of_child(tmp_path, 0) == os.nice(0)
 
 
-POSTGRES = "postgresql://smarthome@db.example/smarthome"  # read, never connected to
+POSTGRES = "postgresql://smarthome@127.0.0.1:5432/smarthome"  # read, never connected to
 
 
 def test_only_the_recorder_is_background_and_zero_turns_it_off() -> None:
