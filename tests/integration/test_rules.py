@@ -138,6 +138,43 @@ async def test_episode_ends_and_clears_the_mark(service_env, data_dir, nc, js, s
     assert [e.data["state"] for e in marks] == ["triggered", None]
 
 
+async def test_a_rule_switched_off_and_on_again_fires_on_its_next_trigger(
+    service_env, data_dir, nc, js, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    """Switched off after it fired, the rule misses the reading that ends its episode; on
+    again, it starts afresh (the episode cleared, saying why) and the next trigger fires."""
+    meter, light = unique_id("meter"), unique_id("light")
+    await add_devices(sessions, meter, light)
+    rule_id = await add_rule(sessions, nc, rule_spec(meter, light, for_s=0))
+    rules = Service("services.rules", service_env, data_dir).start()
+    try:
+        await eventually(lambda: _reads_facts_of(js, meter), timeout=10)
+        await report(js, meter, 60.0, 1)
+        await eventually(lambda: _kinds(js, rule_id, want=["fired"]), timeout=15)
+        await _switch(sessions, nc, rule_id, enabled=False)
+        await eventually(lambda: _kinds(js, rule_id, want=["fired", "cleared"]), timeout=15)
+        await report(js, meter, 0.0, 2)  # while it is off
+        await _switch(sessions, nc, rule_id, enabled=True)
+        await eventually(lambda: _reads_facts_of(js, meter), timeout=10)
+        await report(js, meter, 60.0, 3)
+        again = ["fired", "cleared", "fired"]
+        runs = await eventually(lambda: _kinds(js, rule_id, want=again), timeout=15)
+    finally:
+        rules.stop()
+    assert runs[1].reason == "the rule was disabled"
+    commands = await collected(js, subjects.commands(light), m.command_decoder)
+    assert [c.action for c in commands] == ["turn_off", "turn_off"]
+
+
+async def _switch(sessions, nc, rule_id: str, enabled: bool) -> None:  # type: ignore[no-untyped-def]
+    """What the gateway does: the rule switched, its version moved on, the change signalled."""
+    async with sessions.begin() as session:
+        record = await session.get(RuleRecord, rule_id)
+        record.enabled = enabled
+        record.version += 1
+    await nc.publish(subjects.rule_changed(rule_id), b"")
+
+
 async def _kinds(js, rule_id: str, want: list[str]):  # type: ignore[no-untyped-def]
     runs = await collected(js, subjects.rule_fired(rule_id), m.rule_fired_decoder)
     return runs if [r.kind for r in runs] == want else None
