@@ -188,6 +188,8 @@ async def pull_loop(
             msgs = await sub.fetch(batch, timeout=1.0)
         except (FetchTimeoutError, TimeoutError):
             continue
+        if not msgs:  # (nats-py 2.16 may hand back an empty batch)
+            continue
         if handle is not None:
             await handle(msgs)  # type: ignore[operator]
         await msgs[-1].ack()
