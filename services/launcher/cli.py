@@ -164,7 +164,7 @@ BACKGROUND = frozenset({"recorder"})
 
 
 def nice_of(name: str, s: Settings) -> int:
-    """The niceness `up` adds for a service (0: as the launcher). None on SQLite: one write
+    """The niceness `up` adds for a service (0: as the launcher). 0 on SQLite too: one write
     lock for the whole database, and a recorder starved of CPU while it holds the lock holds
     up every writer behind it (the actors' commits, so their acks and, two batches on, a
     partition's facts): a priority inversion. Postgres locks rows; its writers never wait
